@@ -1,0 +1,137 @@
+"""Entry point of the allocator: a Plan for (cluster, cost graph, global batch)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from hetalloc.cluster import Cluster
+from hetalloc.costgraph import CostGraph
+from hetalloc.costs import GRAD_SYNC, OPTIMIZERS, SCHEDULES, param_bytes, usable_memory
+from hetalloc.errors import InfeasibleError, SpecError
+from hetalloc.evaluate import predict
+from hetalloc.plan import Plan, validate_plan
+
+from .baselines import BASELINES, baseline_plan
+from .milp import available_backends
+from .placement import place
+from .problem import Problem
+from .search import search
+
+
+def check_request(cluster: Cluster, cg: CostGraph, global_batch: int, schedule: str, optimizer: str,
+                  grad_sync: str) -> None:
+    if not isinstance(global_batch, int) or global_batch < 1:
+        raise SpecError("--global-batch", "", f"must be a whole number >= 1, got {global_batch!r}",
+                        "give the number of samples per iteration")
+    if schedule not in SCHEDULES:
+        raise SpecError("--schedule", "", f"unknown schedule '{schedule}'", f"use one of {', '.join(SCHEDULES)}")
+    if optimizer not in OPTIMIZERS:
+        raise SpecError("--optimizer", "", f"unknown optimizer '{optimizer}'", f"use one of {', '.join(OPTIMIZERS)}")
+    if grad_sync not in GRAD_SYNC + ("auto",):
+        raise SpecError("--grad-sync", "", f"unknown algorithm '{grad_sync}'",
+                        f"use auto or one of {', '.join(GRAD_SYNC)}")
+
+
+def memory_shortfall(cluster: Cluster, cg: CostGraph, optimizer: str) -> str:
+    """A sentence saying why the model cannot fit, with the smallest memory that would."""
+    pb = param_bytes(cg.precision, optimizer)
+    biggest = max((cluster.device_types[t] for t in cluster.type_counts()), key=lambda t: t.memory_bytes)
+    need_layer = max(l.params * pb.total + l.saved_act_bytes + 2 * l.out_act_bytes for l in cg.layers)
+    worst = max(cg.layers, key=lambda l: l.params * pb.total + l.saved_act_bytes + 2 * l.out_act_bytes)
+    cap = usable_memory(biggest)
+    if need_layer > cap:
+        return (f"layer '{worst.name}' alone needs {need_layer / 2**30:.2f} GiB (weights, gradients and "
+                f"{optimizer} state, one sample of activations); the largest device ({biggest.name}) has "
+                f"{cap / 2**30:.2f} GiB usable — use devices with at least "
+                f"{need_layer / 2**30 / 0.9:.1f} GiB, a shorter --seq, or another optimizer")
+    total_state = cg.total_params * pb.total
+    total_cap = sum(usable_memory(cluster.device_types[d.type]) for d in cluster.devices)
+    if total_state > total_cap:
+        return (f"the model's weights, gradients and {optimizer} state need {total_state / 2**30:.1f} GiB; the "
+                f"cluster has {total_cap / 2**30:.1f} GiB usable in all — add devices")
+    return ("no split fits: activations of the micro-batches in flight exceed device memory — lower "
+            "--global-batch, use --schedule 1f1b, or a shorter --seq")
+
+
+def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: str = "1f1b",
+              optimizer: str = "adamw", grad_sync: str = "auto", time_limit: float = 30.0, gap: float = 1e-4,
+              backend: str = "highs", baseline: str | None = None, compare_baselines: bool = True,
+              group_identical_nodes: bool = True, msg: bool = False,
+              progress: Callable[[str], None] | None = None) -> Plan:
+    """Plan `global_batch` samples per iteration of model `cg` on `cluster`.
+
+    baseline: return that baseline's plan instead of solving. Otherwise the integer
+    program is solved (time-limited); the result records the solver status, objective,
+    proven bound and gap. With compare_baselines the baselines are scored too and noted.
+    """
+    check_request(cluster, cg, global_batch, schedule, optimizer, "ring" if grad_sync == "auto" else grad_sync)
+    sync = "ring" if grad_sync == "auto" else grad_sync
+    if baseline is not None:
+        if baseline not in BASELINES:
+            raise SpecError("--baseline", "", f"unknown baseline '{baseline}'", f"use one of {', '.join(BASELINES)}")
+        try:
+            plan = baseline_plan(baseline, cluster, cg, global_batch, schedule=schedule, optimizer=optimizer,
+                                 grad_sync=sync)
+        except InfeasibleError:
+            raise InfeasibleError(memory_shortfall(cluster, cg, optimizer)) from None
+        return _finish(plan, cluster, cg, grad_sync)
+    if backend not in available_backends():
+        raise SpecError("--solver", "", f"solver back end '{backend}' is not available",
+                        f"available here: {', '.join(available_backends()) or 'none'}; "
+                        "'pip install highspy' gives HiGHS")
+    prob = Problem(cluster, cg, global_batch, schedule=schedule, optimizer=optimizer,
+                   group_identical_nodes=group_identical_nodes)
+    res = search(prob, time_limit=time_limit, gap=gap, backend=backend, msg=msg, progress=progress)
+    if res.best is None:
+        if res.status == "infeasible":
+            raise InfeasibleError(memory_shortfall(cluster, cg, optimizer))
+        raise InfeasibleError(f"no plan found within --time-limit {time_limit:g} s — raise the limit")
+    plan = place(prob, res.best, grad_sync=sync)
+    plan.solver = {
+        "status": res.status,
+        "objective_s": res.best.objective_s,
+        "bound_s": res.bound,
+        "gap": res.gap,
+        "seconds": res.seconds,
+        "backend": backend,
+        "replicas": res.best.R,
+        "num_solves": len(res.solves),
+        "model": "planner model (allocator/problem.py); predicted figures use the placed plan",
+    }
+    plan = _finish(plan, cluster, cg, grad_sync)
+    if compare_baselines:
+        notes, best_base = [], None
+        for name in BASELINES:
+            try:
+                bp = baseline_plan(name, cluster, cg, global_batch, schedule=schedule, optimizer=optimizer,
+                                   grad_sync=sync)
+            except InfeasibleError:
+                notes.append(f"baseline {name}: no configuration fits in memory")
+                continue
+            t = bp.predicted["iteration_time_s"]
+            notes.append(f"baseline {name}: {t:.4g} s/iteration "
+                         f"({t / plan.predicted['iteration_time_s']:.2f}x this plan's time)")
+            if best_base is None or t < best_base.predicted["iteration_time_s"]:
+                best_base = bp
+        if best_base is not None and best_base.predicted["iteration_time_s"] < plan.predicted["iteration_time_s"]:
+            notes.append(f"the {best_base.planner} baseline predicts faster than the planner's model optimum "
+                         "(the model's link assumptions differ from the placed plan's); returning it")
+            best_base.solver = dict(plan.solver)
+            plan = _finish(best_base, cluster, cg, grad_sync)
+        plan.notes.extend(notes)
+    return plan
+
+
+def _finish(plan: Plan, cluster: Cluster, cg: CostGraph, grad_sync: str) -> Plan:
+    """Pick the gradient sync algorithm (auto: fastest predicted), validate, predict."""
+    validate_plan(plan, cluster, cg)
+    if grad_sync == "auto":
+        times = predict(plan, cluster, cg).sync_by_algorithm
+        plan.grad_sync = min(times, key=lambda a: (times[a], a != "ring"))
+    plan.predicted = predict(plan, cluster, cg).to_dict()
+    return plan
+
+
+def plan_is_better(a: Plan, b: Plan) -> bool:
+    return a.predicted.get("iteration_time_s", math.inf) < b.predicted.get("iteration_time_s", math.inf)

@@ -1,0 +1,222 @@
+"""A small mixed-integer program builder with two back ends.
+
+The model is written once as sparse rows. ``solve`` hands it to HiGHS directly through
+highspy (the default: loading a large model column by column through PuLP costs more
+than solving it) or builds a PuLP ``LpProblem`` and solves it with PuLP's CBC or HiGHS
+interfaces (``backend="pulp-cbc"`` / ``"pulp-highs"``), the fallback when highspy is
+missing. Every solve reports status, objective, proven bound, gap and seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+INF = math.inf
+
+
+@dataclass
+class MilpResult:
+    status: str
+    """'optimal', 'feasible' (time limit with a solution), 'infeasible' (also: nothing
+    better than the cutoff exists), 'no_solution' (time limit without a solution)."""
+    x: np.ndarray | None
+    objective: float
+    bound: float
+    seconds: float
+    backend: str
+
+    @property
+    def gap(self) -> float:
+        if self.x is None or not math.isfinite(self.objective):
+            return INF
+        if self.objective <= 0:
+            return 0.0
+        return max(0.0, (self.objective - self.bound) / abs(self.objective))
+
+
+def highs_available() -> bool:
+    try:
+        import highspy  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def available_backends() -> list[str]:
+    out = ["highs"] if highs_available() else []
+    import pulp
+    names = pulp.listSolvers(onlyAvailable=True)
+    if "PULP_CBC_CMD" in names:
+        out.append("pulp-cbc")
+    if "HiGHS" in names:
+        out.append("pulp-highs")
+    return out
+
+
+class Milp:
+    def __init__(self) -> None:
+        self.lb: list[float] = []
+        self.ub: list[float] = []
+        self.obj: list[float] = []
+        self.integer: list[bool] = []
+        self.names: list[str] = []
+        self.rows_lo: list[float] = []
+        self.rows_hi: list[float] = []
+        self.rows_idx: list[list[int]] = []
+        self.rows_val: list[list[float]] = []
+
+    @property
+    def num_vars(self) -> int:
+        return len(self.lb)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows_lo)
+
+    @property
+    def num_integer(self) -> int:
+        return sum(self.integer)
+
+    def var(self, name: str, lb: float = 0.0, ub: float = INF, integer: bool = False, obj: float = 0.0) -> int:
+        self.lb.append(lb)
+        self.ub.append(ub)
+        self.integer.append(integer)
+        self.obj.append(obj)
+        self.names.append(name)
+        return len(self.lb) - 1
+
+    def binary(self, name: str, obj: float = 0.0) -> int:
+        return self.var(name, 0.0, 1.0, True, obj)
+
+    def row(self, terms: dict[int, float] | list[tuple[int, float]], lo: float = -INF, hi: float = INF) -> None:
+        items = terms.items() if isinstance(terms, dict) else terms
+        merged: dict[int, float] = {}
+        for i, v in items:
+            merged[i] = merged.get(i, 0.0) + v
+        idx = [i for i, v in merged.items() if v != 0.0]
+        self.rows_idx.append(idx)
+        self.rows_val.append([merged[i] for i in idx])
+        self.rows_lo.append(lo)
+        self.rows_hi.append(hi)
+
+    def le(self, terms, rhs: float) -> None:
+        self.row(terms, -INF, rhs)
+
+    def ge(self, terms, rhs: float) -> None:
+        self.row(terms, rhs, INF)
+
+    def eq(self, terms, rhs: float) -> None:
+        self.row(terms, rhs, rhs)
+
+    # ---- solving ------------------------------------------------------------------------
+    def solve(self, backend: str = "highs", time_limit: float = 60.0, gap: float = 1e-9,
+              cutoff: float | None = None, msg: bool = False) -> MilpResult:
+        if backend == "highs":
+            return self._solve_highs(time_limit, gap, cutoff, msg)
+        if backend in ("pulp-cbc", "pulp-highs"):
+            return self._solve_pulp(backend, time_limit, gap, cutoff, msg)
+        raise ValueError(f"unknown solver back end '{backend}'; available: {', '.join(available_backends())}")
+
+    def _solve_highs(self, time_limit, gap, cutoff, msg) -> MilpResult:
+        import highspy
+        t0 = time.perf_counter()
+        h = highspy.Highs()
+        h.setOptionValue("output_flag", bool(msg))
+        h.setOptionValue("time_limit", float(time_limit))
+        h.setOptionValue("mip_rel_gap", float(gap))
+        h.setOptionValue("mip_abs_gap", 1e-12)
+        h.setOptionValue("random_seed", 0)
+        if cutoff is not None and math.isfinite(cutoff):
+            h.setOptionValue("objective_bound", float(cutoff))
+        inf = highspy.kHighsInf
+        n = self.num_vars
+        lb = np.array([(-inf if v == -INF else v) for v in self.lb], dtype=np.float64)
+        ub = np.array([(inf if v == INF else v) for v in self.ub], dtype=np.float64)
+        h.addVars(n, lb, ub)
+        h.changeColsCost(n, np.arange(n, dtype=np.int32), np.array(self.obj, dtype=np.float64))
+        ints = np.array([i for i, f in enumerate(self.integer) if f], dtype=np.int32)
+        if len(ints):
+            h.changeColsIntegrality(len(ints), ints, np.full(len(ints), highspy.HighsVarType.kInteger))
+        starts = np.zeros(self.num_rows, dtype=np.int32)
+        pos = 0
+        for r, idx in enumerate(self.rows_idx):
+            starts[r] = pos
+            pos += len(idx)
+        index = np.fromiter((i for idx in self.rows_idx for i in idx), dtype=np.int32, count=pos)
+        value = np.fromiter((v for vals in self.rows_val for v in vals), dtype=np.float64, count=pos)
+        lo = np.array([(-inf if v == -INF else v) for v in self.rows_lo], dtype=np.float64)
+        hi = np.array([(inf if v == INF else v) for v in self.rows_hi], dtype=np.float64)
+        h.addRows(self.num_rows, lo, hi, pos, starts, index, value)
+        h.run()
+        st = h.getModelStatus()
+        info = h.getInfo()
+        S = highspy.HighsModelStatus
+        has_sol = info.primal_solution_status == 2  # kSolutionStatusFeasible
+        x = np.array(h.getSolution().col_value) if has_sol else None
+        obj = info.objective_function_value if has_sol else INF
+        bound = info.mip_dual_bound if self.num_integer else obj
+        if st == S.kOptimal:
+            status = "optimal"
+            if not self.num_integer:
+                bound = obj
+        elif st in (S.kInfeasible, S.kObjectiveBound):
+            status, x, obj = "infeasible", None, INF
+            bound = cutoff if cutoff is not None else INF
+        elif has_sol:
+            status = "feasible"
+        else:
+            status = "no_solution"
+        if bound is None or (isinstance(bound, float) and math.isnan(bound)):
+            bound = -INF
+        return MilpResult(status, x, obj, bound, time.perf_counter() - t0, "highs")
+
+    def to_pulp(self):
+        import pulp
+        prob = pulp.LpProblem("hetalloc", pulp.LpMinimize)
+        xs = [pulp.LpVariable(f"x{i}", None if self.lb[i] == -INF else self.lb[i],
+                              None if self.ub[i] == INF else self.ub[i],
+                              pulp.LpInteger if self.integer[i] else pulp.LpContinuous)
+              for i in range(self.num_vars)]
+        prob += pulp.lpSum(c * xs[i] for i, c in enumerate(self.obj) if c)
+        for r in range(self.num_rows):
+            expr = pulp.LpAffineExpression([(xs[i], v) for i, v in zip(self.rows_idx[r], self.rows_val[r])])
+            lo, hi = self.rows_lo[r], self.rows_hi[r]
+            if lo == hi:
+                prob += expr == lo
+            else:
+                if lo != -INF:
+                    prob += expr >= lo
+                if hi != INF:
+                    prob += expr <= hi
+        return prob, xs
+
+    def _solve_pulp(self, backend, time_limit, gap, cutoff, msg) -> MilpResult:
+        import pulp
+        t0 = time.perf_counter()
+        prob, xs = self.to_pulp()
+        if cutoff is not None and math.isfinite(cutoff):
+            prob += pulp.lpSum(c * xs[i] for i, c in enumerate(self.obj) if c) <= cutoff
+        if backend == "pulp-cbc":
+            solver = pulp.PULP_CBC_CMD(msg=msg, timeLimit=time_limit, gapRel=gap, threads=1)
+        else:
+            solver = pulp.HiGHS(msg=msg, timeLimit=time_limit, gapRel=gap)
+        prob.solve(solver)
+        status = pulp.LpStatus[prob.status]
+        has_sol = prob.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible)
+        x = np.array([v.value() or 0.0 for v in xs]) if has_sol else None
+        obj = float(pulp.value(prob.objective)) if has_sol else INF
+        if status == "Optimal" and prob.sol_status == pulp.LpSolutionOptimal:
+            st, bound = "optimal", obj
+        elif status == "Infeasible":
+            st, bound, x, obj = "infeasible", (cutoff if cutoff is not None else INF), None, INF
+        elif has_sol:
+            st, bound = "feasible", -INF  # CBC's bound is not exposed through PuLP
+            if backend == "pulp-highs":
+                bound = prob.solverModel.getInfo().mip_dual_bound
+        else:
+            st, bound = "no_solution", -INF
+        return MilpResult(st, x, obj, bound, time.perf_counter() - t0, backend)

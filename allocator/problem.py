@@ -1,0 +1,328 @@
+"""The planner's model: device classes, count-level plans and their exact objective.
+
+A *count-level plan* fixes the number of identical replicas R, the number of
+micro-batches M, and for every stage its layer range and how many devices of each
+*device class* serve it (the same in every replica). A device class is one device type
+in one group of interchangeable nodes (same GPUs, same links). Per-device shares are
+then the best integer split of the per-replica micro-batch b = B / (R M); it is found
+exactly (a device's time is monotone in its share).
+
+The model's objective (what the ILP minimises and the brute-force test enumerates):
+
+    (M - 1) * max_s t_s + sum_s t_s + max_s (AR_s + max over its devices of opt)
+
+- t_s: the slowest device of stage s on one micro-batch, forward + backward compute
+  plus its blocking sends (activations forward, input gradients backward) at its
+  class's *p2p bandwidth*: the path out of its node (its NIC path) when the cluster
+  has several nodes, its intra-node link otherwise. The planner does not know which
+  node the neighbouring stage lands on; the prediction of the placed plan does.
+- the pipeline term is the flow-shop time of identical micro-batches (exact for GPipe
+  with proportional forward/backward costs, an upper bound for 1F1B);
+- AR_s: ring all-reduce of the stage's gradients among its R * n_s devices; inside one
+  node when all of them are in a single-node group, else over the slowest NIC path
+  among the groups it uses (hetalloc.costs.ring_allreduce_time);
+- opt: optimizer step of the stage's parameters on that device type;
+- memory: every device's weights, gradients, optimizer state and its share's saved
+  activations for the micro-batches in flight at its stage position must fit
+  (hetalloc.costs.stage_memory).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+from hetalloc.catalog import DeviceType
+from hetalloc.cluster import Cluster
+from hetalloc.costgraph import CostGraph
+from hetalloc.costs import (grad_bytes_per_param, in_flight_microbatches, max_share_for_memory,
+                            optimizer_time, ring_allreduce_time)
+
+
+@dataclass(frozen=True)
+class NodeGroup:
+    index: int
+    nodes: tuple[str, ...]
+    intra_bw: float
+    intra_lat: float
+    inter_bw: float
+    """Bandwidth of the path from one of its nodes through its NIC (min(intra, NIC))."""
+    inter_lat: float
+
+    @property
+    def single_node(self) -> bool:
+        return len(self.nodes) == 1
+
+
+@dataclass(frozen=True)
+class DeviceClass:
+    index: int
+    dtype: DeviceType
+    group: int
+    devices: tuple[str, ...]
+    """Device ids in cluster order (node by node)."""
+    p2p_bw: float
+    p2p_lat: float
+
+    @property
+    def count(self) -> int:
+        return len(self.devices)
+
+    @property
+    def name(self) -> str:
+        return f"{self.dtype.name}@g{self.group}"
+
+
+def device_classes(cluster: Cluster, group_identical_nodes: bool = True) -> tuple[list[NodeGroup], list[DeviceClass]]:
+    """Split the cluster into node groups and device classes (type x group)."""
+    by_sig: dict[tuple, list[str]] = {}
+    for n in cluster.nodes:
+        key = n.signature() if group_identical_nodes else (n.name,)
+        by_sig.setdefault(key, []).append(n.name)
+    multi = len(cluster.nodes) > 1
+    groups: list[NodeGroup] = []
+    classes: list[DeviceClass] = []
+    for gi, names in enumerate(by_sig.values()):
+        n0 = cluster.node_by_name[names[0]]
+        intra = n0.intra
+        if n0.nic is not None:
+            inter_bw = min(intra.bandwidth_bytes_per_s, n0.nic.bandwidth_bytes_per_s)
+            inter_lat = max(intra.latency_s, n0.nic.latency_s)
+        else:
+            inter_bw, inter_lat = intra.bandwidth_bytes_per_s, intra.latency_s
+        groups.append(NodeGroup(gi, tuple(names), intra.bandwidth_bytes_per_s, intra.latency_s, inter_bw, inter_lat))
+        types = []
+        for name in names:
+            for d in cluster.node_by_name[name].devices:
+                if d.type not in types:
+                    types.append(d.type)
+        for t in types:
+            devs = tuple(d.id for name in names for d in cluster.node_by_name[name].devices if d.type == t)
+            bw, lat = (inter_bw, inter_lat) if multi else (intra.bandwidth_bytes_per_s, intra.latency_s)
+            classes.append(DeviceClass(len(classes), cluster.device_types[t], gi, devs, bw, lat))
+    return groups, classes
+
+
+@dataclass
+class Problem:
+    """Everything fixed about a planning request."""
+
+    cluster: Cluster
+    cg: CostGraph
+    global_batch: int
+    schedule: str = "1f1b"
+    optimizer: str = "adamw"
+    group_identical_nodes: bool = True
+    max_replicas: int | None = None
+    microbatch_counts: list[int] | None = None
+    """Restrict M to these values (None: every divisor)."""
+    replica_counts: list[int] | None = None
+
+    @cached_property
+    def groups_and_classes(self) -> tuple[list[NodeGroup], list[DeviceClass]]:
+        return device_classes(self.cluster, self.group_identical_nodes)
+
+    @property
+    def groups(self) -> list[NodeGroup]:
+        return self.groups_and_classes[0]
+
+    @property
+    def classes(self) -> list[DeviceClass]:
+        return self.groups_and_classes[1]
+
+    @property
+    def L(self) -> int:
+        return self.cg.num_layers
+
+    @property
+    def precision(self) -> str:
+        return self.cg.precision
+
+    def candidates(self) -> list[tuple[int, int]]:
+        """(R, M) pairs: R identical replicas, M micro-batches, R * M divides B."""
+        B = self.global_batch
+        total = sum(c.count for c in self.classes)
+        out = []
+        for R in range(1, min(B, total) + 1):
+            if B % R or (self.max_replicas and R > self.max_replicas):
+                continue
+            if self.replica_counts and R not in self.replica_counts:
+                continue
+            if not any(c.count // R for c in self.classes):
+                continue
+            for M in range(1, B // R + 1):
+                if (B // R) % M == 0 and (not self.microbatch_counts or M in self.microbatch_counts):
+                    out.append((R, M))
+        return out
+
+    # ---- per-layer sizes (prefix sums) -----------------------------------------------------
+    @cached_property
+    def _prefix(self) -> tuple[np.ndarray, np.ndarray]:
+        params = np.concatenate([[0], np.cumsum([l.params for l in self.cg.layers])])
+        saved = np.concatenate([[0.0], np.cumsum([l.saved_act_bytes for l in self.cg.layers])])
+        return params, saved
+
+    def params(self, i: int, j: int) -> int:
+        return int(self._prefix[0][j] - self._prefix[0][i])
+
+    def saved(self, i: int, j: int) -> float:
+        return float(self._prefix[1][j] - self._prefix[1][i])
+
+    def out_bytes(self, j: int) -> float:
+        """Activation bytes per sample leaving layer j-1 (the boundary at j)."""
+        return self.cg.layers[j - 1].out_act_bytes
+
+    def kmem(self, c: DeviceClass, i: int, j: int, in_flight: int) -> int:
+        return max_share_for_memory(self.params(i, j), self.saved(i, j), self.out_bytes(j), in_flight,
+                                    self.precision, self.optimizer, c.dtype)
+
+    def opt_time(self, c: DeviceClass, i: int, j: int) -> float:
+        return optimizer_time(self.params(i, j), c.dtype, self.precision, self.optimizer)
+
+    def grad_bytes(self, i: int, j: int) -> float:
+        return self.params(i, j) * grad_bytes_per_param(self.precision)
+
+
+class StageTimer:
+    """Device times f_c(range, k) for one per-replica micro-batch size b."""
+
+    def __init__(self, prob: Problem, b: int):
+        self.prob, self.b = prob, b
+        L = prob.L
+        # f[c][k-1] = prefix arrays (L+1) of fwd+bwd compute at share k
+        self._px = [[None] * b for _ in prob.classes]
+        self._out = np.array([0.0] + [l.out_act_bytes for l in prob.cg.layers])  # out_bytes at boundary j = _out[j]
+        self.L = L
+
+    def _prefix(self, c: DeviceClass, k: int) -> np.ndarray:
+        px = self._px[c.index][k - 1]
+        if px is None:
+            f, b = self.prob.cg.prefix_times(c.dtype, k)
+            px = f + b
+            self._px[c.index][k - 1] = px
+        return px
+
+    def time(self, c: DeviceClass, i: int, j: int, k: int) -> float:
+        """Seconds for a device of class c to run layers [i, j) forward and backward on k
+        samples, including its blocking sends (module doc of allocator.problem)."""
+        px = self._prefix(c, k)
+        t = float(px[j] - px[i])
+        if j < self.L:
+            t += c.p2p_lat + k * self._out[j] / c.p2p_bw
+        if i > 0:
+            t += c.p2p_lat + k * self._out[i] / c.p2p_bw
+        return t
+
+    def times(self, c: DeviceClass, i: int, j: int, kmax: int) -> list[float]:
+        return [self.time(c, i, j, k) for k in range(1, kmax + 1)]
+
+
+# ---- count-level plans ------------------------------------------------------------------------
+
+@dataclass
+class CountStage:
+    start: int
+    stop: int
+    counts: tuple[int, ...]
+    """Devices of each class per replica."""
+
+
+@dataclass
+class CountPlan:
+    R: int
+    M: int
+    stages: list[CountStage]
+    objective_s: float = math.inf
+    stage_times_s: list[float] = field(default_factory=list)
+    shares: list[list[list[int]]] = field(default_factory=list)
+    """shares[stage][class] = share of each device of that class (per replica)."""
+    tail_s: float = 0.0
+
+
+def in_flight(prob: Problem, stage: int, num_stages: int, M: int) -> int:
+    return in_flight_microbatches(prob.schedule, stage, num_stages, M)
+
+
+def best_shares(prob: Problem, timer: StageTimer, i: int, j: int, counts: tuple[int, ...], infl: int
+                ) -> tuple[float, list[list[int]]] | None:
+    """Exact min-max split of b samples over the stage's devices (each >= 1 sample).
+
+    Returns (stage time, shares per class) or None if the devices cannot take the
+    micro-batch within memory."""
+    b = timer.b
+    classes = prob.classes
+    ndev = sum(counts)
+    if ndev == 0 or ndev > b:
+        return None
+    caps = {}
+    for c in classes:
+        if counts[c.index]:
+            km = min(b, prob.kmem(c, i, j, infl))
+            if km < 1:
+                return None
+            caps[c.index] = km
+    if sum(counts[ci] * caps[ci] for ci in caps) < b:
+        return None
+    # Greedy: every device starts with one sample; each further sample goes to the device
+    # that would finish it soonest. Optimal for min-max with monotone times.
+    import heapq
+    shares = {ci: [1] * counts[ci] for ci in caps}
+    heap = []
+    for ci in caps:
+        c = classes[ci]
+        for d in range(counts[ci]):
+            if caps[ci] > 1:
+                heap.append((timer.time(c, i, j, 2), ci, d))
+    heapq.heapify(heap)
+    left = b - ndev
+    while left > 0:
+        t, ci, d = heapq.heappop(heap)
+        shares[ci][d] += 1
+        left -= 1
+        k = shares[ci][d]
+        if k < caps[ci]:
+            heapq.heappush(heap, (timer.time(classes[ci], i, j, k + 1), ci, d))
+    t = max(timer.time(classes[ci], i, j, k) for ci in shares for k in shares[ci])
+    return t, [sorted(shares.get(c.index, []), reverse=True) for c in classes]
+
+
+def stage_tail(prob: Problem, R: int, i: int, j: int, counts: tuple[int, ...]) -> float:
+    """Gradient all-reduce of the stage's group plus the slowest optimizer step in it."""
+    used = [c for c in prob.classes if counts[c.index]]
+    n = R * sum(counts)
+    groups = {c.group for c in used}
+    if len(groups) == 1 and prob.groups[next(iter(groups))].single_node:
+        g = prob.groups[next(iter(groups))]
+        bw, lat = g.intra_bw, g.intra_lat
+    else:
+        bw = min(prob.groups[g].inter_bw for g in groups)
+        lat = max(prob.groups[g].inter_lat for g in groups)
+    ar = ring_allreduce_time(prob.grad_bytes(i, j), n, bw, lat)
+    return ar + max(prob.opt_time(c, i, j) for c in used)
+
+
+def evaluate_counts(prob: Problem, plan: CountPlan, timer: StageTimer | None = None) -> CountPlan:
+    """Fill in shares, stage times and the model objective (inf if infeasible)."""
+    b = prob.global_batch // (plan.R * plan.M)
+    timer = timer or StageTimer(prob, b)
+    S = len(plan.stages)
+    times, shares, tail = [], [], 0.0
+    for si, s in enumerate(plan.stages):
+        for c in prob.classes:
+            if plan.R * s.counts[c.index] > 0 and c.count < plan.R * sum(
+                    st.counts[c.index] for st in plan.stages):
+                plan.objective_s = math.inf
+                return plan
+        res = best_shares(prob, timer, s.start, s.stop, s.counts, in_flight(prob, si, S, plan.M))
+        if res is None:
+            plan.objective_s = math.inf
+            return plan
+        times.append(res[0])
+        shares.append(res[1])
+        tail = max(tail, stage_tail(prob, plan.R, s.start, s.stop, s.counts))
+    plan.stage_times_s, plan.shares, plan.tail_s = times, shares, tail
+    plan.objective_s = sum(times) + (plan.M - 1) * max(times) + tail
+    return plan

@@ -1,0 +1,157 @@
+"""Built-in catalog of accelerator and link types, with the source of every figure.
+
+Figures are vendor peak numbers (dense, no structured sparsity) for the 16-bit tensor
+path used in mixed-precision training (bf16 where the chip has it, fp16 otherwise,
+with fp32 accumulation on consumer parts). Bandwidths are per direction.
+
+Units: TFLOP/s (1e12), GiB (2**30 bytes) of device memory, GB/s (1e9 bytes/s),
+microseconds of latency, US dollars per device-hour.
+
+Prices are on-demand list prices per GPU of a representative public-cloud instance
+(instance price / GPUs per instance) as published by the provider in 2024; they are
+rough and meant to be overridden (``cost_per_hour_usd`` in a cluster file).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceType:
+    """An accelerator model."""
+
+    name: str
+    vendor: str
+    peak_tflops: float
+    """Peak dense 16-bit tensor throughput, TFLOP/s."""
+    memory_gib: float
+    """Device memory, GiB."""
+    mem_bandwidth_gbps: float
+    """Device memory bandwidth, GB/s."""
+    cost_per_hour_usd: float = 0.0
+    """Rough on-demand price per device-hour (0 = unknown)."""
+    source: str = ""
+
+    @property
+    def peak_flops(self) -> float:
+        return self.peak_tflops * 1e12
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gib * 2**30)
+
+    @property
+    def mem_bandwidth_bytes_per_s(self) -> float:
+        return self.mem_bandwidth_gbps * 1e9
+
+
+@dataclass(frozen=True, slots=True)
+class LinkType:
+    """An interconnect: a GPU's link inside a node, or a node's network interface."""
+
+    name: str
+    bandwidth_gbps: float
+    """Bandwidth per direction, GB/s (gigabytes)."""
+    latency_us: float
+    """One-way small-message latency, microseconds (what NCCL/gloo typically see)."""
+    source: str = ""
+
+    @property
+    def bandwidth_bytes_per_s(self) -> float:
+        return self.bandwidth_gbps * 1e9
+
+    @property
+    def latency_s(self) -> float:
+        return self.latency_us * 1e-6
+
+
+_NV = "NVIDIA datasheet"
+DEVICE_TYPES: dict[str, DeviceType] = {
+    d.name: d
+    for d in [
+        # P100 SXM2: 21.2 TFLOP/s fp16, 16 GB HBM2 at 732 GB/s (Tesla P100 datasheet).
+        DeviceType("P100", "nvidia", 21.2, 16, 732, 1.46, f"{_NV} Tesla P100 SXM2; price GCP n1+P100"),
+        # V100 SXM2: 125 TFLOP/s tensor, 900 GB/s (Tesla V100 datasheet); p3.16xlarge $24.48/8.
+        DeviceType("V100-16G", "nvidia", 125, 16, 900, 3.06, f"{_NV} Tesla V100 SXM2; AWS p3.16xlarge/8"),
+        DeviceType("V100-32G", "nvidia", 125, 32, 900, 3.90, f"{_NV} Tesla V100 SXM2 32GB; AWS p3dn.24xlarge/8"),
+        # T4: 65 TFLOP/s fp16 tensor, 16 GB at 320 GB/s; g4dn.xlarge $0.526.
+        DeviceType("T4", "nvidia", 65, 16, 320, 0.53, f"{_NV} T4; AWS g4dn.xlarge"),
+        # L4: 121 TFLOP/s bf16 dense (242 sparse), 24 GB at 300 GB/s; g6.xlarge $0.805.
+        DeviceType("L4", "nvidia", 121, 24, 300, 0.81, f"{_NV} L4; AWS g6.xlarge"),
+        # A10G (AWS variant of A10, lower clocks): ~70 TFLOP/s bf16 dense, 24 GB at 600 GB/s;
+        # g5.xlarge $1.006. NVIDIA publishes no A10G sheet; 70 is AWS's g5 figure per GPU.
+        DeviceType("A10G", "nvidia", 70, 24, 600, 1.01, "AWS EC2 G5 product page; A10 datasheet for memory"),
+        # A100 SXM: 312 TFLOP/s bf16 dense; 40 GB at 1555 GB/s, 80 GB at 2039 GB/s.
+        DeviceType("A100-40G", "nvidia", 312, 40, 1555, 4.10, f"{_NV} A100; AWS p4d.24xlarge $32.77/8"),
+        DeviceType("A100-80G", "nvidia", 312, 80, 2039, 5.12, f"{_NV} A100 80GB; AWS p4de.24xlarge $40.97/8"),
+        # H100 SXM: 989 TFLOP/s bf16 dense, 80 GB HBM3 at 3350 GB/s; p5.48xlarge $98.32/8.
+        DeviceType("H100-80G", "nvidia", 989, 80, 3350, 12.29, f"{_NV} H100 SXM; AWS p5.48xlarge/8"),
+        # H200 SXM: same compute as H100, 141 GB HBM3e at 4800 GB/s; p5e.48xlarge ~$115/8 (est.).
+        DeviceType("H200", "nvidia", 989, 141, 4800, 14.39, f"{_NV} H200; AWS p5e list price/8 (est.)"),
+        # GH200 (Grace Hopper, 96 GB HBM3 variant): 989 TFLOP/s, 4000 GB/s; Lambda ~$3.19 (est.).
+        DeviceType("GH200", "nvidia", 989, 96, 4000, 3.19, f"{_NV} GH200 96GB; Lambda on-demand (est.)"),
+        # GeForce (Ampere GA102 whitepaper, fp16 tensor with fp32 accumulate, dense).
+        DeviceType("RTX-3080Ti", "nvidia", 68.2, 12, 912, 0.30, "NVIDIA Ampere GA102 whitepaper; community cloud (est.)"),
+        DeviceType("RTX-3090", "nvidia", 71, 24, 936, 0.35, "NVIDIA Ampere GA102 whitepaper; community cloud (est.)"),
+        # Ada AD102 whitepaper: 165.2 TFLOP/s fp16 tensor with fp32 accumulate, dense.
+        DeviceType("RTX-4090", "nvidia", 165.2, 24, 1008, 0.69, "NVIDIA Ada whitepaper; community cloud (est.)"),
+        # MI250 OAM (two GCDs): 362.1 TFLOP/s fp16/bf16 dense, 128 GB HBM2e at 3276.8 GB/s.
+        # Frameworks show one OAM as two devices: use MI250-GCD for each of those.
+        DeviceType("MI250", "amd", 362.1, 128, 3276.8, 4.00, "AMD Instinct MI250 datasheet; price est."),
+        DeviceType("MI250-GCD", "amd", 181.05, 64, 1638.4, 2.00, "half of AMD MI250 OAM (one GCD)"),
+        # MI300X: 1307.4 TFLOP/s fp16/bf16 dense, 192 GB HBM3 at 5300 GB/s.
+        DeviceType("MI300X", "amd", 1307.4, 192, 5300, 6.00, "AMD Instinct MI300X datasheet; price est."),
+        # L40S: 362 TFLOP/s fp16 tensor dense (fp32 accumulate), 48 GB at 864 GB/s.
+        DeviceType("L40S", "nvidia", 362, 48, 864, 1.86, f"{_NV} L40S; AWS g6e.xlarge"),
+        # A generic CPU socket, for CPU/gloo runs; measured profiles replace these guesses.
+        DeviceType("CPU", "cpu", 1.0, 16, 50, 0.05, "placeholder for CPU ranks: profile to measure"),
+    ]
+}
+
+LINK_TYPES: dict[str, LinkType] = {
+    l.name: l
+    for l in [
+        # NVLink per-GPU aggregate per direction: links x 25 GB/s (x 20 for NVLink1).
+        LinkType("NVLink1", 80, 3, "P100: 4 links x 20 GB/s (NVIDIA P100 whitepaper)"),
+        LinkType("NVLink2", 150, 3, "V100: 6 links x 25 GB/s (NVIDIA V100 whitepaper)"),
+        LinkType("NVLink3", 300, 3, "A100: 12 links x 25 GB/s (NVIDIA A100 whitepaper)"),
+        LinkType("NVLink4", 450, 3, "H100: 18 links x 25 GB/s (NVIDIA H100 whitepaper)"),
+        # PCIe x16, per direction after 128b/130b encoding (PCI-SIG specifications).
+        LinkType("PCIe3", 15.75, 5, "PCIe 3.0 x16: 8 GT/s x 16 lanes (PCI-SIG)"),
+        LinkType("PCIe4", 31.5, 5, "PCIe 4.0 x16: 16 GT/s x 16 lanes (PCI-SIG)"),
+        LinkType("PCIe5", 63, 5, "PCIe 5.0 x16: 32 GT/s x 16 lanes (PCI-SIG)"),
+        LinkType("InfinityFabric", 448, 3, "MI300X: 7 links x 64 GB/s (AMD MI300X datasheet)"),
+        # InfiniBand 4x ports (InfiniBand Trade Association roadmap): EDR 100, HDR 200, NDR 400 Gb/s.
+        LinkType("IB-EDR", 12.5, 5, "InfiniBand EDR 100 Gb/s (IBTA)"),
+        LinkType("IB-HDR", 25, 5, "InfiniBand HDR 200 Gb/s (IBTA)"),
+        LinkType("IB-NDR", 50, 5, "InfiniBand NDR 400 Gb/s (IBTA)"),
+        # Ethernet (IEEE 802.3); latency is what TCP-based collectives typically see.
+        LinkType("Eth-10G", 1.25, 30, "10 Gb Ethernet (IEEE 802.3ae)"),
+        LinkType("Eth-25G", 3.125, 25, "25 Gb Ethernet (IEEE 802.3by)"),
+        LinkType("Eth-100G", 12.5, 15, "100 Gb Ethernet (IEEE 802.3ba)"),
+        # Shared memory between processes on one host (gloo on CPU); measured profiles replace it.
+        LinkType("SharedMem", 5, 20, "loopback/shared memory between CPU processes (rough)"),
+    ]
+}
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.4)
+    if not close:
+        close = difflib.get_close_matches(name.upper(), [c.upper() for c in choices], n=1, cutoff=0.4)
+        close = [c for c in choices if c.upper() in close]
+    return f"did you mean '{close[0]}'?" if close else f"known: {', '.join(sorted(choices))}"
+
+
+def suggest_device(name: str, extra: dict[str, DeviceType] | None = None) -> str:
+    return _suggest(name, sorted({**DEVICE_TYPES, **(extra or {})}))
+
+
+def suggest_link(name: str) -> str:
+    return _suggest(name, sorted(LINK_TYPES))
+
+
+def with_price(d: DeviceType, cost_per_hour_usd: float) -> DeviceType:
+    return replace(d, cost_per_hour_usd=cost_per_hour_usd)

@@ -1,0 +1,424 @@
+"""Cluster spec: nodes, devices, links and the topology graph.
+
+A cluster file is YAML written by people; every problem in it is reported as
+``file: field.path: what is wrong — how to fix it``. Devices get stable ids
+``<node>/<local index>``. The topology is a networkx graph (device — node switch —
+fabric switch); the bandwidth of a path is that of its slowest link and its latency
+that of its slowest hop. Oversubscription of the fabric matters only under contention
+(the simulator models it); a single flow sees the bottleneck of its own path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import yaml
+
+from .catalog import DEVICE_TYPES, LINK_TYPES, DeviceType, suggest_device, suggest_link
+from .errors import SpecError
+
+
+@dataclass(frozen=True, slots=True)
+class LinkSpec:
+    """A link's figures: bandwidth per direction (bytes/s) and latency (s)."""
+
+    bandwidth_bytes_per_s: float
+    latency_s: float
+    name: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        if self.name:
+            d["name"] = self.name
+        d["bandwidth_gbps"] = self.bandwidth_bytes_per_s / 1e9
+        d["latency_us"] = self.latency_s * 1e6
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    id: str
+    type: str
+    node: str
+    local_index: int
+
+
+@dataclass(slots=True)
+class Node:
+    name: str
+    devices: list[Device]
+    intra: LinkSpec
+    nic: LinkSpec | None
+
+    @property
+    def type_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for d in self.devices:
+            out[d.type] = out.get(d.type, 0) + 1
+        return out
+
+    def signature(self) -> tuple:
+        """Nodes with equal signatures are interchangeable."""
+        nic = (self.nic.bandwidth_bytes_per_s, self.nic.latency_s) if self.nic else None
+        return (
+            tuple(sorted(self.type_counts.items())),
+            (self.intra.bandwidth_bytes_per_s, self.intra.latency_s),
+            nic,
+        )
+
+
+@dataclass
+class Cluster:
+    name: str
+    nodes: list[Node]
+    device_types: dict[str, DeviceType]
+    fabric_oversubscription: float = 1.0
+    source: str = "<cluster>"
+    _path_cache: dict = field(default_factory=dict, repr=False)
+
+    # ---- lookup -------------------------------------------------------------------
+    @cached_property
+    def devices(self) -> list[Device]:
+        return [d for n in self.nodes for d in n.devices]
+
+    @cached_property
+    def device_by_id(self) -> dict[str, Device]:
+        return {d.id: d for d in self.devices}
+
+    @cached_property
+    def node_by_name(self) -> dict[str, Node]:
+        return {n.name: n for n in self.nodes}
+
+    def device(self, device_id: str) -> Device:
+        try:
+            return self.device_by_id[device_id]
+        except KeyError:
+            raise KeyError(f"device '{device_id}' is not in cluster '{self.name}'") from None
+
+    def dtype(self, device_id: str) -> DeviceType:
+        return self.device_types[self.device(device_id).type]
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
+
+    def type_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for d in self.devices:
+            out[d.type] = out.get(d.type, 0) + 1
+        return out
+
+    def total_peak_flops(self) -> float:
+        return sum(self.device_types[d.type].peak_flops for d in self.devices)
+
+    # ---- topology -----------------------------------------------------------------
+    @cached_property
+    def graph(self) -> nx.Graph:
+        """Devices, one switch per node, one fabric switch; edges carry bandwidth/latency."""
+        g = nx.Graph()
+        g.add_node("fabric", kind="fabric")
+        for n in self.nodes:
+            sw = f"switch:{n.name}"
+            g.add_node(sw, kind="switch", node=n.name)
+            for d in n.devices:
+                g.add_node(d.id, kind="device", node=n.name, type=d.type)
+                g.add_edge(d.id, sw, bandwidth=n.intra.bandwidth_bytes_per_s,
+                           latency=n.intra.latency_s, kind="intra", name=n.intra.name)
+            if n.nic is not None:
+                g.add_edge(sw, "fabric", bandwidth=n.nic.bandwidth_bytes_per_s,
+                           latency=n.nic.latency_s, kind="nic", name=n.nic.name)
+        return g
+
+    def path_links(self, a: str, b: str) -> list[tuple[str, str]]:
+        """Edges (as node pairs of the graph) on the path from device a to device b."""
+        if a == b:
+            return []
+        p = nx.shortest_path(self.graph, a, b)
+        return list(zip(p[:-1], p[1:]))
+
+    def path(self, a: str, b: str) -> LinkSpec:
+        """Bottleneck bandwidth and slowest-hop latency from device a to device b."""
+        if a == b:
+            return LinkSpec(math.inf, 0.0, "self")
+        return self.node_path(self.device(a).node, self.device(b).node)
+
+    def node_path(self, na: str, nb: str) -> LinkSpec:
+        """Path between two distinct devices on nodes na and nb (na == nb: inside a node)."""
+        key = (na, nb)
+        hit = self._path_cache.get(key)
+        if hit is None:
+            g = self.graph
+            if na == nb:
+                edges = [(self.node_by_name[na].devices[0].id, f"switch:{na}")] * 2
+            else:
+                sp = nx.shortest_path(g, f"switch:{na}", f"switch:{nb}")
+                edges = ([(self.node_by_name[na].devices[0].id, f"switch:{na}")]
+                         + list(zip(sp[:-1], sp[1:]))
+                         + [(f"switch:{nb}", self.node_by_name[nb].devices[0].id)])
+            bw = min(g.edges[e]["bandwidth"] for e in edges)
+            lat = max(g.edges[e]["latency"] for e in edges)
+            names = sorted({g.edges[e]["name"] or g.edges[e]["kind"] for e in edges})
+            hit = LinkSpec(bw, lat, "+".join(names))
+            self._path_cache[key] = hit
+        return hit
+
+    # ---- serialisation ------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Normalised spec (one entry per node, links spelled out); loads back identically."""
+        custom = [
+            {"name": t.name, "vendor": t.vendor, "peak_tflops": t.peak_tflops,
+             "memory_gib": t.memory_gib, "mem_bandwidth_gbps": t.mem_bandwidth_gbps,
+             "cost_per_hour_usd": t.cost_per_hour_usd}
+            for name, t in sorted(self.device_types.items())
+            if DEVICE_TYPES.get(name) != t and any(d.type == name for d in self.devices)
+        ]
+        out: dict[str, Any] = {"name": self.name}
+        if custom:
+            out["device_types"] = custom
+        out["fabric"] = {"oversubscription": self.fabric_oversubscription}
+        nodes = []
+        for n in self.nodes:
+            nd: dict[str, Any] = {"name": n.name,
+                                  "gpus": [{"type": t, "count": c} for t, c in _ordered_counts(n)],
+                                  "intra_link": n.intra.to_dict()}
+            if n.nic is not None:
+                nd["nic"] = n.nic.to_dict()
+            nodes.append(nd)
+        out["nodes"] = nodes
+        return out
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def describe(self) -> str:
+        counts = ", ".join(f"{c}x{t}" for t, c in sorted(self.type_counts().items()))
+        return f"{self.name}: {self.num_devices} devices ({counts}) on {len(self.nodes)} nodes"
+
+
+def _ordered_counts(n: Node) -> list[tuple[str, int]]:
+    out: list[tuple[str, int]] = []
+    for d in n.devices:
+        if out and out[-1][0] == d.type:
+            out[-1] = (d.type, out[-1][1] + 1)
+        else:
+            out.append((d.type, 1))
+    return out
+
+
+# ---- loading and validation -----------------------------------------------------------
+
+_TOP_KEYS = {"name", "nodes", "fabric", "device_types", "prices"}
+_NODE_KEYS = {"name", "count", "gpus", "intra_link", "nic", "nics"}
+_LINK_KEYS = {"name", "bandwidth_gbps", "latency_us", "like"}
+_DTYPE_KEYS = {"name", "vendor", "peak_tflops", "memory_gib", "mem_bandwidth_gbps",
+               "cost_per_hour_usd", "like"}
+
+
+class _V:
+    """Validation helpers bound to one source file."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def err(self, path: str, problem: str, fix: str = "") -> SpecError:
+        return SpecError(self.source, path, problem, fix)
+
+    def keys(self, obj: Any, path: str, allowed: set[str], what: str) -> dict:
+        if not isinstance(obj, dict):
+            raise self.err(path, f"expected a mapping for {what}, got {type(obj).__name__}",
+                           f"write it as 'key: value' lines ({', '.join(sorted(allowed))})")
+        for k in obj:
+            if k not in allowed:
+                import difflib
+                close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(sorted(allowed))}"
+                raise self.err(f"{path}.{k}" if path else str(k), f"unknown field '{k}'", hint)
+        return obj
+
+    def number(self, obj: dict, key: str, path: str, *, positive: bool = True, integer: bool = False,
+               default: Any = None, unit: str = "") -> Any:
+        p = f"{path}.{key}" if path else key
+        if key not in obj:
+            if default is not None:
+                return default
+            raise self.err(p, "missing", f"give {key}{' in ' + unit if unit else ''}")
+        v = obj[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise self.err(p, f"expected a number, got {v!r}", f"write a plain number{' in ' + unit if unit else ''}")
+        if integer and int(v) != v:
+            raise self.err(p, f"expected a whole number, got {v}", "use an integer")
+        if not math.isfinite(v) or (positive and v <= 0) or (not positive and v < 0):
+            bound = "> 0" if positive else ">= 0"
+            raise self.err(p, f"must be {bound}, got {v}", f"give a value {bound}{' in ' + unit if unit else ''}")
+        return int(v) if integer else float(v)
+
+
+def _link(v: _V, raw: Any, path: str) -> LinkSpec:
+    if isinstance(raw, str):
+        lt = LINK_TYPES.get(raw)
+        if lt is None:
+            raise v.err(path, f"unknown link '{raw}'", suggest_link(raw) + " (or give bandwidth_gbps/latency_us)")
+        return LinkSpec(lt.bandwidth_bytes_per_s, lt.latency_s, lt.name)
+    obj = v.keys(raw, path, _LINK_KEYS, "a link")
+    base = None
+    if "like" in obj:
+        base = LINK_TYPES.get(obj["like"])
+        if base is None:
+            raise v.err(f"{path}.like", f"unknown link '{obj['like']}'", suggest_link(str(obj["like"])))
+    bw = v.number(obj, "bandwidth_gbps", path, unit="GB/s",
+                  default=base.bandwidth_gbps if base else None)
+    lat = v.number(obj, "latency_us", path, positive=False, unit="microseconds",
+                   default=base.latency_us if base else 0.0)
+    return LinkSpec(bw * 1e9, lat * 1e-6, str(obj.get("name", base.name if base else "")))
+
+
+def _device_types(v: _V, raw: Any) -> dict[str, DeviceType]:
+    types = dict(DEVICE_TYPES)
+    if raw is None:
+        return types
+    if not isinstance(raw, list):
+        raise v.err("device_types", "expected a list of device declarations",
+                    "write '- {name: X, peak_tflops: .., memory_gib: .., mem_bandwidth_gbps: ..}'")
+    for i, entry in enumerate(raw):
+        p = f"device_types[{i}]"
+        obj = v.keys(entry, p, _DTYPE_KEYS, "a device type")
+        if not isinstance(obj.get("name"), str) or not obj["name"]:
+            raise v.err(f"{p}.name", "missing", "give the device type a name")
+        base = None
+        if "like" in obj:
+            base = types.get(obj["like"])
+            if base is None:
+                raise v.err(f"{p}.like", f"unknown GPU '{obj['like']}'", suggest_device(str(obj["like"])))
+        types[obj["name"]] = DeviceType(
+            name=obj["name"],
+            vendor=str(obj.get("vendor", base.vendor if base else "custom")),
+            peak_tflops=v.number(obj, "peak_tflops", p, unit="TFLOP/s", default=base.peak_tflops if base else None),
+            memory_gib=v.number(obj, "memory_gib", p, unit="GiB", default=base.memory_gib if base else None),
+            mem_bandwidth_gbps=v.number(obj, "mem_bandwidth_gbps", p, unit="GB/s",
+                                        default=base.mem_bandwidth_gbps if base else None),
+            cost_per_hour_usd=v.number(obj, "cost_per_hour_usd", p, positive=False, unit="USD/hour",
+                                       default=base.cost_per_hour_usd if base else 0.0),
+            source="declared in cluster file",
+        )
+    return types
+
+
+def _gpus(v: _V, raw: Any, path: str, types: dict[str, DeviceType]) -> list[tuple[str, int]]:
+    if raw is None:
+        raise v.err(path, "missing", "list the node's GPUs, e.g. 'gpus: [{type: A100-80G, count: 8}]'")
+    if isinstance(raw, dict):  # shorthand {A100-80G: 8}
+        raw = [{"type": k, "count": c} for k, c in raw.items()]
+    if not isinstance(raw, list) or not raw:
+        raise v.err(path, "expected a non-empty list of {type, count}",
+                    "e.g. 'gpus: [{type: A100-80G, count: 8}]'")
+    out = []
+    for j, g in enumerate(raw):
+        p = f"{path}[{j}]"
+        if isinstance(g, str):  # shorthand "8xA100-80G"
+            cnt, _, name = g.partition("x")
+            if not cnt.isdigit() or not name:
+                raise v.err(p, f"cannot read '{g}'", "write '8xA100-80G' or {type: A100-80G, count: 8}")
+            g = {"type": name, "count": int(cnt)}
+        obj = v.keys(g, p, {"type", "count"}, "a GPU entry")
+        t = obj.get("type")
+        if not isinstance(t, str):
+            raise v.err(f"{p}.type", "missing", "name a GPU type from the catalog (hetalloc catalog)")
+        if t not in types:
+            raise v.err(f"{p}.type", f"unknown GPU '{t}'", suggest_device(t, types))
+        out.append((t, v.number(obj, "count", p, integer=True, default=1)))
+    return out
+
+
+def cluster_from_dict(raw: Any, source: str = "<cluster>") -> Cluster:
+    v = _V(source)
+    if raw is None:
+        raise v.err("", "the file is empty", "describe the cluster: name and nodes")
+    obj = v.keys(raw, "", _TOP_KEYS, "the cluster")
+    types = _device_types(v, obj.get("device_types"))
+    prices = obj.get("prices") or {}
+    if not isinstance(prices, dict):
+        raise v.err("prices", "expected a mapping GPU type -> USD per hour", "e.g. 'prices: {A100-80G: 2.5}'")
+    for t, price in prices.items():
+        if t not in types:
+            raise v.err(f"prices.{t}", f"unknown GPU '{t}'", suggest_device(str(t), types))
+        p = v.number(prices, t, "prices", positive=False, unit="USD/hour")
+        dt = types[t]
+        types[t] = DeviceType(dt.name, dt.vendor, dt.peak_tflops, dt.memory_gib,
+                              dt.mem_bandwidth_gbps, p, dt.source)
+    fabric = obj.get("fabric") or {}
+    fabric = v.keys(fabric, "fabric", {"oversubscription"}, "the fabric")
+    oversub = v.number(fabric, "oversubscription", "fabric", default=1.0)
+    if oversub < 1:
+        raise v.err("fabric.oversubscription", f"must be >= 1, got {oversub}",
+                    "1 = non-blocking, 2 = half the aggregate NIC bandwidth in the core")
+    raw_nodes = obj.get("nodes")
+    if not raw_nodes:
+        raise v.err("nodes", "the cluster has no nodes",
+                    "add at least one node: 'nodes: [{gpus: [{type: A100-80G, count: 8}], intra_link: NVLink3}]'")
+    if not isinstance(raw_nodes, list):
+        raise v.err("nodes", "expected a list of nodes", "write each node as '- gpus: ...'")
+    nodes: list[Node] = []
+    seen: set[str] = set()
+    total_nodes = 0
+    for i, rn in enumerate(raw_nodes):
+        p = f"nodes[{i}]"
+        nobj = v.keys(rn, p, _NODE_KEYS, "a node")
+        count = v.number(nobj, "count", p, integer=True, default=1)
+        total_nodes += count
+        gpus = _gpus(v, nobj.get("gpus"), f"{p}.gpus", types)
+        if "intra_link" not in nobj:
+            raise v.err(f"{p}.intra_link", "missing",
+                        "name the GPU-to-GPU link (NVLink3, PCIe4, ...) or give {bandwidth_gbps, latency_us}")
+        intra = _link(v, nobj["intra_link"], f"{p}.intra_link")
+        nic = _link(v, nobj["nic"], f"{p}.nic") if nobj.get("nic") is not None else None
+        nics = v.number(nobj, "nics", p, integer=True, default=1)
+        if nic is not None and nics != 1:
+            nic = LinkSpec(nic.bandwidth_bytes_per_s * nics, nic.latency_s, f"{nics}x{nic.name}" if nic.name else "")
+        base = nobj.get("name", f"node{len(nodes)}")
+        if not isinstance(base, str) or not base or "/" in base:
+            raise v.err(f"{p}.name", f"bad node name {base!r}", "use letters, digits, '-' or '_' (no '/')")
+        for k in range(count):
+            name = base if count == 1 else f"{base}-{k}"
+            if name in seen:
+                raise v.err(f"{p}.name", f"duplicate node name '{name}'", "give every node a unique name")
+            seen.add(name)
+            devs, idx = [], 0
+            for t, c in gpus:
+                for _ in range(c):
+                    devs.append(Device(f"{name}/{idx}", t, name, idx))
+                    idx += 1
+            nodes.append(Node(name, devs, intra, nic))
+    if total_nodes > 1:
+        for i, rn in enumerate(raw_nodes):
+            if rn.get("nic") is None:
+                raise v.err(f"nodes[{i}].nic", "missing (the cluster has more than one node)",
+                            "name the node's network link (IB-HDR, Eth-100G, ...) or give {bandwidth_gbps, latency_us}")
+    name = obj.get("name") or Path(source).stem
+    return Cluster(str(name), nodes, types, oversub, source)
+
+
+def load_cluster(path: str | Path) -> Cluster:
+    path = Path(path)
+    source = str(path)
+    if not path.exists():
+        raise SpecError(source, "", "file not found", "check the path (examples/ has sample clusters)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(source, where, f"invalid YAML ({problem})", "fix the syntax (indentation, ':' after keys)") from None
+    return cluster_from_dict(raw, source)
+
+
+def dump_cluster_yaml(cluster: Cluster) -> str:
+    return yaml.safe_dump(cluster.to_dict(), sort_keys=False)

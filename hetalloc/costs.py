@@ -1,0 +1,186 @@
+"""The shared cost formulas: written once here, optimised by the allocator and played
+out in time by the simulator. Nothing else in the project may re-derive these costs.
+
+Units: seconds, bytes, bytes/s. A link is a ``LinkSpec`` (bandwidth per direction and
+latency). Every formula is checked against a hand calculation in tests/test_costs.py.
+
+- p2p: latency + bytes / bandwidth.
+- ring all-reduce over n devices: 2(n-1)/n * bytes / min-bandwidth + 2(n-1) * latency
+  (reduce-scatter then all-gather, each n-1 steps; Patarasuk & Yuan 2009).
+- hierarchical all-reduce: intra-node reduce-scatter, inter-node ring all-reduce of each
+  GPU's 1/g shard (all g GPUs of a node drive the node's NIC together, so the NIC carries
+  the whole buffer), intra-node all-gather:
+  2(g-1)/g * bytes / bw_intra + 2(g-1) lat_intra + 2(K-1)/K * bytes / bw_nic + 2(K-1) lat_nic.
+- sharded parameter server (push-pull): every worker owns 1/n of the gradients; it pushes
+  the other n-1 shards to their owners and pulls the updated ones back. A worker's
+  off-node traffic shares its node's NIC with the g workers on that node:
+  2 * max_w [lat + max(on_node_bytes_w / bw_intra, off_node_bytes_w * g_w / bw_nic)].
+- memory of a device: weights + gradients + optimizer state for its layers (bytes per
+  parameter by precision and optimizer, ZeRO paper table: mixed precision AdamW = 16),
+  plus saved activations of its share for every micro-batch in flight (GPipe: all M;
+  1F1B: num_stages - stage_index, at most M), plus the largest output buffer.
+- optimizer step: reads and writes weights, gradients and state once: bytes / memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .catalog import DeviceType
+
+SCHEDULES = ("gpipe", "1f1b")
+GRAD_SYNC = ("ring", "hierarchical", "param_server")
+OPTIMIZERS = ("adamw", "sgd")
+
+MEMORY_RESERVE_FRACTION = 0.10
+"""Share of device memory kept free for the CUDA/ROCm context, allocator fragmentation
+and workspaces; plans never use it."""
+
+
+# ---- bytes per parameter ---------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ParamBytes:
+    weights: int
+    grads: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer
+
+
+def param_bytes(precision: str, optimizer: str) -> ParamBytes:
+    """Bytes per parameter: mixed precision keeps 16-bit weights and gradients plus fp32
+    master weights in the optimizer state (Rajbhandari et al. 2020, ZeRO, section 3.1)."""
+    if precision == "fp32":
+        state = 8 if optimizer == "adamw" else 4  # Adam m and v; SGD momentum
+        return ParamBytes(4, 4, state)
+    state = 12 if optimizer == "adamw" else 8  # fp32 master copy + m, v (or momentum)
+    return ParamBytes(2, 2, state)
+
+
+def grad_bytes_per_param(precision: str) -> int:
+    """Bytes per parameter that gradient synchronisation moves."""
+    return 4 if precision == "fp32" else 2
+
+
+# ---- time --------------------------------------------------------------------------------
+
+def p2p_time(nbytes: float, bandwidth: float, latency: float) -> float:
+    """Time to move nbytes over a path (0 bytes costs nothing)."""
+    if nbytes <= 0:
+        return 0.0
+    return latency + nbytes / bandwidth
+
+
+def ring_allreduce_time(nbytes: float, n: int, bandwidth: float, latency: float) -> float:
+    """Ring all-reduce of nbytes among n devices over links of the given bottleneck."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    return 2.0 * (n - 1) / n * nbytes / bandwidth + 2.0 * (n - 1) * latency
+
+
+def hierarchical_allreduce_time(nbytes: float, per_node: list[int], intra_bw: float, intra_lat: float,
+                                inter_bw: float, inter_lat: float) -> float:
+    """Reduce-scatter in each node, ring across nodes, all-gather in each node.
+
+    per_node: devices of the group on each node; intra_* is the slowest node's intra
+    link; inter_* the slowest NIC path among the nodes.
+    """
+    n = sum(per_node)
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    k = len(per_node)
+    g = max(per_node)
+    t = 0.0
+    if g > 1:
+        t += 2.0 * (g - 1) / g * nbytes / intra_bw + 2.0 * (g - 1) * intra_lat
+    if k > 1:
+        t += 2.0 * (k - 1) / k * nbytes / inter_bw + 2.0 * (k - 1) * inter_lat
+    return t
+
+
+def param_server_time(nbytes: float, per_node: list[int], intra_bw: float, intra_lat: float,
+                      inter_bw: float, inter_lat: float) -> float:
+    """Sharded push-pull parameter server among the group's devices (see module doc)."""
+    n = sum(per_node)
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    shard = nbytes / n
+    worst = 0.0
+    for g in per_node:
+        on = (g - 1) * shard
+        off = (n - g) * shard
+        t_on = on / intra_bw if on else 0.0
+        t_off = off * g / inter_bw if off else 0.0
+        lat = inter_lat if off else intra_lat
+        worst = max(worst, lat + max(t_on, t_off))
+    return 2.0 * worst
+
+
+def optimizer_time(params: int, dtype: DeviceType, precision: str, optimizer: str) -> float:
+    """One optimizer step over `params` parameters: memory-bound read+write of all state."""
+    pb = param_bytes(precision, optimizer)
+    return 2.0 * params * pb.total / dtype.mem_bandwidth_bytes_per_s
+
+
+# ---- memory ------------------------------------------------------------------------------
+
+def in_flight_microbatches(schedule: str, stage_index: int, num_stages: int, num_microbatches: int) -> int:
+    """Micro-batches whose activations a stage holds at its peak."""
+    if schedule == "gpipe":
+        return num_microbatches
+    if schedule == "1f1b":
+        return min(num_microbatches, num_stages - stage_index)
+    raise ValueError(f"unknown schedule '{schedule}'; use one of {', '.join(SCHEDULES)}")
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryBreakdown:
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    buffers: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations + self.buffers
+
+    def to_dict(self) -> dict[str, float]:
+        return {"weights": self.weights, "grads": self.grads, "optimizer": self.optimizer,
+                "activations": self.activations, "buffers": self.buffers, "total": self.total}
+
+
+def stage_memory(params: int, saved_act_bytes_per_sample: float, out_act_bytes_per_sample: float,
+                 share: int, in_flight: int, precision: str, optimizer: str) -> MemoryBreakdown:
+    """Peak memory of a device that serves `params` parameters with `share` samples of
+    each micro-batch, holding `in_flight` micro-batches of saved activations."""
+    pb = param_bytes(precision, optimizer)
+    return MemoryBreakdown(
+        weights=params * pb.weights,
+        grads=params * pb.grads,
+        optimizer=params * pb.optimizer,
+        activations=saved_act_bytes_per_sample * share * in_flight,
+        buffers=2 * out_act_bytes_per_sample * share,  # send and receive buffers
+    )
+
+
+def usable_memory(dtype: DeviceType) -> float:
+    return dtype.memory_bytes * (1.0 - MEMORY_RESERVE_FRACTION)
+
+
+def max_share_for_memory(params: int, saved_act_bytes_per_sample: float, out_act_bytes_per_sample: float,
+                         in_flight: int, precision: str, optimizer: str, dtype: DeviceType) -> int:
+    """Largest share (samples per micro-batch) that fits; -1 if even the weights do not fit,
+    0 if the weights fit but not one sample."""
+    fixed = stage_memory(params, 0.0, 0.0, 0, in_flight, precision, optimizer).total
+    free = usable_memory(dtype) - fixed
+    if free < 0:
+        return -1
+    per_sample = saved_act_bytes_per_sample * in_flight + 2 * out_act_bytes_per_sample
+    if per_sample <= 0:
+        return 1 << 30
+    return int(math.floor(free / per_sample + 1e-9))

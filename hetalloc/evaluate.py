@@ -1,0 +1,254 @@
+"""Predicted figures of a concrete plan, from the shared cost formulas.
+
+This is the contention-free, non-overlapped reference that the simulator reproduces
+when link sharing and overlap are switched off:
+1. pipeline phase: every device runs its schedule's ops; an op lasts its compute time
+   plus its blocking sends (forward: its activation slices to the next stage's devices,
+   backward: input-gradient slices to the previous stage's); see hetalloc.schedule;
+2. gradient synchronisation after the flush: the devices holding the same layers
+   all-reduce their gradients with the plan's algorithm;
+3. optimizer step on every device.
+The iteration ends when the last device has stepped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .cluster import Cluster
+from .costgraph import CostGraph
+from .costs import (MemoryBreakdown, grad_bytes_per_param, hierarchical_allreduce_time,
+                    in_flight_microbatches, optimizer_time, p2p_time, param_server_time,
+                    ring_allreduce_time, stage_memory, usable_memory)
+from .plan import Plan
+from .schedule import PipeDevice, pipeline_timing
+
+
+def slice_overlaps(senders: list[int], receivers: list[int]) -> list[tuple[int, int, int]]:
+    """Shares are consecutive slices of the micro-batch in listed order. Returns
+    (sender index, receiver index, samples in common) for every overlapping pair."""
+    out = []
+    a0 = 0
+    for i, a in enumerate(senders):
+        b0 = 0
+        for j, b in enumerate(receivers):
+            common = min(a0 + a, b0 + b) - max(a0, b0)
+            if common > 0:
+                out.append((i, j, common))
+            b0 += b
+        a0 += a
+    return out
+
+
+def device_memory(plan: Plan, cluster: Cluster, cg: CostGraph) -> dict[str, MemoryBreakdown]:
+    out = {}
+    for r in plan.replicas:
+        S = len(r.stages)
+        for si, s in enumerate(r.stages):
+            params = cg.params(s.start, s.stop)
+            saved = sum(l.saved_act_bytes for l in cg.layers[s.start:s.stop])
+            outb = cg.layers[s.stop - 1].out_act_bytes
+            infl = in_flight_microbatches(plan.schedule, si, S, plan.num_microbatches)
+            for d in s.devices:
+                out[d.device] = stage_memory(params, saved, outb, d.share, infl, plan.precision, plan.optimizer)
+    return out
+
+
+@dataclass
+class GroupSync:
+    start: int
+    stop: int
+    devices: list[str]
+    nbytes: float
+    time_s: float
+    algorithm: str
+
+
+def sync_groups(plan: Plan, cluster: Cluster, cg: CostGraph, algorithm: str | None = None) -> list[GroupSync]:
+    """Gradient groups: maximal layer segments held by the same set of devices."""
+    algorithm = algorithm or plan.grad_sync
+    cuts = sorted({b for r in plan.replicas for s in r.stages for b in (s.start, s.stop)})
+    out = []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        holders = [d.device for r in plan.replicas for s in r.stages if s.start <= a and b <= s.stop
+                   for d in s.devices]
+        nbytes = cg.params(a, b) * grad_bytes_per_param(plan.precision)
+        out.append(GroupSync(a, b, holders, nbytes, allreduce_time(cluster, holders, nbytes, algorithm), algorithm))
+    return out
+
+
+def allreduce_time(cluster: Cluster, devices: list[str], nbytes: float, algorithm: str) -> float:
+    """Gradient synchronisation time of a group of devices (formulas in hetalloc.costs)."""
+    if len(devices) <= 1:
+        return 0.0
+    order = {d.id: i for i, d in enumerate(cluster.devices)}
+    ring = sorted(devices, key=order.__getitem__)
+    if algorithm == "ring":
+        hops = [cluster.path(a, b) for a, b in zip(ring, ring[1:] + ring[:1])]
+        return ring_allreduce_time(nbytes, len(ring), min(h.bandwidth_bytes_per_s for h in hops),
+                                   max(h.latency_s for h in hops))
+    per_node: dict[str, int] = {}
+    for d in ring:
+        n = cluster.device(d).node
+        per_node[n] = per_node.get(n, 0) + 1
+    nodes = list(per_node)
+    intra = [cluster.node_path(n, n) for n in nodes if per_node[n] > 1] or [cluster.node_path(nodes[0], nodes[0])]
+    inter = [cluster.node_path(a, b) for a, b in zip(nodes, nodes[1:] + nodes[:1]) if a != b]
+    intra_bw, intra_lat = min(x.bandwidth_bytes_per_s for x in intra), max(x.latency_s for x in intra)
+    inter_bw = min((x.bandwidth_bytes_per_s for x in inter), default=intra_bw)
+    inter_lat = max((x.latency_s for x in inter), default=intra_lat)
+    counts = list(per_node.values())
+    if algorithm == "hierarchical":
+        return hierarchical_allreduce_time(nbytes, counts, intra_bw, intra_lat, inter_bw, inter_lat)
+    if algorithm == "param_server":
+        return param_server_time(nbytes, counts, intra_bw, intra_lat, inter_bw, inter_lat)
+    raise ValueError(f"unknown gradient sync algorithm '{algorithm}'")
+
+
+@dataclass
+class ReplicaPipe:
+    devices: list[PipeDevice]
+    ids: list[str]
+    compute_fwd: list[float]
+    compute_bwd: list[float]
+    send_fwd: list[float]
+    send_bwd: list[float]
+
+
+def build_pipe(plan: Plan, replica_index: int, cluster: Cluster, cg: CostGraph) -> ReplicaPipe:
+    """Per-device op durations and wiring of one replica (see module doc)."""
+    r = plan.replicas[replica_index]
+    ids: list[str] = []
+    stage_of: list[int] = []
+    first_index: list[int] = []
+    for si, s in enumerate(r.stages):
+        first_index.append(len(ids))
+        for d in s.devices:
+            ids.append(d.device)
+            stage_of.append(si)
+    n = len(ids)
+    cf, cb, sf, sb = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
+    ins: list[list[int]] = [[] for _ in range(n)]
+    outs: list[list[int]] = [[] for _ in range(n)]
+    for si, s in enumerate(r.stages):
+        base = first_index[si]
+        for k, d in enumerate(s.devices):
+            f, b = cg.range_time(s.start, s.stop, cluster.dtype(d.device), d.share)
+            cf[base + k], cb[base + k] = f, b
+        if si + 1 < len(r.stages):
+            nxt = r.stages[si + 1]
+            nbase = first_index[si + 1]
+            per_sample = cg.layers[s.stop - 1].out_act_bytes
+            for i, j, common in slice_overlaps([d.share for d in s.devices], [d.share for d in nxt.devices]):
+                a, b = base + i, nbase + j
+                link = cluster.path(ids[a], ids[b])
+                t = p2p_time(common * per_sample, link.bandwidth_bytes_per_s, link.latency_s)
+                sf[a] += t  # activations forward
+                sb[b] += t  # input gradients backward, same size
+                outs[a].append(b)
+                ins[b].append(a)
+    devs = [PipeDevice(ids[i], stage_of[i], cf[i] + sf[i], cb[i] + sb[i], ins[i], outs[i]) for i in range(n)]
+    return ReplicaPipe(devs, ids, cf, cb, sf, sb)
+
+
+@dataclass
+class Prediction:
+    iteration_time_s: float
+    pipeline_time_s: float
+    sync_time_s: float
+    optimizer_time_s: float
+    throughput_samples_per_s: float
+    tokens_per_s: float
+    mfu: float
+    bubble_fraction: float
+    stages: list[dict[str, Any]]
+    memory: dict[str, MemoryBreakdown]
+    memory_fraction: dict[str, float]
+    sync_by_algorithm: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "iteration_time_s": self.iteration_time_s,
+            "pipeline_time_s": self.pipeline_time_s,
+            "sync_time_s": self.sync_time_s,
+            "optimizer_time_s": self.optimizer_time_s,
+            "throughput_samples_per_s": self.throughput_samples_per_s,
+            "tokens_per_s": self.tokens_per_s,
+            "mfu": self.mfu,
+            "bubble_fraction": self.bubble_fraction,
+            "stages": self.stages,
+            "memory_bytes": {k: v.total for k, v in self.memory.items()},
+            "memory_fraction": self.memory_fraction,
+            "sync_by_algorithm_s": self.sync_by_algorithm,
+        }
+
+
+def predict(plan: Plan, cluster: Cluster, cg: CostGraph) -> Prediction:
+    """All predicted figures of a plan (module doc gives the model)."""
+    pipe_time = 0.0
+    busy_total = 0.0
+    pipe_devices = 0
+    stages_out: list[dict[str, Any]] = []
+    cache: dict[tuple, tuple] = {}
+    for ri, r in enumerate(plan.replicas):
+        # Replicas with the same device types, shares and paths time identically.
+        key = tuple((s.start, s.stop, tuple((cluster.dtype(d.device).name, d.share, cluster.device(d.device).node)
+                                            for d in s.devices)) for s in r.stages)
+        hit = cache.get(key)
+        if hit is None:
+            pipe = build_pipe(plan, ri, cluster, cg)
+            timing = pipeline_timing(pipe.devices, len(r.stages), plan.num_microbatches, plan.schedule)
+            hit = (pipe, timing)
+            cache[key] = hit
+        pipe, timing = hit
+        pipe_time = max(pipe_time, timing.makespan_s)
+        busy_total += sum(pipe.compute_fwd[i] + pipe.compute_bwd[i] for i in range(len(pipe.ids))) * plan.num_microbatches
+        pipe_devices += len(pipe.ids)
+        k = 0
+        for si, s in enumerate(r.stages):
+            idx = range(k, k + len(s.devices))
+            k += len(s.devices)
+            stages_out.append({
+                "replica": ri, "stage": si, "layers": [s.start, s.stop], "devices": len(s.devices),
+                "fwd_s": max(pipe.compute_fwd[i] for i in idx),
+                "bwd_s": max(pipe.compute_bwd[i] for i in idx),
+                "p2p_s": max(pipe.send_fwd[i] + pipe.send_bwd[i] for i in idx),
+            })
+    groups = sync_groups(plan, cluster, cg)
+    sync_of: dict[str, float] = {}
+    for g in groups:
+        for d in g.devices:
+            sync_of[d] = sync_of.get(d, 0.0) + g.time_s
+    opt_of = {}
+    placement = plan.placement()
+    for d, (ri, si) in placement.items():
+        s = plan.replicas[ri].stages[si]
+        opt_of[d] = optimizer_time(cg.params(s.start, s.stop), cluster.dtype(d), plan.precision, plan.optimizer)
+    tail = max(sync_of.get(d, 0.0) + opt_of[d] for d in placement)
+    worst = max(placement, key=lambda d: (sync_of.get(d, 0.0) + opt_of[d], d))
+    for st in stages_out:
+        s = plan.replicas[st["replica"]].stages[st["stage"]]
+        st["sync_s"] = max(sync_of.get(d.device, 0.0) for d in s.devices)
+    iteration = pipe_time + tail
+    mem = device_memory(plan, cluster, cg)
+    frac = {d: mem[d].total / usable_memory(cluster.dtype(d)) for d in mem}
+    by_alg = {}
+    for alg in ("ring", "hierarchical", "param_server"):
+        by_alg[alg] = max((sum(g.time_s for g in sync_groups(plan, cluster, cg, alg) if d in g.devices)
+                           for d in placement), default=0.0)
+    samples = plan.global_batch
+    return Prediction(
+        iteration_time_s=iteration,
+        pipeline_time_s=pipe_time,
+        sync_time_s=sync_of.get(worst, 0.0),
+        optimizer_time_s=opt_of[worst],
+        throughput_samples_per_s=samples / iteration,
+        tokens_per_s=samples * cg.seq_len / iteration,
+        mfu=samples * cg.train_flops_per_sample() / (iteration * cluster.total_peak_flops()),
+        bubble_fraction=max(0.0, 1.0 - busy_total / (pipe_devices * pipe_time)) if pipe_time > 0 else 0.0,
+        stages=stages_out,
+        memory=mem,
+        memory_fraction=frac,
+        sync_by_algorithm=by_alg,
+    )
