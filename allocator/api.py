@@ -10,7 +10,7 @@ from hetalloc.costgraph import CostGraph
 from hetalloc.costs import GRAD_SYNC, OPTIMIZERS, SCHEDULES, param_bytes, usable_memory
 from hetalloc.errors import InfeasibleError, SpecError
 from hetalloc.evaluate import predict
-from hetalloc.plan import Plan, validate_plan
+from hetalloc.plan import Plan, attach_context, validate_plan
 
 from .baselines import BASELINES, baseline_plan
 from .milp import available_backends
@@ -125,6 +125,7 @@ def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: s
 
 def _finish(plan: Plan, cluster: Cluster, cg: CostGraph, grad_sync: str) -> Plan:
     """Pick the gradient sync algorithm (auto: fastest predicted), validate, predict."""
+    attach_context(plan, cluster, cg)
     validate_plan(plan, cluster, cg)
     if grad_sync == "auto":
         times = predict(plan, cluster, cg).sync_by_algorithm

@@ -10,6 +10,8 @@ missing. Every solve reports status, objective, proven bound, gap and seconds.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -55,6 +57,26 @@ def available_backends() -> list[str]:
     if "HiGHS" in names:
         out.append("pulp-highs")
     return out
+
+
+def _new_highs(msg: bool):
+    """A Highs instance; its copyright banner (printed on the C side at construction) is
+    kept off stdout unless solver output was asked for."""
+    import highspy
+    if msg:
+        return highspy.Highs()
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        h = highspy.Highs()
+        h.setOptionValue("output_flag", False)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+    return h
 
 
 class Milp:
@@ -122,9 +144,9 @@ class Milp:
         raise ValueError(f"unknown solver back end '{backend}'; available: {', '.join(available_backends())}")
 
     def _solve_highs(self, time_limit, gap, cutoff, msg) -> MilpResult:
-        import highspy
         t0 = time.perf_counter()
-        h = highspy.Highs()
+        import highspy
+        h = _new_highs(msg)
         h.setOptionValue("output_flag", bool(msg))
         h.setOptionValue("time_limit", float(time_limit))
         h.setOptionValue("mip_rel_gap", float(gap))

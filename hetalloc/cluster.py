@@ -37,9 +37,14 @@ class LinkSpec:
         d: dict[str, Any] = {}
         if self.name:
             d["name"] = self.name
-        d["bandwidth_gbps"] = self.bandwidth_bytes_per_s / 1e9
-        d["latency_us"] = self.latency_s * 1e6
+        d["bandwidth_gbps"] = _num(self.bandwidth_bytes_per_s / 1e9)
+        d["latency_us"] = _num(self.latency_s * 1e6)
         return d
+
+
+def _num(x: float) -> float:
+    """Figures as floats rounded to 12 significant digits, so specs round-trip exactly."""
+    return float(f"{x:.12g}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,16 +178,16 @@ class Cluster:
     def to_dict(self) -> dict[str, Any]:
         """Normalised spec (one entry per node, links spelled out); loads back identically."""
         custom = [
-            {"name": t.name, "vendor": t.vendor, "peak_tflops": t.peak_tflops,
-             "memory_gib": t.memory_gib, "mem_bandwidth_gbps": t.mem_bandwidth_gbps,
-             "cost_per_hour_usd": t.cost_per_hour_usd}
+            {"name": t.name, "vendor": t.vendor, "peak_tflops": _num(t.peak_tflops),
+             "memory_gib": _num(t.memory_gib), "mem_bandwidth_gbps": _num(t.mem_bandwidth_gbps),
+             "cost_per_hour_usd": _num(t.cost_per_hour_usd)}
             for name, t in sorted(self.device_types.items())
             if DEVICE_TYPES.get(name) != t and any(d.type == name for d in self.devices)
         ]
         out: dict[str, Any] = {"name": self.name}
         if custom:
             out["device_types"] = custom
-        out["fabric"] = {"oversubscription": self.fabric_oversubscription}
+        out["fabric"] = {"oversubscription": _num(self.fabric_oversubscription)}
         nodes = []
         for n in self.nodes:
             nd: dict[str, Any] = {"name": n.name,

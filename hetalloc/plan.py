@@ -71,6 +71,10 @@ class Plan:
     predicted: dict[str, Any] = field(default_factory=dict)
     solver: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    cluster_spec: dict[str, Any] | None = None
+    """The cluster the plan was made for (normalised spec), so a plan file is self-contained."""
+    cost_graph_spec: dict[str, Any] | None = None
+    """The cost graph the plan was made with."""
 
     # ---- views ----------------------------------------------------------------------
     @property
@@ -101,8 +105,10 @@ class Plan:
             "schema_version": SCHEMA_VERSION,
             "kind": "plan",
             "planner": self.planner,
-            "cluster": {"name": self.cluster_name, "fingerprint": self.cluster_fingerprint},
-            "cost_graph": {"model": self.model, "fingerprint": self.cost_graph_fingerprint},
+            "cluster": {"name": self.cluster_name, "fingerprint": self.cluster_fingerprint,
+                        "spec": self.cluster_spec},
+            "cost_graph": {"model": self.model, "fingerprint": self.cost_graph_fingerprint,
+                           "spec": self.cost_graph_spec},
             "model": self.model,
             "seq_len": self.seq_len,
             "precision": self.precision,
@@ -162,6 +168,7 @@ def plan_from_dict(d: Any, source: str = "<plan>") -> Plan:
         cluster_name=cl.get("name", ""), cluster_fingerprint=cl.get("fingerprint", ""),
         cost_graph_fingerprint=cg.get("fingerprint", ""), planner=d.get("planner", ""),
         predicted=d.get("predicted", {}), solver=d.get("solver", {}), notes=d.get("notes", []),
+        cluster_spec=cl.get("spec"), cost_graph_spec=cg.get("spec"),
     )
 
 
@@ -247,3 +254,24 @@ def validate_plan(plan: Plan, cluster: Cluster, cg: CostGraph, *, source: str = 
                 raise err(f"device {dev}", f"needs {mem.total / 2**30:.2f} GiB, {cap.name} has "
                           f"{usable_memory(cap) / 2**30:.2f} GiB usable",
                           "lower its share, use more stages, or re-plan")
+
+
+def attach_context(plan: Plan, cluster: Cluster, cg: CostGraph) -> Plan:
+    """Record the cluster and cost graph in the plan (and their fingerprints)."""
+    plan.cluster_name = cluster.name
+    plan.cluster_fingerprint = cluster.fingerprint()
+    plan.cluster_spec = cluster.to_dict()
+    plan.cost_graph_fingerprint = cg.fingerprint()
+    plan.cost_graph_spec = cg.to_dict()
+    return plan
+
+
+def plan_context(plan: Plan, source: str = "plan") -> tuple[Cluster, CostGraph]:
+    """The cluster and cost graph a self-contained plan was made for."""
+    from .cluster import cluster_from_dict
+    from .costgraph import cost_graph_from_dict
+    if not plan.cluster_spec or not plan.cost_graph_spec:
+        raise SpecError(source, "cluster.spec", "the plan does not carry its cluster and cost graph",
+                        "pass --cluster (and --cost-graph), or re-plan with this hetalloc")
+    return (cluster_from_dict(plan.cluster_spec, f"{source}#cluster"),
+            cost_graph_from_dict(plan.cost_graph_spec, f"{source}#cost_graph"))
