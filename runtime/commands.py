@@ -1,0 +1,75 @@
+"""``hetalloc run``: the CLI face of the runtime (wired into hetalloc/cli.py by its owner).
+
+``register(subparsers)`` adds the subcommand; its handler launches torchrun on this
+machine for a single-node plan, or prints one torchrun command per node for a
+multi-node plan (or whenever ``--nodes-print`` is given). Never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from hetalloc.errors import HetallocError
+
+from .launch import DEFAULT_PORT, load_checked, node_commands, run_local, train_args
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "run", help="train a plan with torchrun (pipeline + uneven data parallel), measured against its prediction",
+        description="Train a plan with torchrun on this machine, or print the torchrun command of every node "
+                    "for a multi-node plan. Rank 0 prints one line per step and, at the end, measured "
+                    "times next to the plan's predictions (also in OUT/summary.json).")
+    p.add_argument("plan", help="plan JSON written by 'hetalloc plan'")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps (default 20)")
+    p.add_argument("--slowdown", action="append", metavar="RANK=FACTOR",
+                   help="stretch a rank's (or device id's) compute time by FACTOR >= 1, to emulate a slower "
+                        "device on a homogeneous machine (a test and what-if aid); repeatable")
+    p.add_argument("--checkpoint-dir", metavar="D", help="directory for checkpoints")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="K", help="save every K steps")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in D")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="torchrun restarts after a failed rank; restarted ranks resume from the last checkpoint")
+    p.add_argument("--out", default="out/run", metavar="DIR", help="metrics.jsonl and summary.json (default out/run)")
+    p.add_argument("--dataset", choices=("synthetic", "text"), default="synthetic",
+                   help="seeded synthetic tokens (default) or the shipped text corpus")
+    p.add_argument("--model", help="model to build (default: the plan's model; or a Hugging Face config.json)")
+    p.add_argument("--lr", type=float, help="learning rate (default 1e-3 AdamW, 0.05 SGD)")
+    p.add_argument("--nodes-print", action="store_true", help="print the torchrun command of every node, do not run")
+    p.add_argument("--master-addr", default="<address of node 0>", help="rendezvous host for printed commands")
+    p.add_argument("--master-port", type=int, default=DEFAULT_PORT, help="rendezvous port for printed commands")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    p.set_defaults(func=handler)
+    return p
+
+
+def handler(args: argparse.Namespace) -> int:
+    try:
+        plan, rm = load_checked(args.plan)
+        extra = ["--dataset", args.dataset]
+        if args.model:
+            extra += ["--model", args.model]
+        if args.lr is not None:
+            extra += ["--lr", str(args.lr)]
+        targs = train_args(args.plan, steps=args.steps, slowdown=args.slowdown, out_dir=args.out,
+                           checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                           resume=args.resume, extra=extra)
+        if args.nodes_print or len(rm.nodes) > 1:
+            cmds = node_commands(rm, targs, master_addr=args.master_addr, master_port=args.master_port,
+                                 max_restarts=args.max_restarts)
+            print(f"{args.plan}: {rm.world_size} ranks on {len(rm.nodes)} node(s); run on each node:")
+            for c in cmds:
+                print(f"# node {c.node} (node rank {c.node_rank}, {c.nproc} processes)")
+                print(c.shell())
+            return 0
+        summary = run_local(args.plan, steps=args.steps, slowdown=args.slowdown, out_dir=args.out,
+                            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                            resume=args.resume, max_restarts=args.max_restarts, extra=extra)
+    except HetallocError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "output"}, indent=2))
+    return 0

@@ -1,0 +1,98 @@
+"""Training configuration of one runtime launch (everything that is not in the plan).
+
+The plan says *where* things run (stages, devices, shares, schedule, gradient sync,
+optimizer); this says *what* is trained and for how long. Plain data, validated on
+construction; it never imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DATASETS = ("synthetic", "text")
+DTYPES = ("float32", "float64")
+DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.05}
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    steps: int = 20
+    """Optimizer steps to reach (a resumed run continues up to this step)."""
+    dataset: str = "synthetic"
+    """'synthetic' (seeded token sequences) or 'text' (the shipped corpus, byte tokens)."""
+    seed: int = 0
+    """Seeds the model init and the synthetic data; every rank uses the same seed."""
+    lr: float | None = None
+    """Learning rate; None takes DEFAULT_LR for the plan's optimizer."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (AdamW) or L2 (SGD), on every parameter."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    dropout: float = 0.0
+    """Dropout of the Hugging Face models (0 makes runs comparable across plans)."""
+    dtype: str = "float32"
+    """Parameter and activation dtype; float64 is for exactness checks on CPU."""
+    bucket_cap_mb: float = 25.0
+    """Gradient bucket size for the all-reduce overlapped with backward, MiB."""
+    checkpoint_dir: str | None = None
+    """Where checkpoints go; None disables them."""
+    checkpoint_every: int = 0
+    """Save every K steps (0: never, except when the directory is given and K > 0)."""
+    resume: bool = False
+    """Continue from the latest checkpoint in checkpoint_dir."""
+    out_dir: str = "out/run"
+    """metrics.jsonl, per-rank metrics and summary.json go here."""
+    slowdown: dict[str, float] = field(default_factory=dict)
+    """Rank (as a string) or device id -> factor >= 1 stretching that rank's compute."""
+    warmup_steps: int = 1
+    """Leading steps left out of the measured averages (shape inference, allocator warm-up)."""
+    tensorboard: bool = False
+    """Also log scalars to TensorBoard when the package is installed."""
+    fail_at_step: int = 0
+    """Test aid: the rank fail_rank kills itself at the start of this step (first attempt only)."""
+    fail_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError("steps must be at least 1.")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got '{self.dataset}'.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'.")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError("lr must be greater than 0.")
+        if self.weight_decay < 0:
+            raise ValueError("weight_decay must be >= 0.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1).")
+        if self.bucket_cap_mb <= 0:
+            raise ValueError("bucket_cap_mb must be greater than 0.")
+        if self.checkpoint_every < 0:
+            raise ValueError("checkpoint_every must be >= 0.")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ValueError("checkpoint_every needs checkpoint_dir.")
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("resume needs checkpoint_dir.")
+        if self.warmup_steps < 0:
+            raise ValueError("warmup_steps must be >= 0.")
+        for key, factor in self.slowdown.items():
+            if factor < 1.0:
+                raise ValueError(f"slowdown factor of {key} must be >= 1, got {factor}.")
+
+    def learning_rate(self, optimizer: str) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[optimizer]
+
+
+def parse_slowdown(items: list[str] | None) -> dict[str, float]:
+    """['1=2', 'host/3=1.5'] -> {'1': 2.0, 'host/3': 1.5}; a key is a rank or a device id."""
+    out: dict[str, float] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        try:
+            factor = float(value)
+        except ValueError:
+            factor = -1.0
+        if not sep or not key or factor < 1.0:
+            raise ValueError(f"--slowdown expects RANK=FACTOR or DEVICE=FACTOR with FACTOR >= 1, got '{item}'.")
+        out[key] = factor
+    return out

@@ -1,0 +1,32 @@
+"""Plans written by hand (tests, benchmarks, what-if runs): a compact description turned
+into a validated, self-contained Plan with its predictions. Never imports torch."""
+
+from __future__ import annotations
+
+from hetalloc.cluster import Cluster
+from hetalloc.costgraph import CostGraph, analytic_cost_graph
+from hetalloc.evaluate import predict
+from hetalloc.models import get_model
+from hetalloc.plan import DeviceShare, Plan, Replica, Stage, attach_context, validate_plan
+
+StageSpec = tuple[tuple[int, int], list[tuple[str, int]]]
+"""((start, stop), [(device id, share), ...])"""
+
+
+def hand_plan(cluster: Cluster, cg: CostGraph, replicas: list[list[StageSpec]], *, num_microbatches: int,
+              schedule: str = "1f1b", grad_sync: str = "ring", optimizer: str = "adamw",
+              name: str = "hand") -> Plan:
+    reps = [Replica([Stage(a, b, [DeviceShare(d, s) for d, s in devs]) for (a, b), devs in r]) for r in replicas]
+    batch = num_microbatches * sum(r.microbatch for r in reps)
+    plan = Plan(model=cg.model, seq_len=cg.seq_len, global_batch=batch, num_microbatches=num_microbatches,
+                schedule=schedule, grad_sync=grad_sync, replicas=reps, optimizer=optimizer,
+                precision=cg.precision, planner=name)
+    attach_context(plan, cluster, cg)
+    validate_plan(plan, cluster, cg)
+    plan.predicted = predict(plan, cluster, cg).to_dict()
+    return plan
+
+
+def cpu_cost_graph(model: str, seq_len: int) -> CostGraph:
+    """The fp32 analytic cost graph the CPU runs use."""
+    return analytic_cost_graph(get_model(model), seq_len, precision="fp32")

@@ -1,0 +1,36 @@
+"""Single-process training on the whole global batch: the computation every plan must
+reproduce (same init, same data, same optimizer), used by the equivalence tests."""
+
+from __future__ import annotations
+
+import torch
+
+from hetalloc.models import resolve_model
+from hetalloc.plan import Plan
+
+from .config import TrainConfig
+from .datasets import TokenDataset
+from .models import build_model, token_loss_sum
+from .optim import build_optimizer
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def reference_run(plan: Plan, cfg: TrainConfig, *, model: str | None = None
+                  ) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Losses of cfg.steps steps and the final parameters (by whole-model name)."""
+    shape = resolve_model(model or plan.model)
+    built = build_model(shape, seed=cfg.seed, dropout=cfg.dropout, dtype=DTYPES[cfg.dtype])
+    optimizer = build_optimizer(plan.optimizer, list(built.model.parameters()), cfg)
+    data = TokenDataset(cfg.dataset, vocab=shape.vocab, seq_len=plan.seq_len, seed=cfg.seed,
+                        classify=shape.family == "bert")
+    B = plan.global_batch
+    losses = []
+    for step in range(1, cfg.steps + 1):
+        ids, labels = data.batch((step - 1) * B, B)
+        loss = token_loss_sum(built.logits(ids), labels) / labels.numel()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses, {n: p.detach().clone() for n, p in built.model.named_parameters()}

@@ -1,0 +1,266 @@
+"""Entry point: train one plan with torchrun.
+
+    torchrun --nproc-per-node=N -m runtime.train --plan plan.json [--model NAME] [--steps N] ...
+
+(``hetalloc run plan.json`` builds this command for you.) Each process finds its device
+from the plan (runtime.rankmap), builds its stage, and runs the plan's schedule
+(runtime.pipeline), gradient sync (runtime.grad_sync) and optimizer for ``--steps``
+steps. Only rank 0 prints: one line per step, and a summary of measured against
+predicted times at the end (runtime.metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hetalloc.cluster import Cluster
+from hetalloc.errors import HetallocError, SpecError
+from hetalloc.fileio import atomic_write_json
+from hetalloc.models import TransformerShape, resolve_model
+from hetalloc.plan import Plan, load_plan, plan_context, validate_plan
+
+from . import checkpoint
+from .config import TrainConfig, parse_slowdown
+from .datasets import TokenDataset, device_samples
+from .grad_sync import GradSync, ProcessGroups
+from .metrics import MetricsWriter, StepTimes, build_summary, mean_times, step_line, summary_table
+from .models import StageModule, build_model, layer_param_counts
+from .optim import build_optimizer
+from .pipeline import PipelineExecutor, stage_role
+from .rankmap import LaunchInfo, check_launch, rank_map
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class Runtime:
+    """This process in the distributed job."""
+
+    info: LaunchInfo
+    device: torch.device
+    backend: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(plan: Plan, cluster: Cluster, node: str | None = None) -> Runtime:
+    """Check this launch against the plan, pick the device and backend, and join the
+    process group (once per process; later plans reuse it)."""
+    rm = rank_map(plan, cluster)
+    info = check_launch(rm, os.environ, node)
+    vendors = {cluster.dtype(d).vendor == "cpu" for d in rm.devices}
+    if len(vendors) > 1:
+        raise SpecError("plan", "replicas", "mixes CPU and GPU devices", "plan CPU ranks and GPU ranks separately")
+    if vendors == {True}:
+        device, backend = torch.device("cpu"), "gloo"
+    else:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if info.local_rank >= count:
+            raise SpecError("plan", f"device {info.device}",
+                            f"is a {cluster.dtype(info.device).name} but torch sees {count} CUDA devices on this node",
+                            "run on the plan's cluster, or plan for this machine (examples/cpu-4.yaml)")
+        device, backend = torch.device("cuda", info.local_rank), "nccl"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:  # a single process started without torchrun
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size)
+    return Runtime(info, device, backend)
+
+
+def check_model(shape: TransformerShape, plan: Plan, counts: list[int], cg_params: list[int]) -> list[str]:
+    """The real model must have the cost graph's layers; parameter counts may differ a
+    little (the analytic formulas round off biases), which is reported, not fatal."""
+    if len(counts) != len(cg_params):
+        raise SpecError("--model", "", f"'{shape.name}' has {len(counts)} layers, the plan's cost graph "
+                        f"{len(cg_params)}", f"use the model the plan was made for ('{plan.model}')")
+    diffs = [(i, a - b) for i, (a, b) in enumerate(zip(counts, cg_params)) if a != b]
+    if not diffs:
+        return []
+    return [f"the model has {sum(counts):,} parameters, the cost graph counts {sum(cg_params):,} "
+            f"(differences in layers {', '.join(f'{i}: {d:+,}' for i, d in diffs[:6])}"
+            f"{', ...' if len(diffs) > 6 else ''})"]
+
+
+def _slowdown_of(cfg: TrainConfig, info: LaunchInfo, cluster: Cluster) -> float:
+    for key in cfg.slowdown:
+        if "/" in key:
+            if key not in cluster.device_by_id:
+                raise SpecError("--slowdown", key, "is not a device of the plan's cluster",
+                                f"use a rank (0..{info.world_size - 1}) or a device id")
+        elif not key.isdigit() or int(key) >= info.world_size:
+            raise SpecError("--slowdown", key, f"is not a rank of this run (0..{info.world_size - 1})",
+                            "write RANK=FACTOR or DEVICE=FACTOR")
+    return cfg.slowdown.get(str(info.rank), cfg.slowdown.get(info.device, 1.0))
+
+
+def train(plan: Plan, cfg: TrainConfig, *, model: str | None = None, node: str | None = None) -> dict[str, Any] | None:
+    """Train `plan` for cfg.steps steps; returns the summary on rank 0 (None elsewhere)."""
+    cluster, cg = plan_context(plan)
+    validate_plan(plan, cluster, cg)
+    shape = resolve_model(model or plan.model)
+    rt = setup(plan, cluster, node)
+    rank, device = rt.info.rank, rt.device
+    dtype = DTYPES[cfg.dtype]
+    rm = rank_map(plan, cluster)
+    role = stage_role(plan, rm, rank)
+    built = build_model(shape, seed=cfg.seed, dropout=cfg.dropout, dtype=dtype)
+    warnings = check_model(shape, plan, layer_param_counts(built), [l.params for l in cg.layers])
+    module = StageModule(built, role.start, role.stop).to(device)
+    del built
+    groups = ProcessGroups(plan, rm, cluster, cg, plan.grad_sync)
+    sync = GradSync(module, role, groups, rank, plan.grad_sync, cfg.bucket_cap_mb * 2**20)
+    optimizer = build_optimizer(plan.optimizer, sync.optimizer_tensors(module), cfg)
+    slowdown = _slowdown_of(cfg, rt.info, cluster)
+    executor = PipelineExecutor(role, module, plan.schedule, plan.num_microbatches, (plan.seq_len, shape.hidden),
+                                dtype, device, loss_scale=1.0 / (plan.global_batch * plan.seq_len),
+                                slowdown=slowdown)
+    data = TokenDataset(cfg.dataset, vocab=shape.vocab, seq_len=plan.seq_len, seed=cfg.seed,
+                        classify=shape.family == "bert")
+    key = checkpoint.plan_key(plan)
+
+    done = 0
+    if cfg.checkpoint_dir and (cfg.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0):
+        last = checkpoint.latest_step(cfg.checkpoint_dir)
+        if last is not None:
+            done = checkpoint.load(cfg.checkpoint_dir, last, rank, key, module, optimizer, device)
+        elif rank == 0:
+            print(f"no checkpoint in {cfg.checkpoint_dir}; starting at step 1")
+    if rank == 0:
+        print(f"hetalloc runtime: {plan.model} ({plan.planner or 'hand-made'} plan) on {rt.info.world_size} ranks "
+              f"({rt.backend}, {device.type}); {len(plan.replicas)} replica(s), schedule {plan.schedule}, "
+              f"grad sync {plan.grad_sync}, {plan.optimizer}; global batch {plan.global_batch} in "
+              f"{plan.num_microbatches} micro-batches; steps {done + 1}..{cfg.steps}", flush=True)
+        for w in warnings:
+            print(f"note: {w}")
+    writer = MetricsWriter(cfg.out_dir, rank, append=done > 0, tensorboard=cfg.tensorboard)
+    records: list[StepTimes] = []
+    losses: list[float] = []
+    M = plan.num_microbatches
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    for step in range(done + 1, cfg.steps + 1):
+        if cfg.fail_at_step == step and cfg.fail_rank == rank and restart == 0:
+            os.kill(os.getpid(), 9)  # test aid: die like a crashed worker
+        times = StepTimes()
+        t_step = time.perf_counter()
+        base = (step - 1) * plan.global_batch
+        inputs: list[torch.Tensor | None] = [None] * M
+        labels: list[torch.Tensor | None] = [None] * M
+        if role.is_first or role.is_last:
+            for m in range(M):
+                first, count = device_samples(plan, role.replica, role.stage, role.device_index, m)
+                ids, lab = data.batch(base + first, count)
+                inputs[m] = ids.to(device) if role.is_first else None
+                labels[m] = lab.to(device) if role.is_last else None
+        times.data_s = time.perf_counter() - t_step
+        sync.zero_grad()
+        loss = executor.run_step(inputs, labels, times, sync.arm)
+        sync.finish(times)
+        t0 = time.perf_counter()
+        optimizer.step()
+        sync.after_optimizer()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.optimizer_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        dist.all_reduce(loss)
+        loss_value = float(loss)
+        times.loss_sync_s = time.perf_counter() - t0
+        times.step_s = time.perf_counter() - t_step
+        samples_per_s = plan.global_batch / times.step_s
+        writer.write(step, times, loss_value, samples_per_s, samples_per_s * plan.seq_len)
+        if rank == 0:
+            print(step_line(step, loss_value, times.step_s, samples_per_s), flush=True)
+        records.append(times)
+        losses.append(loss_value)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            checkpoint.save(cfg.checkpoint_dir, step, rank, key, module, optimizer, device)
+    writer.close()
+
+    measured = records[cfg.warmup_steps:] if len(records) > cfg.warmup_steps else records
+    mine = {"device": rt.info.device, "slowdown": slowdown,
+            "role": {"replica": role.replica, "stage": role.stage, "share": role.share,
+                     "layers": [role.start, role.stop]},
+            "mean": mean_times(measured), "step_times_s": [r.step_s for r in measured]}
+    gathered: list[Any] = [None] * rt.info.world_size
+    dist.all_gather_object(gathered, mine)
+    if rank != 0:
+        return None
+    summary = build_summary(plan, cluster, cg, gathered, losses, len(measured), done + 1)
+    summary["model_notes"] = warnings
+    atomic_write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+    print(summary_table(summary), flush=True)
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m runtime.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--plan", required=True, help="plan JSON written by 'hetalloc plan'")
+    p.add_argument("--model", help="built-in model name or a Hugging Face config.json (default: the plan's model)")
+    p.add_argument("--node", help="the plan node this torchrun serves (checked against --node-rank)")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps to reach")
+    p.add_argument("--dataset", choices=("synthetic", "text"), default="synthetic",
+                   help="seeded synthetic tokens, or the shipped text corpus (byte tokens)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the init and the synthetic data")
+    p.add_argument("--lr", type=float, help="learning rate (default 1e-3 AdamW, 0.05 SGD)")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="float64 is for exactness checks on CPU")
+    p.add_argument("--bucket-cap-mb", type=float, default=25.0, help="gradient bucket size, MiB")
+    p.add_argument("--checkpoint-dir", help="directory for checkpoints")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="save every K steps (0: never)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--out", default="out/run", help="directory for metrics.jsonl and summary.json")
+    p.add_argument("--slowdown", action="append", metavar="RANK=FACTOR",
+                   help="stretch a rank's (or device id's) compute by FACTOR >= 1: emulated heterogeneity")
+    p.add_argument("--warmup-steps", type=int, default=1, help="leading steps left out of the summary")
+    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+    p.add_argument("--fail-at-step", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--fail-rank", type=int, default=0, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def config_from_args(a: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(steps=a.steps, dataset=a.dataset, seed=a.seed, lr=a.lr, weight_decay=a.weight_decay,
+                       momentum=a.momentum, dropout=a.dropout, dtype=a.dtype, bucket_cap_mb=a.bucket_cap_mb,
+                       checkpoint_dir=a.checkpoint_dir, checkpoint_every=a.checkpoint_every, resume=a.resume,
+                       out_dir=a.out, slowdown=parse_slowdown(a.slowdown), warmup_steps=a.warmup_steps,
+                       tensorboard=a.tensorboard, fail_at_step=a.fail_at_step, fail_rank=a.fail_rank)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        try:
+            cfg = config_from_args(args)
+        except ValueError as e:
+            raise SpecError("arguments", "", str(e)) from None
+        train(load_plan(args.plan), cfg, model=args.model, node=args.node)
+    except HetallocError as e:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
