@@ -1,0 +1,386 @@
+"""The discrete-event model of training iterations of a Plan on a Cluster (SimPy).
+
+Each simulated device is a generator process on its compute stream: it runs its
+schedule's forward/backward ops (``hetalloc.schedule.stage_op_order``), each waiting for
+its inputs; then it waits for its gradient collectives and runs its optimizer step. A
+device also has two communication lanes: ``p2p`` (activation / gradient sends, in
+order) and ``collective`` (gradient all-reduces, in reverse layer order as DDP issues
+them). The links underneath are shared (``simulator.links``).
+
+Two switches, both on by default:
+- ``contention``: transfers share link bandwidth (fair sharing, collectives step by step
+  over the real links). Off: every transfer takes its formula time
+  (``hetalloc.costs.p2p_time``, ``hetalloc.evaluate.allreduce_time``) however many run.
+- ``overlap``: sends go to the p2p lane while compute continues, and gradients are
+  all-reduced in DDP buckets as soon as every holder has finished their backward.
+  Off: sends block the op that produced them (a receiver waits for the whole op, as the
+  cost prediction assumes) and each gradient group is all-reduced in one piece after
+  the pipeline phase of all replicas has ended.
+With both off the simulation is ``hetalloc.evaluate.predict`` played out in time.
+
+Never: compute a cost here — durations come from simulator.pipeline (which takes them
+from hetalloc) and from the network; this module only orders them in time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import simpy
+
+from hetalloc.cluster import Cluster
+from hetalloc.costgraph import CostGraph
+from hetalloc.errors import SpecError
+from hetalloc.evaluate import allreduce_time, sync_groups
+from hetalloc.plan import Plan, validate_plan
+
+from .collectives import STEP_BUILDERS, Bucket, Step, buckets
+from .links import LinkLog, Network, Topology, UsageTable
+from .pipeline import DeviceWork, ReplicaClass, Send, fold_replicas, replica_work
+
+DDP_BUCKET_BYTES = 25 * 2**20
+"""PyTorch DDP's default bucket_cap_mb (25 MiB)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class SimOptions:
+    contention: bool = True
+    """Share link bandwidth among concurrent transfers; collectives step by step."""
+    overlap: bool = True
+    """Asynchronous sends and bucketed gradient all-reduce overlapped with backward."""
+    iterations: int = 1
+    """Training iterations to simulate back to back."""
+    bucket_bytes: float = DDP_BUCKET_BYTES
+    """Gradient bucket size with overlap."""
+    max_collective_steps: int = 32
+    """At most this many (merged) steps per collective; 2(n-1) ring steps above it are merged."""
+    fold: bool = True
+    """Simulate one representative of identical replicas where that is exact."""
+    record: bool = True
+    """Keep the step-by-step log of every collective (shown in traces)."""
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ValueError("iterations must be at least 1.")
+        if self.bucket_bytes <= 0:
+            raise ValueError("bucket_bytes must be greater than 0.")
+        if self.max_collective_steps < 2:
+            raise ValueError("max_collective_steps must be at least 2.")
+
+
+class CountingEnvironment(simpy.Environment):
+    """A SimPy environment that counts the events it schedules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_events = 0
+
+    def schedule(self, event, priority=1, delay=0):  # noqa: D401 - SimPy signature
+        self.num_events += 1
+        super().schedule(event, priority, delay)
+
+
+@dataclass(slots=True)
+class Activity:
+    device: str
+    lane: str
+    """compute | p2p | collective"""
+    kind: str
+    """F | B | optimizer | send | allreduce"""
+    name: str
+    t0: float
+    t1: float
+    cause: int
+    """Index of the activity whose end released this one (-1: none)."""
+    iteration: int
+    usage: int = -1
+    """For sends: the usage key of their link load (to find the bottleneck link)."""
+    group: int = -1
+    """For all-reduces: the gradient group."""
+
+
+@dataclass
+class Collective:
+    key: tuple
+    group: int
+    bucket: Bucket
+    members: list[str]
+    """Representative devices taking part (each stands for its mates)."""
+    devices: list[str]
+    """All devices of the group."""
+    done: simpy.Event
+    prev: list[simpy.Event] = field(default_factory=list)
+    steps: list[tuple[str, float, float]] = field(default_factory=list)
+    """(phase, start, end) of each (merged) step, when simulated over the links."""
+
+
+@dataclass
+class SimResult:
+    """Raw outcome of a run; ``simulator.report`` turns it into figures."""
+
+    plan: Plan
+    cluster: Cluster
+    cg: CostGraph
+    options: SimOptions
+    topo: Topology
+    table: UsageTable
+    log: LinkLog
+    work: dict[str, DeviceWork]
+    rep_of: dict[str, str]
+    classes: list[ReplicaClass]
+    activities: list[Activity]
+    memory_events: dict[str, list[tuple[float, float]]]
+    iteration_ends_s: list[float]
+    groups: list
+    collective_steps: list[list[Step]]
+    collectives: list[Collective]
+    num_events: int
+    wall_s: float
+    network_solves: int
+
+
+class Simulation:
+    def __init__(self, plan: Plan, cluster: Cluster, cg: CostGraph, options: SimOptions | None = None):
+        self.opts = options or SimOptions()
+        validate_plan(plan, cluster, cg, source="plan", check_memory=False)
+        self.plan, self.cluster, self.cg = plan, cluster, cg
+        self.env = CountingEnvironment()
+        self.topo = Topology(cluster)
+        self.table = UsageTable()
+        self.log = LinkLog()
+        self.net = Network(self.env, self.topo, self.log) if self.opts.contention else None
+        self.groups = [g for g in sync_groups(plan, cluster, cg) if len(g.devices) > 1]
+        build = STEP_BUILDERS[plan.grad_sync]
+        self.steps: list[list[Step]] = [build(self.topo, self.table, g.devices, self.opts.max_collective_steps)
+                                        for g in self.groups]
+        coll_usages = [u for steps in self.steps for st in steps for u, _ in st.flows]
+        self.classes = fold_replicas(plan, cluster, self.topo, self.table, contention=self.opts.contention,
+                                     collective_usages=coll_usages, enabled=self.opts.fold)
+        self.work: dict[str, DeviceWork] = {}
+        self.rep_of: dict[str, str] = {}
+        for c in self.classes:
+            works, sends = replica_work(plan, c.replicas[0], cluster, cg, self.topo)
+            for s, u in zip(sends, c.usages):
+                s.usage = u
+            for w in works:
+                self.work[w.id] = w
+            for ri in c.replicas:
+                mates = [d.device for s in plan.replicas[ri].stages for d in s.devices]
+                for w, m in zip(works, mates):
+                    self.rep_of[m] = w.id
+                    if m != w.id:
+                        w.mates.append(m)
+        self.acts: list[Activity] = []
+        self.mem: dict[str, list[tuple[float, float]]] = {d: [] for d in self.work}
+        self._events: dict[tuple, simpy.Event] = {}
+        self.iteration_ends = [0.0] * self.opts.iterations
+        self._formula_cache: dict[tuple, float] = {}
+        self.collectives: list[Collective] = []
+        self.lane_colls: dict[tuple[int, str], list[Collective]] = {}
+        self._finished: set[str] = set()
+
+    # ---- bookkeeping ------------------------------------------------------------------
+    # Events carry (activity index, time): the activity whose end released the waiter.
+    def _event(self, key: tuple) -> simpy.Event:
+        ev = self._events.get(key)
+        if ev is None:
+            ev = self._events[key] = self.env.event()
+        return ev
+
+    def _begin(self, device: str, lane: str, kind: str, name: str, cause: int, it: int, *,
+               usage: int = -1, group: int = -1, t0: float | None = None) -> int:
+        now = self.env.now
+        self.acts.append(Activity(device, lane, kind, name, now if t0 is None else t0, now, cause, it,
+                                  usage, group))
+        return len(self.acts) - 1
+
+    def _end(self, i: int) -> tuple[int, float]:
+        self.acts[i].t1 = self.env.now
+        return i, self.env.now
+
+    @staticmethod
+    def _latest(*marks) -> int:
+        """Of (activity, time) marks, the activity released last (-1 if none)."""
+        best, t = -1, -1.0
+        for m in marks:
+            if m is not None and m[0] >= 0 and m[1] > t:
+                best, t = m
+        return best
+
+    def _wait(self, events: list[simpy.Event]):
+        """Yieldable for 'all of these'."""
+        if len(events) == 1:
+            return events[0]
+        return self.env.all_of(events)
+
+    # ---- transfers --------------------------------------------------------------------
+    def _transfer(self, s: Send):
+        if s.nbytes <= 0:
+            return
+        t0 = self.env.now
+        if self.net is None:
+            yield self.env.timeout(s.formula_s)
+            self.log.record(s.usage, t0, self.env.now, s.nbytes)
+        else:
+            yield self.env.timeout(s.latency_s)
+            yield self.net.transfer(s.usage, s.nbytes)
+
+    def _collective_time(self, c: Collective) -> float:
+        key = (c.group, c.bucket.nbytes)
+        t = self._formula_cache.get(key)
+        if t is None:
+            t = self._formula_cache[key] = allreduce_time(self.cluster, c.devices, c.bucket.nbytes,
+                                                          self.plan.grad_sync)
+        return t
+
+    # ---- processes --------------------------------------------------------------------
+    def _device(self, w: DeviceWork):
+        env, overlap = self.env, self.opts.overlap
+        prev = (-1, 0.0)
+        last_b = max(i for i, (k, _) in enumerate(w.order) if k == "B")
+        for it in range(self.opts.iterations):
+            for pos, (kind, m) in enumerate(w.order):
+                srcs = w.inputs if kind == "F" else w.outputs
+                deps = [self._event(("arrive", it, kind, m, s, w.id)) for s in srcs]
+                if deps:
+                    yield self._wait(deps)
+                op = self._begin(w.id, "compute", kind, f"{kind} mb{m} L{w.start}-{w.stop - 1}",
+                                 self._latest(prev, *(d.value for d in deps)), it)
+                if kind == "F":
+                    self.mem[w.id].append((env.now, w.act_bytes_per_mb))
+                elif pos == last_b and overlap:
+                    self._schedule_ready(w, it, op)
+                yield env.timeout(w.fwd_s if kind == "F" else w.bwd_s)
+                prev = self._end(op)
+                if kind == "B":
+                    self.mem[w.id].append((env.now, -w.act_bytes_per_mb))
+                sends = w.sends_fwd if kind == "F" else w.sends_bwd
+                if overlap:
+                    for s in sends:
+                        self._event(("lane", w.id)).value.put((it, kind, m, s, prev))
+                    continue
+                for s in sends:
+                    i = self._begin(w.id, "p2p", "send", f"{kind} mb{m} -> {s.dst}", prev[0], it, usage=s.usage.key)
+                    yield from self._transfer(s)
+                    prev = self._end(i)
+                for s in sends:
+                    self._event(("arrive", it, kind, m, w.id, s.dst)).succeed(prev)
+            self._event(("pipe", it, w.id)).succeed(prev)
+            waits = [c.done for c in self.lane_colls.get((it, w.id), [])]
+            if not overlap:
+                waits.append(self._barrier(it))
+            if waits:
+                yield self._wait(waits)
+            i = self._begin(w.id, "compute", "optimizer", "optimizer step",
+                            self._latest(prev, *(e.value for e in waits)), it)
+            yield env.timeout(w.optimizer_s)
+            prev = self._end(i)
+            self.iteration_ends[it] = max(self.iteration_ends[it], env.now)
+        self._finished.add(w.id)
+
+    def _barrier(self, it: int) -> simpy.Event:
+        """Fires when the pipeline phase of iteration `it` has ended on every device."""
+        key = ("barrier", it)
+        ev = self._events.get(key)
+        if ev is None:
+            pipes = [self._event(("pipe", it, d)) for d in self.work]
+            ev = self._events[key] = self.env.event()
+            self.env.all_of(pipes).callbacks.append(
+                lambda _c: ev.succeed((self._latest(*(e.value for e in pipes)), self.env.now)))
+        return ev
+
+    def _lane(self, device: str):
+        store = self._event(("lane", device)).value
+        prev = (-1, 0.0)
+        while True:
+            it, kind, m, s, issued = yield store.get()
+            i = self._begin(device, "p2p", "send", f"{kind} mb{m} -> {s.dst}", self._latest(issued, prev), it,
+                            usage=s.usage.key)
+            yield from self._transfer(s)
+            prev = self._end(i)
+            self._event(("arrive", it, kind, m, device, s.dst)).succeed(prev)
+
+    def _schedule_ready(self, w: DeviceWork, it: int, op: int) -> None:
+        """At the start of the device's last backward: when each of its buckets is ready
+        (the backward runs from the stage's last layer down to its first)."""
+        for c in self.lane_colls.get((it, w.id), []):
+            delay = sum(w.bwd_layer_s[c.bucket.start - w.start:])
+            ev = self._event(("ready", c.key, w.id))
+            self.env.timeout(delay).callbacks.append(lambda _e, ev=ev: ev.succeed((op, self.env.now)))
+
+    def _collective(self, c: Collective, it: int):
+        env = self.env
+        if self.opts.overlap:
+            ready = [self._event(("ready", c.key, d)) for d in c.members]
+        else:
+            ready = [self._barrier(it)]
+        deps = ready + c.prev
+        yield self._wait(deps)
+        cause = self._latest(*(d.value for d in deps))
+        g = self.groups[c.group]
+        nbytes = c.bucket.nbytes
+        name = (f"allreduce L{c.bucket.start}-{c.bucket.stop - 1} ({self.plan.grad_sync}, "
+                f"{len(g.devices)} devices, {nbytes / 2**20:.1f} MiB)")
+        acts = [self._begin(d, "collective", "allreduce", name, cause, it, group=c.group) for d in c.members]
+        t0 = env.now
+        steps = self.steps[c.group]
+        if nbytes > 0 and self.net is not None:
+            for st in steps:
+                t1 = env.now
+                yield env.timeout(st.latency_s)
+                yield self._wait([self.net.transfer(u, f * nbytes) for u, f in st.flows])
+                if self.opts.record:
+                    c.steps.append((st.phase, t1, env.now))
+        elif nbytes > 0:
+            yield env.timeout(self._collective_time(c))
+            for st in steps:
+                for u, f in st.flows:
+                    self.log.record(u, t0, env.now, f * nbytes)
+        for i in acts:
+            self._end(i)
+        c.done.succeed((acts[0], env.now))
+
+    def _plan_collectives(self) -> None:
+        opts = self.opts
+        for it in range(opts.iterations):
+            for gi, g in enumerate(self.groups):
+                if opts.overlap:
+                    bs = buckets(gi, g.start, g.stop, self.cg, self.plan.precision, opts.bucket_bytes)
+                else:
+                    bs = [Bucket(gi, g.start, g.stop, g.nbytes)]
+                members = list(dict.fromkeys(self.rep_of[d] for d in g.devices))
+                for k, b in enumerate(bs):
+                    self.collectives.append(Collective((it, gi, k), gi, b, members, g.devices, self.env.event()))
+        # Each device issues its collectives in reverse layer order (a total order, so no
+        # two devices can wait on each other in a cycle).
+        for c in sorted(self.collectives, key=lambda c: (c.key[0], -c.bucket.stop, -c.bucket.start, c.key)):
+            for d in c.members:
+                lane = self.lane_colls.setdefault((c.key[0], d), [])
+                if lane:
+                    c.prev.append(lane[-1].done)
+                lane.append(c)
+
+    # ---- run ----------------------------------------------------------------------------
+    def run(self) -> SimResult:
+        t_wall = time.perf_counter()
+        env = self.env
+        self._plan_collectives()
+        self.table.reduce(self.topo.capacity)
+        for w in self.work.values():
+            if self.opts.overlap:
+                self._event(("lane", w.id)).succeed(simpy.Store(env))
+                env.process(self._lane(w.id))
+            env.process(self._device(w))
+        for c in self.collectives:
+            env.process(self._collective(c, c.key[0]))
+        env.run()
+        if len(self._finished) < len(self.work) or any(not c.done.triggered for c in self.collectives):
+            raise SpecError("plan", "schedule", "the simulation stalled before the iteration ended",
+                            "check the plan's stage wiring (every stage must split the same micro-batch)")
+        return SimResult(
+            plan=self.plan, cluster=self.cluster, cg=self.cg, options=self.opts, topo=self.topo, table=self.table,
+            log=self.log, work=self.work, rep_of=self.rep_of, classes=self.classes, activities=self.acts,
+            memory_events=self.mem, iteration_ends_s=self.iteration_ends, groups=self.groups,
+            collective_steps=self.steps, collectives=self.collectives, num_events=env.num_events, wall_s=time.perf_counter() - t_wall,
+            network_solves=self.net.solves if self.net else 0)

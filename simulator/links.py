@@ -1,0 +1,293 @@
+"""Physical links of a cluster as shared resources, and fair sharing of their bandwidth.
+
+Links are the directed edges of ``Cluster.graph`` — a device's edge to its node switch in
+each direction (the node's intra link), a node switch's edge to the fabric in each
+direction (its NIC) — plus the fabric core, whose capacity is the sum of the NIC
+bandwidths divided by ``cluster.fabric_oversubscription``. A transfer from device a to
+device b crosses a's up edge, [a's NIC up, the core, b's NIC down,] b's down edge.
+
+A *flow entity* moves the same number of bytes on each of several parallel flows that
+advance at one common rate: a point-to-point send is one flow; a step of a ring
+all-reduce is one entity whose flows are the ring's hops (NCCL pipelines a ring, so
+every hop runs at the pace of the slowest). ``Usage`` says how many of an entity's flows
+cross each link. Rates are max-min fair *per flow* (progressive filling): every link's
+capacity is split equally among the flows crossing it, a flow limited elsewhere leaves
+its unused part to the others, and rates are recomputed whenever an entity starts or
+ends (processor sharing, not first-come serialisation). A flow alone on its path gets
+the path's bottleneck bandwidth, so a lone send takes exactly ``hetalloc.costs.p2p_time``
+(the caller waits the path latency, then the fluid transfer runs).
+
+This module must never price anything by itself: it only shares capacities.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import simpy
+
+from hetalloc.cluster import Cluster
+
+FABRIC = "fabric core"
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    name: str
+    kind: str
+    """intra-up | intra-down | nic-up | nic-down | fabric"""
+    capacity_bytes_per_s: float
+    latency_s: float
+
+
+class Topology:
+    """Link ids of a cluster, and the links a transfer between two devices crosses."""
+
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+        self.links: list[Link] = []
+        self.up: dict[str, int] = {}
+        self.down: dict[str, int] = {}
+        self.nic_up: dict[str, int] = {}
+        self.nic_down: dict[str, int] = {}
+        self.device_order = {d.id: i for i, d in enumerate(cluster.devices)}
+        for n in cluster.nodes:
+            bw, lat = n.intra.bandwidth_bytes_per_s, n.intra.latency_s
+            for d in n.devices:
+                self.up[d.id] = self._add(Link(f"{d.id} up", "intra-up", bw, lat))
+                self.down[d.id] = self._add(Link(f"{d.id} down", "intra-down", bw, lat))
+            if n.nic is not None:
+                bw, lat = n.nic.bandwidth_bytes_per_s, n.nic.latency_s
+                self.nic_up[n.name] = self._add(Link(f"{n.name} nic up", "nic-up", bw, lat))
+                self.nic_down[n.name] = self._add(Link(f"{n.name} nic down", "nic-down", bw, lat))
+        self.core: int | None = None
+        if self.nic_up:
+            total = sum(n.nic.bandwidth_bytes_per_s for n in cluster.nodes if n.nic is not None)
+            self.core = self._add(Link(FABRIC, "fabric", total / cluster.fabric_oversubscription, 0.0))
+        self.capacity = [l.capacity_bytes_per_s for l in self.links]
+
+    def _add(self, link: Link) -> int:
+        self.links.append(link)
+        return len(self.links) - 1
+
+    def path(self, a: str, b: str) -> list[int]:
+        """Link ids from device a to device b (empty when a == b)."""
+        if a == b:
+            return []
+        na, nb = self.cluster.device(a).node, self.cluster.device(b).node
+        if na == nb:
+            return [self.up[a], self.down[b]]
+        return [self.up[a], self.nic_up[na], self.core, self.nic_down[nb], self.down[b]]
+
+    def latency_s(self, a: str, b: str) -> float:
+        """Latency of the slowest hop, as ``Cluster.path`` defines a path's latency."""
+        return max((self.links[l].latency_s for l in self.path(a, b)), default=0.0)
+
+    def latency_of(self, usage: "Usage") -> float:
+        """The slowest hop among all links an entity crosses."""
+        return max((self.links[l].latency_s for l in usage.counts), default=0.0)
+
+    def bottleneck(self, links: list[int] | dict[int, float]) -> int:
+        """The link of least capacity per flow (ties: the first)."""
+        counts = links if isinstance(links, dict) else Counter(links)
+        return min(counts, key=lambda l: (self.capacity[l] / counts[l], l))
+
+
+class Usage:
+    """How many flows of an entity cross each link (``counts``, used for rates), and the
+    physical footprint it stands for (``footprint``, used for link statistics: a folded
+    replica's send also stands for its identical mates' sends)."""
+
+    __slots__ = ("key", "counts", "footprint", "label", "reduced")
+
+    def __init__(self, key: int, counts: dict[int, float], footprint: dict[int, float], label: str):
+        self.key = key
+        self.counts = counts
+        self.footprint = footprint
+        self.label = label
+        self.reduced = counts
+        """``counts`` without redundant constraints (see UsageTable.reduce)."""
+
+
+class UsageTable:
+    """Interns usages so that equal link loads share one key (the rate cache relies on it)."""
+
+    def __init__(self) -> None:
+        self._by_counts: dict[tuple, Usage] = {}
+        self.all: list[Usage] = []
+
+    def get(self, counts: dict[int, float], label: str = "", footprint: dict[int, float] | None = None) -> Usage:
+        counts = {l: c for l, c in counts.items() if c > 0}
+        fp = counts if footprint is None else footprint
+        key = (tuple(sorted(counts.items())), tuple(sorted(fp.items())) if footprint is not None else None)
+        hit = self._by_counts.get(key)
+        if hit is None:
+            hit = Usage(len(self.all), counts, fp, label)
+            self._by_counts[key] = hit
+            self.all.append(hit)
+        return hit
+
+    def reduce(self, capacity: list[float]) -> None:
+        """Drop redundant link constraints before a run: links that carry the same usages
+        with the same counts and have the same capacity saturate together, so one of them
+        stands for all (a ring over 512 nodes loads 512 NICs alike: one constraint per
+        NIC kind instead of 512). Exact; the kept link is the one reported as bottleneck."""
+        users: dict[int, list[tuple[int, float]]] = {}
+        for u in self.all:
+            for l, c in u.counts.items():
+                users.setdefault(l, []).append((u.key, c))
+        keep: dict[tuple, int] = {}
+        for l in sorted(users):
+            keep.setdefault((capacity[l], tuple(users[l])), l)
+        kept = set(keep.values())
+        for u in self.all:
+            u.reduced = {l: c for l, c in u.counts.items() if l in kept}
+
+    def of_paths(self, paths: list[list[int]], label: str = "") -> Usage:
+        """One entity whose flows follow the given paths."""
+        c: Counter = Counter()
+        for p in paths:
+            c.update(p)
+        return self.get(dict(c), label)
+
+
+def max_min_rates(usages: list[Usage], mults: list[int], capacity: list[float]) -> list[tuple[float, int]]:
+    """Per-flow max-min fair rates by progressive filling. Entity e has ``mults[e]``
+    identical copies. Returns (rate per flow in bytes/s, bottleneck link id) per entity.
+
+    Links are visited in order of their fair level (residual capacity / unfrozen flows)
+    from a heap; freezing flows only raises the level of the other links they cross, so
+    stale heap entries are re-pushed when popped: O((links + loads) log links)."""
+    load: dict[int, float] = {}
+    users: dict[int, list[int]] = {}
+    for e, (u, m) in enumerate(zip(usages, mults)):
+        for l, c in u.reduced.items():
+            load[l] = load.get(l, 0.0) + c * m
+            users.setdefault(l, []).append(e)
+    residual = {l: capacity[l] for l in load}
+    heap = [(residual[l] / ld, l) for l, ld in load.items()]
+    heapq.heapify(heap)
+    out: list[tuple[float, int] | None] = [None] * len(usages)
+    while heap:
+        level, l = heapq.heappop(heap)
+        ld = load[l]
+        if ld <= 1e-12:
+            continue
+        current = max(residual[l], 0.0) / ld
+        if current > level * (1 + 1e-12):
+            heapq.heappush(heap, (current, l))
+            continue
+        for e in users[l]:
+            if out[e] is not None:
+                continue
+            out[e] = (current, l)
+            m = mults[e]
+            for l2, c in usages[e].reduced.items():
+                load[l2] -= c * m
+                residual[l2] -= c * m * current
+    return [o if o is not None else (math.inf, -1) for o in out]
+
+
+@dataclass(slots=True)
+class _Flow:
+    usage: Usage
+    remaining: float
+    total: float
+    done: simpy.Event
+    start: float
+    rate: float = 0.0
+
+
+@dataclass
+class LinkLog:
+    """What crossed the links: per usage, bytes per flow and active intervals; per
+    usage and bottleneck link, the seconds it was held to that link's pace."""
+
+    bytes_per_flow: dict[int, float] = field(default_factory=dict)
+    intervals: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
+    bottleneck_s: dict[tuple[int, int], float] = field(default_factory=dict)
+
+    def record(self, usage: Usage, t0: float, t1: float, nbytes: float) -> None:
+        self.bytes_per_flow[usage.key] = self.bytes_per_flow.get(usage.key, 0.0) + nbytes
+        self.intervals.setdefault(usage.key, []).append((t0, t1))
+
+
+class Network:
+    """Fluid model of the links: ``transfer`` returns an event that fires when the bytes
+    have crossed. Rates are cached per set of active usages (equal sets recur: every
+    step of a ring loads the same links), so a long collective costs few solves."""
+
+    def __init__(self, env: simpy.Environment, topo: Topology, log: LinkLog):
+        self.env = env
+        self.topo = topo
+        self.log = log
+        self.active: list[_Flow] = []
+        self._t = 0.0
+        self._gen = 0
+        self._cache: dict[tuple, dict[int, tuple[float, int]]] = {}
+        self._rates: dict[int, tuple[float, int]] = {}
+        self.solves = 0
+
+    def transfer(self, usage: Usage, nbytes: float) -> simpy.Event:
+        ev = self.env.event()
+        if nbytes <= 0:
+            ev.succeed()
+            return ev
+        self._advance()
+        self.active.append(_Flow(usage, nbytes, nbytes, ev, self.env.now))
+        self._reschedule()
+        return ev
+
+    def _advance(self) -> None:
+        now = self.env.now
+        dt = now - self._t
+        if dt > 0:
+            seen = set()
+            for f in self.active:
+                f.remaining -= f.rate * dt
+                k = f.usage.key
+                if k not in seen:
+                    seen.add(k)
+                    bl = (k, self._rates[k][1])
+                    self.log.bottleneck_s[bl] = self.log.bottleneck_s.get(bl, 0.0) + dt
+        self._t = now
+
+    def _reschedule(self) -> None:
+        mult = Counter(f.usage.key for f in self.active)
+        key = tuple(sorted(mult.items()))
+        rates = self._cache.get(key)
+        if rates is None:
+            by_key = {f.usage.key: f.usage for f in self.active}
+            keys = [k for k, _ in key]
+            res = max_min_rates([by_key[k] for k in keys], [m for _, m in key], self.topo.capacity)
+            rates = dict(zip(keys, res))
+            self._cache[key] = rates
+            self.solves += 1
+        self._rates = rates
+        nxt = math.inf
+        for f in self.active:
+            f.rate = rates[f.usage.key][0]
+            nxt = min(nxt, f.remaining / f.rate)
+        self._gen += 1
+        gen = self._gen
+        wake = self.env.timeout(max(nxt, 0.0))
+        wake.callbacks.append(lambda _ev: self._wake(gen))
+
+    def _wake(self, gen: int) -> None:
+        if gen != self._gen:
+            return  # a later change re-planned the next completion
+        self._advance()
+        now = self.env.now
+        still = []
+        for f in self.active:
+            if f.remaining <= 1e-9 * f.total or f.remaining <= f.rate * 1e-12:
+                self.log.record(f.usage, f.start, now, f.total)
+                f.done.succeed()
+            else:
+                still.append(f)
+        self.active = still
+        if still:
+            self._reschedule()

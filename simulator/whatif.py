@@ -1,0 +1,509 @@
+"""What-if scenarios: transformations of (cluster, cost graph, global batch), followed by
+simulating the old plan (where it is still valid) and a re-planned one.
+
+Scenario specs (each flag of ``hetalloc whatif`` is one scenario unless combined):
+- ``swap 8xV100-16G=4xH100-80G``: remove 8 V100s (from the last nodes that have them)
+  and put 4 H100s in the nodes they left (same links); new devices get new ids;
+- ``add 8xH100-80G[@NVLink4/IB-NDR]``: new node(s) of up to 8 devices (links of the first
+  node unless given);
+- ``remove 8xV100-16G``;
+- ``link [NODES.]intra|nic=BANDWIDTH[,LATENCY]`` (``nic=200Gb/s``, ``v100.nic=25GB/s,8us``;
+  NODES is a node name or name prefix; a bare number is GB/s as in cluster files) and
+  ``link fabric=OVERSUBSCRIPTION``;
+- ``slow DEVICE=FACTOR``: that device computes (and steps its optimizer) FACTOR times slower;
+- ``fail DEVICE`` or ``fail NODE``: the device or node is gone; ids of the others stay;
+- ``batch N`` and ``seq N``: another global batch or sequence length (built-in models).
+
+Prices per device-hour come from the catalog (``DeviceType.cost_per_hour_usd``), a
+cluster file's ``prices:`` or ``--price TYPE=USD``; a cluster costs the sum over all its
+devices, used or not.
+
+Never: plan or price anything itself — plans come from the allocator, times from the
+simulator, prices from the catalog.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from hetalloc.catalog import LINK_TYPES, DeviceType, suggest_device, suggest_link, with_price
+from hetalloc.cluster import Cluster, Device, LinkSpec, Node
+from hetalloc.costgraph import CostGraph, TimeTable, analytic_cost_graph
+from hetalloc.errors import InfeasibleError, SpecError
+from hetalloc.models import get_model
+from hetalloc.plan import Plan, plan_from_dict, validate_plan
+
+KINDS = ("swap", "add", "remove", "link", "slow", "fail", "batch", "seq")
+
+
+@dataclass
+class Case:
+    """What to plan for, and the old plan carried over to it (or why it cannot be)."""
+
+    cluster: Cluster
+    cg: CostGraph
+    global_batch: int
+    old_plan: Plan | None
+    old_invalid: str = ""
+
+
+@dataclass
+class Scenario:
+    name: str
+    transforms: list[Callable[[Case], Case]] = field(default_factory=list)
+
+
+def _err(spec: str, problem: str, fix: str) -> SpecError:
+    return SpecError("whatif", spec, problem, fix)
+
+
+# ---- cluster surgery ------------------------------------------------------------------
+
+def _rebuild(cluster: Cluster, nodes: list[Node], types: dict[str, DeviceType] | None = None,
+             oversub: float | None = None) -> Cluster:
+    nodes = [n for n in nodes if n.devices]
+    if not nodes:
+        raise InfeasibleError("the scenario leaves no devices in the cluster")
+    return Cluster(cluster.name, nodes, dict(types or cluster.device_types),
+                   cluster.fabric_oversubscription if oversub is None else oversub, cluster.source)
+
+
+def _copy_nodes(cluster: Cluster) -> list[Node]:
+    return [Node(n.name, list(n.devices), n.intra, n.nic) for n in cluster.nodes]
+
+
+def _resolve_type(name: str, types: dict[str, DeviceType], spec: str, present: Cluster | None = None) -> str:
+    """A type name, or an unambiguous prefix of one ('H100' -> 'H100-80G'); with `present`,
+    types the cluster has are preferred ('V100' -> the cluster's V100 variant)."""
+    if name in types:
+        return name
+    close = [t for t in types if t.upper().startswith(name.upper())]
+    if present is not None and len(close) > 1:
+        close = [t for t in close if t in present.type_counts()] or close
+    if len(close) == 1:
+        return close[0]
+    fix = f"candidates: {', '.join(sorted(close))}" if close else suggest_device(name, types)
+    raise _err(spec, f"{'ambiguous' if close else 'unknown'} GPU '{name}'", fix)
+
+
+def _count_type(spec: str, text: str, types: dict[str, DeviceType], present: Cluster | None = None) -> tuple[int, str]:
+    m = re.fullmatch(r"(\d+)\s*[xX]\s*(\S+)", text.strip())
+    if not m or int(m.group(1)) < 1:
+        raise _err(spec, f"cannot read '{text}'", "write COUNTxTYPE, e.g. 8xV100-16G")
+    return int(m.group(1)), _resolve_type(m.group(2), types, spec, present)
+
+
+def _remove(nodes: list[Node], count: int, dtype: str, spec: str) -> dict[str, int]:
+    """Take `count` devices of `dtype` from the last nodes that have them; returns removed per node."""
+    have = sum(1 for n in nodes for d in n.devices if d.type == dtype)
+    if have < count:
+        raise _err(spec, f"the cluster has {have} {dtype}, cannot remove {count}", f"use at most {have}x{dtype}")
+    taken: dict[str, int] = {}
+    left = count
+    for n in reversed(nodes):
+        for d in reversed(list(n.devices)):
+            if left and d.type == dtype:
+                n.devices.remove(d)
+                taken[n.name] = taken.get(n.name, 0) + 1
+                left -= 1
+    return taken
+
+
+def swap(spec: str) -> Callable[[Case], Case]:
+    left, sep, right = spec.partition("=")
+    if not sep:
+        raise _err(spec, "expected OLD=NEW", "e.g. --swap 8xV100-16G=4xH100-80G")
+
+    def apply(case: Case) -> Case:
+        types = case.cluster.device_types
+        n_old, t_old = _count_type(spec, left, types, case.cluster)
+        n_new, t_new = _count_type(spec, right, types)
+        nodes = _copy_nodes(case.cluster)
+        top = {n.name: max((d.local_index for d in n.devices), default=-1) + 1 for n in nodes}
+        taken = _remove(nodes, n_old, t_old, spec)
+        names = list(taken)
+        split = _largest_remainder(n_new, [taken[n] for n in names])
+        by_name = {n.name: n for n in nodes}
+        for name, k in zip(names, split):
+            node = by_name[name]
+            start = top[name]
+            for i in range(k):
+                node.devices.append(Device(f"{name}/{start + i}", t_new, name, start + i))
+        return dataclasses.replace(case, cluster=_rebuild(case.cluster, nodes))
+    return apply
+
+
+def _largest_remainder(total: int, weights: list[int]) -> list[int]:
+    raw = [total * w / sum(weights) for w in weights]
+    out = [int(math.floor(x)) for x in raw]
+    for i in sorted(range(len(raw)), key=lambda i: out[i] - raw[i])[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def add(spec: str) -> Callable[[Case], Case]:
+    what, _, links = spec.partition("@")
+
+    def apply(case: Case) -> Case:
+        n, t = _count_type(spec, what, case.cluster.device_types)
+        first = case.cluster.nodes[0]
+        nic_default = next((x.nic for x in case.cluster.nodes if x.nic is not None), None)
+        intra, nic = first.intra, nic_default
+        if links:
+            a, _, b = links.partition("/")
+            intra = _named_link(a, spec) if a else intra
+            nic = _named_link(b, spec) if b else nic
+        nodes = _copy_nodes(case.cluster)
+        if nic is None:
+            nic = _named_link("IB-HDR", spec)
+        nodes = [Node(x.name, x.devices, x.intra, x.nic or nic) for x in nodes]
+        taken = {x.name for x in nodes}
+        k = 0
+        while n > 0:
+            name = f"added{k}"
+            k += 1
+            if name in taken:
+                continue
+            c = min(8, n)
+            nodes.append(Node(name, [Device(f"{name}/{i}", t, name, i) for i in range(c)], intra, nic))
+            n -= c
+        return dataclasses.replace(case, cluster=_rebuild(case.cluster, nodes))
+    return apply
+
+
+def _named_link(name: str, spec: str) -> LinkSpec:
+    lt = LINK_TYPES.get(name)
+    if lt is None:
+        raise _err(spec, f"unknown link '{name}'", suggest_link(name))
+    return LinkSpec(lt.bandwidth_bytes_per_s, lt.latency_s, lt.name)
+
+
+def remove(spec: str) -> Callable[[Case], Case]:
+    def apply(case: Case) -> Case:
+        n, t = _count_type(spec, spec, case.cluster.device_types, case.cluster)
+        nodes = _copy_nodes(case.cluster)
+        _remove(nodes, n, t, spec)
+        return dataclasses.replace(case, cluster=_rebuild(case.cluster, nodes))
+    return apply
+
+
+def parse_bandwidth(text: str, spec: str) -> float:
+    """'200Gb/s' (bits), '25GB/s' (bytes), '25' (GB/s as in cluster files) -> bytes/s."""
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[-+]?\d+)?)\s*(Gb/s|Gbit/s|Gbps|GB/s|)\s*", text)
+    if not m:
+        raise _err(spec, f"cannot read bandwidth '{text}'", "write e.g. 200Gb/s (bits) or 25GB/s (bytes)")
+    v = float(m.group(1))
+    if v <= 0:
+        raise _err(spec, f"bandwidth must be > 0, got {text}", "give a positive bandwidth")
+    return v * (1e9 / 8 if m.group(2) in ("Gb/s", "Gbit/s", "Gbps") else 1e9)
+
+
+def parse_latency(text: str, spec: str) -> float:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(us|µs|ms|s|)\s*", text)
+    if not m:
+        raise _err(spec, f"cannot read latency '{text}'", "write e.g. 5us")
+    return float(m.group(1)) * {"us": 1e-6, "µs": 1e-6, "": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(2)]
+
+
+def link(spec: str) -> Callable[[Case], Case]:
+    target, sep, value = spec.partition("=")
+    if not sep:
+        raise _err(spec, "expected TARGET=VALUE", "e.g. --link nic=200Gb/s or --link v100.intra=50GB/s,3us")
+    nodes_sel, _, kind = target.rpartition(".")
+    if kind not in ("intra", "nic", "fabric"):
+        raise _err(spec, f"unknown link kind '{kind}'", "use intra, nic or fabric")
+
+    def apply(case: Case) -> Case:
+        if kind == "fabric":
+            try:
+                over = float(value)
+            except ValueError:
+                raise _err(spec, f"cannot read oversubscription '{value}'", "e.g. fabric=2") from None
+            if over < 1:
+                raise _err(spec, "oversubscription must be >= 1", "1 = non-blocking")
+            return dataclasses.replace(case, cluster=_rebuild(case.cluster, _copy_nodes(case.cluster), oversub=over))
+        bw_text, _, lat_text = value.partition(",")
+        bw = parse_bandwidth(bw_text, spec)
+        nodes = _copy_nodes(case.cluster)
+        hit = [n for n in nodes if not nodes_sel or n.name == nodes_sel or n.name.startswith(nodes_sel)]
+        if not hit:
+            raise _err(spec, f"no node named or starting with '{nodes_sel}'",
+                       f"nodes: {', '.join(n.name for n in nodes[:8])}{' ...' if len(nodes) > 8 else ''}")
+        for n in hit:
+            old = n.intra if kind == "intra" else n.nic
+            if old is None:
+                if len(nodes) == 1:
+                    continue  # a single node has no network to change
+                old = _named_link("IB-HDR", spec)
+            lat = parse_latency(lat_text, spec) if lat_text else old.latency_s
+            new = LinkSpec(bw, lat, "")
+            if kind == "intra":
+                n.intra = new
+            else:
+                n.nic = new
+        return dataclasses.replace(case, cluster=_rebuild(case.cluster, nodes))
+    return apply
+
+
+def slow(spec: str) -> Callable[[Case], Case]:
+    dev, sep, factor = spec.partition("=")
+    try:
+        f = float(factor)
+    except ValueError:
+        f = -1.0
+    if not sep or f <= 0:
+        raise _err(spec, "expected DEVICE=FACTOR with FACTOR > 0", "e.g. --slow a100/3=2 (twice as slow)")
+
+    def apply(case: Case) -> Case:
+        cl = case.cluster
+        if dev not in cl.device_by_id:
+            raise _err(spec, f"no device '{dev}'", f"devices look like {cl.devices[0].id}")
+        base = cl.device_types[cl.device(dev).type]
+        name = f"{base.name}@x{f:g}"
+        derived = DeviceType(name, base.vendor, base.peak_tflops / f, base.memory_gib,
+                             base.mem_bandwidth_gbps / f, base.cost_per_hour_usd, f"{base.name} slowed {f:g}x (what-if)")
+        nodes = [Node(n.name, [Device(d.id, name, d.node, d.local_index) if d.id == dev else d for d in n.devices],
+                      n.intra, n.nic) for n in cl.nodes]
+        cg = case.cg.with_tables({name: _scaled_table(case.cg, base, f, case.global_batch)})
+        return dataclasses.replace(case, cluster=_rebuild(cl, nodes, {**cl.device_types, name: derived}), cg=cg)
+    return apply
+
+
+def _scaled_table(cg: CostGraph, base: DeviceType, factor: float, max_batch: int) -> TimeTable:
+    """The base type's times x factor, exact at every whole batch size up to max_batch."""
+    if base.name in cg.tables:
+        t = cg.tables[base.name]
+        return TimeTable(list(t.batch_sizes), [[x * factor for x in row] for row in t.fwd_s],
+                         [[x * factor for x in row] for row in t.bwd_s], "what-if straggler")
+    sizes = list(range(1, max(1, max_batch) + 1))
+    cols = [cg.layer_times(base, b) for b in sizes]
+    fwd = [[float(c[0][i]) * factor for c in cols] for i in range(cg.num_layers)]
+    bwd = [[float(c[1][i]) * factor for c in cols] for i in range(cg.num_layers)]
+    return TimeTable(sizes, fwd, bwd, "what-if straggler")
+
+
+def fail(spec: str) -> Callable[[Case], Case]:
+    target = spec.removeprefix("node:")
+
+    def apply(case: Case) -> Case:
+        cl = case.cluster
+        if target in cl.device_by_id and not spec.startswith("node:"):
+            nodes = [Node(n.name, [d for d in n.devices if d.id != target], n.intra, n.nic) for n in cl.nodes]
+        elif target in cl.node_by_name:
+            nodes = [n for n in _copy_nodes(cl) if n.name != target]
+        else:
+            raise _err(spec, f"no device or node '{target}'", f"e.g. --fail {cl.devices[0].id} or --fail {cl.nodes[0].name}")
+        return dataclasses.replace(case, cluster=_rebuild(cl, nodes))
+    return apply
+
+
+def batch(spec: str) -> Callable[[Case], Case]:
+    n = _positive_int(spec, "batch")
+
+    def apply(case: Case) -> Case:
+        out = dataclasses.replace(case, global_batch=n)
+        p = case.old_plan
+        if p is not None:
+            per_round = p.global_batch // p.num_microbatches
+            if n % per_round:
+                out.old_plan = None
+                out.old_invalid = (f"global batch {n} is not a multiple of the old plan's {per_round} samples per "
+                                   "micro-batch round")
+            else:
+                q = _copy(p)
+                q.global_batch, q.num_microbatches = n, n // per_round
+                out.old_plan = q
+        return out
+    return apply
+
+
+def seq(spec: str) -> Callable[[Case], Case]:
+    n = _positive_int(spec, "seq")
+
+    def apply(case: Case) -> Case:
+        cg = case.cg
+        if cg.tables:
+            raise _err(spec, "the cost graph has measured tables for one sequence length",
+                       "profile at the new length (hetalloc profile --seq) instead")
+        new = analytic_cost_graph(get_model(cg.model), n, cg.precision).with_efficiency(cg.efficiency)
+        out = dataclasses.replace(case, cg=new)
+        if case.old_plan is not None:
+            q = _copy(case.old_plan)
+            q.seq_len = n
+            out.old_plan = q
+        return out
+    return apply
+
+
+def _positive_int(spec: str, what: str) -> int:
+    try:
+        n = int(spec)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise _err(spec, f"{what} must be a whole number >= 1", f"e.g. --{what} 512")
+    return n
+
+
+def _copy(p: Plan) -> Plan:
+    return plan_from_dict(p.to_dict(), "old plan")
+
+
+BUILDERS: dict[str, Callable[[str], Callable[[Case], Case]]] = {
+    "swap": swap, "add": add, "remove": remove, "link": link, "slow": slow, "fail": fail,
+    "batch": batch, "seq": seq,
+}
+
+
+def scenario(kind: str, spec: str) -> Scenario:
+    return Scenario(f"{kind} {spec}", [BUILDERS[kind](spec)])
+
+
+def apply_scenario(sc: Scenario, base: Case) -> Case:
+    case = dataclasses.replace(base, old_plan=_copy(base.old_plan) if base.old_plan else None)
+    for t in sc.transforms:
+        case = t(case)
+    if case.old_plan is not None:
+        case.old_invalid = old_plan_problem(case.old_plan, base.cluster, case)
+        if case.old_invalid:
+            case.old_plan = None
+    return case
+
+
+def old_plan_problem(plan: Plan, base_cluster: Cluster, case: Case) -> str:
+    """Why the old plan cannot run on the scenario's cluster ('' if it can)."""
+    for d in plan.device_ids():
+        if d not in case.cluster.device_by_id:
+            return f"device {d} is not in the scenario's cluster (failed or removed); re-plan"
+        was, now = base_cluster.device(d).type, case.cluster.device(d).type
+        if was != now.split("@")[0]:
+            return f"device {d} is now a {now} (was {was}); re-plan"
+    try:
+        validate_plan(plan, case.cluster, case.cg, source="old plan")
+    except SpecError as e:
+        return str(e)
+    return ""
+
+
+def with_prices(cluster: Cluster, prices: dict[str, float]) -> Cluster:
+    types = dict(cluster.device_types)
+    for t, usd in prices.items():
+        name = _resolve_type(t, types, f"--price {t}={usd}")
+        types[name] = with_price(types[name], usd)
+    return Cluster(cluster.name, _copy_nodes(cluster), types, cluster.fabric_oversubscription, cluster.source)
+
+
+def cost_per_hour(cluster: Cluster) -> float:
+    return sum(cluster.device_types[d.type].cost_per_hour_usd for d in cluster.devices)
+
+
+# ---- sweeps ----------------------------------------------------------------------------
+
+def parse_sweep(text: str) -> tuple[str, list[str], str]:
+    """'nic=10,25,100Gb/s' or 'nic=10..400Gb/s:6' (log-spaced) -> (knob, values, unit)."""
+    knob, sep, rest = text.partition("=")
+    if not sep or not knob:
+        raise _err(text, "expected KNOB=VALUES", "e.g. --sweep nic=10..400Gb/s:6 or --sweep batch=256,512,1024")
+    m = re.fullmatch(r"([0-9.]+)\.\.([0-9.]+)([A-Za-z/µ]*)(?::(\d+))?", rest.strip())
+    if m:
+        lo, hi, unit, n = float(m.group(1)), float(m.group(2)), m.group(3), int(m.group(4) or 6)
+        if lo <= 0 or hi <= lo or n < 2:
+            raise _err(text, "need 0 < LO < HI and at least 2 points", "e.g. nic=10..400Gb/s:6")
+        vals = [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
+        return knob, [f"{v:.4g}" for v in vals], unit
+    parts = [p.strip() for p in rest.split(",") if p.strip()]
+    m = re.fullmatch(r"([0-9.]+)([A-Za-z/µ]*)", parts[-1]) if parts else None
+    if not m:
+        raise _err(text, f"cannot read values '{rest}'", "e.g. nic=10,25,100Gb/s")
+    unit = m.group(2)
+    return knob, [p.removesuffix(unit) for p in parts], unit
+
+
+def sweep_scenarios(text: str) -> tuple[str, list[float], str, list[Scenario]]:
+    knob, values, unit = parse_sweep(text)
+    out = []
+    for v in values:
+        if knob in ("batch", "seq"):
+            sc = scenario(knob, str(int(float(v))))
+        elif knob.startswith("slow:"):
+            sc = scenario("slow", f"{knob[5:]}={v}")
+        else:
+            sc = scenario("link", f"{knob}={v}{unit}")
+        sc.name = f"{knob}={v}{unit}"
+        out.append(sc)
+    return knob, [float(v) for v in values], unit, out
+
+
+# ---- running ---------------------------------------------------------------------------
+
+@dataclass
+class WhatIfOptions:
+    planner: str = "ilp"
+    """'ilp' (hetalloc's planner) or a baseline name for the re-plans."""
+    time_limit_s: float = 10.0
+    replan: bool = True
+    sim: dict[str, Any] = field(default_factory=dict)
+    """Options for simulator.simulate (contention, overlap, ...)."""
+
+
+def replan(case: Case, like: Plan, opts: WhatIfOptions) -> Plan:
+    from allocator import make_plan
+    baseline = None if opts.planner == "ilp" else opts.planner
+    return make_plan(case.cluster, case.cg, case.global_batch, schedule=like.schedule, optimizer=like.optimizer,
+                     time_limit=opts.time_limit_s, baseline=baseline, compare_baselines=baseline is None)
+
+
+def evaluate(name: str, case: Case, like: Plan, opts: WhatIfOptions, *, do_replan: bool = True) -> dict[str, Any]:
+    """One row: simulated iteration time of the old plan and of a re-plan, and prices."""
+    from .api import simulate
+    row: dict[str, Any] = {"scenario": name, "devices": case.cluster.num_devices,
+                           "cost_per_hour_usd": cost_per_hour(case.cluster), "global_batch": case.global_batch,
+                           "old_plan_s": None, "old_plan_note": case.old_invalid, "replan_s": None,
+                           "replan_note": "", "replan_predicted_s": None, "replan_devices_used": None}
+    if case.old_plan is not None:
+        row["old_plan_s"] = simulate(case.old_plan, case.cluster, case.cg, **opts.sim).iteration_time_s
+    if do_replan:
+        try:
+            p = replan(case, like, opts)
+            row["replan_s"] = simulate(p, case.cluster, case.cg, **opts.sim).iteration_time_s
+            row["replan_predicted_s"] = p.predicted.get("iteration_time_s")
+            row["replan_devices_used"] = len(p.device_ids())
+            row["replan_planner"] = p.planner
+        except (InfeasibleError, SpecError) as e:
+            row["replan_note"] = str(e)
+    best = min((t for t in (row["old_plan_s"], row["replan_s"]) if t), default=None)
+    row["best_s"] = best
+    row["usd_per_iteration"] = row["cost_per_hour_usd"] * best / 3600 if best else None
+    return row
+
+
+def run(base: Case, scenarios: list[Scenario], opts: WhatIfOptions, *, replan_base: bool = False,
+        progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Rows for the base and every scenario (a scenario that cannot be built gets a note)."""
+    like = base.old_plan
+    rows = [evaluate("base", base, like, opts, do_replan=replan_base)]
+    if progress:
+        progress("base")
+    base_s = rows[0]["best_s"]
+    for sc in scenarios:
+        try:
+            case = apply_scenario(sc, base)
+            row = evaluate(sc.name, case, like, opts, do_replan=opts.replan)
+        except (InfeasibleError, SpecError) as e:
+            row = {"scenario": sc.name, "error": str(e), "old_plan_s": None, "replan_s": None, "best_s": None,
+                   "usd_per_iteration": None, "devices": None, "cost_per_hour_usd": None}
+        row["speedup_vs_base"] = base_s / row["best_s"] if row.get("best_s") and base_s else None
+        rows.append(row)
+        if progress:
+            progress(sc.name)
+    return rows
+
+
+def cheapest_meeting(rows: list[dict[str, Any]], steps: int, deadline_h: float) -> dict[str, Any] | None:
+    """The row with the least total price whose `steps` iterations finish within the deadline."""
+    ok = [r for r in rows if r.get("best_s") and r["best_s"] * steps / 3600 <= deadline_h]
+    return min(ok, key=lambda r: (r["usd_per_iteration"], r["best_s"])) if ok else None
