@@ -392,7 +392,7 @@ def old_plan_problem(plan: Plan, base_cluster: Cluster, case: Case) -> str:
 def with_prices(cluster: Cluster, prices: dict[str, float]) -> Cluster:
     types = dict(cluster.device_types)
     for t, usd in prices.items():
-        name = _resolve_type(t, types, f"--price {t}={usd}")
+        name = _resolve_type(t, types, f"--price {t}={usd}", cluster)
         types[name] = with_price(types[name], usd)
     return Cluster(cluster.name, _copy_nodes(cluster), types, cluster.fabric_oversubscription, cluster.source)
 

@@ -1,0 +1,102 @@
+"""The simulator against the shared cost formulas and against the baselines, on every
+example cluster: with contention and overlap off it must reproduce
+hetalloc.evaluate.predict (within 1 %); with them on, the planner's plan must not be
+slower than the even split; folding identical replicas must change nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from allocator import baseline_plan, make_plan
+from hetalloc.cluster import load_cluster
+from hetalloc.costgraph import analytic_cost_graph
+from hetalloc.errors import InfeasibleError
+from hetalloc.evaluate import predict, sync_groups
+from hetalloc.models import get_model
+from simulator import simulate
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+INSTANCES = [  # example cluster, model, global batch
+    ("lab-16", "gpt3-1.3b", 64),
+    ("mix-64", "gpt3-6.7b", 256),
+    ("cpu-4", "gpt2-tiny", 16),
+    ("cpu-2-slow", "gpt2-tiny", 8),
+]
+
+
+@pytest.fixture(scope="module")
+def instances():
+    out = {}
+    for name, model, batch in INSTANCES:
+        cl = load_cluster(EXAMPLES / f"{name}.yaml")
+        cg = analytic_cost_graph(get_model(model))
+        plans = {"planner": make_plan(cl, cg, batch, time_limit=5)}
+        for base in ("even", "proportional", "pipedream"):
+            for schedule in ("1f1b", "gpipe"):
+                try:
+                    plans[f"{base}/{schedule}"] = baseline_plan(base, cl, cg, batch, schedule=schedule)
+                except InfeasibleError:
+                    pass
+        out[name] = (cl, cg, plans)
+    return out
+
+
+def chained(plan, cl, cg) -> bool:
+    """Does some device hold several gradient groups (so collectives must wait for each other)?"""
+    seen: dict[str, int] = {}
+    for g in sync_groups(plan, cl, cg):
+        for d in g.devices:
+            seen[d] = seen.get(d, 0) + 1
+    return any(len(g.devices) > 1 and any(seen[d] > 1 for d in g.devices) for g in sync_groups(plan, cl, cg))
+
+
+@pytest.mark.parametrize("name", [i[0] for i in INSTANCES])
+def test_reference_mode_equals_the_cost_formulas(instances, name):
+    cl, cg, plans = instances[name]
+    checked = 0
+    for label, plan in plans.items():
+        pred = predict(plan, cl, cg).iteration_time_s
+        sim = simulate(plan, cl, cg, contention=False, overlap=False, compare=False).iteration_time_s
+        if chained(plan, cl, cg):
+            # A collective waits for all its holders; the formula sums each device's groups as
+            # if the others were free, so time can only be added — never more than all groups.
+            extra = sum(g.time_s for g in sync_groups(plan, cl, cg))
+            assert pred * (1 - 1e-9) <= sim <= pred + extra, label
+            continue
+        assert sim == pytest.approx(pred, rel=0.01), label
+        checked += 1
+    assert checked >= 3
+
+
+@pytest.mark.parametrize("name", [i[0] for i in INSTANCES])
+def test_planner_not_slower_than_even_split_in_simulation(instances, name):
+    cl, cg, plans = instances[name]
+    planner = simulate(plans["planner"], cl, cg, compare=False).iteration_time_s
+    even = [simulate(p, cl, cg, compare=False).iteration_time_s for k, p in plans.items() if k.startswith("even/")]
+    assert even
+    assert planner <= min(even) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("name", ["lab-16", "mix-64"])
+def test_folding_identical_replicas_is_exact(instances, name):
+    cl, cg, plans = instances[name]
+    for label in ("planner", "even/1f1b"):
+        plan = plans[label]
+        folded = simulate(plan, cl, cg, compare=False)
+        full = simulate(plan, cl, cg, compare=False, fold=False)
+        assert full.folding["simulated_replicas"] == len(plan.replicas)
+        assert folded.iteration_time_s == pytest.approx(full.iteration_time_s, rel=1e-12), label
+        for d, stats in full.devices.items():
+            assert folded.devices[d]["busy_s"] == pytest.approx(stats["busy_s"], rel=1e-9, abs=1e-12)
+
+
+def test_large_differences_are_explained(instances):
+    cl, cg, plans = instances["mix-64"]
+    rep = simulate(plans["planner"], cl, cg, explain=True)
+    if abs(rep.predicted["difference"]) > 0.05:
+        assert rep.notes and "vs predicted" in rep.notes[0]
+        assert any("reference" in n for n in rep.notes)
+    else:
+        assert not rep.notes or "vs predicted" not in rep.notes[0]
