@@ -89,8 +89,11 @@ class Bucket:
     shards: list[tuple[int, int, int]] = field(default_factory=list)
     """param_server: (offset, numel, owner rank) per member."""
     node_group: object | None = None
+    """hierarchical across nodes: this rank's node members (None when alone on its node)."""
     node_leader: int = -1
+    """hierarchical across nodes: the lowest rank of this node's members (-1: one all-reduce)."""
     leader_group: object | None = None
+    """hierarchical across nodes: the node leaders (set on leaders only)."""
     pending: int = 0
     works: list = field(default_factory=list)
 
@@ -151,14 +154,11 @@ class GradSync:
         b = Bucket(params, seg.ranks, param_flat, grad_flat, groups.get(seg.ranks))
         if self.algorithm == "param_server":
             b.shards = [(a, n, owner) for (a, n), owner in zip(_split(numel, len(seg.ranks)), seg.ranks)]
-        if self.algorithm == "hierarchical" and b.group is not None:
-            by_node = groups.split_by_node(seg.ranks)
-            if len(by_node) > 1:
-                mine = next(r for r in by_node if self.rank in r)
-                b.node_group, b.node_leader = groups.get(mine), mine[0]
-                b.leader_group = groups.get(tuple(r[0] for r in by_node)) if self.rank == mine[0] else None
-                b.group = None  # reduced in three phases instead of one all-reduce
-                b.ranks = seg.ranks
+        by_node = groups.split_by_node(seg.ranks)
+        if self.algorithm == "hierarchical" and len(by_node) > 1:
+            mine = next(r for r in by_node if self.rank in r)
+            b.node_group, b.node_leader = groups.get(mine), mine[0]  # no node group when alone on the node
+            b.leader_group = groups.get(tuple(r[0] for r in by_node)) if self.rank == mine[0] else None
         self.buckets.append(b)
 
     # ---- per step -------------------------------------------------------------------
@@ -187,8 +187,9 @@ class GradSync:
             if b.group is not None:
                 b.works = [dist.reduce(b.grad_flat[a:a + n], dst=owner, group=b.group, async_op=True)
                            for a, n, owner in b.shards]
-        elif b.node_group is not None:
-            b.works = [dist.reduce(b.grad_flat, dst=b.node_leader, group=b.node_group, async_op=True)]
+        elif b.node_leader != -1:
+            if b.node_group is not None:
+                b.works = [dist.reduce(b.grad_flat, dst=b.node_leader, group=b.node_group, async_op=True)]
         elif b.group is not None:
             b.works = [dist.all_reduce(b.grad_flat, group=b.group, async_op=True)]
 

@@ -88,7 +88,7 @@ def node_commands(rm: RankMap, args: list[str], *, master_addr: str = "<address 
                 f"--master-addr={master_addr}", f"--master-port={master_port}"]
         if max_restarts:
             argv.append(f"--max-restarts={max_restarts}")
-        out.append(NodeCommand(node, k, nproc, argv + ["-m", ENTRY, *args, "--node", node]))
+        out.append(NodeCommand(node, k, nproc, argv + ["-m", ENTRY, *args, "--plan-node", node]))
     return out
 
 

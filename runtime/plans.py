@@ -30,3 +30,9 @@ def hand_plan(cluster: Cluster, cg: CostGraph, replicas: list[list[StageSpec]], 
 def cpu_cost_graph(model: str, seq_len: int) -> CostGraph:
     """The fp32 analytic cost graph the CPU runs use."""
     return analytic_cost_graph(get_model(model), seq_len, precision="fp32")
+
+
+def describe(plan: Plan) -> str:
+    """One line: replicas separated by ' | ', stages as [start,stop) device:share,..."""
+    return " | ".join(" ".join(f"[{s.start},{s.stop}) " + ",".join(f"{d.device}:{d.share}" for d in s.devices)
+                               for s in r.stages) for r in plan.replicas) + f"  M={plan.num_microbatches}"

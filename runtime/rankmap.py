@@ -84,7 +84,7 @@ def _env_int(env: Mapping[str, str], key: str, default: int | None = None) -> in
 def check_launch(rm: RankMap, env: Mapping[str, str], node: str | None = None) -> LaunchInfo:
     """Validate torchrun's view of this process against the plan (module doc gives the rule).
 
-    node: the plan node this torchrun was started for (``--node``); when given, a launch on
+    node: the plan node this torchrun was started for (``--plan-node``); when given, a launch on
     the wrong node fails even if the process counts happen to agree.
     """
     world = _env_int(env, "WORLD_SIZE", 1)
@@ -98,7 +98,7 @@ def check_launch(rm: RankMap, env: Mapping[str, str], node: str | None = None) -
                else f"launch {len(rm.nodes)} nodes with these process counts ({per_node})")
         raise SpecError("torchrun", "WORLD_SIZE", f"is {world} but the plan uses {rm.world_size} devices", fix)
     if node is not None and node not in rm.nodes:
-        raise SpecError("--node", "", f"'{node}' is not a node this plan uses", f"use one of {', '.join(rm.nodes)}")
+        raise SpecError("--plan-node", "", f"'{node}' is not a node this plan uses", f"use one of {', '.join(rm.nodes)}")
     if group_rank >= len(rm.nodes):
         raise SpecError("torchrun", "GROUP_RANK", f"is {group_rank} but the plan uses {len(rm.nodes)} nodes",
                         f"use --node-rank between 0 and {len(rm.nodes) - 1}")

@@ -108,110 +108,142 @@ def _slowdown_of(cfg: TrainConfig, info: LaunchInfo, cluster: Cluster) -> float:
     return cfg.slowdown.get(str(info.rank), cfg.slowdown.get(info.device, 1.0))
 
 
-def train(plan: Plan, cfg: TrainConfig, *, model: str | None = None, node: str | None = None) -> dict[str, Any] | None:
-    """Train `plan` for cfg.steps steps; returns the summary on rank 0 (None elsewhere)."""
-    cluster, cg = plan_context(plan)
-    validate_plan(plan, cluster, cg)
-    shape = resolve_model(model or plan.model)
-    rt = setup(plan, cluster, node)
-    rank, device = rt.info.rank, rt.device
-    dtype = DTYPES[cfg.dtype]
-    rm = rank_map(plan, cluster)
-    role = stage_role(plan, rm, rank)
-    built = build_model(shape, seed=cfg.seed, dropout=cfg.dropout, dtype=dtype)
-    warnings = check_model(shape, plan, layer_param_counts(built), [l.params for l in cg.layers])
-    module = StageModule(built, role.start, role.stop).to(device)
-    del built
-    groups = ProcessGroups(plan, rm, cluster, cg, plan.grad_sync)
-    sync = GradSync(module, role, groups, rank, plan.grad_sync, cfg.bucket_cap_mb * 2**20)
-    optimizer = build_optimizer(plan.optimizer, sync.optimizer_tensors(module), cfg)
-    slowdown = _slowdown_of(cfg, rt.info, cluster)
-    executor = PipelineExecutor(role, module, plan.schedule, plan.num_microbatches, (plan.seq_len, shape.hidden),
-                                dtype, device, loss_scale=1.0 / (plan.global_batch * plan.seq_len),
-                                slowdown=slowdown)
-    data = TokenDataset(cfg.dataset, vocab=shape.vocab, seq_len=plan.seq_len, seed=cfg.seed,
-                        classify=shape.family == "bert")
-    key = checkpoint.plan_key(plan)
+class Trainer:
+    """One rank's training of one plan: built once, then stepped (``run`` does it all)."""
 
-    done = 0
-    if cfg.checkpoint_dir and (cfg.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0):
-        last = checkpoint.latest_step(cfg.checkpoint_dir)
-        if last is not None:
-            done = checkpoint.load(cfg.checkpoint_dir, last, rank, key, module, optimizer, device)
-        elif rank == 0:
-            print(f"no checkpoint in {cfg.checkpoint_dir}; starting at step 1")
-    if rank == 0:
-        print(f"hetalloc runtime: {plan.model} ({plan.planner or 'hand-made'} plan) on {rt.info.world_size} ranks "
-              f"({rt.backend}, {device.type}); {len(plan.replicas)} replica(s), schedule {plan.schedule}, "
-              f"grad sync {plan.grad_sync}, {plan.optimizer}; global batch {plan.global_batch} in "
-              f"{plan.num_microbatches} micro-batches; steps {done + 1}..{cfg.steps}", flush=True)
-        for w in warnings:
-            print(f"note: {w}")
-    writer = MetricsWriter(cfg.out_dir, rank, append=done > 0, tensorboard=cfg.tensorboard)
-    records: list[StepTimes] = []
-    losses: list[float] = []
-    M = plan.num_microbatches
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    for step in range(done + 1, cfg.steps + 1):
-        if cfg.fail_at_step == step and cfg.fail_rank == rank and restart == 0:
-            os.kill(os.getpid(), 9)  # test aid: die like a crashed worker
-        times = StepTimes()
-        t_step = time.perf_counter()
-        base = (step - 1) * plan.global_batch
+    def __init__(self, plan: Plan, cfg: TrainConfig, *, model: str | None = None, node: str | None = None):
+        self.plan, self.cfg = plan, cfg
+        self.cluster, self.cg = plan_context(plan)
+        validate_plan(plan, self.cluster, self.cg)
+        shape = resolve_model(model or plan.model)
+        self.rt = rt = setup(plan, self.cluster, node)
+        self.rank, self.device = rt.info.rank, rt.device
+        dtype = DTYPES[cfg.dtype]
+        rm = rank_map(plan, self.cluster)
+        self.role = role = stage_role(plan, rm, self.rank)
+        built = build_model(shape, seed=cfg.seed, dropout=cfg.dropout, dtype=dtype)
+        self.model_notes = check_model(shape, plan, layer_param_counts(built), [l.params for l in self.cg.layers])
+        self.module = StageModule(built, role.start, role.stop).to(self.device)
+        del built
+        groups = ProcessGroups(plan, rm, self.cluster, self.cg, plan.grad_sync)
+        self.sync = GradSync(self.module, role, groups, self.rank, plan.grad_sync, cfg.bucket_cap_mb * 2**20)
+        self.optimizer = build_optimizer(plan.optimizer, self.sync.optimizer_tensors(self.module), cfg)
+        self.slowdown = _slowdown_of(cfg, rt.info, self.cluster)
+        self.executor = PipelineExecutor(role, self.module, plan.schedule, plan.num_microbatches,
+                                         (plan.seq_len, shape.hidden), dtype, self.device,
+                                         loss_scale=1.0 / (plan.global_batch * plan.seq_len), slowdown=self.slowdown)
+        self.data = TokenDataset(cfg.dataset, vocab=shape.vocab, seq_len=plan.seq_len, seed=cfg.seed,
+                                 classify=shape.family == "bert")
+        self.key = checkpoint.plan_key(plan)
+        self.done = 0
+        """Steps completed before this launch (from a checkpoint)."""
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        if cfg.checkpoint_dir and (cfg.resume or restarted):
+            last = checkpoint.latest_step(cfg.checkpoint_dir)
+            if last is not None:
+                self.done = checkpoint.load(cfg.checkpoint_dir, last, self.rank, self.key, self.module,
+                                            self.optimizer, self.device)
+            elif self.rank == 0:
+                print(f"no checkpoint in {cfg.checkpoint_dir}; starting at step 1")
+
+    def _batch(self, step: int) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+        """This rank's inputs (first stage) and labels (last stage) of every micro-batch."""
+        plan, role, M = self.plan, self.role, self.plan.num_microbatches
         inputs: list[torch.Tensor | None] = [None] * M
         labels: list[torch.Tensor | None] = [None] * M
         if role.is_first or role.is_last:
+            base = (step - 1) * plan.global_batch
             for m in range(M):
                 first, count = device_samples(plan, role.replica, role.stage, role.device_index, m)
-                ids, lab = data.batch(base + first, count)
-                inputs[m] = ids.to(device) if role.is_first else None
-                labels[m] = lab.to(device) if role.is_last else None
+                ids, lab = self.data.batch(base + first, count)
+                inputs[m] = ids.to(self.device) if role.is_first else None
+                labels[m] = lab.to(self.device) if role.is_last else None
+        return inputs, labels
+
+    def train_step(self, step: int) -> tuple[float, StepTimes]:
+        """One optimizer step (1-based step number); returns the global loss and the times."""
+        times = StepTimes()
+        t_step = time.perf_counter()
+        inputs, labels = self._batch(step)
         times.data_s = time.perf_counter() - t_step
-        sync.zero_grad()
-        loss = executor.run_step(inputs, labels, times, sync.arm)
-        sync.finish(times)
+        self.sync.zero_grad()
+        loss = self.executor.run_step(inputs, labels, times, self.sync.arm)
+        self.sync.finish(times)
         t0 = time.perf_counter()
-        optimizer.step()
-        sync.after_optimizer()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        self.optimizer.step()
+        self.sync.after_optimizer()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         times.optimizer_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         dist.all_reduce(loss)
         loss_value = float(loss)
         times.loss_sync_s = time.perf_counter() - t0
         times.step_s = time.perf_counter() - t_step
-        samples_per_s = plan.global_batch / times.step_s
-        writer.write(step, times, loss_value, samples_per_s, samples_per_s * plan.seq_len)
-        if rank == 0:
-            print(step_line(step, loss_value, times.step_s, samples_per_s), flush=True)
-        records.append(times)
-        losses.append(loss_value)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            checkpoint.save(cfg.checkpoint_dir, step, rank, key, module, optimizer, device)
-    writer.close()
+        return loss_value, times
 
-    measured = records[cfg.warmup_steps:] if len(records) > cfg.warmup_steps else records
-    mine = {"device": rt.info.device, "slowdown": slowdown,
-            "role": {"replica": role.replica, "stage": role.stage, "share": role.share,
-                     "layers": [role.start, role.stop]},
-            "mean": mean_times(measured), "step_times_s": [r.step_s for r in measured]}
-    gathered: list[Any] = [None] * rt.info.world_size
-    dist.all_gather_object(gathered, mine)
-    if rank != 0:
-        return None
-    summary = build_summary(plan, cluster, cg, gathered, losses, len(measured), done + 1)
-    summary["model_notes"] = warnings
-    atomic_write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
-    print(summary_table(summary), flush=True)
-    return summary
+    def banner(self) -> str:
+        plan, rt = self.plan, self.rt
+        return (f"hetalloc runtime: {plan.model} ({plan.planner or 'hand-made'} plan) on {rt.info.world_size} ranks "
+                f"({rt.backend}, {self.device.type}); {len(plan.replicas)} replica(s), schedule {plan.schedule}, "
+                f"grad sync {plan.grad_sync}, {plan.optimizer}; global batch {plan.global_batch} in "
+                f"{plan.num_microbatches} micro-batches; steps {self.done + 1}..{self.cfg.steps}")
+
+    def run(self) -> dict[str, Any] | None:
+        """Train up to cfg.steps; returns the summary on rank 0 (None elsewhere)."""
+        cfg, plan, rank = self.cfg, self.plan, self.rank
+        if rank == 0:
+            print(self.banner(), flush=True)
+            for note in self.model_notes:
+                print(f"note: {note}")
+        writer = MetricsWriter(cfg.out_dir, rank, append=self.done > 0, tensorboard=cfg.tensorboard)
+        records: list[StepTimes] = []
+        losses: list[float] = []
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        for step in range(self.done + 1, cfg.steps + 1):
+            if cfg.fail_at_step == step and cfg.fail_rank == rank and not restarted:
+                os.kill(os.getpid(), 9)  # test aid: die like a crashed worker
+            loss, times = self.train_step(step)
+            samples_per_s = plan.global_batch / times.step_s
+            writer.write(step, times, loss, samples_per_s, samples_per_s * plan.seq_len)
+            if rank == 0:
+                print(step_line(step, loss, times.step_s, samples_per_s), flush=True)
+            records.append(times)
+            losses.append(loss)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                checkpoint.save(cfg.checkpoint_dir, step, rank, self.key, self.module, self.optimizer, self.device)
+        writer.close()
+        return self.summarize(records, losses)
+
+    def summarize(self, records: list[StepTimes], losses: list[float]) -> dict[str, Any] | None:
+        """Gather every rank's times; rank 0 writes summary.json, prints the table, returns it."""
+        cfg, role = self.cfg, self.role
+        measured = records[cfg.warmup_steps:] if len(records) > cfg.warmup_steps else records
+        mine = {"device": self.rt.info.device, "slowdown": self.slowdown,
+                "role": {"replica": role.replica, "stage": role.stage, "share": role.share,
+                         "layers": [role.start, role.stop]},
+                "mean": mean_times(measured), "step_times_s": [r.step_s for r in measured]}
+        gathered: list[Any] = [None] * self.rt.info.world_size
+        dist.all_gather_object(gathered, mine)
+        if self.rank != 0:
+            return None
+        summary = build_summary(self.plan, self.cluster, self.cg, gathered, losses, len(measured), self.done + 1)
+        summary["model_notes"] = self.model_notes
+        atomic_write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+        print(summary_table(summary), flush=True)
+        return summary
+
+
+def train(plan: Plan, cfg: TrainConfig, *, model: str | None = None, node: str | None = None) -> dict[str, Any] | None:
+    """Train `plan` for cfg.steps steps; returns the summary on rank 0 (None elsewhere)."""
+    return Trainer(plan, cfg, model=model, node=node).run()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m runtime.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--plan", required=True, help="plan JSON written by 'hetalloc plan'")
     p.add_argument("--model", help="built-in model name or a Hugging Face config.json (default: the plan's model)")
-    p.add_argument("--node", help="the plan node this torchrun serves (checked against --node-rank)")
+    p.add_argument("--plan-node", help="the plan node this torchrun serves (checked against --node-rank)")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps to reach")
     p.add_argument("--dataset", choices=("synthetic", "text"), default="synthetic",
                    help="seeded synthetic tokens, or the shipped text corpus (byte tokens)")
@@ -251,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config_from_args(args)
         except ValueError as e:
             raise SpecError("arguments", "", str(e)) from None
-        train(load_plan(args.plan), cfg, model=args.model, node=args.node)
+        train(load_plan(args.plan), cfg, model=args.model, node=args.plan_node)
     except HetallocError as e:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)

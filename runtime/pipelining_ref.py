@@ -1,0 +1,116 @@
+"""torch.distributed.pipelining driven by hand on a plan's stages, stepped in turn with
+the runtime on the same stages: the comparison of the overhead benchmark.
+
+    torchrun --nproc-per-node=S -m runtime.pipelining_ref --plan plan.json --steps N --out DIR
+
+Each process builds the runtime (runtime.train.Trainer) and, from the same init, a
+second copy of its stage driven by torch's ScheduleGPipe / Schedule1F1B with the same
+data, loss and optimizer. Steps alternate between the two (runtime first on odd steps,
+the reference first on even ones), so both see the same machine load: on a shared
+machine, separate runs minutes apart differ by more than the effect being measured.
+Plans with one replica and one device per stage only (what PipelineStage expresses).
+Rank 0 writes DIR/summary.json (the runtime's usual summary) and
+DIR/pipelining_ref.json (both engines' step times and losses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+from hetalloc.errors import HetallocError, SpecError
+from hetalloc.fileio import atomic_write_json
+from hetalloc.models import resolve_model
+from hetalloc.plan import load_plan
+
+from .config import TrainConfig
+from .models import StageModule, build_model, token_loss_sum
+from .optim import build_optimizer
+from .train import Trainer
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+
+
+def run(plan_path: str, steps: int, out_dir: str) -> None:
+    plan = load_plan(plan_path)
+    if len(plan.replicas) != 1 or any(len(s.devices) != 1 for s in plan.replicas[0].stages):
+        raise SpecError(plan_path, "replicas", "the pipelining reference needs one replica with one device per stage",
+                        "use a plain pipeline plan")
+    cfg = TrainConfig(steps=steps, out_dir=out_dir)
+    trainer = Trainer(plan, cfg)
+    role, device = trainer.role, trainer.device
+    shape = resolve_model(plan.model)
+    module = StageModule(build_model(shape, seed=cfg.seed), role.start, role.stop).to(device)
+    stage = PipelineStage(module, role.stage, role.num_stages, device)
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return token_loss_sum(logits, labels) / labels.numel()  # mean; the schedule averages micro-batches
+
+    sched = SCHEDULES[plan.schedule](stage, n_microbatches=plan.num_microbatches, loss_fn=loss_fn)
+    optimizer = build_optimizer(plan.optimizer, list(module.parameters()), cfg)
+    B = plan.global_batch
+
+    def reference_step(step: int) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        ids, labels = trainer.data.batch((step - 1) * B, B)
+        optimizer.zero_grad()
+        mb_losses: list[torch.Tensor] = []
+        if role.is_first:
+            sched.step(ids.to(device))
+        elif role.is_last:
+            sched.step(target=labels.to(device), losses=mb_losses)
+        else:
+            sched.step()
+        optimizer.step()
+        loss = torch.stack(mb_losses).mean().double().detach() if mb_losses else torch.zeros((), dtype=torch.float64)
+        dist.all_reduce(loss)  # the same end-of-step sync as the runtime's
+        return float(loss), time.perf_counter() - t0
+
+    records, losses, ref_times, ref_losses = [], [], [], []
+    for step in range(1, steps + 1):
+        for engine in (("runtime", "reference") if step % 2 else ("reference", "runtime")):
+            if engine == "runtime":
+                loss, times = trainer.train_step(step)
+                records.append(times)
+                losses.append(loss)
+            else:
+                loss, dt = reference_step(step)
+                ref_losses.append(loss)
+                ref_times.append(dt)
+        if trainer.rank == 0:
+            print(f"step: {step:4d}  runtime: {records[-1].step_s:6.3f}s  pipelining: {ref_times[-1]:6.3f}s  "
+                  f"loss: {losses[-1]:8.5f} / {ref_losses[-1]:8.5f}", flush=True)
+    trainer.summarize(records, losses)
+    if trainer.rank == 0:
+        atomic_write_json(os.path.join(out_dir, "pipelining_ref.json"),
+                          {"schedule": plan.schedule, "runtime_step_times_s": [r.step_s for r in records],
+                           "pipelining_step_times_s": ref_times, "runtime_losses": losses,
+                           "pipelining_losses": ref_losses})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m runtime.pipelining_ref", description=__doc__.split("\n\n")[0])
+    p.add_argument("--plan", required=True)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", default="out/pipelining_ref")
+    a = p.parse_args(argv)
+    try:
+        run(a.plan, a.steps, a.out)
+    except HetallocError as e:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Fast, single-process checks of the runtime's parts: rank mapping and launch checks,
+activation routing between stages of different widths, the global batch layout, the
+model cut, data, configuration, commands, and a one-device training run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from hetalloc.cluster import cluster_from_dict, load_cluster
+from hetalloc.errors import SpecError
+from hetalloc.models import get_model
+from runtime import commands
+from runtime.checkpoint import plan_key
+from runtime.config import TrainConfig, parse_slowdown
+from runtime.datasets import TokenDataset, device_samples
+from runtime.launch import node_commands, train_args
+from runtime.metrics import predicted_by_device
+from runtime.models import StageModule, build_model, layer_param_counts
+from runtime.pipeline import stage_role
+from runtime.plans import cpu_cost_graph, hand_plan
+from runtime.rankmap import check_launch, rank_map
+
+ROOT = Path(__file__).resolve().parents[1]
+TWO_HOSTS = {"name": "two-hosts", "nodes": [
+    {"name": "a", "gpus": [{"type": "CPU", "count": 2}], "intra_link": "SharedMem", "nic": "Eth-100G"},
+    {"name": "b", "gpus": [{"type": "CPU", "count": 2}], "intra_link": "SharedMem", "nic": "Eth-100G"}]}
+
+
+def cpu4():
+    return load_cluster(ROOT / "examples" / "cpu-4.yaml")
+
+
+def two_node_plan():
+    cluster = cluster_from_dict(TWO_HOSTS)
+    # Devices listed out of cluster order; a/0 unused.
+    plan = hand_plan(cluster, cpu_cost_graph("gpt2-tiny", 32),
+                     [[((0, 3), [("b/1", 2)]), ((3, 6), [("a/1", 1), ("b/0", 1)])]], num_microbatches=2)
+    return cluster, plan
+
+
+def env(world, rank, local_rank, local_world, group_rank):
+    return {"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(local_rank),
+            "LOCAL_WORLD_SIZE": str(local_world), "GROUP_RANK": str(group_rank)}
+
+
+# ---- rank <-> device ------------------------------------------------------------------
+
+def test_ranks_are_plan_devices_in_cluster_order_grouped_by_node():
+    cluster, plan = two_node_plan()
+    rm = rank_map(plan, cluster)
+    assert rm.devices == ("a/1", "b/0", "b/1")
+    assert rm.nodes == ("a", "b")
+    assert rm.ranks_on("b") == [1, 2] and rm.local_rank(2) == 1
+
+
+def test_check_launch_accepts_the_plans_layout():
+    cluster, plan = two_node_plan()
+    info = check_launch(rank_map(plan, cluster), env(3, 2, 1, 2, 1), node="b")
+    assert (info.rank, info.device, info.node) == (2, "b/1", "b")
+
+
+@pytest.mark.parametrize("environ, node, message", [
+    (env(4, 0, 0, 4, 0), None, "torchrun: WORLD_SIZE: is 4 but the plan uses 3 devices — launch 2 nodes with "
+                               "these process counts (a: 1, b: 2)"),
+    (env(3, 0, 0, 2, 0), None, "torchrun: --nproc-per-node: node 'a' runs 2 processes but the plan uses 1 of its "
+                               "devices — use --nproc-per-node=1 on this node"),
+    (env(3, 0, 0, 1, 0), "b", "torchrun: --node-rank: node rank 0 is plan node 'a', but this is node 'b' — start "
+                              "node 'b' with --node-rank=1"),
+    (env(3, 0, 0, 1, 2), None, "torchrun: GROUP_RANK: is 2 but the plan uses 2 nodes — use --node-rank between 0 "
+                               "and 1"),
+    (env(3, 0, 0, 1, 0), "c", "--plan-node: 'c' is not a node this plan uses — use one of a, b"),
+])
+def test_check_launch_rejects_mismatches_in_one_line(environ, node, message):
+    cluster, plan = two_node_plan()
+    with pytest.raises(SpecError) as e:
+        check_launch(rank_map(plan, cluster), environ, node=node)
+    assert str(e.value) == message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
+def test_gpu_plan_on_a_machine_without_cuda_fails_before_training(monkeypatch):
+    from runtime.train import setup
+    cluster = cluster_from_dict({"name": "gpus", "nodes": [{"gpus": [{"type": "A100-80G", "count": 2}],
+                                                             "intra_link": "NVLink3"}]})
+    plan = hand_plan(cluster, cpu_cost_graph("gpt2-tiny", 32), [[((0, 6), [("node0/0", 1), ("node0/1", 1)])]],
+                     num_microbatches=1)
+    for k, v in env(2, 0, 0, 2, 0).items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SpecError, match="is a A100-80G but torch sees 0 CUDA devices on this node"):
+        setup(plan, cluster)
+    assert not dist.is_initialized()
+
+
+# ---- routing and data layout ----------------------------------------------------------
+
+def test_stage_roles_route_overlapping_slices_between_widths():
+    cluster = cpu4()
+    plan = hand_plan(cluster, cpu_cost_graph("gpt2-tiny", 32),
+                     [[((0, 2), [("host/0", 2), ("host/1", 1)]), ((2, 6), [("host/2", 1), ("host/3", 2)])]],
+                     num_microbatches=2)
+    rm = rank_map(plan, cluster)
+    r0, r1, r2, r3 = (stage_role(plan, rm, r) for r in range(4))
+    # senders' slices [0,2) [2,3) against receivers' [0,1) [1,3)
+    assert r0.send_to == ((2, 1), (3, 1)) and r1.send_to == ((3, 1),)
+    assert r2.recv_from == ((0, 1),) and r3.recv_from == ((0, 1), (1, 1))
+    assert r0.is_first and not r0.is_last and r3.is_last and r3.recv_from and not r3.send_to
+
+
+def test_every_stage_sees_each_sample_of_the_global_batch_once():
+    cluster = cpu4()
+    plan = hand_plan(cluster, cpu_cost_graph("gpt2-tiny", 32),
+                     [[((0, 2), [("host/0", 2), ("host/1", 1)]), ((2, 6), [("host/2", 3)])], [((0, 6), [("host/3", 2)])]],
+                     num_microbatches=3)
+    for layer in range(6):
+        seen = []
+        for ri, r in enumerate(plan.replicas):
+            for si, s in enumerate(r.stages):
+                if s.start <= layer < s.stop:
+                    for k in range(len(s.devices)):
+                        for m in range(plan.num_microbatches):
+                            first, count = device_samples(plan, ri, si, k, m)
+                            seen += range(first, first + count)
+        assert sorted(seen) == list(range(plan.global_batch))
+
+
+def test_datasets_are_deterministic_and_shaped():
+    for kind in ("synthetic", "text"):
+        for classify in (False, True):
+            ds = TokenDataset(kind, vocab=256, seq_len=16, seed=3, classify=classify)
+            ids, labels = ds.batch(5, 4)
+            assert ids.shape == labels.shape == (4, 16) and ids.dtype == torch.int64
+            assert torch.equal(ds.batch(5, 4)[0], ids)
+            assert int(ids.max()) < 256
+            if classify:
+                assert set(labels.unique().tolist()) <= {0, 1}
+            else:
+                assert torch.equal(ids[:, 1:], labels[:, :-1])
+    a = TokenDataset("synthetic", vocab=256, seq_len=16, seed=0, classify=False).sample(0)[0]
+    b = TokenDataset("synthetic", vocab=256, seq_len=16, seed=1, classify=False).sample(0)[0]
+    assert not torch.equal(a, b)
+
+
+# ---- models -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, cuts", [("gpt2-tiny", [0, 1, 4, 6]), ("bert-tiny", [0, 3, 6]),
+                                        ("mlp-tiny", [0, 2, 3, 6])])
+def test_stages_chained_equal_the_whole_model_and_own_exactly_their_layers(name, cuts):
+    shape = get_model(name)
+    built = build_model(shape, seed=0)
+    stages = [StageModule(built, a, b) for a, b in zip(cuts[:-1], cuts[1:])]
+    ids = torch.randint(shape.vocab, (3, 16))
+    x = ids
+    for s in stages:
+        x = s(x)
+    assert torch.allclose(x, built.logits(ids), rtol=0, atol=1e-5)
+    names = [n for s in stages for n, _ in s.named_model_parameters()]
+    assert sorted(names) == sorted(n for n, _ in built.model.named_parameters())
+    counts = layer_param_counts(built)
+    for s in stages:
+        assert sum(p.numel() for p in s.parameters()) == sum(counts[s.start:s.stop])
+
+
+def test_layer_parameter_counts_match_the_cost_graph_up_to_block_biases():
+    for name in ("gpt2-tiny", "bert-tiny", "mlp-tiny"):
+        shape = get_model(name)
+        counts = layer_param_counts(build_model(shape, seed=0))
+        cg = cpu_cost_graph(name, 16)
+        assert len(counts) == cg.num_layers
+        assert counts[0] == cg.layers[0].params and counts[-1] == cg.layers[-1].params
+        # hetalloc.models counts 8h + f block biases and norms; GPT-2 and BERT blocks have 9h + f.
+        extra = 0 if shape.family == "mlp" else shape.hidden
+        assert all(c - l.params == extra for c, l in zip(counts[1:-1], cg.layers[1:-1]))
+
+
+# ---- configuration, commands, keys -----------------------------------------------------
+
+def test_config_and_slowdown_validation():
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="checkpoint_every needs checkpoint_dir"):
+        TrainConfig(checkpoint_every=5)
+    assert parse_slowdown(["1=2", "host/3=1.5"]) == {"1": 2.0, "host/3": 1.5}
+    for bad in ("1", "x=0.5", "=2"):
+        with pytest.raises(ValueError, match="--slowdown expects"):
+            parse_slowdown([bad])
+    assert TrainConfig().learning_rate("sgd") == 0.05
+
+
+def test_node_commands_and_cli_print(tmp_path, capsys):
+    cluster, plan = two_node_plan()
+    plan.save(tmp_path / "plan.json")
+    cmds = node_commands(rank_map(plan, cluster), train_args(tmp_path / "plan.json", steps=3),
+                         master_addr="10.0.0.1", master_port=29999)
+    assert cmds[1].shell() == (f"torchrun --nnodes=2 --node-rank=1 --nproc-per-node=2 --master-addr=10.0.0.1 "
+                               f"--master-port=29999 -m runtime.train --plan {tmp_path / 'plan.json'} --steps 3 "
+                               f"--plan-node b")
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    commands.register(sub)
+    args = parser.parse_args(["run", str(tmp_path / "plan.json"), "--steps", "3"])
+    assert args.func(args) == 0  # a multi-node plan: prints, does not run
+    out = capsys.readouterr().out
+    assert "3 ranks on 2 node(s)" in out and "--node-rank=1 --nproc-per-node=2" in out
+    args = parser.parse_args(["run", str(tmp_path / "missing.json")])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and err.endswith("file not found — check the path or run 'hetalloc plan -o' first")
+    assert len(err.splitlines()) == 1
+
+
+def test_plan_key_and_predictions_follow_the_plan():
+    cluster = cpu4()
+    cg = cpu_cost_graph("gpt2-tiny", 32)
+    a = hand_plan(cluster, cg, [[((0, 6), [("host/0", 3), ("host/1", 1)])]], num_microbatches=2)
+    b = hand_plan(cluster, cg, [[((0, 6), [("host/0", 2), ("host/1", 2)])]], num_microbatches=2)
+    assert plan_key(a) != plan_key(b) and plan_key(a) == plan_key(a)
+    pred = predicted_by_device(a, cluster, cg)
+    assert set(pred) == {"host/0", "host/1"}
+    assert pred["host/0"]["compute_s"] > pred["host/1"]["compute_s"] > 0
+    assert pred["host/0"]["grad_sync_s"] == pred["host/1"]["grad_sync_s"] > 0
+
+
+# ---- one device, in this process ------------------------------------------------------
+
+def test_one_device_plan_trains_without_torchrun(tmp_path, monkeypatch):
+    from runtime.train import train
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    plan = hand_plan(cpu4(), cpu_cost_graph("mlp-tiny", 16), [[((0, 6), [("host/2", 8)])]], num_microbatches=2,
+                     optimizer="sgd")
+    try:
+        summary = train(plan, TrainConfig(steps=40, dataset="text", lr=0.5, out_dir=str(tmp_path)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    got = [json.loads(l)["loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(got) == 40 and sum(got[-5:]) < sum(got[:5]) - 2.5, got
+    assert summary["ranks"][0]["device"] == "host/2"
+    assert json.loads((tmp_path / "summary.json").read_text())["measured_steps"] == 39
