@@ -73,7 +73,9 @@ def cap_at(ts: list[float], theta: float) -> int:
 
 def build_and_solve(prob: Problem, R: int, M: int, *, incumbent: float = math.inf, time_limit: float = 60.0,
                     gap: float = 1e-9, backend: str = "highs", msg: bool = False,
-                    timer: StageTimer | None = None) -> IlpResult:
+                    timer: StageTimer | None = None, relax: bool = False) -> IlpResult:
+    """Build the count program for (R, M) and solve it (relax: only its LP relaxation,
+    a valid lower bound on every plan at this M when R = 1)."""
     B = prob.global_batch
     b = B // (R * M)
     L = prob.L
@@ -186,8 +188,13 @@ def build_and_solve(prob: Problem, R: int, M: int, *, incumbent: float = math.in
         m.le(terms, 0)
         m.le(sig, 0)
 
-    # 1F1B: e[j][a] = 1 if at least a stages start at or after boundary j.
+    # 1F1B: A_j = stages that start at or after boundary j (A_j = A_{j+1} + stages starting
+    # at j). A device of class c at share q/n on a stage ending at j holds 1 + A_j
+    # micro-batches; e_ja = 1 when A_j >= a switches on the memory cap for depth 1 + a.
     if mem_rows:
+        A = [m.var(f"A[{j}]", 0, L) for j in range(L + 1)]
+        for j in range(L):
+            m.eq({A[j]: 1, A[j + 1]: -1, **{y: -1 for y in starts_at[j]}}, 0)
         need: dict[int, int] = {}
         for j, a, *_ in mem_rows:
             need[j] = max(need.get(j, 0), a)
@@ -196,12 +203,11 @@ def build_and_solve(prob: Problem, R: int, M: int, *, incumbent: float = math.in
             ev = [m.binary(f"e[{j},{a}]") for a in range(1, amax + 1)]
             for a in range(amax - 1):
                 m.ge({ev[a]: 1, ev[a + 1]: -1}, 0)
-            after = [y for jj in range(j, L) for y in starts_at[jj]]
-            terms = {v: 1 for v in ev}
-            terms[ev[-1]] = terms.get(ev[-1], 0) + L
-            for y in after:
-                terms[y] = terms.get(y, 0) - 1
-            m.ge(terms, 0)  # sum_a e_ja + L e_j,amax >= A_j
+            # sum_a e_ja + (L - j) e_j,amax >= A_j: e_ja = 1 whenever A_j >= a
+            terms = {v: 1.0 for v in ev}
+            terms[ev[-1]] += L - j
+            terms[A[j]] = -1.0
+            m.ge(terms, 0)
             for a, v in enumerate(ev, start=1):
                 e[(j, a)] = v
         for j, a, q, n, km in mem_rows:
@@ -212,10 +218,12 @@ def build_and_solve(prob: Problem, R: int, M: int, *, incumbent: float = math.in
         if vs:
             m.le({v: 1 for v in vs}, N[c.index])
 
+    if relax:
+        m.integer = [False] * m.num_vars
     res = m.solve(backend, time_limit=time_limit, gap=gap, cutoff=incumbent if math.isfinite(incumbent) else None,
                   msg=msg)
     plan = None
-    if res.x is not None:
+    if res.x is not None and not relax:
         stages = []
         for (i, j), d in sorted(info.items()):
             if res.x[d["y"]] > 0.5:

@@ -3,7 +3,6 @@ on machines without at least two CUDA devices (CI and the CPU development machin
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

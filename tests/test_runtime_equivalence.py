@@ -16,7 +16,6 @@ after 5 steps:
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 

@@ -1,7 +1,7 @@
 """Checkpoint and resume are exact: a run killed mid-way (torchrun restarts it from the
 last checkpoint) and a run stopped and continued with --resume both end with the same
 parameters and losses as an uninterrupted run. Uses the real entry point
-(``torchrun -m runtime.train``), 2 ranks, gloo."""
+(``torchrun -m runtime.train``), 3 ranks, gloo."""
 
 from __future__ import annotations
 
@@ -22,15 +22,17 @@ STEPS = 10
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("resume")
     cluster = load_cluster(ROOT / "examples" / "cpu-4.yaml")
+    # A stage of width 2 feeding one of width 1, with a sharded parameter server: the
+    # checkpoint holds each rank's own optimizer shards.
     plan = hand_plan(cluster, cpu_cost_graph("gpt2-tiny", 32),
-                     [[((0, 3), [("host/0", 2)]), ((3, 6), [("host/1", 2)])]],
-                     num_microbatches=2, schedule="1f1b")
+                     [[((0, 3), [("host/0", 1), ("host/1", 1)]), ((3, 6), [("host/2", 2)])]],
+                     num_microbatches=2, schedule="1f1b", grad_sync="param_server")
     plan.save(d / "plan.json")
 
     def run(name: str, steps: int, *extra: str, max_restarts: int = 0):
         args = ["--plan", str(d / "plan.json"), "--steps", str(steps), "--out", str(d / name / "out"),
                 "--checkpoint-dir", str(d / name / "ckpt"), "--checkpoint-every", "5", "--dropout", "0.1", *extra]
-        proc = torchrun(2, args, max_restarts=max_restarts)
+        proc = torchrun(3, args, max_restarts=max_restarts)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc
 
@@ -42,7 +44,7 @@ def runs(tmp_path_factory):
 
 
 def _same(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> None:
-    assert len(a) == len(b) == 2
+    assert len(a) == len(b) == 3
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys()
         for n in ra:
