@@ -1,0 +1,137 @@
+"""The integer program over stage columns (allocator.columns) for one (R, M).
+
+    min (M - 1) tau + sum_col t_col x_col + sigma
+    s.t. every layer l:        sum_{col covers l} x_col = 1
+                               tau   >= sum_{col covers l} t_col x_col
+                               sigma >= sum_{col covers l} tail_col x_col
+         every class c:        sum_col counts_c(col) x_col <= N_c / R
+         every boundary j:     A_j = A_{j+1} + sum_{col starts at j} x_col    (stages from j on)
+         1F1B memory:          A_j + (L - j - amax) x_col <= L - j   for a column ending at j
+         tau >= tau_lb (the smallest feasible bottleneck, from the bisection)
+
+Exactly one column covers each layer, so the per-layer sums equal the covering stage's
+time and tail: tau and sigma are the true maxima, and the objective is the planner
+model's iteration time (allocator.problem). ``feasible`` answers whether any plan has
+every stage within theta (the bisection on the bottleneck stage time).
+"""
+
+from __future__ import annotations
+
+import math
+
+from .columns import Column
+from .milp import Milp, MilpResult
+from .problem import CountPlan, CountStage, Problem
+
+
+def _structure(m: Milp, prob: Problem, cols: list[Column], xs: list[int], budget: list[int]) -> bool:
+    L = prob.L
+    cover: list[list[int]] = [[] for _ in range(L)]
+    starts: list[list[int]] = [[] for _ in range(L + 1)]
+    for col, x in zip(cols, xs):
+        for l in range(col.i, col.j):
+            cover[l].append(x)
+        starts[col.i].append(x)
+    for l in range(L):
+        if not cover[l]:
+            return False
+        m.eq({x: 1 for x in cover[l]}, 1)
+    for c in prob.classes:
+        terms = {x: col.counts[c.index] for col, x in zip(cols, xs) if col.counts[c.index]}
+        if terms:
+            m.le(terms, budget[c.index])
+    deep = [(col, x) for col, x in zip(cols, xs) if col.amax < L - col.j]
+    if deep:
+        A = [m.var(f"A[{j}]", 0, L) for j in range(L + 1)]
+        m.eq({A[L]: 1}, 0)
+        for j in range(L):
+            m.eq({A[j]: 1, A[j + 1]: -1, **{x: -1 for x in starts[j]}}, 0)
+        for col, x in deep:
+            U = L - col.j
+            m.le({A[col.j]: 1, x: U - col.amax}, U)
+    return True
+
+
+def feasible(prob: Problem, cols: list[Column], R: int, theta: float, backend: str = "highs",
+             time_limit: float = 60.0) -> bool | None:
+    """Is there a plan whose every stage runs within theta? None if the solver gave up."""
+    use = [c for c in cols if c.t <= theta * (1 + 1e-12)]
+    m = Milp()
+    xs = [m.binary("x") for _ in use]
+    budget = [c.count // R for c in prob.classes]
+    if not _structure(m, prob, use, xs, budget):
+        return False
+    res = m.solve(backend, time_limit=time_limit, gap=1.0)
+    if res.status in ("optimal", "feasible"):
+        return True
+    if res.status == "infeasible":
+        return False
+    return None
+
+
+def min_bottleneck(prob: Problem, cols: list[Column], R: int, backend: str = "highs",
+                   time_limit: float = 60.0) -> float:
+    """Bisection over the distinct column times for the smallest feasible bottleneck
+    (inf if none is feasible; a lower value than the truth is never returned)."""
+    times = sorted({c.t for c in cols})
+    if not times:
+        return math.inf
+    lo, hi = 0, len(times) - 1
+    if feasible(prob, cols, R, times[hi], backend, time_limit) is not True:
+        return math.inf
+    while lo < hi:
+        mid = (lo + hi) // 2
+        ok = feasible(prob, cols, R, times[mid], backend, time_limit)
+        if ok is None:  # unknown: keep the proven lower end
+            return times[lo]
+        if ok:
+            hi = mid
+        else:
+            lo = mid + 1
+    return times[lo]
+
+
+def cheap_bottleneck(prob: Problem, cols: list[Column]) -> float:
+    """Every layer lies in some stage: the bottleneck is at least, for the layer whose
+    fastest covering column is slowest, that column's time."""
+    best = [math.inf] * prob.L
+    for c in cols:
+        for l in range(c.i, c.j):
+            if c.t < best[l]:
+                best[l] = c.t
+    return max(best) if best else math.inf
+
+
+def solve_columns(prob: Problem, cols: list[Column], R: int, M: int, *, tau_lb: float = 0.0,
+                  incumbent: float = math.inf, time_limit: float = 60.0, gap: float = 1e-9,
+                  backend: str = "highs", msg: bool = False) -> tuple[MilpResult | None, CountPlan | None, int, int]:
+    L = prob.L
+    # No stage of a plan that beats the incumbent is slower than (T - tau_lb) / (M - 1).
+    if not math.isfinite(incumbent):
+        cap = math.inf
+    else:
+        cap = (incumbent - tau_lb) / (M - 1) if M > 1 else incumbent
+    use = [c for c in cols if c.t <= cap * (1 + 1e-12)] if math.isfinite(cap) else cols
+    m = Milp()
+    tau = m.var("tau", lb=tau_lb, obj=M - 1)
+    sigma = m.var("sigma", obj=1.0)
+    xs = [m.binary(f"x[{c.i},{c.j},{c.counts}]", obj=c.t) for c in use]
+    budget = [c.count // R for c in prob.classes]
+    if not _structure(m, prob, use, xs, budget):
+        return None, None, m.num_vars, m.num_rows
+    for l in range(L):
+        tt = {tau: -1.0}
+        ss = {sigma: -1.0}
+        for col, x in zip(use, xs):
+            if col.i <= l < col.j:
+                tt[x] = col.t
+                if col.tail:
+                    ss[x] = col.tail
+        m.le(tt, 0)
+        m.le(ss, 0)
+    res = m.solve(backend, time_limit=time_limit, gap=gap, cutoff=incumbent, msg=msg)
+    plan = None
+    if res.x is not None:
+        chosen = sorted((col for col, x in zip(use, xs) if res.x[x] > 0.5), key=lambda c: c.i)
+        plan = CountPlan(R, M, [CountStage(c.i, c.j, c.counts) for c in chosen])
+    return res, plan, m.num_vars, m.num_rows
