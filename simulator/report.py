@@ -245,17 +245,23 @@ def link_stats(res: SimResult, total_s: float) -> list[dict[str, Any]]:
     return out
 
 
-def _bottleneck_names(res: SimResult) -> dict[int, str]:
-    """Usage key -> name of the link that held it back longest."""
+def _bottlenecks(res: SimResult) -> dict[int, tuple[float, str]]:
+    """Usage key -> (seconds held back, name of the link that held it back longest).
+    Without contention (or where a load never met another): its slowest link per flow."""
     best: dict[int, tuple[float, int]] = {}
     for (k, l), t in res.log.bottleneck_s.items():
         if l >= 0 and t > best.get(k, (-1.0, -1))[0]:
             best[k] = (t, l)
-    out = {k: res.topo.links[l].name for k, (_t, l) in best.items()}
-    for u in res.table.all:  # without contention (or never contended): the slowest link per flow
+    out = {k: (t, res.topo.links[l].name) for k, (t, l) in best.items()}
+    for u in res.table.all:
         if u.key not in out and u.counts:
-            out[u.key] = res.topo.links[res.topo.bottleneck(u.counts)].name
+            out[u.key] = (0.0, res.topo.links[res.topo.bottleneck(u.counts)].name)
     return out
+
+
+def _group_link(res: SimResult, group: int, names: dict[int, tuple[float, str]]) -> str:
+    cand = [names[u.key] for st in res.collective_steps[group] for u, _ in st.flows if u.key in names]
+    return max(cand)[1] if cand else "?"
 
 
 def critical_path(res: SimResult) -> dict[str, Any]:
@@ -263,9 +269,8 @@ def critical_path(res: SimResult) -> dict[str, Any]:
     acts = res.activities
     if not acts:
         return {"bound_by": "nothing", "segments": [], "by_resource_s": {}, "by_kind_s": {}}
-    names = _bottleneck_names(res)
+    names = _bottlenecks(res)
     group_links: dict[int, str] = {}
-    steps = res.groups
     i = max(range(len(acts)), key=lambda k: (acts[k].t1, -k))
     bound = acts[i].t1
     segs: list[dict[str, Any]] = []
@@ -280,13 +285,12 @@ def critical_path(res: SimResult) -> dict[str, Any]:
         if a.lane == "compute":
             resource = f"device {a.device}"
         elif a.kind == "send":
-            resource = f"link {names.get(a.usage, '?')}"
+            resource = f"link {names[a.usage][1] if a.usage in names else '?'}"
         else:
             if a.group not in group_links:
-                keys = [u for st in res.collective_steps[a.group] for u, _ in st.flows] if res.collective_steps else []
-                cand = [names[u.key] for u in keys if u.key in names]
-                group_links[a.group] = cand[0] if cand else "?"
-            resource = f"all-reduce of L{steps[a.group].start}-{steps[a.group].stop - 1} over {group_links[a.group]}"
+                group_links[a.group] = _group_link(res, a.group, names)
+            g = res.groups[a.group]
+            resource = f"all-reduce of L{g.start}-{g.stop - 1} over {group_links[a.group]}"
         dur = end - start
         by_res[resource] = by_res.get(resource, 0.0) + dur
         by_kind[a.kind] = by_kind.get(a.kind, 0.0) + dur

@@ -237,7 +237,7 @@ def link(spec: str) -> Callable[[Case], Case]:
             old = n.intra if kind == "intra" else n.nic
             if old is None:
                 if len(nodes) == 1:
-                    continue  # a single node has no network to change
+                    raise _err(spec, "a single-node cluster has no network link", "change its intra link instead")
                 old = _named_link("IB-HDR", spec)
             lat = parse_latency(lat_text, spec) if lat_text else old.latency_s
             new = LinkSpec(bw, lat, "")

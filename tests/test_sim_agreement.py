@@ -26,21 +26,24 @@ INSTANCES = [  # example cluster, model, global batch
 ]
 
 
+def example_plans(name: str, model: str, batch: int, time_limit: float = 5.0):
+    """An example instance: its cluster, cost graph, and the planner's plan plus every
+    baseline that fits (key 'planner' or 'baseline/schedule')."""
+    cl = load_cluster(EXAMPLES / f"{name}.yaml")
+    cg = analytic_cost_graph(get_model(model))
+    plans = {"planner": make_plan(cl, cg, batch, time_limit=time_limit)}
+    for base in ("even", "proportional", "pipedream"):
+        for schedule in ("1f1b", "gpipe"):
+            try:
+                plans[f"{base}/{schedule}"] = baseline_plan(base, cl, cg, batch, schedule=schedule)
+            except InfeasibleError:
+                pass
+    return cl, cg, plans
+
+
 @pytest.fixture(scope="module")
 def instances():
-    out = {}
-    for name, model, batch in INSTANCES:
-        cl = load_cluster(EXAMPLES / f"{name}.yaml")
-        cg = analytic_cost_graph(get_model(model))
-        plans = {"planner": make_plan(cl, cg, batch, time_limit=5)}
-        for base in ("even", "proportional", "pipedream"):
-            for schedule in ("1f1b", "gpipe"):
-                try:
-                    plans[f"{base}/{schedule}"] = baseline_plan(base, cl, cg, batch, schedule=schedule)
-                except InfeasibleError:
-                    pass
-        out[name] = (cl, cg, plans)
-    return out
+    return {name: example_plans(name, model, batch) for name, model, batch in INSTANCES}
 
 
 def chained(plan, cl, cg) -> bool:
