@@ -152,6 +152,11 @@ class Milp:
         h.setOptionValue("mip_rel_gap", float(gap))
         h.setOptionValue("mip_abs_gap", 1e-12)
         h.setOptionValue("random_seed", 0)
+        # Light presolve: full presolve probes every binary of a large column program and
+        # ignores the time limit while doing so (minutes on 10k columns).
+        h.setOptionValue("presolve_mode", 2)
+        if not self.num_integer:
+            h.setOptionValue("solver", "ipm")  # large LP relaxations: interior point is much faster
         if cutoff is not None and math.isfinite(cutoff):
             h.setOptionValue("objective_bound", float(cutoff))
         inf = highspy.kHighsInf

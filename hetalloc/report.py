@@ -1,0 +1,108 @@
+"""Human-readable views of a plan: a rich table of stages and a summary of figures.
+
+Only formatting lives here; every number comes from the plan's recorded predictions
+(hetalloc.evaluate) and solver record.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+from rich.console import Console
+from rich.table import Table
+
+from .cluster import Cluster
+from .plan import Plan
+
+
+def _ms(x: float) -> str:
+    return f"{x * 1e3:.2f}"
+
+
+def _gib(x: float) -> str:
+    return f"{x / 2**30:.1f}"
+
+
+def device_summary(cluster: Cluster, ids: list[str]) -> str:
+    c = Counter(cluster.device(d).type for d in ids)
+    return ", ".join(f"{n}x{t}" for t, n in sorted(c.items()))
+
+
+def stage_table(plan: Plan, cluster: Cluster, max_rows: int = 40) -> Table:
+    pred = plan.predicted
+    stages = pred.get("stages", [])
+    mem = pred.get("memory_bytes", {})
+    frac = pred.get("memory_fraction", {})
+    t = Table(title=f"plan for {plan.model} on {cluster.name}: {len(plan.replicas)} replica(s), "
+                    f"{plan.num_stages} stage(s), {plan.num_microbatches} micro-batches, {plan.schedule}")
+    for col, just in [("rep", "right"), ("stage", "right"), ("layers", "left"), ("devices", "left"),
+                      ("shares", "left"), ("fwd ms", "right"), ("bwd ms", "right"), ("p2p ms", "right"),
+                      ("sync ms", "right"), ("mem GiB (max %)", "right")]:
+        t.add_column(col, justify=just)
+    rows = 0
+    # Identical replicas print once with a count.
+    seen: dict[tuple, int] = {}
+    order = []
+    for st in stages:
+        r = plan.replicas[st["replica"]]
+        s = r.stages[st["stage"]]
+        key = (st["stage"], s.start, s.stop, tuple((cluster.device(d.device).type, d.share) for d in s.devices))
+        if key not in seen:
+            seen[key] = 0
+            order.append((key, st))
+        seen[key] += 1
+    for key, st in order:
+        if rows >= max_rows:
+            t.add_row("…", "", f"{len(order) - rows} more rows (see --json)", "", "", "", "", "", "", "")
+            break
+        s = plan.replicas[st["replica"]].stages[st["stage"]]
+        ids = [d.device for d in s.devices]
+        shares = ":".join(str(d.share) for d in s.devices)
+        if len(shares) > 24:
+            shares = shares[:21] + "…"
+        peak = max(mem.get(d, 0.0) for d in ids)
+        pf = max(frac.get(d, 0.0) for d in ids)
+        rep = f"x{seen[key]}" if seen[key] > 1 else str(st["replica"])
+        t.add_row(rep, str(st["stage"]), f"{s.start}-{s.stop - 1}", device_summary(cluster, ids), shares,
+                  _ms(st["fwd_s"]), _ms(st["bwd_s"]), _ms(st["p2p_s"]), _ms(st.get("sync_s", 0.0)),
+                  f"{_gib(peak)} ({pf:.0%})")
+        rows += 1
+    return t
+
+
+def summary_lines(plan: Plan, cluster: Cluster) -> list[str]:
+    p = plan.predicted
+    used = len(plan.device_ids())
+    lines = [
+        f"iteration   {p['iteration_time_s']:.4f} s  (pipeline {p['pipeline_time_s']:.4f} s, "
+        f"grad sync {p['sync_time_s']:.4f} s ({plan.grad_sync}), optimizer {p['optimizer_time_s']:.4f} s)",
+        f"throughput  {p['throughput_samples_per_s']:,.1f} samples/s  {p['tokens_per_s']:,.0f} tokens/s  "
+        f"MFU {p['mfu']:.1%}  bubble {p['bubble_fraction']:.1%}",
+        f"devices     {used} of {cluster.num_devices} used ({device_summary(cluster, plan.device_ids())})",
+    ]
+    s = plan.solver
+    if s:
+        gap = s.get("gap", math.inf)
+        gap_s = f"{gap:.2%}" if math.isfinite(gap) else "unknown"
+        bound = s.get("bound_s", -math.inf)
+        bound_s = f"{bound:.4f} s" if math.isfinite(bound) else "none"
+        lines.append(f"solver      {s.get('status')}  objective {s.get('objective_s', math.nan):.4f} s  "
+                     f"bound {bound_s}  gap {gap_s}  {s.get('seconds', 0.0):.1f} s ({s.get('backend', '')})")
+    elif plan.planner:
+        lines.append(f"planner     {plan.planner} baseline")
+    lines += [f"note        {n}" for n in plan.notes]
+    return lines
+
+
+def wide_console(stderr: bool = False) -> Console:
+    """A console at least 120 columns wide, so plan tables do not wrap in pipes and CI logs."""
+    probe = Console(stderr=stderr)
+    return Console(stderr=stderr, width=max(120, probe.width))
+
+
+def print_plan(plan: Plan, cluster: Cluster, console: Console | None = None) -> None:
+    console = console or wide_console()
+    console.print(stage_table(plan, cluster))
+    for line in summary_lines(plan, cluster):
+        console.print(line, highlight=False)
