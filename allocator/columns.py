@@ -19,6 +19,8 @@ import bisect
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from .problem import Problem, StageTimer, stage_tail
 
 
@@ -85,23 +87,28 @@ class RangeTimes:
         return levels[lo]
 
 
-def _count_vectors(budget: list[int], b: int, order: list[int]):
-    """Count vectors over the classes in `order` with total between 1 and b."""
-    C = len(budget)
-    vec = [0] * C
-
-    def rec(k, left):
-        if k == len(order):
-            if sum(vec):
-                yield tuple(vec)
-            return
-        ci = order[k]
-        for n in range(0, min(budget[ci], left) + 1):
-            vec[ci] = n
-            yield from rec(k + 1, left - n)
-        vec[ci] = 0
-
-    yield from rec(0, b)
+def _stage_times(ts: dict[int, list[float]], caps: dict[int, int], V: np.ndarray, b: int) -> np.ndarray:
+    """Stage time of every count vector (rows of V; columns = classes): the smallest device
+    time at which the devices can take b samples, each device at least one (inf if never)."""
+    C = V.shape[1]
+    lists = {ci: ts[ci][:caps.get(ci, len(ts[ci]))] for ci in ts}
+    levels = np.array(sorted({t for l in lists.values() for t in l}))
+    if not len(levels):
+        return np.full(len(V), np.inf)
+    K = np.zeros((len(levels), C))
+    first = np.full(C, np.inf)
+    for ci, l in lists.items():
+        if l:
+            K[:, ci] = np.searchsorted(np.array(l), levels * (1 + 1e-12), side="right")
+            first[ci] = l[0]
+    cap = V @ K.T  # (vectors, levels)
+    used = V > 0
+    floor = np.where(used, first[None, :], 0.0).max(axis=1)  # every device takes one sample
+    ok = (cap >= b) & (levels[None, :] >= floor[:, None])
+    idx = ok.argmax(axis=1)
+    out = np.where(ok.any(axis=1), levels[idx], np.inf)
+    out[V.sum(axis=1) > b] = np.inf
+    return out
 
 
 def range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: int, t_cap: float,
@@ -110,46 +117,52 @@ def range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: i
     rt = RangeTimes(prob, timer, i, j, t_cap, budget, M if gpipe else 1)
     if not rt.ts:
         return []
-    b = timer.b
-    L = prob.L
-    order = sorted(rt.ts)
-    out: list[Column] = []
-    # Largest capacity each class can give: skip count vectors that cannot reach b.
-    for counts in _count_vectors([budget[c] if c in rt.ts else 0 for c in range(len(budget))], b, order):
-        if sum(counts[ci] * len(rt.ts[ci]) for ci in order if counts[ci]) < b:
-            continue
-        t = rt.time_of(counts)
-        if t > t_cap:
-            continue
-        # every device must matter
-        dominated = False
-        for ci in order:
-            if counts[ci]:
-                fewer = tuple(n - (1 if k == ci else 0) for k, n in enumerate(counts))
-                if sum(fewer) and rt.time_of(fewer) <= t:
-                    dominated = True
-                    break
-        if dominated:
-            continue
-        tail = stage_tail(prob, R, i, j, counts)
-        if gpipe or j == L:  # in-flight does not depend on the position
-            out.append(Column(i, j, counts, t, tail, L))
-            continue
-        # 1F1B: the time may grow (or become infeasible) deeper in the pipeline.
+    b, L, C = timer.b, prob.L, len(budget)
+    dims = [min(budget[c], b) + 1 if c in rt.ts else 1 for c in range(C)]
+    grid = np.indices(dims).reshape(C, -1).T  # every count vector, mixed radix order
+    strides = np.array([int(np.prod(dims[c + 1:])) for c in range(C)])
+    t_all = _stage_times(rt.ts, {}, grid, b)
+    keep = np.isfinite(t_all) & (t_all <= t_cap)
+    # every device must matter: one device fewer of any used class must be slower
+    for c in range(C):
+        has = grid[:, c] > 0
+        fewer = np.where(has, np.arange(len(grid)) - strides[c], 0)
+        keep &= ~(has & (grid.sum(axis=1) > 1) & (t_all[fewer] <= t_all))
+    rows = np.nonzero(keep)[0]
+    if not len(rows):
+        return []
+    V = grid[rows]
+    t0 = t_all[rows]
+    # 1F1B: deeper in the pipeline more micro-batches are in flight; the time may grow.
+    depth_times = []
+    if not gpipe and j < L:
         amax_total = min(M - 1, L - j)
-        prev_t, a = None, 0
-        while a <= amax_total:
-            caps = {ci: prob.kmem(prob.classes[ci], i, j, min(M, 1 + a)) for ci in order if counts[ci]}
-            ta = rt.time_of(counts, caps)
+        prev = {ci: len(rt.ts[ci]) for ci in rt.ts}
+        for a in range(1, amax_total + 1):
+            caps = {ci: max(0, prob.kmem(prob.classes[ci], i, j, min(M, 1 + a))) for ci in rt.ts}
+            if all(caps[ci] >= prev[ci] for ci in rt.ts):
+                depth_times.append(None)  # memory does not bind deeper: same times
+                continue
+            depth_times.append(_stage_times(rt.ts, caps, V, b))
+    out: list[Column] = []
+    tails: dict[tuple, float] = {}
+    for k, v in enumerate(V):
+        counts = tuple(int(x) for x in v)
+        key = counts
+        if key not in tails:
+            tails[key] = stage_tail(prob, R, i, j, counts)
+        tail = tails[key]
+        prev_t = float(t0[k])
+        a = 0
+        for a_, dt in enumerate(depth_times, start=1):
+            ta = prev_t if dt is None else float(dt[k])
             if not math.isfinite(ta) or ta > t_cap:
-                if prev_t is not None:
-                    out.append(Column(i, j, counts, prev_t, tail, a - 1))
+                out.append(Column(i, j, counts, prev_t, tail, a_ - 1))
                 prev_t = None
                 break
-            if prev_t is not None and ta > prev_t:
-                out.append(Column(i, j, counts, prev_t, tail, a - 1))
+            if ta > prev_t:
+                out.append(Column(i, j, counts, prev_t, tail, a_ - 1))
             prev_t = ta
-            a += 1
         if prev_t is not None:
             out.append(Column(i, j, counts, prev_t, tail, L))
     return out

@@ -204,9 +204,9 @@ class Milp:
     def to_pulp(self):
         import pulp
         prob = pulp.LpProblem("hetalloc", pulp.LpMinimize)
-        xs = [pulp.LpVariable(f"x{i}", None if self.lb[i] == -INF else self.lb[i],
-                              None if self.ub[i] == INF else self.ub[i],
-                              pulp.LpInteger if self.integer[i] else pulp.LpContinuous)
+        xs = [prob.add_variable(f"x{i}", None if self.lb[i] == -INF else self.lb[i],
+                                None if self.ub[i] == INF else self.ub[i],
+                                pulp.LpInteger if self.integer[i] else pulp.LpContinuous)
               for i in range(self.num_vars)]
         prob += pulp.lpSum(c * xs[i] for i, c in enumerate(self.obj) if c)
         for r in range(self.num_rows):
@@ -228,14 +228,18 @@ class Milp:
         if cutoff is not None and math.isfinite(cutoff):
             prob += pulp.lpSum(c * xs[i] for i, c in enumerate(self.obj) if c) <= cutoff
         if backend == "pulp-cbc":
-            solver = pulp.PULP_CBC_CMD(msg=msg, timeLimit=time_limit, gapRel=gap, threads=1)
+            import warnings
+            with warnings.catch_warnings():  # the CBC bundled with PuLP 3.x warns about PuLP 4
+                warnings.simplefilter("ignore", DeprecationWarning)
+                solver = pulp.PULP_CBC_CMD(msg=msg, timeLimit=time_limit, gapRel=gap, threads=1)
         else:
             solver = pulp.HiGHS(msg=msg, timeLimit=time_limit, gapRel=gap)
         prob.solve(solver)
         status = pulp.LpStatus[prob.status]
         has_sol = prob.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible)
         x = np.array([v.value() or 0.0 for v in xs]) if has_sol else None
-        obj = float(pulp.value(prob.objective)) if has_sol else INF
+        val = pulp.value(prob.objective) if has_sol else None
+        obj = (float(val) if val is not None else 0.0) if has_sol else INF
         if status == "Optimal" and prob.sol_status == pulp.LpSolutionOptimal:
             st, bound = "optimal", obj
         elif status == "Infeasible":
