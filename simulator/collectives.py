@@ -122,7 +122,8 @@ def param_server_steps(topo: Topology, table: UsageTable, devices: list[str], mo
             off[topo.nic_up[node]] += g * (n - g)
             off[topo.nic_down[node]] += g * (n - g)
             off[topo.core] += g * (n - g)
-    ents = [(table.get(dict(c), label), 1.0 / n) for c, label in ((on, "ps on-node"), (off, "ps off-node")) if c]
+    ents = [(table.get(dict(c), label), 1.0 / n) for c, label in ((on, "ps on-node"), (off, "ps off-node"))
+            if any(c.values())]
     return _phase("push", ents, 1, most, topo) + _phase("pull", ents, 1, most, topo)
 
 

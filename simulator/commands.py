@@ -149,33 +149,29 @@ def print_report(rep: SimReport) -> None:
             ("MFU", f"{100 * rep.mfu:.1f}%"),
             ("pipeline bubble", f"{100 * rep.bubble_fraction:.1f}%"),
             ("exposed communication", f"{rep.exposed_comm_s:.4g} s (worst device)"),
-            ("critical path", rep.critical_path["bound_by"]),
+            ("critical path", f"{rep.critical_path['bound_by']}; {rep.critical_path['made_of']}"),
             ("simulated", f"{rep.folding['simulated_devices']} of {rep.folding['devices']} devices "
-                          f"({rep.folding['simulated_replicas']} of {rep.folding['replicas']} replicas; identical "
-                          f"ones folded), {rep.performance['events']:,} events in {rep.performance['wall_s']:.2f} s")]
+                          f"({rep.folding['simulated_pipelines']} of {rep.folding['pipelines']} independent pipelines; "
+                          f"identical ones folded), {rep.performance['events']:,} events in "
+                          f"{rep.performance['wall_s']:.2f} s")]
     for k, v in rows:
         t.add_row(k, v)
     con.print(t)
-    st = Table(title="Stages (identical replicas shown once)")
-    for c in ("replica", "stage", "layers", "devices", "busy s", "busy %", "peak mem GiB", "of usable"):
+    st = Table(title="Stages (identical ones shown once)")
+    for c in ("replica", "stage", "layers", "devices", "stands for", "busy s", "busy %", "peak mem GiB", "of usable"):
         st.add_column(c, justify="right")
-    by_key = {(s["replica"], s["stage"]): s for s in rep.stages}
-    shown = 0
-    for cls in res.classes:
-        ri = cls.replicas[0]
-        label = str(ri) + (f" (+{len(cls.replicas) - 1})" if len(cls.replicas) > 1 else "")
-        for si, r in enumerate(res.plan.replicas[ri].stages):
-            if shown == 40:
-                break
-            s = by_key[(ri, si)]
-            mem = [rep.devices[d.device] for d in r.devices]
-            peak = max(m["peak_memory_bytes"] for m in mem)
-            frac = max(m["memory_fraction"] for m in mem)
-            st.add_row(label, str(si), f"{r.start}-{r.stop - 1}", str(len(r.devices)), f"{s['busy_s']:.4g}",
-                       f"{100 * s['busy_fraction']:.0f}%", f"{peak / 2**30:.2f}", f"{100 * frac:.0f}%")
-            shown += 1
-    if shown < sum(len(res.plan.replicas[c.replicas[0]].stages) for c in res.classes):
-        st.caption = "more stages in --json"
+    shown = [s for s in rep.stages if any(d.device in res.work
+                                          for d in res.plan.replicas[s["replica"]].stages[s["stage"]].devices)]
+    for s in shown[:40]:
+        devs = res.plan.replicas[s["replica"]].stages[s["stage"]].devices
+        mem = [rep.devices[d.device] for d in devs]
+        stands = sum(len(res.work[d.device].mates) for d in devs if d.device in res.work)
+        st.add_row(str(s["replica"]), str(s["stage"]), f"{s['layers'][0]}-{s['layers'][1] - 1}", str(len(devs)),
+                   f"{stands} devices", f"{s['busy_s']:.4g}",
+                   f"{100 * s['busy_fraction']:.0f}%", f"{max(m['peak_memory_bytes'] for m in mem) / 2**30:.2f}",
+                   f"{100 * max(m['memory_fraction'] for m in mem):.0f}%")
+    if len(shown) > 40:
+        st.caption = f"{len(shown) - 40} more stages in --json"
     con.print(st)
     if rep.links:
         lt = Table(title="Busiest links")

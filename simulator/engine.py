@@ -37,7 +37,7 @@ from hetalloc.plan import Plan, validate_plan
 
 from .collectives import STEP_BUILDERS, Bucket, Step, buckets
 from .links import LinkLog, Network, Topology, UsageTable
-from .pipeline import DeviceWork, ReplicaClass, Send, fold_replicas, replica_work
+from .pipeline import DeviceWork, ReplicaClass, Send, fold_replicas, replica_work, split_chains
 
 DDP_BUCKET_BYTES = 25 * 2**20
 """PyTorch DDP's default bucket_cap_mb (25 MiB)."""
@@ -128,6 +128,8 @@ class SimResult:
     log: LinkLog
     work: dict[str, DeviceWork]
     rep_of: dict[str, str]
+    chains: Plan
+    """The plan cut into independent pipelines (what ``classes`` index)."""
     classes: list[ReplicaClass]
     activities: list[Activity]
     memory_events: dict[str, list[tuple[float, float]]]
@@ -155,18 +157,21 @@ class Simulation:
         self.steps: list[list[Step]] = [build(self.topo, self.table, g.devices, self.opts.max_collective_steps)
                                         for g in self.groups]
         coll_usages = [u for steps in self.steps for st in steps for u, _ in st.flows]
-        self.classes = fold_replicas(plan, cluster, self.topo, self.table, contention=self.opts.contention,
+        self.chains = split_chains(plan) if self.opts.fold else plan
+        placement = plan.placement()
+        self.classes = fold_replicas(self.chains, cluster, self.topo, self.table, contention=self.opts.contention,
                                      collective_usages=coll_usages, enabled=self.opts.fold)
         self.work: dict[str, DeviceWork] = {}
         self.rep_of: dict[str, str] = {}
         for c in self.classes:
-            works, sends = replica_work(plan, c.replicas[0], cluster, cg, self.topo)
+            works, sends = replica_work(self.chains, c.replicas[0], cluster, cg, self.topo)
             for s, u in zip(sends, c.usages):
                 s.usage = u
             for w in works:
+                w.replica = placement[w.id][0]  # the plan's replica, not the chain's index
                 self.work[w.id] = w
             for ri in c.replicas:
-                mates = [d.device for s in plan.replicas[ri].stages for d in s.devices]
+                mates = [d.device for s in self.chains.replicas[ri].stages for d in s.devices]
                 for w, m in zip(works, mates):
                     self.rep_of[m] = w.id
                     if m != w.id:
@@ -380,7 +385,7 @@ class Simulation:
                             "check the plan's stage wiring (every stage must split the same micro-batch)")
         return SimResult(
             plan=self.plan, cluster=self.cluster, cg=self.cg, options=self.opts, topo=self.topo, table=self.table,
-            log=self.log, work=self.work, rep_of=self.rep_of, classes=self.classes, activities=self.acts,
+            log=self.log, work=self.work, rep_of=self.rep_of, chains=self.chains, classes=self.classes, activities=self.acts,
             memory_events=self.mem, iteration_ends_s=self.iteration_ends, groups=self.groups,
             collective_steps=self.steps, collectives=self.collectives, num_events=env.num_events, wall_s=time.perf_counter() - t_wall,
             network_solves=self.net.solves if self.net else 0)

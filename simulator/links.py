@@ -191,14 +191,18 @@ def max_min_rates(usages: list[Usage], mults: list[int], capacity: list[float]) 
     return [o if o is not None else (math.inf, -1) for o in out]
 
 
-@dataclass(slots=True)
+@dataclass(eq=False, slots=True)
 class _Flow:
     usage: Usage
-    remaining: float
     total: float
     done: simpy.Event
     start: float
+    remaining: float = 0.0
+    """Bytes left at ``since``."""
+    since: float = 0.0
     rate: float = 0.0
+    bottleneck: int = -1
+    finish: float = math.inf
 
 
 @dataclass
@@ -217,77 +221,120 @@ class LinkLog:
 
 class Network:
     """Fluid model of the links: ``transfer`` returns an event that fires when the bytes
-    have crossed. Rates are cached per set of active usages (equal sets recur: every
-    step of a ring loads the same links), so a long collective costs few solves."""
+    have crossed.
+
+    A flow whose links carry no other flow starts (or ends) without touching anyone
+    else's rate; otherwise all rates are re-solved. Solutions are cached per set of
+    active usages (equal sets recur: every step of a ring loads the same links), so a
+    long collective costs few solves. Completions come from a heap of finish times."""
 
     def __init__(self, env: simpy.Environment, topo: Topology, log: LinkLog):
         self.env = env
         self.topo = topo
         self.log = log
-        self.active: list[_Flow] = []
-        self._t = 0.0
+        self.active: dict[_Flow, None] = {}
+        self._users: dict[int, int] = {}
+        self._heap: list[tuple[float, int, _Flow]] = []
+        self._seq = 0
         self._gen = 0
+        self._armed = math.inf
         self._cache: dict[tuple, dict[int, tuple[float, int]]] = {}
-        self._rates: dict[int, tuple[float, int]] = {}
+        self._solo: dict[int, tuple[float, int]] = {}
         self.solves = 0
 
     def transfer(self, usage: Usage, nbytes: float) -> simpy.Event:
         ev = self.env.event()
-        if nbytes <= 0:
+        if nbytes <= 0 or not usage.reduced:  # nothing to move, or nothing to cross
             ev.succeed()
             return ev
-        self._advance()
-        self.active.append(_Flow(usage, nbytes, nbytes, ev, self.env.now))
-        self._reschedule()
+        now = self.env.now
+        f = _Flow(usage, nbytes, ev, now, nbytes, now)
+        alone = True
+        for l in usage.reduced:
+            n = self._users.get(l, 0)
+            alone = alone and n == 0
+            self._users[l] = n + 1
+        self.active[f] = None
+        if alone:  # nobody else's rate changes
+            self._set_rate(f, *self._solo_rate(usage), now)
+            self._push(f)
+            self._arm(now)
+        else:
+            self._resolve(now)
         return ev
 
-    def _advance(self) -> None:
-        now = self.env.now
-        dt = now - self._t
-        if dt > 0:
-            seen = set()
-            for f in self.active:
-                f.remaining -= f.rate * dt
-                k = f.usage.key
-                if k not in seen:
-                    seen.add(k)
-                    bl = (k, self._rates[k][1])
-                    self.log.bottleneck_s[bl] = self.log.bottleneck_s.get(bl, 0.0) + dt
-        self._t = now
+    def _solo_rate(self, usage: Usage) -> tuple[float, int]:
+        hit = self._solo.get(usage.key)
+        if hit is None:
+            l = self.topo.bottleneck(usage.reduced)
+            hit = self._solo[usage.key] = (self.topo.capacity[l] / usage.reduced[l], l)
+        return hit
 
-    def _reschedule(self) -> None:
+    def _set_rate(self, f: _Flow, rate: float, bottleneck: int, now: float) -> None:
+        if f.rate > 0:
+            f.remaining -= f.rate * (now - f.since)
+            key = (f.usage.key, f.bottleneck)
+            self.log.bottleneck_s[key] = self.log.bottleneck_s.get(key, 0.0) + now - f.since
+        f.since, f.rate, f.bottleneck = now, rate, bottleneck
+        f.finish = now + max(f.remaining, 0.0) / rate
+
+    def _push(self, f: _Flow) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (f.finish, self._seq, f))
+
+    def _resolve(self, now: float) -> None:
+        """Re-solve every active flow's rate and rebuild the completion heap."""
         mult = Counter(f.usage.key for f in self.active)
         key = tuple(sorted(mult.items()))
         rates = self._cache.get(key)
         if rates is None:
             by_key = {f.usage.key: f.usage for f in self.active}
             keys = [k for k, _ in key]
-            res = max_min_rates([by_key[k] for k in keys], [m for _, m in key], self.topo.capacity)
-            rates = dict(zip(keys, res))
+            rates = dict(zip(keys, max_min_rates([by_key[k] for k in keys], [m for _, m in key],
+                                                 self.topo.capacity)))
             self._cache[key] = rates
             self.solves += 1
-        self._rates = rates
-        nxt = math.inf
+        self._heap = []
         for f in self.active:
-            f.rate = rates[f.usage.key][0]
-            nxt = min(nxt, f.remaining / f.rate)
+            r, l = rates[f.usage.key]
+            if r != f.rate or l != f.bottleneck:
+                self._set_rate(f, r, l, now)
+            self._seq += 1
+            self._heap.append((f.finish, self._seq, f))
+        heapq.heapify(self._heap)
+        self._armed = math.inf  # pending wakes may now be too late or too early
+        self._arm(now)
+
+    def _arm(self, now: float) -> None:
+        while self._heap and self._heap[0][2].finish != self._heap[0][0]:
+            heapq.heappop(self._heap)  # an entry from before a rate change
+        if not self._heap or self._heap[0][0] >= self._armed:
+            return
+        self._armed = t = self._heap[0][0]
         self._gen += 1
         gen = self._gen
-        wake = self.env.timeout(max(nxt, 0.0))
-        wake.callbacks.append(lambda _ev: self._wake(gen))
+        self.env.timeout(max(t - now, 0.0)).callbacks.append(lambda _ev: self._wake(gen))
 
     def _wake(self, gen: int) -> None:
         if gen != self._gen:
-            return  # a later change re-planned the next completion
-        self._advance()
+            return  # superseded by an earlier completion or a re-solve
+        self._armed = math.inf
         now = self.env.now
-        still = []
-        for f in self.active:
-            if f.remaining <= 1e-9 * f.total or f.remaining <= f.rate * 1e-12:
-                self.log.record(f.usage, f.start, now, f.total)
-                f.done.succeed()
-            else:
-                still.append(f)
-        self.active = still
-        if still:
-            self._reschedule()
+        shared = False
+        tol = 1e-12 * max(1.0, now)
+        while self._heap and self._heap[0][0] <= now + tol:
+            fin, _, f = heapq.heappop(self._heap)
+            if f.finish != fin or f not in self.active:
+                continue
+            del self.active[f]
+            for l in f.usage.reduced:
+                n = self._users[l] - 1
+                self._users[l] = n
+                shared = shared or n > 0
+            self._set_rate(f, f.rate, f.bottleneck, now)  # books its last bottleneck time
+            self.log.record(f.usage, f.start, now, f.total)
+            f.done.succeed()
+        if shared:
+            self._resolve(now)
+        else:
+            self._arm(now)

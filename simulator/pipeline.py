@@ -6,6 +6,9 @@ activation / input-gradient slices it sends (``hetalloc.evaluate.slice_overlaps`
 same bytes forward and backward, as the cost prediction assumes), its optimizer step
 (``hetalloc.costs.optimizer_time``) and its memory (``hetalloc.costs.stage_memory``).
 
+Chains: a replica whose stages split the micro-batch alike is several independent
+pipelines (``split_chains``); they are simulated as such, which is exact.
+
 Folding: replicas with the same stages, device types and shares run the same timeline
 when nothing couples them unevenly, so one representative is simulated for all of them.
 Without contention the condition is that their sends see the same path bandwidth and
@@ -23,14 +26,14 @@ Never: invent costs here; every figure comes from hetalloc.costs / hetalloc.cost
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hetalloc.catalog import DeviceType
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
 from hetalloc.costs import optimizer_time, p2p_time, stage_memory, in_flight_microbatches
 from hetalloc.evaluate import slice_overlaps
-from hetalloc.plan import Plan
+from hetalloc.plan import Plan, Replica, Stage
 from hetalloc.schedule import Op, stage_op_order
 
 from .links import Topology, Usage, UsageTable
@@ -132,6 +135,35 @@ def in_flight_peak(plan: Plan, w: DeviceWork) -> int:
 
 
 # ---- folding ------------------------------------------------------------------------------
+
+def split_chains(plan: Plan) -> Plan:
+    """The same plan with every replica cut into its independent chains: devices are
+    linked when their slices overlap; a wide replica whose stages split the micro-batch
+    alike (shares [1, 1, 1, 1] on every stage) is four one-device pipelines that never
+    wait for each other. Each chain keeps its devices, layers and shares, so every cost
+    and every gradient group is unchanged; identical chains can then be folded."""
+    out = []
+    for r in plan.replicas:
+        parent: dict[str, str] = {d.device: d.device for s in r.stages for d in s.devices}
+
+        def root(x: str) -> str:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+        for s, nxt in zip(r.stages, r.stages[1:]):
+            for i, j, _ in slice_overlaps([d.share for d in s.devices], [d.share for d in nxt.devices]):
+                parent[root(s.devices[i].device)] = root(nxt.devices[j].device)
+        chains: dict[str, list[Stage]] = {}
+        for s in r.stages:
+            for d in s.devices:
+                stages = chains.setdefault(root(d.device), [])
+                if not stages or stages[-1].start != s.start:
+                    stages.append(Stage(s.start, s.stop, []))
+                stages[-1].devices.append(d)
+        out += [Replica(stages) for stages in chains.values()]
+    return replace(plan, replicas=out)
+
 
 def _replica_key(plan: Plan, ri: int, cluster: Cluster, topo: Topology) -> tuple:
     r = plan.replicas[ri]

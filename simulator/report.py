@@ -195,7 +195,9 @@ def build_report(res: SimResult, prediction: Prediction | None) -> SimReport:
                 "pipeline_time_s": prediction.pipeline_time_s, "sync_time_s": prediction.sync_time_s,
                 "optimizer_time_s": prediction.optimizer_time_s}
     samples = plan.global_batch
-    reps = [{"representative": c.replicas[0], "replicas": c.replicas} for c in res.classes]
+    chains = res.chains.replicas
+    reps = [{"representative": chains[c.replicas[0]].stages[0].devices[0].device, "pipelines": len(c.replicas)}
+            for c in res.classes]
     return SimReport(
         result=res,
         iteration_time_s=it_s,
@@ -210,7 +212,8 @@ def build_report(res: SimResult, prediction: Prediction | None) -> SimReport:
         exposed_comm_s=exposed,
         critical_path=critical_path(res),
         predicted=pred,
-        folding={"simulated_replicas": len(res.classes), "replicas": len(plan.replicas), "classes": reps,
+        folding={"simulated_pipelines": len(res.classes), "pipelines": len(chains), "replicas": len(plan.replicas),
+                 "classes": reps,
                  "simulated_devices": len(res.work), "devices": len(devices), "exact": True},
         performance={"events": res.num_events, "wall_s": res.wall_s,
                      "events_per_s": res.num_events / res.wall_s if res.wall_s > 0 else 0.0,
@@ -268,7 +271,7 @@ def critical_path(res: SimResult) -> dict[str, Any]:
     """Walk back from the last activity along the activities that released each other."""
     acts = res.activities
     if not acts:
-        return {"bound_by": "nothing", "segments": [], "by_resource_s": {}, "by_kind_s": {}}
+        return {"bound_by": "nothing", "made_of": "", "segments": [], "by_resource_s": {}, "by_kind_s": {}}
     names = _bottlenecks(res)
     group_links: dict[int, str] = {}
     i = max(range(len(acts)), key=lambda k: (acts[k].t1, -k))
@@ -301,6 +304,10 @@ def critical_path(res: SimResult) -> dict[str, Any]:
     segs.reverse()
     top = max(by_res.items(), key=lambda kv: (kv[1], kv[0]))
     total = sum(by_kind.values())
+    words = {"F": "forward", "B": "backward", "send": "sends", "allreduce": "all-reduce", "optimizer": "optimizer"}
+    made_of = ", ".join(f"{words.get(k, k)} {100 * v / total:.0f}%"
+                        for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])) if total > 0 else ""
     return {"bound_by": f"{top[0]} ({100 * top[1] / total:.0f}% of the path)" if total > 0 else top[0],
+            "made_of": made_of,
             "by_resource_s": dict(sorted(by_res.items(), key=lambda kv: -kv[1])),
             "by_kind_s": by_kind, "segments": segs}

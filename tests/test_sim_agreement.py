@@ -89,7 +89,7 @@ def test_folding_identical_replicas_is_exact(instances, name):
         plan = plans[label]
         folded = simulate(plan, cl, cg, compare=False)
         full = simulate(plan, cl, cg, compare=False, fold=False)
-        assert full.folding["simulated_replicas"] == len(plan.replicas)
+        assert full.folding["simulated_devices"] == len(plan.device_ids())
         assert folded.iteration_time_s == pytest.approx(full.iteration_time_s, rel=1e-12), label
         for d, stats in full.devices.items():
             assert folded.devices[d]["busy_s"] == pytest.approx(stats["busy_s"], rel=1e-9, abs=1e-12)
@@ -103,3 +103,37 @@ def test_large_differences_are_explained(instances):
         assert any("reference" in n for n in rep.notes)
     else:
         assert not rep.notes or "vs predicted" not in rep.notes[0]
+
+
+def _cross_node_replicas(pairs):
+    from test_sim_timeline import toy_plan
+    return toy_plan([[(0, 1, [(a, 1)]), (1, 2, [(b, 1)])] for a, b in pairs], 4, "1f1b")
+
+
+def test_folding_applies_where_symmetric_and_is_refused_where_not():
+    from test_sim_timeline import toy_cluster, toy_graph
+    cl = toy_cluster({"a": 2, "b": 3, "c": 1}, intra_gbps=100.0, nic_gbps=1.0)
+    cg = toy_graph(params=10**6)
+    # a/0->b/0 and a/1->b/1 share a's NIC alike: one pipeline stands for both.
+    sym = _cross_node_replicas([("a/0", "b/0"), ("a/1", "b/1")])
+    # Adding c/0->b/2 gives a replica of the same shape whose NIC is not shared: the
+    # three must be simulated one by one.
+    asym = _cross_node_replicas([("a/0", "b/0"), ("a/1", "b/1"), ("c/0", "b/2")])
+    for plan, simulated in ((sym, 2), (asym, 6)):
+        folded, full = simulate(plan, cl, cg, compare=False), simulate(plan, cl, cg, compare=False, fold=False)
+        assert folded.folding["simulated_devices"] == simulated
+        assert folded.iteration_time_s == pytest.approx(full.iteration_time_s, rel=1e-12)
+    # without contention nothing couples them: all three fold
+    assert simulate(asym, cl, cg, contention=False, compare=False).folding["simulated_devices"] == 2
+
+
+def test_wide_stages_split_into_independent_chains():
+    from test_sim_timeline import toy_cluster, toy_graph, toy_plan
+    cl, cg = toy_cluster({"n": 4}, intra_gbps=10.0), toy_graph(params=10**6)
+    wide = toy_plan([[(0, 1, [("n/0", 1), ("n/1", 1)]), (1, 2, [("n/2", 1), ("n/3", 1)])]], 4, "gpipe")
+    rep = simulate(wide, cl, cg, compare=False)
+    assert rep.folding["simulated_devices"] == 2 and rep.folding["pipelines"] == 2
+    assert rep.iteration_time_s == pytest.approx(simulate(wide, cl, cg, compare=False, fold=False).iteration_time_s,
+                                                 rel=1e-12)
+    uneven = toy_plan([[(0, 1, [("n/0", 1), ("n/1", 2)]), (1, 2, [("n/2", 2), ("n/3", 1)])]], 4, "gpipe")
+    assert simulate(uneven, cl, cg, compare=False).folding["pipelines"] == 1  # slices overlap across
