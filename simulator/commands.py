@@ -50,7 +50,8 @@ def register(subparsers) -> None:
     w.add_argument("plan", help="the base plan.json")
     _context_args(w)
     w.add_argument("--swap", action="append", default=[], metavar="NxOLD=MxNEW", help="e.g. 8xV100-16G=4xH100-80G")
-    w.add_argument("--add", action="append", default=[], metavar="NxTYPE[@INTRA/NIC]", help="e.g. 8xH100-80G@NVLink4/IB-NDR")
+    w.add_argument("--add", action="append", default=[], metavar="NxTYPE[@INTRA/NIC]",
+                   help="e.g. 8xH100-80G@NVLink4/IB-NDR")
     w.add_argument("--remove", action="append", default=[], metavar="NxTYPE", help="e.g. 8xV100-16G")
     w.add_argument("--link", action="append", default=[], metavar="[NODES.]KIND=BW[,LAT]",
                    help="KIND intra|nic (nic=200Gb/s, v100.nic=25GB/s,8us) or fabric=OVERSUBSCRIPTION")
@@ -213,7 +214,8 @@ def cmd_whatif(args) -> int:
     if sweep:
         scenarios += sweep[3]
     if not scenarios:
-        raise SpecError("whatif", "", "no scenario given", "add e.g. --swap 8xV100-16G=4xH100-80G or --sweep nic=10..400Gb/s:6")
+        raise SpecError("whatif", "", "no scenario given",
+                        "add e.g. --swap 8xV100-16G=4xH100-80G or --sweep nic=10..400Gb/s:6")
     opts = whatif.WhatIfOptions(planner=args.planner, time_limit_s=args.time_limit, replan=not args.no_replan,
                                 sim=_sim_options(args))
     base = whatif.Case(cluster, cg, plan.global_batch, plan)
@@ -272,7 +274,8 @@ def _print_rows(rows: list[dict[str, Any]], args, best) -> None:
         if "error" in r:
             t.add_row(r["scenario"], *["—"] * (len(cols) - 1))
             continue
-        cells = [r["scenario"], str(r["devices"]), _fmt(r["old_plan_s"], ".4g", "invalid" if r["old_plan_note"] else "—"),
+        old = _fmt(r["old_plan_s"], ".4g", "invalid" if r["old_plan_note"] else "—")
+        cells = [r["scenario"], str(r["devices"]), old,
                  _fmt(r["replan_s"]), _fmt(r.get("speedup_vs_base"), ".2f") + ("x" if r.get("speedup_vs_base") else ""),
                  _fmt(r["cost_per_hour_usd"], ",.2f"), _fmt(r["usd_per_iteration"], ".4f")]
         if args.steps:

@@ -56,7 +56,8 @@ class SimOptions:
     max_collective_steps: int = 32
     """At most this many (merged) steps per collective; 2(n-1) ring steps above it are merged."""
     fold: bool = True
-    """Simulate one representative of identical replicas where that is exact."""
+    """Split wide replicas into their independent chains and simulate one representative
+    of identical pipelines, where that is exact (simulator.pipeline)."""
     record: bool = True
     """Keep the step-by-step log of every collective (shown in traces)."""
 
@@ -143,6 +144,8 @@ class SimResult:
 
 
 class Simulation:
+    """One run: build the devices' work, the links and the collectives, then ``run()``."""
+
     def __init__(self, plan: Plan, cluster: Cluster, cg: CostGraph, options: SimOptions | None = None):
         self.opts = options or SimOptions()
         validate_plan(plan, cluster, cg, source="plan", check_memory=False)
@@ -184,6 +187,7 @@ class Simulation:
         self.collectives: list[Collective] = []
         self.lane_colls: dict[tuple[int, str], list[Collective]] = {}
         self._finished: set[str] = set()
+        self.lanes: dict[str, simpy.Store] = {}
 
     # ---- bookkeeping ------------------------------------------------------------------
     # Events carry (activity index, time): the activity whose end released the waiter.
@@ -194,10 +198,9 @@ class Simulation:
         return ev
 
     def _begin(self, device: str, lane: str, kind: str, name: str, cause: int, it: int, *,
-               usage: int = -1, group: int = -1, t0: float | None = None) -> int:
+               usage: int = -1, group: int = -1) -> int:
         now = self.env.now
-        self.acts.append(Activity(device, lane, kind, name, now if t0 is None else t0, now, cause, it,
-                                  usage, group))
+        self.acts.append(Activity(device, lane, kind, name, now, now, cause, it, usage, group))
         return len(self.acts) - 1
 
     def _end(self, i: int) -> tuple[int, float]:
@@ -263,10 +266,11 @@ class Simulation:
                 sends = w.sends_fwd if kind == "F" else w.sends_bwd
                 if overlap:
                     for s in sends:
-                        self._event(("lane", w.id)).value.put((it, kind, m, s, prev))
+                        self.lanes[w.id].put((it, kind, m, s, prev))
                     continue
                 for s in sends:
-                    i = self._begin(w.id, "p2p", "send", f"{kind} mb{m} -> {s.dst}", prev[0], it, usage=s.usage.key)
+                    i = self._begin(w.id, "p2p", "send", f"{kind} mb{m} -> {s.dst}", prev[0], it,
+                                    usage=s.usage.key)
                     yield from self._transfer(s)
                     prev = self._end(i)
                 for s in sends:
@@ -296,7 +300,8 @@ class Simulation:
         return ev
 
     def _lane(self, device: str):
-        store = self._event(("lane", device)).value
+        """The device's p2p lane: its sends, one after another, in the order issued."""
+        store = self.lanes[device]
         prev = (-1, 0.0)
         while True:
             it, kind, m, s, issued = yield store.get()
@@ -374,7 +379,7 @@ class Simulation:
         self.table.reduce(self.topo.capacity)
         for w in self.work.values():
             if self.opts.overlap:
-                self._event(("lane", w.id)).succeed(simpy.Store(env))
+                self.lanes[w.id] = simpy.Store(env)
                 env.process(self._lane(w.id))
             env.process(self._device(w))
         for c in self.collectives:
@@ -385,7 +390,7 @@ class Simulation:
                             "check the plan's stage wiring (every stage must split the same micro-batch)")
         return SimResult(
             plan=self.plan, cluster=self.cluster, cg=self.cg, options=self.opts, topo=self.topo, table=self.table,
-            log=self.log, work=self.work, rep_of=self.rep_of, chains=self.chains, classes=self.classes, activities=self.acts,
-            memory_events=self.mem, iteration_ends_s=self.iteration_ends, groups=self.groups,
-            collective_steps=self.steps, collectives=self.collectives, num_events=env.num_events, wall_s=time.perf_counter() - t_wall,
-            network_solves=self.net.solves if self.net else 0)
+            log=self.log, work=self.work, rep_of=self.rep_of, chains=self.chains, classes=self.classes,
+            activities=self.acts, memory_events=self.mem, iteration_ends_s=self.iteration_ends, groups=self.groups,
+            collective_steps=self.steps, collectives=self.collectives, num_events=env.num_events,
+            wall_s=time.perf_counter() - t_wall, network_solves=self.net.solves if self.net else 0)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from hetalloc.catalog import DeviceType
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
-from hetalloc.costs import optimizer_time, p2p_time, stage_memory, in_flight_microbatches
+from hetalloc.costs import optimizer_time, p2p_time, stage_memory
 from hetalloc.evaluate import slice_overlaps
 from hetalloc.plan import Plan, Replica, Stage
 from hetalloc.schedule import Op, stage_op_order
@@ -127,11 +127,6 @@ def replica_work(plan: Plan, ri: int, cluster: Cluster, cg: CostGraph,
 def _send(cluster: Cluster, topo: Topology, a: str, b: str, nbytes: float) -> Send:
     path = cluster.path(a, b)
     return Send(b, nbytes, topo.latency_s(a, b), p2p_time(nbytes, path.bandwidth_bytes_per_s, path.latency_s))
-
-
-def in_flight_peak(plan: Plan, w: DeviceWork) -> int:
-    """The formula's in-flight micro-batches, for comparison with the simulated peak."""
-    return in_flight_microbatches(plan.schedule, w.stage, w.num_stages, plan.num_microbatches)
 
 
 # ---- folding ------------------------------------------------------------------------------

@@ -105,6 +105,18 @@ class SimReport:
             "notes": self.notes,
         }
 
+    def memory_timeline(self, device: str) -> list[tuple[float, float]]:
+        """(time in s, bytes in use) on `device` after each change: weights, gradients,
+        optimizer state and buffers throughout, plus the activations in flight."""
+        res = self.result
+        rep = res.rep_of[device]
+        cur = res.work[rep].static_bytes
+        out = [(0.0, cur)]
+        for t, delta in res.memory_events[rep]:
+            cur += delta
+            out.append((t, cur))
+        return out
+
     def save(self, path) -> None:
         atomic_write_json(path, self.to_dict())
 

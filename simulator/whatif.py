@@ -265,7 +265,8 @@ def slow(spec: str) -> Callable[[Case], Case]:
         base = cl.device_types[cl.device(dev).type]
         name = f"{base.name}@x{f:g}"
         derived = DeviceType(name, base.vendor, base.peak_tflops / f, base.memory_gib,
-                             base.mem_bandwidth_gbps / f, base.cost_per_hour_usd, f"{base.name} slowed {f:g}x (what-if)")
+                             base.mem_bandwidth_gbps / f, base.cost_per_hour_usd,
+                             f"{base.name} slowed {f:g}x (what-if)")
         nodes = [Node(n.name, [Device(d.id, name, d.node, d.local_index) if d.id == dev else d for d in n.devices],
                       n.intra, n.nic) for n in cl.nodes]
         cg = case.cg.with_tables({name: _scaled_table(case.cg, base, f, case.global_batch)})
@@ -296,7 +297,8 @@ def fail(spec: str) -> Callable[[Case], Case]:
         elif target in cl.node_by_name:
             nodes = [n for n in _copy_nodes(cl) if n.name != target]
         else:
-            raise _err(spec, f"no device or node '{target}'", f"e.g. --fail {cl.devices[0].id} or --fail {cl.nodes[0].name}")
+            raise _err(spec, f"no device or node '{target}'",
+                       f"e.g. --fail {cl.devices[0].id} or --fail {cl.nodes[0].name}")
         return dataclasses.replace(case, cluster=_rebuild(cl, nodes))
     return apply
 

@@ -238,6 +238,9 @@ def test_peak_memory_matches_the_formula(schedule):
         d = rep.devices[f"n/{i}"]
         assert d["peak_activation_microbatches"] == in_flight_microbatches(schedule, i, 4, 8)
         assert d["peak_memory_bytes"] == pytest.approx(formula[f"n/{i}"].total, rel=1e-12)
+        timeline = rep.memory_timeline(f"n/{i}")
+        assert max(b for _, b in timeline) == pytest.approx(d["peak_memory_bytes"], rel=1e-12)
+        assert timeline[-1][1] == timeline[0][1]  # every micro-batch's activations are freed
 
 
 @pytest.mark.parametrize("nodes", [{"a": 4, "b": 4}, {"a": 4, "b": 2, "c": 1}, {"a": 8}])
