@@ -1,15 +1,16 @@
 """The integer program over stage columns (allocator.columns) for one (R, M).
 
     min (M - 1) tau + sum_col t_col x_col + sigma
-    s.t. every layer l:        sum_{col covers l} x_col = 1
-                               tau   >= sum_{col covers l} t_col x_col
+    s.t. path of stages:       sum_{col starts at 0} x_col = 1, and at every inner boundary j
+                               sum_{col ends at j} x_col = sum_{col starts at j} x_col
+         every layer l:        tau   >= sum_{col covers l} t_col x_col
                                sigma >= sum_{col covers l} tail_col x_col
          every class c:        sum_col counts_c(col) x_col <= N_c / R
          every boundary j:     A_j = A_{j+1} + sum_{col starts at j} x_col    (stages from j on)
          1F1B memory:          A_j + (L - j - amax) x_col <= L - j   for a column ending at j
          tau >= tau_lb (the smallest feasible bottleneck, from the bisection)
 
-Exactly one column covers each layer, so the per-layer sums equal the covering stage's
+The chosen columns form one path from layer 0 to L, so exactly one covers each layer and the per-layer sums equal the covering stage's
 time and tail: tau and sigma are the true maxima, and the objective is the planner
 model's iteration time (allocator.problem). ``feasible`` answers whether any plan has
 every stage within theta (the bisection on the bottleneck stage time).
@@ -26,16 +27,18 @@ from .problem import CountPlan, CountStage, Problem
 
 def _structure(m: Milp, prob: Problem, cols: list[Column], xs: list[int], budget: list[int]) -> bool:
     L = prob.L
-    cover: list[list[int]] = [[] for _ in range(L)]
     starts: list[list[int]] = [[] for _ in range(L + 1)]
+    ends: list[list[int]] = [[] for _ in range(L + 1)]
     for col, x in zip(cols, xs):
-        for l in range(col.i, col.j):
-            cover[l].append(x)
         starts[col.i].append(x)
-    for l in range(L):
-        if not cover[l]:
-            return False
-        m.eq({x: 1 for x in cover[l]}, 1)
+        ends[col.j].append(x)
+    if not starts[0] or not ends[L]:
+        return False
+    # The stages form a path from boundary 0 to boundary L (a flow of one unit): the same
+    # polytope as "every layer covered once", with two nonzeros per column instead of j - i.
+    m.eq({x: 1 for x in starts[0]}, 1)
+    for j in range(1, L):
+        m.eq({**{x: 1 for x in ends[j]}, **{x: -1 for x in starts[j]}}, 0)
     for c in prob.classes:
         terms = {x: col.counts[c.index] for col, x in zip(cols, xs) if col.counts[c.index]}
         if terms:

@@ -4,15 +4,18 @@ in what order, with which incumbent, and what bound is proven at the end.
 Replicas do not enlarge the plan space: R identical replicas of a count-level plan are
 the same computation as one pipeline whose stages have R times the devices and R times
 the micro-batch (same stage times, gradient groups and memory). So for each M the R = 1
-program covers the whole plan space; programs with R > 1 are smaller restrictions that
-find good plans fast when R = 1 is large.
+program covers the whole plan space; programs with R > 1 are smaller restrictions, used
+to find plans when the R = 1 column set is too large to build.
 
-For each (R, M): enumerate the useful stage columns (allocator.columns); if there are
-not too many, find the smallest feasible bottleneck tau* by bisection (feasibility
-programs) and solve the column program with tau >= tau*; otherwise solve the count
-program (allocator.ilp). Any plan at M costs at least M * tau*, which prunes M values
-without a full solve. The proven bound is the minimum over M of what was proved for
-R = 1 (optimum, "nothing below the incumbent", the solver's dual bound, or M * tau*).
+1. Incumbent from fast heuristics (allocator.heuristic).
+2. For every M: enumerate the useful stage columns (allocator.columns), find the
+   smallest feasible bottleneck tau* (bisection on feasibility programs when the set is
+   small, a per-layer bound otherwise) and a cheap lower bound (allocator.bounds);
+   M values whose bound reaches the incumbent are done.
+3. Solve the column programs, most promising (lowest bound) first, each with a share of
+   the remaining time and the incumbent as cutoff; M values left unproven get the rest
+   of the time in a second round.
+The proven bound is the minimum over M of what was proved for that M.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .columns import enumerate_columns
+from .bounds import partition_bound
+from .columns import Column, enumerate_columns
 from .heuristic import heuristic_plan
 from .ilp import build_and_solve
 from .ilp_columns import cheap_bottleneck, min_bottleneck, solve_columns
@@ -35,15 +39,17 @@ program is quick); larger ones use the cheap per-layer bound."""
 
 
 @dataclass
-class PairResult:
-    R: int
+class MState:
+    """What is known about one value of M."""
+
     M: int
-    status: str  # optimal | infeasible | pruned | bounded | time_limit | no_solution
-    plan: CountPlan | None
-    bound: float
-    formulation: str
-    num_vars: int = 0
+    cols: list[Column] | None = None
+    tau_lb: float = 0.0
+    bound: float = -math.inf
+    done: bool = False
+    status: str = "open"  # open | optimal | pruned | infeasible | time_limit | bounded
     seconds: float = 0.0
+    tries: int = 0
 
 
 @dataclass
@@ -61,124 +67,168 @@ class SearchResult:
         return max(0.0, (self.best.objective_s - self.bound) / self.best.objective_s)
 
 
-def solve_pair(prob: Problem, R: int, M: int, timer: StageTimer, incumbent: float, time_limit: float,
-               gap: float = 1e-9, backend: str = "highs", msg: bool = False,
-               formulation: str = "auto") -> PairResult:
-    t0 = time.perf_counter()
-    t_cap = incumbent / M if math.isfinite(incumbent) else math.inf
-    cols = None
-    if formulation in ("auto", "columns"):
-        cols = enumerate_columns(prob, timer, R, M, t_cap, MAX_COLUMNS if formulation == "auto" else 10**9)
-    if cols is not None:
-        if not cols:
-            return PairResult(R, M, "infeasible" if not math.isfinite(incumbent) else "pruned", None,
-                              incumbent, "columns", 0, time.perf_counter() - t0)
-        if len(cols) <= BISECT_COLUMNS:
-            tau_lb = min_bottleneck(prob, cols, R, backend, time_limit)
+class Search:
+    def __init__(self, prob: Problem, time_limit: float, gap: float, backend: str, msg: bool,
+                 progress: Callable[[str], None] | None):
+        self.prob, self.gap, self.backend, self.msg = prob, gap, backend, msg
+        self.t0 = time.perf_counter()
+        self.deadline = self.t0 + time_limit
+        self.say = progress or (lambda s: None)
+        self.timers: dict[int, StageTimer] = {}
+        self.best: CountPlan | None = None
+        self.log: list[dict] = []
+
+    # ---- helpers --------------------------------------------------------------------------
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def timer(self, R: int, M: int) -> StageTimer:
+        b = self.prob.global_batch // (R * M)
+        if b not in self.timers:
+            self.timers[b] = StageTimer(self.prob, b)
+        return self.timers[b]
+
+    @property
+    def incumbent(self) -> float:
+        return self.best.objective_s if self.best else math.inf
+
+    def offer(self, plan: CountPlan | None, R: int, M: int) -> None:
+        if plan is None:
+            return
+        plan = evaluate_counts(self.prob, plan, self.timer(R, M))
+        if math.isfinite(plan.objective_s) and plan.objective_s < self.incumbent:
+            self.best = plan
+
+    def record(self, st: MState, what: str, **kw) -> None:
+        self.log.append({"M": st.M, "step": what, "status": st.status, "bound": st.bound,
+                         "seconds": round(st.seconds, 4), **kw})
+        self.say(f"M={st.M:<4} {what:<10} {st.status:<10} bound={st.bound:.5g} "
+                 f"best={self.incumbent:.5g} ({st.seconds:.2f}s)")
+
+    # ---- steps --------------------------------------------------------------------------
+    def prepare(self, st: MState) -> None:
+        """Columns, bottleneck bound and the cheap bound; prune if it reaches the incumbent."""
+        t0 = time.perf_counter()
+        prob, M, inc = self.prob, st.M, self.incumbent
+        t_cap = inc / M if math.isfinite(inc) else math.inf
+        st.cols = enumerate_columns(prob, self.timer(1, M), 1, M, t_cap, MAX_COLUMNS)
+        if st.cols is None:
+            st.status = "open"
+        elif not st.cols:
+            st.done, st.bound = True, (inc if math.isfinite(inc) else math.inf)
+            st.status = "pruned" if math.isfinite(inc) else "infeasible"
         else:
-            tau_lb = cheap_bottleneck(prob, cols)
-        if not math.isfinite(tau_lb):
-            return PairResult(R, M, "infeasible" if not math.isfinite(incumbent) else "pruned", None,
-                              incumbent, "columns", 0, time.perf_counter() - t0)
-        if M * tau_lb >= incumbent:
-            return PairResult(R, M, "pruned", None, M * tau_lb, "columns", 0, time.perf_counter() - t0)
-        left = max(0.05, time_limit - (time.perf_counter() - t0))
-        res, plan, nv, _ = solve_columns(prob, cols, R, M, tau_lb=tau_lb, incumbent=incumbent, time_limit=left,
-                                         gap=gap, backend=backend, msg=msg)
-        lb = M * tau_lb
-        form = "columns"
-    else:
-        # Too many columns: the count program's LP relaxation bounds this M (and often
-        # proves that nothing here beats the incumbent).
-        res0 = build_and_solve(prob, R, M, incumbent=incumbent, time_limit=time_limit, gap=gap, backend=backend,
-                               msg=msg, timer=timer, relax=True)
-        res, plan, nv, form = res0.milp, None, res0.num_vars, "lp-bound"
-        lb = -math.inf
-        if res is not None and res.status == "optimal":
-            return PairResult(R, M, "bounded", None, res.objective, form, nv, time.perf_counter() - t0)
-    secs = time.perf_counter() - t0
-    if res is None:
-        return PairResult(R, M, "infeasible", None, incumbent, form, nv, secs)
-    if plan is not None:
-        plan = evaluate_counts(prob, plan, timer)
-    if res.status == "optimal":
-        return PairResult(R, M, "optimal", plan, plan.objective_s if plan else res.objective, form, nv, secs)
-    if res.status == "infeasible":
-        return PairResult(R, M, "pruned" if math.isfinite(incumbent) else "infeasible", None,
-                          incumbent, form, nv, secs)
-    bound = max(lb, res.bound if math.isfinite(res.bound) else -math.inf)
-    return PairResult(R, M, "time_limit" if plan else "no_solution", plan, bound, form, nv, secs)
+            if len(st.cols) <= BISECT_COLUMNS:
+                st.tau_lb = min_bottleneck(prob, st.cols, 1, self.backend, max(1.0, self.left()))
+            else:
+                st.tau_lb = cheap_bottleneck(prob, st.cols)
+            if not math.isfinite(st.tau_lb):
+                st.done, st.bound = True, (inc if math.isfinite(inc) else math.inf)
+                st.status = "pruned" if math.isfinite(inc) else "infeasible"
+            else:
+                tmin: dict[tuple[int, int], float] = {}
+                for c in st.cols:
+                    if c.t < tmin.get((c.i, c.j), math.inf):
+                        tmin[(c.i, c.j)] = c.t
+                st.bound = partition_bound(prob.L, tmin, M, st.tau_lb, stop_at=inc)
+                if st.bound >= inc:
+                    st.done, st.status = True, "pruned"
+        st.seconds += time.perf_counter() - t0
+        self.record(st, "bound", columns=None if st.cols is None else len(st.cols))
+
+    def solve(self, st: MState, budget: float) -> None:
+        t0 = time.perf_counter()
+        st.tries += 1
+        prob, M, inc = self.prob, st.M, self.incumbent
+        if st.cols is not None:
+            res, plan, nv, _ = solve_columns(prob, st.cols, 1, M, tau_lb=st.tau_lb, incumbent=inc,
+                                             time_limit=budget, gap=min(self.gap, 1e-6), backend=self.backend,
+                                             msg=self.msg)
+            self.offer(plan, 1, M)
+            if res is None or res.status == "infeasible":
+                st.done, st.status = True, ("pruned" if math.isfinite(inc) else "infeasible")
+                st.bound = max(st.bound, inc)
+            elif res.status == "optimal":
+                st.done, st.status = True, "optimal"
+                st.bound = max(st.bound, min(res.objective, self.incumbent))
+            else:
+                st.status = "time_limit"
+                if math.isfinite(res.bound):
+                    st.bound = max(st.bound, res.bound)
+            st.seconds += time.perf_counter() - t0
+            self.record(st, "solve", vars=nv)
+            return
+        # Too many columns for R = 1: plans from restricted programs (R > 1), and the
+        # count program's LP relaxation as the bound for this M.
+        for R in sorted((R for R, MM in prob.candidates() if MM == M and R > 1), reverse=True):
+            if self.left() <= 0.05 or time.perf_counter() - t0 > budget / 2:
+                break
+            cols = enumerate_columns(prob, self.timer(R, M), R, M,
+                                     self.incumbent / M if math.isfinite(self.incumbent) else math.inf, MAX_COLUMNS)
+            if not cols:
+                continue
+            tl = cheap_bottleneck(prob, cols)
+            if not math.isfinite(tl):
+                continue
+            _, plan, _, _ = solve_columns(prob, cols, R, M, tau_lb=tl, incumbent=self.incumbent,
+                                          time_limit=max(0.5, budget / 4), gap=self.gap, backend=self.backend)
+            self.offer(plan, R, M)
+        r = build_and_solve(prob, 1, M, incumbent=self.incumbent, time_limit=max(1.0, budget / 2), gap=self.gap,
+                            backend=self.backend, timer=self.timer(1, M), relax=True)
+        if r.milp is not None and r.milp.status == "infeasible":
+            st.done, st.status, st.bound = True, "pruned", max(st.bound, self.incumbent)
+        elif r.milp is not None and r.milp.status == "optimal":
+            st.done, st.status = True, "bounded"
+            st.bound = max(st.bound, r.milp.objective)
+        st.seconds += time.perf_counter() - t0
+        self.record(st, "lp-bound", vars=r.num_vars)
+
+    def run(self) -> SearchResult:
+        prob = self.prob
+        cands = prob.candidates()
+        per_m: dict[int, float] = {}
+        for R, M in cands:
+            if self.left() <= 0:
+                break
+            h = heuristic_plan(prob, R, M)
+            if h is not None:
+                per_m[M] = min(per_m.get(M, math.inf), h.objective_s)
+                if h.objective_s < self.incumbent:
+                    self.best = h
+        self.say(f"heuristic incumbent: {self.incumbent:.5g} s")
+        states = [MState(M) for M in sorted({M for _, M in cands}, key=lambda m: (per_m.get(m, math.inf), m))]
+        for st in states:
+            if self.left() <= 0.05:
+                break
+            self.prepare(st)
+        # Solve, lowest bound first; then give what is left to the unproven ones.
+        for rnd in range(2):
+            todo = sorted((s for s in states if not s.done and s.bound < self.incumbent),
+                          key=lambda s: (s.bound, s.M))
+            for k, st in enumerate(todo):
+                left = self.left()
+                if left <= 0.05:
+                    break
+                if st.bound >= self.incumbent:
+                    st.done, st.status = True, "pruned"
+                    continue
+                budget = left / (len(todo) - k) if rnd == 0 else left
+                self.solve(st, budget)
+        for st in states:  # what a state proved may now reach the improved incumbent
+            if not st.done and st.bound >= self.incumbent:
+                st.done, st.status = True, "pruned"
+        bound = min((s.bound for s in states), default=math.inf)
+        if self.best is not None:
+            bound = min(bound, self.best.objective_s)
+        elapsed = time.perf_counter() - self.t0
+        if self.best is None:
+            status = "infeasible" if all(s.done for s in states) else "time_limit"
+        else:
+            g = (self.best.objective_s - bound) / self.best.objective_s if math.isfinite(bound) else math.inf
+            status = "optimal" if g <= self.gap + 1e-12 else "time_limit"
+        return SearchResult(self.best, bound, status, elapsed, self.log)
 
 
 def search(prob: Problem, *, time_limit: float = 30.0, gap: float = 1e-4, backend: str = "highs",
            msg: bool = False, progress: Callable[[str], None] | None = None) -> SearchResult:
-    t0 = time.perf_counter()
-    deadline = t0 + time_limit
-    say = progress or (lambda s: None)
-    cands = prob.candidates()
-    timers: dict[int, StageTimer] = {}
-
-    def timer_for(R, M):
-        b = prob.global_batch // (R * M)
-        if b not in timers:
-            timers[b] = StageTimer(prob, b)
-        return timers[b]
-
-    best: CountPlan | None = None
-    per_m: dict[int, float] = {}
-    for R, M in cands:
-        h = heuristic_plan(prob, R, M)
-        if h is not None:
-            per_m[M] = min(per_m.get(M, math.inf), h.objective_s)
-            if best is None or h.objective_s < best.objective_s:
-                best = h
-    say(f"heuristic incumbent: {best.objective_s:.4f} s" if best else "heuristics found no feasible plan")
-    solves: list[dict] = []
-    bound_m: dict[int, float] = {}
-    ms = sorted({M for _, M in cands}, key=lambda m: (per_m.get(m, math.inf), m))
-    # First pass: R = 1 for every M (the whole plan space); restrictions with R > 1 only
-    # when the R = 1 program did not finish, to improve the incumbent.
-    queue = [(1, M) for M in ms]
-    retry: list[int] = []
-    for R, M in queue:
-        left = deadline - time.perf_counter()
-        if left <= 0.05:
-            break
-        budget = left / max(1, len(ms) - len(bound_m))
-        inc = best.objective_s if best else math.inf
-        r = solve_pair(prob, R, M, timer_for(R, M), inc, budget, gap=min(gap, 1e-6), backend=backend, msg=msg)
-        rec = {"R": R, "M": M, "status": r.status, "formulation": r.formulation, "vars": r.num_vars,
-               "seconds": round(r.seconds, 4), "bound": r.bound,
-               "objective": r.plan.objective_s if r.plan else math.inf}
-        solves.append(rec)
-        if r.plan is not None and math.isfinite(r.plan.objective_s) and (best is None or r.plan.objective_s < best.objective_s):
-            best = r.plan
-        bound_m[M] = r.bound if r.status != "infeasible" else math.inf
-        if r.status in ("time_limit", "no_solution", "bounded"):
-            retry.append(M)
-        say(f"M={M:<4} R=1 {r.status:<11} {r.formulation:<7} vars={r.num_vars:<6} {r.seconds:6.2f}s "
-            f"best={best.objective_s if best else math.inf:.5f}")
-    for M in retry:
-        for R in sorted((R for R, MM in cands if MM == M and R > 1), reverse=True):
-            left = deadline - time.perf_counter()
-            if left <= 0.05:
-                break
-            inc = best.objective_s if best else math.inf
-            r = solve_pair(prob, R, M, timer_for(R, M), inc, min(left, max(1.0, left / 4)), gap=gap,
-                           backend=backend, msg=msg)
-            solves.append({"R": R, "M": M, "status": r.status, "formulation": r.formulation,
-                           "vars": r.num_vars, "seconds": round(r.seconds, 4), "bound": r.bound,
-                           "objective": r.plan.objective_s if r.plan else math.inf})
-            if r.plan is not None and math.isfinite(r.plan.objective_s) and (best is None or r.plan.objective_s < best.objective_s):
-                best = r.plan
-    bound = min((bound_m.get(M, -math.inf) for M in ms), default=math.inf)
-    if best is not None:
-        bound = min(bound, best.objective_s)
-    elapsed = time.perf_counter() - t0
-    if best is None:
-        status = "infeasible" if len(bound_m) == len(ms) and all(not math.isfinite(b) for b in bound_m.values()) \
-            else "time_limit"
-    else:
-        g = (best.objective_s - bound) / best.objective_s if math.isfinite(bound) else math.inf
-        status = "optimal" if g <= gap + 1e-12 else "time_limit"
-    return SearchResult(best, bound, status, elapsed, solves)
+    return Search(prob, time_limit, gap, backend, msg, progress).run()
