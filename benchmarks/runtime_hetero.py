@@ -13,7 +13,6 @@ terms; the comparison that matters is measured planner vs measured even split.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

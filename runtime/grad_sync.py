@@ -153,7 +153,7 @@ class GradSync:
             at += n
         b = Bucket(params, seg.ranks, param_flat, grad_flat, groups.get(seg.ranks))
         if self.algorithm == "param_server":
-            b.shards = [(a, n, owner) for (a, n), owner in zip(_split(numel, len(seg.ranks)), seg.ranks)]
+            b.shards = [(a, n, owner) for (a, n), owner in zip(_split(numel, len(seg.ranks)), seg.ranks) if n > 0]
         by_node = groups.split_by_node(seg.ranks)
         if self.algorithm == "hierarchical" and len(by_node) > 1:
             mine = next(r for r in by_node if self.rank in r)

@@ -32,6 +32,11 @@ class RunFailed(HetallocError):
     """The launched training exited with an error."""
 
 
+LAUNCH_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+"""Set for every launch: a fresh rendezvous store per restart, so ranks restarted by
+--max-restarts never read the previous attempt's addresses (pytorch/pytorch#135712)."""
+
+
 @dataclass(frozen=True, slots=True)
 class NodeCommand:
     node: str
@@ -40,7 +45,7 @@ class NodeCommand:
     argv: list[str]
 
     def shell(self) -> str:
-        return " ".join(shlex.quote(a) for a in self.argv)
+        return " ".join([*(f"{k}={v}" for k, v in LAUNCH_ENV.items()), *(shlex.quote(a) for a in self.argv)])
 
 
 def free_port() -> int:
@@ -52,6 +57,8 @@ def free_port() -> int:
 def local_env(nproc: int, base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for ranks on this machine: gloo on loopback, threads split over ranks."""
     env = dict(os.environ if base is None else base)
+    for k, v in LAUNCH_ENV.items():
+        env.setdefault(k, v)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     env.setdefault("PYTHONUNBUFFERED", "1")

@@ -28,6 +28,7 @@ from hetalloc.errors import SpecError
 from hetalloc.models import TransformerShape
 
 FAMILIES = ("gpt", "bert", "mlp")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 # ---- layers ----------------------------------------------------------------------------

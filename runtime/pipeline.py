@@ -135,11 +135,12 @@ class PipelineExecutor:
             out.append((buf, dist.irecv(buf, src=peer, tag=_tag(kind, m))))
         return out
 
-    def _send(self, kind: str, m: int, tensor: torch.Tensor, sends: list[dist.Work]) -> None:
+    def _send(self, kind: str, m: int, tensor: torch.Tensor, sends: list[tuple[dist.Work, torch.Tensor]]) -> None:
         peers = self.role.send_to if kind == "F" else self.role.recv_from
         pieces = tensor.detach().split([n for _, n in peers])
         for (peer, _), piece in zip(peers, pieces):
-            sends.append(dist.isend(piece.contiguous(), dst=peer, tag=_tag(kind, m)))
+            piece = piece.contiguous()
+            sends.append((dist.isend(piece, dst=peer, tag=_tag(kind, m)), piece))  # keep the piece alive
 
     @staticmethod
     def _wait(recvs: list[tuple[torch.Tensor, dist.Work]], times: StepTimes) -> torch.Tensor:
@@ -159,7 +160,7 @@ class PipelineExecutor:
         posted: dict[tuple[str, int], list] = {}
         next_post = 0
         in_flight: dict[int, _InFlight] = {}
-        sends: list[dist.Work] = []
+        sends: list[tuple[dist.Work, torch.Tensor]] = []
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
 
         def post_upto(j: int) -> None:
@@ -194,7 +195,7 @@ class PipelineExecutor:
                     self._send("B", m, state.inputs.grad, sends)
             del posted[(kind, m)]
         t0 = time.perf_counter()
-        for w in sends:
-            w.wait()
+        for work, _ in sends:
+            work.wait()
         times.p2p_wait_s += time.perf_counter() - t0
         return loss_total

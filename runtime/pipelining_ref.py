@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from hetalloc.errors import HetallocError, SpecError
+from hetalloc.errors import SpecError
 from hetalloc.fileio import atomic_write_json
 from hetalloc.models import resolve_model
 from hetalloc.plan import load_plan
@@ -32,7 +32,7 @@ from hetalloc.plan import load_plan
 from .config import TrainConfig
 from .models import StageModule, build_model, token_loss_sum
 from .optim import build_optimizer
-from .train import Trainer
+from .train import Trainer, run_entry
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -100,17 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", default="out/pipelining_ref")
     a = p.parse_args(argv)
-    try:
-        run(a.plan, a.steps, a.out)
-    except HetallocError as e:
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
-
+    return run_entry(lambda: run(a.plan, a.steps, a.out))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,11 +10,8 @@ from hetalloc.plan import Plan
 
 from .config import TrainConfig
 from .datasets import TokenDataset
-from .models import build_model, token_loss_sum
+from .models import DTYPES, build_model, token_loss_sum
 from .optim import build_optimizer
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
 
 def reference_run(plan: Plan, cfg: TrainConfig, *, model: str | None = None
                   ) -> tuple[list[float], dict[str, torch.Tensor]]:

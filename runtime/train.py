@@ -17,7 +17,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -33,13 +33,10 @@ from .config import TrainConfig, parse_slowdown
 from .datasets import TokenDataset, device_samples
 from .grad_sync import GradSync, ProcessGroups
 from .metrics import MetricsWriter, StepTimes, build_summary, mean_times, step_line, summary_table
-from .models import StageModule, build_model, layer_param_counts
+from .models import DTYPES, StageModule, build_model, layer_param_counts
 from .optim import build_optimizer
 from .pipeline import PipelineExecutor, stage_role
 from .rankmap import LaunchInfo, check_launch, rank_map
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
 
 @dataclass
 class Runtime:
@@ -75,11 +72,26 @@ def setup(plan: Plan, cluster: Cluster, node: str | None = None) -> Runtime:
         device, backend = torch.device("cuda", info.local_rank), "nccl"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # a single process started without torchrun
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size)
+        _init_process_group(backend, info)
     return Runtime(info, device, backend)
+
+
+def _init_process_group(backend: str, info: LaunchInfo) -> None:
+    if "MASTER_ADDR" not in os.environ:  # a single process started without torchrun
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=info.rank,
+                                world_size=info.world_size)
+    elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun shares its rendezvous store with the workers and keeps it across restarts
+        # (--max-restarts): without a prefix per attempt, restarted ranks read the dead
+        # ranks' gloo addresses and fail to connect (pytorch/pytorch#135712). Our launcher
+        # sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 instead, which also holds across nodes.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
+                              is_master=False)
+        dist.init_process_group(backend, store=dist.PrefixStore(f"/hetalloc/attempt_{attempt}", store),
+                                rank=info.rank, world_size=info.world_size)
+    else:
+        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size)
 
 
 def check_model(shape: TransformerShape, plan: Plan, counts: list[int], cg_params: list[int]) -> list[str]:
@@ -276,14 +288,11 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
                        tensorboard=a.tensorboard, fail_at_step=a.fail_at_step, fail_rank=a.fail_rank)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_entry(body: Callable[[], object]) -> int:
+    """Run an entry point's body: a HetallocError becomes one line on stderr (once per
+    node), and the process group is torn down whatever happens. Returns the exit code."""
     try:
-        try:
-            cfg = config_from_args(args)
-        except ValueError as e:
-            raise SpecError("arguments", "", str(e)) from None
-        train(load_plan(args.plan), cfg, model=args.model, node=args.plan_node)
+        body()
     except HetallocError as e:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -292,6 +301,19 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def body() -> None:
+        try:
+            cfg = config_from_args(args)
+        except ValueError as e:
+            raise SpecError("arguments", "", str(e)) from None
+        train(load_plan(args.plan), cfg, model=args.model, node=args.plan_node)
+
+    return run_entry(body)
 
 
 if __name__ == "__main__":
