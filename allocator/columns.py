@@ -192,3 +192,22 @@ def enumerate_columns(prob: Problem, timer: StageTimer, R: int, M: int, t_cap: f
             if len(cols) > max_columns:
                 return None
     return cols
+
+
+def full_budget_times(prob: Problem, timer: StageTimer, M: int, t_cap: float) -> dict[tuple[int, int], float]:
+    """For every range, its time if the whole budget served it (a lower bound on any
+    column's time; the "at least one sample per device" rule is dropped)."""
+    gpipe = prob.schedule == "gpipe"
+    budget = [c.count for c in prob.classes]
+    out = {}
+    for i in range(prob.L):
+        for j in range(i + 1, prob.L + 1):
+            rt = RangeTimes(prob, timer, i, j, t_cap, budget, M if gpipe else 1)
+            if not rt.ts:
+                continue
+            levels = sorted({t for ts in rt.ts.values() for t in ts})
+            for th in levels:
+                if sum(budget[ci] * bisect.bisect_right(ts, th * (1 + 1e-12)) for ci, ts in rt.ts.items()) >= timer.b:
+                    out[(i, j)] = th
+                    break
+    return out

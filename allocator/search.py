@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .bounds import partition_bound
-from .columns import Column, enumerate_columns
+from .bounds import fluid_bottleneck, partition_bound
+from .columns import Column, enumerate_columns, full_budget_times
 from .heuristic import heuristic_plan
 from .ilp import build_and_solve
 from .ilp_columns import cheap_bottleneck, min_bottleneck, solve_columns
@@ -111,9 +111,19 @@ class Search:
         t0 = time.perf_counter()
         prob, M, inc = self.prob, st.M, self.incumbent
         t_cap = inc / M if math.isfinite(inc) else math.inf
+        # Devices shared among stages, fractionally: a bound on the bottleneck.
+        fluid = fluid_bottleneck(prob, self.timer(1, M), M, t_cap, self.backend, deadline=self.deadline)
         st.cols = enumerate_columns(prob, self.timer(1, M), 1, M, t_cap, MAX_COLUMNS)
-        if st.cols is None:
-            st.status = "open"
+        if not math.isfinite(fluid) or (math.isfinite(inc) and M * fluid >= inc):
+            st.done, st.bound = True, (inc if math.isfinite(inc) else math.inf)
+            st.status = "pruned" if math.isfinite(inc) else "infeasible"
+        elif st.cols is None:
+            # Too many columns to build: bound with every range given the whole budget.
+            st.tau_lb = fluid
+            tmin = full_budget_times(prob, self.timer(1, M), M, t_cap)
+            st.bound = partition_bound(prob.L, tmin, M, fluid, stop_at=inc)
+            if st.bound >= inc:
+                st.done, st.status = True, "pruned"
         elif not st.cols:
             st.done, st.bound = True, (inc if math.isfinite(inc) else math.inf)
             st.status = "pruned" if math.isfinite(inc) else "infeasible"
@@ -121,7 +131,7 @@ class Search:
             if len(st.cols) <= BISECT_COLUMNS:
                 st.tau_lb = min_bottleneck(prob, st.cols, 1, self.backend, max(1.0, self.left()))
             else:
-                st.tau_lb = cheap_bottleneck(prob, st.cols)
+                st.tau_lb = max(fluid, cheap_bottleneck(prob, st.cols))
             if not math.isfinite(st.tau_lb):
                 st.done, st.bound = True, (inc if math.isfinite(inc) else math.inf)
                 st.status = "pruned" if math.isfinite(inc) else "infeasible"
