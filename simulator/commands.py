@@ -265,7 +265,7 @@ def _print_rows(rows: list[dict[str, Any]], args, best) -> None:
     from rich.table import Table
     con = _console()
     t = Table(title="What-if (simulated seconds per iteration)")
-    cols = ["scenario", "devices", "old plan s", "re-plan s", "vs base", "$/h", "$/iteration"]
+    cols = ["scenario", "devices", "old plan s", "re-plan s", "vs base", "$/h", "$/iteration", "samples/$"]
     if args.steps:
         cols += ["hours", "$ total"]
     for c in cols:
@@ -277,7 +277,8 @@ def _print_rows(rows: list[dict[str, Any]], args, best) -> None:
         old = _fmt(r["old_plan_s"], ".4g", "invalid" if r["old_plan_note"] else "—")
         cells = [r["scenario"], str(r["devices"]), old,
                  _fmt(r["replan_s"]), _fmt(r.get("speedup_vs_base"), ".2f") + ("x" if r.get("speedup_vs_base") else ""),
-                 _fmt(r["cost_per_hour_usd"], ",.2f"), _fmt(r["usd_per_iteration"], ".4f")]
+                 _fmt(r["cost_per_hour_usd"], ",.2f"), _fmt(r["usd_per_iteration"], ".4f"),
+                 _fmt(r.get("samples_per_usd"), ",.0f")]
         if args.steps:
             cells += [_fmt(r.get("total_hours"), ",.1f"), _fmt(r.get("total_usd"), ",.0f")]
         t.add_row(*cells)

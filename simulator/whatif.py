@@ -480,6 +480,8 @@ def evaluate(name: str, case: Case, like: Plan, opts: WhatIfOptions, *, do_repla
     best = min((t for t in (row["old_plan_s"], row["replan_s"]) if t), default=None)
     row["best_s"] = best
     row["usd_per_iteration"] = row["cost_per_hour_usd"] * best / 3600 if best else None
+    usd = row["usd_per_iteration"]
+    row["samples_per_usd"] = case.global_batch / usd if usd else None
     return row
 
 

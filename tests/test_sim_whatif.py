@@ -123,4 +123,5 @@ def test_run_rows_and_sweeps(lab):
     assert times[0] > times[1] >= times[2]  # more NIC bandwidth never hurts
     price = rows[0]["cost_per_hour_usd"]
     assert rows[0]["usd_per_iteration"] == pytest.approx(price * rows[0]["best_s"] / 3600)
+    assert rows[0]["samples_per_usd"] == pytest.approx(64 / rows[0]["usd_per_iteration"])
     assert rows[-1]["old_plan_s"] is None and rows[-1]["replan_s"] > 0
