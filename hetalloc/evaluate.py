@@ -235,8 +235,11 @@ def predict(plan: Plan, cluster: Cluster, cg: CostGraph) -> Prediction:
     frac = {d: mem[d].total / usable_memory(cluster.dtype(d)) for d in mem}
     by_alg = {}
     for alg in ("ring", "hierarchical", "param_server"):
-        by_alg[alg] = max((sum(g.time_s for g in sync_groups(plan, cluster, cg, alg) if d in g.devices)
-                           for d in placement), default=0.0)
+        per_device: dict[str, float] = {}
+        for g in sync_groups(plan, cluster, cg, alg):  # once per algorithm, not once per device
+            for d in g.devices:
+                per_device[d] = per_device.get(d, 0.0) + g.time_s
+        by_alg[alg] = max((per_device.get(d, 0.0) for d in placement), default=0.0)
     samples = plan.global_batch
     return Prediction(
         iteration_time_s=iteration,

@@ -1,0 +1,93 @@
+"""Solve time and proven gap of the planner versus cluster size and model depth.
+
+Clusters: lab-16 (2 types), mix-64 (3 types), mix-256 (mix-64 with 4x the nodes) and
+fleet-1024 (4 types). Models by depth: gpt3-1.3b (24 blocks), gpt3-2.7b (32),
+gpt2-xl (48), gpt3-175b at seq 512 (96; 175B at full context does not fit without
+activation recomputation, which is outside the plan space).
+
+Targets (issue 2, this 2-core machine): <= 5 s to proven optimality for 64 GPUs x 32
+layers; <= 60 s with gap <= 1 % for 1024 GPUs x 96 layers.
+
+    python benchmarks/solve_time.py [--time-limit 60] [--quick]
+
+Prints a table and writes benchmarks/out/solve_time.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from allocator.problem import Problem
+from allocator.search import search
+from hetalloc.cluster import cluster_from_dict, load_cluster
+from hetalloc.costgraph import analytic_cost_graph
+from hetalloc.fileio import atomic_write_json
+from hetalloc.models import get_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def clusters():
+    lab = load_cluster(ROOT / "examples" / "lab-16.yaml")
+    mix = load_cluster(ROOT / "examples" / "mix-64.yaml")
+    raw = yaml.safe_load((ROOT / "examples" / "mix-64.yaml").read_text())
+    big = copy.deepcopy(raw)
+    big["name"] = "mix-256"
+    for n in big["nodes"]:
+        n["count"] = n.get("count", 1) * 4
+    fleet = load_cluster(ROOT / "examples" / "fleet-1024.yaml")
+    return [lab, mix, cluster_from_dict(big, "mix-256 (mix-64 x 4)"), fleet]
+
+
+MODELS = [("gpt3-1.3b", 2048), ("gpt3-2.7b", 2048), ("gpt2-xl", 1024), ("gpt3-175b", 512)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--time-limit", type=float, default=60.0)
+    ap.add_argument("--quick", action="store_true", help="only the two target instances")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "solve_time.json"))
+    args = ap.parse_args()
+    rows = []
+    for cl in clusters():
+        B = 64 if cl.num_devices <= 16 else (512 if cl.num_devices <= 256 else 2048)
+        for model, seq in MODELS:
+            target = (cl.num_devices, model) in ((64, "gpt3-2.7b"), (1024, "gpt3-175b"))
+            if args.quick and not target:
+                continue
+            cg = analytic_cost_graph(get_model(model), seq)
+            prob = Problem(cl, cg, B)
+            t0 = time.perf_counter()
+            res = search(prob, time_limit=args.time_limit)
+            row = {"cluster": cl.name, "devices": cl.num_devices, "types": len(cl.type_counts()),
+                   "nodes": len(cl.nodes), "model": model, "layers": cg.num_layers, "global_batch": B,
+                   "seconds": time.perf_counter() - t0, "status": res.status,
+                   "objective_s": res.best.objective_s if res.best else math.inf,
+                   "bound_s": res.bound, "gap": res.gap}
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    t = Table(title=f"planner solve time (limit {args.time_limit:g} s)")
+    for c in ("cluster", "GPUs", "types", "model", "layers", "seconds", "status", "objective s", "gap"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r["cluster"], str(r["devices"]), str(r["types"]), r["model"], str(r["layers"]),
+                  f"{r['seconds']:.1f}", r["status"], f"{r['objective_s']:.4g}",
+                  f"{r['gap']:.2%}" if math.isfinite(r["gap"]) else "unknown")
+    Console(width=160).print(t)
+    atomic_write_json(args.out, {"time_limit_s": args.time_limit, "rows": rows})
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
