@@ -4,8 +4,8 @@ one with contention and overlap off (must agree within 1 %), with link contentio
 with contention and overlap (the default); differences above 5 % are explained by
 switching the effects on one at a time.
 
-Run:  python benchmarks/sim_accuracy.py [--time-limit 5]
-Prints a table; writes benchmarks/out/sim_accuracy.json.
+Run:  python benchmarks/sim_agreement.py [--time-limit 5]
+Prints a table; writes benchmarks/out/sim_agreement.json.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from test_sim_agreement import INSTANCES, chained, example_plans  # noqa: E402  
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--time-limit", type=float, default=5.0, help="planner time limit per instance (s)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "sim_accuracy.json"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "sim_agreement.json"))
     args = ap.parse_args()
     rows = []
     print(f"{'instance':<28} {'plan':<18} {'predicted s':>11} {'reference':>10} {'+contention':>12} "
@@ -60,7 +60,7 @@ def main() -> int:
                   f"reference {100 * r['reference_error']:+.2f}% vs formulas")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "sim_accuracy", "rows": rows}, indent=2))
+    out.write_text(json.dumps({"benchmark": "sim_agreement", "rows": rows}, indent=2))
     print(f"wrote {out}")
     return 0
 
