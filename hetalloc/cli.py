@@ -115,6 +115,9 @@ def cmd_demo(args) -> int:
     con.print(f"wrote {out / 'plan.json'}")
     for extra in DEMO_STEPS:
         extra(plan, cluster, cg, out, con, args)
+    if args.run:
+        from runtime.loop import closed_loop  # torch is only imported for --run
+        closed_loop(out / "loop", console=con)
     return 0
 
 
@@ -180,10 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo-out", help="directory for plan.json and other outputs")
     d.add_argument("--model", default="gpt2-xl", help="model (default gpt2-xl)")
     d.add_argument("--global-batch", type=int, default=64, help="samples per iteration (default 64)")
-    d.add_argument("--time-limit", type=float, default=20.0, help="solver time limit, seconds")
+    d.add_argument("--time-limit", type=float, default=30.0, help="solver time limit, seconds")
+    d.add_argument("--run", action="store_true",
+                   help="also close the loop on this machine: profile 2 CPU ranks (one slowed down), plan, "
+                        "simulate, train with torchrun, and print predicted vs measured step time")
     d.set_defaults(func=cmd_demo)
 
-    for mod in ("simulator.commands", "runtime.commands"):
+    for mod in ("simulator.commands", "runtime.commands", "runtime.profile_cli"):
         try:
             module = __import__(mod, fromlist=["register"])
         except ImportError:
