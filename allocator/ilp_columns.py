@@ -43,6 +43,8 @@ def _structure(m: Milp, prob: Problem, cols: list[Column], xs: list[int], budget
         terms = {x: col.counts[c.index] for col, x in zip(cols, xs) if col.counts[c.index]}
         if terms:
             m.le(terms, budget[c.index])
+    if prob.interchangeable_blocks:
+        _order_interior_stages(m, cols, xs, starts, ends, L)
     deep = [(col, x) for col, x in zip(cols, xs) if col.amax < L - col.j]
     if deep:
         A = [m.var(f"A[{j}]", 0, L) for j in range(L + 1)]
@@ -53,6 +55,33 @@ def _structure(m: Milp, prob: Problem, cols: list[Column], xs: list[int], budget
             U = L - col.j
             m.le({A[col.j]: 1, x: U - col.amax}, U)
     return True
+
+
+def _order_interior_stages(m: Milp, cols: list[Column], xs: list[int], starts, ends, L: int) -> None:
+    """Symmetry breaking when the inner layers are identical blocks: inner stages (neither
+    first nor last) can be permuted without changing any cost, and sorting them by how
+    deep they may sit (amax, descending) keeps a memory-feasible order feasible. So only
+    plans whose inner stages are in descending canonical order are kept: one of each
+    family of equivalent plans, and the branch-and-bound no longer explores permutations."""
+    col_of = dict(zip(xs, cols))
+    # The key leaves the time out: equal inner stages at different places differ in it by
+    # float round-off only, and (amax, length, counts) already determines it.
+    inner = sorted({(c.amax, c.j - c.i, c.counts) for c in cols if c.i > 0 and c.j < L})
+    rank = {key: r + 1 for r, key in enumerate(inner)}
+    top = len(inner) + 1
+    for j in range(1, L):
+        terms: dict[int, float] = {}
+        for x in starts[j]:
+            c = col_of[x]
+            if c.j < L:  # the next stage is inner: its rank may not exceed the previous one's
+                terms[x] = terms.get(x, 0.0) + rank[(c.amax, c.j - c.i, c.counts)]
+        if not terms:
+            continue
+        for x in ends[j]:
+            c = col_of[x]
+            r = top if c.i == 0 else rank[(c.amax, c.j - c.i, c.counts)]
+            terms[x] = terms.get(x, 0.0) - r
+        m.le(terms, 0)
 
 
 def feasible(prob: Problem, cols: list[Column], R: int, theta: float, backend: str = "highs",

@@ -141,6 +141,22 @@ class Problem:
     def precision(self) -> str:
         return self.cg.precision
 
+    @cached_property
+    def interchangeable_blocks(self) -> bool:
+        """Are all layers between the first and the last identical (same sizes, same times
+        on every device type)? Then inner stages of equal length cost the same anywhere."""
+        inner = self.cg.layers[1:-1]
+        if len(inner) < 2 or any(l.kind != inner[0].kind for l in inner):
+            return False
+        key = lambda l: (l.params, l.fwd_flops, l.out_act_bytes, l.saved_act_bytes)  # noqa: E731
+        if any(key(l) != key(inner[0]) for l in inner):
+            return False
+        for t in self.cg.tables.values():
+            rows = list(zip(t.fwd_s[1:-1], t.bwd_s[1:-1]))
+            if any(r != rows[0] for r in rows):
+                return False
+        return True
+
     def candidates(self) -> list[tuple[int, int]]:
         """(R, M) pairs: R identical replicas, M micro-batches, R * M divides B."""
         B = self.global_batch

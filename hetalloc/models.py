@@ -168,7 +168,7 @@ def layer_shapes(m: TransformerShape, seq: int, act_bytes: int) -> list[LayerSha
     else:
         attn_w = 4 * h * h
         mlp_w = 2 * h * f
-        params = attn_w + mlp_w + 4 * h + f + 4 * h  # weights, biases, two layer norms
+        params = attn_w + mlp_w + 5 * h + f + 4 * h  # weights; biases (qkv 3h, proj h, fc f, out h); 2 norms
         mlp_saved = 2 * s * h + 4 * s * f + s * h
     block_flops = 2.0 * s * (attn_w + mlp_w) + 4.0 * s * s * h
     block_saved = (11 * s * h + 5 * a * s * s + 4 * s * h + mlp_saved) * scale

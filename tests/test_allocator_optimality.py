@@ -49,8 +49,9 @@ def random_instance(seed: int):
     blk = base.layers[1]
     scale_mem = rng.choice([1.0, 10.0, 40.0])  # loose to tight memory
     layers = [replace(base.layers[0], params=int(base.layers[0].params * scale_mem / 10))]
+    identical = (seed // 100) % 2 == 0  # identical blocks exercise the symmetry breaking of inner stages
     for i in range(n_layers - 2):
-        f = rng.uniform(0.3, 2.0)
+        f = 1.0 if identical else rng.uniform(0.3, 2.0)
         layers.append(LayerShape(f"block{i}", "block", int(blk.params * f * scale_mem), blk.fwd_flops * f,
                                  blk.out_act_bytes, blk.saved_act_bytes * f * scale_mem / 10))
     layers.append(replace(base.layers[-1], params=int(base.layers[-1].params * scale_mem / 10)))
@@ -92,3 +93,10 @@ def test_instances_exercise_the_plan_space():
         multi_stage += len(ref.stages) > 1
         mixed += any(k > 1 for k in merged) or any(sum(s.counts) * ref.R > 1 for s in ref.stages)
     assert multi_stage >= 5 and mixed >= 5, (multi_stage, mixed)
+
+
+def test_identical_blocks_are_detected():
+    prob, _ = feasible_instance(0)
+    assert prob.interchangeable_blocks
+    prob, _ = feasible_instance(1)
+    assert not prob.interchangeable_blocks

@@ -18,7 +18,7 @@ def test_gpt2_small_sizes():
     assert [l.kind for l in cg.layers[:2]] == ["embedding", "block"]
     # 124M parameters with tied embeddings; the head is a separate copy here (+38.6M)
     assert cg.total_params == pytest.approx(124.4e6 + 38.6e6, rel=0.01)
-    assert cg.layers[1].params == 7_087_872 - 768  # 12h^2 + 13h with h = 768 (no extra bias)
+    assert cg.layers[1].params == 7_087_872  # 12h^2 + 13h with h = 768, as transformers' GPT2Block
 
 
 @pytest.mark.parametrize("name, billions", [("gpt3-1.3b", 1.3), ("gpt3-2.7b", 2.7), ("gpt3-6.7b", 6.7),
