@@ -25,7 +25,8 @@ from .milp import Milp, MilpResult
 from .problem import CountPlan, CountStage, Problem
 
 
-def _structure(m: Milp, prob: Problem, cols: list[Column], xs: list[int], budget: list[int]) -> bool:
+def _structure(m: Milp, prob: Problem, cols: list[Column], xs: list[int], budget: list[int],
+               order: bool = False) -> bool:
     L = prob.L
     starts: list[list[int]] = [[] for _ in range(L + 1)]
     ends: list[list[int]] = [[] for _ in range(L + 1)]
@@ -43,7 +44,7 @@ def _structure(m: Milp, prob: Problem, cols: list[Column], xs: list[int], budget
         terms = {x: col.counts[c.index] for col, x in zip(cols, xs) if col.counts[c.index]}
         if terms:
             m.le(terms, budget[c.index])
-    if prob.interchangeable_blocks:
+    if order and prob.interchangeable_blocks:
         _order_interior_stages(m, cols, xs, starts, ends, L)
     deep = [(col, x) for col, x in zip(cols, xs) if col.amax < L - col.j]
     if deep:
@@ -149,7 +150,7 @@ def solve_columns(prob: Problem, cols: list[Column], R: int, M: int, *, tau_lb: 
     sigma = m.var("sigma", obj=1.0)
     xs = [m.binary(f"x[{c.i},{c.j},{c.counts}]", obj=c.t) for c in use]
     budget = [c.count // R for c in prob.classes]
-    if not _structure(m, prob, use, xs, budget):
+    if not _structure(m, prob, use, xs, budget, order=True):
         return None, None, m.num_vars, m.num_rows
     for l in range(L):
         tt = {tau: -1.0}
