@@ -102,5 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     return run_entry(lambda: run(a.plan, a.steps, a.out))
 
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from runtime.train import exit_rank
+
+    exit_rank(main())
