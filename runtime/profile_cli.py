@@ -1,0 +1,150 @@
+"""``hetalloc profile``: measure this machine with torchrun and write what the planner reads.
+
+    hetalloc profile --nproc 2 [--slowdown 1=2] [--model gpt2-tiny] [--seq 64]
+                     [--batch-sizes 1,2,4,8,16] [--out DIR] [--calibrate]
+
+writes DIR/cost_graph.json (measured tables), DIR/cluster.yaml (measured device types
+and links) and DIR/report.json, and prints a short report; ``--calibrate`` also fits the
+analytic model's efficiencies to the measurements (DIR/efficiency.json, reusable with
+``python -m hetalloc.calibrate``). Plan from the profile with
+``hetalloc plan --cluster DIR/cluster.yaml --cost-graph DIR/cost_graph.json --model M``.
+Never imports torch (the launched ranks do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from hetalloc.calibrate import calibrate, calibration_error, save_efficiency
+from hetalloc.cluster import load_cluster
+from hetalloc.costgraph import load_cost_graph
+from hetalloc.errors import HetallocError
+
+from .launch import RunFailed, local_env
+from .profile_files import report_lines
+
+ENTRY = "runtime.profile"
+
+
+def profile_command(nproc: int, out_dir: str | Path, *, model: str = "gpt2-tiny", seq: int | None = None,
+                    batch_sizes: str = "1,2,4,8,16", slowdown: list[str] | None = None, warmup: int = 3,
+                    repeats: int = 15, link_repeats: int = 40) -> list[str]:
+    """torchrun (as ``python -m torch.distributed.run``) for a profile on this machine."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", ENTRY, "--model", model, "--batch-sizes", batch_sizes, "--warmup", str(warmup),
+            "--repeats", str(repeats), "--link-repeats", str(link_repeats), "--out", str(out_dir)]
+    if seq is not None:
+        argv += ["--seq", str(seq)]
+    for s in slowdown or []:
+        argv += ["--slowdown", s]
+    return argv
+
+
+def run_profile(out_dir: str | Path, *, nproc: int = 2, model: str = "gpt2-tiny", seq: int | None = None,
+                batch_sizes: str = "1,2,4,8,16", slowdown: list[str] | None = None, warmup: int = 3,
+                repeats: int = 15, link_repeats: int = 40, calibrate_fit: bool = False, capture: bool = True,
+                timeout_s: float | None = None) -> dict[str, Any]:
+    """Profile this machine with `nproc` ranks; returns report.json's content (plus the
+    calibration under 'calibration' when asked). Raises RunFailed when the ranks fail."""
+    out = Path(out_dir)
+    report_path = out / "report.json"
+    if report_path.exists():
+        report_path.unlink()
+    argv = profile_command(nproc, out, model=model, seq=seq, batch_sizes=batch_sizes, slowdown=slowdown,
+                           warmup=warmup, repeats=repeats, link_repeats=link_repeats)
+    proc = subprocess.run(argv, env=local_env(nproc), text=True, timeout=timeout_s,
+                          stdout=subprocess.PIPE if capture else None, stderr=subprocess.STDOUT if capture else None)
+    output = proc.stdout or ""
+    if proc.returncode != 0 or not report_path.exists():
+        errors = [l for l in output.splitlines() if l.startswith("error:")]
+        why = errors[0] if errors else f"torchrun exited with code {proc.returncode}"
+        tail = "" if errors or not capture else "\n" + "\n".join(output.splitlines()[-15:])
+        raise RunFailed(f"profile failed: {why}{tail}")
+    report = json.loads(report_path.read_text())
+    report["command"] = argv
+    if calibrate_fit:
+        report["calibration"] = calibrate_profile(out)
+    return report
+
+
+def calibrate_profile(out_dir: str | Path) -> dict[str, Any]:
+    """Fit efficiencies to a profile directory; writes DIR/efficiency.json."""
+    out = Path(out_dir)
+    cg = load_cost_graph(out / "cost_graph.json")
+    cluster = load_cluster(out / "cluster.yaml")
+    fits = calibrate(cg, cluster.device_types)
+    from hetalloc.calibrate import efficiency_map
+    check = calibration_error(cg, cluster.device_types, efficiency_map(fits))
+    save_efficiency(out / "efficiency.json", fits, source=str(out / "cost_graph.json"), check=check)
+    return {"file": str(out / "efficiency.json"), "fits": [f.to_dict() for f in fits], "check": check}
+
+
+def calibration_lines(cal: dict[str, Any]) -> list[str]:
+    lines = [f"calibrated efficiencies ({cal['file']}):"]
+    for f in cal["fits"]:
+        lines.append(f"  {f['device_type']:<22} {f['kind']:<10} compute {f['compute']:.3g}  tokens_half "
+                     f"{f['tokens_half']:.3g}  memory {f['memory']:.3g}  overhead {f['overhead_s'] * 1e6:.0f} µs  "
+                     f"(fit on {f['branch']}, rms error {100 * f['rms_rel_error']:.1f}%)")
+    c = cal["check"]
+    lines.append(f"  analytic model with these factors vs measured whole-model times: median error "
+                 f"{100 * c['median_rel_error']:.1f}%, worst {100 * c['max_rel_error']:.1f}% ({c['points']} points)")
+    return lines
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "profile", help="measure this machine's devices and links (torchrun) into a cost graph and cluster spec",
+        description="Run torchrun on this machine and measure, on every rank at once: per-layer forward and "
+                    "backward seconds at each micro-batch size (median of repeats, spread recorded), parameter, "
+                    "saved-activation and output bytes per layer, the optimizer step, matmul throughput, p2p "
+                    "latency and bandwidth between ranks and all-reduce time. Writes OUT/cost_graph.json, "
+                    "OUT/cluster.yaml and OUT/report.json in the formats 'hetalloc plan' reads.")
+    p.add_argument("--nproc", type=int, default=2, help="ranks (processes) on this machine (default 2)")
+    p.add_argument("--slowdown", action="append", metavar="RANK=FACTOR",
+                   help="profile RANK as 'hetalloc run --slowdown RANK=FACTOR' runs it (its own device type "
+                        "<name>-slow<FACTOR>x): a CPU machine standing in for a mixed one; repeatable")
+    p.add_argument("--model", default="gpt2-tiny", help="built-in model or Hugging Face config.json (default gpt2-tiny)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length in tokens (default: the model's context)")
+    p.add_argument("--batch-sizes", default="1,2,4,8,16",
+                   help="micro-batch sizes in samples to time, comma-separated (default 1,2,4,8,16)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed passes per batch size (default 3)")
+    p.add_argument("--repeats", type=int, default=15, help="timed passes per batch size; the median is kept (default 15)")
+    p.add_argument("--link-repeats", type=int, default=40, help="timed transfers per message size (default 40)")
+    p.add_argument("--out", default="out/profile", metavar="DIR", help="output directory (default out/profile)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="also fit the analytic model's efficiency factors (OUT/efficiency.json)")
+    p.add_argument("--json", action="store_true", help="print report.json")
+    p.set_defaults(func=handler)
+    return p
+
+
+def handler(args: argparse.Namespace) -> int:
+    try:
+        if args.nproc < 1:
+            print("error: --nproc must be at least 1", file=sys.stderr)
+            return 2
+        report = run_profile(args.out, nproc=args.nproc, model=args.model, seq=args.seq,
+                             batch_sizes=args.batch_sizes, slowdown=args.slowdown, warmup=args.warmup,
+                             repeats=args.repeats, link_repeats=args.link_repeats, calibrate_fit=args.calibrate)
+    except HetallocError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "command"}, indent=2))
+        return 0
+    cg = load_cost_graph(Path(args.out) / "cost_graph.json")
+    for line in report_lines(report, cg):
+        print(line)
+    if "calibration" in report:
+        for line in calibration_lines(report["calibration"]):
+            print(line)
+    print(f"wrote {args.out}/cost_graph.json, {args.out}/cluster.yaml, {args.out}/report.json"
+          + (f", {args.out}/efficiency.json" if args.calibrate else ""))
+    print(f"plan from it: hetalloc plan --cluster {args.out}/cluster.yaml --cost-graph {args.out}/cost_graph.json "
+          f"--model {report['model']} --global-batch N")
+    return 0

@@ -1,0 +1,143 @@
+"""``hetalloc profile`` for real (torchrun, 2 gloo ranks, rank 1 slowed 2x): the files it
+writes are what the planner reads, they round-trip, and they plan; the measurements
+are the ones promised (per-layer times per micro-batch size with their spread, saved
+activations from saved-tensor hooks, links, the slowed rank as its own type)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hetalloc.calibrate import load_efficiency
+from hetalloc.cluster import cluster_from_dict, load_cluster
+from hetalloc.costgraph import analytic_cost_graph, cost_graph_from_dict, load_cost_graph
+from hetalloc.models import get_model
+from hetalloc.plan import load_plan, validate_plan
+from runtime.launch import RunFailed
+from runtime.profile_cli import run_profile
+
+pytestmark = pytest.mark.slow
+BATCHES = [1, 2, 4]
+
+
+@pytest.fixture(scope="module")
+def prof(tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile")
+    report = run_profile(out, nproc=2, model="gpt2-tiny", seq=32, batch_sizes="1,2,4", slowdown=["1=2"],
+                         warmup=2, repeats=5, link_repeats=8, calibrate_fit=True, timeout_s=240)
+    return out, report
+
+
+def test_writes_the_planner_formats_with_measured_tables(prof):
+    out, report = prof
+    cg = load_cost_graph(out / "cost_graph.json")
+    cluster = load_cluster(out / "cluster.yaml")
+    assert cg.model == "gpt2-tiny" and cg.seq_len == 32 and cg.num_layers == 6
+    fast = report["ranks"][0]["type"]
+    slow = report["ranks"][1]["type"]
+    assert slow == f"{fast}-slow2x" and set(cg.tables) == {fast, slow}
+    assert sorted(d.type for d in cluster.devices) == sorted([fast, slow])
+    for name, table in cg.tables.items():
+        assert table.source == "measured" and table.batch_sizes == BATCHES
+        assert all(t > 0 for row in table.fwd_s + table.bwd_s for t in row)
+        assert {"fwd_iqr_rel", "bwd_iqr_rel"} <= set(table.meta)  # the spread is recorded
+    # The slowed rank is slowed as the runtime slows it: whole passes take about twice as long.
+    total = {n: sum(t.fwd_s[i][-1] + t.bwd_s[i][-1] for i in range(6)) for n, t in cg.tables.items()}
+    assert 1.5 < total[slow] / total[fast] < 3.0
+    # Links were measured and fitted.
+    p2p = report["links"]["p2p_intra"]
+    assert p2p["fit"]["bandwidth_gbps"] > 0 and p2p["fit"]["latency_us"] > 0 and len(p2p["bytes"]) >= 6
+    assert report["links"]["allreduce_intra"]["fit"]["bandwidth_gbps"] > 0
+    assert cluster.nodes[0].intra.bandwidth_bytes_per_s == pytest.approx(p2p["fit"]["bandwidth_gbps"] * 1e9,
+                                                                              rel=1e-4)
+
+
+def test_saved_activations_are_measured_with_hooks(prof):
+    out, report = prof
+    for layer in report["layers"]:
+        by_batch = layer["saved_bytes_by_batch"]
+        assert set(by_batch) == {"1", "4"}  # smallest and largest micro-batch
+        if layer["kind"] == "block":
+            # Measured, not copied from the formulas: close to them but not equal.
+            assert by_batch["4"] > by_batch["1"] > 0
+            assert 0.5 < layer["saved_act_bytes"] / layer["saved_act_bytes_analytic"] < 2.0
+    cg = load_cost_graph(out / "cost_graph.json")
+    assert [l.saved_act_bytes for l in cg.layers] == [l["saved_act_bytes"] for l in report["layers"]]
+    assert [l.params for l in cg.layers] == [l.params for l in analytic_cost_graph(get_model("gpt2-tiny"), 32,
+                                                                                     "fp32").layers]
+
+
+def test_profile_files_round_trip_and_plan(prof, tmp_path):
+    from allocator import make_plan
+
+    out, _ = prof
+    raw = json.loads((out / "cost_graph.json").read_text())
+    cg = cost_graph_from_dict(raw)
+    assert cg.to_dict() == raw  # read back exactly what was written
+    cluster = load_cluster(out / "cluster.yaml")
+    assert cluster_from_dict(yaml.safe_load(yaml.safe_dump(cluster.to_dict()))).to_dict() == cluster.to_dict()
+    # Between and beyond the measured sizes times are interpolated and extrapolated.
+    dt = cluster.dtype(cluster.devices[0].id)
+    f2, _ = cg.layer_times(dt, 2)
+    f3, _ = cg.layer_times(dt, 3)
+    f4, _ = cg.layer_times(dt, 4)
+    f6, _ = cg.layer_times(dt, 6)
+    assert all(a <= b <= c <= d for a, b, c, d in zip(f2, f3, f4, f6))
+    plan = make_plan(cluster, cg, 8, time_limit=10)
+    validate_plan(plan, cluster, cg)
+    # The slow device gets less work than the fast one.
+    shares = {d.device: d.share * (s.stop - s.start) for r in plan.replicas for s in r.stages for d in s.devices}
+    fast, slow = (d.id for d in cluster.devices)
+    assert shares.get(slow, 0) < shares[fast]
+    # The command line plans from the same files.
+    plan_path = tmp_path / "plan.json"
+    proc = subprocess.run([sys.executable, "-m", "hetalloc.cli", "plan", "--cluster", str(out / "cluster.yaml"),
+                           "--cost-graph", str(out / "cost_graph.json"), "--model", "gpt2-tiny", "--global-batch", "8",
+                           "--time-limit", "10", "-o", str(plan_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    again = load_plan(plan_path)
+    validate_plan(again, cluster, cg)
+    assert again.predicted["iteration_time_s"] == pytest.approx(plan.predicted["iteration_time_s"], rel=1e-9)
+
+
+def test_calibration_is_written_and_reusable(prof):
+    out, report = prof
+    eff = load_efficiency(out / "efficiency.json")
+    assert set(eff) == set(load_cost_graph(out / "cost_graph.json").tables)
+    for kinds in eff.values():
+        assert set(kinds) == {"embedding", "block", "head"}
+    check = report["calibration"]["check"]
+    assert check["points"] == 2 * len(BATCHES) and check["median_rel_error"] < 0.5
+
+
+def test_bad_profile_request_names_the_argument(tmp_path):
+    with pytest.raises(RunFailed, match="--slowdown"):
+        run_profile(tmp_path, nproc=2, model="gpt2-tiny", seq=32, batch_sizes="1", slowdown=["5=2"],
+                    warmup=1, repeats=1, link_repeats=1, timeout_s=120)
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_closed_loop_prints_predicted_next_to_measured(tmp_path):
+    """What 'hetalloc demo --run' does: profile (rank 1 slowed 2x), plan, simulate, run the
+    planner's plan and the even split, one table of predicted vs measured."""
+    from rich.console import Console
+
+    from runtime.loop import closed_loop
+
+    console = Console(record=True, width=160)
+    result = closed_loop(tmp_path, console, seq=32, global_batch=8, steps=5, time_limit=5)
+    text = console.export_text()
+    assert "predicted (simulated) vs measured" in text and "planner" in text and "even" in text
+    by = {r["name"]: r for r in result["rows"]}
+    assert set(by) == {"planner", "even"}
+    for row in by.values():
+        assert row["predicted_s"] > 0 and row["measured_s"] > 0
+        assert row["error"] == pytest.approx((row["predicted_s"] - row["measured_s"]) / row["measured_s"])
+        for s in row["per_stage"]:
+            assert s["measured"]["compute_s"] > 0 and s["predicted"]["compute_s"] > 0
+    assert json.loads((tmp_path / "loop.json").read_text())["rows"][0]["name"] == "planner"
