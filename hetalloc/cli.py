@@ -26,6 +26,12 @@ def _add_cost_graph_args(p: argparse.ArgumentParser) -> None:
                    help="training precision: activation/gradient bytes (default bf16-mixed)")
     p.add_argument("--cost-graph", default=None,
                    help="measured cost graph JSON from 'hetalloc profile' (default: analytic estimates)")
+    p.add_argument("--efficiency", default=None, metavar="FILE",
+                   help="efficiency factors fitted by 'hetalloc profile --calibrate' (efficiency.json), applied "
+                        "to the analytic estimates of the device types they name")
+    p.add_argument("--efficiency-as", action="append", default=[], metavar="FITTED=TYPE",
+                   help="also apply the factors fitted for device type FITTED to TYPE (e.g. a profiled GPU's "
+                        "detected name to its catalog name); repeatable")
 
 
 def load_cost_graph_arg(args):
@@ -33,7 +39,24 @@ def load_cost_graph_arg(args):
     from .models import resolve_model
     if args.cost_graph:
         return load_cost_graph(args.cost_graph)
-    return analytic_cost_graph(resolve_model(args.model), args.seq, args.precision)
+    cg = analytic_cost_graph(resolve_model(args.model), args.seq, args.precision)
+    if args.efficiency:
+        from .calibrate import load_efficiency
+        from .errors import SpecError
+
+        eff = load_efficiency(args.efficiency)
+        for item in args.efficiency_as:
+            fitted, _, target = item.partition("=")
+            if fitted not in eff or not target:
+                raise SpecError("--efficiency-as", item, f"'{fitted}' is not a device type of {args.efficiency}"
+                                if target else "expected FITTED=TYPE",
+                                f"fitted types: {', '.join(sorted(eff)) or 'none'}")
+            eff[target] = dict(eff[fitted])
+        cg = cg.with_efficiency(eff)
+    elif args.efficiency_as:
+        from .errors import SpecError
+        raise SpecError("--efficiency-as", "", "needs --efficiency FILE", "pass the efficiency.json to map from")
+    return cg
 
 
 def cmd_catalog(args) -> int:

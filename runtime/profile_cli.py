@@ -5,8 +5,9 @@
 
 writes DIR/cost_graph.json (measured tables), DIR/cluster.yaml (measured device types
 and links) and DIR/report.json, and prints a short report; ``--calibrate`` also fits the
-analytic model's efficiencies to the measurements (DIR/efficiency.json, reusable with
-``python -m hetalloc.calibrate``). Plan from the profile with
+analytic model's efficiencies to the measurements (DIR/efficiency.json, reusable for
+other models and clusters with ``hetalloc plan --efficiency DIR/efficiency.json
+[--efficiency-as FITTED=TYPE]``). Plan from the profile with
 ``hetalloc plan --cluster DIR/cluster.yaml --cost-graph DIR/cost_graph.json --model M``.
 Never imports torch (the launched ranks do).
 """

@@ -22,6 +22,7 @@ from runtime.launch import RunFailed
 from runtime.profile_cli import run_profile
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 BATCHES = [1, 2, 4]
 
 
@@ -113,6 +114,22 @@ def test_calibration_is_written_and_reusable(prof):
         assert set(kinds) == {"embedding", "block", "head"}
     check = report["calibration"]["check"]
     assert check["points"] == 2 * len(BATCHES) and check["median_rel_error"] < 0.5
+    # Reused for a model and a cluster that were not profiled: gpt2-small on the 4-CPU
+    # example cluster, the fitted factors of this machine's CPU mapped onto its 'CPU' type.
+    fitted = report["ranks"][0]["type"]
+    args = [sys.executable, "-m", "hetalloc.cli", "plan", "--cluster", str(ROOT / "examples" / "cpu-4.yaml"),
+            "--model", "gpt2-small", "--seq", "64", "--precision", "fp32", "--global-batch", "8", "--time-limit", "10",
+            "--json"]
+    mapped = subprocess.run(args + ["--efficiency", str(out / "efficiency.json"), "--efficiency-as", f"{fitted}=CPU"],
+                            capture_output=True, text=True, timeout=120)
+    plain = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert mapped.returncode == 0 and plain.returncode == 0, mapped.stderr + plain.stderr
+    t_mapped = json.loads(mapped.stdout)["predicted"]["iteration_time_s"]
+    t_plain = json.loads(plain.stdout)["predicted"]["iteration_time_s"]
+    assert t_mapped != pytest.approx(t_plain, rel=1e-3)  # the factors changed the estimates
+    bad = subprocess.run(args + ["--efficiency", str(out / "efficiency.json"), "--efficiency-as", "H100=CPU"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--efficiency-as" in bad.stderr and fitted in bad.stderr
 
 
 def test_bad_profile_request_names_the_argument(tmp_path):
