@@ -126,4 +126,7 @@ def test_every_configuration_matches_single_process(launch):
 
 
 if __name__ == "__main__":
+    from runtime.train import exit_rank  # leave without interpreter finalization (see there)
+
     worker(int(sys.argv[1]), Path(sys.argv[2]))
+    exit_rank(0)
