@@ -7,7 +7,8 @@ the micro-batch (same stage times, gradient groups and memory). So for each M th
 program covers the whole plan space; programs with R > 1 are smaller restrictions, used
 to find plans when the R = 1 column set is too large to build.
 
-1. Incumbent from fast heuristics (allocator.heuristic).
+1. Incumbent from fast heuristics (allocator.heuristic), cheapest first, within a third
+   of the time limit.
 2. For every M: enumerate the useful stage columns (allocator.columns), find the
    smallest feasible bottleneck tau* (bisection on feasibility programs when the set is
    small, a per-layer bound otherwise) and a cheap lower bound (allocator.bounds);
@@ -36,6 +37,10 @@ MAX_COLUMNS = 40000
 BISECT_COLUMNS = 3000
 """Column sets up to this size get the exact bottleneck by bisection (each feasibility
 program is quick); larger ones use the cheap per-layer bound."""
+
+
+HEURISTIC_SHARE = 1 / 3
+"""Fraction of the time limit the incumbent heuristics may use at most."""
 
 
 @dataclass
@@ -183,8 +188,11 @@ class Search:
             _, plan, _, _ = solve_columns(prob, cols, R, M, tau_lb=tl, incumbent=self.incumbent,
                                           time_limit=max(0.5, budget / 4), gap=self.gap, backend=self.backend)
             self.offer(plan, R, M)
-        r = build_and_solve(prob, 1, M, incumbent=self.incumbent, time_limit=max(1.0, budget / 2), gap=self.gap,
-                            backend=self.backend, timer=self.timer(1, M), relax=True)
+        if self.left() < 1.0:  # building the count program alone can take that long
+            st.seconds += time.perf_counter() - t0
+            return
+        r = build_and_solve(prob, 1, M, incumbent=self.incumbent, time_limit=min(max(1.0, budget / 2), self.left()),
+                            gap=self.gap, backend=self.backend, timer=self.timer(1, M), relax=True)
         if r.milp is not None and r.milp.status == "infeasible":
             st.done, st.status, st.bound = True, "pruned", max(st.bound, self.incumbent)
         elif r.milp is not None and r.milp.status == "optimal":
@@ -197,8 +205,11 @@ class Search:
         prob = self.prob
         cands = prob.candidates()
         per_m: dict[int, float] = {}
-        for R, M in cands:
-            if self.left() <= 0:
+        # Heuristics, cheapest first (their cost grows with the micro-batch size B / (R M)),
+        # within a third of the time limit: on 1000-GPU clusters all of them take minutes.
+        heur_deadline = self.t0 + HEURISTIC_SHARE * (self.deadline - self.t0)
+        for R, M in sorted(cands, key=lambda rm: (prob.global_batch // (rm[0] * rm[1]), rm)):
+            if time.perf_counter() >= heur_deadline:
                 break
             h = heuristic_plan(prob, R, M)
             if h is not None:
@@ -232,7 +243,9 @@ class Search:
             bound = min(bound, self.best.objective_s)
         elapsed = time.perf_counter() - self.t0
         if self.best is None:
-            status = "infeasible" if all(s.done for s in states) else "time_limit"
+            # Infeasible only when every M was proved so; a finite bound (an LP relaxation
+            # solved, no integer plan found) leaves the question open.
+            status = "infeasible" if all(s.done for s in states) and not math.isfinite(bound) else "time_limit"
         else:
             g = (self.best.objective_s - bound) / self.best.objective_s if math.isfinite(bound) else math.inf
             status = "optimal" if g <= self.gap + 1e-12 else "time_limit"

@@ -8,7 +8,7 @@ activation recomputation, which is outside the plan space).
 Targets (issue 2, this 2-core machine): <= 5 s to proven optimality for 64 GPUs x 32
 layers; <= 60 s with gap <= 1 % for 1024 GPUs x 96 layers.
 
-    python benchmarks/solve_time.py [--time-limit 60] [--quick]
+    python benchmarks/solve_time.py [--time-limit 60] [--quick] [--only CLUSTER:MODEL ...]
 
 Prints a table and writes benchmarks/out/solve_time.json.
 """
@@ -56,6 +56,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--quick", action="store_true", help="only the two target instances")
+    ap.add_argument("--only", nargs="*", metavar="CLUSTER:MODEL", help="only these instances, e.g. mix-64:gpt3-2.7b")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "solve_time.json"))
     args = ap.parse_args()
     rows = []
@@ -63,7 +64,7 @@ def main() -> int:
         B = 64 if cl.num_devices <= 16 else (512 if cl.num_devices <= 256 else 2048)
         for model, seq in MODELS:
             target = (cl.num_devices, model) in ((64, "gpt3-2.7b"), (1024, "gpt3-175b"))
-            if args.quick and not target:
+            if (args.quick and not target) or (args.only and f"{cl.name.split()[0]}:{model}" not in args.only):
                 continue
             cg = analytic_cost_graph(get_model(model), seq)
             prob = Problem(cl, cg, B)
