@@ -101,6 +101,37 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def error_breakdown(row: dict) -> dict:
+    """Measured (its mean) minus predicted step time of the busiest rank (most measured
+    compute + optimizer + runtime time), split into: compute, optimizer, runtime time the model has no
+    term for ('other': data, zeroing, bookkeeping), and waits (p2p, gradient sync and the
+    end-of-step loss reduction, against the simulated idle and sync time)."""
+    def own(s):
+        m = s["measured"]
+        return m["compute_s"] + m["optimizer_s"] + m["other_s"]
+    s = max(row["per_stage"], key=own)
+    p, m = s["predicted"], s["measured"]
+    waits_pred = row["predicted_s"] - p["compute_s"] - p["optimizer_s"]
+    waits_meas = m["p2p_wait_s"] + m["grad_sync_s"] + m["loss_sync_s"]
+    return {"rank": s["rank"], "missing_s": m["step_s"] - row["predicted_s"],
+            "compute_s": m["compute_s"] - p["compute_s"], "optimizer_s": m["optimizer_s"] - p["optimizer_s"], "other_s": m["other_s"],
+            "waits_s": waits_meas - waits_pred, "loss_sync_s": m["loss_sync_s"],
+            "grad_sync_s": m["grad_sync_s"] - p["grad_sync_s"]}
+
+
+def breakdown_table(rows: list[dict]) -> str:
+    head = (f"{'configuration':<26} {'rank':>4} {'missing ms':>10} {'compute':>8} {'optim':>7} {'other':>7} "
+            f"{'waits':>7}   (of which loss sync, grad sync excess)")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        b = r["error_breakdown"]
+        miss = b["missing_s"]
+        lines.append(f"{r['name']:<26} {b['rank']:>4} {miss * 1e3:10.2f} {b['compute_s'] * 1e3:8.2f} "
+                     f"{b['optimizer_s'] * 1e3:7.2f} {b['other_s'] * 1e3:7.2f} {b['waits_s'] * 1e3:7.2f}   "
+                     f"({b['loss_sync_s'] * 1e3:.2f}, {b['grad_sync_s'] * 1e3:.2f})")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=12, help="steps per run (the first 2 are warm-up)")
@@ -126,11 +157,14 @@ def main(argv: list[str] | None = None) -> int:
         q = statistics.quantiles(row["measured_step_times_s"], n=4, method="inclusive")
         row["measured_iqr_rel"] = (q[2] - q[0]) / row["measured_s"]
         row["profile"] = spec.name
+        row["error_breakdown"] = error_breakdown(row)
         rows.append(row)
         print(f"  predicted {row['predicted_s'] * 1e3:.1f} ms, measured {row['measured_s'] * 1e3:.1f} ms, "
               f"error {100 * row['error']:+.1f}%", flush=True)
     print()
     print(table(rows))
+    print("\nwhere the measured time the simulation misses goes (busiest rank; ms per step):")
+    print(breakdown_table(rows))
     cpus = os.cpu_count() or 1
     errors = [abs(r["error"]) for r in rows]
     mape = statistics.fmean(errors)
