@@ -7,6 +7,7 @@ construction; it never imports torch.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 DATASETS = ("synthetic", "text")
@@ -96,3 +97,22 @@ def parse_slowdown(items: list[str] | None) -> dict[str, float]:
             raise ValueError(f"--slowdown expects RANK=FACTOR or DEVICE=FACTOR with FACTOR >= 1, got '{item}'.")
         out[key] = factor
     return out
+
+
+SPIN_S = 300e-6
+"""The last stretch of an emulated slowdown is spun, not slept: a sleep overshoots by the
+kernel's timer slack (50 µs and more), a sizeable, varying part of sub-millisecond ops."""
+
+
+def stretch(t0: float, slowdown: float) -> float:
+    """Emulated slowdown: hold the caller until (slowdown) x (the time since t0) has
+    passed; returns the stretched elapsed time. Sleeps, then spins the last SPIN_S."""
+    now = time.perf_counter()
+    if slowdown <= 1.0:
+        return now - t0
+    end = now + (slowdown - 1.0) * (now - t0)
+    if end - now > SPIN_S:
+        time.sleep(end - now - SPIN_S)
+    while time.perf_counter() < end:
+        pass
+    return time.perf_counter() - t0

@@ -30,6 +30,7 @@ from hetalloc.evaluate import slice_overlaps
 from hetalloc.plan import Plan
 from hetalloc.schedule import stage_op_order
 
+from .config import stretch
 from .metrics import StepTimes
 from .models import StageModule, token_loss_sum
 from .rankmap import RankMap
@@ -119,10 +120,7 @@ class PipelineExecutor:
         out = fn()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        dt = time.perf_counter() - t0
-        if self.slowdown > 1.0:
-            time.sleep((self.slowdown - 1.0) * dt)
-            dt = time.perf_counter() - t0
+        dt = stretch(t0, self.slowdown)
         setattr(times, key, getattr(times, key) + dt)
         return out
 

@@ -12,7 +12,7 @@ will run in training, and every figure is taken the way the runtime spends it:
   layers' with one pass's framework overhead, as in a runtime op. The head's times
   include the loss, as the last stage's ops do. Warm-up passes, then repeats; the median
   is kept, the spread recorded. ``--slowdown RANK=FACTOR`` stretches each pass exactly as
-  the runtime stretches each op (sleep FACTOR - 1 times the compute), and the stretched
+  the runtime stretches each op (holds FACTOR - 1 times the compute), and the stretched
   pass is shared among its layers in proportion to their compute.
 - **sizes**: parameter counts of the real layers; saved-activation bytes per sample from
   saved-tensor hooks (distinct storages, parameters excluded; the slope between the
@@ -49,7 +49,7 @@ import torch.distributed as dist
 from hetalloc.errors import SpecError
 from hetalloc.models import TransformerShape, layer_shapes, resolve_model
 
-from .config import parse_slowdown
+from .config import parse_slowdown, stretch
 from .models import BuiltModel, build_model, token_loss_sum
 from .profile_files import ProfileArgs, write_profile
 
@@ -100,14 +100,10 @@ def _sync(device: torch.device) -> None:
 
 
 def _stretch(slowdown: float, t0: float, device: torch.device) -> float:
-    """The runtime's emulated slowdown (runtime.pipeline): sleep FACTOR - 1 times the
-    compute since t0; returns the stretched elapsed time."""
+    """The runtime's emulated slowdown (runtime.pipeline): hold FACTOR - 1 times the
+    compute since t0 (runtime.config.stretch); returns the stretched elapsed time."""
     _sync(device)
-    dt = time.perf_counter() - t0
-    if slowdown > 1.0:
-        time.sleep((slowdown - 1.0) * dt)
-        dt = time.perf_counter() - t0
-    return dt
+    return stretch(t0, slowdown)
 
 
 def stats(xs: list[float]) -> dict[str, float]:
