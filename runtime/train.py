@@ -288,14 +288,21 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
                        tensorboard=a.tensorboard, fail_at_step=a.fail_at_step, fail_rank=a.fail_rank)
 
 
+ERROR_GRACE_S = 5.0
+"""How long a rank other than local rank 0 waits before it reports an error (see run_entry)."""
+
+
 def run_entry(body: Callable[[], object]) -> int:
     """Run an entry point's body: a HetallocError becomes one line on stderr (once per
     node), and the process group is torn down whatever happens. Returns the exit code."""
     try:
         body()
     except HetallocError as e:
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        if os.environ.get("LOCAL_RANK", "0") != "0":
+            # Errors found before training are the same on every rank: local rank 0 says it,
+            # and torchrun stops this rank meanwhile. An error of this rank alone still shows.
+            time.sleep(ERROR_GRACE_S)
+        print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
         if dist.is_initialized():
