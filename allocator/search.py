@@ -196,7 +196,9 @@ class Search:
         if r.milp is not None and r.milp.status == "infeasible":
             st.done, st.status, st.bound = True, "pruned", max(st.bound, self.incumbent)
         elif r.milp is not None and r.milp.status == "optimal":
-            st.done, st.status = True, "bounded"
+            # Bounded; while no plan is known at all, left open so that the second round
+            # gives its restricted programs the rest of the time.
+            st.done, st.status = self.best is not None, "bounded"
             st.bound = max(st.bound, r.milp.objective)
         st.seconds += time.perf_counter() - t0
         self.record(st, "lp-bound", vars=r.num_vars)
