@@ -293,7 +293,8 @@ def best_shares(prob: Problem, timer: StageTimer, i: int, j: int, counts: tuple[
 
 GREEDY_MAX_STEPS = 48
 """best_shares hands out up to this many samples one by one; more are placed by a
-threshold search with the same result (2048 samples on 4 devices took ~1 ms a call)."""
+threshold search with the same result (one heuristic on fleet-1024 x GPT-2 XL spent 28 s
+handing out samples one by one, 5 s with the search)."""
 
 
 def _greedy_shares(timer: StageTimer, classes: list[DeviceClass], i: int, j: int, counts: tuple[int, ...],

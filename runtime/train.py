@@ -293,8 +293,9 @@ ERROR_GRACE_S = 5.0
 
 
 def run_entry(body: Callable[[], object]) -> int:
-    """Run an entry point's body: a HetallocError becomes one line on stderr (once per
-    node), and the process group is torn down whatever happens. Returns the exit code."""
+    """Run an entry point's body: a HetallocError becomes one line on stderr (said by local
+    rank 0; another rank says its own after ERROR_GRACE_S if torchrun has not stopped it by
+    then), and the process group is torn down whatever happens. Returns the exit code."""
     try:
         body()
     except HetallocError as e:
