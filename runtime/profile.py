@@ -10,10 +10,11 @@ will run in training, and every figure is taken the way the runtime spends it:
   between consecutive layers on the forward and gradient hooks on every layer's input on
   the backward, so the per-layer times tile a pass: a stage's time is the sum of its
   layers' with one pass's framework overhead, as in a runtime op. The head's times
-  include the loss, as the last stage's ops do. Warm-up passes, then repeats; the median
-  is kept, the spread recorded. ``--slowdown RANK=FACTOR`` stretches each pass exactly as
-  the runtime stretches each op (holds FACTOR - 1 times the compute), and the stretched
-  pass is shared among its layers in proportion to their compute.
+  include the loss, as the last stage's ops do. Warm-up passes, then repeats (at least
+  MIN_TIMED_S of them); the median is kept, the spread recorded. ``--slowdown
+  RANK=FACTOR`` stretches each pass exactly as the runtime stretches each op (holds
+  FACTOR - 1 times the compute), and the stretched pass is shared among its layers in
+  proportion to their compute.
 - **sizes**: parameter counts of the real layers; saved-activation bytes per sample from
   saved-tensor hooks (distinct storages, parameters excluded; the slope between the
   smallest and largest batch); output bytes per sample; peak memory on GPUs.
@@ -34,6 +35,7 @@ DIR/report.json (runtime.profile_files). Never: guess a figure that can be measu
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import re
@@ -57,6 +59,10 @@ GENERIC_P2P_BYTES = (4, 4096, 65536, 262144, 1 << 20, 4 << 20)
 ALLREDUCE_BYTES = (4096, 65536, 1 << 20, 4 << 20, 16 << 20)
 CACHE_FLUSH_BYTES = 256 << 20
 """Written between timed optimizer steps on CPUs (larger than any CPU's last-level cache)."""
+MIN_TIMED_S = 0.5
+"""Small micro-batches get more than --repeats passes: at least this many seconds of them
+(up to MAX_LAYER_REPEATS), so that layers of tens of microseconds get a stable median."""
+MAX_LAYER_REPEATS = 200
 MAX_ALL_PAIRS = 8
 """Up to this many ranks every pair is measured; above it, one pair per node pair."""
 
@@ -232,7 +238,8 @@ def measure_sizes(built: BuiltModel, seq: int, batches: list[int], device: torch
 
 def measure_layers(built: BuiltModel, seq: int, batches: list[int], warmup: int, repeats: int,
                    slowdown: float, device: torch.device, barrier: Callable[[], None]) -> dict[str, Any]:
-    """Per batch size and layer: forward/backward statistics over `repeats` passes. An
+    """Per batch size and layer: forward/backward statistics over `repeats` passes (more for
+    small micro-batches: MIN_TIMED_S). An
     (untimed) AdamW step follows every pass, as in training: the passes are timed with
     the caches and memory in the state a training step leaves them in (timed back to
     back, without it, they ran 3-15% faster than the same work in runtime.train here)."""
@@ -250,13 +257,19 @@ def measure_layers(built: BuiltModel, seq: int, batches: list[int], warmup: int,
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         runs_f, runs_b = [], []
-        for k in range(warmup + repeats):
+        t_warm = time.perf_counter()
+        for _ in range(warmup):
+            gflat.zero_()
+            time_pass(built.layers, ids, labels, scale, slowdown, device)
+            opt.step()
+        per_pass = (time.perf_counter() - t_warm) / warmup if warmup else math.inf
+        n = max(repeats, min(MAX_LAYER_REPEATS, math.ceil(MIN_TIMED_S / per_pass)))
+        for _ in range(n):
             gflat.zero_()
             f, bw = time_pass(built.layers, ids, labels, scale, slowdown, device)
             opt.step()
-            if k >= warmup:
-                runs_f.append(f)
-                runs_b.append(bw)
+            runs_f.append(f)
+            runs_b.append(bw)
         if device.type == "cuda":
             peaks[str(b)] = torch.cuda.max_memory_allocated(device)
         L = len(built.layers)
