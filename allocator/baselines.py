@@ -257,7 +257,8 @@ def _pipedream_dp(cluster, cg, units, b, M, schedule, optimizer, grad_sync, caps
             prev = A[:, k - m]
             for j in range(1, L + 1):
                 i = np.arange(j)
-                comp = np.max([prefix(t, share)[j] - prefix(t, share)[i] for t in types], axis=0)
+                comp = np.max([prefix(t, share)[j] - prefix(t, share)[i]
+                               + 2 * cluster.device_types[t].op_overhead_s for t in types], axis=0)
                 ar = (slope * (gbytes_px[j] - gbytes_px[i]) + icpt) / M if ndev > 1 else 0.0
                 cost = np.maximum(prev[:j], np.maximum(comp, ar))
                 for t in types:  # the stage must fit on every device of the block

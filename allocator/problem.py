@@ -225,7 +225,7 @@ class StageTimer:
         """Seconds for a device of class c to run layers [i, j) forward and backward on k
         samples, including its blocking sends (module doc of allocator.problem)."""
         px = self._prefix(c, k)
-        t = float(px[j] - px[i])
+        t = float(px[j] - px[i]) + 2 * c.dtype.op_overhead_s  # as CostGraph.range_time
         if j < self.L:
             t += c.p2p_lat + k * self._out[j] / c.p2p_bw
         if i > 0:

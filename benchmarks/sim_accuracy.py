@@ -103,32 +103,37 @@ def table(rows: list[dict]) -> str:
 
 def error_breakdown(row: dict) -> dict:
     """Measured (its mean) minus predicted step time of the busiest rank (most measured
-    compute + optimizer + runtime time), split into: compute, optimizer, runtime time the model has no
-    term for ('other': data, zeroing, bookkeeping), and waits (p2p, gradient sync and the
-    end-of-step loss reduction, against the simulated idle and sync time)."""
+    compute + optimizer + runtime time), split into: compute, optimizer, the runtime's own
+    time ('other': inputs, zeroing, bookkeeping; measured minus the per-op and per-step
+    overheads the profile measured and the formulas add), and waits (p2p, gradient sync and
+    the end-of-step loss reduction, against the simulated idle and sync time)."""
     def own(s):
         m = s["measured"]
         return m["compute_s"] + m["optimizer_s"] + m["other_s"]
     s = max(row["per_stage"], key=own)
     p, m = s["predicted"], s["measured"]
+    op_oh, step_oh = p.get("op_overhead_s", 0.0), p.get("step_overhead_s", 0.0)
     waits_pred = row["predicted_s"] - p["compute_s"] - p["optimizer_s"]
     waits_meas = m["p2p_wait_s"] + m["grad_sync_s"] + m["loss_sync_s"]
     return {"rank": s["rank"], "missing_s": m["step_s"] - row["predicted_s"],
-            "compute_s": m["compute_s"] - p["compute_s"], "optimizer_s": m["optimizer_s"] - p["optimizer_s"], "other_s": m["other_s"],
+            "compute_s": m["compute_s"] - (p["compute_s"] - op_oh),
+            "optimizer_s": m["optimizer_s"] - (p["optimizer_s"] - step_oh),
+            "other_s": m["other_s"] - op_oh - step_oh, "other_predicted_s": op_oh + step_oh,
             "waits_s": waits_meas - waits_pred, "loss_sync_s": m["loss_sync_s"],
             "grad_sync_s": m["grad_sync_s"] - p["grad_sync_s"]}
 
 
 def breakdown_table(rows: list[dict]) -> str:
     head = (f"{'configuration':<26} {'rank':>4} {'missing ms':>10} {'compute':>8} {'optim':>7} {'other':>7} "
-            f"{'waits':>7}   (of which loss sync, grad sync excess)")
+            f"{'waits':>7}   (other predicted; of which loss sync, grad sync excess)")
     lines = [head, "-" * len(head)]
     for r in rows:
         b = r["error_breakdown"]
         miss = b["missing_s"]
         lines.append(f"{r['name']:<26} {b['rank']:>4} {miss * 1e3:10.2f} {b['compute_s'] * 1e3:8.2f} "
                      f"{b['optimizer_s'] * 1e3:7.2f} {b['other_s'] * 1e3:7.2f} {b['waits_s'] * 1e3:7.2f}   "
-                     f"({b['loss_sync_s'] * 1e3:.2f}, {b['grad_sync_s'] * 1e3:.2f})")
+                     f"({b.get('other_predicted_s', 0.0) * 1e3:.2f}; {b['loss_sync_s'] * 1e3:.2f}, "
+                     f"{b['grad_sync_s'] * 1e3:.2f})")
     return "\n".join(lines)
 
 

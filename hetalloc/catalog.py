@@ -33,6 +33,14 @@ class DeviceType:
     cost_per_hour_usd: float = 0.0
     """Rough on-demand price per device-hour (0 = unknown)."""
     source: str = ""
+    op_overhead_us: float = 0.0
+    """The runtime's own time per pipeline op (one forward or one backward of a stage)
+    besides the layers' compute: dispatch, posting transfers, bookkeeping. Measured by
+    ``hetalloc profile`` (running the runtime); 0 for catalog devices (not measured)."""
+    step_overhead_us: float = 0.0
+    """The runtime's own time per training step on the device besides its ops and the
+    optimizer: inputs, gradient zeroing, the end-of-step loss reduction. Measured by
+    ``hetalloc profile``; 0 for catalog devices."""
 
     @property
     def peak_flops(self) -> float:
@@ -45,6 +53,14 @@ class DeviceType:
     @property
     def mem_bandwidth_bytes_per_s(self) -> float:
         return self.mem_bandwidth_gbps * 1e9
+
+    @property
+    def op_overhead_s(self) -> float:
+        return self.op_overhead_us * 1e-6
+
+    @property
+    def step_overhead_s(self) -> float:
+        return self.step_overhead_us * 1e-6
 
 
 @dataclass(frozen=True, slots=True)

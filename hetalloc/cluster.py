@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -180,7 +180,8 @@ class Cluster:
         custom = [
             {"name": t.name, "vendor": t.vendor, "peak_tflops": _num(t.peak_tflops),
              "memory_gib": _num(t.memory_gib), "mem_bandwidth_gbps": _num(t.mem_bandwidth_gbps),
-             "cost_per_hour_usd": _num(t.cost_per_hour_usd)}
+             "cost_per_hour_usd": _num(t.cost_per_hour_usd),
+             **{k: _num(getattr(t, k)) for k in ("op_overhead_us", "step_overhead_us") if getattr(t, k)}}
             for name, t in sorted(self.device_types.items())
             if DEVICE_TYPES.get(name) != t and any(d.type == name for d in self.devices)
         ]
@@ -224,7 +225,7 @@ _TOP_KEYS = {"name", "nodes", "fabric", "device_types", "prices"}
 _NODE_KEYS = {"name", "count", "gpus", "intra_link", "nic", "nics"}
 _LINK_KEYS = {"name", "bandwidth_gbps", "latency_us", "like"}
 _DTYPE_KEYS = {"name", "vendor", "peak_tflops", "memory_gib", "mem_bandwidth_gbps",
-               "cost_per_hour_usd", "like"}
+               "cost_per_hour_usd", "op_overhead_us", "step_overhead_us", "like"}
 
 
 class _V:
@@ -312,6 +313,10 @@ def _device_types(v: _V, raw: Any) -> dict[str, DeviceType]:
             cost_per_hour_usd=v.number(obj, "cost_per_hour_usd", p, positive=False, unit="USD/hour",
                                        default=base.cost_per_hour_usd if base else 0.0),
             source="declared in cluster file",
+            op_overhead_us=v.number(obj, "op_overhead_us", p, positive=False, unit="µs",
+                                    default=base.op_overhead_us if base else 0.0),
+            step_overhead_us=v.number(obj, "step_overhead_us", p, positive=False, unit="µs",
+                                      default=base.step_overhead_us if base else 0.0),
         )
     return types
 
@@ -356,8 +361,7 @@ def cluster_from_dict(raw: Any, source: str = "<cluster>") -> Cluster:
             raise v.err(f"prices.{t}", f"unknown GPU '{t}'", suggest_device(str(t), types))
         p = v.number(prices, t, "prices", positive=False, unit="USD/hour")
         dt = types[t]
-        types[t] = DeviceType(dt.name, dt.vendor, dt.peak_tflops, dt.memory_gib,
-                              dt.mem_bandwidth_gbps, p, dt.source)
+        types[t] = replace(dt, cost_per_hour_usd=p)
     fabric = obj.get("fabric") or {}
     fabric = v.keys(fabric, "fabric", {"oversubscription"}, "the fabric")
     oversub = v.number(fabric, "oversubscription", "fabric", default=1.0)

@@ -203,9 +203,12 @@ class CostGraph:
         return hit
 
     def range_time(self, start: int, stop: int, dtype: DeviceType, batch: int) -> tuple[float, float]:
-        """Forward and backward seconds of layers [start, stop) on dtype for `batch` samples."""
+        """Forward and backward seconds of a stage holding layers [start, stop) on dtype for
+        `batch` samples: its layers' times plus, per op, the runtime's own time on the
+        device (``DeviceType.op_overhead_us``; 0 unmeasured)."""
         pf, pb = self.prefix_times(dtype, batch)
-        return float(pf[stop] - pf[start]), float(pb[stop] - pb[start])
+        o = dtype.op_overhead_s
+        return float(pf[stop] - pf[start]) + o, float(pb[stop] - pb[start]) + o
 
     # ---- serialisation ------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

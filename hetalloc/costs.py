@@ -121,9 +121,11 @@ def param_server_time(nbytes: float, per_node: list[int], intra_bw: float, intra
 
 
 def optimizer_time(params: int, dtype: DeviceType, precision: str, optimizer: str) -> float:
-    """One optimizer step over `params` parameters: memory-bound read+write of all state."""
+    """The end of a device's step: one optimizer step over `params` parameters
+    (memory-bound read+write of all state) plus the runtime's own per-step time on that
+    device (``DeviceType.step_overhead_us``, measured by ``hetalloc profile``; 0 unmeasured)."""
     pb = param_bytes(precision, optimizer)
-    return 2.0 * params * pb.total / dtype.mem_bandwidth_bytes_per_s
+    return 2.0 * params * pb.total / dtype.mem_bandwidth_bytes_per_s + dtype.step_overhead_s
 
 
 # ---- memory ------------------------------------------------------------------------------

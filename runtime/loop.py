@@ -99,12 +99,17 @@ def measure(plan: Plan, prof: Profiled, out_dir: str | Path, *, steps: int = 12,
         sd = sim.devices[d]
         rep = sd.get("represented_by", d)
         m = r["measured"]
+        dt = prof.cluster.device(d)
+        dtype = prof.cluster.device_types[dt.type]
         stages.append({
             "rank": r["rank"], "device": d, "type": prof.cluster.device(d).type, "replica": r["replica"],
             "stage": r["stage"], "layers": r["layers"], "share": r["share"], "slowdown": r["slowdown"],
             "predicted": {"compute_s": sd["compute_fb_s"], "optimizer_s": work[rep].optimizer_s,
                           "grad_sync_s": r["predicted"]["grad_sync_s"], "p2p_s": r["predicted"]["p2p_s"],
-                          "busy_s": sd["busy_s"]},
+                          "busy_s": sd["busy_s"],
+                          # the runtime's own time the formulas add (in compute_s and optimizer_s)
+                          "op_overhead_s": 2 * plan.num_microbatches * dtype.op_overhead_s,
+                          "step_overhead_s": dtype.step_overhead_s},
             "measured": {k: m[k] for k in ("compute_s", "optimizer_s", "grad_sync_s", "p2p_wait_s", "loss_sync_s",
                                            "other_s", "step_s")},
         })

@@ -3,8 +3,9 @@
     hetalloc profile --nproc 2 [--slowdown 1=2] [--model gpt2-tiny] [--seq 64]
                      [--batch-sizes 1,2,4,8,16] [--out DIR] [--calibrate]
 
-writes DIR/cost_graph.json (measured tables), DIR/cluster.yaml (measured device types
-and links) and DIR/report.json, and prints a short report; ``--calibrate`` also fits the
+writes DIR/cost_graph.json (measured tables), DIR/cluster.yaml (measured device types,
+with the runtime's own time per op and per step from two short training runs, and
+links) and DIR/report.json, and prints a short report; ``--calibrate`` also fits the
 analytic model's efficiencies to the measurements (DIR/efficiency.json, reusable for
 other models and clusters with ``hetalloc plan --efficiency DIR/efficiency.json
 [--efficiency-as FITTED=TYPE]``). Plan from the profile with
@@ -22,11 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from hetalloc.calibrate import calibrate, calibration_error, save_efficiency
-from hetalloc.cluster import load_cluster
+from hetalloc.cluster import dump_cluster_yaml, load_cluster
 from hetalloc.costgraph import load_cost_graph
 from hetalloc.errors import HetallocError
+from hetalloc.fileio import atomic_write_json, atomic_write_text
 
+from .config import parse_slowdown
 from .launch import RunFailed, local_env
+from .profile_overhead import measure_overheads, with_overheads
 from .profile_files import report_lines
 
 ENTRY = "runtime.profile"
@@ -49,9 +53,11 @@ def profile_command(nproc: int, out_dir: str | Path, *, model: str = "gpt2-tiny"
 def run_profile(out_dir: str | Path, *, nproc: int = 2, model: str = "gpt2-tiny", seq: int | None = None,
                 batch_sizes: str = "1,2,4,8,16", slowdown: list[str] | None = None, warmup: int = 3,
                 repeats: int = 15, link_repeats: int = 40, calibrate_fit: bool = False, capture: bool = True,
-                timeout_s: float | None = None) -> dict[str, Any]:
+                timeout_s: float | None = None, runtime_overhead: bool = True) -> dict[str, Any]:
     """Profile this machine with `nproc` ranks; returns report.json's content (plus the
-    calibration under 'calibration' when asked). Raises RunFailed when the ranks fail."""
+    calibration under 'calibration' when asked). With runtime_overhead, also measures the
+    runtime's own time per op and per step by running it (runtime.profile_overhead) and
+    writes it into cluster.yaml. Raises RunFailed when the ranks fail."""
     out = Path(out_dir)
     report_path = out / "report.json"
     if report_path.exists():
@@ -67,10 +73,26 @@ def run_profile(out_dir: str | Path, *, nproc: int = 2, model: str = "gpt2-tiny"
         tail = "" if errors or not capture else "\n" + "\n".join(output.splitlines()[-15:])
         raise RunFailed(f"profile failed: {why}{tail}")
     report = json.loads(report_path.read_text())
+    if runtime_overhead:
+        report["runtime_overhead"] = add_runtime_overhead(out, slowdown)
+        atomic_write_json(report_path, report)
     report["command"] = argv
     if calibrate_fit:
         report["calibration"] = calibrate_profile(out)
     return report
+
+
+def add_runtime_overhead(out_dir: str | Path, slowdown: list[str] | None) -> dict[str, Any]:
+    """Measure the runtime's per-op and per-step time on the profiled devices and write
+    them into DIR/cluster.yaml (runtime.profile_overhead)."""
+    out = Path(out_dir)
+    cluster = load_cluster(out / "cluster.yaml")
+    cg = load_cost_graph(out / "cost_graph.json")
+    by_rank = {int(k): f for k, f in parse_slowdown(slowdown).items() if k.isdigit()}
+    result = measure_overheads(out / "overhead", cluster, cg, by_rank)
+    atomic_write_text(out / "cluster.yaml", "# Measured by 'hetalloc profile' (see report.json).\n"
+                      + dump_cluster_yaml(with_overheads(cluster, result["per_type"])))
+    return result
 
 
 def calibrate_profile(out_dir: str | Path) -> dict[str, Any]:
@@ -119,6 +141,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/profile", metavar="DIR", help="output directory (default out/profile)")
     p.add_argument("--calibrate", action="store_true",
                    help="also fit the analytic model's efficiency factors (OUT/efficiency.json)")
+    p.add_argument("--no-runtime-overhead", action="store_true",
+                   help="skip the two short training runs that measure the runtime's own time per op and per "
+                        "step (written into OUT/cluster.yaml as op_overhead_us / step_overhead_us)")
     p.add_argument("--json", action="store_true", help="print report.json")
     p.set_defaults(func=handler)
     return p
@@ -131,7 +156,8 @@ def handler(args: argparse.Namespace) -> int:
             return 2
         report = run_profile(args.out, nproc=args.nproc, model=args.model, seq=args.seq,
                              batch_sizes=args.batch_sizes, slowdown=args.slowdown, warmup=args.warmup,
-                             repeats=args.repeats, link_repeats=args.link_repeats, calibrate_fit=args.calibrate)
+                             repeats=args.repeats, link_repeats=args.link_repeats, calibrate_fit=args.calibrate,
+                             runtime_overhead=not args.no_runtime_overhead)
     except HetallocError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -221,6 +221,9 @@ def report_lines(report: dict[str, Any], cg: CostGraph | None = None) -> list[st
         if f:
             lines.append(f"  {label}: {f['fit']['bandwidth_gbps']:.3f} GB/s, {f['fit']['latency_us']:.1f} µs latency "
                          f"(fit error rms {100 * f['fit']['rms_rel_error']:.0f}%, {len(f['bytes'])} sizes)")
+    for name, f in (report.get("runtime_overhead") or {}).get("per_type", {}).items():
+        lines.append(f"  runtime's own time on {name}: {f['op_overhead_us']:.0f} µs per op, "
+                     f"{f['step_overhead_us']:.0f} µs per step (two short training runs)")
     saved = sum(l["saved_act_bytes"] for l in report["layers"])
     saved_a = sum(l["saved_act_bytes_analytic"] for l in report["layers"])
     lines.append(f"  saved activations: {saved / 2**20:.2f} MiB per sample measured "

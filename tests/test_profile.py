@@ -58,6 +58,21 @@ def test_writes_the_planner_formats_with_measured_tables(prof):
                                                                               rel=1e-4)
 
 
+def test_runtime_overheads_are_measured_and_written(prof):
+    out, report = prof
+    oh = report["runtime_overhead"]
+    cluster = load_cluster(out / "cluster.yaml")
+    assert set(oh["per_type"]) == {d.type for d in cluster.devices}
+    for name, f in oh["per_type"].items():
+        t = cluster.device_types[name]
+        assert t.op_overhead_us == pytest.approx(f["op_overhead_us"], abs=0.06)
+        assert t.step_overhead_us == pytest.approx(f["step_overhead_us"], abs=0.06)
+        # a runtime op costs something beyond its layers; bounded well below a whole step
+        assert 0 < t.op_overhead_us < 5000 and 0 <= t.step_overhead_us < 20000
+    for M in map(str, oh["microbatches"]):  # each rank's median 'other' time of both runs
+        assert set(oh["other_s"][M]) == {d.id for d in cluster.devices}
+
+
 def test_saved_activations_are_measured_with_hooks(prof):
     out, report = prof
     for layer in report["layers"]:
