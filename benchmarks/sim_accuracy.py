@@ -129,10 +129,9 @@ def breakdown_table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         b = r["error_breakdown"]
-        miss = b["missing_s"]
-        lines.append(f"{r['name']:<26} {b['rank']:>4} {miss * 1e3:10.2f} {b['compute_s'] * 1e3:8.2f} "
+        lines.append(f"{r['name']:<26} {b['rank']:>4} {b['missing_s'] * 1e3:10.2f} {b['compute_s'] * 1e3:8.2f} "
                      f"{b['optimizer_s'] * 1e3:7.2f} {b['other_s'] * 1e3:7.2f} {b['waits_s'] * 1e3:7.2f}   "
-                     f"({b.get('other_predicted_s', 0.0) * 1e3:.2f}; {b['loss_sync_s'] * 1e3:.2f}, "
+                     f"({b['other_predicted_s'] * 1e3:.2f}; {b['loss_sync_s'] * 1e3:.2f}, "
                      f"{b['grad_sync_s'] * 1e3:.2f})")
     return "\n".join(lines)
 

@@ -99,6 +99,12 @@ def parse_slowdown(items: list[str] | None) -> dict[str, float]:
     return out
 
 
+def slowdown_for_plan(device_ids: list[str], slowdown: dict[int, float], used: set[str]) -> list[str]:
+    """--slowdown arguments of a run: rank r of a profile slows device_ids[r]; given by
+    device id, so they follow the device whatever rank a plan gives it (used devices only)."""
+    return [f"{device_ids[r]}={f:g}" for r, f in sorted(slowdown.items()) if device_ids[r] in used]
+
+
 SPIN_S = 300e-6
 """The last stretch of an emulated slowdown is spun, not slept: a sleep overshoots by the
 kernel's timer slack (50 µs and more), a sizeable, varying part of sub-millisecond ops."""

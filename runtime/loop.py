@@ -27,6 +27,7 @@ from hetalloc.costgraph import CostGraph, load_cost_graph
 from hetalloc.fileio import atomic_write_json
 from hetalloc.plan import Plan
 
+from .config import slowdown_for_plan
 from .launch import run_local
 from .plans import describe
 from .profile_cli import run_profile
@@ -75,8 +76,7 @@ def profile_machine(out_dir: str | Path, *, nproc: int = 2, model: str = "gpt2-t
 def slowdown_args(prof: Profiled, plan: Plan) -> list[str]:
     """--slowdown arguments for a run of `plan`: by device id, so they follow the device
     whatever rank the plan gives it."""
-    used = set(plan.device_ids())
-    return [f"{prof.device_ids[r]}={f:g}" for r, f in sorted(prof.slowdown.items()) if prof.device_ids[r] in used]
+    return slowdown_for_plan(prof.device_ids, prof.slowdown, set(plan.device_ids()))
 
 
 def measure(plan: Plan, prof: Profiled, out_dir: str | Path, *, steps: int = 12, name: str = "") -> dict[str, Any]:

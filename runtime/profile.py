@@ -257,17 +257,19 @@ def measure_layers(built: BuiltModel, seq: int, batches: list[int], warmup: int,
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         runs_f, runs_b = [], []
+
+        def one_pass() -> tuple[list[float], list[float]]:
+            gflat.zero_()
+            times = time_pass(built.layers, ids, labels, scale, slowdown, device)
+            opt.step()
+            return times
+
         t_warm = time.perf_counter()
         for _ in range(warmup):
-            gflat.zero_()
-            time_pass(built.layers, ids, labels, scale, slowdown, device)
-            opt.step()
+            one_pass()
         per_pass = (time.perf_counter() - t_warm) / warmup if warmup else math.inf
-        n = max(repeats, min(MAX_LAYER_REPEATS, math.ceil(MIN_TIMED_S / per_pass)))
-        for _ in range(n):
-            gflat.zero_()
-            f, bw = time_pass(built.layers, ids, labels, scale, slowdown, device)
-            opt.step()
+        for _ in range(max(repeats, min(MAX_LAYER_REPEATS, math.ceil(MIN_TIMED_S / per_pass)))):
+            f, bw = one_pass()
             runs_f.append(f)
             runs_b.append(bw)
         if device.type == "cuda":

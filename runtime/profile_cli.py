@@ -23,15 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from hetalloc.calibrate import calibrate, calibration_error, save_efficiency
-from hetalloc.cluster import dump_cluster_yaml, load_cluster
+from hetalloc.cluster import load_cluster
 from hetalloc.costgraph import load_cost_graph
 from hetalloc.errors import HetallocError
-from hetalloc.fileio import atomic_write_json, atomic_write_text
+from hetalloc.fileio import atomic_write_json
 
 from .config import parse_slowdown
 from .launch import RunFailed, local_env
 from .profile_overhead import measure_overheads, with_overheads
-from .profile_files import report_lines
+from .profile_files import report_lines, write_cluster
 
 ENTRY = "runtime.profile"
 
@@ -90,8 +90,7 @@ def add_runtime_overhead(out_dir: str | Path, slowdown: list[str] | None) -> dic
     cg = load_cost_graph(out / "cost_graph.json")
     by_rank = {int(k): f for k, f in parse_slowdown(slowdown).items() if k.isdigit()}
     result = measure_overheads(out / "overhead", cluster, cg, by_rank)
-    atomic_write_text(out / "cluster.yaml", "# Measured by 'hetalloc profile' (see report.json).\n"
-                      + dump_cluster_yaml(with_overheads(cluster, result["per_type"])))
+    write_cluster(out, with_overheads(cluster, result["per_type"]))
     return result
 
 

@@ -184,14 +184,19 @@ def build_profile(pa: ProfileArgs, ranks: list[dict[str, Any]], links: dict[str,
     return cg, cluster, report
 
 
+def write_cluster(out_dir: str | Path, cluster: Cluster) -> None:
+    """DIR/cluster.yaml of a profile (atomically)."""
+    atomic_write_text(Path(out_dir) / "cluster.yaml", "# Measured by 'hetalloc profile' (see report.json).\n"
+                      + dump_cluster_yaml(cluster))
+
+
 def write_profile(out_dir: str | Path, pa: ProfileArgs, ranks: list[dict[str, Any]],
                   links: dict[str, Any]) -> dict[str, Any]:
     """Write cost_graph.json, cluster.yaml and report.json; returns the report."""
     out = Path(out_dir)
     cg, cluster, report = build_profile(pa, ranks, links)
     cg.save(out / "cost_graph.json")
-    atomic_write_text(out / "cluster.yaml", "# Measured by 'hetalloc profile' (see report.json).\n"
-                      + dump_cluster_yaml(cluster))
+    write_cluster(out, cluster)
     report["files"] = {"cost_graph": str(out / "cost_graph.json"), "cluster": str(out / "cluster.yaml")}
     atomic_write_json(out / "report.json", report)
     return report

@@ -31,6 +31,7 @@ from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
 from hetalloc.plan import Plan
 
+from .config import slowdown_for_plan
 from .launch import run_local
 from .plans import hand_plan
 
@@ -79,8 +80,7 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
         plan = calibration_plan(cluster, cg, M)
         path = out / f"plan-m{M}.json"
         plan.save(path)
-        used = set(plan.device_ids())
-        slow = [f"{ids[r]}={f:g}" for r, f in sorted((slowdown or {}).items()) if ids[r] in used]
+        slow = slowdown_for_plan(ids, slowdown or {}, set(plan.device_ids()))
         run_dir = out / f"run-m{M}"
         summary = run_local(path, steps=WARMUP_STEPS + STEPS, slowdown=slow, out_dir=run_dir, capture=True,
                             extra=["--warmup-steps", str(WARMUP_STEPS)])
