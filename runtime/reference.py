@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from hetalloc.models import resolve_model
-from hetalloc.plan import Plan
+from hetalloc.plan import Plan, plan_context
 
 from .config import TrainConfig
 from .datasets import TokenDataset
@@ -16,7 +16,7 @@ from .optim import build_optimizer
 def reference_run(plan: Plan, cfg: TrainConfig, *, model: str | None = None
                   ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Losses of cfg.steps steps and the final parameters (by whole-model name)."""
-    shape = resolve_model(model or plan.model)
+    shape = resolve_model(model) if model else plan_context(plan)[1].shape()
     built = build_model(shape, seed=cfg.seed, dropout=cfg.dropout, dtype=DTYPES[cfg.dtype])
     optimizer = build_optimizer(plan.optimizer, list(built.model.parameters()), cfg)
     data = TokenDataset(cfg.dataset, vocab=shape.vocab, seq_len=plan.seq_len, seed=cfg.seed,

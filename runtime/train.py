@@ -127,7 +127,7 @@ class Trainer:
         self.plan, self.cfg = plan, cfg
         self.cluster, self.cg = plan_context(plan)
         validate_plan(plan, self.cluster, self.cg)
-        shape = resolve_model(model or plan.model)
+        shape = resolve_model(model) if model else self.cg.shape()
         self.rt = rt = setup(plan, self.cluster, node)
         self.rank, self.device = rt.info.rank, rt.device
         dtype = DTYPES[cfg.dtype]
