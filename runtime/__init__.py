@@ -3,8 +3,10 @@
 Layout (a part is found by its name):
 - ``train``: the torchrun entry point (``python -m runtime.train --plan plan.json``);
 - ``rankmap``: which rank serves which device of the plan, and launch checks;
-- ``models``: Hugging Face / plain torch models cut at the cost graph's layers;
-- ``datasets``: deterministic token data and each rank's shard of a global batch;
+- ``models``: Hugging Face (GPT-2, BERT, Llama/Mistral/Qwen2, OPT) / plain torch models
+  cut at the cost graph's layers;
+- ``datasets``: deterministic token data, train and validation, and each rank's shard of
+  a global batch; ``tokens``: the token files behind them (text, .npy, .bin), checked;
 - ``pipeline``: a stage's schedule (GPipe, 1F1B) with p2p between stages of any width;
 - ``grad_sync``: bucketed, overlapped gradient all-reduce / hierarchical / parameter server;
 - ``optim``, ``checkpoint``, ``metrics``: optimizers, atomic checkpoints, measurements;
@@ -12,6 +14,6 @@ Layout (a part is found by its name):
 - ``reference``: single-process training, the computation every plan must reproduce;
 - ``pipelining_ref``: torch.distributed.pipelining driven by hand (overhead benchmark);
 - ``plans``: hand-written plans for tests and benchmarks.
-Importing this package does not import torch (``launch``, ``commands``, ``plans`` and
-``rankmap`` are torch-free, so the CLI can print commands without it).
+Importing this package does not import torch (``launch``, ``commands``, ``plans``,
+``tokens`` and ``rankmap`` are torch-free, so the CLI can print commands without it).
 """
