@@ -14,9 +14,6 @@ from pathlib import Path
 
 from .errors import HetallocError
 
-BUILTIN_CLUSTER = Path(__file__).parent / "data" / "lab-16.yaml"
-
-
 def _add_cost_graph_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="built-in model name (gpt2-small … gpt3-175b, llama2-7b …, see 'hetalloc catalog') "
@@ -118,53 +115,12 @@ def cmd_plan(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from allocator import make_plan
+    from workflows.demo import demo
 
-    from .cluster import load_cluster
-    from .costgraph import analytic_cost_graph
-    from .models import get_model
-    from .report import print_plan, wide_console
-    con = wide_console()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cluster = load_cluster(BUILTIN_CLUSTER)
-    cg = analytic_cost_graph(get_model(args.model))
-    con.print(f"[bold]hetalloc demo[/bold]: {cluster.describe()}; model {args.model}, "
-              f"global batch {args.global_batch}, seq {cg.seq_len}")
-    plan = make_plan(cluster, cg, args.global_batch, time_limit=args.time_limit,
-                     progress=lambda s: con.print(f"[dim]{s}[/dim]", highlight=False))
-    plan.save(out / "plan.json")
-    print_plan(plan, cluster, con)
-    con.print(f"wrote {out / 'plan.json'}")
-    for extra in DEMO_STEPS:
-        extra(plan, cluster, cg, out, con, args)
-    if args.run:
-        from runtime.loop import closed_loop  # torch is only imported for --run
-        closed_loop(out / "loop", console=con)
+    from .report import wide_console
+    demo(args.out, wide_console(), model=args.model, global_batch=args.global_batch, time_limit=args.time_limit,
+         run=args.run)
     return 0
-
-
-# Later subsystems append (plan, cluster, cg, out_dir, console, args) -> None steps here.
-DEMO_STEPS: list = []
-
-
-def _demo_simulate(plan, cluster, cg, out, con, args) -> None:
-    try:
-        import simulator
-    except ImportError:
-        return
-    if not hasattr(simulator, "simulate"):
-        return
-    rep = simulator.simulate(plan, cluster, cg)
-    rep.write_trace(out / "trace.json")
-    rep.write_gantt(out / "gantt.png")
-    d = rep.to_dict()
-    con.print(f"simulated   {d['iteration_time_s']:.4f} s/iteration with link sharing and overlap "
-              f"(formula: {plan.predicted['iteration_time_s']:.4f} s); trace {out / 'trace.json'} "
-              f"(open in ui.perfetto.dev), Gantt chart {out / 'gantt.png'}", highlight=False)
-
-
-DEMO_STEPS.append(_demo_simulate)
 
 
 def build_parser() -> argparse.ArgumentParser:

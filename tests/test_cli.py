@@ -53,3 +53,13 @@ def test_help_explains_units():
     assert out.returncode == 0
     for unit in ("seconds", "samples", "tokens", "GiB"):
         assert unit in out.stdout
+
+
+def test_demo_plans_and_simulates(tmp_path, capsys):
+    """'hetalloc demo' (workflows.demo) on a small model: plan, trace and chart written."""
+    rc = main(["demo", "--model", "gpt2-small", "--global-batch", "16", "--time-limit", "5", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "simulated" in out and "s/iteration" in out
+    for name in ("plan.json", "trace.json", "gantt.png"):
+        assert (tmp_path / name).stat().st_size > 0

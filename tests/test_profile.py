@@ -159,7 +159,7 @@ def test_closed_loop_prints_predicted_next_to_measured(tmp_path):
     planner's plan and the even split, one table of predicted vs measured."""
     from rich.console import Console
 
-    from runtime.loop import closed_loop
+    from workflows.loop import closed_loop
 
     console = Console(record=True, width=160)
     result = closed_loop(tmp_path, console, seq=32, global_batch=8, steps=5, time_limit=5)
