@@ -1,8 +1,10 @@
 """`hetalloc` command line: profile | plan | simulate | whatif | run | demo | catalog.
 
 A thin face: it parses, calls a subsystem, prints. It is the only code in hetalloc/ that
-imports the subsystems (allocator, simulator, runtime), and imports each lazily so that
-`hetalloc plan` never loads torch.
+imports the subsystems (allocator, simulator, runtime, workflows). Their commands are
+imported explicitly, so a broken import is an error with its traceback, never a missing
+command; none of them imports torch (training and profiling run as torchrun
+subprocesses). User errors (HetallocError) are printed here, and only here, as one line.
 """
 
 from __future__ import annotations
@@ -10,9 +12,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from .errors import HetallocError
+from rich.console import Console
+from rich.table import Table
+
+from allocator import make_plan
+from runtime import commands as run_commands
+from runtime import profile_cli as profile_commands
+from simulator import commands as simulator_commands
+from workflows.demo import demo
+
+from .calibrate import load_efficiency
+from .catalog import DEVICE_TYPES, LINK_TYPES
+from .cluster import load_cluster
+from .costgraph import analytic_cost_graph, load_cost_graph
+from .errors import HetallocError, SpecError
+from .models import MODELS, resolve_model
+from .report import print_plan, wide_console
 
 def _add_cost_graph_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
@@ -32,15 +48,10 @@ def _add_cost_graph_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_cost_graph_arg(args):
-    from .costgraph import analytic_cost_graph, load_cost_graph
-    from .models import resolve_model
     if args.cost_graph:
         return load_cost_graph(args.cost_graph)
     cg = analytic_cost_graph(resolve_model(args.model), args.seq, args.precision)
     if args.efficiency:
-        from .calibrate import load_efficiency
-        from .errors import SpecError
-
         eff = load_efficiency(args.efficiency)
         for item in args.efficiency_as:
             fitted, _, target = item.partition("=")
@@ -51,17 +62,11 @@ def load_cost_graph_arg(args):
             eff[target] = dict(eff[fitted])
         cg = cg.with_efficiency(eff)
     elif args.efficiency_as:
-        from .errors import SpecError
         raise SpecError("--efficiency-as", "", "needs --efficiency FILE", "pass the efficiency.json to map from")
     return cg
 
 
 def cmd_catalog(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from .catalog import DEVICE_TYPES, LINK_TYPES
-    from .models import MODELS
     if args.json:
         print(json.dumps({
             "devices": {k: {"vendor": d.vendor, "peak_tflops": d.peak_tflops, "memory_gib": d.memory_gib,
@@ -91,10 +96,6 @@ def cmd_catalog(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from allocator import make_plan
-
-    from .cluster import load_cluster
-    from .report import print_plan, wide_console
     cluster = load_cluster(args.cluster)
     cg = load_cost_graph_arg(args)
     con = wide_console(stderr=args.json)
@@ -115,9 +116,6 @@ def cmd_plan(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from workflows.demo import demo
-
-    from .report import wide_console
     demo(args.out, wide_console(), model=args.model, global_batch=args.global_batch, time_limit=args.time_limit,
          run=args.run)
     return 0
@@ -168,12 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "simulate, train with torchrun, and print predicted vs measured step time")
     d.set_defaults(func=cmd_demo)
 
-    for mod in ("simulator.commands", "runtime.commands", "runtime.profile_cli"):
-        try:
-            module = __import__(mod, fromlist=["register"])
-        except ImportError:
-            continue
-        module.register(sub)
+    simulator_commands.register(sub)
+    run_commands.register(sub)
+    profile_commands.register(sub)
     return p
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from hetalloc.calibrate import calibrate, calibration_error, save_efficiency
 from hetalloc.cluster import load_cluster
 from hetalloc.costgraph import load_cost_graph
-from hetalloc.errors import HetallocError
+from hetalloc.errors import SpecError
 from hetalloc.fileio import atomic_write_json
 
 from .config import parse_slowdown
@@ -149,17 +149,12 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def handler(args: argparse.Namespace) -> int:
-    try:
-        if args.nproc < 1:
-            print("error: --nproc must be at least 1", file=sys.stderr)
-            return 2
-        report = run_profile(args.out, nproc=args.nproc, model=args.model, seq=args.seq,
-                             batch_sizes=args.batch_sizes, slowdown=args.slowdown, warmup=args.warmup,
-                             repeats=args.repeats, link_repeats=args.link_repeats, calibrate_fit=args.calibrate,
-                             runtime_overhead=not args.no_runtime_overhead)
-    except HetallocError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.nproc < 1:
+        raise SpecError("--nproc", "", f"must be at least 1, got {args.nproc}", "profile one rank or more")
+    report = run_profile(args.out, nproc=args.nproc, model=args.model, seq=args.seq, batch_sizes=args.batch_sizes,
+                         slowdown=args.slowdown, warmup=args.warmup, repeats=args.repeats,
+                         link_repeats=args.link_repeats, calibrate_fit=args.calibrate,
+                         runtime_overhead=not args.no_runtime_overhead)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "command"}, indent=2))
         return 0

@@ -1,5 +1,7 @@
 """The CLI: plan writes a valid plan atomically, --json is machine-readable, errors are one line."""
 
+import builtins
+import importlib
 import json
 import subprocess
 import sys
@@ -63,3 +65,19 @@ def test_demo_plans_and_simulates(tmp_path, capsys):
     assert "simulated" in out and "s/iteration" in out
     for name in ("plan.json", "trace.json", "gantt.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_a_broken_subsystem_import_is_an_error(monkeypatch, tmp_path):
+    """A subsystem whose commands fail to import must fail loudly, not turn
+    'hetalloc simulate' into argparse's "invalid choice"."""
+    real_import = builtins.__import__
+
+    def broken(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "simulator.commands" or (name == "simulator" and "commands" in (fromlist or ())):
+            raise ImportError("simulator.commands broken on purpose")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    monkeypatch.delitem(sys.modules, "hetalloc.cli")  # restored after the test
+    with pytest.raises(ImportError, match="broken on purpose"):
+        importlib.import_module("hetalloc.cli").main(["simulate", str(tmp_path / "plan.json")])
