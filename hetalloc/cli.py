@@ -20,6 +20,7 @@ from allocator import make_plan
 from runtime import commands as run_commands
 from runtime import profile_cli as profile_commands
 from simulator import commands as simulator_commands
+from workflows import commands as workflow_commands
 from workflows.demo import demo
 
 from .calibrate import load_efficiency
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     simulator_commands.register(sub)
+    workflow_commands.register(sub)
     run_commands.register(sub)
     profile_commands.register(sub)
     return p
