@@ -18,7 +18,7 @@ from rich.table import Table
 
 from allocator import make_plan
 from runtime import commands as run_commands
-from runtime import profile_cli as profile_commands
+from runtime.profile import command as profile_commands
 from simulator import commands as simulator_commands
 from workflows import commands as workflow_commands
 from workflows.demo import demo

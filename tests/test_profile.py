@@ -19,7 +19,7 @@ from hetalloc.costgraph import analytic_cost_graph, cost_graph_from_dict, load_c
 from hetalloc.models import get_model
 from hetalloc.plan import load_plan, validate_plan
 from runtime.launch import RunFailed
-from runtime.profile_cli import run_profile
+from runtime.profile.command import run_profile
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -32,8 +32,8 @@ from hetalloc.plan import Plan
 from runtime.config import slowdown_for_plan
 from runtime.launch import run_local
 from runtime.plans import describe
-from runtime.profile_cli import run_profile
-from runtime.profile_files import report_lines
+from runtime.profile.command import run_profile
+from runtime.profile.files import report_lines
 from simulator import simulate
 
 RUN_WARMUP_STEPS = 2

@@ -28,12 +28,13 @@ from hetalloc.costgraph import load_cost_graph
 from hetalloc.errors import SpecError
 from hetalloc.fileio import atomic_write_json
 
-from .config import parse_slowdown
-from .launch import RunFailed, local_env
-from .profile_overhead import measure_overheads, with_overheads
-from .profile_files import report_lines, write_cluster
+from ..config import parse_slowdown
+from ..launch import RunFailed, local_env
+from .files import report_lines, write_cluster
+from .overhead import measure_overheads, with_overheads
 
 ENTRY = "runtime.profile"
+"""The ranks' module (``-m``): runtime/profile/__main__.py."""
 
 
 def profile_command(nproc: int, out_dir: str | Path, *, model: str = "gpt2-tiny", seq: int | None = None,
@@ -56,7 +57,7 @@ def run_profile(out_dir: str | Path, *, nproc: int = 2, model: str = "gpt2-tiny"
                 timeout_s: float | None = None, runtime_overhead: bool = True) -> dict[str, Any]:
     """Profile this machine with `nproc` ranks; returns report.json's content (plus the
     calibration under 'calibration' when asked). With runtime_overhead, also measures the
-    runtime's own time per op and per step by running it (runtime.profile_overhead) and
+    runtime's own time per op and per step by running it (runtime.profile.overhead) and
     writes it into cluster.yaml. Raises RunFailed when the ranks fail."""
     out = Path(out_dir)
     report_path = out / "report.json"
@@ -84,7 +85,7 @@ def run_profile(out_dir: str | Path, *, nproc: int = 2, model: str = "gpt2-tiny"
 
 def add_runtime_overhead(out_dir: str | Path, slowdown: list[str] | None) -> dict[str, Any]:
     """Measure the runtime's per-op and per-step time on the profiled devices and write
-    them into DIR/cluster.yaml (runtime.profile_overhead)."""
+    them into DIR/cluster.yaml (runtime.profile.overhead)."""
     out = Path(out_dir)
     cluster = load_cluster(out / "cluster.yaml")
     cg = load_cost_graph(out / "cost_graph.json")
