@@ -29,7 +29,7 @@ from .cluster import load_cluster
 from .costgraph import analytic_cost_graph, load_cost_graph
 from .errors import HetallocError, SpecError
 from .models import MODELS, resolve_model
-from .report import print_plan, wide_console
+from .plan_view import print_plan, wide_console
 
 def _add_cost_graph_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,

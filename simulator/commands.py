@@ -15,11 +15,10 @@ import json
 import sys
 from typing import Any
 
-from hetalloc.cluster import Cluster, cluster_from_dict, load_cluster
-from hetalloc.costgraph import CostGraph, analytic_cost_graph, cost_graph_from_dict, load_cost_graph
+from hetalloc.cluster import Cluster, load_cluster
+from hetalloc.costgraph import CostGraph, load_cost_graph
 from hetalloc.errors import SpecError
-from hetalloc.models import get_model
-from hetalloc.plan import Plan, load_plan
+from hetalloc.plan import Plan, load_plan, plan_context
 
 from .api import simulate
 from .engine import DDP_BUCKET_BYTES
@@ -55,19 +54,9 @@ def context_args(p: argparse.ArgumentParser) -> None:
 def load_context(args) -> tuple[Plan, Cluster, CostGraph]:
     """The plan, and its cluster and cost graph (embedded unless overridden)."""
     plan = load_plan(args.plan)
-    if args.cluster:
-        cluster = load_cluster(args.cluster)
-    elif plan.cluster_spec:
-        cluster = cluster_from_dict(plan.cluster_spec, f"{args.plan}#cluster")
-    else:
-        raise SpecError(args.plan, "cluster.spec", "the plan does not carry its cluster", "pass --cluster")
-    if args.cost_graph:
-        cg = load_cost_graph(args.cost_graph)
-    elif plan.cost_graph_spec:
-        cg = cost_graph_from_dict(plan.cost_graph_spec, f"{args.plan}#cost_graph")
-    else:
-        cg = analytic_cost_graph(get_model(plan.model), plan.seq_len, plan.precision)
-    return plan, cluster, cg
+    cluster = load_cluster(args.cluster) if args.cluster else None
+    cg = load_cost_graph(args.cost_graph) if args.cost_graph else None
+    return (plan, *plan_context(plan, args.plan, cluster=cluster, cg=cg))
 
 
 def sim_options(args) -> dict[str, Any]:

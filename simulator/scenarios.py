@@ -26,13 +26,13 @@ Never: plan or simulate here, nor price anything itself — prices come from the
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from hetalloc.catalog import LINK_TYPES, DeviceType, suggest_device, suggest_link, with_price
-from hetalloc.cluster import Cluster, Device, LinkSpec, Node
+from hetalloc.apportion import largest_remainder
+from hetalloc.catalog import DeviceType, suggest_device, suggest_link, with_price
+from hetalloc.cluster import Cluster, Device, LinkSpec, Node, catalog_link
 from hetalloc.costgraph import CostGraph, TimeTable, analytic_cost_graph
 from hetalloc.errors import InfeasibleError, SpecError
 from hetalloc.models import get_model
@@ -127,7 +127,7 @@ def swap(spec: str) -> Callable[[Case], Case]:
         top = {n.name: max((d.local_index for d in n.devices), default=-1) + 1 for n in nodes}
         taken = _remove(nodes, n_old, t_old, spec)
         names = list(taken)
-        split = _largest_remainder(n_new, [taken[n] for n in names])
+        split = largest_remainder(n_new, [taken[n] for n in names])
         by_name = {n.name: n for n in nodes}
         for name, k in zip(names, split):
             node = by_name[name]
@@ -136,14 +136,6 @@ def swap(spec: str) -> Callable[[Case], Case]:
                 node.devices.append(Device(f"{name}/{start + i}", t_new, name, start + i))
         return dataclasses.replace(case, cluster=_rebuild(case.cluster, nodes))
     return apply
-
-
-def _largest_remainder(total: int, weights: list[int]) -> list[int]:
-    raw = [total * w / sum(weights) for w in weights]
-    out = [int(math.floor(x)) for x in raw]
-    for i in sorted(range(len(raw)), key=lambda i: out[i] - raw[i])[: total - sum(out)]:
-        out[i] += 1
-    return out
 
 
 def add(spec: str) -> Callable[[Case], Case]:
@@ -177,10 +169,10 @@ def add(spec: str) -> Callable[[Case], Case]:
 
 
 def _named_link(name: str, spec: str) -> LinkSpec:
-    lt = LINK_TYPES.get(name)
-    if lt is None:
+    found = catalog_link(name)
+    if found is None:
         raise _err(spec, f"unknown link '{name}'", suggest_link(name))
-    return LinkSpec(lt.bandwidth_bytes_per_s, lt.latency_s, lt.name)
+    return found
 
 
 def remove(spec: str) -> Callable[[Case], Case]:

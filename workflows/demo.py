@@ -17,7 +17,7 @@ from hetalloc.cluster import load_cluster
 from hetalloc.costgraph import analytic_cost_graph
 from hetalloc.models import get_model
 from hetalloc.plan import Plan
-from hetalloc.report import print_plan
+from hetalloc.plan_view import print_plan
 from simulator import simulate
 
 from .loop import closed_loop
