@@ -25,12 +25,12 @@ Never imports torch or transformers (the planner runs without them).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import SpecError
+from .fileio import read_json
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,12 +222,7 @@ def resolve_model(spec: str) -> TransformerShape:
     after its folder when the file is config.json)."""
     p = Path(spec)
     if p.suffix == ".json":
-        try:
-            cfg = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise SpecError(str(p), "", "file not found", "check the path of the config.json") from None
-        except json.JSONDecodeError as e:
-            raise SpecError(str(p), f"line {e.lineno}", f"invalid JSON ({e.msg})", "fix the syntax") from None
+        cfg = read_json(p, missing_fix="check the path of the config.json", invalid_fix="fix the syntax")
         return shape_from_hf_config(cfg, p.resolve().parent.name if p.name == "config.json" else p.stem, str(p))
     return get_model(spec)
 

@@ -5,7 +5,6 @@ any rank starts."""
 
 from __future__ import annotations
 
-import argparse
 import pickle
 from pathlib import Path
 
@@ -14,8 +13,8 @@ import pytest
 import torch
 
 from hetalloc.cluster import load_cluster
+from hetalloc.cli import main
 from hetalloc.errors import SpecError
-from runtime import commands
 from runtime.datasets import TokenDataset
 from runtime.plans import cpu_cost_graph, hand_plan
 from runtime.tokens import check_dataset
@@ -97,14 +96,11 @@ def test_hetalloc_run_refuses_bad_data_before_launching(tmp_path, capsys):
                      [[((0, 6), [("host/0", 1), ("host/1", 1)])]], num_microbatches=1)
     plan.save(tmp_path / "plan.json")
     _bad(tmp_path)
-    parser = argparse.ArgumentParser()
-    commands.register(parser.add_subparsers())
     for extra, expect in ((["--dataset", str(tmp_path / "odd.bin")], "--dataset: "),
                           (["--dataset", str(tmp_path / "missing.txt")], "file not found"),
                           (["--dataset", "text", "--eval-every", "-1"], "eval_every must be >= 0"),
                           (["--dataset", "text", "--val-fraction", "1.5"], "val_fraction must be in [0, 1)")):
-        args = parser.parse_args(["run", str(tmp_path / "plan.json"), "--out", str(tmp_path / "out"), *extra])
-        assert args.func(args) == 2
+        assert main(["run", str(tmp_path / "plan.json"), "--out", str(tmp_path / "out"), *extra]) == 2
         captured = capsys.readouterr()
         lines = captured.err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], captured.err

@@ -14,8 +14,8 @@ from allocator import make_plan
 from hetalloc.models import resolve_model
 from hetalloc.plan import load_plan, plan_context
 from runtime.launch import RunFailed
-from runtime.loop import profile_machine
-from runtime.profile_cli import STAGING, run_profile
+from runtime.profile.command import STAGING, run_profile
+from workflows.loop import profile_machine
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
