@@ -125,8 +125,7 @@ def cmd_demo(args) -> int:
     from .models import get_model
     from .report import print_plan, wide_console
     con = wide_console()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # created by the first file written: a bad argument leaves no empty folder
     cluster = load_cluster(BUILTIN_CLUSTER)
     cg = analytic_cost_graph(get_model(args.model))
     con.print(f"[bold]hetalloc demo[/bold]: {cluster.describe()}; model {args.model}, "
