@@ -9,6 +9,7 @@ Layout (a part is found by its name):
 - ``grad_sync``: bucketed, overlapped gradient all-reduce / hierarchical / parameter server;
 - ``optim``, ``checkpoint``, ``metrics``: optimizers, atomic checkpoints, measurements;
 - ``launch``, ``commands``: torchrun commands and ``hetalloc run``;
+- ``torchrun``: torchrun whose rendezvous store listens on 127.0.0.1 or --master-addr only;
 - ``reference``: single-process training, the computation every plan must reproduce;
 - ``pipelining_ref``: torch.distributed.pipelining driven by hand (overhead benchmark);
 - ``plans``: hand-written plans for tests and benchmarks.
