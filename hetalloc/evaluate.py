@@ -18,10 +18,9 @@ from typing import Any
 
 from .cluster import Cluster
 from .costgraph import CostGraph
-from .costs import (MemoryBreakdown, grad_bytes_per_param, hierarchical_allreduce_time,
-                    in_flight_microbatches, optimizer_time, p2p_time, param_server_time,
-                    ring_allreduce_time, stage_memory, usable_memory)
-from .plan import Plan
+from .costs import (MemoryBreakdown, grad_bytes_per_param, hierarchical_allreduce_time, optimizer_time,
+                    p2p_time, param_server_time, ring_allreduce_time, usable_memory)
+from .plan import Plan, device_memory
 from .schedule import PipeDevice, pipeline_timing
 
 
@@ -38,20 +37,6 @@ def slice_overlaps(senders: list[int], receivers: list[int]) -> list[tuple[int, 
                 out.append((i, j, common))
             b0 += b
         a0 += a
-    return out
-
-
-def device_memory(plan: Plan, cluster: Cluster, cg: CostGraph) -> dict[str, MemoryBreakdown]:
-    out = {}
-    for r in plan.replicas:
-        S = len(r.stages)
-        for si, s in enumerate(r.stages):
-            params = cg.params(s.start, s.stop)
-            saved = sum(l.saved_act_bytes for l in cg.layers[s.start:s.stop])
-            outb = cg.layers[s.stop - 1].out_act_bytes
-            infl = in_flight_microbatches(plan.schedule, si, S, plan.num_microbatches)
-            for d in s.devices:
-                out[d.device] = stage_memory(params, saved, outb, d.share, infl, plan.precision, plan.optimizer)
     return out
 
 

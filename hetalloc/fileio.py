@@ -1,7 +1,8 @@
-"""Atomic file output: write to a temporary file beside the target, then rename.
+"""Files: atomic output (write to a temporary file beside the target, then rename: nothing
+half-written is ever left at the target path, even if the process dies), and JSON input
+whose problems are one-line errors naming the file.
 
-Nothing half-written is ever left at the target path, even if the process dies; a
-writer killed mid-write leaves only its temporary file (``.NAME.XXXXXXXX.tmp``), which
+A writer killed mid-write leaves only its temporary file (``.NAME.XXXXXXXX.tmp``), which
 ``remove_temporaries`` deletes. Files get the user's umask, as with ``open(path, "w")``.
 """
 
@@ -12,6 +13,8 @@ import os
 import secrets
 from pathlib import Path
 from typing import Any
+
+from .errors import SpecError
 
 TMP_SUFFIX = ".tmp"
 
@@ -87,3 +90,15 @@ def dumps_json(obj: Any) -> str:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, dumps_json(obj))
+
+
+def read_json(path: str | os.PathLike, *, missing_fix: str, invalid_fix: str = "fix or regenerate the file") -> Any:
+    """A JSON file's content. A missing file or invalid JSON raises SpecError naming the
+    file (and the line), with the fix given."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise SpecError(str(p), "", "file not found", missing_fix) from None
+    except json.JSONDecodeError as e:
+        raise SpecError(str(p), f"line {e.lineno}", f"invalid JSON ({e.msg})", invalid_fix) from None

@@ -10,16 +10,17 @@ the same layers (in any replica) synchronise their gradients, weighted by their 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cluster import Cluster
-from .costgraph import CostGraph
-from .costs import GRAD_SYNC, OPTIMIZERS, SCHEDULES
+from .cluster import Cluster, cluster_from_dict
+from .costgraph import CostGraph, analytic_cost_graph, cost_graph_from_dict
+from .costs import (GRAD_SYNC, OPTIMIZERS, SCHEDULES, MemoryBreakdown, in_flight_microbatches, stage_memory,
+                    usable_memory)
 from .errors import SpecError
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, read_json
+from .models import get_model
 
 SCHEMA_VERSION = 1
 
@@ -83,16 +84,6 @@ class Plan:
 
     def device_ids(self) -> list[str]:
         return [d.device for r in self.replicas for s in r.stages for d in s.devices]
-
-    def stage_groups(self) -> dict[tuple[int, int], list[tuple[int, int, DeviceShare]]]:
-        """Devices holding the same layer range, across replicas: (start, stop) ->
-        [(replica, stage index, device share)]. These groups synchronise gradients."""
-        out: dict[tuple[int, int], list] = {}
-        for ri, r in enumerate(self.replicas):
-            for si, s in enumerate(r.stages):
-                for d in s.devices:
-                    out.setdefault((s.start, s.stop), []).append((ri, si, d))
-        return out
 
     def placement(self) -> dict[str, tuple[int, int]]:
         """device id -> (replica index, stage index)."""
@@ -173,14 +164,24 @@ def plan_from_dict(d: Any, source: str = "<plan>") -> Plan:
 
 
 def load_plan(path: str | Path) -> Plan:
-    p = Path(path)
-    try:
-        d = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise SpecError(str(p), "", "file not found", "check the path or run 'hetalloc plan -o' first") from None
-    except json.JSONDecodeError as e:
-        raise SpecError(str(p), f"line {e.lineno}", f"invalid JSON ({e.msg})", "regenerate the plan") from None
-    return plan_from_dict(d, str(p))
+    d = read_json(path, missing_fix="check the path or run 'hetalloc plan -o' first", invalid_fix="regenerate the plan")
+    return plan_from_dict(d, str(path))
+
+
+def device_memory(plan: Plan, cluster: Cluster, cg: CostGraph) -> dict[str, MemoryBreakdown]:
+    """Memory of every device of the plan (hetalloc.costs.stage_memory: weights, gradients,
+    optimizer state, the activations in flight at its stage's position in the schedule)."""
+    out = {}
+    for r in plan.replicas:
+        S = len(r.stages)
+        for si, s in enumerate(r.stages):
+            params = cg.params(s.start, s.stop)
+            saved = sum(l.saved_act_bytes for l in cg.layers[s.start:s.stop])
+            outb = cg.layers[s.stop - 1].out_act_bytes
+            infl = in_flight_microbatches(plan.schedule, si, S, plan.num_microbatches)
+            for d in s.devices:
+                out[d.device] = stage_memory(params, saved, outb, d.share, infl, plan.precision, plan.optimizer)
+    return out
 
 
 def validate_plan(plan: Plan, cluster: Cluster, cg: CostGraph, *, source: str = "plan",
@@ -246,10 +247,8 @@ def validate_plan(plan: Plan, cluster: Cluster, cg: CostGraph, *, source: str = 
         raise err("global_batch", f"{plan.global_batch} != num_microbatches x micro-batch sizes = {total}",
                   "fix the shares or the number of micro-batches")
     if check_memory:
-        from .evaluate import device_memory  # local: evaluate imports plan
         for dev, mem in device_memory(plan, cluster, cg).items():
             cap = cluster.dtype(dev)
-            from .costs import usable_memory
             if mem.total > usable_memory(cap):
                 raise err(f"device {dev}", f"needs {mem.total / 2**30:.2f} GiB, {cap.name} has "
                           f"{usable_memory(cap) / 2**30:.2f} GiB usable",
@@ -266,12 +265,19 @@ def attach_context(plan: Plan, cluster: Cluster, cg: CostGraph) -> Plan:
     return plan
 
 
-def plan_context(plan: Plan, source: str = "plan") -> tuple[Cluster, CostGraph]:
-    """The cluster and cost graph a self-contained plan was made for."""
-    from .cluster import cluster_from_dict
-    from .costgraph import cost_graph_from_dict
-    if not plan.cluster_spec or not plan.cost_graph_spec:
-        raise SpecError(source, "cluster.spec", "the plan does not carry its cluster and cost graph",
-                        "pass --cluster (and --cost-graph), or re-plan with this hetalloc")
-    return (cluster_from_dict(plan.cluster_spec, f"{source}#cluster"),
-            cost_graph_from_dict(plan.cost_graph_spec, f"{source}#cost_graph"))
+def plan_context(plan: Plan, source: str = "plan", *, cluster: Cluster | None = None,
+                 cg: CostGraph | None = None) -> tuple[Cluster, CostGraph]:
+    """The cluster and cost graph of a plan: those given (a user's --cluster / --cost-graph),
+    else the ones the plan carries; a plan without its cost graph gets the analytic one of
+    its model."""
+    if cluster is None:
+        if not plan.cluster_spec:
+            raise SpecError(source, "cluster.spec", "the plan does not carry its cluster",
+                            "pass --cluster where the command takes it, or re-plan with this hetalloc")
+        cluster = cluster_from_dict(plan.cluster_spec, f"{source}#cluster")
+    if cg is None:
+        if plan.cost_graph_spec:
+            cg = cost_graph_from_dict(plan.cost_graph_spec, f"{source}#cost_graph")
+        else:
+            cg = analytic_cost_graph(get_model(plan.model), plan.seq_len, plan.precision)
+    return cluster, cg

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from . import checkpoint
 from .config import TrainConfig, parse_slowdown
 from .datasets import TokenDataset, device_samples
 from .grad_sync import GradSync, ProcessGroups
+from .launch import free_port
 from .metrics import (MetricsWriter, StepTimes, build_summary, mean_times, measured_records, step_line,
                       summary_table, times_from_record)
 from .models import DTYPES, StageModule, build_model, layer_param_counts
@@ -46,12 +46,6 @@ class Runtime:
     info: LaunchInfo
     device: torch.device
     backend: str
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def setup(plan: Plan, cluster: Cluster, node: str | None = None) -> Runtime:
@@ -81,7 +75,7 @@ def _init_process_group(backend: str, info: LaunchInfo) -> None:
     if "MASTER_ADDR" not in os.environ and info.world_size == 1:  # one process without torchrun: no socket
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     elif "MASTER_ADDR" not in os.environ:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=info.rank,
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=info.rank,
                                 world_size=info.world_size)
     elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # The launcher's store, shared with the ranks and kept across restarts (--max-restarts;
