@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from hetalloc.cluster import cluster_from_dict  # noqa: E402
 from hetalloc.costgraph import analytic_cost_graph  # noqa: E402
 from hetalloc.models import get_model  # noqa: E402
-from hetalloc.plan import DeviceShare, Plan, Replica, Stage  # noqa: E402
+from hetalloc.plan import Group, Plan, Replica, Stage  # noqa: E402
 from simulator import simulate  # noqa: E402
 
 NODE_KINDS = [("A100-80G", "NVLink3", "IB-HDR", 1), ("H100-80G", "NVLink4", "IB-NDR", 2),
@@ -50,7 +50,7 @@ def plan_for(cl, cg, num_microbatches: int) -> Plan:
     replicas = []
     for node in cl.nodes:
         mb = share[node.devices[0].type]
-        replicas.append(Replica([Stage(cuts[s], cuts[s + 1], [DeviceShare(node.devices[s].id, mb)])
+        replicas.append(Replica([Stage(cuts[s], cuts[s + 1], [Group([node.devices[s].id], mb)])
                                  for s in range(STAGES)]))
     B = num_microbatches * sum(r.microbatch for r in replicas)
     return Plan(cg.model, cg.seq_len, B, num_microbatches, "1f1b", "ring", replicas, precision=cg.precision)

@@ -50,8 +50,9 @@ def device_memory(plan: Plan, cluster: Cluster, cg: CostGraph) -> dict[str, Memo
             saved = sum(l.saved_act_bytes for l in cg.layers[s.start:s.stop])
             outb = cg.layers[s.stop - 1].out_act_bytes
             infl = in_flight_microbatches(plan.schedule, si, S, plan.num_microbatches)
-            for d in s.devices:
-                out[d.device] = stage_memory(params, saved, outb, d.share, infl, plan.precision, plan.optimizer)
+            for g in s.groups:
+                for d in g.devices:
+                    out[d] = stage_memory(params, saved, outb, g.share, infl, plan.precision, plan.optimizer)
     return out
 
 
@@ -71,8 +72,8 @@ def sync_groups(plan: Plan, cluster: Cluster, cg: CostGraph, algorithm: str | No
     cuts = sorted({b for r in plan.replicas for s in r.stages for b in (s.start, s.stop)})
     out = []
     for a, b in zip(cuts[:-1], cuts[1:]):
-        holders = [d.device for r in plan.replicas for s in r.stages if s.start <= a and b <= s.stop
-                   for d in s.devices]
+        holders = [d for r in plan.replicas for s in r.stages if s.start <= a and b <= s.stop
+                   for d in s.device_ids()]
         nbytes = cg.params(a, b) * grad_bytes_per_param(plan.precision)
         out.append(GroupSync(a, b, holders, nbytes, allreduce_time(cluster, holders, nbytes, algorithm), algorithm))
     return out
@@ -124,8 +125,8 @@ def build_pipe(plan: Plan, replica_index: int, cluster: Cluster, cg: CostGraph) 
     first_index: list[int] = []
     for si, s in enumerate(r.stages):
         first_index.append(len(ids))
-        for d in s.devices:
-            ids.append(d.device)
+        for g in s.groups:
+            ids.append(g.lead)
             stage_of.append(si)
     n = len(ids)
     cf, cb, sf, sb = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
@@ -133,14 +134,14 @@ def build_pipe(plan: Plan, replica_index: int, cluster: Cluster, cg: CostGraph) 
     outs: list[list[int]] = [[] for _ in range(n)]
     for si, s in enumerate(r.stages):
         base = first_index[si]
-        for k, d in enumerate(s.devices):
-            f, b = cg.range_time(s.start, s.stop, cluster.dtype(d.device), d.share)
+        for k, g in enumerate(s.groups):
+            f, b = cg.range_time(s.start, s.stop, cluster.dtype(g.lead), g.share)
             cf[base + k], cb[base + k] = f, b
         if si + 1 < len(r.stages):
             nxt = r.stages[si + 1]
             nbase = first_index[si + 1]
             per_sample = cg.layers[s.stop - 1].out_act_bytes
-            for i, j, common in slice_overlaps([d.share for d in s.devices], [d.share for d in nxt.devices]):
+            for i, j, common in slice_overlaps([g.share for g in s.groups], [g.share for g in nxt.groups]):
                 a, b = base + i, nbase + j
                 link = cluster.path(ids[a], ids[b])
                 t = p2p_time(common * per_sample, link.bandwidth_bytes_per_s, link.latency_s)
@@ -193,8 +194,8 @@ def predict(plan: Plan, cluster: Cluster, cg: CostGraph) -> Prediction:
     cache: dict[tuple, tuple] = {}
     for ri, r in enumerate(plan.replicas):
         # Replicas with the same device types, shares and paths time identically.
-        key = tuple((s.start, s.stop, tuple((cluster.dtype(d.device).name, d.share, cluster.device(d.device).node)
-                                            for d in s.devices)) for s in r.stages)
+        key = tuple((s.start, s.stop, tuple((cluster.dtype(g.lead).name, g.share, cluster.device(g.lead).node)
+                                            for g in s.groups)) for s in r.stages)
         hit = cache.get(key)
         if hit is None:
             pipe = build_pipe(plan, ri, cluster, cg)
@@ -207,10 +208,10 @@ def predict(plan: Plan, cluster: Cluster, cg: CostGraph) -> Prediction:
         pipe_devices += len(pipe.ids)
         k = 0
         for si, s in enumerate(r.stages):
-            idx = range(k, k + len(s.devices))
-            k += len(s.devices)
+            idx = range(k, k + len(s.groups))
+            k += len(s.groups)
             stages_out.append({
-                "replica": ri, "stage": si, "layers": [s.start, s.stop], "devices": len(s.devices),
+                "replica": ri, "stage": si, "layers": [s.start, s.stop], "devices": len(s.device_ids()),
                 "fwd_s": max(pipe.compute_fwd[i] for i in idx),
                 "bwd_s": max(pipe.compute_bwd[i] for i in idx),
                 "p2p_s": max(pipe.send_fwd[i] + pipe.send_bwd[i] for i in idx),
@@ -229,7 +230,7 @@ def predict(plan: Plan, cluster: Cluster, cg: CostGraph) -> Prediction:
     worst = max(placement, key=lambda d: (sync_of.get(d, 0.0) + opt_of[d], d))
     for st in stages_out:
         s = plan.replicas[st["replica"]].stages[st["stage"]]
-        st["sync_s"] = max(sync_of.get(d.device, 0.0) for d in s.devices)
+        st["sync_s"] = max(sync_of.get(d, 0.0) for d in s.device_ids())
     iteration = pipe_time + tail
     mem = device_memory(plan, cluster, cg)
     frac = {d: mem[d].total / usable_memory(cluster.dtype(d)) for d in mem}

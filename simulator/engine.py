@@ -174,7 +174,7 @@ class Simulation:
                 w.replica = placement[w.id][0]  # the plan's replica, not the chain's index
                 self.work[w.id] = w
             for ri in c.replicas:
-                mates = [d.device for s in self.chains.replicas[ri].stages for d in s.devices]
+                mates = [g.lead for s in self.chains.replicas[ri].stages for g in s.groups]
                 for w, m in zip(works, mates):
                     self.rep_of[m] = w.id
                     if m != w.id:

@@ -91,19 +91,19 @@ def replica_work(plan: Plan, ri: int, cluster: Cluster, cg: CostGraph,
         saved = sum(l.saved_act_bytes for l in cg.layers[s.start:s.stop])
         outb = cg.layers[s.stop - 1].out_act_bytes
         row = []
-        for d in s.devices:
-            dt = cluster.dtype(d.device)
-            f, b = cg.range_time(s.start, s.stop, dt, d.share)
-            static = stage_memory(params, saved, outb, d.share, 0, plan.precision, plan.optimizer)
-            one_mb = stage_memory(params, saved, outb, d.share, 1, plan.precision, plan.optimizer)
+        for g in s.groups:
+            dt = cluster.dtype(g.lead)
+            f, b = cg.range_time(s.start, s.stop, dt, g.share)
+            static = stage_memory(params, saved, outb, g.share, 0, plan.precision, plan.optimizer)
+            one_mb = stage_memory(params, saved, outb, g.share, 1, plan.precision, plan.optimizer)
             w = DeviceWork(
-                id=d.device, replica=ri, stage=si, num_stages=S, start=s.start, stop=s.stop, share=d.share,
+                id=g.lead, replica=ri, stage=si, num_stages=S, start=s.start, stop=s.stop, share=g.share,
                 dtype=dt, fwd_s=f, bwd_s=b,
-                bwd_layer_s=[float(x) for x in cg.layer_times(dt, d.share)[1][s.start:s.stop]],
+                bwd_layer_s=[float(x) for x in cg.layer_times(dt, g.share)[1][s.start:s.stop]],
                 inputs=[], outputs=[], sends_fwd=[], sends_bwd=[],
                 optimizer_s=optimizer_time(params, dt, plan.precision, plan.optimizer),
                 order=stage_op_order(plan.schedule, si, S, M),
-                static_bytes=static.total, act_bytes_per_mb=one_mb.activations, mates=[d.device])
+                static_bytes=static.total, act_bytes_per_mb=one_mb.activations, mates=[g.lead])
             row.append(w)
             out.append(w)
         by_stage.append(row)
@@ -139,7 +139,7 @@ def split_chains(plan: Plan) -> Plan:
     and every gradient group is unchanged; identical chains can then be folded."""
     out = []
     for r in plan.replicas:
-        parent: dict[str, str] = {d.device: d.device for s in r.stages for d in s.devices}
+        parent: dict[str, str] = {g.lead: g.lead for s in r.stages for g in s.groups}
 
         def root(x: str) -> str:
             while parent[x] != x:
@@ -147,22 +147,22 @@ def split_chains(plan: Plan) -> Plan:
                 x = parent[x]
             return x
         for s, nxt in zip(r.stages, r.stages[1:]):
-            for i, j, _ in slice_overlaps([d.share for d in s.devices], [d.share for d in nxt.devices]):
-                parent[root(s.devices[i].device)] = root(nxt.devices[j].device)
+            for i, j, _ in slice_overlaps([g.share for g in s.groups], [g.share for g in nxt.groups]):
+                parent[root(s.groups[i].lead)] = root(nxt.groups[j].lead)
         chains: dict[str, list[Stage]] = {}
         for s in r.stages:
-            for d in s.devices:
-                stages = chains.setdefault(root(d.device), [])
+            for g in s.groups:
+                stages = chains.setdefault(root(g.lead), [])
                 if not stages or stages[-1].start != s.start:
-                    stages.append(Stage(s.start, s.stop, []))
-                stages[-1].devices.append(d)
+                    stages.append(Stage(s.start, s.stop, [], s.recompute))
+                stages[-1].groups.append(g)
         out += [Replica(stages) for stages in chains.values()]
     return replace(plan, replicas=out)
 
 
 def _replica_key(plan: Plan, ri: int, cluster: Cluster, topo: Topology) -> tuple:
     r = plan.replicas[ri]
-    stages = tuple((s.start, s.stop, tuple((cluster.device(d.device).type, d.share) for d in s.devices))
+    stages = tuple((s.start, s.stop, tuple((cluster.device(g.lead).type, g.share) for g in s.groups))
                    for s in r.stages)
     paths = tuple(tuple((topo.capacity[l], topo.links[l].latency_s) for l in p) for p in _paths(r, topo))
     return stages, paths
@@ -172,8 +172,8 @@ def _paths(r, topo: Topology) -> list[list[int]]:
     """Link paths of a replica's sends in a fixed template order (forward, then backward)."""
     fwd, bwd = [], []
     for s, nxt in zip(r.stages, r.stages[1:]):
-        for i, j, _ in slice_overlaps([d.share for d in s.devices], [d.share for d in nxt.devices]):
-            a, b = s.devices[i].device, nxt.devices[j].device
+        for i, j, _ in slice_overlaps([g.share for g in s.groups], [g.share for g in nxt.groups]):
+            a, b = s.groups[i].lead, nxt.groups[j].lead
             fwd.append(topo.path(a, b))
             bwd.append(topo.path(b, a))
     return fwd + bwd

@@ -188,9 +188,9 @@ def build_report(res: SimResult, prediction: Prediction | None) -> SimReport:
     stages = []
     for ri, r in enumerate(plan.replicas):
         for si, s in enumerate(r.stages):
-            ds = [devices[x.device] for x in s.devices]
+            ds = [devices[x] for x in s.device_ids()]
             busy = max(x["busy_s"] for x in ds)
-            stages.append({"replica": ri, "stage": si, "layers": [s.start, s.stop], "devices": len(s.devices),
+            stages.append({"replica": ri, "stage": si, "layers": [s.start, s.stop], "devices": len(ds),
                            "busy_s": busy, "idle_s": it_s - busy, "busy_fraction": busy / it_s if it_s else 0.0})
 
     links = link_stats(res, total)
@@ -208,7 +208,7 @@ def build_report(res: SimResult, prediction: Prediction | None) -> SimReport:
                 "optimizer_time_s": prediction.optimizer_time_s}
     samples = plan.global_batch
     chains = res.chains.replicas
-    reps = [{"representative": chains[c.replicas[0]].stages[0].devices[0].device, "pipelines": len(c.replicas)}
+    reps = [{"representative": chains[c.replicas[0]].stages[0].groups[0].lead, "pipelines": len(c.replicas)}
             for c in res.classes]
     return SimReport(
         result=res,
