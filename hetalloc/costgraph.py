@@ -11,8 +11,8 @@ Times come from one of two sources per device type:
   where e_c(tokens) = compute * tokens / (tokens + tokens_half) models the lower
   utilisation of small micro-batches. Backward FLOPs and bytes are twice the forward.
 
-Tensor parallelism (``tp`` > 1 devices serving a layer together): every layer that has
-split parameters runs at ``hetalloc.costs.tp_layer_time`` of its one-device time, with a
+Tensor parallelism (``tp`` > 1 devices serving a layer together): every layer that is
+split (it has tensor-parallel all-reduces) runs at ``hetalloc.costs.tp_layer_time`` of its one-device time, with a
 per-(type, t) efficiency from ``tp_efficiency`` (by type, then '*') or the catalog's
 ``DEFAULT_TP_EFFICIENCY``; the analytic model keeps its per-layer launch time whole.
 Full recomputation adds the recomputed layers' forward to the backward
@@ -255,7 +255,7 @@ class CostGraph:
             analytic = dtype.name not in self.tables
             f, b = f1.copy(), b1.copy()
             for i, l in enumerate(self.layers):
-                if l.params > l.replicated_params:  # a layer with nothing split runs whole on every rank
+                if l.tp_allreduces_fwd or l.tp_allreduces_bwd:  # split (its parts are all-reduced); else whole
                     fixed = self.eff(dtype, l.kind).overhead_s if analytic and batch > 0 else 0.0
                     f[i] = tp_layer_time(float(f1[i]), tp, e, fixed)
                     b[i] = tp_layer_time(float(b1[i]), tp, e, fixed)

@@ -43,9 +43,11 @@ def stage_table(plan: Plan, cluster: Cluster, max_rows: int = 40) -> Table:
     frac = pred.get("memory_fraction", {})
     t = Table(title=f"plan for {plan.model} on {cluster.name}: {len(plan.replicas)} replica(s), "
                     f"{plan.num_stages} stage(s), {plan.num_microbatches} micro-batches, {plan.schedule}")
-    for col, just in [("rep", "right"), ("stage", "right"), ("layers", "left"), ("devices", "left"),
-                      ("shares", "left"), ("fwd ms", "right"), ("bwd ms", "right"), ("p2p ms", "right"),
-                      ("sync ms", "right"), ("mem GiB (max %)", "right")]:
+    tp = any(st.get("tp_s", 0.0) > 0 for st in stages)  # a column for TP all-reduces only when there are any
+    cols = [("rep", "right"), ("stage", "right"), ("layers", "left"), ("devices", "left"), ("shares", "left"),
+            ("fwd ms", "right"), ("bwd ms", "right")] + ([("tp ms", "right")] if tp else []) + [
+            ("p2p ms", "right"), ("sync ms", "right"), ("mem GiB (max %)", "right")]
+    for col, just in cols:
         t.add_column(col, justify=just)
     rows = 0
     # Identical replicas print once with a count.
@@ -61,7 +63,7 @@ def stage_table(plan: Plan, cluster: Cluster, max_rows: int = 40) -> Table:
         seen[key] += 1
     for key, st in order:
         if rows >= max_rows:
-            t.add_row("…", "", f"{len(order) - rows} more rows (see --json)", "", "", "", "", "", "", "")
+            t.add_row("…", "", f"{len(order) - rows} more rows (see --json)", *[""] * (len(cols) - 3))
             break
         s = plan.replicas[st["replica"]].stages[st["stage"]]
         ids = s.device_ids()
@@ -73,8 +75,8 @@ def stage_table(plan: Plan, cluster: Cluster, max_rows: int = 40) -> Table:
         rep = f"x{seen[key]}" if seen[key] > 1 else str(st["replica"])
         layers = f"{s.start}-{s.stop - 1}" + (" recompute" if s.recompute != "none" else "")
         t.add_row(rep, str(st["stage"]), layers, group_summary(cluster, s.groups), shares,
-                  _ms(st["fwd_s"]), _ms(st["bwd_s"]), _ms(st["p2p_s"]), _ms(st.get("sync_s", 0.0)),
-                  f"{_gib(peak)} ({pf:.0%})")
+                  _ms(st["fwd_s"]), _ms(st["bwd_s"]), *([_ms(st.get("tp_s", 0.0))] if tp else []),
+                  _ms(st["p2p_s"]), _ms(st.get("sync_s", 0.0)), f"{_gib(peak)} ({pf:.0%})")
         rows += 1
     return t
 
