@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from hetalloc.apportion import largest_remainder
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
 from hetalloc.costs import max_share_for_memory
@@ -131,20 +132,7 @@ def even_split(cluster: Cluster, cg: CostGraph, B: int, schedule: str = "1f1b", 
 
 def _integer_split(total: int, weights: list[float]) -> list[int]:
     """Largest-remainder split of `total` into integers >= 1 proportional to weights."""
-    n = len(weights)
-    if total < n:
-        return []
-    raw = [total * w / sum(weights) for w in weights]
-    out = [max(1, int(math.floor(x))) for x in raw]
-    while sum(out) > total:
-        k = max(range(n), key=lambda i: (out[i] - raw[i], out[i]))
-        out[k] -= 1
-    order = sorted(range(n), key=lambda i: raw[i] - out[i], reverse=True)
-    k = 0
-    while sum(out) < total:
-        out[order[k % n]] += 1
-        k += 1
-    return out
+    return largest_remainder(total, weights, minimum=1)
 
 
 def proportional_split(cluster: Cluster, cg: CostGraph, B: int, schedule: str = "1f1b",

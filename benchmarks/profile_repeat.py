@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from hetalloc.costgraph import load_cost_graph  # noqa: E402
 from hetalloc.fileio import atomic_write_json  # noqa: E402
-from runtime.profile_cli import run_profile  # noqa: E402
+from runtime.profile.command import run_profile  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out" / "profile_repeat"
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from allocator import make_plan  # noqa: E402
 from hetalloc.fileio import atomic_write_json  # noqa: E402
-from runtime.loop import Profiled, measure, profile_machine  # noqa: E402
+from workflows.loop import Profiled, measure, profile_machine  # noqa: E402
 from runtime.plans import hand_plan  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out" / "sim_accuracy"

@@ -26,7 +26,6 @@ Pure Python and numpy: never imports torch (profiles are measured in runtime/).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ import numpy as np
 from .catalog import DeviceType
 from .costgraph import DEFAULT_EFFICIENCY, CostGraph, Efficiency
 from .errors import SpecError
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, read_json
 
 SCHEMA_VERSION = 1
 TOKENS_HALF_GRID = np.concatenate([[0.0], np.geomspace(1.0, 1e6, 121)])
@@ -274,11 +273,5 @@ def efficiency_from_dict(d: Any, source: str = "<efficiency>") -> dict[str, dict
 
 def load_efficiency(path: str | Path) -> dict[str, dict[str, Efficiency]]:
     """Fitted factors as ``CostGraph.with_efficiency`` takes them: {device type: {kind: Efficiency}}."""
-    p = Path(path)
-    try:
-        d = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise SpecError(str(p), "", "file not found", "run 'hetalloc profile --calibrate' first") from None
-    except json.JSONDecodeError as e:
-        raise SpecError(str(p), f"line {e.lineno}", f"invalid JSON ({e.msg})", "fix or regenerate the file") from None
-    return efficiency_from_dict(d, str(p))
+    d = read_json(path, missing_fix="run 'hetalloc profile --calibrate' first")
+    return efficiency_from_dict(d, str(path))

@@ -1,8 +1,10 @@
 """`hetalloc` command line: profile | plan | simulate | whatif | run | demo | catalog.
 
 A thin face: it parses, calls a subsystem, prints. It is the only code in hetalloc/ that
-imports the subsystems (allocator, simulator, runtime), and imports each lazily so that
-`hetalloc plan` never loads torch.
+imports the subsystems (allocator, simulator, runtime, workflows). Their commands are
+imported explicitly, so a broken import is an error with its traceback, never a missing
+command; none of them imports torch (training and profiling run as torchrun
+subprocesses). User errors (HetallocError) are printed here, and only here, as one line.
 """
 
 from __future__ import annotations
@@ -10,12 +12,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from .errors import HetallocError
+from rich.console import Console
+from rich.table import Table
 
-BUILTIN_CLUSTER = Path(__file__).parent / "data" / "lab-16.yaml"
+from allocator import make_plan
+from runtime import commands as run_commands
+from runtime.profile import command as profile_commands
+from simulator import commands as simulator_commands
+from workflows import commands as workflow_commands
+from workflows.demo import demo
 
+from .calibrate import load_efficiency
+from .catalog import DEVICE_TYPES, LINK_TYPES
+from .cluster import load_cluster
+from .costgraph import analytic_cost_graph, load_cost_graph
+from .errors import HetallocError, SpecError
+from .models import MODELS, resolve_model
+from .plan_view import print_plan, wide_console
 
 def _add_cost_graph_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
@@ -35,15 +49,10 @@ def _add_cost_graph_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_cost_graph_arg(args):
-    from .costgraph import analytic_cost_graph, load_cost_graph
-    from .models import resolve_model
     if args.cost_graph:
         return load_cost_graph(args.cost_graph)
     cg = analytic_cost_graph(resolve_model(args.model), args.seq, args.precision)
     if args.efficiency:
-        from .calibrate import load_efficiency
-        from .errors import SpecError
-
         eff = load_efficiency(args.efficiency)
         for item in args.efficiency_as:
             fitted, _, target = item.partition("=")
@@ -54,17 +63,11 @@ def load_cost_graph_arg(args):
             eff[target] = dict(eff[fitted])
         cg = cg.with_efficiency(eff)
     elif args.efficiency_as:
-        from .errors import SpecError
         raise SpecError("--efficiency-as", "", "needs --efficiency FILE", "pass the efficiency.json to map from")
     return cg
 
 
 def cmd_catalog(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from .catalog import DEVICE_TYPES, LINK_TYPES
-    from .models import MODELS
     if args.json:
         print(json.dumps({
             "devices": {k: {"vendor": d.vendor, "peak_tflops": d.peak_tflops, "memory_gib": d.memory_gib,
@@ -94,10 +97,6 @@ def cmd_catalog(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from allocator import make_plan
-
-    from .cluster import load_cluster
-    from .report import print_plan, wide_console
     cluster = load_cluster(args.cluster)
     cg = load_cost_graph_arg(args)
     con = wide_console(stderr=args.json)
@@ -118,53 +117,9 @@ def cmd_plan(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from allocator import make_plan
-
-    from .cluster import load_cluster
-    from .costgraph import analytic_cost_graph
-    from .models import get_model
-    from .report import print_plan, wide_console
-    con = wide_console()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cluster = load_cluster(BUILTIN_CLUSTER)
-    cg = analytic_cost_graph(get_model(args.model))
-    con.print(f"[bold]hetalloc demo[/bold]: {cluster.describe()}; model {args.model}, "
-              f"global batch {args.global_batch}, seq {cg.seq_len}")
-    plan = make_plan(cluster, cg, args.global_batch, time_limit=args.time_limit,
-                     progress=lambda s: con.print(f"[dim]{s}[/dim]", highlight=False))
-    plan.save(out / "plan.json")
-    print_plan(plan, cluster, con)
-    con.print(f"wrote {out / 'plan.json'}")
-    for extra in DEMO_STEPS:
-        extra(plan, cluster, cg, out, con, args)
-    if args.run:
-        from runtime.loop import closed_loop  # torch is only imported for --run
-        closed_loop(out / "loop", console=con)
+    demo(args.out, wide_console(), model=args.model, global_batch=args.global_batch, time_limit=args.time_limit,
+         run=args.run)
     return 0
-
-
-# Later subsystems append (plan, cluster, cg, out_dir, console, args) -> None steps here.
-DEMO_STEPS: list = []
-
-
-def _demo_simulate(plan, cluster, cg, out, con, args) -> None:
-    try:
-        import simulator
-    except ImportError:
-        return
-    if not hasattr(simulator, "simulate"):
-        return
-    rep = simulator.simulate(plan, cluster, cg)
-    rep.write_trace(out / "trace.json")
-    rep.write_gantt(out / "gantt.png")
-    d = rep.to_dict()
-    con.print(f"simulated   {d['iteration_time_s']:.4f} s/iteration with link sharing and overlap "
-              f"(formula: {plan.predicted['iteration_time_s']:.4f} s); trace {out / 'trace.json'} "
-              f"(open in ui.perfetto.dev), Gantt chart {out / 'gantt.png'}", highlight=False)
-
-
-DEMO_STEPS.append(_demo_simulate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,12 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "simulate, train with torchrun, and print predicted vs measured step time")
     d.set_defaults(func=cmd_demo)
 
-    for mod in ("simulator.commands", "runtime.commands", "runtime.profile_cli"):
-        try:
-            module = __import__(mod, fromlist=["register"])
-        except ImportError:
-            continue
-        module.register(sub)
+    simulator_commands.register(sub)
+    workflow_commands.register(sub)
+    run_commands.register(sub)
+    profile_commands.register(sub)
     return p
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -55,6 +56,11 @@ class Device:
     local_index: int
 
 
+def type_counts(devices: list[Device]) -> dict[str, int]:
+    """Devices per type, in order of first appearance."""
+    return dict(Counter(d.type for d in devices))
+
+
 @dataclass(slots=True)
 class Node:
     name: str
@@ -62,18 +68,15 @@ class Node:
     intra: LinkSpec
     nic: LinkSpec | None
 
-    @property
     def type_counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for d in self.devices:
-            out[d.type] = out.get(d.type, 0) + 1
-        return out
+        """Devices per type, in order of first appearance."""
+        return type_counts(self.devices)
 
     def signature(self) -> tuple:
         """Nodes with equal signatures are interchangeable."""
         nic = (self.nic.bandwidth_bytes_per_s, self.nic.latency_s) if self.nic else None
         return (
-            tuple(sorted(self.type_counts.items())),
+            tuple(sorted(self.type_counts().items())),
             (self.intra.bandwidth_bytes_per_s, self.intra.latency_s),
             nic,
         )
@@ -115,10 +118,8 @@ class Cluster:
         return len(self.devices)
 
     def type_counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for d in self.devices:
-            out[d.type] = out.get(d.type, 0) + 1
-        return out
+        """Devices per type, in order of first appearance."""
+        return type_counts(self.devices)
 
     def total_peak_flops(self) -> float:
         return sum(self.device_types[d.type].peak_flops for d in self.devices)
@@ -126,9 +127,11 @@ class Cluster:
     # ---- topology -----------------------------------------------------------------
     @cached_property
     def graph(self) -> nx.Graph:
-        """Devices, one switch per node, one fabric switch; edges carry bandwidth/latency."""
+        """Devices, one switch per node, one fabric switch (with its oversubscription); edges
+        carry bandwidth, latency, kind (intra, nic) and the link's name. The simulator's
+        links are read from this graph (simulator.links.Topology)."""
         g = nx.Graph()
-        g.add_node("fabric", kind="fabric")
+        g.add_node("fabric", kind="fabric", oversubscription=self.fabric_oversubscription)
         for n in self.nodes:
             sw = f"switch:{n.name}"
             g.add_node(sw, kind="switch", node=n.name)
@@ -140,13 +143,6 @@ class Cluster:
                 g.add_edge(sw, "fabric", bandwidth=n.nic.bandwidth_bytes_per_s,
                            latency=n.nic.latency_s, kind="nic", name=n.nic.name)
         return g
-
-    def path_links(self, a: str, b: str) -> list[tuple[str, str]]:
-        """Edges (as node pairs of the graph) on the path from device a to device b."""
-        if a == b:
-            return []
-        p = nx.shortest_path(self.graph, a, b)
-        return list(zip(p[:-1], p[1:]))
 
     def path(self, a: str, b: str) -> LinkSpec:
         """Bottleneck bandwidth and slowest-hop latency from device a to device b."""
@@ -228,7 +224,7 @@ _DTYPE_KEYS = {"name", "vendor", "peak_tflops", "memory_gib", "mem_bandwidth_gbp
                "cost_per_hour_usd", "op_overhead_us", "step_overhead_us", "like"}
 
 
-class _V:
+class _Checker:
     """Validation helpers bound to one source file."""
 
     def __init__(self, source: str):
@@ -267,12 +263,18 @@ class _V:
         return int(v) if integer else float(v)
 
 
-def _link(v: _V, raw: Any, path: str) -> LinkSpec:
+def catalog_link(name: str) -> LinkSpec | None:
+    """The catalog's link of that name (NVLink3, IB-HDR, ...) as a LinkSpec; None if unknown."""
+    lt = LINK_TYPES.get(name)
+    return None if lt is None else LinkSpec(lt.bandwidth_bytes_per_s, lt.latency_s, lt.name)
+
+
+def _link(v: _Checker, raw: Any, path: str) -> LinkSpec:
     if isinstance(raw, str):
-        lt = LINK_TYPES.get(raw)
-        if lt is None:
+        spec = catalog_link(raw)
+        if spec is None:
             raise v.err(path, f"unknown link '{raw}'", suggest_link(raw) + " (or give bandwidth_gbps/latency_us)")
-        return LinkSpec(lt.bandwidth_bytes_per_s, lt.latency_s, lt.name)
+        return spec
     obj = v.keys(raw, path, _LINK_KEYS, "a link")
     base = None
     if "like" in obj:
@@ -286,7 +288,7 @@ def _link(v: _V, raw: Any, path: str) -> LinkSpec:
     return LinkSpec(bw * 1e9, lat * 1e-6, str(obj.get("name", base.name if base else "")))
 
 
-def _device_types(v: _V, raw: Any) -> dict[str, DeviceType]:
+def _device_types(v: _Checker, raw: Any) -> dict[str, DeviceType]:
     types = dict(DEVICE_TYPES)
     if raw is None:
         return types
@@ -321,7 +323,7 @@ def _device_types(v: _V, raw: Any) -> dict[str, DeviceType]:
     return types
 
 
-def _gpus(v: _V, raw: Any, path: str, types: dict[str, DeviceType]) -> list[tuple[str, int]]:
+def _gpus(v: _Checker, raw: Any, path: str, types: dict[str, DeviceType]) -> list[tuple[str, int]]:
     if raw is None:
         raise v.err(path, "missing", "list the node's GPUs, e.g. 'gpus: [{type: A100-80G, count: 8}]'")
     if isinstance(raw, dict):  # shorthand {A100-80G: 8}
@@ -348,7 +350,7 @@ def _gpus(v: _V, raw: Any, path: str, types: dict[str, DeviceType]) -> list[tupl
 
 
 def cluster_from_dict(raw: Any, source: str = "<cluster>") -> Cluster:
-    v = _V(source)
+    v = _Checker(source)
     if raw is None:
         raise v.err("", "the file is empty", "describe the cluster: name and nodes")
     obj = v.keys(raw, "", _TOP_KEYS, "the cluster")

@@ -42,7 +42,7 @@ from .catalog import DEFAULT_TP_EFFICIENCY, DeviceType
 from .costs import (RECOMPUTE, TP_DEGREES, layer_saved_bytes, recompute_backward_time, tp_layer_time,
                     tp_share)
 from .errors import SpecError
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, read_json
 from .models import LayerShape, TransformerShape, layer_shapes
 
 SCHEMA_VERSION = 1
@@ -399,11 +399,4 @@ def cost_graph_from_dict(d: dict[str, Any], source: str = "<cost graph>") -> Cos
 
 
 def load_cost_graph(path: str | Path) -> CostGraph:
-    p = Path(path)
-    try:
-        d = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise SpecError(str(p), "", "file not found", "check the path") from None
-    except json.JSONDecodeError as e:
-        raise SpecError(str(p), f"line {e.lineno}", f"invalid JSON ({e.msg})", "fix or regenerate the file") from None
-    return cost_graph_from_dict(d, str(p))
+    return cost_graph_from_dict(read_json(path, missing_fix="check the path"), str(path))

@@ -25,10 +25,9 @@ from typing import Any
 
 from .cluster import Cluster
 from .costgraph import CostGraph
-from .costs import (MemoryBreakdown, grad_bytes_per_param, hierarchical_allreduce_time,
-                    in_flight_microbatches, optimizer_time, p2p_time, param_server_time,
-                    ring_allreduce_time, stage_memory, tp_comm_time, usable_memory, zero1_params)
-from .plan import Group, Plan
+from .costs import (MemoryBreakdown, grad_bytes_per_param, hierarchical_allreduce_time, optimizer_time,
+                    p2p_time, param_server_time, ring_allreduce_time, tp_comm_time, usable_memory)
+from .plan import Group, Plan, device_memory, optimizer_params, segments
 from .schedule import PipeDevice, pipeline_timing
 
 
@@ -55,54 +54,6 @@ def rank_pairs(senders: list[str], receivers: list[str]) -> list[tuple[str, str]
     backward (senders and receivers swapped); every rank of a tensor-parallel group holds
     the full activations at a stage boundary, so any rank can send them."""
     return [(senders[k % len(senders)], r) for k, r in enumerate(receivers)]
-
-
-def segments(plan: Plan) -> list[tuple[int, int, list[Group]]]:
-    """Maximal layer segments [a, b) held by the same groups, with those groups."""
-    cuts = sorted({c for r in plan.replicas for s in r.stages for c in (s.start, s.stop)})
-    return [(a, b, [g for r in plan.replicas for s in r.stages if s.start <= a and b <= s.stop for g in s.groups])
-            for a, b in zip(cuts[:-1], cuts[1:])]
-
-
-def optimizer_params(plan: Plan, cg: CostGraph) -> dict[str, float]:
-    """Parameters whose optimizer state each device keeps (and steps): its tensor-parallel
-    share of its stage's layers; with zero1, of every segment divided by the number of
-    groups that hold it (``hetalloc.costs.zero1_params``)."""
-    out: dict[str, float] = {}
-    if plan.optimizer_sharding == "zero1":
-        for a, b, holders in segments(plan):
-            for g in holders:
-                n = zero1_params(cg.range_params(a, b, g.tp), len(holders))
-                for d in g.devices:
-                    out[d] = out.get(d, 0.0) + n
-        return out
-    for r in plan.replicas:
-        for s in r.stages:
-            for g in s.groups:
-                n = cg.range_params(s.start, s.stop, g.tp)
-                for d in g.devices:
-                    out[d] = n
-    return out
-
-
-def device_memory(plan: Plan, cluster: Cluster, cg: CostGraph) -> dict[str, MemoryBreakdown]:
-    """Peak memory of every device (``hetalloc.costs.stage_memory`` with its group's
-    tensor-parallel share, its stage's recompute choice and zero1)."""
-    out = {}
-    opt = optimizer_params(plan, cg) if plan.optimizer_sharding != "none" else {}
-    for r in plan.replicas:
-        S = len(r.stages)
-        for si, s in enumerate(r.stages):
-            outb = cg.layers[s.stop - 1].out_act_bytes
-            infl = in_flight_microbatches(plan.schedule, si, S, plan.num_microbatches)
-            for g in s.groups:
-                params = cg.range_params(s.start, s.stop, g.tp)
-                saved = cg.range_saved_bytes(s.start, s.stop, g.tp, s.recompute)
-                working = cg.range_working_bytes(s.start, s.stop, g.tp, s.recompute)
-                for d in g.devices:
-                    out[d] = stage_memory(params, saved, outb, g.share, infl, plan.precision, plan.optimizer,
-                                          optimizer_params=opt.get(d), working_act_bytes_per_sample=working)
-    return out
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""Atomic file output: write to a temporary file beside the target, then rename.
-
-Nothing half-written is ever left at the target path, even if the process dies.
+"""Files: atomic output (write to a temporary file beside the target, then rename: nothing
+half-written is ever left at the target path, even if the process dies), and JSON input
+whose problems are one-line errors naming the file.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from .errors import SpecError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -41,3 +43,15 @@ def dumps_json(obj: Any) -> str:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, dumps_json(obj))
+
+
+def read_json(path: str | os.PathLike, *, missing_fix: str, invalid_fix: str = "fix or regenerate the file") -> Any:
+    """A JSON file's content. A missing file or invalid JSON raises SpecError naming the
+    file (and the line), with the fix given."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise SpecError(str(p), "", "file not found", missing_fix) from None
+    except json.JSONDecodeError as e:
+        raise SpecError(str(p), f"line {e.lineno}", f"invalid JSON ({e.msg})", invalid_fix) from None

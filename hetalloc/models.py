@@ -22,12 +22,12 @@ V = vocabulary, p = activation bytes per element):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import SpecError
+from .fileio import read_json
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,10 +124,7 @@ def resolve_model(spec: str) -> TransformerShape:
     """A built-in name, or a path to a Hugging Face config.json."""
     p = Path(spec)
     if p.suffix == ".json" and p.exists():
-        try:
-            cfg = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise SpecError(str(p), f"line {e.lineno}", f"invalid JSON ({e.msg})", "fix the syntax") from None
+        cfg = read_json(p, missing_fix="check the path", invalid_fix="fix the syntax")
         return shape_from_hf_config(cfg, p.parent.name if p.name == "config.json" else p.stem)
     return get_model(spec)
 

@@ -32,16 +32,17 @@ a group of one, recompute 'none', optimizer_sharding 'none'.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cluster import Cluster
-from .costgraph import CostGraph
-from .costs import GRAD_SYNC, OPTIMIZER_SHARDING, OPTIMIZERS, RECOMPUTE, SCHEDULES, TP_DEGREES
+from .cluster import Cluster, cluster_from_dict
+from .costgraph import CostGraph, analytic_cost_graph, cost_graph_from_dict
+from .costs import (GRAD_SYNC, OPTIMIZER_SHARDING, OPTIMIZERS, RECOMPUTE, SCHEDULES, TP_DEGREES, MemoryBreakdown,
+                    in_flight_microbatches, stage_memory, usable_memory, zero1_params)
 from .errors import SpecError
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, read_json
+from .models import get_model
 
 SCHEMA_VERSION = 2
 READS = (1, 2)
@@ -253,14 +254,58 @@ def _groups(s: dict, p: str, err) -> list[Group]:
 
 
 def load_plan(path: str | Path) -> Plan:
-    p = Path(path)
-    try:
-        d = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise SpecError(str(p), "", "file not found", "check the path or run 'hetalloc plan -o' first") from None
-    except json.JSONDecodeError as e:
-        raise SpecError(str(p), f"line {e.lineno}", f"invalid JSON ({e.msg})", "regenerate the plan") from None
-    return plan_from_dict(d, str(p))
+    d = read_json(path, missing_fix="check the path or run 'hetalloc plan -o' first", invalid_fix="regenerate the plan")
+    return plan_from_dict(d, str(path))
+
+
+def segments(plan: Plan) -> list[tuple[int, int, list[Group]]]:
+    """Maximal layer segments [a, b) held by the same groups, with those groups (they
+    synchronise the segment's gradients; with zero1 they shard its optimizer state)."""
+    cuts = sorted({c for r in plan.replicas for s in r.stages for c in (s.start, s.stop)})
+    return [(a, b, [g for r in plan.replicas for s in r.stages if s.start <= a and b <= s.stop for g in s.groups])
+            for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def optimizer_params(plan: Plan, cg: CostGraph) -> dict[str, float]:
+    """Parameters whose optimizer state each device keeps (and steps): its tensor-parallel
+    share of its stage's layers; with zero1, of every segment divided by the number of
+    groups that hold it (``hetalloc.costs.zero1_params``)."""
+    out: dict[str, float] = {}
+    if plan.optimizer_sharding == "zero1":
+        for a, b, holders in segments(plan):
+            for g in holders:
+                n = zero1_params(cg.range_params(a, b, g.tp), len(holders))
+                for d in g.devices:
+                    out[d] = out.get(d, 0.0) + n
+        return out
+    for r in plan.replicas:
+        for s in r.stages:
+            for g in s.groups:
+                n = cg.range_params(s.start, s.stop, g.tp)
+                for d in g.devices:
+                    out[d] = n
+    return out
+
+
+def device_memory(plan: Plan, cluster: Cluster, cg: CostGraph) -> dict[str, MemoryBreakdown]:
+    """Memory of every device of the plan (hetalloc.costs.stage_memory: weights, gradients,
+    optimizer state, the activations in flight at its stage's position in the schedule),
+    with its group's tensor-parallel share, its stage's recompute choice and zero1."""
+    out = {}
+    opt = optimizer_params(plan, cg) if plan.optimizer_sharding != "none" else {}
+    for r in plan.replicas:
+        S = len(r.stages)
+        for si, s in enumerate(r.stages):
+            outb = cg.layers[s.stop - 1].out_act_bytes
+            infl = in_flight_microbatches(plan.schedule, si, S, plan.num_microbatches)
+            for g in s.groups:
+                params = cg.range_params(s.start, s.stop, g.tp)
+                saved = cg.range_saved_bytes(s.start, s.stop, g.tp, s.recompute)
+                working = cg.range_working_bytes(s.start, s.stop, g.tp, s.recompute)
+                for d in g.devices:
+                    out[d] = stage_memory(params, saved, outb, g.share, infl, plan.precision, plan.optimizer,
+                                          optimizer_params=opt.get(d), working_act_bytes_per_sample=working)
+    return out
 
 
 def validate_plan(plan: Plan, cluster: Cluster, cg: CostGraph, *, source: str = "plan",
@@ -326,10 +371,8 @@ def validate_plan(plan: Plan, cluster: Cluster, cg: CostGraph, *, source: str = 
         raise err("global_batch", f"{plan.global_batch} != num_microbatches x micro-batch sizes = {total}",
                   "fix the shares or the number of micro-batches")
     if check_memory:
-        from .evaluate import device_memory  # local: evaluate imports plan
         for dev, mem in device_memory(plan, cluster, cg).items():
             cap = cluster.dtype(dev)
-            from .costs import usable_memory
             if mem.total > usable_memory(cap):
                 raise err(f"device {dev}", f"needs {mem.total / 2**30:.2f} GiB, {cap.name} has "
                           f"{usable_memory(cap) / 2**30:.2f} GiB usable",
@@ -375,12 +418,19 @@ def attach_context(plan: Plan, cluster: Cluster, cg: CostGraph) -> Plan:
     return plan
 
 
-def plan_context(plan: Plan, source: str = "plan") -> tuple[Cluster, CostGraph]:
-    """The cluster and cost graph a self-contained plan was made for."""
-    from .cluster import cluster_from_dict
-    from .costgraph import cost_graph_from_dict
-    if not plan.cluster_spec or not plan.cost_graph_spec:
-        raise SpecError(source, "cluster.spec", "the plan does not carry its cluster and cost graph",
-                        "pass --cluster (and --cost-graph), or re-plan with this hetalloc")
-    return (cluster_from_dict(plan.cluster_spec, f"{source}#cluster"),
-            cost_graph_from_dict(plan.cost_graph_spec, f"{source}#cost_graph"))
+def plan_context(plan: Plan, source: str = "plan", *, cluster: Cluster | None = None,
+                 cg: CostGraph | None = None) -> tuple[Cluster, CostGraph]:
+    """The cluster and cost graph of a plan: those given (a user's --cluster / --cost-graph),
+    else the ones the plan carries; a plan without its cost graph gets the analytic one of
+    its model."""
+    if cluster is None:
+        if not plan.cluster_spec:
+            raise SpecError(source, "cluster.spec", "the plan does not carry its cluster",
+                            "pass --cluster where the command takes it, or re-plan with this hetalloc")
+        cluster = cluster_from_dict(plan.cluster_spec, f"{source}#cluster")
+    if cg is None:
+        if plan.cost_graph_spec:
+            cg = cost_graph_from_dict(plan.cost_graph_spec, f"{source}#cost_graph")
+        else:
+            cg = analytic_cost_graph(get_model(plan.model), plan.seq_len, plan.precision)
+    return cluster, cg

@@ -2,6 +2,7 @@
 
 Layout (a part is found by its name):
 - ``train``: the torchrun entry point (``python -m runtime.train --plan plan.json``);
+- ``config``: what a launch trains and for how long (``TrainConfig``), and ``--slowdown``;
 - ``rankmap``: which rank serves which device of the plan, and launch checks;
 - ``models``: Hugging Face / plain torch models cut at the cost graph's layers;
 - ``datasets``: deterministic token data and each rank's shard of a global batch;
@@ -9,9 +10,14 @@ Layout (a part is found by its name):
 - ``grad_sync``: bucketed, overlapped gradient all-reduce / hierarchical / parameter server;
 - ``optim``, ``checkpoint``, ``metrics``: optimizers, atomic checkpoints, measurements;
 - ``launch``, ``commands``: torchrun commands and ``hetalloc run``;
+- ``profile/``: ``hetalloc profile`` and its ranks (``python -m runtime.profile``): layer,
+  optimizer and link measurements into a cost graph and cluster spec;
 - ``reference``: single-process training, the computation every plan must reproduce;
+- ``testing``: runs checked against the reference (tests and benchmarks);
 - ``pipelining_ref``: torch.distributed.pipelining driven by hand (overhead benchmark);
 - ``plans``: hand-written plans for tests and benchmarks.
-Importing this package does not import torch (``launch``, ``commands``, ``plans`` and
-``rankmap`` are torch-free, so the CLI can print commands without it).
+The runtime imports only hetalloc/ (never the allocator or the simulator: what drives
+several subsystems is in workflows/). Importing this package does not import torch
+(``config``, ``launch``, ``commands``, ``plans``, ``rankmap``, ``profile.command``,
+``profile.files`` and ``profile.overhead`` are torch-free, so the CLI can use them without it).
 """

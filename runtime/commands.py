@@ -2,16 +2,14 @@
 
 ``register(subparsers)`` adds the subcommand; its handler launches torchrun on this
 machine for a single-node plan, or prints one torchrun command per node for a
-multi-node plan (or whenever ``--nodes-print`` is given). Never imports torch.
+multi-node plan (or whenever ``--nodes-print`` is given). Errors are raised (HetallocError)
+for the CLI to print. Never imports torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-
-from hetalloc.errors import HetallocError
 
 from .launch import DEFAULT_PORT, load_checked, node_commands, run_local, train_args
 
@@ -46,30 +44,26 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def handler(args: argparse.Namespace) -> int:
-    try:
-        plan, rm = load_checked(args.plan)
-        extra = ["--dataset", args.dataset]
-        if args.model:
-            extra += ["--model", args.model]
-        if args.lr is not None:
-            extra += ["--lr", str(args.lr)]
-        targs = train_args(args.plan, steps=args.steps, slowdown=args.slowdown, out_dir=args.out,
-                           checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                           resume=args.resume, extra=extra)
-        if args.nodes_print or len(rm.nodes) > 1:
-            cmds = node_commands(rm, targs, master_addr=args.master_addr, master_port=args.master_port,
-                                 max_restarts=args.max_restarts)
-            print(f"{args.plan}: {rm.world_size} ranks on {len(rm.nodes)} node(s); run on each node:")
-            for c in cmds:
-                print(f"# node {c.node} (node rank {c.node_rank}, {c.nproc} processes)")
-                print(c.shell())
-            return 0
-        summary = run_local(args.plan, steps=args.steps, slowdown=args.slowdown, out_dir=args.out,
-                            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                            resume=args.resume, max_restarts=args.max_restarts, extra=extra)
-    except HetallocError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    plan, rm = load_checked(args.plan)
+    extra = ["--dataset", args.dataset]
+    if args.model:
+        extra += ["--model", args.model]
+    if args.lr is not None:
+        extra += ["--lr", str(args.lr)]
+    targs = train_args(args.plan, steps=args.steps, slowdown=args.slowdown, out_dir=args.out,
+                       checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                       resume=args.resume, extra=extra)
+    if args.nodes_print or len(rm.nodes) > 1:
+        cmds = node_commands(rm, targs, master_addr=args.master_addr, master_port=args.master_port,
+                             max_restarts=args.max_restarts)
+        print(f"{args.plan}: {rm.world_size} ranks on {len(rm.nodes)} node(s); run on each node:")
+        for c in cmds:
+            print(f"# node {c.node} (node rank {c.node_rank}, {c.nproc} processes)")
+            print(c.shell())
+        return 0
+    summary = run_local(args.plan, steps=args.steps, slowdown=args.slowdown, out_dir=args.out,
+                        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                        resume=args.resume, max_restarts=args.max_restarts, extra=extra)
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "output"}, indent=2))
     return 0

@@ -98,6 +98,25 @@ class Bucket:
     works: list = field(default_factory=list)
 
 
+def flat_views(params: list[nn.Parameter]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two flat buffers, parameters and gradients, in the order given; every parameter's
+    data and ``.grad`` become views of its slice (gradients start at zero). A bucket is
+    then reduced, and the optimizer steps it, in place without copies; the profile lays
+    parameters out the same way to time the optimizer as training runs it."""
+    numel = sum(p.numel() for p in params)
+    ref = params[0]
+    param_flat = torch.empty(numel, dtype=ref.dtype, device=ref.device)
+    grad_flat = torch.zeros(numel, dtype=ref.dtype, device=ref.device)
+    at = 0
+    for p in params:
+        n = p.numel()
+        param_flat[at:at + n].copy_(p.detach().flatten())
+        p.data = param_flat[at:at + n].view_as(p)
+        p.grad = grad_flat[at:at + n].view_as(p)
+        at += n
+    return param_flat, grad_flat
+
+
 def _split(numel: int, parts: int) -> list[tuple[int, int]]:
     base, extra = divmod(numel, parts)
     out, at = [], 0
@@ -139,18 +158,10 @@ class GradSync:
             p.register_post_accumulate_grad_hook(self._on_grad)
 
     def _add_bucket(self, params: list[nn.Parameter], seg: Segment, groups: ProcessGroups) -> None:
-        numel = sum(p.numel() for p in params)
-        ref = params[0]
-        param_flat = torch.empty(numel, dtype=ref.dtype, device=ref.device)
-        grad_flat = torch.zeros(numel, dtype=ref.dtype, device=ref.device)
-        at = 0
+        param_flat, grad_flat = flat_views(params)
+        numel = param_flat.numel()
         for p in params:
-            n = p.numel()
-            param_flat[at:at + n].copy_(p.detach().flatten())
-            p.data = param_flat[at:at + n].view_as(p)
-            p.grad = grad_flat[at:at + n].view_as(p)
             self.bucket_of[id(p)] = len(self.buckets)
-            at += n
         b = Bucket(params, seg.ranks, param_flat, grad_flat, groups.get(seg.ranks))
         if self.algorithm == "param_server":
             b.shards = [(a, n, owner) for (a, n), owner in zip(_split(numel, len(seg.ranks)), seg.ranks) if n > 0]

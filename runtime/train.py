@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from . import checkpoint
 from .config import TrainConfig, parse_slowdown
 from .datasets import TokenDataset, device_samples
 from .grad_sync import GradSync, ProcessGroups
+from .launch import free_port
 from .metrics import MetricsWriter, StepTimes, build_summary, mean_times, step_line, summary_table
 from .models import DTYPES, StageModule, build_model, layer_param_counts
 from .optim import build_optimizer
@@ -45,12 +45,6 @@ class Runtime:
     info: LaunchInfo
     device: torch.device
     backend: str
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def setup(plan: Plan, cluster: Cluster, node: str | None = None) -> Runtime:
@@ -78,7 +72,7 @@ def setup(plan: Plan, cluster: Cluster, node: str | None = None) -> Runtime:
 
 def _init_process_group(backend: str, info: LaunchInfo) -> None:
     if "MASTER_ADDR" not in os.environ:  # a single process started without torchrun
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=info.rank,
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=info.rank,
                                 world_size=info.world_size)
     elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun shares its rendezvous store with the workers and keeps it across restarts

@@ -1,10 +1,11 @@
 """Physical links of a cluster as shared resources, and fair sharing of their bandwidth.
 
-Links are the directed edges of ``Cluster.graph`` — a device's edge to its node switch in
-each direction (the node's intra link), a node switch's edge to the fabric in each
-direction (its NIC) — plus the fabric core, whose capacity is the sum of the NIC
-bandwidths divided by ``cluster.fabric_oversubscription``. A transfer from device a to
-device b crosses a's up edge, [a's NIC up, the core, b's NIC down,] b's down edge.
+Links are the directed edges of ``Cluster.graph`` (read by ``Topology``, not restated) —
+a device's edge to its node switch in each direction (the node's intra link), a node
+switch's edge to the fabric in each direction (its NIC) — plus the fabric core, whose
+capacity is the sum of the NIC bandwidths divided by the fabric's oversubscription. A
+transfer from device a to device b crosses a's up edge, [a's NIC up, the core, b's NIC
+down,] b's down edge.
 
 A *flow entity* moves the same number of bytes on each of several parallel flows that
 advance at one common rate: a point-to-point send is one flow; a step of a ring
@@ -27,6 +28,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+import networkx as nx
 import simpy
 
 from hetalloc.cluster import Cluster
@@ -44,30 +46,59 @@ class Link:
 
 
 class Topology:
-    """Link ids of a cluster, and the links a transfer between two devices crosses."""
+    """Link ids of a cluster, and the links a transfer between two devices crosses.
+
+    Derived from ``Cluster.graph``, a tree rooted at the fabric: each edge is two links,
+    one per direction ("up" is towards the fabric), and a vertex of kind ``fabric`` adds
+    its core (capacity: the sum of its edges' bandwidths over its ``oversubscription``).
+    A transfer climbs from its source to the lowest vertex it shares with its
+    destination, crosses that vertex's core if it has one, and descends; so a fabric
+    level added to the cluster's graph reaches the simulator with no change here.
+    ``up``/``down`` (per device), ``nic_up``/``nic_down`` (per node: its switch's edge)
+    and ``core`` (the top fabric's) name the links collectives count by hand."""
 
     def __init__(self, cluster: Cluster):
         self.cluster = cluster
         self.links: list[Link] = []
-        self.up: dict[str, int] = {}
-        self.down: dict[str, int] = {}
-        self.nic_up: dict[str, int] = {}
-        self.nic_down: dict[str, int] = {}
+        self.parent: dict[str, str] = {}
+        self.depth: dict[str, int] = {}
+        self.up_of: dict[str, int] = {}
+        """vertex -> the link from it to its parent (and down_of: back)."""
+        self.down_of: dict[str, int] = {}
+        self.core_of: dict[str, int] = {}
+        g = cluster.graph
+        roots = [v for kind in ("fabric", "switch") for v, k in g.nodes(data="kind") if k == kind]
+        for root in roots:
+            if root in self.depth:
+                continue
+            self.depth[root] = 0
+            for v, p in nx.dfs_predecessors(g, root).items():
+                self.parent[v] = p
+            for v in nx.dfs_preorder_nodes(g, root):
+                if v != root:
+                    self.depth[v] = self.depth[self.parent[v]] + 1
+            for v in nx.dfs_postorder_nodes(g, root):  # children's links first, as a tree is read
+                if v != root:
+                    self._add_edge(g, v, self.parent[v])
+                if g.nodes[v]["kind"] == "fabric" and any(self.parent.get(c) == v for c in g[v]):
+                    total = sum(g.edges[v, c]["bandwidth"] for c in g[v] if self.parent.get(c) == v)
+                    name = FABRIC if v == "fabric" else f"{v} core"
+                    self.core_of[v] = self._add(Link(name, "fabric", total / g.nodes[v].get("oversubscription", 1.0),
+                                                     0.0))
+        self.up = {d.id: self.up_of[d.id] for d in cluster.devices}
+        self.down = {d.id: self.down_of[d.id] for d in cluster.devices}
+        self.nic_up = {n.name: self.up_of[f"switch:{n.name}"] for n in cluster.nodes if f"switch:{n.name}" in self.up_of}
+        self.nic_down = {n: self.down_of[f"switch:{n}"] for n in self.nic_up}
+        self.core: int | None = self.core_of.get("fabric")
         self.device_order = {d.id: i for i, d in enumerate(cluster.devices)}
-        for n in cluster.nodes:
-            bw, lat = n.intra.bandwidth_bytes_per_s, n.intra.latency_s
-            for d in n.devices:
-                self.up[d.id] = self._add(Link(f"{d.id} up", "intra-up", bw, lat))
-                self.down[d.id] = self._add(Link(f"{d.id} down", "intra-down", bw, lat))
-            if n.nic is not None:
-                bw, lat = n.nic.bandwidth_bytes_per_s, n.nic.latency_s
-                self.nic_up[n.name] = self._add(Link(f"{n.name} nic up", "nic-up", bw, lat))
-                self.nic_down[n.name] = self._add(Link(f"{n.name} nic down", "nic-down", bw, lat))
-        self.core: int | None = None
-        if self.nic_up:
-            total = sum(n.nic.bandwidth_bytes_per_s for n in cluster.nodes if n.nic is not None)
-            self.core = self._add(Link(FABRIC, "fabric", total / cluster.fabric_oversubscription, 0.0))
         self.capacity = [l.capacity_bytes_per_s for l in self.links]
+
+    def _add_edge(self, g: nx.Graph, v: str, parent: str) -> None:
+        e = g.edges[v, parent]
+        kind = e["kind"]
+        who = v if kind == "intra" else f"{g.nodes[v].get('node', v)} {kind}"
+        self.up_of[v] = self._add(Link(f"{who} up", f"{kind}-up", e["bandwidth"], e["latency"]))
+        self.down_of[v] = self._add(Link(f"{who} down", f"{kind}-down", e["bandwidth"], e["latency"]))
 
     def _add(self, link: Link) -> int:
         self.links.append(link)
@@ -77,10 +108,21 @@ class Topology:
         """Link ids from device a to device b (empty when a == b)."""
         if a == b:
             return []
-        na, nb = self.cluster.device(a).node, self.cluster.device(b).node
-        if na == nb:
-            return [self.up[a], self.down[b]]
-        return [self.up[a], self.nic_up[na], self.core, self.nic_down[nb], self.down[b]]
+        up: list[int] = []
+        down: list[int] = []
+        while self.depth[a] > self.depth[b]:
+            up.append(self.up_of[a])
+            a = self.parent[a]
+        while self.depth[b] > self.depth[a]:
+            down.append(self.down_of[b])
+            b = self.parent[b]
+        while a != b:
+            up.append(self.up_of[a])
+            down.append(self.down_of[b])
+            a, b = self.parent[a], self.parent[b]
+        if a in self.core_of:
+            up.append(self.core_of[a])
+        return up + down[::-1]
 
     def latency_s(self, a: str, b: str) -> float:
         """Latency of the slowest hop, as ``Cluster.path`` defines a path's latency."""

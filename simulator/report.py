@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hetalloc.costs import usable_memory
-from hetalloc.evaluate import Prediction, device_memory
+from hetalloc.evaluate import Prediction
 from hetalloc.fileio import atomic_write_json
+from hetalloc.plan import device_memory
 
 from .engine import Activity, SimResult
 
@@ -131,11 +132,6 @@ class SimReport:
     def write_utilisation(self, path, max_devices: int = 64) -> None:
         from .plots import utilisation
         utilisation(self, path, max_devices=max_devices)
-
-    def summary_line(self) -> str:
-        return (f"iteration: {self.iteration_time_s:.4g} s  samples/s: {self.throughput_samples_per_s:,.1f}  "
-                f"tokens/s: {self.tokens_per_s:,.0f}  mfu: {100 * self.mfu:.1f}%  "
-                f"bubble: {100 * self.bubble_fraction:.1f}%  bound by: {self.critical_path['bound_by']}")
 
 
 def build_report(res: SimResult, prediction: Prediction | None) -> SimReport:

@@ -1,5 +1,7 @@
 """The CLI: plan writes a valid plan atomically, --json is machine-readable, errors are one line."""
 
+import builtins
+import importlib
 import json
 import subprocess
 import sys
@@ -53,3 +55,29 @@ def test_help_explains_units():
     assert out.returncode == 0
     for unit in ("seconds", "samples", "tokens", "GiB"):
         assert unit in out.stdout
+
+
+def test_demo_plans_and_simulates(tmp_path, capsys):
+    """'hetalloc demo' (workflows.demo) on a small model: plan, trace and chart written."""
+    rc = main(["demo", "--model", "gpt2-small", "--global-batch", "16", "--time-limit", "5", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "simulated" in out and "s/iteration" in out
+    for name in ("plan.json", "trace.json", "gantt.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_a_broken_subsystem_import_is_an_error(monkeypatch, tmp_path):
+    """A subsystem whose commands fail to import must fail loudly, not turn
+    'hetalloc simulate' into argparse's "invalid choice"."""
+    real_import = builtins.__import__
+
+    def broken(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "simulator.commands" or (name == "simulator" and "commands" in (fromlist or ())):
+            raise ImportError("simulator.commands broken on purpose")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    monkeypatch.delitem(sys.modules, "hetalloc.cli")  # restored after the test
+    with pytest.raises(ImportError, match="broken on purpose"):
+        importlib.import_module("hetalloc.cli").main(["simulate", str(tmp_path / "plan.json")])

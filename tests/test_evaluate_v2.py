@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from hetalloc.costgraph import CostGraph, TimeTable
-from hetalloc.evaluate import device_memory, predict, rank_pairs, sync_groups
+from hetalloc.evaluate import predict, rank_pairs, sync_groups
 from hetalloc.models import LayerShape
-from hetalloc.plan import Group, Plan, Replica, Stage
+from hetalloc.plan import Group, Plan, Replica, Stage, device_memory
 from test_sim_timeline import toy_cluster
 
 

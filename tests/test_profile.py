@@ -19,7 +19,7 @@ from hetalloc.costgraph import analytic_cost_graph, cost_graph_from_dict, load_c
 from hetalloc.models import get_model
 from hetalloc.plan import load_plan, validate_plan
 from runtime.launch import RunFailed
-from runtime.profile_cli import run_profile
+from runtime.profile.command import run_profile
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +159,7 @@ def test_closed_loop_prints_predicted_next_to_measured(tmp_path):
     planner's plan and the even split, one table of predicted vs measured."""
     from rich.console import Console
 
-    from runtime.loop import closed_loop
+    from workflows.loop import closed_loop
 
     console = Console(record=True, width=160)
     result = closed_loop(tmp_path, console, seq=32, global_batch=8, steps=5, time_limit=5)

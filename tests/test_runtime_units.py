@@ -229,8 +229,8 @@ def test_node_commands_and_cli_print(tmp_path, capsys):
     assert args.func(args) == 0  # a multi-node plan: prints, does not run
     out = capsys.readouterr().out
     assert "3 ranks on 2 node(s)" in out and "--node-rank=1 --nproc-per-node=2" in out
-    args = parser.parse_args(["run", str(tmp_path / "missing.json")])
-    assert args.func(args) == 2
+    from hetalloc.cli import main  # user errors are printed by the CLI's one printer
+    assert main(["run", str(tmp_path / "missing.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and err.endswith("file not found — check the path or run 'hetalloc plan -o' first")
     assert len(err.splitlines()) == 1

@@ -3,7 +3,6 @@ reports, and the simulate / whatif subcommands end to end."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -12,11 +11,11 @@ import pytest
 from allocator import baseline_plan
 from hetalloc.cluster import load_cluster
 from hetalloc.costgraph import analytic_cost_graph
+from hetalloc.cli import build_parser
 from hetalloc.errors import SpecError
 from hetalloc.models import get_model
 from hetalloc.plan import attach_context
 from simulator import simulate
-from simulator.commands import register
 from simulator.plots import scenario_bars, sweep_lines
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -86,9 +85,8 @@ def test_report_json_round_trips(lab, tmp_path):
 
 
 def _cli(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="hetalloc")
-    register(ap.add_subparsers(dest="cmd", required=True))
-    args = ap.parse_args(argv)
+    """A subcommand's handler, errors raised (hetalloc.cli.main would print them)."""
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

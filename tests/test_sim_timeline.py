@@ -9,7 +9,8 @@ import simpy
 from hetalloc.cluster import cluster_from_dict
 from hetalloc.costgraph import CostGraph, TimeTable
 from hetalloc.costs import in_flight_microbatches
-from hetalloc.evaluate import device_memory, predict
+from hetalloc.evaluate import predict
+from hetalloc.plan import device_memory
 from hetalloc.models import LayerShape
 from hetalloc.plan import Group, Plan, Replica, Stage
 from simulator.collectives import buckets, ring_steps, split_steps

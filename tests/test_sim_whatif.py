@@ -12,7 +12,9 @@ from hetalloc.cluster import load_cluster
 from hetalloc.costgraph import analytic_cost_graph
 from hetalloc.errors import SpecError
 from hetalloc.models import get_model
-from simulator import simulate, whatif
+from simulator import scenarios
+from simulator import simulate
+from workflows import whatif
 from test_sim_timeline import toy_cluster, toy_graph, toy_plan
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -24,57 +26,57 @@ def lab():
     cl = load_cluster(EXAMPLES / "lab-16.yaml")
     cg = analytic_cost_graph(get_model("gpt3-1.3b"))
     plan = baseline_plan("pipedream", cl, cg, 64)
-    return whatif.Case(cl, cg, 64, plan)
+    return scenarios.Case(cl, cg, 64, plan)
 
 
 def test_failed_device_invalidates_old_plan_and_replan_excludes_it(lab):
     assert "a100/3" in lab.old_plan.device_ids()
-    case = whatif.apply_scenario(whatif.scenario("fail", "a100/3"), lab)
+    case = scenarios.apply_scenario(scenarios.scenario("fail", "a100/3"), lab)
     assert case.old_plan is None
     assert "a100/3" in case.old_invalid and "re-plan" in case.old_invalid
     assert "a100/3" not in case.cluster.device_by_id
     assert "a100/4" in case.cluster.device_by_id  # the others keep their ids
     new = whatif.replan(case, lab.old_plan, FAST)
     assert "a100/3" not in new.device_ids() and new.device_ids()
-    row = whatif.evaluate("fail a100/3", case, lab.old_plan, FAST)
+    row = whatif.scenario_row("fail a100/3", case, lab.old_plan, FAST)
     assert row["old_plan_s"] is None and row["replan_s"] > 0 and row["devices"] == 15
 
 
 def test_failed_node_and_unknown_target(lab):
-    case = whatif.apply_scenario(whatif.scenario("fail", "v100"), lab)
+    case = scenarios.apply_scenario(scenarios.scenario("fail", "v100"), lab)
     assert case.cluster.num_devices == 8 and {d.type for d in case.cluster.devices} == {"A100-40G"}
     with pytest.raises(SpecError, match="no device or node 'x100'"):
-        whatif.apply_scenario(whatif.scenario("fail", "x100"), lab)
+        scenarios.apply_scenario(scenarios.scenario("fail", "x100"), lab)
 
 
 def test_swap_add_remove(lab):
-    case = whatif.apply_scenario(whatif.scenario("swap", "8xV100=4xH100"), lab)
+    case = scenarios.apply_scenario(scenarios.scenario("swap", "8xV100=4xH100"), lab)
     assert case.cluster.type_counts() == {"A100-40G": 8, "H100-80G": 4}
     node = case.cluster.node_by_name["v100"]
     assert [d.id for d in node.devices] == ["v100/8", "v100/9", "v100/10", "v100/11"]  # new ids
     assert node.intra.name == "NVLink2"  # the node keeps its links
     assert case.old_plan is None and "v100/" in case.old_invalid
-    case = whatif.apply_scenario(whatif.scenario("add", "8xH100-80G@NVLink4/IB-NDR"), lab)
+    case = scenarios.apply_scenario(scenarios.scenario("add", "8xH100-80G@NVLink4/IB-NDR"), lab)
     assert case.cluster.num_devices == 24 and case.old_plan is not None
     added = case.cluster.node_by_name["added0"]
     assert added.intra.name == "NVLink4" and added.nic.name == "IB-NDR"
-    case = whatif.apply_scenario(whatif.scenario("remove", "4xV100-16G"), lab)
+    case = scenarios.apply_scenario(scenarios.scenario("remove", "4xV100-16G"), lab)
     assert case.cluster.type_counts() == {"A100-40G": 8, "V100-16G": 4}
     with pytest.raises(SpecError, match="cannot remove 9"):
-        whatif.apply_scenario(whatif.scenario("remove", "9xV100-16G"), lab)
+        scenarios.apply_scenario(scenarios.scenario("remove", "9xV100-16G"), lab)
 
 
 def test_link_changes_and_units(lab):
-    assert whatif.parse_bandwidth("200Gb/s", "x") == 25e9
-    assert whatif.parse_bandwidth("25GB/s", "x") == 25e9 == whatif.parse_bandwidth("25", "x")
-    case = whatif.apply_scenario(whatif.scenario("link", "v100.nic=400Gb/s,2us"), lab)
+    assert scenarios.parse_bandwidth("200Gb/s", "x") == 25e9
+    assert scenarios.parse_bandwidth("25GB/s", "x") == 25e9 == scenarios.parse_bandwidth("25", "x")
+    case = scenarios.apply_scenario(scenarios.scenario("link", "v100.nic=400Gb/s,2us"), lab)
     v100, a100 = case.cluster.node_by_name["v100"], case.cluster.node_by_name["a100"]
     assert v100.nic.bandwidth_bytes_per_s == 50e9 and v100.nic.latency_s == pytest.approx(2e-6)
     assert a100.nic.bandwidth_bytes_per_s == 12.5e9
     assert case.old_plan is not None  # same devices: the old plan still runs
-    case = whatif.apply_scenario(whatif.scenario("link", "fabric=4"), lab)
+    case = scenarios.apply_scenario(scenarios.scenario("link", "fabric=4"), lab)
     assert case.cluster.fabric_oversubscription == 4
-    slow_net = whatif.apply_scenario(whatif.scenario("link", "nic=1Gb/s"), lab)
+    slow_net = scenarios.apply_scenario(scenarios.scenario("link", "nic=1Gb/s"), lab)
     fast = simulate(lab.old_plan, lab.cluster, lab.cg, compare=False).iteration_time_s
     slow = simulate(slow_net.old_plan, slow_net.cluster, slow_net.cg, compare=False).iteration_time_s
     assert slow > fast
@@ -84,27 +86,27 @@ def test_straggler_slows_exactly_by_its_factor():
     # One device: fwd 1 s + bwd 2 s + optimizer 1 s = 4 s; twice as slow: 8 s.
     cl, cg = toy_cluster({"n": 1}), toy_graph(num_layers=1, params=10**9)
     plan = toy_plan([[(0, 1, [("n/0", 1)])]], 1, "gpipe")
-    base = whatif.Case(cl, cg, 1, plan)
+    base = scenarios.Case(cl, cg, 1, plan)
     assert simulate(plan, cl, cg, compare=False).iteration_time_s == pytest.approx(4.0)
-    case = whatif.apply_scenario(whatif.scenario("slow", "n/0=2"), base)
+    case = scenarios.apply_scenario(scenarios.scenario("slow", "n/0=2"), base)
     assert case.cluster.device("n/0").type == "X@x2" and case.old_plan is not None
     assert simulate(case.old_plan, case.cluster, case.cg, compare=False).iteration_time_s == pytest.approx(8.0)
 
 
 def test_batch_and_seq(lab):
-    case = whatif.apply_scenario(whatif.scenario("batch", "128"), lab)
+    case = scenarios.apply_scenario(scenarios.scenario("batch", "128"), lab)
     per_round = lab.old_plan.global_batch // lab.old_plan.num_microbatches
     assert case.global_batch == 128
     assert case.old_plan.num_microbatches == 128 // per_round
-    odd = whatif.apply_scenario(whatif.scenario("batch", str(per_round * 3 + 1)), lab)
+    odd = scenarios.apply_scenario(scenarios.scenario("batch", str(per_round * 3 + 1)), lab)
     assert odd.old_plan is None and "not a multiple" in odd.old_invalid
-    case = whatif.apply_scenario(whatif.scenario("seq", "1024"), lab)
+    case = scenarios.apply_scenario(scenarios.scenario("seq", "1024"), lab)
     assert case.cg.seq_len == 1024 and case.old_plan.seq_len == 1024
 
 
 def test_prices_and_cheapest_meeting_deadline(lab):
-    priced = whatif.with_prices(lab.cluster, {"A100-40G": 1.0, "V100": 0.5})
-    assert whatif.cost_per_hour(priced) == 8 * 1.0 + 8 * 0.5
+    priced = scenarios.with_prices(lab.cluster, {"A100-40G": 1.0, "V100": 0.5})
+    assert scenarios.cost_per_hour(priced) == 8 * 1.0 + 8 * 0.5
     rows = [{"scenario": "a", "best_s": 1.0, "usd_per_iteration": 3.0},
             {"scenario": "b", "best_s": 2.0, "usd_per_iteration": 1.0},
             {"scenario": "c", "best_s": 9.0, "usd_per_iteration": 0.5}]
@@ -114,10 +116,10 @@ def test_prices_and_cheapest_meeting_deadline(lab):
 
 
 def test_run_rows_and_sweeps(lab):
-    knob, values, unit, scs = whatif.sweep_scenarios("nic=10..400Gb/s:3")
+    knob, values, unit, scs = scenarios.sweep_scenarios("nic=10..400Gb/s:3")
     assert (knob, unit) == ("nic", "Gb/s") and values == pytest.approx([10, 63.25, 400], rel=1e-3)
-    assert whatif.parse_sweep("batch=64,128") == ("batch", ["64", "128"], "")
-    rows = whatif.run(lab, scs + [whatif.scenario("fail", "a100/0")], FAST)
+    assert scenarios.parse_sweep("batch=64,128") == ("batch", ["64", "128"], "")
+    rows = whatif.run_scenarios(lab, scs + [scenarios.scenario("fail", "a100/0")], FAST)
     assert [r["scenario"] for r in rows][0] == "base"
     times = [r["old_plan_s"] for r in rows[1:4]]
     assert times[0] > times[1] >= times[2]  # more NIC bandwidth never hurts

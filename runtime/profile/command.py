@@ -25,15 +25,16 @@ from typing import Any
 from hetalloc.calibrate import calibrate, calibration_error, save_efficiency
 from hetalloc.cluster import load_cluster
 from hetalloc.costgraph import load_cost_graph
-from hetalloc.errors import HetallocError
+from hetalloc.errors import SpecError
 from hetalloc.fileio import atomic_write_json
 
-from .config import parse_slowdown
-from .launch import RunFailed, local_env
-from .profile_overhead import measure_overheads, with_overheads
-from .profile_files import report_lines, write_cluster
+from ..config import parse_slowdown
+from ..launch import RunFailed, local_env
+from .files import report_lines, write_cluster
+from .overhead import measure_overheads, with_overheads
 
 ENTRY = "runtime.profile"
+"""The ranks' module (``-m``): runtime/profile/__main__.py."""
 
 
 def profile_command(nproc: int, out_dir: str | Path, *, model: str = "gpt2-tiny", seq: int | None = None,
@@ -56,7 +57,7 @@ def run_profile(out_dir: str | Path, *, nproc: int = 2, model: str = "gpt2-tiny"
                 timeout_s: float | None = None, runtime_overhead: bool = True) -> dict[str, Any]:
     """Profile this machine with `nproc` ranks; returns report.json's content (plus the
     calibration under 'calibration' when asked). With runtime_overhead, also measures the
-    runtime's own time per op and per step by running it (runtime.profile_overhead) and
+    runtime's own time per op and per step by running it (runtime.profile.overhead) and
     writes it into cluster.yaml. Raises RunFailed when the ranks fail."""
     out = Path(out_dir)
     report_path = out / "report.json"
@@ -84,7 +85,7 @@ def run_profile(out_dir: str | Path, *, nproc: int = 2, model: str = "gpt2-tiny"
 
 def add_runtime_overhead(out_dir: str | Path, slowdown: list[str] | None) -> dict[str, Any]:
     """Measure the runtime's per-op and per-step time on the profiled devices and write
-    them into DIR/cluster.yaml (runtime.profile_overhead)."""
+    them into DIR/cluster.yaml (runtime.profile.overhead)."""
     out = Path(out_dir)
     cluster = load_cluster(out / "cluster.yaml")
     cg = load_cost_graph(out / "cost_graph.json")
@@ -149,17 +150,12 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def handler(args: argparse.Namespace) -> int:
-    try:
-        if args.nproc < 1:
-            print("error: --nproc must be at least 1", file=sys.stderr)
-            return 2
-        report = run_profile(args.out, nproc=args.nproc, model=args.model, seq=args.seq,
-                             batch_sizes=args.batch_sizes, slowdown=args.slowdown, warmup=args.warmup,
-                             repeats=args.repeats, link_repeats=args.link_repeats, calibrate_fit=args.calibrate,
-                             runtime_overhead=not args.no_runtime_overhead)
-    except HetallocError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.nproc < 1:
+        raise SpecError("--nproc", "", f"must be at least 1, got {args.nproc}", "profile one rank or more")
+    report = run_profile(args.out, nproc=args.nproc, model=args.model, seq=args.seq, batch_sizes=args.batch_sizes,
+                         slowdown=args.slowdown, warmup=args.warmup, repeats=args.repeats,
+                         link_repeats=args.link_repeats, calibrate_fit=args.calibrate,
+                         runtime_overhead=not args.no_runtime_overhead)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "command"}, indent=2))
         return 0

@@ -12,26 +12,29 @@ benchmarks/sim_accuracy.py runs it over many. The recipe by hand:
     hetalloc simulate plan.json
     hetalloc run plan.json --slowdown 1=2 --steps 12
 
-Never imports torch (the profile and the run are torchrun subprocesses).
+It sits above the subsystems it drives (allocator, simulator, runtime) so that none of them
+depends on another. Never imports torch (the profile and the run are torchrun subprocesses).
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from allocator import make_plan
 from hetalloc.cluster import Cluster, load_cluster
 from hetalloc.costgraph import CostGraph, load_cost_graph
 from hetalloc.fileio import atomic_write_json
 from hetalloc.plan import Plan
-
-from .config import slowdown_for_plan
-from .launch import run_local
-from .plans import describe
-from .profile_cli import run_profile
-from .profile_files import report_lines
+from runtime.config import slowdown_for_plan
+from runtime.launch import run_local
+from runtime.plans import describe
+from runtime.profile.command import run_profile
+from runtime.profile.files import report_lines
+from simulator import simulate
 
 RUN_WARMUP_STEPS = 2
 """Leading steps of a run left out (shape inference, allocator and gloo warm-up)."""
@@ -62,7 +65,6 @@ def profile_machine(out_dir: str | Path, *, nproc: int = 2, model: str = "gpt2-t
             "slowdown": {str(k): v for k, v in sorted(slowdown.items())}, "repeats": repeats}
     report = None
     if reuse and (out / "report.json").exists():
-        import json
         old = json.loads((out / "report.json").read_text())
         if all(old.get(k) == v for k, v in want.items()):
             report = old
@@ -81,12 +83,10 @@ def slowdown_args(prof: Profiled, plan: Plan) -> list[str]:
 
 def measure(plan: Plan, prof: Profiled, out_dir: str | Path, *, steps: int = 12, name: str = "") -> dict[str, Any]:
     """Simulate and run one plan made for a profiled cluster; predicted vs measured."""
-    import simulator
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / "plan.json")
-    sim = simulator.simulate(plan, prof.cluster, prof.cost_graph)
+    sim = simulate(plan, prof.cluster, prof.cost_graph)
     summary = run_local(out / "plan.json", steps=steps, slowdown=slowdown_args(prof, plan), out_dir=out / "run",
                         capture=True, extra=["--warmup-steps", str(RUN_WARMUP_STEPS)])
     summary.pop("output", None)
@@ -129,7 +129,6 @@ def measure(plan: Plan, prof: Profiled, out_dir: str | Path, *, steps: int = 12,
 
 
 def _step_times(run_dir: Path) -> list[float]:
-    import json
     recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["step_time_s"] for r in recs[RUN_WARMUP_STEPS:]]
 
@@ -161,8 +160,6 @@ def closed_loop(out_dir: str | Path, console=None, *, model: str = "gpt2-tiny", 
                 reuse_profile: bool = False) -> dict[str, Any]:
     """Profile 2 CPU ranks (rank 1 slowed down), plan, simulate, run; print predicted vs
     measured per stage and overall; returns (and writes out_dir/loop.json) the figures."""
-    from allocator import make_plan
-
     out = Path(out_dir)
     def say(line: str) -> None:
         if console is not None:

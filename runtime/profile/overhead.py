@@ -31,9 +31,9 @@ from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
 from hetalloc.plan import Plan
 
-from .config import slowdown_for_plan
-from .launch import run_local
-from .plans import hand_plan
+from ..config import slowdown_for_plan
+from ..launch import run_local
+from ..plans import hand_plan
 
 MICROBATCHES = (2, 8)
 SHARE = 2

@@ -1,5 +1,7 @@
-"""What-if scenarios: transformations of (cluster, cost graph, global batch), followed by
-simulating the old plan (where it is still valid) and a re-planned one.
+"""What-if scenarios: transformations of (cluster, cost graph, global batch) that carry the
+old plan over where it is still valid. Running them (re-planning with the allocator and
+simulating the old and new plans) is workflows.whatif's: the simulator never calls the
+allocator.
 
 Scenario specs (each flag of ``hetalloc whatif`` is one scenario unless combined):
 - ``swap 8xV100-16G=4xH100-80G``: remove 8 V100s (from the last nodes that have them)
@@ -18,20 +20,19 @@ Prices per device-hour come from the catalog (``DeviceType.cost_per_hour_usd``),
 cluster file's ``prices:`` or ``--price TYPE=USD``; a cluster costs the sum over all its
 devices, used or not.
 
-Never: plan or price anything itself — plans come from the allocator, times from the
-simulator, prices from the catalog.
+Never: plan or simulate here, nor price anything itself — prices come from the catalog.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
-from hetalloc.catalog import LINK_TYPES, DeviceType, suggest_device, suggest_link, with_price
-from hetalloc.cluster import Cluster, Device, LinkSpec, Node
+from hetalloc.apportion import largest_remainder
+from hetalloc.catalog import DeviceType, suggest_device, suggest_link, with_price
+from hetalloc.cluster import Cluster, Device, LinkSpec, Node, catalog_link
 from hetalloc.costgraph import CostGraph, TimeTable, analytic_cost_graph
 from hetalloc.errors import InfeasibleError, SpecError
 from hetalloc.models import get_model
@@ -126,7 +127,7 @@ def swap(spec: str) -> Callable[[Case], Case]:
         top = {n.name: max((d.local_index for d in n.devices), default=-1) + 1 for n in nodes}
         taken = _remove(nodes, n_old, t_old, spec)
         names = list(taken)
-        split = _largest_remainder(n_new, [taken[n] for n in names])
+        split = largest_remainder(n_new, [taken[n] for n in names])
         by_name = {n.name: n for n in nodes}
         for name, k in zip(names, split):
             node = by_name[name]
@@ -135,14 +136,6 @@ def swap(spec: str) -> Callable[[Case], Case]:
                 node.devices.append(Device(f"{name}/{start + i}", t_new, name, start + i))
         return dataclasses.replace(case, cluster=_rebuild(case.cluster, nodes))
     return apply
-
-
-def _largest_remainder(total: int, weights: list[int]) -> list[int]:
-    raw = [total * w / sum(weights) for w in weights]
-    out = [int(math.floor(x)) for x in raw]
-    for i in sorted(range(len(raw)), key=lambda i: out[i] - raw[i])[: total - sum(out)]:
-        out[i] += 1
-    return out
 
 
 def add(spec: str) -> Callable[[Case], Case]:
@@ -176,10 +169,10 @@ def add(spec: str) -> Callable[[Case], Case]:
 
 
 def _named_link(name: str, spec: str) -> LinkSpec:
-    lt = LINK_TYPES.get(name)
-    if lt is None:
+    found = catalog_link(name)
+    if found is None:
         raise _err(spec, f"unknown link '{name}'", suggest_link(name))
-    return LinkSpec(lt.bandwidth_bytes_per_s, lt.latency_s, lt.name)
+    return found
 
 
 def remove(spec: str) -> Callable[[Case], Case]:
@@ -438,76 +431,3 @@ def sweep_scenarios(text: str) -> tuple[str, list[float], str, list[Scenario]]:
         sc.name = f"{knob}={v}{unit}"
         out.append(sc)
     return knob, [float(v) for v in values], unit, out
-
-
-# ---- running ---------------------------------------------------------------------------
-
-@dataclass
-class WhatIfOptions:
-    planner: str = "ilp"
-    """'ilp' (hetalloc's planner) or a baseline name for the re-plans."""
-    time_limit_s: float = 10.0
-    replan: bool = True
-    sim: dict[str, Any] = field(default_factory=dict)
-    """Options for simulator.simulate (contention, overlap, ...)."""
-
-
-def replan(case: Case, like: Plan, opts: WhatIfOptions) -> Plan:
-    from allocator import make_plan
-    baseline = None if opts.planner == "ilp" else opts.planner
-    return make_plan(case.cluster, case.cg, case.global_batch, schedule=like.schedule, optimizer=like.optimizer,
-                     time_limit=opts.time_limit_s, baseline=baseline, compare_baselines=baseline is None)
-
-
-def evaluate(name: str, case: Case, like: Plan, opts: WhatIfOptions, *, do_replan: bool = True) -> dict[str, Any]:
-    """One row: simulated iteration time of the old plan and of a re-plan, and prices."""
-    from .api import simulate
-    row: dict[str, Any] = {"scenario": name, "devices": case.cluster.num_devices,
-                           "cost_per_hour_usd": cost_per_hour(case.cluster), "global_batch": case.global_batch,
-                           "old_plan_s": None, "old_plan_note": case.old_invalid, "replan_s": None,
-                           "replan_note": "", "replan_predicted_s": None, "replan_devices_used": None}
-    if case.old_plan is not None:
-        row["old_plan_s"] = simulate(case.old_plan, case.cluster, case.cg, **opts.sim).iteration_time_s
-    if do_replan:
-        try:
-            p = replan(case, like, opts)
-            row["replan_s"] = simulate(p, case.cluster, case.cg, **opts.sim).iteration_time_s
-            row["replan_predicted_s"] = p.predicted.get("iteration_time_s")
-            row["replan_devices_used"] = len(p.device_ids())
-            row["replan_planner"] = p.planner
-        except (InfeasibleError, SpecError) as e:
-            row["replan_note"] = str(e)
-    best = min((t for t in (row["old_plan_s"], row["replan_s"]) if t), default=None)
-    row["best_s"] = best
-    row["usd_per_iteration"] = row["cost_per_hour_usd"] * best / 3600 if best else None
-    usd = row["usd_per_iteration"]
-    row["samples_per_usd"] = case.global_batch / usd if usd else None
-    return row
-
-
-def run(base: Case, scenarios: list[Scenario], opts: WhatIfOptions, *, replan_base: bool = False,
-        progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Rows for the base and every scenario (a scenario that cannot be built gets a note)."""
-    like = base.old_plan
-    rows = [evaluate("base", base, like, opts, do_replan=replan_base)]
-    if progress:
-        progress("base")
-    base_s = rows[0]["best_s"]
-    for sc in scenarios:
-        try:
-            case = apply_scenario(sc, base)
-            row = evaluate(sc.name, case, like, opts, do_replan=opts.replan)
-        except (InfeasibleError, SpecError) as e:
-            row = {"scenario": sc.name, "error": str(e), "old_plan_s": None, "replan_s": None, "best_s": None,
-                   "usd_per_iteration": None, "devices": None, "cost_per_hour_usd": None}
-        row["speedup_vs_base"] = base_s / row["best_s"] if row.get("best_s") and base_s else None
-        rows.append(row)
-        if progress:
-            progress(sc.name)
-    return rows
-
-
-def cheapest_meeting(rows: list[dict[str, Any]], steps: int, deadline_h: float) -> dict[str, Any] | None:
-    """The row with the least total price whose `steps` iterations finish within the deadline."""
-    ok = [r for r in rows if r.get("best_s") and r["best_s"] * steps / 3600 <= deadline_h]
-    return min(ok, key=lambda r: (r["usd_per_iteration"], r["best_s"])) if ok else None

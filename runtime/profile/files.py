@@ -1,6 +1,6 @@
 """What a profile becomes: the measured cost graph, the measured cluster spec and a report.
 
-Input: every rank's measurements (runtime.profile) and the link timings. Output, in the
+Input: every rank's measurements (runtime.profile.measure) and the link timings. Output, in the
 formats the planner reads:
 - ``cost_graph.json`` (``CostGraph.save``): the model's layers with measured parameter
   counts, saved-activation and output bytes (FLOPs stay the analytic formulas', the

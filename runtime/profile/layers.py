@@ -1,0 +1,220 @@
+"""Per-layer forward and backward times, per-layer sizes, the optimizer step and the
+matmul peak of one profiling rank (see runtime.profile.measure for how each is taken).
+Imports torch (ranks only).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+from hetalloc.models import TransformerShape
+
+from ..config import TrainConfig
+from ..grad_sync import flat_views
+from ..models import BuiltModel, token_loss_sum
+from ..optim import build_optimizer
+from .device import stats, stretched, sync
+
+CACHE_FLUSH_BYTES = 256 << 20
+"""Written between timed optimizer steps on CPUs (larger than any CPU's last-level cache)."""
+MIN_TIMED_S = 0.5
+"""Small micro-batches get more than --repeats passes: at least this many seconds of them
+(up to MAX_LAYER_REPEATS), so that layers of tens of microseconds get a stable median."""
+MAX_LAYER_REPEATS = 200
+
+
+def _batch(shape: TransformerShape, seq: int, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1234 + b)
+    ids = torch.randint(shape.vocab, (b, seq), generator=g)
+    classes = shape.num_labels if shape.family == "bert" else shape.vocab
+    return ids.to(device), torch.randint(classes, (b, seq), generator=g).to(device)
+
+
+def time_pass(layers: list[torch.nn.Module], ids: torch.Tensor, labels: torch.Tensor, loss_scale: float,
+              slowdown: float, device: torch.device) -> tuple[list[float], list[float]]:
+    """One forward and one backward of the whole model; per-layer seconds (module doc)."""
+    L = len(layers)
+    stamps = [time.perf_counter()]
+    x = ids
+    acts = []
+    for layer in layers[:-1]:
+        x = layer(x)
+        sync(device)
+        acts.append(x)
+        stamps.append(time.perf_counter())
+    loss = token_loss_sum(layers[-1](x), labels) * loss_scale
+    sync(device)
+    stamps.append(time.perf_counter())
+    total_f = stretched(slowdown, stamps[0], device)
+    fwd = [stamps[i + 1] - stamps[i] for i in range(L)]
+    marks = [0.0] * len(acts)
+
+    def mark(i: int) -> Callable[[torch.Tensor], None]:
+        def hook(_grad: torch.Tensor) -> None:
+            sync(device)
+            marks[i] = time.perf_counter()
+        return hook
+
+    for i, a in enumerate(acts):
+        a.register_hook(mark(i))
+    t0 = time.perf_counter()
+    torch.autograd.backward(loss)
+    sync(device)
+    t1 = time.perf_counter()
+    total_b = stretched(slowdown, t0, device)
+    # acts[i] is layer i's output: its gradient is ready when layer i + 1's backward ends.
+    ends = [t1] + marks  # ends[j] = end of layer j's backward
+    starts = marks + [t0]
+    bwd = [ends[j] - starts[j] for j in range(L)]
+    sf, sb = total_f / (stamps[-1] - stamps[0]), total_b / (t1 - t0)
+    return [t * sf for t in fwd], [t * sb for t in bwd]
+
+
+def saved_bytes(layer: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor | None,
+                exclude: set[int]) -> tuple[int, torch.Tensor]:
+    """Bytes of the distinct storages autograd saves in one forward of `layer` (the
+    parameters' storages excluded); also returns the layer's output."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            s = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+            return t
+        if s.data_ptr() not in exclude:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+        if labels is not None:
+            out = token_loss_sum(out, labels)
+    return sum(seen.values()), out
+
+
+def measure_sizes(built: BuiltModel, seq: int, batches: list[int], device: torch.device) -> list[dict[str, Any]]:
+    """Per layer: parameters, saved-activation and output bytes per sample."""
+    layers = built.layers
+    exclude = {p.untyped_storage().data_ptr() for p in built.model.parameters()}
+    per_batch = []
+    for b in sorted({min(batches), max(batches)}):
+        ids, labels = _batch(built.shape, seq, b, device)
+        x = ids
+        row = []
+        for i, layer in enumerate(layers):
+            head = i == len(layers) - 1
+            inp = x if i == 0 else x.detach().requires_grad_()
+            nbytes, out = saved_bytes(layer, inp, labels if head else None, exclude)
+            row.append((nbytes, 4 if head else out.numel() * out.element_size()))
+            x = out
+        per_batch.append((b, row))
+    out = []
+    for i, layer in enumerate(layers):
+        (b1, r1), (b2, r2) = per_batch[0], per_batch[-1]
+        if b2 > b1:
+            saved = (r2[i][0] - r1[i][0]) / (b2 - b1)
+        else:
+            saved = r1[i][0] / b1
+        out_bytes = r1[i][1] if i == len(layers) - 1 else r1[i][1] / b1
+        out.append({"params": sum(p.numel() for p in layer.parameters()),
+                    "saved_act_bytes": float(max(0.0, saved)), "out_act_bytes": float(out_bytes),
+                    "saved_bytes_by_batch": {str(b): r[i][0] for b, r in per_batch}})
+    return out
+
+
+def measure_layers(built: BuiltModel, seq: int, batches: list[int], warmup: int, repeats: int,
+                   slowdown: float, device: torch.device, barrier: Callable[[], None]) -> dict[str, Any]:
+    """Per batch size and layer: forward/backward statistics over `repeats` passes (more for
+    small micro-batches: MIN_TIMED_S). An
+    (untimed) AdamW step follows every pass, as in training: the passes are timed with
+    the caches and memory in the state a training step leaves them in (timed back to
+    back, without it, they ran 3-15% faster than the same work in runtime.train here)."""
+    params = list(built.model.parameters())
+    _, gflat = flat_views(params)
+    opt = build_optimizer("adamw", params, TrainConfig())
+    fwd_stats, bwd_stats, peaks = [], [], {}
+    for b in sorted(batches):
+        ids, labels = _batch(built.shape, seq, b, device)
+        scale = 1.0 / (b * seq)
+        barrier()  # every rank measures each size at the same time, as in training
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        runs_f, runs_b = [], []
+
+        def one_pass() -> tuple[list[float], list[float]]:
+            gflat.zero_()
+            times = time_pass(built.layers, ids, labels, scale, slowdown, device)
+            opt.step()
+            return times
+
+        t_warm = time.perf_counter()
+        for _ in range(warmup):
+            one_pass()
+        per_pass = (time.perf_counter() - t_warm) / warmup if warmup else math.inf
+        for _ in range(max(repeats, min(MAX_LAYER_REPEATS, math.ceil(MIN_TIMED_S / per_pass)))):
+            f, bw = one_pass()
+            runs_f.append(f)
+            runs_b.append(bw)
+        if device.type == "cuda":
+            peaks[str(b)] = torch.cuda.max_memory_allocated(device)
+        L = len(built.layers)
+        fwd_stats.append([stats([r[i] for r in runs_f]) for i in range(L)])
+        bwd_stats.append([stats([r[i] for r in runs_b]) for i in range(L)])
+    return {"batch_sizes": sorted(batches), "fwd": fwd_stats, "bwd": bwd_stats, "peak_memory_bytes": peaks or None}
+
+
+def measure_optimizer(built: BuiltModel, warmup: int, repeats: int, device: torch.device) -> dict[str, Any]:
+    """The runtime's AdamW step + gradient zeroing, whole model and layer by layer."""
+    cfg = TrainConfig()
+
+    # In training the forward and backward passes run between two optimizer steps and push
+    # the optimizer's state out of the caches; timing steps back to back would keep it
+    # there (a CPU's caches hold a small model's whole state: 2x faster than in a run).
+    scratch = torch.empty(CACHE_FLUSH_BYTES // 4, dtype=torch.float32) if device.type == "cpu" else None
+
+    def timed(params: list[torch.nn.Parameter]) -> float:
+        _, gflat = flat_views(params)
+        gflat.normal_()
+        opt = build_optimizer("adamw", params, cfg)
+        ts = []
+        for k in range(warmup + repeats):
+            if scratch is not None:
+                scratch.fill_(float(k))
+            sync(device)
+            t0 = time.perf_counter()
+            opt.step()
+            gflat.zero_()
+            sync(device)
+            if k >= warmup:
+                ts.append(time.perf_counter() - t0)
+            gflat.normal_()
+        return statistics.median(ts)
+
+    whole = list(built.model.parameters())
+    per_layer = [timed(list(layer.parameters())) for layer in built.layers]
+    return {"optimizer": "adamw", "params": sum(p.numel() for p in whole),
+            "tensors": len(whole), "seconds": timed(whole),
+            "per_layer": [{"params": sum(p.numel() for p in layer.parameters()),
+                           "tensors": len(list(layer.parameters())), "seconds": t}
+                          for layer, t in zip(built.layers, per_layer)]}
+
+
+def measure_peak_tflops(dtype: torch.dtype, device: torch.device, slowdown: float, repeats: int = 10) -> float:
+    """Dense matmul throughput in the training dtype (divided by the emulated slowdown)."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    ts = []
+    for k in range(3 + repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        if k >= 3:
+            ts.append(time.perf_counter() - t0)
+    return 2.0 * n ** 3 / statistics.median(ts) / 1e12 / slowdown

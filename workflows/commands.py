@@ -1,0 +1,162 @@
+"""The ``whatif`` subcommand: parse, run the scenarios (workflows.whatif), print.
+
+``register(subparsers)`` adds it to an argparse subparsers object; the handler returns an
+exit code and raises SpecError / InfeasibleError for the CLI to print as one line. The
+plan-loading and simulation flags are the ``simulate`` command's (simulator.commands).
+
+Never: compute anything here that a user could not also get from the library API.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from hetalloc.errors import SpecError
+from simulator.commands import console, context_args, load_context, sim_options
+from simulator.plots import scenario_bars, sweep_lines
+from simulator.scenarios import KINDS, Case, Scenario, scenario, sweep_scenarios, with_prices
+
+from .whatif import WhatIfOptions, cheapest_meeting, run_scenarios
+
+
+def register(subparsers) -> None:
+    w = subparsers.add_parser(
+        "whatif", help="simulate a plan under hardware/batch scenarios, old plan vs re-planned, with prices",
+        description="Each --swap/--add/--remove/--link/--slow/--fail/--batch/--seq is one scenario (or one "
+                    "combined scenario with --combine). For each, the old plan (where still valid) and a "
+                    "re-planned one are simulated. Bandwidths: 200Gb/s (bits), 25GB/s or a bare number (GB/s).")
+    w.add_argument("plan", help="the base plan.json")
+    context_args(w)
+    w.add_argument("--swap", action="append", default=[], metavar="NxOLD=MxNEW", help="e.g. 8xV100-16G=4xH100-80G")
+    w.add_argument("--add", action="append", default=[], metavar="NxTYPE[@INTRA/NIC]",
+                   help="e.g. 8xH100-80G@NVLink4/IB-NDR")
+    w.add_argument("--remove", action="append", default=[], metavar="NxTYPE", help="e.g. 8xV100-16G")
+    w.add_argument("--link", action="append", default=[], metavar="[NODES.]KIND=BW[,LAT]",
+                   help="KIND intra|nic (nic=200Gb/s, v100.nic=25GB/s,8us) or fabric=OVERSUBSCRIPTION")
+    w.add_argument("--slow", action="append", default=[], metavar="DEVICE=FACTOR", help="straggler, e.g. a100/3=2")
+    w.add_argument("--fail", action="append", default=[], metavar="DEVICE|NODE", help="e.g. a100/3 or v100")
+    w.add_argument("--batch", action="append", default=[], metavar="N", help="another global batch")
+    w.add_argument("--seq", action="append", default=[], metavar="N", help="another sequence length")
+    w.add_argument("--combine", action="store_true", help="apply all given transformations as one scenario")
+    w.add_argument("--sweep", metavar="KNOB=VALUES",
+                   help="grid over one knob: nic=10..400Gb/s:6 (log-spaced), intra=..., fabric=1,2,4, "
+                        "batch=256,512, seq=..., slow:DEVICE=1,2,4")
+    w.add_argument("--planner", default="ilp", help="re-plan with: ilp (default), even, proportional, pipedream")
+    w.add_argument("--time-limit", type=float, default=10.0, help="planner time limit per re-plan, seconds")
+    w.add_argument("--no-replan", action="store_true", help="only simulate the old plan")
+    w.add_argument("--replan-base", action="store_true", help="also re-plan the base cluster")
+    w.add_argument("--price", action="append", default=[], metavar="TYPE=USD",
+                   help="override a device type's price per hour (catalog prices otherwise)")
+    w.add_argument("--steps", type=int, help="training steps: report total hours and dollars")
+    w.add_argument("--deadline", type=float, metavar="HOURS", help="with --steps: cheapest scenario finishing in time")
+    w.add_argument("--chart", metavar="OUT.png", help="bar chart of the scenarios")
+    w.add_argument("--plot", metavar="OUT.png", help="line plot of a --sweep")
+    w.add_argument("--json", action="store_true", help="print the rows as JSON")
+    w.set_defaults(func=cmd_whatif)
+
+
+def _scenarios(args) -> list[Scenario]:
+    out = [scenario(kind, spec) for kind in KINDS for spec in getattr(args, kind)]
+    if args.combine and len(out) > 1:
+        out = [Scenario(" + ".join(s.name for s in out), [t for s in out for t in s.transforms])]
+    return out
+
+
+def cmd_whatif(args) -> int:
+    plan, cluster, cg = load_context(args)
+    prices = {}
+    for item in args.price:
+        t, sep, usd = item.partition("=")
+        try:
+            prices[t] = float(usd)
+        except ValueError:
+            sep = ""
+        if not sep or prices[t] < 0:
+            raise SpecError("--price", item, "expected TYPE=USD_PER_HOUR", "e.g. --price H100-80G=2.49")
+    if prices:
+        cluster = with_prices(cluster, prices)
+    if args.deadline is not None and not args.steps:
+        raise SpecError("--deadline", "", "needs --steps", "say how many training steps must finish")
+    scenarios = _scenarios(args)
+    sweep = sweep_scenarios(args.sweep) if args.sweep else None
+    if sweep:
+        scenarios += sweep[3]
+    if not scenarios:
+        raise SpecError("whatif", "", "no scenario given",
+                        "add e.g. --swap 8xV100-16G=4xH100-80G or --sweep nic=10..400Gb/s:6")
+    opts = WhatIfOptions(planner=args.planner, time_limit_s=args.time_limit, replan=not args.no_replan,
+                         sim=sim_options(args))
+    base = Case(cluster, cg, plan.global_batch, plan)
+    rows = _run_with_progress(base, scenarios, opts, args)
+    if args.steps:
+        for r in rows:
+            if r.get("best_s"):
+                r["total_hours"] = r["best_s"] * args.steps / 3600
+                r["total_usd"] = r["usd_per_iteration"] * args.steps
+    best = cheapest_meeting(rows, args.steps, args.deadline) if args.deadline is not None else None
+    if args.chart:
+        scenario_bars(rows, args.chart, f"What-if: {plan.model} on {cluster.name}")
+    if args.plot and sweep:
+        knob, values, unit, scs = sweep
+        by = {r["scenario"]: r for r in rows}
+        sweep_lines(knob, values, {"old plan": [by[s.name]["old_plan_s"] for s in scs],
+                                   "re-planned": [by[s.name]["replan_s"] for s in scs]}, args.plot, unit)
+    if args.json:
+        json.dump({"schema_version": 1, "kind": "whatif", "rows": rows,
+                   "cheapest_meeting_deadline": best["scenario"] if best else None}, sys.stdout, indent=2)
+        print()
+        return 0
+    _print_rows(rows, args, best)
+    for label, path in (("chart", args.chart), ("plot", args.plot if sweep else None)):
+        if path:
+            print(f"wrote {label}: {path}")
+    return 0
+
+
+def _run_with_progress(base, scenarios, opts, args) -> list[dict[str, Any]]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    quiet = args.json or not sys.stderr.isatty()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), disable=quiet, transient=True) as prog:
+        task = prog.add_task("what-if", total=len(scenarios) + 1)
+        return run_scenarios(base, scenarios, opts, replan_base=args.replan_base,
+                             progress=lambda name: prog.update(task, advance=1, description=f"what-if: {name}"))
+
+
+def _fmt(x, spec: str = ".4g", none: str = "—") -> str:
+    return none if x is None else format(x, spec)
+
+
+def _print_rows(rows: list[dict[str, Any]], args, best) -> None:
+    from rich.table import Table
+    con = console()
+    t = Table(title="What-if (simulated seconds per iteration)")
+    cols = ["scenario", "devices", "old plan s", "re-plan s", "vs base", "$/h", "$/iteration", "samples/$"]
+    if args.steps:
+        cols += ["hours", "$ total"]
+    for c in cols:
+        t.add_column(c, justify="left" if c == "scenario" else "right")
+    for r in rows:
+        if "error" in r:
+            t.add_row(r["scenario"], *["—"] * (len(cols) - 1))
+            continue
+        old = _fmt(r["old_plan_s"], ".4g", "invalid" if r["old_plan_note"] else "—")
+        cells = [r["scenario"], str(r["devices"]), old,
+                 _fmt(r["replan_s"]), _fmt(r.get("speedup_vs_base"), ".2f") + ("x" if r.get("speedup_vs_base") else ""),
+                 _fmt(r["cost_per_hour_usd"], ",.2f"), _fmt(r["usd_per_iteration"], ".4f"),
+                 _fmt(r.get("samples_per_usd"), ",.0f")]
+        if args.steps:
+            cells += [_fmt(r.get("total_hours"), ",.1f"), _fmt(r.get("total_usd"), ",.0f")]
+        t.add_row(*cells)
+    con.print(t)
+    for r in rows:
+        for key in ("error", "old_plan_note", "replan_note"):
+            if r.get(key):
+                label = {"error": "scenario", "old_plan_note": "old plan", "replan_note": "re-plan"}[key]
+                con.print(f"{r['scenario']}: {label}: {r[key]}", highlight=False)
+    if args.deadline is not None:
+        con.print(f"cheapest meeting {args.steps:,} steps in {args.deadline:g} h: "
+                  + (f"{best['scenario']} ({best['total_hours']:.1f} h, ${best['total_usd']:,.0f})" if best
+                     else "none of the scenarios"), highlight=False)
