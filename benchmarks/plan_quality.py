@@ -8,9 +8,11 @@ ideal bound (total training FLOPs / sum of the cluster's peak FLOP/s, no communi
 Targets (issue 2): the planner is never worse than the best baseline; it beats the even
 split by >= 1.3x geometric mean on the strongly heterogeneous clusters (mix-64, fleet-1024).
 
-    python benchmarks/plan_quality.py [--time-limit 60] [--quick]
+RESULTS.md's run (options: --quick for two models per cluster, --out DIR):
 
-Prints a table and writes benchmarks/out/plan_quality.json.
+    python benchmarks/plan_quality.py --time-limit 60
+
+Prints a table and writes OUT/plan_quality.json (OUT: --out, default benchmarks/out).
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--time-limit", type=float, default=60.0, help="planner time limit per instance, seconds")
     ap.add_argument("--quick", action="store_true", help="two models per cluster")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "plan_quality.json"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"), metavar="DIR",
+                    help="output directory (default benchmarks/out)")
     args = ap.parse_args()
     rows = run(args.time_limit, args.quick)
     summary = summarise(rows)
@@ -128,8 +131,9 @@ def main() -> int:
                   else str(r["planner_status"]))
     Console(width=200).print(t)
     print(json.dumps(summary, indent=2))
-    atomic_write_json(args.out, {"time_limit_s": args.time_limit, "rows": rows, "summary": summary})
-    print(f"wrote {args.out}")
+    out = Path(args.out) / "plan_quality.json"
+    atomic_write_json(out, {"time_limit_s": args.time_limit, "rows": rows, "summary": summary})
+    print(f"wrote {out}")
     return 0
 
 

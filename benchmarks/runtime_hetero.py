@@ -3,11 +3,15 @@
 even-split plan (Megatron/DeepSpeed style) and the planner's plan for the same cluster,
 and compare measured step times with each other and with their predictions.
 
-    python benchmarks/runtime_hetero.py [--steps 10] [--quick]
+RESULTS.md's run (options: --quick for the small case only, --out DIR):
 
-Prints a table and writes benchmarks/out/runtime_hetero.json. The CPU catalog figures
-are placeholders until `hetalloc profile` exists, so predictions are off in absolute
-terms; the comparison that matters is measured planner vs measured even split.
+    python benchmarks/runtime_hetero.py --steps 12
+
+Prints a table and writes OUT/runtime_hetero.json, the plans and runs under
+OUT/runtime_hetero/ (OUT: --out, default benchmarks/out). It plans from the catalog's
+rough CPU figures, not from a profile of this machine, so predictions are off in
+absolute terms (benchmarks/sim_accuracy.py plans from a profile); the comparison that
+matters is measured planner vs measured even split.
 """
 
 from __future__ import annotations
@@ -16,16 +20,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
+from allocator import make_plan
+from hetalloc.cluster import load_cluster
+from hetalloc.fileio import atomic_write_json
+from runtime.launch import run_local
+from runtime.plans import cpu_cost_graph, describe
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
-
-from allocator import make_plan  # noqa: E402
-from hetalloc.cluster import load_cluster  # noqa: E402
-from hetalloc.fileio import atomic_write_json  # noqa: E402
-from runtime.launch import run_local  # noqa: E402
-from runtime.plans import cpu_cost_graph, describe  # noqa: E402
-
-OUT = ROOT / "benchmarks" / "out" / "runtime_hetero"
 SLOWDOWN = 2.0
 # (model, seq_len, global batch): data parallel with uneven shares, and a pipeline.
 CASES = [("gpt2-tiny", 64, 32), ("gpt2-small", 32, 8)]
@@ -35,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=10, help="steps per run (the first is warm-up)")
     ap.add_argument("--quick", action="store_true", help="only the small case")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"), metavar="DIR",
+                    help="output directory (default benchmarks/out)")
     a = ap.parse_args(argv)
+    out = Path(a.out) / "runtime_hetero"
     cluster = load_cluster(ROOT / "examples" / "cpu-2-slow.yaml")
     slow = [d.id for d in cluster.devices if d.type == "CPU-slow"]
     rows = []
@@ -44,11 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         plans = {"even": make_plan(cluster, cg, batch, baseline="even"),
                  "planner": make_plan(cluster, cg, batch, time_limit=10)}
         for name, plan in plans.items():
-            path = OUT / f"{model}-{name}.json"
+            path = out / f"{model}-{name}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             plan.save(path)
             s = run_local(path, steps=a.steps, slowdown=[f"{d}={SLOWDOWN:g}" for d in slow],
-                          out_dir=OUT / f"{model}-{name}", capture=True)
+                          out_dir=out / f"{model}-{name}", capture=True)
             m = s["measured"]
             rows.append({"model": model, "seq_len": seq, "global_batch": batch, "plan": name,
                          "layout": describe(plan), "grad_sync": plan.grad_sync,
@@ -58,12 +65,15 @@ def main(argv: list[str] | None = None) -> int:
                          "ranks": [{k: r[k] for k in ("rank", "device", "slowdown")} | r["measured"]
                                    for r in s["ranks"]]})
             print(f"  {model} {name}: {rows[-1]['measured_step_s']:.4f} s/step", flush=True)
-    print()
-    print(f"{'model':<11} {'plan':<8} {'layout':<46} {'measured':>9} {'predicted':>9} {'samples/s':>9}")
-    verdicts = []
+    t = Table(title=f"measured vs predicted step time, one device slowed {SLOWDOWN:g}x")
+    for c, just in (("model", "left"), ("plan", "left"), ("layout", "left"), ("measured s", "right"),
+                    ("predicted s", "right"), ("samples/s", "right")):
+        t.add_column(c, justify=just)
     for r in rows:
-        print(f"{r['model']:<11} {r['plan']:<8} {r['layout']:<46} {r['measured_step_s']:8.4f}s "
-              f"{r['predicted_step_s']:8.4f}s {r['samples_per_s']:9.1f}")
+        t.add_row(r["model"], r["plan"], r["layout"], f"{r['measured_step_s']:.4f}", f"{r['predicted_step_s']:.4f}",
+                  f"{r['samples_per_s']:.1f}")
+    Console(width=140).print(t)
+    verdicts = []
     for model, _, _ in CASES[:1] if a.quick else CASES:
         by = {r["plan"]: r for r in rows if r["model"] == model}
         speedup = by["even"]["measured_step_s"] / by["planner"]["measured_step_s"]
@@ -72,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         verdicts.append({"model": model, "measured_speedup": speedup, "predicted_speedup": pred, "met": ok})
         print(f"{model}: planner's plan is {speedup:.2f}x faster than the even split measured "
               f"({pred:.2f}x predicted) — target 'planner faster': {'met' if ok else 'NOT met'}")
-    atomic_write_json(OUT.with_suffix(".json"), {"slowdown": SLOWDOWN, "slow_devices": slow, "rows": rows,
+    atomic_write_json(out.with_suffix(".json"), {"slowdown": SLOWDOWN, "slow_devices": slow, "rows": rows,
                                                  "verdicts": verdicts})
+    print(f"wrote {out.with_suffix('.json')}")
     return 0 if all(v["met"] for v in verdicts) else 1
 
 

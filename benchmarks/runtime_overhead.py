@@ -4,12 +4,15 @@
 - step time against torch.distributed.pipelining driven by hand on the same stages,
   data, loss and optimizer (runtime/pipelining_ref.py) — target within 10 %.
 
-    python benchmarks/runtime_overhead.py [--steps 9] [--seq 32] [--repeats 2]
+RESULTS.md's run (options: --seq, --out DIR):
+
+    python benchmarks/runtime_overhead.py --steps 12 --repeats 2
 
 Both engines run in the same torchrun launch, stepping in turn on copies of the same
 stages (runtime/pipelining_ref.py), so they see the same machine load; one launch per
 schedule (GPipe, 1F1B) and repeat. Step times are medians over the steps after the
-first (warm-up). Prints a table and writes benchmarks/out/runtime_overhead.json.
+first (warm-up). Prints a table and writes OUT/runtime_overhead.json, the plans and runs
+under OUT/runtime_overhead/ (OUT: --out, default benchmarks/out).
 """
 
 from __future__ import annotations
@@ -21,15 +24,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
+from hetalloc.cluster import load_cluster
+from hetalloc.fileio import atomic_write_json
+from runtime.launch import local_command, local_env
+from runtime.plans import cpu_cost_graph, describe, hand_plan
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
-
-from hetalloc.cluster import load_cluster  # noqa: E402
-from hetalloc.fileio import atomic_write_json  # noqa: E402
-from runtime.launch import local_command, local_env  # noqa: E402
-from runtime.plans import cpu_cost_graph, describe, hand_plan  # noqa: E402
-
-OUT = ROOT / "benchmarks" / "out" / "runtime_overhead"
 MODEL = "gpt2-small"
 # Embedding + 9 blocks | 3 blocks + LM head (the head is ~5.4 blocks of FLOPs at this size).
 STAGES = [((0, 10), [("host/0", 1)]), ((10, 14), [("host/1", 1)])]
@@ -40,7 +43,7 @@ def paired_run(plan_path: Path, steps: int, out: Path) -> tuple[dict, dict]:
     """The runtime and torch.distributed.pipelining stepping in turn in one launch."""
     argv = local_command(2, ["--plan", str(plan_path), "--steps", str(steps), "--out", str(out)])
     argv[argv.index("runtime.train")] = "runtime.pipelining_ref"
-    proc = subprocess.run(argv, env=local_env(2), text=True, capture_output=True, cwd=ROOT)
+    proc = subprocess.run(argv, env=local_env(2), text=True, capture_output=True)
     if proc.returncode != 0:
         raise SystemExit(f"paired run failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     return json.loads((out / "summary.json").read_text()), json.loads((out / "pipelining_ref.json").read_text())
@@ -51,19 +54,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=9, help="steps per run (the first is warm-up)")
     ap.add_argument("--seq", type=int, default=32, help="sequence length")
     ap.add_argument("--repeats", type=int, default=2, help="paired launches per schedule")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"), metavar="DIR",
+                    help="output directory (default benchmarks/out)")
     a = ap.parse_args(argv)
+    out = Path(a.out) / "runtime_overhead"
     cluster = load_cluster(ROOT / "examples" / "cpu-4.yaml")
     cg = cpu_cost_graph(MODEL, a.seq)
     rows = []
     for schedule in ("gpipe", "1f1b"):
         plan = hand_plan(cluster, cg, [STAGES], num_microbatches=GLOBAL_BATCH_MICROBATCHES, schedule=schedule,
                          name="overhead")
-        path = OUT / f"plan-{schedule}.json"
+        path = out / f"plan-{schedule}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         plan.save(path)
         ours, theirs, other, losses_match = [], [], [], True
         for k in range(a.repeats):
-            s, ref = paired_run(path, a.steps, OUT / f"{schedule}-{k}")
+            s, ref = paired_run(path, a.steps, out / f"{schedule}-{k}")
             ours.append(statistics.median(ref["runtime_step_times_s"][1:]))
             theirs.append(statistics.median(ref["pipelining_step_times_s"][1:]))
             other.append(s["measured"]["overhead_fraction_max"])
@@ -79,20 +85,23 @@ def main(argv: list[str] | None = None) -> int:
                      "other_fraction_max": max(other), "losses_match_reference": losses_match,
                      "runs": {"runtime_s": ours, "pipelining_s": theirs, "other_fraction": other},
                      "last_run_ranks": ranks, "predicted_step_s": plan.predicted["iteration_time_s"]})
-    print()
-    print(f"{'schedule':<8} {'runtime':>9} {'pipelining':>10} {'ratio':>6} {'other (max rank)':>17} "
-          f"{'predicted':>9}  losses equal")
+    t = Table(title=f"{MODEL}, 2 stages: the runtime vs torch.distributed.pipelining (median step s)")
+    for c in ("schedule", "runtime s", "pipelining s", "ratio", "other (max rank)", "predicted s", "losses equal"):
+        t.add_column(c, justify="left" if c == "schedule" else "right")
     for r in rows:
-        print(f"{r['schedule']:<8} {r['runtime_step_s']:8.3f}s {r['pipelining_step_s']:9.3f}s {r['ratio']:6.3f} "
-              f"{100 * r['other_fraction_max']:16.2f}% {r['predicted_step_s']:8.3f}s  {r['losses_match_reference']}")
+        t.add_row(r["schedule"], f"{r['runtime_step_s']:.3f}", f"{r['pipelining_step_s']:.3f}", f"{r['ratio']:.3f}",
+                  f"{100 * r['other_fraction_max']:.2f}%", f"{r['predicted_step_s']:.3f}",
+                  str(r["losses_match_reference"]))
+    Console(width=120).print(t)
     overhead_ok = all(r["other_fraction_max"] <= 0.05 for r in rows)
     speed_ok = all(r["ratio"] <= 1.10 for r in rows)
     print(f"overhead <= 5 % of step time: {'met' if overhead_ok else 'NOT met'} "
           f"(worst {100 * max(r['other_fraction_max'] for r in rows):.2f} %)")
     print(f"step time within 10 % of torch.distributed.pipelining: {'met' if speed_ok else 'NOT met'} "
           f"(worst ratio {max(r['ratio'] for r in rows):.3f})")
-    atomic_write_json(OUT.with_suffix(".json"), {"model": MODEL, "rows": rows, "overhead_met": overhead_ok,
+    atomic_write_json(out.with_suffix(".json"), {"model": MODEL, "rows": rows, "overhead_met": overhead_ok,
                                                  "speed_met": speed_ok})
+    print(f"wrote {out.with_suffix('.json')}")
     return 0 if overhead_ok and speed_ok else 1
 
 

@@ -3,14 +3,17 @@ run ten configurations on CPU/gloo (1-4 stages, 1-2 replicas, 1-8 micro-batches,
 and 1F1B, with and without a rank slowed 2x, GPT-2 and BERT), and compare the simulated
 step time with the measured one (median over the steps after warm-up).
 
-    python benchmarks/sim_accuracy.py [--steps 12] [--only NAME ...] [--reuse-profiles]
+RESULTS.md's run (options: --only NAME ..., --reuse-profiles, --out DIR):
+
+    python benchmarks/sim_accuracy.py --steps 12
 
 Every configuration is profiled on the ranks it runs on (hetalloc profile: 2 or 4 ranks,
 the slowed rank slowed in the profile too), planned by hand or by the planner on the
 profiled cluster and cost graph, simulated (simulator.simulate) and run
-(torchrun -m runtime.train). Prints predicted, measured and error per configuration and
-the mean absolute percentage error; writes benchmarks/out/sim_accuracy.json (with each
-configuration's per-stage figures) and the runs under benchmarks/out/sim_accuracy/.
+(torchrun -m runtime.train) by workflows.loop. Prints tables of predicted, measured and
+error per configuration and the mean absolute percentage error; writes
+OUT/sim_accuracy.json (with each configuration's per-stage figures), and the profiles and
+runs under OUT/sim_accuracy/ (OUT: --out, default benchmarks/out).
 """
 
 from __future__ import annotations
@@ -24,15 +27,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
+from allocator import make_plan
+from hetalloc.fileio import atomic_write_json
+from runtime.plans import hand_plan
+from workflows.loop import Profiled, measure, profile_machine
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
-
-from allocator import make_plan  # noqa: E402
-from hetalloc.fileio import atomic_write_json  # noqa: E402
-from workflows.loop import Profiled, measure, profile_machine  # noqa: E402
-from runtime.plans import hand_plan  # noqa: E402
-
-OUT = ROOT / "benchmarks" / "out" / "sim_accuracy"
 SEQ = 64
 
 
@@ -91,14 +94,14 @@ def plan_for(cfg: Config, prof: Profiled):
                      schedule=cfg.schedule, name=cfg.name)
 
 
-def table(rows: list[dict]) -> str:
-    head = (f"{'configuration':<26} {'layout':<58} {'sched':<6} {'pred ms':>8} {'meas ms':>8} "
-            f"{'spread':>7} {'error':>7}")
-    lines = [head, "-" * len(head)]
+def table(rows: list[dict]) -> Table:
+    t = Table(title="simulated (predicted) vs measured step time")
+    for c in ("configuration", "layout", "sched", "pred ms", "meas ms", "spread", "error"):
+        t.add_column(c, justify="left" if c in ("configuration", "layout", "sched") else "right")
     for r in rows:
-        lines.append(f"{r['name']:<26} {r['layout'][:58]:<58} {r['schedule']:<6} {r['predicted_s'] * 1e3:8.1f} "
-                     f"{r['measured_s'] * 1e3:8.1f} {100 * r['measured_iqr_rel']:6.1f}% {100 * r['error']:+6.1f}%")
-    return "\n".join(lines)
+        t.add_row(r["name"], r["layout"], r["schedule"], f"{r['predicted_s'] * 1e3:.1f}",
+                  f"{r['measured_s'] * 1e3:.1f}", f"{100 * r['measured_iqr_rel']:.1f}%", f"{100 * r['error']:+.1f}%")
+    return t
 
 
 def error_breakdown(row: dict) -> dict:
@@ -123,17 +126,17 @@ def error_breakdown(row: dict) -> dict:
             "grad_sync_s": m["grad_sync_s"] - p["grad_sync_s"]}
 
 
-def breakdown_table(rows: list[dict]) -> str:
-    head = (f"{'configuration':<26} {'rank':>4} {'missing ms':>10} {'compute':>8} {'optim':>7} {'other':>7} "
-            f"{'waits':>7}   (other predicted; of which loss sync, grad sync excess)")
-    lines = [head, "-" * len(head)]
+def breakdown_table(rows: list[dict]) -> Table:
+    t = Table(title="where the measured time the simulation misses goes (busiest rank; ms per step)")
+    for c in ("configuration", "rank", "missing", "compute", "optim", "other", "waits", "other predicted",
+              "of waits: loss sync", "grad sync excess"):
+        t.add_column(c, justify="left" if c == "configuration" else "right")
     for r in rows:
         b = r["error_breakdown"]
-        lines.append(f"{r['name']:<26} {b['rank']:>4} {b['missing_s'] * 1e3:10.2f} {b['compute_s'] * 1e3:8.2f} "
-                     f"{b['optimizer_s'] * 1e3:7.2f} {b['other_s'] * 1e3:7.2f} {b['waits_s'] * 1e3:7.2f}   "
-                     f"({b['other_predicted_s'] * 1e3:.2f}; {b['loss_sync_s'] * 1e3:.2f}, "
-                     f"{b['grad_sync_s'] * 1e3:.2f})")
-    return "\n".join(lines)
+        t.add_row(r["name"], str(b["rank"]), *(f"{b[k] * 1e3:.2f}" for k in
+                                               ("missing_s", "compute_s", "optimizer_s", "other_s", "waits_s",
+                                                "other_predicted_s", "loss_sync_s", "grad_sync_s")))
+    return t
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=12, help="steps per run (the first 2 are warm-up)")
     ap.add_argument("--only", nargs="*", help="configuration names to run (default: all)")
     ap.add_argument("--reuse-profiles", action="store_true", help="reuse profiles already under the output folder")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "sim_accuracy.json"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"), metavar="DIR",
+                    help="output directory (default benchmarks/out)")
     a = ap.parse_args(argv)
+    runs = Path(a.out) / "sim_accuracy"
     configs = [c for c in CONFIGS if not a.only or c.name in a.only]
     t0 = time.perf_counter()
     profiles: dict[str, Profiled] = {}
@@ -152,12 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         if spec.name not in profiles:
             print(f"profiling {spec.name} ({spec.model}, {spec.nproc} ranks, slowdown {dict(spec.slowdown) or 'none'}) ...",
                   flush=True)
-            profiles[spec.name] = profile_machine(OUT / "profiles" / spec.name, nproc=spec.nproc, model=spec.model,
+            profiles[spec.name] = profile_machine(runs / "profiles" / spec.name, nproc=spec.nproc, model=spec.model,
                                                   seq=SEQ, slowdown=dict(spec.slowdown), reuse=a.reuse_profiles)
         prof = profiles[spec.name]
         plan = plan_for(cfg, prof)
         print(f"{cfg.name}: simulating and running {a.steps} steps ...", flush=True)
-        row = measure(plan, prof, OUT / cfg.name, steps=a.steps, name=cfg.name)
+        row = measure(plan, prof, runs / cfg.name, steps=a.steps, name=cfg.name)
         q = statistics.quantiles(row["measured_step_times_s"], n=4, method="inclusive")
         row["measured_iqr_rel"] = (q[2] - q[0]) / row["measured_s"]
         row["profile"] = spec.name
@@ -165,10 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"  predicted {row['predicted_s'] * 1e3:.1f} ms, measured {row['measured_s'] * 1e3:.1f} ms, "
               f"error {100 * row['error']:+.1f}%", flush=True)
-    print()
-    print(table(rows))
-    print("\nwhere the measured time the simulation misses goes (busiest rank; ms per step):")
-    print(breakdown_table(rows))
+    con = Console(width=200)
+    con.print(table(rows))
+    con.print(breakdown_table(rows))
     cpus = os.cpu_count() or 1
     errors = [abs(r["error"]) for r in rows]
     mape = statistics.fmean(errors)
@@ -193,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"planner vs even split, both planned from the measured profile with rank 1 slowed 2x: "
               f"measured {result['planner_vs_even_measured']:.2f}x faster "
               f"({by['planner-slow']['measured_s'] * 1e3:.1f} vs {by['even-slow']['measured_s'] * 1e3:.1f} ms/step)")
-    atomic_write_json(a.out, result)
-    print(f"wrote {a.out} ({time.perf_counter() - t0:.0f} s)")
+    atomic_write_json(runs.with_suffix(".json"), result)
+    print(f"wrote {runs.with_suffix('.json')} ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 

@@ -8,27 +8,32 @@ node), 32 micro-batches, 1F1B, ring all-reduce; H100 replicas take 2 samples per
 micro-batch, the others 1. Simulated with link contention and overlap (DDP buckets of
 25 MiB) unless --no-contention / --no-overlap.
 
-Run:  python benchmarks/sim_speed.py [--sizes 8,64,512,4096] [--unfolded-up-to 512]
-Prints a table; writes benchmarks/out/sim_speed.json.
+RESULTS.md's run (options: --microbatches, --model, --no-contention, --no-overlap, --out DIR):
+
+    python benchmarks/sim_speed.py --sizes 8,64,512,4096 --unfolded-up-to 4096
+
+Prints a table and writes OUT/sim_speed.json (OUT: --out, default benchmarks/out).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from rich.console import Console
+from rich.table import Table
 
-from hetalloc.cluster import cluster_from_dict  # noqa: E402
-from hetalloc.costgraph import analytic_cost_graph  # noqa: E402
-from hetalloc.models import get_model  # noqa: E402
-from hetalloc.plan import Group, Plan, Replica, Stage  # noqa: E402
-from simulator import simulate  # noqa: E402
+from hetalloc.cluster import cluster_from_dict
+from hetalloc.costgraph import analytic_cost_graph
+from hetalloc.fileio import atomic_write_json
+from hetalloc.models import get_model
+from hetalloc.plan import Group, Plan, Replica, Stage
+from simulator import simulate
+
+ROOT = Path(__file__).resolve().parents[1]
 
 NODE_KINDS = [("A100-80G", "NVLink3", "IB-HDR", 1), ("H100-80G", "NVLink4", "IB-NDR", 2),
               ("A100-40G", "NVLink3", "IB-HDR", 1), ("L40S", "PCIe4", "Eth-100G", 1)]
@@ -80,21 +85,24 @@ def main() -> int:
     ap.add_argument("--model", default="gpt3-6.7b")
     ap.add_argument("--no-contention", action="store_true")
     ap.add_argument("--no-overlap", action="store_true")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "sim_speed.json"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"), metavar="DIR",
+                    help="output directory (default benchmarks/out)")
     args = ap.parse_args()
     rows = []
-    print(f"{'devices':>8} {'fold':>5} {'simulated':>9} {'events':>9} {'wall s':>8} {'events/s':>10} "
-          f"{'iteration s':>12}", flush=True)
+    t = Table(title="simulator speed: one iteration")
+    for c in ("devices", "fold", "simulated", "events", "wall s", "events/s", "iteration s"):
+        t.add_column(c, justify="right")
     for n in [int(x) for x in args.sizes.split(",")]:
         for fold in ([True, False] if n <= args.unfolded_up_to else [True]):
             r = measure(n, args, fold)
             rows.append(r)
-            print(f"{n:>8} {'yes' if fold else 'no':>5} {r['simulated_devices']:>9} {r['events']:>9,} "
-                  f"{r['wall_s']:>8.2f} {r['events_per_s']:>10,.0f} {r['iteration_time_s']:>12.5g}", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "sim_speed", "machine": platform.platform(),
-                               "python": platform.python_version(), "args": vars(args), "rows": rows}, indent=2))
+            print(f"{n} devices, fold {'yes' if fold else 'no'}: {r['wall_s']:.2f} s", file=sys.stderr, flush=True)
+            t.add_row(str(n), "yes" if fold else "no", str(r["simulated_devices"]), f"{r['events']:,}",
+                      f"{r['wall_s']:.2f}", f"{r['events_per_s']:,.0f}", f"{r['iteration_time_s']:.5g}")
+    Console(width=120).print(t)
+    out = Path(args.out) / "sim_speed.json"
+    atomic_write_json(out, {"benchmark": "sim_speed", "machine": platform.platform(),
+                            "python": platform.python_version(), "args": vars(args), "rows": rows})
     print(f"wrote {out}")
     return 0
 

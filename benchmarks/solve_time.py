@@ -8,9 +8,12 @@ activation recomputation, which is outside the plan space).
 Targets (issue 2, this 2-core machine): <= 5 s to proven optimality for 64 GPUs x 32
 layers; <= 60 s with gap <= 1 % for 1024 GPUs x 96 layers.
 
-    python benchmarks/solve_time.py [--time-limit 60] [--quick] [--only CLUSTER:MODEL ...]
+RESULTS.md's run (options: --quick for the two target instances, --only CLUSTER:MODEL ...,
+--out DIR):
 
-Prints a table and writes benchmarks/out/solve_time.json.
+    python benchmarks/solve_time.py --time-limit 60
+
+Prints a table and writes OUT/solve_time.json (OUT: --out, default benchmarks/out).
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ def main() -> int:
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--quick", action="store_true", help="only the two target instances")
     ap.add_argument("--only", nargs="*", metavar="CLUSTER:MODEL", help="only these instances, e.g. mix-64:gpt3-2.7b")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "solve_time.json"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"), metavar="DIR",
+                    help="output directory (default benchmarks/out)")
     args = ap.parse_args()
     rows = []
     for cl in clusters():
@@ -85,8 +89,9 @@ def main() -> int:
                   f"{r['seconds']:.1f}", r["status"], f"{r['objective_s']:.4g}",
                   f"{r['gap']:.2%}" if math.isfinite(r["gap"]) else "unknown")
     Console(width=160).print(t)
-    atomic_write_json(args.out, {"time_limit_s": args.time_limit, "rows": rows})
-    print(f"wrote {args.out}")
+    out = Path(args.out) / "solve_time.json"
+    atomic_write_json(out, {"time_limit_s": args.time_limit, "rows": rows})
+    print(f"wrote {out}")
     return 0
 
 

@@ -1,23 +1,40 @@
 """Files: atomic output (write to a temporary file beside the target, then rename: nothing
 half-written is ever left at the target path, even if the process dies), and JSON input
 whose problems are one-line errors naming the file.
+
+A writer killed mid-write leaves only its temporary file (``.NAME.XXXXXXXX.tmp``), which
+``remove_temporaries`` deletes. Files get the user's umask, as with ``open(path, "w")``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
 from .errors import SpecError
 
+TMP_SUFFIX = ".tmp"
+
+
+def _temporary_name(path: Path) -> Path:
+    return path.parent / f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    while True:
+        tmp = _temporary_name(path)
+        try:
+            # Not tempfile.mkstemp: it creates files 0600 whatever the umask. O_EXCL keeps
+            # the name ours alone, mode 0666 lets the umask decide, as open() does.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -30,6 +47,36 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (a crash after it must not bring back the old file)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def remove_temporaries(directory: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Delete the temporary files that writers killed mid-write left in `directory` (of
+    target `name` only, or of every target); returns what was deleted. Call it only when
+    no other writer of those targets is running."""
+    pattern = f".{name}.*{TMP_SUFFIX}" if name else f".*{TMP_SUFFIX}"
+    removed = []
+    for p in Path(directory).glob(pattern):
+        try:
+            p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -12,6 +12,7 @@ Layout (a part is found by its name):
 - ``launch``, ``commands``: torchrun commands and ``hetalloc run``;
 - ``profile/``: ``hetalloc profile`` and its ranks (``python -m runtime.profile``): layer,
   optimizer and link measurements into a cost graph and cluster spec;
+- ``torchrun``: torchrun whose rendezvous store listens on 127.0.0.1 or --master-addr only;
 - ``reference``: single-process training, the computation every plan must reproduce;
 - ``testing``: runs checked against the reference (tests and benchmarks);
 - ``pipelining_ref``: torch.distributed.pipelining driven by hand (overhead benchmark);

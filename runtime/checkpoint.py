@@ -5,8 +5,19 @@ Layout: ``<dir>/step_0000005/rank_0003.pt`` holds one rank's parameters (by whol
 name), optimizer state, RNG states and data position; ``<dir>/latest.json`` is written
 by rank 0 only after all ranks have written theirs (a barrier), so a run killed while
 saving resumes from the previous complete checkpoint. Files appear by rename
-(``hetalloc.fileio``), never half-written. A checkpoint records the plan's key; resuming
-with another plan is refused (re-sharding is not implemented).
+(``hetalloc.fileio``), never half-written; temporaries of a killed writer are deleted at
+the next save, with the step directories of an abandoned timeline (past the step saved).
+
+Resuming picks the newest checkpoint that every rank can read (``find_resume``): the one
+``latest.json`` names, or, when that file or a rank's file is damaged or missing, the
+newest complete one before it, with a one-line warning. A checkpoint records the plan's
+key and world size; resuming with another plan is refused (re-sharding is not
+implemented).
+
+A rank file holds tensors and plain values only (dicts, lists, numbers, strings) and is
+read with ``torch.load(weights_only=True)``: a file that holds anything else (a pickled
+object whose loading would run code) is refused, never executed. Never ``pickle`` or
+``weights_only=False`` on a file.
 """
 
 from __future__ import annotations
@@ -14,8 +25,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 import random
+import re
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +38,18 @@ import torch
 import torch.distributed as dist
 
 from hetalloc.errors import SpecError
-from hetalloc.fileio import atomic_write_bytes, atomic_write_json
+from hetalloc.fileio import atomic_write_bytes, atomic_write_json, remove_temporaries
 from hetalloc.plan import Plan
 
 from .models import StageModule
 
 KEEP_LAST = 2
 """Complete checkpoints kept; older ones are deleted after a new one is complete."""
+
+FORMAT = 2
+"""Rank file format: 2 holds tensors and plain values only (Python's RNG state as lists)."""
+
+LATEST = "latest.json"
 
 
 def plan_key(plan: Plan) -> str:
@@ -48,15 +68,55 @@ def rank_file(ckpt_dir: str | Path, step: int, rank: int) -> Path:
     return step_dir(ckpt_dir, step) / f"rank_{rank:04d}.pt"
 
 
-def latest_step(ckpt_dir: str | Path) -> int | None:
-    p = Path(ckpt_dir) / "latest.json"
-    if not p.exists():
-        return None
-    return int(json.loads(p.read_text())["step"])
+def saved_steps(ckpt_dir: str | Path) -> list[int]:
+    """Steps with a step directory (complete or not), newest first."""
+    out = []
+    for p in Path(ckpt_dir).glob("step_*"):
+        num = p.name[len("step_"):]
+        if p.is_dir() and num.isdigit():
+            out.append(int(num))
+    return sorted(out, reverse=True)
 
+
+@dataclass(frozen=True, slots=True)
+class Latest:
+    """What ``latest.json`` says, or why it cannot be used."""
+
+    step: int | None = None
+    plan_key: str | None = None
+    world_size: int | None = None
+    problem: str | None = None
+    """None when the file is absent or good; else a phrase ('is damaged (...)')."""
+
+
+def read_latest(ckpt_dir: str | Path) -> Latest:
+    p = Path(ckpt_dir) / LATEST
+    if not p.exists():
+        return Latest()
+    try:
+        d = json.loads(p.read_text())
+        step, key, world = d["step"], d.get("plan_key"), d.get("world_size")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+            raise ValueError(f"step {step!r} is not a positive integer")
+        if not (key is None or isinstance(key, str)) or not (world is None or isinstance(world, int)):
+            raise ValueError("plan_key or world_size has the wrong type")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        why = f"{type(e).__name__}: {e}" if not isinstance(e, KeyError) else f"no {e} field"
+        return Latest(problem=f"{p} is damaged ({why})")
+    return Latest(step, key, world)
+
+
+def latest_step(ckpt_dir: str | Path) -> int | None:
+    """The step latest.json names (None if absent or damaged)."""
+    return read_latest(ckpt_dir).step
+
+
+# ---- one rank's file -------------------------------------------------------------------
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
-    out: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    version, internal, gauss_next = random.getstate()
+    out: dict[str, Any] = {"torch": torch.get_rng_state(),
+                           "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
     if device.type == "cuda":
         out["cuda"] = torch.cuda.get_rng_state(device)
     return out
@@ -64,41 +124,56 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    py = state["python"]
+    if isinstance(py, dict):
+        random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+    else:  # format 1: the tuple itself (plain values too)
+        random.setstate((py[0], tuple(py[1]), py[2]))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save(ckpt_dir: str | Path, step: int, rank: int, key: str, module: StageModule,
-         optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Every rank calls this at the same step (it contains a barrier)."""
-    state = {
-        "step": step, "rank": rank, "plan_key": key,
+def rank_state(step: int, rank: int, world_size: int, key: str, module: StageModule,
+               optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
+    """What one rank saves: tensors and plain values only."""
+    return {
+        "format": FORMAT, "step": step, "rank": rank, "world_size": world_size, "plan_key": key,
         "params": {name: p.detach().cpu().clone() for name, p in module.named_model_parameters()},
         "optimizer": optimizer.state_dict(),
         "rng": _rng_state(device),
         "data": {"next_step": step + 1},
     }
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(rank_file(ckpt_dir, step, rank), buf.getvalue())
-    dist.barrier()
-    if rank == 0:
-        atomic_write_json(Path(ckpt_dir) / "latest.json",
-                          {"step": step, "plan_key": key, "world_size": dist.get_world_size()})
-        done = sorted(Path(ckpt_dir).glob("step_*"))
-        for old in done[:-KEEP_LAST]:
-            shutil.rmtree(old, ignore_errors=True)
 
 
-def load(ckpt_dir: str | Path, step: int, rank: int, key: str, module: StageModule,
-         optimizer: torch.optim.Optimizer, device: torch.device) -> int:
-    """Restore this rank's state from checkpoint `step`; returns the step it completed."""
-    path = rank_file(ckpt_dir, step, rank)
+class Damaged(Exception):
+    """A rank file that cannot be read (truncated, empty, not a checkpoint): fall back."""
+
+
+def read_rank_file(path: Path) -> dict[str, Any]:
+    """Load one rank file without running code. Raises Damaged for a file that is missing
+    or cannot be read, SpecError for one that holds other objects than tensors and plain
+    values (it could run code when unpickled: refused, not executed)."""
     if not path.exists():
-        raise SpecError(str(path), "", "missing", "the checkpoint was made with another world size; "
-                        "resume with the plan that wrote it")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+        raise Damaged(f"{path} is missing")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # the weights-only unpickler met something else
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"a reference to {found.group(1)}" if found else "objects other than tensors and plain values"
+        raise SpecError(str(path), "", f"refused: it holds {what}, which a checkpoint never does, and loading it "
+                        "could run code", "delete the file, or resume from a checkpoint directory you trust") from None
+    except Exception as e:  # noqa: BLE001  (zip reader, EOF, OS errors: a damaged file)
+        first = str(e).strip().split(". ")[0].splitlines()[0] if str(e).strip() else "empty or truncated"
+        raise Damaged(f"{path} is damaged ({type(e).__name__}: {first})") from None
+    need = {"step": int, "plan_key": str, "params": dict, "optimizer": dict, "rng": dict}
+    if not isinstance(state, dict) or any(not isinstance(state.get(k), t) for k, t in need.items()):
+        raise Damaged(f"{path} is not a hetalloc checkpoint (fields {', '.join(need)} expected)")
+    return state
+
+
+def restore(state: dict[str, Any], path: Path, key: str, module: StageModule, optimizer: torch.optim.Optimizer,
+            device: torch.device) -> int:
+    """Put a rank file's state into this rank's module, optimizer and RNGs; returns its step."""
     if state["plan_key"] != key:
         raise SpecError(str(path), "plan_key", "the checkpoint was written for another plan",
                         "resume with the plan that wrote it, or start a new checkpoint directory")
@@ -112,3 +187,123 @@ def load(ckpt_dir: str | Path, step: int, rank: int, key: str, module: StageModu
     optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"], device)
     return int(state["step"])
+
+
+# ---- all ranks together ------------------------------------------------------------------
+
+def save(ckpt_dir: str | Path, step: int, rank: int, key: str, module: StageModule,
+         optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Every rank calls this at the same step (it contains a barrier)."""
+    world = dist.get_world_size()
+    buf = io.BytesIO()
+    torch.save(rank_state(step, rank, world, key, module, optimizer, device), buf)
+    path = rank_file(ckpt_dir, step, rank)
+    if path.parent.is_dir():
+        remove_temporaries(path.parent, path.name)  # this rank's, left by a killed attempt
+    atomic_write_bytes(path, buf.getvalue())
+    dist.barrier()
+    if rank == 0:
+        atomic_write_json(Path(ckpt_dir) / LATEST, {"step": step, "plan_key": key, "world_size": world})
+        prune(ckpt_dir, step)
+
+
+def prune(ckpt_dir: str | Path, step: int) -> None:
+    """After checkpoint `step` is complete: keep it and the KEEP_LAST - 1 before it; delete
+    older ones, newer ones (left by an attempt that went further before a resume from an
+    earlier step: another timeline) and every temporary a killed writer left. Only while
+    no rank writes (rank 0, after the barrier)."""
+    steps = saved_steps(ckpt_dir)
+    keep = [s for s in steps if s <= step][:KEEP_LAST]
+    for s in steps:
+        if s not in keep:
+            shutil.rmtree(step_dir(ckpt_dir, s), ignore_errors=True)
+    remove_temporaries(ckpt_dir)
+    for s in keep:
+        remove_temporaries(step_dir(ckpt_dir, s))
+
+
+Gather = Callable[[Any], list[Any]]
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    """Every rank's `obj` (small Python values between this job's ranks, never a file)."""
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@dataclass(slots=True)
+class Resume:
+    step: int
+    """The checkpoint every rank resumes from; 0: none, start at step 1."""
+    state: dict[str, Any] | None
+    """This rank's state at that step (from read_rank_file)."""
+    path: Path | None
+    warning: str | None
+    """One line for the user when damage decided the step (a file damaged or missing)."""
+
+
+def find_resume(ckpt_dir: str | Path, rank: int, world_size: int, key: str,
+                gather: Gather = _all_gather) -> Resume:
+    """The newest checkpoint that every rank can read, agreed by all ranks (every rank
+    calls this; `gather` exchanges small values between them). Rank 0's ``latest.json``
+    decides the first choice (so node-local checkpoint directories work too); a damaged
+    or missing file makes everyone fall back to the newest complete checkpoint before it,
+    with a warning. Without latest.json and without a complete checkpoint (a run killed
+    while writing its first), training starts at step 1. Raises SpecError, the same on
+    every rank, for a checkpoint of another plan or world size, a refused file, or a
+    latest.json whose checkpoints are all damaged."""
+    ckpt_dir = Path(ckpt_dir)
+    views = gather((read_latest(ckpt_dir), saved_steps(ckpt_dir)))
+    latest: Latest = views[0][0]
+    where = ckpt_dir / LATEST
+    if latest.plan_key is not None and latest.plan_key != key:
+        raise SpecError(str(where), "plan_key", "the checkpoint was written for another plan",
+                        "resume with the plan that wrote it, or start a new checkpoint directory")
+    if latest.world_size is not None and latest.world_size != world_size:
+        raise SpecError(str(where), "world_size", f"the checkpoint was written by {latest.world_size} ranks, "
+                        f"this run has {world_size}", "resume with the plan that wrote it")
+    known = sorted({s for _, steps in views for s in steps}, reverse=True)
+    if latest.step is not None:
+        candidates = [latest.step] + [s for s in known if s < latest.step]
+    else:
+        candidates = known
+    problems = [latest.problem] if latest.problem else []
+    if latest.step is None and latest.problem is None and candidates:
+        problems.append(f"{where} is missing")
+    for step in candidates:
+        path = rank_file(ckpt_dir, step, rank)
+        state: dict[str, Any] | None = None
+        outcome: tuple[str, Any] = ("ok", None)
+        try:
+            state = read_rank_file(path)
+            if state["plan_key"] != key:
+                outcome = ("refuse", (str(path), "plan_key", "the checkpoint was written for another plan",
+                                      "resume with the plan that wrote it, or start a new checkpoint directory"))
+            elif state.get("world_size", world_size) != world_size or state["step"] != step:
+                outcome = ("damaged", f"{path} belongs to another run (step {state['step']}, "
+                                      f"{state.get('world_size')} ranks)")
+        except Damaged as e:
+            outcome = ("damaged", str(e))
+        except SpecError as e:
+            outcome = ("refuse", (e.source, e.path, e.problem, e.fix))
+        outcomes = gather(outcome)
+        refused = [detail for kind, detail in outcomes if kind == "refuse"]
+        if refused:
+            raise SpecError(*refused[0])
+        damaged = [detail for kind, detail in outcomes if kind == "damaged"]
+        if not damaged:
+            warning = None
+            if problems:
+                warning = f"{'; '.join(problems)}; resuming from step {step}, the newest complete checkpoint"
+            return Resume(step, state, path, warning)
+        if step == latest.step and not any(step in steps for _, steps in views):
+            problems.append(f"{where} names step {step}, but {step_dir(ckpt_dir, step)} is missing")
+        else:
+            more = f" (and {len(damaged) - 1} more rank files)" if len(damaged) > 1 else ""
+            problems.append(f"checkpoint step {step} is incomplete: {damaged[0]}{more}")
+    if latest.step is not None or latest.problem is not None:
+        raise SpecError(str(ckpt_dir), "", f"{'; '.join(problems)}; no complete checkpoint is left",
+                        "restore the damaged files, or start a new checkpoint directory to train from step 1")
+    warning = f"{'; '.join(problems)}; no complete checkpoint, starting at step 1" if problems else None
+    return Resume(0, None, None, warning)

@@ -33,8 +33,10 @@ class RunFailed(HetallocError):
 
 
 LAUNCH_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-"""Set for every launch: a fresh rendezvous store per restart, so ranks restarted by
---max-restarts never read the previous attempt's addresses (pytorch/pytorch#135712)."""
+"""Set for every launch. Under plain torchrun's c10d rendezvous it gives a fresh store
+per restart, so ranks restarted by --max-restarts never read the previous attempt's
+addresses (pytorch/pytorch#135712); runtime.torchrun's rendezvous shares its one store
+instead, and runtime.train prefixes each attempt's keys."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,12 +88,14 @@ def train_args(plan_path: str | Path, *, steps: int | None = None, slowdown: lis
 
 
 def node_commands(rm: RankMap, args: list[str], *, master_addr: str = "<address of node 0>",
-                  master_port: int = DEFAULT_PORT, max_restarts: int = 0, torchrun: str = "torchrun") -> list[NodeCommand]:
-    """One torchrun command per node the plan uses (node rank order)."""
+                  master_port: int = DEFAULT_PORT, max_restarts: int = 0,
+                  python: str = "python") -> list[NodeCommand]:
+    """One torchrun command per node the plan uses (node rank order), as
+    ``python -m runtime.torchrun``: node 0's store listens on master_addr only."""
     out = []
     for k, node in enumerate(rm.nodes):
         nproc = len(rm.ranks_on(node))
-        argv = [torchrun, f"--nnodes={len(rm.nodes)}", f"--node-rank={k}", f"--nproc-per-node={nproc}",
+        argv = [python, "-m", TORCHRUN, f"--nnodes={len(rm.nodes)}", f"--node-rank={k}", f"--nproc-per-node={nproc}",
                 f"--master-addr={master_addr}", f"--master-port={master_port}"]
         if max_restarts:
             argv.append(f"--max-restarts={max_restarts}")
@@ -99,9 +103,15 @@ def node_commands(rm: RankMap, args: list[str], *, master_addr: str = "<address 
     return out
 
 
+TORCHRUN = "runtime.torchrun"
+"""torchrun with the same flags, whose rendezvous store listens on 127.0.0.1 for a
+standalone run and on --master-addr for a multi-node one (runtime.torchrun)."""
+
+
 def local_command(nproc: int, args: list[str], *, max_restarts: int = 0, script: str | None = None) -> list[str]:
-    """torchrun (as ``python -m torch.distributed.run``) for all ranks on this machine."""
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    """torchrun (as ``python -m runtime.torchrun --standalone``) for all ranks on this
+    machine: every socket of the run listens on 127.0.0.1 only."""
+    argv = [sys.executable, "-m", TORCHRUN, "--standalone", f"--nproc-per-node={nproc}"]
     if max_restarts:
         argv.append(f"--max-restarts={max_restarts}")
     return argv + ([script] if script else ["-m", ENTRY]) + args

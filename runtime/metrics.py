@@ -3,22 +3,23 @@
 Every rank times each step in the categories below; the sum of the categories is the
 time spent in compute or communication, and ``other_s`` is what the runtime itself
 costs (Python bookkeeping, data, slicing). Rank 0 prints one fixed-width line per step
-and writes metrics.jsonl; every rank writes metrics.rank<k>.jsonl; at the end rank 0
-writes summary.json, comparing the measured step time and per-rank times with the
-plan's predictions (``hetalloc.evaluate``: the same formulas the planner optimised).
+and writes metrics.jsonl; every rank writes metrics.rank<k>.jsonl (each step once, also
+across restarts and resumes); at the end rank 0 writes summary.json over the whole run,
+comparing the measured step time and per-rank times with the plan's predictions (``hetalloc.evaluate``: the same formulas the planner optimised).
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, TextIO
 
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
 from hetalloc.evaluate import build_pipe, optimizer_times, sync_groups
+from hetalloc.fileio import atomic_write_text
 from hetalloc.plan import Plan
 
 SUMMARY_SCHEMA_VERSION = 1
@@ -67,25 +68,37 @@ def step_line(step: int, loss: float, step_s: float, samples_per_s: float) -> st
 
 
 class MetricsWriter:
-    """Appends one JSON line per step to this rank's file (and rank 0's metrics.jsonl)."""
+    """Appends one JSON line per step to this rank's file (and rank 0's metrics.jsonl).
 
-    def __init__(self, out_dir: str | Path, rank: int, *, append: bool, tensorboard: bool = False):
+    A launch that resumes from checkpoint step S (``resume_after=S``) first cuts both
+    files back to steps 1..S, one line each (a killed attempt may have gone further, and
+    its last line may be torn), and keeps those lines in ``rank_history`` /
+    ``main_history``: the files then hold every step exactly once, and the summary can
+    cover the whole run. Every rank line records the first step of the launch that
+    wrote it (``launch_first_step``), so that each launch's warm-up is known later.
+    """
+
+    def __init__(self, out_dir: str | Path, rank: int, *, resume_after: int = 0, tensorboard: bool = False):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.rank = rank
-        mode = "a" if append else "w"
-        self.rank_file: TextIO = open(self.out_dir / f"metrics.rank{rank}.jsonl", mode)
-        self.main_file: TextIO | None = open(self.out_dir / "metrics.jsonl", mode) if rank == 0 else None
+        self.launch_first_step = resume_after + 1
+        rank_path, main_path = self.out_dir / f"metrics.rank{rank}.jsonl", self.out_dir / "metrics.jsonl"
+        self.rank_history = keep_steps(rank_path, resume_after)
+        self.main_history = keep_steps(main_path, resume_after) if rank == 0 else []
+        self.rank_file: TextIO = open(rank_path, "a")
+        self.main_file: TextIO | None = open(main_path, "a") if rank == 0 else None
         self.tb = None
         if tensorboard and rank == 0:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+                # purge_step: events of a killed attempt past the checkpoint are dropped
+                self.tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.launch_first_step)
             except ImportError:
                 print("tensorboard is not installed; logging to metrics.jsonl only (pip install tensorboard)")
 
     def write(self, step: int, times: StepTimes, loss: float, samples_per_s: float, tokens_per_s: float) -> None:
-        rec = {"step": step, "rank": self.rank, **times.to_dict()}
+        rec = {"step": step, "rank": self.rank, "launch_first_step": self.launch_first_step, **times.to_dict()}
         self.rank_file.write(json.dumps(rec) + "\n")
         self.rank_file.flush()
         if self.main_file is not None:
@@ -104,6 +117,43 @@ class MetricsWriter:
             self.main_file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def keep_steps(path: Path, last_step: int) -> list[dict[str, Any]]:
+    """Rewrite a metrics file (atomically) to hold steps 1..last_step once each, in order
+    (the last line written for a step wins; torn or foreign lines go); returns the kept
+    records. last_step 0 empties it."""
+    kept: dict[int, dict[str, Any]] = {}
+    if last_step > 0 and path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            step = rec.get("step") if isinstance(rec, dict) else None
+            if isinstance(step, int) and 1 <= step <= last_step:
+                kept[step] = rec
+    records = [kept[s] for s in sorted(kept)]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def times_from_record(rec: dict[str, Any]) -> StepTimes:
+    """A rank line of metrics.rank<k>.jsonl back as StepTimes."""
+    return StepTimes(**{f.name: float(rec.get(f.name, 0.0)) for f in fields(StepTimes)})
+
+
+def measured_records(launches: list[tuple[int, StepTimes]], warmup_steps: int) -> list[StepTimes]:
+    """The steps a summary averages: (launch_first_step, times) in step order, less each
+    launch's first warmup_steps (a launch no longer than that is kept whole)."""
+    out: list[StepTimes] = []
+    groups: dict[int, list[StepTimes]] = {}
+    for first, times in launches:
+        groups.setdefault(first, []).append(times)
+    for first in sorted(groups):
+        g = groups[first]
+        out += g[warmup_steps:] if len(g) > warmup_steps else g
+    return out
 
 
 def mean_times(records: list[StepTimes]) -> dict[str, float]:
@@ -131,8 +181,11 @@ def predicted_by_device(plan: Plan, cluster: Cluster, cg: CostGraph) -> dict[str
 
 
 def build_summary(plan: Plan, cluster: Cluster, cg: CostGraph, per_rank: list[dict[str, Any]],
-                  losses: list[float], measured_steps: int, first_step: int) -> dict[str, Any]:
-    """per_rank[r]: {'device', 'role': {...}, 'slowdown', 'mean': mean_times(...), 'step_times_s': [...]}."""
+                  losses: list[float], measured_steps: int, first_step: int,
+                  launch_first_steps: list[int] | None = None) -> dict[str, Any]:
+    """per_rank[r]: {'device', 'role': {...}, 'slowdown', 'mean': mean_times(...), 'step_times_s': [...]};
+    losses: one per step from first_step on; launch_first_steps: where each launch of the
+    run began (1, then each restart or resume)."""
     pred = predicted_by_device(plan, cluster, cg)
     step_times = per_rank[0]["step_times_s"]
     step_mean = statistics.fmean(step_times) if step_times else 0.0
@@ -161,6 +214,8 @@ def build_summary(plan: Plan, cluster: Cluster, cg: CostGraph, per_rank: list[di
                  "schedule": plan.schedule, "grad_sync": plan.grad_sync, "optimizer": plan.optimizer,
                  "replicas": len(plan.replicas), "world_size": len(per_rank)},
         "first_step": first_step,
+        "last_step": first_step + len(losses) - 1,
+        "launch_first_steps": launch_first_steps if launch_first_steps is not None else [first_step],
         "measured_steps": measured_steps,
         "measured": measured,
         "predicted": {k: plan.predicted.get(k) for k in ("iteration_time_s", "pipeline_time_s", "sync_time_s",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import read_rank_file
 from .launch import local_command, local_env
 
 
@@ -29,7 +30,7 @@ def losses(out_dir: Path) -> list[float]:
 def checkpoint_params(ckpt_dir: Path, step: int) -> list[dict[str, torch.Tensor]]:
     """Parameters of every rank at a checkpoint (one dict per rank)."""
     files = sorted(glob.glob(str(ckpt_dir / f"step_{step:07d}" / "rank_*.pt")))
-    return [torch.load(f, weights_only=False)["params"] for f in files]
+    return [read_rank_file(Path(f))["params"] for f in files]
 
 
 SCALE_FLOOR = 1e-3

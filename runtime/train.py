@@ -32,7 +32,8 @@ from .config import TrainConfig, parse_slowdown
 from .datasets import TokenDataset, device_samples
 from .grad_sync import GradSync, ProcessGroups
 from .launch import free_port
-from .metrics import MetricsWriter, StepTimes, build_summary, mean_times, step_line, summary_table
+from .metrics import (MetricsWriter, StepTimes, build_summary, mean_times, measured_records, step_line,
+                      summary_table, times_from_record)
 from .models import DTYPES, StageModule, build_model, layer_param_counts
 from .optim import build_optimizer
 from .pipeline import PipelineExecutor, stage_role
@@ -71,14 +72,16 @@ def setup(plan: Plan, cluster: Cluster, node: str | None = None) -> Runtime:
 
 
 def _init_process_group(backend: str, info: LaunchInfo) -> None:
-    if "MASTER_ADDR" not in os.environ:  # a single process started without torchrun
+    if "MASTER_ADDR" not in os.environ and info.world_size == 1:  # one process without torchrun: no socket
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    elif "MASTER_ADDR" not in os.environ:
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=info.rank,
                                 world_size=info.world_size)
     elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # torchrun shares its rendezvous store with the workers and keeps it across restarts
-        # (--max-restarts): without a prefix per attempt, restarted ranks read the dead
-        # ranks' gloo addresses and fail to connect (pytorch/pytorch#135712). Our launcher
-        # sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 instead, which also holds across nodes.
+        # The launcher's store, shared with the ranks and kept across restarts (--max-restarts;
+        # runtime.torchrun's rendezvous works this way, so that no rank listens): without a
+        # prefix per attempt, restarted ranks read the dead ranks' gloo addresses and fail to
+        # connect (pytorch/pytorch#135712).
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
                               is_master=False)
@@ -146,11 +149,14 @@ class Trainer:
         """Steps completed before this launch (from a checkpoint)."""
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         if cfg.checkpoint_dir and (cfg.resume or restarted):
-            last = checkpoint.latest_step(cfg.checkpoint_dir)
-            if last is not None:
-                self.done = checkpoint.load(cfg.checkpoint_dir, last, self.rank, self.key, self.module,
-                                            self.optimizer, self.device)
-            elif self.rank == 0:
+            found = checkpoint.find_resume(cfg.checkpoint_dir, self.rank, rt.info.world_size, self.key)
+            if found.warning and self.rank == 0:
+                print(f"warning: {found.warning}", file=sys.stderr, flush=True)
+            if found.state is not None:
+                assert found.path is not None
+                self.done = checkpoint.restore(found.state, found.path, self.key, self.module, self.optimizer,
+                                               self.device)
+            elif self.rank == 0 and not found.warning:
                 print(f"no checkpoint in {cfg.checkpoint_dir}; starting at step 1")
 
     def _batch(self, step: int) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
@@ -203,7 +209,9 @@ class Trainer:
             print(self.banner(), flush=True)
             for note in self.model_notes:
                 print(f"note: {note}")
-        writer = MetricsWriter(cfg.out_dir, rank, append=self.done > 0, tensorboard=cfg.tensorboard)
+        writer = MetricsWriter(cfg.out_dir, rank, resume_after=self.done, tensorboard=cfg.tensorboard)
+        past = [(int(r.get("launch_first_step", 1)), times_from_record(r)) for r in writer.rank_history]
+        past_losses = [(int(r["step"]), float(r["loss"])) for r in writer.main_history if "loss" in r]
         records: list[StepTimes] = []
         losses: list[float] = []
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
@@ -220,12 +228,19 @@ class Trainer:
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 checkpoint.save(cfg.checkpoint_dir, step, rank, self.key, self.module, self.optimizer, self.device)
         writer.close()
-        return self.summarize(records, losses)
+        return self.summarize(records, losses, past=past, past_losses=past_losses)
 
-    def summarize(self, records: list[StepTimes], losses: list[float]) -> dict[str, Any] | None:
-        """Gather every rank's times; rank 0 writes summary.json, prints the table, returns it."""
+    def summarize(self, records: list[StepTimes], losses: list[float], *,
+                  past: list[tuple[int, StepTimes]] | None = None,
+                  past_losses: list[tuple[int, float]] | None = None) -> dict[str, Any] | None:
+        """Gather every rank's times; rank 0 writes summary.json, prints the table, returns it.
+        records/losses: this launch's steps (from self.done + 1); past/past_losses: the
+        steps before it, from this run's earlier launches (metrics files), as
+        (launch_first_step, times) and (step, loss): the summary covers the whole run."""
         cfg, role = self.cfg, self.role
-        measured = records[cfg.warmup_steps:] if len(records) > cfg.warmup_steps else records
+        past = past or []
+        launches = past + [(self.done + 1, r) for r in records]
+        measured = measured_records(launches, cfg.warmup_steps)
         mine = {"device": self.rt.info.device, "slowdown": self.slowdown,
                 "role": {"replica": role.replica, "stage": role.stage, "share": role.share,
                          "layers": [role.start, role.stop]},
@@ -234,7 +249,11 @@ class Trainer:
         dist.all_gather_object(gathered, mine)
         if self.rank != 0:
             return None
-        summary = build_summary(self.plan, self.cluster, self.cg, gathered, losses, len(measured), self.done + 1)
+        past_losses = past_losses or []
+        all_losses = [loss for _, loss in past_losses] + losses
+        first_step = past_losses[0][0] if past_losses else self.done + 1
+        summary = build_summary(self.plan, self.cluster, self.cg, gathered, all_losses, len(measured), first_step,
+                                sorted({first for first, _ in launches}))
         summary["model_notes"] = self.model_notes
         atomic_write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
         print(summary_table(summary), flush=True)

@@ -96,7 +96,8 @@ def test_two_node_plan_with_printed_commands_matches_single_process(tmp_path):
     cmds = node_commands(rank_map(plan, cluster), args, master_addr="127.0.0.1", master_port=free_port())
     assert [(c.node, c.node_rank, c.nproc) for c in cmds] == [("a", 0, 2), ("b", 1, 2)]
     env = local_env(2) | {"OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *c.argv[1:]], env=env, cwd=ROOT,
+    assert all(c.argv[:3] == ["python", "-m", "runtime.torchrun"] for c in cmds)
+    procs = [subprocess.Popen([sys.executable, *c.argv[1:]], env=env, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in cmds]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)

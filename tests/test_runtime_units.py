@@ -219,8 +219,8 @@ def test_node_commands_and_cli_print(tmp_path, capsys):
     plan.save(tmp_path / "plan.json")
     cmds = node_commands(rank_map(plan, cluster), train_args(tmp_path / "plan.json", steps=3),
                          master_addr="10.0.0.1", master_port=29999)
-    assert cmds[1].shell() == (f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --node-rank=1 --nproc-per-node=2 --master-addr=10.0.0.1 "
-                               f"--master-port=29999 -m runtime.train --plan {tmp_path / 'plan.json'} --steps 3 "
+    assert cmds[1].shell() == (f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 python -m runtime.torchrun --nnodes=2 "
+                               f"--node-rank=1 --nproc-per-node=2 --master-addr=10.0.0.1 --master-port=29999 -m runtime.train --plan {tmp_path / 'plan.json'} --steps 3 "
                                f"--plan-node b")
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()

@@ -5,54 +5,16 @@ slower than the even split; folding identical replicas must change nothing."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from allocator import baseline_plan, make_plan
-from hetalloc.cluster import load_cluster
-from hetalloc.costgraph import analytic_cost_graph
-from hetalloc.errors import InfeasibleError
 from hetalloc.evaluate import predict, sync_groups
-from hetalloc.models import get_model
 from simulator import simulate
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-INSTANCES = [  # example cluster, model, global batch
-    ("lab-16", "gpt3-1.3b", 64),
-    ("mix-64", "gpt3-6.7b", 256),
-    ("cpu-4", "gpt2-tiny", 16),
-    ("cpu-2-slow", "gpt2-tiny", 8),
-]
-
-
-def example_plans(name: str, model: str, batch: int, time_limit: float = 5.0):
-    """An example instance: its cluster, cost graph, and the planner's plan plus every
-    baseline that fits (key 'planner' or 'baseline/schedule')."""
-    cl = load_cluster(EXAMPLES / f"{name}.yaml")
-    cg = analytic_cost_graph(get_model(model))
-    plans = {"planner": make_plan(cl, cg, batch, time_limit=time_limit)}
-    for base in ("even", "proportional", "pipedream"):
-        for schedule in ("1f1b", "gpipe"):
-            try:
-                plans[f"{base}/{schedule}"] = baseline_plan(base, cl, cg, batch, schedule=schedule)
-            except InfeasibleError:
-                pass
-    return cl, cg, plans
+from workflows.examples import INSTANCES, chained, example_plans
 
 
 @pytest.fixture(scope="module")
 def instances():
     return {name: example_plans(name, model, batch) for name, model, batch in INSTANCES}
-
-
-def chained(plan, cl, cg) -> bool:
-    """Does some device hold several gradient groups (so collectives must wait for each other)?"""
-    seen: dict[str, int] = {}
-    for g in sync_groups(plan, cl, cg):
-        for d in g.devices:
-            seen[d] = seen.get(d, 0) + 1
-    return any(len(g.devices) > 1 and any(seen[d] > 1 for d in g.devices) for g in sync_groups(plan, cl, cg))
 
 
 @pytest.mark.parametrize("name", [i[0] for i in INSTANCES])

@@ -12,7 +12,9 @@ between packages only point down:
 - ``whatif``: running what-if scenarios: the old plan and a re-plan (allocator) of each
   scenario (simulator.scenarios), both simulated, with prices; ``commands``: the
   ``hetalloc whatif`` subcommand. The simulator does not call the allocator (why: the
-  module doc of ``whatif``).
+  module doc of ``whatif``);
+- ``examples``: the example instances (cluster, model, batch; planner and baseline plans)
+  that the simulator's agreement test and benchmark share.
 
 Nothing in allocator/, simulator/ or runtime/ imports this package. Never imports torch
 (profiles and runs are torchrun subprocesses).

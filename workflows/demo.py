@@ -29,8 +29,7 @@ BUILTIN_CLUSTER = Path(hetalloc.__file__).parent / "data" / "lab-16.yaml"
 def demo(out_dir: str | Path, con: Console, *, model: str = "gpt2-xl", global_batch: int = 64,
          time_limit: float = 30.0, run: bool = False) -> Plan:
     """Plan, print, simulate (and with run, the closed loop); returns the plan."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)  # created by the first file written: a bad argument leaves no empty folder
     cluster = load_cluster(BUILTIN_CLUSTER)
     cg = analytic_cost_graph(get_model(model))
     con.print(f"[bold]hetalloc demo[/bold]: {cluster.describe()}; model {model}, "

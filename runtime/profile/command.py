@@ -29,7 +29,7 @@ from hetalloc.errors import SpecError
 from hetalloc.fileio import atomic_write_json
 
 from ..config import parse_slowdown
-from ..launch import RunFailed, local_env
+from ..launch import TORCHRUN, RunFailed, local_env
 from .files import report_lines, write_cluster
 from .overhead import measure_overheads, with_overheads
 
@@ -40,8 +40,8 @@ ENTRY = "runtime.profile"
 def profile_command(nproc: int, out_dir: str | Path, *, model: str = "gpt2-tiny", seq: int | None = None,
                     batch_sizes: str = "1,2,4,8,16", slowdown: list[str] | None = None, warmup: int = 3,
                     repeats: int = 15, link_repeats: int = 40) -> list[str]:
-    """torchrun (as ``python -m torch.distributed.run``) for a profile on this machine."""
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    """torchrun (as ``python -m runtime.torchrun``: listening on 127.0.0.1 only) for a profile on this machine."""
+    argv = [sys.executable, "-m", TORCHRUN, "--standalone", f"--nproc-per-node={nproc}",
             "-m", ENTRY, "--model", model, "--batch-sizes", batch_sizes, "--warmup", str(warmup),
             "--repeats", str(repeats), "--link-repeats", str(link_repeats), "--out", str(out_dir)]
     if seq is not None:
