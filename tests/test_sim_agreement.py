@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import pytest
 
+from hetalloc.cluster import load_cluster
+from hetalloc.costgraph import analytic_cost_graph
 from hetalloc.evaluate import predict, sync_groups
+from hetalloc.models import get_model
 from simulator import simulate
-from workflows.examples import INSTANCES, chained, example_plans
+from workflows.examples import EXAMPLES, INSTANCES, chained, example_plans
 
 
 @pytest.fixture(scope="module")
@@ -157,23 +160,19 @@ def test_schema2_plans_reference_mode_equals_the_cost_formulas(lab_v2):
     from hetalloc.plan import validate_plan
     cl, cg, plans = lab_v2
     exact = 0
-    for label, (plan, chained) in plans.items():
+    for label, (plan, is_chained) in plans.items():
         validate_plan(plan, cl, cg)  # they fit
-        assert chained == chained_plan(plan, cl, cg), label
+        assert is_chained == chained(plan, cl, cg), label
         pred = predict(plan, cl, cg).iteration_time_s
         for fold in (True, False):
             sim = simulate(plan, cl, cg, contention=False, overlap=False, compare=False, fold=fold).iteration_time_s
-            if chained:
+            if is_chained:
                 extra = sum(g.time_s for g in sync_groups(plan, cl, cg))
                 assert pred * (1 - 1e-9) <= sim <= pred + extra, label
             else:
                 assert sim == pytest.approx(pred, rel=1e-9), label
                 exact += 1
     assert exact == 2 * 11
-
-
-def chained_plan(plan, cl, cg) -> bool:
-    return chained(plan, cl, cg)
 
 
 def test_schema2_options_cost_what_the_formulas_say(lab_v2):
