@@ -176,8 +176,8 @@ class CostGraph:
 
     def range_working_bytes(self, start: int, stop: int, tp: int = 1, recompute: str = "none") -> float:
         """Bytes per sample rebuilt at a time in the backward: with full recomputation the
-        largest recomputed layer's saved activations on one rank (minus what it keeps
-        anyway); 0 without recomputation."""
+        largest recomputed layer's saved activations on one rank (what it would keep
+        without recomputation); 0 without recomputation."""
         if recompute != "full":
             return 0.0
         return max((layer_saved_bytes(l.saved_act_bytes, l.replicated_act_bytes, 0.0, tp, "none")

@@ -44,7 +44,7 @@ from hetalloc.plan import Plan, validate_plan
 
 from .collectives import STEP_BUILDERS, Bucket, Step, buckets, tp_steps
 from .links import LinkLog, Network, Topology, UsageTable
-from .pipeline import DeviceWork, ReplicaClass, Send, fold_replicas, replica_work, split_chains
+from .pipeline import DeviceWork, ReplicaClass, Send, fold_replicas, optimizer_work, replica_work, split_chains
 
 DDP_BUCKET_BYTES = 25 * 2**20
 """PyTorch DDP's default bucket_cap_mb (25 MiB)."""
@@ -185,8 +185,9 @@ class Simulation:
         self.rank_rep: dict[str, str] = {}
         """device -> the simulated device (same rank of the representative group) for it."""
         self.rank_index: dict[str, int] = {}
+        optimizer = optimizer_work(plan, cluster, cg)
         for c in self.classes:
-            works, sends = replica_work(self.chains, c.replicas[0], cluster, cg, self.topo)
+            works, sends = replica_work(self.chains, c.replicas[0], cluster, cg, self.topo, optimizer)
             for s, u in zip(sends, c.usages):
                 s.usage = u
             for w, u in zip([w for w in works if len(w.ranks) > 1], c.tp_usages):

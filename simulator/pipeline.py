@@ -96,16 +96,17 @@ class DeviceWork:
     identical groups it represents."""
 
 
-def replica_work(plan: Plan, ri: int, cluster: Cluster, cg: CostGraph,
-                 topo: Topology) -> tuple[list[DeviceWork], list[Send]]:
+def replica_work(plan: Plan, ri: int, cluster: Cluster, cg: CostGraph, topo: Topology,
+                 optimizer: tuple[dict[str, float], dict[str, float]] | None = None
+                 ) -> tuple[list[DeviceWork], list[Send]]:
     """The work of replica ri's groups, and its sends in template order (all forward
-    sends, then all backward ones, stage pair by stage pair, as ``_paths`` lists them)."""
+    sends, then all backward ones, stage pair by stage pair, as ``_paths`` lists them).
+    `optimizer`: ``optimizer_work(plan, ...)``, when the caller has it already."""
     r = plan.replicas[ri]
     S, M = len(r.stages), plan.num_microbatches
     out: list[DeviceWork] = []
     by_stage: list[list[DeviceWork]] = []
-    opt_s = optimizer_times(plan, cluster, cg)
-    opt_n = optimizer_params(plan, cg) if plan.optimizer_sharding != "none" else {}
+    opt_s, opt_n = optimizer or optimizer_work(plan, cluster, cg)
     for si, s in enumerate(r.stages):
         outb = cg.layers[s.stop - 1].out_act_bytes
         row = []
@@ -151,6 +152,13 @@ def replica_work(plan: Plan, ri: int, cluster: Cluster, cg: CostGraph,
                 b.sends_bwd.append(bwd[-1])
                 a.recv_bwd.append((src, dst))
     return out, fwd + bwd
+
+
+def optimizer_work(plan: Plan, cluster: Cluster, cg: CostGraph) -> tuple[dict[str, float], dict[str, float]]:
+    """Per device: its optimizer step's seconds, and (zero1 only) the parameters whose state
+    it keeps; they depend on the whole plan (who else holds the same layers)."""
+    return (optimizer_times(plan, cluster, cg),
+            optimizer_params(plan, cg) if plan.optimizer_sharding != "none" else {})
 
 
 def _send(cluster: Cluster, topo: Topology, a: str, b: str, nbytes: float) -> Send:
