@@ -204,3 +204,53 @@ def test_zero1_halves_and_fingerprint_of_old_graphs(gpt3):
     old = cost_graph_from_dict({**d, "layers": old_layers})
     assert not old.supports_tp and gpt3.supports_tp
     assert old.to_dict()["layers"] == old_layers
+
+
+# The new families' tensor-parallel split, by hand (parameter totals as published).
+
+def test_qwen2_tp_split_keeps_norms_whole_and_splits_qkv_biases():
+    from hetalloc.models import shape_from_hf_config
+    # Qwen2-7B: h = 3584, 28 heads of 128, 4 KV heads (GQA), f = 18944, V = 152064, q/k/v biases
+    qwen = shape_from_hf_config({"model_type": "qwen2", "hidden_size": 3584, "num_attention_heads": 28,
+                                 "num_key_value_heads": 4, "intermediate_size": 18944, "num_hidden_layers": 28,
+                                 "vocab_size": 152064, "max_position_embeddings": 32768}, "qwen2-7b")
+    cg = analytic_cost_graph(qwen, 4096)
+    h, kv = 3584, 4 * 128
+    block = cg.layers[1]
+    # q, o: 2h^2; k, v: 2h*kv; SwiGLU 3hf; q/k/v biases h + 2kv; two RMSNorms 2h
+    assert block.params == 2 * h * h + 2 * h * kv + 3 * h * 18944 + h + 2 * kv + 2 * h == 233_057_792
+    assert cg.total_params == 7_615_616_512  # Qwen2-7B's published count (untied head)
+    # whole on every rank: the two RMSNorms only (the q/k/v biases split with their heads)
+    assert block.replicated_params == 2 * h
+    assert cg.range_params(1, 2, tp=4) == (233_057_792 - 2 * h) / 4 + 2 * h == 58_269_824
+    # embedding split along the vocabulary, nothing whole; the head keeps its RMSNorm whole
+    assert (cg.layers[0].replicated_params, cg.layers[-1].replicated_params) == (0, h)
+    assert cg.tp_allreduces(0, 2) == (3, 3 * 4096 * h * 2, 2, 2 * 4096 * h * 2)  # embedding, one block
+    # Llama with attention_bias and mlp_bias: o_proj's and down_proj's biases are whole too
+    biased = shape_from_hf_config({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+                                   "num_key_value_heads": 2, "intermediate_size": 172, "num_hidden_layers": 1,
+                                   "vocab_size": 256, "attention_bias": True, "mlp_bias": True})
+    assert analytic_cost_graph(biased).layers[1].replicated_params == 2 * 64 + 64 + 64
+
+
+def test_opt_tp_split_keeps_positions_and_projections_whole():
+    from hetalloc.models import shape_from_hf_config
+    # OPT-350m: h = 1024, word width w = 512 (project_in / project_out), post-LN (no final
+    # norm), f = 4096, V = 50272, 2048 positions (+ 2 offset rows)
+    opt = shape_from_hf_config({"model_type": "opt", "hidden_size": 1024, "word_embed_proj_dim": 512,
+                                "ffn_dim": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                                "vocab_size": 50272, "max_position_embeddings": 2048,
+                                "do_layer_norm_before": False}, "opt-350m")
+    cg = analytic_cost_graph(opt, 2048)
+    h, w, V, s = 1024, 512, 50272, 2048
+    emb, block, head = cg.layers[0], cg.layers[1], cg.layers[-1]
+    # 331,196,416 published with the head tied to the embedding; untied it adds w*V
+    assert cg.total_params == 331_196_416 + w * V
+    assert emb.params == V * w + 2050 * h + w * h and emb.replicated_params == 2050 * h + w * h == 2_623_488
+    assert block.replicated_params == 4 * h + 2 * h  # 2 layer norms, out_proj and fc2 biases
+    assert head.params == w * h + w * V and head.replicated_params == w * h  # project_out whole
+    assert cg.range_params(0, 1, tp=2) == V * w / 2 + 2_623_488
+    # the embedding and LM head all-reduce w-wide activations (bf16), the blocks h-wide
+    assert cg.tp_allreduces(0, 1) == (1, s * w * 2, 0, 0.0)
+    assert cg.tp_allreduces(1, 2) == (2, 2 * s * h * 2, 2, 2 * s * h * 2)
+    assert cg.tp_allreduces(25, 26) == (0, 0.0, 1, s * w * 2)
