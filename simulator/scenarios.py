@@ -328,7 +328,8 @@ def seq(spec: str) -> Callable[[Case], Case]:
         if cg.tables:
             raise _err(spec, "the cost graph has measured tables for one sequence length",
                        "profile at the new length (hetalloc profile --seq) instead")
-        new = analytic_cost_graph(cg.shape(), n, cg.precision).with_efficiency(cg.efficiency)
+        new = (analytic_cost_graph(cg.shape(), n, cg.precision).with_efficiency(cg.efficiency)
+               .with_tp_efficiency(cg.tp_efficiency))
         out = dataclasses.replace(case, cg=new)
         if case.old_plan is not None:
             q = _copy(case.old_plan)

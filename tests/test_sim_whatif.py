@@ -102,6 +102,9 @@ def test_batch_and_seq(lab):
     assert odd.old_plan is None and "not a multiple" in odd.old_invalid
     case = scenarios.apply_scenario(scenarios.scenario("seq", "1024"), lab)
     assert case.cg.seq_len == 1024 and case.old_plan.seq_len == 1024
+    # the cost graph's own tensor-parallel efficiencies survive the new length
+    tuned = scenarios.Case(lab.cluster, lab.cg.with_tp_efficiency({"*": {4: 0.5}}), 64, lab.old_plan)
+    assert scenarios.apply_scenario(scenarios.scenario("seq", "1024"), tuned).cg.tp_efficiency == {"*": {4: 0.5}}
 
 
 def test_prices_and_cheapest_meeting_deadline(lab):
