@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .cluster import Cluster
-from .plan import Plan
+from .plan import Group, Plan
 
 
 def _ms(x: float) -> str:
@@ -29,6 +29,13 @@ def device_summary(cluster: Cluster, ids: list[str]) -> str:
     return ", ".join(f"{n}x{t}" for t, n in sorted(c.items()))
 
 
+def group_summary(cluster: Cluster, groups: list[Group]) -> str:
+    """A stage's groups by type and size: '3xA100-80G' for single devices,
+    '2x(4xA100-80G)' for two tensor-parallel groups of four."""
+    c = Counter((cluster.device(g.lead).type, g.tp) for g in groups)
+    return ", ".join(f"{n}x{t}" if tp == 1 else f"{n}x({tp}x{t})" for (t, tp), n in sorted(c.items()))
+
+
 def stage_table(plan: Plan, cluster: Cluster, max_rows: int = 40) -> Table:
     pred = plan.predicted
     stages = pred.get("stages", [])
@@ -36,9 +43,11 @@ def stage_table(plan: Plan, cluster: Cluster, max_rows: int = 40) -> Table:
     frac = pred.get("memory_fraction", {})
     t = Table(title=f"plan for {plan.model} on {cluster.name}: {len(plan.replicas)} replica(s), "
                     f"{plan.num_stages} stage(s), {plan.num_microbatches} micro-batches, {plan.schedule}")
-    for col, just in [("rep", "right"), ("stage", "right"), ("layers", "left"), ("devices", "left"),
-                      ("shares", "left"), ("fwd ms", "right"), ("bwd ms", "right"), ("p2p ms", "right"),
-                      ("sync ms", "right"), ("mem GiB (max %)", "right")]:
+    tp = any(st.get("tp_s", 0.0) > 0 for st in stages)  # a column for TP all-reduces only when there are any
+    cols = [("rep", "right"), ("stage", "right"), ("layers", "left"), ("devices", "left"), ("shares", "left"),
+            ("fwd ms", "right"), ("bwd ms", "right")] + ([("tp ms", "right")] if tp else []) + [
+            ("p2p ms", "right"), ("sync ms", "right"), ("mem GiB (max %)", "right")]
+    for col, just in cols:
         t.add_column(col, justify=just)
     rows = 0
     # Identical replicas print once with a count.
@@ -47,26 +56,27 @@ def stage_table(plan: Plan, cluster: Cluster, max_rows: int = 40) -> Table:
     for st in stages:
         r = plan.replicas[st["replica"]]
         s = r.stages[st["stage"]]
-        key = (st["stage"], s.start, s.stop, tuple((cluster.device(d.device).type, d.share) for d in s.devices))
+        key = (st["stage"], s.start, s.stop, tuple((cluster.device(g.lead).type, g.tp, g.share) for g in s.groups))
         if key not in seen:
             seen[key] = 0
             order.append((key, st))
         seen[key] += 1
     for key, st in order:
         if rows >= max_rows:
-            t.add_row("…", "", f"{len(order) - rows} more rows (see --json)", "", "", "", "", "", "", "")
+            t.add_row("…", "", f"{len(order) - rows} more rows (see --json)", *[""] * (len(cols) - 3))
             break
         s = plan.replicas[st["replica"]].stages[st["stage"]]
-        ids = [d.device for d in s.devices]
-        shares = ":".join(str(d.share) for d in s.devices)
+        ids = s.device_ids()
+        shares = ":".join(str(g.share) for g in s.groups)
         if len(shares) > 24:
             shares = shares[:21] + "…"
         peak = max(mem.get(d, 0.0) for d in ids)
         pf = max(frac.get(d, 0.0) for d in ids)
         rep = f"x{seen[key]}" if seen[key] > 1 else str(st["replica"])
-        t.add_row(rep, str(st["stage"]), f"{s.start}-{s.stop - 1}", device_summary(cluster, ids), shares,
-                  _ms(st["fwd_s"]), _ms(st["bwd_s"]), _ms(st["p2p_s"]), _ms(st.get("sync_s", 0.0)),
-                  f"{_gib(peak)} ({pf:.0%})")
+        layers = f"{s.start}-{s.stop - 1}" + (" recompute" if s.recompute != "none" else "")
+        t.add_row(rep, str(st["stage"]), layers, group_summary(cluster, s.groups), shares,
+                  _ms(st["fwd_s"]), _ms(st["bwd_s"]), *([_ms(st.get("tp_s", 0.0))] if tp else []),
+                  _ms(st["p2p_s"]), _ms(st.get("sync_s", 0.0)), f"{_gib(peak)} ({pf:.0%})")
         rows += 1
     return t
 
@@ -81,6 +91,8 @@ def summary_lines(plan: Plan, cluster: Cluster) -> list[str]:
         f"MFU {p['mfu']:.1%}  bubble {p['bubble_fraction']:.1%}",
         f"devices     {used} of {cluster.num_devices} used ({device_summary(cluster, plan.device_ids())})",
     ]
+    if plan.optimizer_sharding != "none":
+        lines.append(f"optimizer   state sharded ({plan.optimizer_sharding}) over each stage's data-parallel devices")
     s = plan.solver
     if s:
         gap = s.get("gap", math.inf)

@@ -22,7 +22,7 @@ from typing import Any
 from hetalloc.errors import HetallocError, SpecError
 from hetalloc.plan import Plan, load_plan, plan_context, validate_plan
 
-from .rankmap import RankMap, rank_map
+from .rankmap import RankMap, check_supported, rank_map
 
 ENTRY = "runtime.train"
 DEFAULT_PORT = 29500
@@ -122,6 +122,7 @@ def load_checked(plan_path: str | Path) -> tuple[Plan, RankMap]:
     plan = load_plan(plan_path)
     cluster, cg = plan_context(plan, str(plan_path))
     validate_plan(plan, cluster, cg, source=str(plan_path))
+    check_supported(plan, str(plan_path))
     return plan, rank_map(plan, cluster)
 
 

@@ -117,12 +117,12 @@ def print_report(rep: SimReport) -> None:
     st = Table(title="Stages (identical ones shown once)")
     for c in ("replica", "stage", "layers", "devices", "stands for", "busy s", "busy %", "peak mem GiB", "of usable"):
         st.add_column(c, justify="right")
-    shown = [s for s in rep.stages if any(d.device in res.work
-                                          for d in res.plan.replicas[s["replica"]].stages[s["stage"]].devices)]
+    shown = [s for s in rep.stages if any(d in res.work
+                                          for d in res.plan.replicas[s["replica"]].stages[s["stage"]].device_ids())]
     for s in shown[:40]:
-        devs = res.plan.replicas[s["replica"]].stages[s["stage"]].devices
-        mem = [rep.devices[d.device] for d in devs]
-        stands = sum(len(res.work[d.device].mates) for d in devs if d.device in res.work)
+        devs = res.plan.replicas[s["replica"]].stages[s["stage"]].device_ids()
+        mem = [rep.devices[d] for d in devs]
+        stands = sum(len(res.work[d].mates) for d in devs if d in res.work)
         st.add_row(str(s["replica"]), str(s["stage"]), f"{s['layers'][0]}-{s['layers'][1] - 1}", str(len(devs)),
                    f"{stands} devices", f"{s['busy_s']:.4g}",
                    f"{100 * s['busy_fraction']:.0f}%", f"{max(m['peak_memory_bytes'] for m in mem) / 2**30:.2f}",
