@@ -2,7 +2,8 @@
 last checkpoint every rank finished.
 
 Layout: ``<dir>/step_0000005/rank_0003.pt`` holds one rank's parameters (by whole-model
-name), optimizer state, RNG states and data position; ``<dir>/latest.json`` is written
+name, whole: a tensor-parallel group gathers them parameter by parameter), optimizer
+state, RNG states and data position; ``<dir>/latest.json`` is written
 by rank 0 only after all ranks have written theirs (a barrier), so a run killed while
 saving resumes from the previous complete checkpoint. Files appear by rename
 (``hetalloc.fileio``), never half-written; temporaries of a killed writer are deleted at
@@ -42,6 +43,7 @@ from hetalloc.fileio import atomic_write_bytes, atomic_write_json, remove_tempor
 from hetalloc.plan import Plan
 
 from .models import StageModule
+from .tensor_parallel import load_whole_params, whole_params
 
 KEEP_LAST = 2
 """Complete checkpoints kept; older ones are deleted after a new one is complete."""
@@ -138,7 +140,7 @@ def rank_state(step: int, rank: int, world_size: int, key: str, module: StageMod
     """What one rank saves: tensors and plain values only."""
     return {
         "format": FORMAT, "step": step, "rank": rank, "world_size": world_size, "plan_key": key,
-        "params": {name: p.detach().cpu().clone() for name, p in module.named_model_parameters()},
+        "params": whole_params(module),
         "optimizer": optimizer.state_dict(),
         "rng": _rng_state(device),
         "data": {"next_step": step + 1},
@@ -181,9 +183,7 @@ def restore(state: dict[str, Any], path: Path, key: str, module: StageModule, op
     if set(params) != set(state["params"]):
         raise SpecError(str(path), "params", "the checkpoint holds other layers than this rank's stage",
                         "resume with the plan that wrote it")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(state["params"][name])  # in place: parameters are views into gradient buckets
+    load_whole_params(module, state["params"])  # in place: parameters are views into gradient buckets
     optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"], device)
     return int(state["step"])

@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,7 +28,7 @@ from hetalloc.fileio import atomic_write_json
 from hetalloc.models import TransformerShape, resolve_model
 from hetalloc.plan import Plan, load_plan, plan_context, validate_plan
 
-from . import checkpoint
+from . import checkpoint, tensor_parallel
 from .config import TrainConfig, parse_slowdown
 from .datasets import TokenDataset, device_samples
 from .grad_sync import GradSync, ProcessGroups
@@ -133,10 +134,14 @@ class Trainer:
         self.role = role = stage_role(plan, rm, self.rank)
         built = build_model(shape, seed=cfg.seed, dropout=cfg.dropout, dtype=dtype)
         self.model_notes = check_model(shape, plan, layer_param_counts(built), [l.params for l in self.cg.layers])
-        self.module = StageModule(built, role.start, role.stop).to(self.device)
+        stage = plan.replicas[role.replica].stages[role.stage]
+        self.module = StageModule(built, role.start, role.stop, recompute=stage.recompute == "full").to(self.device)
         del built
+        self.tp = tensor_parallel.setup_stage(plan, rm, role.tp_ranks, self.module, shape, self.device,
+                                              self.cg.num_layers)
         groups = ProcessGroups(plan, rm, self.cluster, self.cg, plan.grad_sync)
-        self.sync = GradSync(self.module, role, groups, self.rank, plan.grad_sync, cfg.bucket_cap_mb * 2**20)
+        self.sync = GradSync(self.module, role, groups, self.rank, plan.grad_sync, cfg.bucket_cap_mb * 2**20,
+                             zero1=plan.optimizer_sharding == "zero1")
         self.optimizer = build_optimizer(plan.optimizer, self.sync.optimizer_tensors(self.module), cfg)
         self.slowdown = _slowdown_of(cfg, rt.info, self.cluster)
         self.executor = PipelineExecutor(role, self.module, plan.schedule, plan.num_microbatches,
@@ -173,6 +178,10 @@ class Trainer:
                 labels[m] = lab.to(self.device) if role.is_last else None
         return inputs, labels
 
+    def loss_context(self):
+        """Around the stage's forwards and backwards: loss_parallel for a vocabulary-parallel head."""
+        return self.tp.loss_context() if self.tp is not None else nullcontext()
+
     def train_step(self, step: int) -> tuple[float, StepTimes]:
         """One optimizer step (1-based step number); returns the global loss and the times."""
         times = StepTimes()
@@ -180,7 +189,8 @@ class Trainer:
         inputs, labels = self._batch((step - 1) * self.plan.global_batch)
         times.data_s = time.perf_counter() - t_step
         self.sync.zero_grad()
-        loss = self.executor.run_step(inputs, labels, times, self.sync.arm)
+        with self.loss_context():
+            loss = self.executor.run_step(inputs, labels, times, self.sync.arm)
         self.sync.finish(times)
         t0 = time.perf_counter()
         self.optimizer.step()
@@ -205,7 +215,8 @@ class Trainer:
         times = StepTimes()
         for k in range(K):
             inputs, labels = self._batch(k * B, "val")
-            total += self.executor.run_forward(inputs, labels, times, scale)
+            with self.loss_context():
+                total += self.executor.run_forward(inputs, labels, times, scale)
         dist.all_reduce(total)
         return float(total), time.perf_counter() - t0
 

@@ -59,26 +59,21 @@ def test_ranks_are_plan_devices_in_cluster_order_grouped_by_node():
     assert rm.ranks_on("b") == [1, 2] and rm.local_rank(2) == 1
 
 
-def test_plan_options_the_runtime_does_not_run_yet_are_refused_in_one_line(tmp_path):
-    from hetalloc.plan import Group
+def test_layers_held_by_groups_of_different_sizes_are_refused_in_one_line(tmp_path):
     from runtime.launch import load_checked
     cluster = cpu4()
-    plan = hand_plan(cluster, cpu_cost_graph("gpt2-tiny", 32), [[((0, 3), [("host/0", 2)]), ((3, 6), [("host/1", 2)])]],
-                     num_microbatches=2)
+    cg = cpu_cost_graph(str(ROOT / "examples" / "llama-tiny.json"), 16)
+    # tensor parallelism, recomputation and zero1 run ...
+    plan = hand_plan(cluster, cg, [[((0, 3), [(("host/0", "host/1"), 2)], "full"), ((3, 6), [("host/2", 2)])]],
+                     num_microbatches=2, optimizer_sharding="zero1")
     check_supported(plan)
-    tp = hand_plan(cluster, cpu_cost_graph("gpt2-tiny", 32), [[((0, 6), [("host/0", 2)])]], num_microbatches=2)
-    tp.replicas[0].stages[0].groups = [Group(["host/0", "host/1"], 2)]
-    tp.save(tmp_path / "tp.json")
-    with pytest.raises(SpecError, match=r"tp.json: replicas\[0\].stages\[0\].groups\[0\].devices: a tensor-parallel "
-                                        "group of 2: the runtime does not run tensor parallelism yet"):
-        load_checked(tmp_path / "tp.json")
-    plan.replicas[0].stages[1].recompute = "full"
-    with pytest.raises(SpecError, match=r"stages\[1\].recompute: 'full': the runtime does not recompute"):
-        check_supported(plan)
-    plan.replicas[0].stages[1].recompute = "none"
-    plan.optimizer_sharding = "zero1"
-    with pytest.raises(SpecError, match="optimizer_sharding: 'zero1': the runtime does not shard") as e:
-        check_supported(plan)
+    # ... but not a stage whose groups differ in size (gradients reduced across sizes)
+    mixed = hand_plan(cluster, cg, [[((0, 6), [(("host/0", "host/1"), 2), ("host/2", 1)])]], num_microbatches=2)
+    mixed.save(tmp_path / "mixed.json")
+    with pytest.raises(SpecError, match=r"mixed.json: replicas: layers 0-5 are held by tensor-parallel groups of "
+                                        "sizes 1, 2: the runtime synchronises gradients between groups of one size "
+                                        "only") as e:
+        load_checked(tmp_path / "mixed.json")
     assert "\n" not in str(e.value)
 
 
@@ -130,9 +125,34 @@ def test_stage_roles_route_overlapping_slices_between_widths():
     rm = rank_map(plan, cluster)
     r0, r1, r2, r3 = (stage_role(plan, rm, r) for r in range(4))
     # senders' slices [0,2) [2,3) against receivers' [0,1) [1,3)
-    assert r0.send_to == ((2, 1), (3, 1)) and r1.send_to == ((3, 1),)
+    assert r0.send_to == (((2,), 1), ((3,), 1)) and r1.send_to == (((3,), 1),)
     assert r2.recv_from == ((0, 1),) and r3.recv_from == ((0, 1), (1, 1))
+    # backward: the same pieces the other way
+    assert r0.grad_from == ((2, 1), (3, 1)) and r3.grad_to == (((0,), 1), ((1,), 1))
     assert r0.is_first and not r0.is_last and r3.is_last and r3.recv_from and not r3.send_to
+    assert r0.tp_size == 1 and r0.tp_rank == 0
+
+
+def test_stage_roles_between_tensor_parallel_groups_follow_rank_pairs():
+    """Rank k of a receiving group gets the whole piece from rank k mod t of the sending
+    group (hetalloc.evaluate.rank_pairs), forward and backward."""
+    cluster = cpu4()
+    # a group of 2 (shares 2) feeding a group of one: only its rank 0 sends
+    plan = hand_plan(cluster, cpu_cost_graph(str(ROOT / "examples" / "llama-tiny.json"), 16),
+                     [[((0, 3), [(("host/0", "host/1"), 2)]), ((3, 6), [("host/2", 2)])]], num_microbatches=2)
+    rm = rank_map(plan, cluster)
+    r0, r1, r2 = (stage_role(plan, rm, r) for r in range(3))
+    assert (r0.tp_rank, r1.tp_rank, r0.tp_ranks, r2.tp_ranks) == (0, 1, (0, 1), ())
+    assert r0.send_to == (((2,), 2),) and r1.send_to == (((), 2),)
+    assert r0.grad_from == ((2, 2),) and r1.grad_from == ((2, 2),)  # both need the output gradient
+    assert r2.recv_from == ((0, 2),) and r2.grad_to == (((0, 1), 2),)
+    # a group of one feeding a group of 2: it sends each rank the whole piece
+    plan = hand_plan(cluster, cpu_cost_graph(str(ROOT / "examples" / "llama-tiny.json"), 16),
+                     [[((0, 3), [("host/0", 2)]), ((3, 6), [(("host/1", "host/2"), 2)])]], num_microbatches=2)
+    r0, r1, r2 = (stage_role(plan, rm, r) for r in range(3))
+    assert r0.send_to == (((1, 2), 2),) and r0.grad_from == ((1, 2),)
+    assert r1.recv_from == ((0, 2),) and r2.recv_from == ((0, 2),)
+    assert r1.grad_to == (((0,), 2),) and r2.grad_to == (((), 2),)
 
 
 def test_every_stage_sees_each_sample_of_the_global_batch_once():
