@@ -269,13 +269,21 @@ class GradSync:
                 out.append(mine)
             return out
         out = []
-        for b in self.buckets:
-            for a, n, owner in b.shards:
-                if owner == self.rank:
-                    t = b.param_flat[a:a + n]
-                    t.grad = b.grad_flat[a:a + n]
-                    out.append(t)
+        for b, a, n in self.owned_shards():
+            t = b.param_flat[a:a + n]
+            t.grad = b.grad_flat[a:a + n]
+            out.append(t)
         return out
+
+    @property
+    def steps_shards(self) -> bool:
+        """Whether the optimizer steps flat bucket shards (parameter server, zero1) rather
+        than parameters."""
+        return self.zero1 or self.algorithm == "param_server"
+
+    def owned_shards(self) -> list[tuple[Bucket, int, int]]:
+        """(bucket, offset, numel) of the shards this rank steps, in optimizer order."""
+        return [(b, a, n) for b in self.buckets for a, n, owner in b.shards if owner == self.rank]
 
     def after_optimizer(self) -> None:
         """Parameter server: owners send the updated shards back to the other members;

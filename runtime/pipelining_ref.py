@@ -53,7 +53,8 @@ def run(plan_path: str, steps: int, out_dir: str) -> None:
     role, device = trainer.role, trainer.device
     shape = trainer.cg.shape()
     rm = rank_map(plan, trainer.cluster)
-    pipes = [dist.new_group([rm.rank_of(s.groups[0].devices[k]) for s in stages]) for k in range(stages[0].groups[0].tp)]
+    pipes = [dist.new_group([rm.rank_of(s.groups[0].devices[k]) for s in stages])
+             for k in range(stages[0].groups[0].tp)]  # pipeline k: tensor-parallel rank k of every stage
     module = StageModule(build_model(shape, seed=cfg.seed), role.start, role.stop,
                          recompute=stages[role.stage].recompute == "full").to(device)
     if trainer.tp is not None:

@@ -125,8 +125,8 @@ class Conv1DColwise(ColwiseParallel):
             for pname, param in list(mod.named_parameters(recurse=False)):
                 dim = 1 if pname == "weight" else 0
                 whole = head_aligned(param.detach(), dim, fused, t)
-                mod.register_parameter(pname, nn.Parameter(
-                    distribute_tensor(whole, mesh, [Shard(dim)], src_data_rank=None), requires_grad=param.requires_grad))
+                mod.register_parameter(pname, nn.Parameter(distribute_tensor(whole, mesh, [Shard(dim)], src_data_rank=None),
+                                                           requires_grad=param.requires_grad))
 
         return distribute_module(module, device_mesh, partition,
                                  partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),

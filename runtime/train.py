@@ -39,6 +39,7 @@ from .models import DTYPES, StageModule, build_model, layer_param_counts
 from .optim import build_optimizer
 from .pipeline import PipelineExecutor, stage_role
 from .rankmap import LaunchInfo, check_launch, check_supported, rank_map
+from .stage_state import StageState
 
 @dataclass
 class Runtime:
@@ -143,6 +144,7 @@ class Trainer:
         self.sync = GradSync(self.module, role, groups, self.rank, plan.grad_sync, cfg.bucket_cap_mb * 2**20,
                              zero1=plan.optimizer_sharding == "zero1")
         self.optimizer = build_optimizer(plan.optimizer, self.sync.optimizer_tensors(self.module), cfg)
+        self.state = StageState(self.module, self.optimizer, self.sync)
         self.slowdown = _slowdown_of(cfg, rt.info, self.cluster)
         self.executor = PipelineExecutor(role, self.module, plan.schedule, plan.num_microbatches,
                                          (plan.seq_len, shape.hidden), dtype, self.device,
@@ -159,8 +161,7 @@ class Trainer:
                 print(f"warning: {found.warning}", file=sys.stderr, flush=True)
             if found.state is not None:
                 assert found.path is not None
-                self.done = checkpoint.restore(found.state, found.path, self.key, self.module, self.optimizer,
-                                               self.device)
+                self.done = checkpoint.restore(found.state, found.path, self.key, self.state, self.device)
             elif self.rank == 0 and not found.warning:
                 print(f"no checkpoint in {cfg.checkpoint_dir}; starting at step 1")
 
@@ -257,7 +258,7 @@ class Trainer:
             records.append(times)
             losses.append(loss)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpoint.save(cfg.checkpoint_dir, step, rank, self.key, self.module, self.optimizer, self.device)
+                checkpoint.save(cfg.checkpoint_dir, step, rank, self.key, self.state, self.device)
         writer.close()
         return self.summarize(records, losses, past=past, past_losses=past_losses)
 

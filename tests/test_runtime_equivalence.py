@@ -33,8 +33,8 @@ import torch
 from hetalloc.cluster import load_cluster
 from runtime.config import TrainConfig
 from runtime.plans import cpu_cost_graph, hand_plan
-from runtime.testing import (checkpoint_params, global_relative_error, losses, max_relative_error,
-                             torchrun)
+from runtime.testing import (checkpoint_optimizer, checkpoint_params, global_relative_error, losses,
+                             max_relative_error, torchrun)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
@@ -168,7 +168,8 @@ def _check(world: int, workdir: Path, name: str) -> dict:
     from runtime.reference import reference_run
     plan, cfg = _config(name, workdir, world)
     ref_val: dict[int, float] = {}
-    ref_losses, ref_params = reference_run(plan, cfg, val_losses=ref_val)
+    ref_opt: dict[str, dict[str, torch.Tensor]] = {}
+    ref_losses, ref_params = reference_run(plan, cfg, val_losses=ref_val, optimizer_state=ref_opt)
     got = losses(Path(cfg.out_dir))
     assert len(got) == STEPS
     loss_err = max(abs(a - b) / abs(b) for a, b in zip(got, ref_losses))
@@ -183,7 +184,20 @@ def _check(world: int, workdir: Path, name: str) -> dict:
     model_err = global_relative_error(ranks, ref_params)
     print(f"{name}: loss {loss_err:.2e}  worst tensor {tensor_err:.2e} ({worst})  whole model {model_err:.2e}"
           + (f"  val_loss at steps {sorted(val)}" if val else ""))
-    if name in RESUMED:  # stopped after step 3 and resumed from step 2: bit for bit the same
+    if name in RESUMED:
+        # The checkpoints hold the optimizer state whole, by parameter name, whatever the
+        # sharding: every rank's copy of every AdamW moment equals the reference's.
+        opt_err = 0.0
+        for rank in checkpoint_optimizer(Path(cfg.checkpoint_dir), STEPS):
+            for n, st in rank.items():
+                assert st.keys() == ref_opt[n].keys(), n
+                for k in ("exp_avg", "exp_avg_sq"):
+                    ref = ref_opt[n][k].double()
+                    opt_err = max(opt_err, float((st[k].double() - ref).abs().max() / ref.abs().max()))
+                assert float(st["step"]) == STEPS
+        print(f"{name}: optimizer state worst tensor {opt_err:.2e}")
+        assert opt_err <= 1e-9, (name, opt_err)
+        # Stopped after step 3 and resumed from step 2: bit for bit the same.
         _, second = _resumed_configs(cfg)
         assert losses(Path(second.out_dir)) == got, name
         resumed = checkpoint_params(Path(second.checkpoint_dir), STEPS)
