@@ -7,6 +7,10 @@ reduces slice j (its local shards, runtime.tensor_parallel) with rank j of the o
 A rank's parameters (its local shards) are packed, segment by segment and in backward
 order, into flat buckets of at most ``bucket_cap_mb``; parameters and their gradients
 are views into the bucket's flat buffers, so a bucket is reduced in place without copies.
+Where groups of different sizes hold a segment (t_max slices; ``sync_groups``), a rank of
+a group of t < t_max takes part in t_max / t slice groups: its buckets there hold copies
+of slice j of its split gradients (``runtime.tensor_parallel.get_slice``) and of its whole
+replicated ones, copied in before the reduction and back after it.
 
 During the backward of the last micro-batch, a hook counts each bucket's ready
 gradients; a full bucket is reduced at once (asynchronously, in bucket order, so every
@@ -46,7 +50,7 @@ from .metrics import StepTimes
 from .models import StageModule
 from .pipeline import StageRole
 from .rankmap import RankMap
-from .tensor_parallel import local, set_local
+from .tensor_parallel import Layout, check_slices, get_slice, local, set_local, set_slice
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +114,11 @@ class Bucket:
     """hierarchical across nodes: the node leaders (set on leaders only)."""
     pending: int = 0
     works: list = field(default_factory=list)
+    copy: tuple[int, int] | None = None
+    """Groups of different sizes: (m, q) — the bucket holds copies of slice q of m of this
+    rank's gradients (parameters and gradients live elsewhere)."""
+    layouts: list[Layout | None] = field(default_factory=list)
+    """With ``copy``: each parameter's split layout (None: whole)."""
 
 
 def flat_views(params: list[nn.Parameter], multiple_of: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,43 +157,69 @@ class GradSync:
     """Buckets, hooks and the reductions of one rank (module doc)."""
 
     def __init__(self, module: StageModule, role: StageRole, groups: ProcessGroups, rank: int, algorithm: str,
-                 bucket_cap_bytes: float, zero1: bool = False):
+                 bucket_cap_bytes: float, zero1: bool = False, layouts: dict[str, Layout] | None = None):
+        """layouts: how tensor parallelism splits each parameter (by whole-model name;
+        ``runtime.tensor_parallel.param_layouts``), needed where groups of different sizes
+        hold a segment."""
         self.rank, self.algorithm, self.zero1 = rank, algorithm, zero1
+        self.names = module.param_names
         self.buckets: list[Bucket] = []
-        self.bucket_of: dict[int, int] = {}
+        self.bucket_of: dict[int, list[int]] = {}
+        self.homes: list[torch.Tensor] = []
+        """Gradient buffers of segments synchronised through copies (zeroed every step)."""
         self.armed = False
         self.next_launch = 0
         layers = list(module.layers)
+        homed: set[tuple[int, int]] = set()
         for seg in groups.segments:
             if rank not in seg.ranks:  # another stage's segment, or another slice of this one
                 continue
-            if seg.slices != role.tp_size:
-                raise ValueError(f"layers {seg.start}-{seg.stop - 1}: groups of different tensor-parallel sizes "
-                                 "hold them; the runtime syncs equal sizes only")
             params = [p for layer in reversed(layers[seg.start - role.start:seg.stop - role.start])
                       for p in reversed(list(layer.parameters()))]
+            m = seg.slices // role.tp_size  # slices of this rank's part, each reduced in its own group
+            split = [(layouts or {}).get(module.param_names[id(p)]) if m > 1 else None for p in params]
+            if m > 1 and (seg.start, seg.stop) not in homed:
+                if layouts is None or zero1 or algorithm == "param_server":
+                    raise ValueError("groups of different sizes need the parameters' layouts, and neither zero1 "
+                                     "nor the parameter server")
+                homed.add((seg.start, seg.stop))
+                self.homes.append(flat_views(params)[1])  # parameters and gradients in place for the step
             chunk: list[nn.Parameter] = []
+            chunk_split: list[Layout | None] = []
             size = 0
-            for p in params:
-                nbytes = local(p).numel() * local(p).element_size()
+            for p, lay in zip(params, split):
+                nbytes = local(p).numel() * local(p).element_size() // (m if lay is not None else 1)
                 if chunk and size + nbytes > bucket_cap_bytes:
-                    self._add_bucket(chunk, seg, groups)
-                    chunk, size = [], 0
+                    self._add_bucket(chunk, seg, groups, m, chunk_split)
+                    chunk, chunk_split, size = [], [], 0
                 chunk.append(p)
+                chunk_split.append(lay)
                 size += nbytes
             if chunk:
-                self._add_bucket(chunk, seg, groups)
+                self._add_bucket(chunk, seg, groups, m, chunk_split)
         for p in module.parameters():
             p.register_post_accumulate_grad_hook(self._on_grad)
 
-    def _add_bucket(self, params: list[nn.Parameter], seg: Segment, groups: ProcessGroups) -> None:
+    def _add_bucket(self, params: list[nn.Parameter], seg: Segment, groups: ProcessGroups, m: int = 1,
+                    layouts: list[Layout | None] | None = None) -> None:
         d = len(seg.ranks)
-        param_flat, grad_flat = flat_views(params, d if self.zero1 else 1)
-        numel = param_flat.numel()
         for p in params:
-            self.bucket_of[id(p)] = len(self.buckets)
-        b = Bucket(params, seg.ranks, param_flat, grad_flat, groups.get(seg.ranks),
-                   numel=sum(local(p).numel() for p in params))
+            self.bucket_of.setdefault(id(p), []).append(len(self.buckets))
+        if m > 1:  # copies of slice q of m (module doc)
+            assert layouts is not None
+            if any(local(p) is not p for p in params):  # this rank's group is split too: its parts must split
+                for p, lay in zip(params, layouts):
+                    check_slices(local(p), lay, m, self.names[id(p)])
+            numel = sum(get_slice(local(p), lay, m, seg.slice % m).numel() for p, lay in zip(params, layouts))
+            ref = local(params[0])
+            grad_flat = torch.zeros(numel, dtype=ref.dtype, device=ref.device)
+            b = Bucket(params, seg.ranks, grad_flat.new_empty(0), grad_flat, groups.get(seg.ranks), numel=numel,
+                       copy=(m, seg.slice % m), layouts=layouts)
+        else:
+            param_flat, grad_flat = flat_views(params, d if self.zero1 else 1)
+            numel = param_flat.numel()
+            b = Bucket(params, seg.ranks, param_flat, grad_flat, groups.get(seg.ranks),
+                       numel=sum(local(p).numel() for p in params))
         if self.zero1:
             b.shards = [(j * (numel // d), numel // d, owner) for j, owner in enumerate(seg.ranks)]
         elif self.algorithm == "param_server":
@@ -200,6 +235,8 @@ class GradSync:
     def zero_grad(self) -> None:
         for b in self.buckets:
             b.grad_flat.zero_()
+        for g in self.homes:
+            g.zero_()
 
     def arm(self) -> None:
         """Called just before the last backward op: from now on full buckets are reduced."""
@@ -212,12 +249,28 @@ class GradSync:
     def _on_grad(self, p: torch.Tensor) -> None:
         if not self.armed:
             return
-        self.buckets[self.bucket_of[id(p)]].pending -= 1
+        for i in self.bucket_of[id(p)]:
+            self.buckets[i].pending -= 1
         while self.next_launch < len(self.buckets) and self.buckets[self.next_launch].pending == 0:
             self._launch(self.buckets[self.next_launch])
             self.next_launch += 1
 
+    @staticmethod
+    def _copies(b: Bucket):
+        """For a copying bucket, per parameter: (its gradient's slice, its gradient, its
+        layout, the slice's offset in the bucket)."""
+        m, q = b.copy
+        at = 0
+        for p, lay in zip(b.params, b.layouts):
+            grad = local(p.grad)
+            piece = get_slice(grad, lay, m, q)
+            yield piece, grad, lay, at
+            at += piece.numel()
+
     def _launch(self, b: Bucket) -> None:
+        if b.copy is not None:
+            for piece, _, _, at in self._copies(b):
+                b.grad_flat[at:at + piece.numel()].copy_(piece.reshape(-1))
         if self.zero1:
             if b.group is not None:
                 a, n = self._own(b)
@@ -248,6 +301,11 @@ class GradSync:
                     dist.all_reduce(b.grad_flat, group=b.leader_group)
                 if b.node_group is not None:
                     dist.broadcast(b.grad_flat, src=b.node_leader, group=b.node_group)
+        for b in self.buckets:  # every copy went in at launch: now the sums come back
+            if b.copy is not None:
+                m, q = b.copy
+                for piece, grad, lay, at in self._copies(b):
+                    set_slice(grad, lay, m, q, b.grad_flat[at:at + piece.numel()].view_as(piece))
         self.armed = False
         times.grad_sync_s += time.perf_counter() - t0
 

@@ -252,8 +252,10 @@ class PipelineExecutor:
                         next_post += 1
                     x = inputs[m] if role.is_first else self._wait(posted.pop(m), times)
                     out = self._timed(times, "forward_s", lambda: self.module(x))
-                    if role.is_last and role.tp_rank == 0:
-                        total += token_loss_sum(out, labels[m]).double() * loss_scale
+                    if role.is_last:
+                        loss = token_loss_sum(out, labels[m]).double() * loss_scale  # every TP rank: collectives
+                        if role.tp_rank == 0:
+                            total += loss
                     else:
                         self._send("F", m, out, sends)
         finally:

@@ -50,14 +50,20 @@ class RankMap:
 
 def check_supported(plan: Plan, source: str = "plan") -> None:
     """Refuse, before anything starts, what the runtime does not run: layers held by
-    tensor-parallel groups of different sizes (their gradients would be reduced slice by
-    slice across sizes; the prediction and the simulator do handle them)."""
+    tensor-parallel groups of different sizes under zero1 or the parameter server (their
+    optimizer steps flat shards of the gradient buckets, which such layers only have as
+    copies; the prediction and the simulator do handle them)."""
+    if plan.optimizer_sharding == "none" and plan.grad_sync != "param_server":
+        return
     for a, b, holders in segments(plan):
         sizes = sorted({g.tp for g in holders})
         if len(sizes) > 1:
+            what = "zero1" if plan.optimizer_sharding != "none" else "the parameter server"
             raise SpecError(source, "replicas", f"layers {a}-{b - 1} are held by tensor-parallel groups of sizes "
-                            f"{', '.join(map(str, sizes))}: the runtime synchronises gradients between groups of "
-                            "one size only", "give the groups that hold the same layers one size, or re-plan")
+                            f"{', '.join(map(str, sizes))}: the runtime shards their optimizer state ({what}) "
+                            "only between groups of one size",
+                            "give the groups that hold the same layers one size, or use ring or hierarchical "
+                            "gradient sync without optimizer sharding")
 
 
 def rank_map(plan: Plan, cluster: Cluster) -> RankMap:

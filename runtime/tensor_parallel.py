@@ -125,8 +125,8 @@ class Conv1DColwise(ColwiseParallel):
             for pname, param in list(mod.named_parameters(recurse=False)):
                 dim = 1 if pname == "weight" else 0
                 whole = head_aligned(param.detach(), dim, fused, t)
-                mod.register_parameter(pname, nn.Parameter(distribute_tensor(whole, mesh, [Shard(dim)], src_data_rank=None),
-                                                           requires_grad=param.requires_grad))
+                shards = distribute_tensor(whole, mesh, [Shard(dim)], src_data_rank=None)
+                mod.register_parameter(pname, nn.Parameter(shards, requires_grad=param.requires_grad))
 
         return distribute_module(module, device_mesh, partition,
                                  partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
@@ -216,36 +216,115 @@ def _head_target(family: str, layer: nn.Module) -> nn.Module | None:
     return None  # BERT's classification head stays whole (the cost graph keeps it whole)
 
 
+def tp_targets(module: StageModule, family: str, num_layers: int) -> list[tuple[nn.Module, str]]:
+    """The stage's submodules that tensor parallelism splits, with their kind: 'embedding'
+    (RowwiseParallel along the vocabulary), 'head' (ColwiseParallel along the vocabulary),
+    or a block projection's TENSOR_PARALLEL_PLAN style."""
+    out: list[tuple[nn.Module, str]] = []
+    for i, layer in zip(range(module.start, module.stop), module.layers):
+        if i == 0:
+            target = _embedding_target(family, layer)
+            out += [(target, "embedding")] if target is not None else []
+        elif i == num_layers - 1:
+            target = _head_target(family, layer)
+            out += [(target, "head")] if target is not None else []
+        else:
+            block = layer.block if hasattr(layer, "block") else layer
+            out += [(block.get_submodule(name), kind) for name, kind in TENSOR_PARALLEL_PLAN[family].items()]
+    return out
+
+
+Layout = tuple[int, int]
+"""(dimension split, fused blocks) of a parameter under tensor parallelism; absent: whole."""
+
+
+def param_layouts(module: StageModule, family: str, num_layers: int) -> dict[str, Layout]:
+    """Whole-model name -> how tensor parallelism splits that parameter (the same whether or
+    not this stage is split: a stage of one device reduces slices of its whole parameters
+    with tensor-parallel ranks of other groups)."""
+    out: dict[str, Layout] = {}
+    for target, kind in tp_targets(module, family, num_layers):
+        conv = _is_conv1d(target)
+        for pname, p in target.named_parameters(recurse=False):
+            if kind in ("embedding", "head"):
+                dim = 0
+            elif kind.startswith("colwise"):
+                dim = 1 if conv and pname == "weight" else 0
+            else:  # rowwise: the bias is added after the all-reduce, whole
+                dim = (0 if conv else 1) if pname == "weight" else None
+            if dim is not None:
+                out[module.param_names[id(p)]] = (dim, 3 if kind == "colwise_qkv" and conv else 1)
+    return out
+
+
+def _piece_view(x: torch.Tensor, layout: Layout, parts: int, index: int) -> torch.Tensor:
+    dim, fused = layout
+    if fused == 1:  # torch.chunk, as DTensor shards (the last slices smaller when uneven)
+        return torch.chunk(x, parts, dim=dim)[index]
+    n = x.shape[dim]
+    if n % (fused * parts):
+        raise ValueError(f"fused blocks of {n} do not split into {parts} slices")
+    shape = x.shape[:dim] + (fused, parts, n // (fused * parts)) + x.shape[dim + 1:]
+    return x.view(shape).select(dim + 1, index)
+
+
+def get_slice(x: torch.Tensor, layout: Layout | None, parts: int, index: int) -> torch.Tensor:
+    """Slice `index` of `parts` of a (contiguous) tensor holding a parameter or its part, in
+    the parameter's split layout (head-aligned for fused blocks), shaped as that
+    parameter's shard; a whole parameter's (no layout) is the tensor itself. Slice j of t of
+    a whole tensor is what tensor-parallel rank j of t holds; when t * m divides the split
+    dimension, slice q of m of rank k's part is slice k * m + q of t * m of the whole."""
+    if layout is None or parts == 1:
+        return x
+    view = _piece_view(x, layout, parts, index)
+    if layout[1] == 1:
+        return view
+    dim = layout[0]
+    return view.reshape(x.shape[:dim] + (x.shape[dim] // parts,) + x.shape[dim + 1:])
+
+
+def set_slice(x: torch.Tensor, layout: Layout | None, parts: int, index: int, value: torch.Tensor) -> None:
+    """Write `value` (shaped as ``get_slice`` returns it) into that slice of x, in place."""
+    if layout is None or parts == 1:
+        x.copy_(value)
+        return
+    view = _piece_view(x, layout, parts, index)
+    view.copy_(value.view(view.shape))
+
+
+def check_slices(x: torch.Tensor, layout: Layout | None, parts: int, name: str) -> None:
+    """A part of a parameter held by a group of t > 1 can be cut into `parts` further slices
+    that match a larger group's shards only if t * parts divides the split dimension."""
+    if layout is not None and x.shape[layout[0]] % (layout[1] * parts):
+        raise SpecError("plan", "groups", f"{name}: {x.shape[layout[0]]} rows or columns per rank do not split "
+                        f"evenly into {parts} slices for the larger tensor-parallel groups that hold the same layers",
+                        "give the groups that hold the same layers one size")
+
+
 def parallelize_stage(module: StageModule, shape: TransformerShape, mesh: DeviceMesh, *,
                       num_layers: int) -> TensorParallel:
     """Shard `module` (layers [start, stop) of a model with `num_layers` cost-graph layers)
     over `mesh`, in place. Parameters keep their whole-model names."""
     family, t = shape.family, mesh.size()
     check_divisible(shape, t, "plan")
-    plan = TENSOR_PARALLEL_PLAN[family]
     paths = {path: module.param_names[id(p)] for path, p in module.layers.named_parameters()}
     tp = TensorParallel(mesh, mesh.get_local_rank(), t)
-    for i, layer in zip(range(module.start, module.stop), module.layers):
-        if i == 0:
-            target = _embedding_target(family, layer)
-            if target is not None:
-                parallelize_module(target, mesh, RowwiseParallel(input_layouts=Replicate()), src_data_rank=None)
-        elif i == num_layers - 1:
-            target = _head_target(family, layer)
-            if target is not None:
-                parallelize_module(target, mesh, ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
-                                   src_data_rank=None)
-                tp.vocab_parallel_head = True
+    for name, (_, fused) in param_layouts(module, family, num_layers).items():
+        if fused > 1:
+            tp.fused[name] = fused
+    for target, kind in tp_targets(module, family, num_layers):
+        if kind == "embedding":
+            parallelize_module(target, mesh, RowwiseParallel(input_layouts=Replicate()), src_data_rank=None)
+        elif kind == "head":
+            parallelize_module(target, mesh, ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
+                               src_data_rank=None)
+            tp.vocab_parallel_head = True
         else:
-            block = layer.block if hasattr(layer, "block") else layer
-            parallelize_module(block, mesh, {name: _style(kind, block.get_submodule(name))
-                                             for name, kind in plan.items()})
-            _localize(family, block, shape, t)
+            parallelize_module(target, mesh, _style(kind, target))
+    for layer in module.layers:
+        if hasattr(layer, "block"):
+            _localize(family, layer.block, shape, t)
     module.param_names = {id(p): paths[path] for path, p in module.layers.named_parameters()}
-    for path, p in module.layers.named_parameters():
-        name = paths[path]
-        if name.endswith(("attn.c_attn.weight", "attn.c_attn.bias")) and family == "gpt":
-            tp.fused[name] = 3
     return tp
 
 

@@ -142,7 +142,8 @@ class Trainer:
                                               self.cg.num_layers)
         groups = ProcessGroups(plan, rm, self.cluster, self.cg, plan.grad_sync)
         self.sync = GradSync(self.module, role, groups, self.rank, plan.grad_sync, cfg.bucket_cap_mb * 2**20,
-                             zero1=plan.optimizer_sharding == "zero1")
+                             zero1=plan.optimizer_sharding == "zero1",
+                             layouts=tensor_parallel.param_layouts(self.module, shape.family, self.cg.num_layers))
         self.optimizer = build_optimizer(plan.optimizer, self.sync.optimizer_tensors(self.module), cfg)
         self.state = StageState(self.module, self.optimizer, self.sync)
         self.slowdown = _slowdown_of(cfg, rt.info, self.cluster)
@@ -226,7 +227,9 @@ class Trainer:
         return (f"hetalloc runtime: {plan.model} ({plan.planner or 'hand-made'} plan) on {rt.info.world_size} ranks "
                 f"({rt.backend}, {self.device.type}); {len(plan.replicas)} replica(s), schedule {plan.schedule}, "
                 f"grad sync {plan.grad_sync}, {plan.optimizer}; global batch {plan.global_batch} in "
-                f"{plan.num_microbatches} micro-batches; steps {self.done + 1}..{self.cfg.steps}")
+                f"{plan.num_microbatches} micro-batches; "
+                + "".join(f"{option}; " for option in plan.options_used())
+                + f"steps {self.done + 1}..{self.cfg.steps}")
 
     def run(self) -> dict[str, Any] | None:
         """Train up to cfg.steps; returns the summary on rank 0 (None elsewhere)."""

@@ -99,16 +99,23 @@ CONFIGS: dict[int, dict[str, tuple]] = {
                                            dict(num_microbatches=3, schedule="1f1b"),
                                            dict(dtype="float64", dataset="text", eval_every=2)),
         # Recomputation on both stages; GPT-2's fused q/k/v Conv1D split by heads in a
-        # tensor-parallel last stage (vocabulary-parallel head and loss) fed by one device.
+        # tensor-parallel last stage (vocabulary-parallel head and loss, also for the
+        # validation loss) fed by one device.
         "gpt2_recompute_then_tp2_stage": ("gpt2-tiny", 32, [[((0, 3), [(H0, 2)], "full"),
                                                              ((3, 6), [(TP12, 2)], "full")]],
-                                          dict(num_microbatches=2, schedule="gpipe"), dict(dtype="float64")),
+                                          dict(num_microbatches=2, schedule="gpipe"),
+                                          dict(dtype="float64", eval_every=5)),
+        # One stage held by a group of 2 (share 2) and a single device (share 1): gradients
+        # reduced slice by slice, the single device's halves with each rank of the group.
+        "gpt2_tp2_group_next_to_one_device": ("gpt2-tiny", 32, [[((0, 6), [(TP01, 2), (H2, 1)])]],
+                                              dict(num_microbatches=2), dict(dtype="float64")),
         # zero1 over a stage of two devices with shares 3:1 (optimizer state in halves).
         "llama_zero1_shares_3to1": (LLAMA, 32, [[((0, 3), [(H0, 3), (H1, 1)]), ((3, 6), [(H2, 4)])]],
                                     dict(num_microbatches=2, optimizer_sharding="zero1"), dict(dtype="float64")),
     },
 }
-RESUMED = {"llama_tp2_x_2replicas_zero1", "llama_tp2_stage_plus_tp1_stage", "llama_zero1_shares_3to1"}
+RESUMED = {"llama_tp2_x_2replicas_zero1", "llama_tp2_stage_plus_tp1_stage", "llama_zero1_shares_3to1",
+           "gpt2_tp2_group_next_to_one_device"}
 RESUME_AT = 2
 
 

@@ -59,20 +59,22 @@ def test_ranks_are_plan_devices_in_cluster_order_grouped_by_node():
     assert rm.ranks_on("b") == [1, 2] and rm.local_rank(2) == 1
 
 
-def test_layers_held_by_groups_of_different_sizes_are_refused_in_one_line(tmp_path):
+def test_groups_of_different_sizes_with_sharded_optimizer_state_are_refused_in_one_line(tmp_path):
     from runtime.launch import load_checked
     cluster = cpu4()
     cg = cpu_cost_graph(str(ROOT / "examples" / "llama-tiny.json"), 16)
-    # tensor parallelism, recomputation and zero1 run ...
-    plan = hand_plan(cluster, cg, [[((0, 3), [(("host/0", "host/1"), 2)], "full"), ((3, 6), [("host/2", 2)])]],
-                     num_microbatches=2, optimizer_sharding="zero1")
-    check_supported(plan)
-    # ... but not a stage whose groups differ in size (gradients reduced across sizes)
-    mixed = hand_plan(cluster, cg, [[((0, 6), [(("host/0", "host/1"), 2), ("host/2", 1)])]], num_microbatches=2)
+    # tensor parallelism, recomputation and zero1 run, and groups of different sizes with ring sync ...
+    check_supported(hand_plan(cluster, cg, [[((0, 3), [(("host/0", "host/1"), 2)], "full"), ((3, 6), [("host/2", 2)])]],
+                              num_microbatches=2, optimizer_sharding="zero1"))
+    check_supported(hand_plan(cluster, cg, [[((0, 6), [(("host/0", "host/1"), 2), ("host/2", 1)])]],
+                              num_microbatches=2))
+    # ... but not groups of different sizes whose optimizer steps flat shards (zero1, parameter server)
+    mixed = hand_plan(cluster, cg, [[((0, 6), [(("host/0", "host/1"), 2), ("host/2", 1)])]], num_microbatches=2,
+                      optimizer_sharding="zero1")
     mixed.save(tmp_path / "mixed.json")
     with pytest.raises(SpecError, match=r"mixed.json: replicas: layers 0-5 are held by tensor-parallel groups of "
-                                        "sizes 1, 2: the runtime synchronises gradients between groups of one size "
-                                        "only") as e:
+                                        r"sizes 1, 2: the runtime shards their optimizer state \(zero1\) only "
+                                        "between groups of one size") as e:
         load_checked(tmp_path / "mixed.json")
     assert "\n" not in str(e.value)
 
