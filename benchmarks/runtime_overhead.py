@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     cg = cpu_cost_graph(MODEL, a.seq)
     rows = []
     for layout, schedule in [(lay, sch) for lay in a.layouts.split(",") for sch in ("gpipe", "1f1b")]:
-        stages, ranks = LAYOUTS[layout]
+        stages, nproc = LAYOUTS[layout]
         plan = hand_plan(cluster, cg, [stages], num_microbatches=GLOBAL_BATCH_MICROBATCHES, schedule=schedule,
                          name="overhead")
         path = out / f"plan-{layout}-{schedule}.json"
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         ours, theirs, other, losses_match, loads = [], [], [], True, []
         for k in range(a.repeats):
             loads.append(os.getloadavg()[0])
-            s, ref = paired_run(path, a.steps, out / f"{layout}-{schedule}-{k}", ranks)
+            s, ref = paired_run(path, a.steps, out / f"{layout}-{schedule}-{k}", nproc)
             ours.append(statistics.median(ref["runtime_step_times_s"][1:]))
             theirs.append(statistics.median(ref["pipelining_step_times_s"][1:]))
             other.append(s["measured"]["overhead_fraction_max"])
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {layout} {schedule} #{k}: runtime {ours[-1]:.3f} s, pipelining {theirs[-1]:.3f} s, "
                   f"other {100 * other[-1]:.1f} % (load {loads[-1]:.1f})", flush=True)
         rows.append({"layout_name": layout, "schedule": schedule, "layout": describe(plan), "seq_len": a.seq,
-                     "ranks": ranks, "load_1min_at_start": loads,
+                     "ranks": nproc, "load_1min_at_start": loads,
                      "global_batch": plan.global_batch, "runtime_step_s": statistics.median(ours),
                      "pipelining_step_s": statistics.median(theirs),
                      "ratio": statistics.median(ours) / statistics.median(theirs),

@@ -52,7 +52,9 @@ def rank_pairs(senders: list[str], receivers: list[str]) -> list[tuple[str, str]
     gets the whole slice from rank k mod t of the sending group (one device to one
     device when t = 1). The same rule serves activations forward and input gradients
     backward (senders and receivers swapped); every rank of a tensor-parallel group holds
-    the full activations at a stage boundary, so any rank can send them."""
+    the full activations at a stage boundary, so any rank can send them. The runtime sends
+    this way: on gloo it beat every sending rank sending its part and Megatron-LM's
+    scatter-gather in every case measured (benchmarks/tp_sends.py)."""
     return [(senders[k % len(senders)], r) for k, r in enumerate(receivers)]
 
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from hetalloc.cluster import cluster_from_dict, load_cluster
 from hetalloc.errors import SpecError
-from hetalloc.models import get_model
+from hetalloc.models import get_model, resolve_model
 from runtime import commands
 from runtime.checkpoint import plan_key
 from runtime.config import TrainConfig, parse_slowdown
@@ -287,3 +287,47 @@ def test_one_device_plan_trains_without_torchrun(tmp_path, monkeypatch):
     assert len(got) == 40 and sum(got[-5:]) < sum(got[:5]) - 2.5, got
     assert summary["ranks"][0]["device"] == "host/2"
     assert json.loads((tmp_path / "summary.json").read_text())["measured_steps"] == 39
+
+
+# ---- tensor-parallel layouts ------------------------------------------------------------
+
+def test_fused_qkv_is_split_by_heads_and_slices_of_slices_are_slices():
+    from runtime.tensor_parallel import fused_order, get_slice, head_aligned, set_slice
+    # GPT-2's c_attn bias for hidden 4: [q0 q1 q2 q3 | k0..k3 | v0..v3]; two ranks hold
+    # [q0 q1 k0 k1 v0 v1] and [q2 q3 k2 k3 v2 v3] (their own heads).
+    x = torch.arange(12.0)
+    assert head_aligned(x, 0, 3, 2).tolist() == [0, 1, 4, 5, 8, 9, 2, 3, 6, 7, 10, 11]
+    assert torch.equal(fused_order(head_aligned(x, 0, 3, 2), 0, 3, 2), x)
+    assert get_slice(x, (0, 3), 2, 1).tolist() == [2, 3, 6, 7, 10, 11]
+    # Slice q of m of rank k's part of t is slice k*m + q of t*m of the whole (weights (in, out), dim 1).
+    w = torch.arange(3 * 24.0).view(3, 24)
+    for layout in ((1, 3), (1, 1), (0, 1)):
+        whole = w if layout[0] == 1 else w.T.contiguous()
+        for k in range(2):
+            part = get_slice(whole, layout, 2, k).contiguous()
+            for q in range(2):
+                assert torch.equal(get_slice(part, layout, 2, q), get_slice(whole, layout, 4, 2 * k + q)), layout
+    y = torch.zeros(12)
+    set_slice(y, (0, 3), 2, 1, get_slice(x, (0, 3), 2, 1))
+    assert y.tolist() == [0, 0, 2, 3, 0, 0, 6, 7, 0, 0, 10, 11]
+    # uneven vocabulary rows (a single device next to a group of 2): torch.chunk, as DTensor shards
+    v = torch.arange(5.0)
+    assert get_slice(v, (0, 1), 2, 0).tolist() == [0, 1, 2] and get_slice(v, (0, 1), 2, 1).tolist() == [3, 4]
+
+
+def test_parameter_layouts_follow_the_tensor_parallel_plan():
+    from runtime.tensor_parallel import param_layouts
+    shape = get_model("gpt2-tiny")
+    built = build_model(shape, seed=0)
+    lay = param_layouts(StageModule(built, 0, 6), "gpt", 6)
+    h = "transformer.h.0."
+    assert lay[h + "attn.c_attn.weight"] == (1, 3) and lay[h + "attn.c_attn.bias"] == (0, 3)  # Conv1D (in, out)
+    assert lay[h + "attn.c_proj.weight"] == (0, 1) and h + "attn.c_proj.bias" not in lay  # row-parallel: bias whole
+    assert lay[h + "mlp.c_fc.weight"] == (1, 1) and lay[h + "mlp.c_fc.bias"] == (0, 1)
+    assert h + "ln_1.weight" not in lay and "transformer.wpe.weight" not in lay  # norms, positions whole
+    assert lay["transformer.wte.weight"] == (0, 1) and lay["lm_head.weight"] == (0, 1)  # along the vocabulary
+    llama = build_model(resolve_model(str(ROOT / "examples" / "llama-tiny.json")), seed=0)
+    lay = param_layouts(StageModule(llama, 1, 3), "llama", 6)
+    assert lay["model.layers.0.self_attn.k_proj.weight"] == (0, 1)
+    assert lay["model.layers.1.mlp.down_proj.weight"] == (1, 1)
+    assert "model.embed_tokens.weight" not in lay and "model.layers.0.input_layernorm.weight" not in lay
