@@ -261,8 +261,9 @@ def min_stage_sum(tab: StageTable, use: np.ndarray, limit: float = math.inf, any
     if not use.any():
         return math.inf, None
     rem = tab.remaining_bound(use)
-    if not math.isfinite(rem[0]) and not (tab.kind[use] == ONLY).any():
-        return math.inf, None
+    last = use & (tab.kind == LAST)
+    if not (use & (tab.kind == ONLY)).any() and not np.isfinite(rem[tab.span[last]]).any():
+        return math.inf, None  # no last stage can be completed to a plan
     best, k, d, u, P, Q = _kernel(tab.X, tab.L, tab.N, tab.comp, tab.strides, tab.nU, tab.dcap, tab.kind, tab.xf,
                                   tab.span, tab.cnt, tab.off, tab.t, tab.amax, use, float(limit), rem, any_plan)
     if k < 0 or not math.isfinite(best):
