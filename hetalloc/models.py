@@ -117,12 +117,44 @@ def shape_from_hf_config(cfg: dict[str, Any], name: str = "hf-model") -> Transfo
 
 
 def resolve_model(spec: str) -> TransformerShape:
-    """A built-in name, or a path to a Hugging Face config.json."""
+    """A built-in name, or a path to a Hugging Face config.json (checked: check_shape)."""
     p = Path(spec)
-    if p.suffix == ".json" and p.exists():
-        cfg = read_json(p, missing_fix="check the path", invalid_fix="fix the syntax")
-        return shape_from_hf_config(cfg, p.parent.name if p.name == "config.json" else p.stem)
+    if p.suffix == ".json":
+        cfg = read_json(p, missing_fix="check the path of the model's config.json", invalid_fix="fix the syntax")
+        if not isinstance(cfg, dict):
+            raise SpecError(str(p), "", "expected a JSON object (a Hugging Face config.json)", "pass a config.json")
+        try:
+            shape = shape_from_hf_config(cfg, p.parent.name if p.name == "config.json" else p.stem)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, SpecError):
+                raise SpecError(str(p), e.path, e.problem, e.fix) from None
+            raise SpecError(str(p), "", f"malformed config ({e})", "fix the sizes in the config") from None
+        check_shape(shape, str(p))
+        return shape
     return get_model(spec)
+
+
+CONFIG_KEYS = {"n_layers": "n_layer / num_hidden_layers", "hidden": "n_embd / hidden_size",
+               "heads": "n_head / num_attention_heads", "ffn": "n_inner / intermediate_size",
+               "vocab": "vocab_size", "max_seq": "n_positions / max_position_embeddings",
+               "kv_heads": "num_key_value_heads", "num_labels": "num_labels"}
+"""Shape fields and the Hugging Face config keys they come from (for error messages)."""
+
+
+def check_shape(shape: TransformerShape, source: str) -> None:
+    """The sizes a model needs to be built: whole numbers >= 1 (kv_heads 0 means 'heads'),
+    a hidden size divisible by the heads and heads divisible by the KV heads."""
+    for name, key in CONFIG_KEYS.items():
+        v = getattr(shape, name)
+        low = 0 if name == "kv_heads" else 1
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise SpecError(source, key, f"must be a whole number >= {low}, got {v!r}", "fix the model's config")
+    if shape.hidden % shape.heads:
+        raise SpecError(source, CONFIG_KEYS["hidden"], f"{shape.hidden} is not divisible by the {shape.heads} heads",
+                        "fix the model's config")
+    if shape.kv_heads and shape.heads % shape.kv_heads:
+        raise SpecError(source, CONFIG_KEYS["kv_heads"], f"{shape.heads} heads are not divisible by "
+                        f"{shape.kv_heads} KV heads", "fix the model's config")
 
 
 @dataclass(frozen=True, slots=True)

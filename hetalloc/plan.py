@@ -76,6 +76,8 @@ class Plan:
     """The cluster the plan was made for (normalised spec), so a plan file is self-contained."""
     cost_graph_spec: dict[str, Any] | None = None
     """The cost graph the plan was made with."""
+    source: str = field(default="", compare=False, repr=False)
+    """The file the plan was read from ('' for one made here): errors about it name it."""
 
     # ---- views ----------------------------------------------------------------------
     @property
@@ -135,31 +137,50 @@ def plan_from_dict(d: Any, source: str = "<plan>") -> Plan:
     for key in ("model", "seq_len", "global_batch", "num_microbatches", "schedule", "grad_sync", "replicas"):
         if key not in d:
             raise err(key, "missing", "re-run 'hetalloc plan'")
+    ints = {}
+    for key in ("seq_len", "global_batch", "num_microbatches"):
+        v = d[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < 1:
+            raise err(key, f"must be a whole number >= 1, got {v!r}", "re-run 'hetalloc plan'")
+        ints[key] = int(v)
+    for key in ("model", "schedule", "grad_sync"):
+        if not isinstance(d[key], str):
+            raise err(key, f"expected a name, got {d[key]!r}", "re-run 'hetalloc plan'")
+    if not isinstance(d["replicas"], list) or not all(isinstance(r, dict) for r in d["replicas"]):
+        raise err("replicas", "expected a list of {stages: [...]}", "re-run 'hetalloc plan'")
     replicas = []
     for ri, r in enumerate(d["replicas"]):
         stages = []
+        if not isinstance(r.get("stages", []), list) or not all(isinstance(s, dict) for s in r.get("stages", [])):
+            raise err(f"replicas[{ri}].stages", "expected a list of {layers, devices}", "re-run 'hetalloc plan'")
         for si, s in enumerate(r.get("stages", [])):
             p = f"replicas[{ri}].stages[{si}]"
             layers = s.get("layers")
             if not (isinstance(layers, list) and len(layers) == 2 and all(isinstance(x, int) for x in layers)):
                 raise err(f"{p}.layers", f"expected [start, stop], got {layers!r}", "give two layer indices")
             devs = []
+            if not isinstance(s.get("devices", []), list):
+                raise err(f"{p}.devices", "expected a list of {id, share}", "re-run 'hetalloc plan'")
             for di, dv in enumerate(s.get("devices", [])):
                 if not isinstance(dv, dict) or "id" not in dv or "share" not in dv:
                     raise err(f"{p}.devices[{di}]", "expected {id, share}", "name the device and its share")
+                if isinstance(dv["share"], bool) or not isinstance(dv["share"], int) or dv["share"] < 1:
+                    raise err(f"{p}.devices[{di}].share", f"must be a whole number >= 1, got {dv['share']!r}")
                 devs.append(DeviceShare(str(dv["id"]), dv["share"]))
             stages.append(Stage(layers[0], layers[1], devs))
         replicas.append(Replica(stages))
     cl = d.get("cluster", {})
     cg = d.get("cost_graph", {})
+    if not isinstance(cl, dict) or not isinstance(cg, dict):
+        raise err("cluster" if not isinstance(cl, dict) else "cost_graph", "expected a mapping", "re-run 'hetalloc plan'")
     return Plan(
-        model=d["model"], seq_len=int(d["seq_len"]), global_batch=int(d["global_batch"]),
-        num_microbatches=int(d["num_microbatches"]), schedule=d["schedule"], grad_sync=d["grad_sync"],
+        model=d["model"], seq_len=ints["seq_len"], global_batch=ints["global_batch"],
+        num_microbatches=ints["num_microbatches"], schedule=d["schedule"], grad_sync=d["grad_sync"],
         replicas=replicas, optimizer=d.get("optimizer", "adamw"), precision=d.get("precision", "bf16-mixed"),
         cluster_name=cl.get("name", ""), cluster_fingerprint=cl.get("fingerprint", ""),
         cost_graph_fingerprint=cg.get("fingerprint", ""), planner=d.get("planner", ""),
         predicted=d.get("predicted", {}), solver=d.get("solver", {}), notes=d.get("notes", []),
-        cluster_spec=cl.get("spec"), cost_graph_spec=cg.get("spec"),
+        cluster_spec=cl.get("spec"), cost_graph_spec=cg.get("spec"), source=source,
     )
 
 
@@ -184,9 +205,12 @@ def device_memory(plan: Plan, cluster: Cluster, cg: CostGraph) -> dict[str, Memo
     return out
 
 
-def validate_plan(plan: Plan, cluster: Cluster, cg: CostGraph, *, source: str = "plan",
+def validate_plan(plan: Plan, cluster: Cluster, cg: CostGraph, *, source: str | None = None,
                   check_fingerprints: bool = False, check_memory: bool = True) -> None:
-    """Raise SpecError naming the first problem; a valid plan passes silently."""
+    """Raise SpecError naming the first problem (and the plan's file, unless `source`
+    says otherwise); a valid plan passes silently."""
+    source = source or plan.source or "plan"
+
     def err(path: str, problem: str, fix: str = "") -> SpecError:
         return SpecError(source, path, problem, fix)
 
@@ -265,11 +289,12 @@ def attach_context(plan: Plan, cluster: Cluster, cg: CostGraph) -> Plan:
     return plan
 
 
-def plan_context(plan: Plan, source: str = "plan", *, cluster: Cluster | None = None,
+def plan_context(plan: Plan, source: str | None = None, *, cluster: Cluster | None = None,
                  cg: CostGraph | None = None) -> tuple[Cluster, CostGraph]:
     """The cluster and cost graph of a plan: those given (a user's --cluster / --cost-graph),
     else the ones the plan carries; a plan without its cost graph gets the analytic one of
     its model."""
+    source = source or plan.source or "plan"
     if cluster is None:
         if not plan.cluster_spec:
             raise SpecError(source, "cluster.spec", "the plan does not carry its cluster",
@@ -279,5 +304,8 @@ def plan_context(plan: Plan, source: str = "plan", *, cluster: Cluster | None = 
         if plan.cost_graph_spec:
             cg = cost_graph_from_dict(plan.cost_graph_spec, f"{source}#cost_graph")
         else:
-            cg = analytic_cost_graph(get_model(plan.model), plan.seq_len, plan.precision)
+            try:
+                cg = analytic_cost_graph(get_model(plan.model), plan.seq_len, plan.precision)
+            except SpecError as e:  # named after the plan's fields, not the flags of 'hetalloc plan'
+                raise SpecError(source, "model, seq_len, precision", e.problem, "re-run 'hetalloc plan'") from None
     return cluster, cg

@@ -17,8 +17,7 @@ from typing import Any
 
 from hetalloc.cluster import Cluster, load_cluster
 from hetalloc.costgraph import CostGraph, load_cost_graph
-from hetalloc.errors import SpecError
-from hetalloc.plan import Plan, load_plan, plan_context
+from hetalloc.plan import Plan, load_plan, plan_context, validate_plan
 
 from .api import simulate
 from .engine import DDP_BUCKET_BYTES
@@ -52,11 +51,15 @@ def context_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_context(args) -> tuple[Plan, Cluster, CostGraph]:
-    """The plan, and its cluster and cost graph (embedded unless overridden)."""
+    """The plan, and its cluster and cost graph (embedded unless overridden), checked
+    against each other by the validator every verb uses (SpecError naming the plan's file;
+    memory is the simulation's to report, not a reason to refuse)."""
     plan = load_plan(args.plan)
     cluster = load_cluster(args.cluster) if args.cluster else None
     cg = load_cost_graph(args.cost_graph) if args.cost_graph else None
-    return (plan, *plan_context(plan, args.plan, cluster=cluster, cg=cg))
+    cluster, cg = plan_context(plan, args.plan, cluster=cluster, cg=cg)
+    validate_plan(plan, cluster, cg, source=args.plan, check_memory=False)
+    return plan, cluster, cg
 
 
 def sim_options(args) -> dict[str, Any]:
@@ -66,8 +69,6 @@ def sim_options(args) -> dict[str, Any]:
 
 def cmd_simulate(args) -> int:
     plan, cluster, cg = load_context(args)
-    if args.iterations < 1:
-        raise SpecError("--iterations", "", f"must be >= 1, got {args.iterations}", "simulate at least one")
     rep = simulate(plan, cluster, cg, iterations=args.iterations, explain=True, **sim_options(args))
     for path, write in ((args.trace, rep.write_trace), (args.gantt, rep.write_gantt),
                         (args.utilisation, rep.write_utilisation), (args.report, rep.save)):
