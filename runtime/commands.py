@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .launch import DEFAULT_PORT, load_checked, node_commands, run_local, train_args
+from .launch import DEFAULT_PORT, check_run, load_checked, node_commands, run_local, train_args
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -44,16 +44,16 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def handler(args: argparse.Namespace) -> int:
-    plan, rm = load_checked(args.plan)
+    _, rm = load_checked(args.plan)
     extra = ["--dataset", args.dataset]
-    if args.model:
-        extra += ["--model", args.model]
     if args.lr is not None:
         extra += ["--lr", str(args.lr)]
-    targs = train_args(args.plan, steps=args.steps, slowdown=args.slowdown, out_dir=args.out,
-                       checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                       resume=args.resume, extra=extra)
     if args.nodes_print or len(rm.nodes) > 1:
+        check_run(args.plan, steps=args.steps, slowdown=args.slowdown, checkpoint_dir=args.checkpoint_dir,
+                  checkpoint_every=args.checkpoint_every, resume=args.resume, model=args.model, here=False)
+        targs = train_args(args.plan, steps=args.steps, slowdown=args.slowdown, out_dir=args.out,
+                           checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                           resume=args.resume, extra=extra + (["--model", args.model] if args.model else []))
         cmds = node_commands(rm, targs, master_addr=args.master_addr, master_port=args.master_port,
                              max_restarts=args.max_restarts)
         print(f"{args.plan}: {rm.world_size} ranks on {len(rm.nodes)} node(s); run on each node:")
@@ -63,7 +63,7 @@ def handler(args: argparse.Namespace) -> int:
         return 0
     summary = run_local(args.plan, steps=args.steps, slowdown=args.slowdown, out_dir=args.out,
                         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                        resume=args.resume, max_restarts=args.max_restarts, extra=extra)
+                        resume=args.resume, max_restarts=args.max_restarts, model=args.model, extra=extra)
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "output"}, indent=2))
     return 0
