@@ -181,9 +181,17 @@ def check_args(args: Namespace) -> None:
     model = values.get("model")
     if isinstance(model, str) and model.endswith(".json"):
         input_file(model, "--model", "Hugging Face config.json", "check the path of the model's config.json")
+    inputs = {os.path.realpath(values[d]): flag or "the plan being read" for d, (flag, *_) in INPUT_FILES.items()
+              if isinstance(values.get(d), str)}
+    outputs: dict[str, str] = {}
     for dest, flag in OUTPUT_FILES.items():
         if isinstance(values.get(dest), str):
             output_file(values[dest], flag)
+            real = os.path.realpath(values[dest])
+            if real in inputs or real in outputs:
+                raise SpecError(_where(flag, values[dest]), "", f"is also {inputs.get(real) or outputs[real]}",
+                                "give every output its own file name")
+            outputs[real] = flag
     if not values.get("nodes_print"):  # printed commands run elsewhere: their directories are not here
         for dest, flag in OUTPUT_DIRS.items():
             if isinstance(values.get(dest), str):

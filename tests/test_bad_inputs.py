@@ -153,6 +153,8 @@ CASES: list[tuple[list[str], str]] = [
     (["simulate", "{w}/plan.json", "--report", "/proc/hetalloc-report.json", "--trace", "{w}/t.json"], "--report"),
     (["simulate", "{w}/plan.json", "--utilisation", "{w}/a-file/u.png"], "--utilisation"),
     (["simulate", "{w}/plan.json", "--cluster", "{w}/adir"], "--cluster"),
+    (["simulate", "{w}/plan.json", "--report", "{w}/plan.json"], "--report"),
+    (["simulate", "{w}/plan.json", "--trace", "{w}/t.json", "--report", "{w}/t.json"], "--report"),
     (["simulate", "{w}/plan.json", "--cluster", "{w}/one-cpu.yaml"], "plan.json"),
     (["simulate", "{w}/plan.json", "--cost-graph", "{w}/cg_fewer.json"], "plan.json"),
     (["simulate", "{w}/plan.json", "--cost-graph", "{w}/cg_negparams.json"], "cg_negparams.json"),
