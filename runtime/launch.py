@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hetalloc.checks import output_dir
 from hetalloc.errors import HetallocError, SpecError
 from hetalloc.models import resolve_model
 from hetalloc.plan import Plan, load_plan, plan_context, validate_plan
@@ -215,6 +216,9 @@ def run_local(plan_path: str | Path, *, steps: int = 20, slowdown: list[str] | N
     if len(rm.nodes) > 1:
         raise SpecError(str(plan_path), "replicas", f"uses {len(rm.nodes)} nodes ({', '.join(rm.nodes)})",
                         "start one torchrun per node: 'hetalloc run --nodes-print' prints the commands")
+    output_dir(out_dir, "--out")
+    if checkpoint_dir is not None:
+        output_dir(checkpoint_dir, "--checkpoint-dir")
     out = Path(out_dir)
     summary_path = out / "summary.json"
     if summary_path.exists():

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hetalloc.calibrate import calibrate, calibration_error, save_efficiency
+from hetalloc.checks import output_dir
 from hetalloc.cluster import load_cluster
 from hetalloc.costgraph import load_cost_graph
 from hetalloc.errors import SpecError
@@ -62,6 +63,7 @@ def run_profile(out_dir: str | Path, *, nproc: int = 2, model: str = "gpt2-tiny"
     writes it into cluster.yaml. Raises RunFailed when the ranks fail."""
     check_profile(nproc, model=model, seq=seq, batch_sizes=batch_sizes, slowdown=slowdown, warmup=warmup,
                   repeats=repeats, link_repeats=link_repeats)
+    output_dir(out_dir, "--out")
     out = Path(out_dir)
     report_path = out / "report.json"
     if report_path.exists():
