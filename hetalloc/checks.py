@@ -45,18 +45,19 @@ class Bound:
     high: float = math.inf
     fix: str = ""
     allow_inf: bool = False
+    high_inclusive: bool = True
 
     def check(self, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return  # not this rule's kind of value (e.g. whatif's --seq is a list of scenarios)
         ok = value >= self.low if self.inclusive else value > self.low
-        ok = ok and value <= self.high and not math.isnan(value)
+        ok = ok and (value <= self.high if self.high_inclusive else value < self.high) and not math.isnan(value)
         ok = ok and (self.allow_inf or math.isfinite(value))
         if not ok:
             op = ">=" if self.inclusive else ">"
             what = f"a whole number {op} {self.low:g}" if self.integer else f"{op} {self.low:g}"
             if self.high < math.inf:
-                what += f" and <= {self.high:g}"
+                what += f" and {'<=' if self.high_inclusive else '<'} {self.high:g}"
             raise SpecError(self.flag, "", f"must be {what}, got {value:g}", self.fix)
 
 
@@ -77,6 +78,9 @@ NUMBERS: dict[str, Bound] = {b.flag.lstrip("-").replace("-", "_"): b for b in [
     Bound("--repeats", 1, integer=True, fix="time at least one pass per batch size"),
     Bound("--link-repeats", 1, integer=True, fix="time at least one transfer per message size"),
     Bound("--master-port", 1, integer=True, high=65535, fix="give a TCP port"),
+    Bound("--eval-every", 0, integer=True, fix="give K >= 1 to evaluate every K steps, or 0 for never"),
+    Bound("--eval-batches", 1, integer=True, fix="evaluate at least one global batch"),
+    Bound("--val-fraction", 0, high=1, high_inclusive=False, fix="give the share kept for validation, e.g. 0.1"),
 ]}
 """Numeric arguments by dest (the same bound for every verb that has the flag)."""
 

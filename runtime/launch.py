@@ -23,7 +23,7 @@ from typing import Any
 
 from hetalloc.checks import output_dir
 from hetalloc.errors import HetallocError, SpecError
-from hetalloc.models import resolve_model
+from hetalloc.models import layer_shapes, resolve_model
 from hetalloc.plan import Plan, load_plan, plan_context, validate_plan
 
 from .checkpoint_meta import check_latest, plan_key, read_latest
@@ -181,23 +181,21 @@ def check_run(plan_path: str | Path, *, steps: int = 20, slowdown: list[str] | N
 
 
 def check_model(plan: Plan, cg, model: str | None, source: str) -> None:
-    """The model the ranks will build (--model, else the plan's) resolves, is of a family
-    the runtime builds, and has the plan's layers and context (SpecError otherwise)."""
+    """The model the ranks will build (--model, else the one the plan's cost graph
+    records) resolves, is of a family the runtime builds, and has the plan's layers and
+    context (SpecError otherwise)."""
     flag = "--model" if model else source
-    try:
-        shape = resolve_model(model or plan.model)
-    except SpecError as e:
-        raise e if model else SpecError(source, "model", e.problem, e.fix) from None
+    shape = resolve_model(model) if model else cg.shape(source)
     if shape.family not in FAMILIES:
         raise SpecError(flag, "", f"the runtime cannot build '{shape.name}' (family '{shape.family}')",
                         f"runtime families: {', '.join(FAMILIES)}")
-    layers = shape.n_layers + 2  # embedding, blocks, head (hetalloc.models.layer_shapes)
-    if layers != cg.num_layers:
-        raise SpecError(flag, "", f"'{shape.name}' has {layers} layers, the plan's cost graph {cg.num_layers}",
-                        f"use the model the plan was made for ('{plan.model}')")
     if plan.seq_len > shape.max_seq and shape.family != "llama":
         raise SpecError(flag, "", f"the plan's sequence length {plan.seq_len} exceeds '{shape.name}''s context "
                         f"{shape.max_seq}", f"use the model the plan was made for ('{plan.model}')")
+    layers = len(layer_shapes(shape, plan.seq_len, 4))
+    if layers != cg.num_layers:
+        raise SpecError(flag, "", f"'{shape.name}' has {layers} layers, the plan's cost graph {cg.num_layers}",
+                        f"use the model the plan was made for ('{plan.model}')")
 
 
 def run_local(plan_path: str | Path, *, steps: int = 20, slowdown: list[str] | None = None,
