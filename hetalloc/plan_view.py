@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .cluster import Cluster
-from .plan import DeviceShare, Plan
+from .plan import Group, Plan
 
 
 def _ms(x: float) -> str:
@@ -29,19 +29,20 @@ def device_summary(cluster: Cluster, ids: list[str]) -> str:
     return ", ".join(f"{n}x{t}" for t, n in sorted(c.items()))
 
 
-def device_shares(cluster: Cluster, devices: list[DeviceShare]) -> str:
-    """Each device type with its own share: 'V100-32G:8 T4:4'; N devices of one type with
-    the same share as 'NxTYPE:SHARE' (in order of first appearance)."""
-    groups: dict[tuple[str, int], int] = {}
-    for d in devices:
-        key = (cluster.device(d.device).type, d.share)
-        groups[key] = groups.get(key, 0) + 1
-    return " ".join(f"{n}x{t}:{share}" if n > 1 else f"{t}:{share}" for (t, share), n in groups.items())
+def group_shares(cluster: Cluster, groups: list[Group]) -> str:
+    """Each group's device type with its own share, in plan order: 'V100-32G:8 T4:4'; a
+    tensor-parallel group of t as '(txTYPE):SHARE'; N alike groups as 'Nx...'."""
+    alike: dict[tuple[str, int, int], int] = {}
+    for g in groups:
+        key = (cluster.device(g.lead).type, g.tp, g.share)
+        alike[key] = alike.get(key, 0) + 1
+    return " ".join(f"{n}x" * (n > 1) + (t if tp == 1 else f"({tp}x{t})") + f":{share}"
+                    for (t, tp, share), n in alike.items())
 
 
 def compact_ranges(xs: list[int]) -> str:
     """[0, 1, 2, 3, 5, 7, 8] -> '0-3,5,7-8'."""
-    out: list[str] = []
+    out: list[list[int]] = []
     for x in sorted(set(xs)):
         if out and out[-1][1] == x - 1:
             out[-1][1] = x
@@ -58,25 +59,29 @@ def stage_table(plan: Plan, cluster: Cluster, max_rows: int = 40, max_cell: int 
     t = Table(title=f"plan for {plan.model} on {cluster.name}: {len(plan.replicas)} replica(s), "
                     f"{plan.num_stages} stage(s), {plan.num_microbatches} micro-batches, {plan.schedule}",
               caption="device:share — shares are samples of every micro-batch; NxT:S is N devices of type T "
-                      "with S each. Identical replicas print once.")
-    for col, just in [("replicas", "right"), ("stage", "right"), ("layers", "left"), ("device:share", "left"),
-                      ("fwd ms", "right"), ("bwd ms", "right"), ("p2p ms", "right"), ("sync ms", "right"),
-                      ("mem GiB (max %)", "right")]:
+                      "with S each, (txT) a tensor-parallel group of t. Identical replicas print once.")
+    tp = any(st.get("tp_s", 0.0) > 0 for st in stages)  # a column for TP all-reduces only when there are any
+    cols = [("replicas", "right"), ("stage", "right"), ("layers", "left"), ("device:share", "left"),
+            ("fwd ms", "right"), ("bwd ms", "right")] + ([("tp ms", "right")] if tp else []) + [
+            ("p2p ms", "right"), ("sync ms", "right"), ("mem GiB (max %)", "right")]
+    for col, just in cols:
         t.add_column(col, justify=just)
     # Identical replicas print once, naming them all: replicas merge only when every cell
     # of every stage but the replica reads the same.
     per_replica: dict[int, list[tuple[str, ...]]] = {}
     for st in stages:
         s = plan.replicas[st["replica"]].stages[st["stage"]]
-        ids = [d.device for d in s.devices]
-        shares = device_shares(cluster, s.devices)
+        ids = s.device_ids()
+        shares = group_shares(cluster, s.groups)
         if len(shares) > max_cell:
             shares = shares[:max_cell - 1] + "…"
         peak = max(mem.get(d, 0.0) for d in ids)
         pf = max(frac.get(d, 0.0) for d in ids)
+        layers = f"{s.start}-{s.stop - 1}" + (" recompute" if s.recompute != "none" else "")
         per_replica.setdefault(st["replica"], []).append(
-            (str(st["stage"]), f"{s.start}-{s.stop - 1}", shares, _ms(st["fwd_s"]), _ms(st["bwd_s"]),
-             _ms(st["p2p_s"]), _ms(st.get("sync_s", 0.0)), f"{_gib(peak)} ({pf:.0%})"))
+            (str(st["stage"]), layers, shares, _ms(st["fwd_s"]), _ms(st["bwd_s"]),
+             *([_ms(st.get("tp_s", 0.0))] if tp else []), _ms(st["p2p_s"]), _ms(st.get("sync_s", 0.0)),
+             f"{_gib(peak)} ({pf:.0%})"))
     alike: dict[tuple, list[int]] = {}
     for ri, cells in per_replica.items():
         alike.setdefault(tuple(cells), []).append(ri)
@@ -84,7 +89,7 @@ def stage_table(plan: Plan, cluster: Cluster, max_rows: int = 40, max_cell: int 
     for replicas, cells in rows[:max_rows]:
         t.add_row(replicas, *cells)
     if len(rows) > max_rows:
-        t.add_row("…", *[""] * 8)
+        t.add_row("…", *[""] * (len(cols) - 1))
         t.caption += f" {len(rows) - max_rows} more rows: see --json."
     return t
 
@@ -99,6 +104,8 @@ def summary_lines(plan: Plan, cluster: Cluster) -> list[str]:
         f"MFU {p['mfu']:.1%}  bubble {p['bubble_fraction']:.1%}",
         f"devices     {used} of {cluster.num_devices} used ({device_summary(cluster, plan.device_ids())})",
     ]
+    if plan.optimizer_sharding != "none":
+        lines.append(f"optimizer   state sharded ({plan.optimizer_sharding}) over each stage's data-parallel devices")
     s = plan.solver
     if s:
         gap = s.get("gap", math.inf)

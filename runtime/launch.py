@@ -28,7 +28,7 @@ from hetalloc.plan import Plan, load_plan, plan_context, validate_plan
 
 from .checkpoint_meta import check_latest, plan_key, read_latest
 from .config import FAMILIES, check_slowdown, parse_slowdown
-from .rankmap import RankMap, rank_map
+from .rankmap import RankMap, check_supported, rank_map
 
 ENTRY = "runtime.train"
 DEFAULT_PORT = 29500
@@ -128,6 +128,7 @@ def load_checked(plan_path: str | Path) -> tuple[Plan, RankMap]:
     plan = load_plan(plan_path)
     cluster, cg = plan_context(plan, str(plan_path))
     validate_plan(plan, cluster, cg, source=str(plan_path))
+    check_supported(plan, str(plan_path))
     return plan, rank_map(plan, cluster)
 
 
@@ -156,6 +157,7 @@ def check_run(plan_path: str | Path, *, steps: int = 20, slowdown: list[str] | N
     plan = load_plan(plan_path)
     cluster, cg = plan_context(plan, source)
     validate_plan(plan, cluster, cg, source=source)
+    check_supported(plan, source)
     rm = rank_map(plan, cluster)
     if steps < 1:
         raise SpecError("--steps", "", f"must be a whole number >= 1, got {steps}", "train for at least one step")

@@ -37,7 +37,7 @@ from .metrics import (MetricsWriter, StepTimes, build_summary, eval_line, mean_t
 from .models import DTYPES, StageModule, build_model, layer_param_counts
 from .optim import build_optimizer
 from .pipeline import PipelineExecutor, stage_role
-from .rankmap import LaunchInfo, check_launch, rank_map
+from .rankmap import LaunchInfo, check_launch, check_supported, rank_map
 
 @dataclass
 class Runtime:
@@ -118,6 +118,7 @@ class Trainer:
         self.plan, self.cfg = plan, cfg
         self.cluster, self.cg = plan_context(plan)
         validate_plan(plan, self.cluster, self.cg)
+        check_supported(plan)
         shape = resolve_model(model) if model else self.cg.shape()
         self.rt = rt = setup(plan, self.cluster, node)
         self.rank, self.device = rt.info.rank, rt.device

@@ -136,15 +136,15 @@ def stage_table(rep: SimReport, max_rows: int = 40):
     res = rep.result
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for s in rep.stages:
-        devs = res.plan.replicas[s["replica"]].stages[s["stage"]].devices
-        key = (s["stage"], tuple(sorted({res.rep_of[d.device] for d in devs})))
+        devs = res.plan.replicas[s["replica"]].stages[s["stage"]].device_ids()
+        key = (s["stage"], tuple(sorted({res.rep_of[d] for d in devs})))
         groups.setdefault(key, []).append(s)
     st = Table(title="Stages (replicas simulated as one share a row)")
     for c in ("replicas", "stage", "layers", "devices", "busy s", "busy %", "peak mem GiB", "of usable"):
         st.add_column(c, justify="right")
     for members in list(groups.values())[:max_rows]:
         s = members[0]
-        devs = [d.device for m in members for d in res.plan.replicas[m["replica"]].stages[m["stage"]].devices]
+        devs = [d for m in members for d in res.plan.replicas[m["replica"]].stages[m["stage"]].device_ids()]
         mem = [rep.devices[d] for d in devs]
         st.add_row(compact_ranges([m["replica"] for m in members]), str(s["stage"]),
                    f"{s['layers'][0]}-{s['layers'][1] - 1}", str(len(devs)),

@@ -1,16 +1,22 @@
 """The discrete-event model of training iterations of a Plan on a Cluster (SimPy).
 
-Each simulated device is a generator process on its compute stream: it runs its
-schedule's forward/backward ops (``hetalloc.schedule.stage_op_order``), each waiting for
-its inputs; then it waits for its gradient collectives and runs its optimizer step. A
-device also has two communication lanes: ``p2p`` (activation / gradient sends, in
-order) and ``collective`` (gradient all-reduces, in reverse layer order as DDP issues
-them). The links underneath are shared (``simulator.links``).
+Each simulated group (one device, or t tensor-parallel devices in lockstep) is a
+generator process on its compute stream: it runs its schedule's forward/backward ops
+(``hetalloc.schedule.stage_op_order``), each waiting for its inputs; an op is its
+compute (the backward including the recomputed forward), then its tensor-parallel
+all-reduces as a collective over the group's ring (lane ``tp``); then it waits for its
+gradient collectives and runs its optimizer step. Every device (rank) also has two
+communication lanes: ``p2p`` (activation / gradient sends, in order) and ``collective``
+(gradient all-reduces, in reverse layer order as DDP issues them; with zero1
+reduce-scatters before the optimizer step and all-gathers after it). The links
+underneath are shared (``simulator.links``): tensor-parallel rings contend with pipeline
+sends and gradient synchronisation.
 
 Two switches, both on by default:
 - ``contention``: transfers share link bandwidth (fair sharing, collectives step by step
   over the real links). Off: every transfer takes its formula time
-  (``hetalloc.costs.p2p_time``, ``hetalloc.evaluate.allreduce_time``) however many run.
+  (``hetalloc.costs.p2p_time``, ``hetalloc.evaluate.allreduce_time``, its zero1 halves,
+  ``hetalloc.evaluate.group_tp_times``) however many run.
 - ``overlap``: sends go to the p2p lane while compute continues, and gradients are
   all-reduced in DDP buckets as soon as every holder has finished their backward.
   Off: sends block the op that produced them (a receiver waits for the whole op, as the
@@ -32,12 +38,13 @@ import simpy
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
 from hetalloc.errors import SpecError
+from hetalloc.costs import zero1_halves
 from hetalloc.evaluate import allreduce_time, sync_groups
 from hetalloc.plan import Plan, validate_plan
 
-from .collectives import STEP_BUILDERS, Bucket, Step, buckets
+from .collectives import STEP_BUILDERS, Bucket, Step, buckets, tp_steps
 from .links import LinkLog, Network, Topology, UsageTable
-from .pipeline import DeviceWork, ReplicaClass, Send, fold_replicas, replica_work, split_chains
+from .pipeline import DeviceWork, ReplicaClass, Send, fold_replicas, optimizer_work, replica_work, split_chains
 
 DDP_BUCKET_BYTES = 25 * 2**20
 """PyTorch DDP's default bucket_cap_mb (25 MiB)."""
@@ -86,9 +93,9 @@ class CountingEnvironment(simpy.Environment):
 class Activity:
     device: str
     lane: str
-    """compute | p2p | collective"""
+    """compute | tp | p2p | collective"""
     kind: str
-    """F | B | optimizer | send | allreduce"""
+    """F | B | optimizer | tp | send | allreduce | reducescatter | allgather"""
     name: str
     t0: float
     t1: float
@@ -99,6 +106,8 @@ class Activity:
     """For sends: the usage key of their link load (to find the bottleneck link)."""
     group: int = -1
     """For all-reduces: the gradient group."""
+    rank: int = 0
+    """Which rank of the device's group did it (sends and collectives of a TP group)."""
 
 
 @dataclass
@@ -111,6 +120,8 @@ class Collective:
     devices: list[str]
     """All devices of the group."""
     done: simpy.Event
+    part: str = "all"
+    """'all' (all-reduce), or under zero1 'rs' (reduce-scatter) / 'ag' (all-gather)."""
     prev: list[simpy.Event] = field(default_factory=list)
     steps: list[tuple[str, float, float]] = field(default_factory=list)
     """(phase, start, end) of each (merged) step, when simulated over the links."""
@@ -157,8 +168,12 @@ class Simulation:
         self.net = Network(self.env, self.topo, self.log) if self.opts.contention else None
         self.groups = [g for g in sync_groups(plan, cluster, cg) if len(g.devices) > 1]
         build = STEP_BUILDERS[plan.grad_sync]
-        self.steps: list[list[Step]] = [build(self.topo, self.table, g.devices, self.opts.max_collective_steps)
-                                        for g in self.groups]
+        self.parts = ("rs", "ag") if plan.optimizer_sharding == "zero1" else ("all",)
+        self.part_steps: dict[tuple[int, str], list[Step]] = {
+            (gi, part): build(self.topo, self.table, g.devices, self.opts.max_collective_steps, part)
+            for gi, g in enumerate(self.groups) for part in self.parts}
+        self.steps: list[list[Step]] = [[st for part in self.parts for st in self.part_steps[(gi, part)]]
+                                        for gi in range(len(self.groups))]
         coll_usages = [u for steps in self.steps for st in steps for u, _ in st.flows]
         self.chains = split_chains(plan) if self.opts.fold else plan
         placement = plan.placement()
@@ -166,19 +181,30 @@ class Simulation:
                                      collective_usages=coll_usages, enabled=self.opts.fold)
         self.work: dict[str, DeviceWork] = {}
         self.rep_of: dict[str, str] = {}
+        """device -> the simulated group (its rank 0's id) that stands for it."""
+        self.rank_rep: dict[str, str] = {}
+        """device -> the simulated device (same rank of the representative group) for it."""
+        self.rank_index: dict[str, int] = {}
+        optimizer = optimizer_work(plan, cluster, cg)
         for c in self.classes:
-            works, sends = replica_work(self.chains, c.replicas[0], cluster, cg, self.topo)
+            works, sends = replica_work(self.chains, c.replicas[0], cluster, cg, self.topo, optimizer)
             for s, u in zip(sends, c.usages):
                 s.usage = u
+            for w, u in zip([w for w in works if len(w.ranks) > 1], c.tp_usages):
+                w.tp_usage = u
             for w in works:
                 w.replica = placement[w.id][0]  # the plan's replica, not the chain's index
                 self.work[w.id] = w
+                for k, d in enumerate(w.ranks):
+                    self.rank_index[d] = k
             for ri in c.replicas:
-                mates = [d.device for s in self.chains.replicas[ri].stages for d in s.devices]
-                for w, m in zip(works, mates):
-                    self.rep_of[m] = w.id
-                    if m != w.id:
-                        w.mates.append(m)
+                groups = [g for s in self.chains.replicas[ri].stages for g in s.groups]
+                for w, g in zip(works, groups):
+                    for d, rd in zip(g.devices, w.ranks):
+                        self.rep_of[d] = w.id
+                        self.rank_rep[d] = rd
+                    if g.lead != w.id:
+                        w.mates.extend(g.devices)
         self.acts: list[Activity] = []
         self.mem: dict[str, list[tuple[float, float]]] = {d: [] for d in self.work}
         self._events: dict[tuple, simpy.Event] = {}
@@ -198,9 +224,9 @@ class Simulation:
         return ev
 
     def _begin(self, device: str, lane: str, kind: str, name: str, cause: int, it: int, *,
-               usage: int = -1, group: int = -1) -> int:
+               usage: int = -1, group: int = -1, rank: int = 0) -> int:
         now = self.env.now
-        self.acts.append(Activity(device, lane, kind, name, now, now, cause, it, usage, group))
+        self.acts.append(Activity(device, lane, kind, name, now, now, cause, it, usage, group, rank))
         return len(self.acts) - 1
 
     def _end(self, i: int) -> tuple[int, float]:
@@ -235,22 +261,52 @@ class Simulation:
             yield self.net.transfer(s.usage, s.nbytes)
 
     def _collective_time(self, c: Collective) -> float:
-        key = (c.group, c.bucket.nbytes)
+        key = (c.group, c.bucket.nbytes, c.part)
         t = self._formula_cache.get(key)
         if t is None:
-            t = self._formula_cache[key] = allreduce_time(self.cluster, c.devices, c.bucket.nbytes,
-                                                          self.plan.grad_sync)
+            t = allreduce_time(self.cluster, c.devices, c.bucket.nbytes, self.plan.grad_sync)
+            if c.part != "all":
+                rs, ag = zero1_halves(t)
+                t = rs if c.part == "rs" else ag
+            self._formula_cache[key] = t
         return t
+
+    def _tp(self, w: DeviceWork, kind: str):
+        """The op's tensor-parallel all-reduces: formula time, or ring steps over the links."""
+        n, nbytes = (w.tp_allreduces[0], w.tp_allreduces[1]) if kind == "F" else w.tp_allreduces[2:]
+        t = len(w.ranks)
+        t0 = self.env.now
+        if self.net is None:
+            yield self.env.timeout(w.tp_fwd_s if kind == "F" else w.tp_bwd_s)
+            self.log.record(w.tp_usage, t0, self.env.now, 2.0 * (t - 1) / t * nbytes)
+            return
+        key = ("tp", w.id, kind)
+        steps = self._formula_cache.get(key)
+        if steps is None:
+            steps = self._formula_cache[key] = tp_steps(self.topo, w.tp_usage, t, n, self.opts.max_collective_steps)
+        for st in steps:
+            yield self.env.timeout(st.latency_s)
+            yield self._wait([self.net.transfer(u, f * nbytes) for u, f in st.flows])
+
+    def _sends(self, w: DeviceWork, rank: int, sends: list[Send], it: int, kind: str, m: int, prev):
+        """One rank's blocking sends of an op, one after another; returns its last mark."""
+        for s in sends:
+            i = self._begin(w.id, "p2p", "send", f"{kind} mb{m} {s.src} -> {s.dst}" if len(w.ranks) > 1
+                            else f"{kind} mb{m} -> {s.dst}", prev[0], it, usage=s.usage.key, rank=rank)
+            yield from self._transfer(s)
+            prev = self._end(i)
+        return prev
 
     # ---- processes --------------------------------------------------------------------
     def _device(self, w: DeviceWork):
         env, overlap = self.env, self.opts.overlap
         prev = (-1, 0.0)
         last_b = max(i for i, (k, _) in enumerate(w.order) if k == "B")
+        has_tp = len(w.ranks) > 1 and (w.tp_allreduces[0] or w.tp_allreduces[2])
         for it in range(self.opts.iterations):
             for pos, (kind, m) in enumerate(w.order):
-                srcs = w.inputs if kind == "F" else w.outputs
-                deps = [self._event(("arrive", it, kind, m, s, w.id)) for s in srcs]
+                pairs = w.recv_fwd if kind == "F" else w.recv_bwd
+                deps = [self._event(("arrive", it, kind, m, src, dst)) for src, dst in pairs]
                 if deps:
                     yield self._wait(deps)
                 op = self._begin(w.id, "compute", kind, f"{kind} mb{m} L{w.start}-{w.stop - 1}",
@@ -263,20 +319,34 @@ class Simulation:
                 prev = self._end(op)
                 if kind == "B":
                     self.mem[w.id].append((env.now, -w.act_bytes_per_mb))
+                if has_tp:
+                    n, nbytes = (w.tp_allreduces[0], w.tp_allreduces[1]) if kind == "F" else w.tp_allreduces[2:]
+                    i = self._begin(w.id, "tp", "tp", f"tp all-reduce {kind} mb{m} ({n} x {len(w.ranks)} devices, "
+                                    f"{nbytes / 2**20:.1f} MiB)", prev[0], it, usage=w.tp_usage.key)
+                    yield from self._tp(w, kind)
+                    prev = self._end(i)
                 sends = w.sends_fwd if kind == "F" else w.sends_bwd
                 if overlap:
                     for s in sends:
-                        self.lanes[w.id].put((it, kind, m, s, prev))
+                        self.lanes[s.src].put((it, kind, m, s, prev))
                     continue
+                by_rank: dict[str, list[Send]] = {}
                 for s in sends:
-                    i = self._begin(w.id, "p2p", "send", f"{kind} mb{m} -> {s.dst}", prev[0], it,
-                                    usage=s.usage.key)
-                    yield from self._transfer(s)
-                    prev = self._end(i)
+                    by_rank.setdefault(s.src, []).append(s)
+                if len(by_rank) == 1:
+                    (src, ss), = by_rank.items()
+                    prev = yield from self._sends(w, self.rank_index[src], ss, it, kind, m, prev)
+                elif by_rank:  # the ranks send in parallel; the op ends with the last of them
+                    procs = [env.process(self._sends(w, self.rank_index[src], ss, it, kind, m, prev))
+                             for src, ss in by_rank.items()]
+                    yield self._wait(procs)
+                    last = self._latest(*(p.value for p in procs))
+                    prev = (last, env.now)
                 for s in sends:
-                    self._event(("arrive", it, kind, m, w.id, s.dst)).succeed(prev)
+                    self._event(("arrive", it, kind, m, s.src, s.dst)).succeed(prev)
             self._event(("pipe", it, w.id)).succeed(prev)
-            waits = [c.done for c in self.lane_colls.get((it, w.id), [])]
+            colls = [c for r in w.ranks for c in self.lane_colls.get((it, r), [])]
+            waits = [c.done for c in colls if c.part != "ag"]
             if not overlap:
                 waits.append(self._barrier(it))
             if waits:
@@ -285,6 +355,11 @@ class Simulation:
                             self._latest(prev, *(e.value for e in waits)), it)
             yield env.timeout(w.optimizer_s)
             prev = self._end(i)
+            gathers = [c.done for c in colls if c.part == "ag"]
+            if gathers:  # zero1: the updated parameter shards come back before the next step
+                self._event(("stepped", it, w.id)).succeed(prev)
+                yield self._wait(gathers)
+                prev = (self._latest(prev, *(e.value for e in gathers)), env.now)
             self.iteration_ends[it] = max(self.iteration_ends[it], env.now)
         self._finished.add(w.id)
 
@@ -300,13 +375,15 @@ class Simulation:
         return ev
 
     def _lane(self, device: str):
-        """The device's p2p lane: its sends, one after another, in the order issued."""
+        """A device's p2p lane: its sends, one after another, in the order issued."""
         store = self.lanes[device]
+        w = self.work[self.rep_of[device]]
         prev = (-1, 0.0)
         while True:
             it, kind, m, s, issued = yield store.get()
-            i = self._begin(device, "p2p", "send", f"{kind} mb{m} -> {s.dst}", self._latest(issued, prev), it,
-                            usage=s.usage.key)
+            name = f"{kind} mb{m} {s.src} -> {s.dst}" if len(w.ranks) > 1 else f"{kind} mb{m} -> {s.dst}"
+            i = self._begin(w.id, "p2p", "send", name, self._latest(issued, prev), it, usage=s.usage.key,
+                            rank=self.rank_index[device])
             yield from self._transfer(s)
             prev = self._end(i)
             self._event(("arrive", it, kind, m, device, s.dst)).succeed(prev)
@@ -314,14 +391,19 @@ class Simulation:
     def _schedule_ready(self, w: DeviceWork, it: int, op: int) -> None:
         """At the start of the device's last backward: when each of its buckets is ready
         (the backward runs from the stage's last layer down to its first)."""
-        for c in self.lane_colls.get((it, w.id), []):
-            delay = sum(w.bwd_layer_s[c.bucket.start - w.start:])
-            ev = self._event(("ready", c.key, w.id))
-            self.env.timeout(delay).callbacks.append(lambda _e, ev=ev: ev.succeed((op, self.env.now)))
+        for r in w.ranks:
+            for c in self.lane_colls.get((it, r), []):
+                if c.part == "ag":
+                    continue
+                delay = sum(w.bwd_layer_s[c.bucket.start - w.start:])
+                ev = self._event(("ready", c.key, r))
+                self.env.timeout(delay).callbacks.append(lambda _e, ev=ev: ev.succeed((op, self.env.now)))
 
     def _collective(self, c: Collective, it: int):
         env = self.env
-        if self.opts.overlap:
+        if c.part == "ag":
+            ready = [self._event(("stepped", it, w)) for w in dict.fromkeys(self.rep_of[d] for d in c.members)]
+        elif self.opts.overlap:
             ready = [self._event(("ready", c.key, d)) for d in c.members]
         else:
             ready = [self._barrier(it)]
@@ -330,11 +412,15 @@ class Simulation:
         cause = self._latest(*(d.value for d in deps))
         g = self.groups[c.group]
         nbytes = c.bucket.nbytes
-        name = (f"allreduce L{c.bucket.start}-{c.bucket.stop - 1} ({self.plan.grad_sync}, "
-                f"{len(g.devices)} devices, {nbytes / 2**20:.1f} MiB)")
-        acts = [self._begin(d, "collective", "allreduce", name, cause, it, group=c.group) for d in c.members]
+        kind, what = {"all": ("allreduce", "allreduce"), "rs": ("reducescatter", "reduce-scatter"),
+                      "ag": ("allgather", "all-gather")}[c.part]
+        part = f", slice {g.slice + 1}/{g.slices}" if g.slices > 1 else ""
+        name = (f"{what} L{c.bucket.start}-{c.bucket.stop - 1} ({self.plan.grad_sync}, "
+                f"{len(g.devices)} devices{part}, {nbytes / 2**20:.1f} MiB)")
+        acts = [self._begin(self.rep_of[d], "collective", kind, name, cause, it, group=c.group,
+                            rank=self.rank_index[d]) for d in c.members]
         t0 = env.now
-        steps = self.steps[c.group]
+        steps = self.part_steps[(c.group, c.part)]
         if nbytes > 0 and self.net is not None:
             for st in steps:
                 t1 = env.now
@@ -357,14 +443,19 @@ class Simulation:
             for gi, g in enumerate(self.groups):
                 if opts.overlap:
                     bs = buckets(gi, g.start, g.stop, self.cg, self.plan.precision, opts.bucket_bytes)
+                    if g.slices > 1:  # a slice's buckets hold its share of the layers' gradients
+                        bs = [Bucket(gi, b.start, b.stop, b.nbytes * g.nbytes / sum(x.nbytes for x in bs)) for b in bs]
                 else:
                     bs = [Bucket(gi, g.start, g.stop, g.nbytes)]
-                members = list(dict.fromkeys(self.rep_of[d] for d in g.devices))
-                for k, b in enumerate(bs):
-                    self.collectives.append(Collective((it, gi, k), gi, b, members, g.devices, self.env.event()))
+                members = list(dict.fromkeys(self.rank_rep[d] for d in g.devices))
+                for part in self.parts:
+                    for k, b in enumerate(bs):
+                        self.collectives.append(Collective((it, gi, part, k), gi, b, members, g.devices,
+                                                           self.env.event(), part=part))
         # Each device issues its collectives in reverse layer order (a total order, so no
-        # two devices can wait on each other in a cycle).
-        for c in sorted(self.collectives, key=lambda c: (c.key[0], -c.bucket.stop, -c.bucket.start, c.key)):
+        # two devices can wait on each other in a cycle); zero1's all-gathers come last.
+        for c in sorted(self.collectives, key=lambda c: (c.key[0], c.part == "ag", -c.bucket.stop, -c.bucket.start,
+                                                         c.key)):
             for d in c.members:
                 lane = self.lane_colls.setdefault((c.key[0], d), [])
                 if lane:
@@ -379,8 +470,9 @@ class Simulation:
         self.table.reduce(self.topo.capacity)
         for w in self.work.values():
             if self.opts.overlap:
-                self.lanes[w.id] = simpy.Store(env)
-                env.process(self._lane(w.id))
+                for r in w.ranks:
+                    self.lanes[r] = simpy.Store(env)
+                    env.process(self._lane(r))
             env.process(self._device(w))
         for c in self.collectives:
             env.process(self._collective(c, c.key[0]))

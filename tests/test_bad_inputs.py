@@ -45,14 +45,18 @@ def work(tmp_path_factory) -> Path:
     plan.save(w / "plan.json")
     d = json.loads((w / "plan.json").read_text())
     cg = d["cost_graph"]["spec"]
-    dev0 = lambda x: x["replicas"][0]["stages"][0]["devices"][0]  # noqa: E731
+    group0 = lambda x: x["replicas"][0]["stages"][0]["groups"][0]  # noqa: E731
     files = {
-        "baddev.json": _mutated(d, lambda x: dev0(x).update(id="host/9")),
+        "baddev.json": _mutated(d, lambda x: group0(x).update(devices=["host/9"])),
+        "tpmixed.json": _mutated(d, lambda x: group0(x).update(devices=["host/0", "host/1"])),
+        "recompute.json": _mutated(d, lambda x: x["replicas"][0]["stages"][0].update(recompute="sometimes")),
+        "v1share.json": _mutated(d, lambda x: x.update(schema_version=1) or x["replicas"][0]["stages"][0].update(
+            devices=[{"id": "host/0", "share": 2.5}])),
         "badsched.json": _mutated(d, lambda x: x.update(schedule="zigzag")),
         "norep.json": _mutated(d, lambda x: x.update(replicas=[])),
         "repdict.json": _mutated(d, lambda x: x.update(replicas={"a": 1})),
         "stagesint.json": _mutated(d, lambda x: x["replicas"][0].update(stages=5)),
-        "sharestr.json": _mutated(d, lambda x: dev0(x).update(share="2")),
+        "sharestr.json": _mutated(d, lambda x: group0(x).update(share="2")),
         "seqstr.json": _mutated(d, lambda x: x.update(seq_len="abc")),
         "layersneg.json": _mutated(d, lambda x: x["replicas"][0]["stages"][0].update(layers=[-1, 3])),
         "badcg_plan.json": _mutated(d, lambda x: x["cost_graph"]["spec"]["layers"][1].update(params=-5)),
@@ -136,6 +140,9 @@ CASES: list[tuple[list[str], str]] = [
     (["simulate", "{w}/baddev.json", "--report", "{w}/r.json"], "baddev.json"),
     (["simulate", "{w}/badsched.json", "--trace", "{w}/t.json"], "badsched.json"),
     (["simulate", "{w}/norep.json"], "norep.json"),
+    (["simulate", "{w}/tpmixed.json"], "tpmixed.json"),
+    (["simulate", "{w}/recompute.json"], "recompute.json"),
+    (["simulate", "{w}/v1share.json"], "v1share.json"),
     (["simulate", "{w}/repdict.json"], "repdict.json"),
     (["simulate", "{w}/stagesint.json"], "stagesint.json"),
     (["simulate", "{w}/sharestr.json"], "sharestr.json"),
@@ -270,7 +277,7 @@ def test_cli_process_refuses_before_launching(work):
     p = _cli(["run", "plan.json", "--out", "run", "--slowdown", "5=2"], work)
     _check_one_line(p.returncode, p.stdout, p.stderr, "--slowdown: 5: is not a rank of this run (0..1)")
     p = _cli(["simulate", "baddev.json", "--trace", "t.json"], work)
-    _check_one_line(p.returncode, p.stdout, p.stderr, "baddev.json: replicas[0].stages[0].devices[0].id")
+    _check_one_line(p.returncode, p.stdout, p.stderr, "baddev.json: replicas[0].stages[0].groups[0].devices[0]")
     assert _tree(work) == before
 
 

@@ -107,7 +107,7 @@ def test_profile_files_round_trip_and_plan(prof, tmp_path):
     plan = make_plan(cluster, cg, 8, time_limit=10)
     validate_plan(plan, cluster, cg)
     # The slow device gets less work than the fast one.
-    shares = {d.device: d.share * (s.stop - s.start) for r in plan.replicas for s in r.stages for d in s.devices}
+    shares = {g.lead: g.share * (s.stop - s.start) for r in plan.replicas for s in r.stages for g in s.groups}
     fast, slow = (d.id for d in cluster.devices)
     assert shares.get(slow, 0) < shares[fast]
     # The command line plans from the same files.

@@ -24,7 +24,7 @@ from runtime.metrics import predicted_by_device
 from runtime.models import StageModule, build_model, layer_param_counts
 from runtime.pipeline import stage_role
 from runtime.plans import cpu_cost_graph, hand_plan
-from runtime.rankmap import check_launch, rank_map
+from runtime.rankmap import check_launch, check_supported, rank_map
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_HOSTS = {"name": "two-hosts", "nodes": [
@@ -57,6 +57,29 @@ def test_ranks_are_plan_devices_in_cluster_order_grouped_by_node():
     assert rm.devices == ("a/1", "b/0", "b/1")
     assert rm.nodes == ("a", "b")
     assert rm.ranks_on("b") == [1, 2] and rm.local_rank(2) == 1
+
+
+def test_plan_options_the_runtime_does_not_run_yet_are_refused_in_one_line(tmp_path):
+    from hetalloc.plan import Group
+    from runtime.launch import load_checked
+    cluster = cpu4()
+    plan = hand_plan(cluster, cpu_cost_graph("gpt2-tiny", 32), [[((0, 3), [("host/0", 2)]), ((3, 6), [("host/1", 2)])]],
+                     num_microbatches=2)
+    check_supported(plan)
+    tp = hand_plan(cluster, cpu_cost_graph("gpt2-tiny", 32), [[((0, 6), [("host/0", 2)])]], num_microbatches=2)
+    tp.replicas[0].stages[0].groups = [Group(["host/0", "host/1"], 2)]
+    tp.save(tmp_path / "tp.json")
+    with pytest.raises(SpecError, match=r"tp.json: replicas\[0\].stages\[0\].groups\[0\].devices: a tensor-parallel "
+                                        "group of 2: the runtime does not run tensor parallelism yet"):
+        load_checked(tmp_path / "tp.json")
+    plan.replicas[0].stages[1].recompute = "full"
+    with pytest.raises(SpecError, match=r"stages\[1\].recompute: 'full': the runtime does not recompute"):
+        check_supported(plan)
+    plan.replicas[0].stages[1].recompute = "none"
+    plan.optimizer_sharding = "zero1"
+    with pytest.raises(SpecError, match="optimizer_sharding: 'zero1': the runtime does not shard") as e:
+        check_supported(plan)
+    assert "\n" not in str(e.value)
 
 
 def test_check_launch_accepts_the_plans_layout():
@@ -122,7 +145,7 @@ def test_every_stage_sees_each_sample_of_the_global_batch_once():
         for ri, r in enumerate(plan.replicas):
             for si, s in enumerate(r.stages):
                 if s.start <= layer < s.stop:
-                    for k in range(len(s.devices)):
+                    for k in range(len(s.groups)):
                         for m in range(plan.num_microbatches):
                             first, count = device_samples(plan, ri, si, k, m)
                             seen += range(first, first + count)

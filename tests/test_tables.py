@@ -71,3 +71,18 @@ def test_simulator_stage_table_names_every_folded_replica(lab_plan):
     got = [(r[0], r[1], int(r[3])) for r in rows(sim_stage_table(rep))]
     assert got == [("0-2", "0", 3), ("0-2", "1", 3), ("3-4", "0", 4), ("3-4", "1", 4), ("5", "0", 2)]
     assert sum(n for *_, n in got) == len(plan.device_ids())  # every device counted once
+
+
+def test_plan_table_shows_tensor_parallel_groups_with_their_shares():
+    from hetalloc.evaluate import predict
+    from hetalloc.plan import Group, Plan, Replica, Stage, attach_context, validate_plan
+    cl = load_cluster(EXAMPLES / "lab-16.yaml")
+    cg = analytic_cost_graph(get_model("gpt2-small"))
+    stage = Stage(0, 14, [Group([f"a100/{i}" for i in range(4)], 6), Group(["v100/0"], 2), Group(["v100/1"], 2)])
+    plan = Plan(model=cg.model, seq_len=cg.seq_len, global_batch=20, num_microbatches=2, schedule="1f1b",
+                grad_sync="ring", replicas=[Replica([stage])], precision=cg.precision)
+    attach_context(plan, cl, cg)
+    validate_plan(plan, cl, cg)
+    plan.predicted = predict(plan, cl, cg).to_dict()
+    (row,) = rows(stage_table(plan, cl))
+    assert row[3] == "(4xA100-40G):6 2xV100-16G:2"

@@ -25,8 +25,9 @@ from .whatif import WhatIfOptions, check_scenarios, cheapest_meeting, run_scenar
 def register(subparsers) -> None:
     w = subparsers.add_parser(
         "whatif", help="simulate a plan under hardware/batch scenarios, old plan vs re-planned, with prices",
-        description="Each --swap/--add/--remove/--link/--slow/--fail/--batch/--seq is one scenario (or one "
-                    "combined scenario with --combine). For each, the old plan (where still valid) and a "
+        description="Each --swap/--add/--remove/--link/--slow/--fail/--batch/--seq/--tp/--recompute/"
+                    "--optimizer-sharding is one scenario (or one combined scenario with --combine). For each, the "
+                    "old plan (where still valid; --tp/--recompute/--optimizer-sharding change it) and a "
                     "re-planned one are simulated. Bandwidths: 200Gb/s (bits), 25GB/s or a bare number (GB/s).")
     w.add_argument("plan", help="the base plan.json")
     context_args(w)
@@ -40,6 +41,12 @@ def register(subparsers) -> None:
     w.add_argument("--fail", action="append", default=[], metavar="DEVICE|NODE", help="e.g. a100/3 or v100")
     w.add_argument("--batch", action="append", default=[], metavar="N", help="another global batch")
     w.add_argument("--seq", action="append", default=[], metavar="N", help="another sequence length")
+    w.add_argument("--tp", action="append", default=[], metavar="N",
+                   help="the old plan with tensor-parallel groups of N (1, 2, 4, 8) on each stage's devices")
+    w.add_argument("--recompute", action="append", default=[], metavar="none|full",
+                   help="the old plan with activation recomputation off or on in every stage")
+    w.add_argument("--optimizer-sharding", action="append", default=[], metavar="none|zero1",
+                   help="the old plan with its optimizer state sharded (zero1) or not")
     w.add_argument("--combine", action="store_true", help="apply all given transformations as one scenario")
     w.add_argument("--sweep", metavar="KNOB=VALUES",
                    help="grid over one knob: nic=10..400Gb/s:6 (log-spaced), intra=..., fabric=1,2,4, "
