@@ -64,8 +64,6 @@ def block_shapes(prob: Problem, timer: StageTimer, M: int, t_cap: float) -> list
     specs = [(FIRST, l) for l in range(K + 1)] + [(INNER, l) for l in range(1, K + 1)] + \
             [(LAST, l) for l in range(K + 1)] + [(ONLY, K)]
     for kind, l in specs:
-        if kind in (FIRST, LAST) and l == K:
-            continue  # would leave nothing for the other end: that is ONLY
         i, j = block_range(prob, kind, l)
         for col in range_columns(prob, timer, 1, M, i, j, t_cap, budget):
             out.append(Shape(kind, l, col.counts, col.t, col.tail, col.amax))

@@ -24,6 +24,7 @@ import yaml
 
 from .catalog import DEVICE_TYPES, LINK_TYPES, DeviceType, suggest_device, suggest_link
 from .errors import SpecError
+from .fileio import read_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,10 +420,9 @@ def cluster_from_dict(raw: Any, source: str = "<cluster>") -> Cluster:
 def load_cluster(path: str | Path) -> Cluster:
     path = Path(path)
     source = str(path)
-    if not path.exists():
-        raise SpecError(source, "", "file not found", "check the path (examples/ has sample clusters)")
+    text = read_text(path, missing_fix="check the path (examples/ has sample clusters)", what="cluster YAML")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -29,7 +29,7 @@ from hetalloc.models import TransformerShape, resolve_model
 from hetalloc.plan import Plan, load_plan, plan_context, validate_plan
 
 from . import checkpoint, tensor_parallel
-from .config import TrainConfig, parse_slowdown
+from .config import TrainConfig, check_slowdown, parse_slowdown
 from .datasets import TokenDataset, device_samples
 from .grad_sync import GradSync, ProcessGroups
 from .launch import free_port
@@ -57,13 +57,14 @@ def setup(plan: Plan, cluster: Cluster, node: str | None = None) -> Runtime:
     info = check_launch(rm, os.environ, node)
     vendors = {cluster.dtype(d).vendor == "cpu" for d in rm.devices}
     if len(vendors) > 1:
-        raise SpecError("plan", "replicas", "mixes CPU and GPU devices", "plan CPU ranks and GPU ranks separately")
+        raise SpecError(plan.source or "plan", "replicas", "mixes CPU and GPU devices",
+                        "plan CPU ranks and GPU ranks separately")
     if vendors == {True}:
         device, backend = torch.device("cpu"), "gloo"
     else:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if info.local_rank >= count:
-            raise SpecError("plan", f"device {info.device}",
+            raise SpecError(plan.source or "plan", f"device {info.device}",
                             f"is a {cluster.dtype(info.device).name} but torch sees {count} CUDA devices on this node",
                             "run on the plan's cluster, or plan for this machine (examples/cpu-4.yaml)")
         device, backend = torch.device("cuda", info.local_rank), "nccl"
@@ -108,14 +109,7 @@ def check_model(shape: TransformerShape, plan: Plan, counts: list[int], cg_param
 
 
 def _slowdown_of(cfg: TrainConfig, info: LaunchInfo, cluster: Cluster) -> float:
-    for key in cfg.slowdown:
-        if "/" in key:
-            if key not in cluster.device_by_id:
-                raise SpecError("--slowdown", key, "is not a device of the plan's cluster",
-                                f"use a rank (0..{info.world_size - 1}) or a device id")
-        elif not key.isdigit() or int(key) >= info.world_size:
-            raise SpecError("--slowdown", key, f"is not a rank of this run (0..{info.world_size - 1})",
-                            "write RANK=FACTOR or DEVICE=FACTOR")
+    check_slowdown(cfg.slowdown, info.world_size, cluster.device_by_id)
     return cfg.slowdown.get(str(info.rank), cfg.slowdown.get(info.device, 1.0))
 
 
@@ -385,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         try:
             cfg = config_from_args(args)
+        except SpecError:
+            raise
         except ValueError as e:
             raise SpecError("arguments", "", str(e)) from None
         train(load_plan(args.plan), cfg, model=args.model, node=args.plan_node)

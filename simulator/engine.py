@@ -159,7 +159,7 @@ class Simulation:
 
     def __init__(self, plan: Plan, cluster: Cluster, cg: CostGraph, options: SimOptions | None = None):
         self.opts = options or SimOptions()
-        validate_plan(plan, cluster, cg, source="plan", check_memory=False)
+        validate_plan(plan, cluster, cg, check_memory=False)
         self.plan, self.cluster, self.cg = plan, cluster, cg
         self.env = CountingEnvironment()
         self.topo = Topology(cluster)
@@ -478,7 +478,7 @@ class Simulation:
             env.process(self._collective(c, c.key[0]))
         env.run()
         if len(self._finished) < len(self.work) or any(not c.done.triggered for c in self.collectives):
-            raise SpecError("plan", "schedule", "the simulation stalled before the iteration ended",
+            raise SpecError(self.plan.source or "plan", "schedule", "the simulation stalled before the iteration ended",
                             "check the plan's stage wiring (every stage must split the same micro-batch)")
         return SimResult(
             plan=self.plan, cluster=self.cluster, cg=self.cg, options=self.opts, topo=self.topo, table=self.table,

@@ -431,8 +431,26 @@ BUILDERS: dict[str, Callable[[str], Callable[[Case], Case]]] = {
 }
 
 
+def _as_flag(e: SpecError, flag: str) -> SpecError:
+    """The error with the flag it came from as its source (the builders say 'whatif')."""
+    return SpecError(flag, e.path, e.problem, e.fix) if e.source == "whatif" else e
+
+
 def scenario(kind: str, spec: str) -> Scenario:
-    return Scenario(f"{kind} {spec}", [BUILDERS[kind](spec)])
+    """The scenario of one flag (--swap SPEC, ...); its errors, on parsing now or on
+    applying later, name the flag."""
+    flag = f"--{kind}"
+    try:
+        transform = BUILDERS[kind](spec)
+    except SpecError as e:
+        raise _as_flag(e, flag) from None
+
+    def apply(case: Case) -> Case:
+        try:
+            return transform(case)
+        except SpecError as e:
+            raise _as_flag(e, flag) from None
+    return Scenario(f"{kind} {spec}", [apply])
 
 
 def apply_scenario(sc: Scenario, base: Case) -> Case:
@@ -496,15 +514,22 @@ def parse_sweep(text: str) -> tuple[str, list[str], str]:
 
 
 def sweep_scenarios(text: str) -> tuple[str, list[float], str, list[Scenario]]:
-    knob, values, unit = parse_sweep(text)
-    out = []
-    for v in values:
-        if knob in ("batch", "seq"):
-            sc = scenario(knob, str(int(float(v))))
-        elif knob.startswith("slow:"):
-            sc = scenario("slow", f"{knob[5:]}={v}")
-        else:
-            sc = scenario("link", f"{knob}={v}{unit}")
-        sc.name = f"{knob}={v}{unit}"
-        out.append(sc)
-    return knob, [float(v) for v in values], unit, out
+    try:
+        knob, values, unit = parse_sweep(text)
+        try:
+            numbers = [float(v) for v in values]
+        except ValueError:
+            raise _err(text, f"cannot read values '{','.join(values)}'", "e.g. nic=10,25,100Gb/s") from None
+        out = []
+        for v, x in zip(values, numbers):
+            if knob in ("batch", "seq"):
+                sc = scenario(knob, str(int(x)) if x == int(x) else v)
+            elif knob.startswith("slow:"):
+                sc = scenario("slow", f"{knob[5:]}={v}")
+            else:
+                sc = scenario("link", f"{knob}={v}{unit}")
+            sc.name = f"{knob}={v}{unit}"
+            out.append(sc)
+    except SpecError as e:
+        raise SpecError("--sweep", text, e.problem, e.fix) from None
+    return knob, numbers, unit, out

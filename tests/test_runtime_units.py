@@ -231,7 +231,7 @@ def test_config_and_slowdown_validation():
         TrainConfig(checkpoint_every=5)
     assert parse_slowdown(["1=2", "host/3=1.5"]) == {"1": 2.0, "host/3": 1.5}
     for bad in ("1", "x=0.5", "=2"):
-        with pytest.raises(ValueError, match="--slowdown expects"):
+        with pytest.raises(ValueError, match="--slowdown: .*expected RANK=FACTOR"):
             parse_slowdown([bad])
     assert TrainConfig().learning_rate("sgd") == 0.05
 
@@ -331,3 +331,33 @@ def test_parameter_layouts_follow_the_tensor_parallel_plan():
     assert lay["model.layers.0.self_attn.k_proj.weight"] == (0, 1)
     assert lay["model.layers.1.mlp.down_proj.weight"] == (1, 1)
     assert "model.embed_tokens.weight" not in lay and "model.layers.0.input_layernorm.weight" not in lay
+
+
+# ---- the launcher's reading of torchrun's stderr -------------------------------------
+
+def test_launcher_keeps_the_ranks_error_line_and_holds_back_torchruns_report():
+    """run_filtered on a stand-in for torchrun: a rank's warning passes through, its
+    'error:' line is kept, and what follows (torchrun's log lines, its ChildFailedError
+    traceback) is held back, not printed."""
+    import io
+    import sys
+    from runtime.launch import run_filtered
+    script = "\n".join([
+        "import sys",
+        "w = sys.stderr.write",
+        "w('warning: a rank warns\\n')",
+        "w('W1130 15:08:14.388000 1 torch/distributed/elastic/multiprocessing/api.py:1028] Sending process 2\\n')",
+        "w('note: after a log line, before any failure\\n')",
+        "w('error: --slowdown: 5: is not a rank of this run (0..1)\\n')",
+        "w('E1130 15:08:14.508000 1 torch/.../api.py:1002] failed (exitcode: 2) local_rank: 0\\n')",
+        "w('Traceback (most recent call last):\\n')",
+        "w('torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\\n')",
+        "print('step:    1  loss:  5.5')",
+        "sys.exit(1)"])
+    err = io.StringIO()
+    rc, errors, held = run_filtered([sys.executable, "-c", script], env=None, err=err)
+    assert rc == 1
+    assert errors == ["error: --slowdown: 5: is not a rank of this run (0..1)"]
+    assert err.getvalue() == "warning: a rank warns\nnote: after a log line, before any failure\n"
+    assert held[0].startswith("W1130") and held[-1].startswith("torch.distributed.elastic")
+    assert len(held) == 4

@@ -13,12 +13,13 @@ import json
 import sys
 from typing import Any
 
+from allocator.baselines import BASELINES
 from hetalloc.errors import SpecError
 from simulator.commands import console, context_args, load_context, sim_options
 from simulator.plots import scenario_bars, sweep_lines
 from simulator.scenarios import KINDS, Case, Scenario, scenario, sweep_scenarios, with_prices
 
-from .whatif import WhatIfOptions, cheapest_meeting, run_scenarios
+from .whatif import WhatIfOptions, check_scenarios, cheapest_meeting, run_scenarios
 
 
 def register(subparsers) -> None:
@@ -50,7 +51,8 @@ def register(subparsers) -> None:
     w.add_argument("--sweep", metavar="KNOB=VALUES",
                    help="grid over one knob: nic=10..400Gb/s:6 (log-spaced), intra=..., fabric=1,2,4, "
                         "batch=256,512, seq=..., slow:DEVICE=1,2,4")
-    w.add_argument("--planner", default="ilp", help="re-plan with: ilp (default), even, proportional, pipedream")
+    w.add_argument("--planner", default="ilp", choices=["ilp", *BASELINES],
+                   help="re-plan with: ilp (default), even, proportional, pipedream")
     w.add_argument("--time-limit", type=float, default=10.0, help="planner time limit per re-plan, seconds")
     w.add_argument("--no-replan", action="store_true", help="only simulate the old plan")
     w.add_argument("--replan-base", action="store_true", help="also re-plan the base cluster")
@@ -84,6 +86,8 @@ def cmd_whatif(args) -> int:
             raise SpecError("--price", item, "expected TYPE=USD_PER_HOUR", "e.g. --price H100-80G=2.49")
     if prices:
         cluster = with_prices(cluster, prices)
+    if args.plot and not args.sweep:
+        raise SpecError("--plot", "", "needs --sweep", "the line plot is of a sweep; use --chart for scenarios")
     if args.deadline is not None and not args.steps:
         raise SpecError("--deadline", "", "needs --steps", "say how many training steps must finish")
     scenarios = _scenarios(args)
@@ -96,6 +100,7 @@ def cmd_whatif(args) -> int:
     opts = WhatIfOptions(planner=args.planner, time_limit_s=args.time_limit, replan=not args.no_replan,
                          sim=sim_options(args))
     base = Case(cluster, cg, plan.global_batch, plan)
+    check_scenarios(base, scenarios)
     rows = _run_with_progress(base, scenarios, opts, args)
     if args.steps:
         for r in rows:
