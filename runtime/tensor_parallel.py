@@ -302,11 +302,12 @@ def check_slices(x: torch.Tensor, layout: Layout | None, parts: int, name: str) 
 
 
 def parallelize_stage(module: StageModule, shape: TransformerShape, mesh: DeviceMesh, *,
-                      num_layers: int) -> TensorParallel:
+                      num_layers: int, source: str = "plan") -> TensorParallel:
     """Shard `module` (layers [start, stop) of a model with `num_layers` cost-graph layers)
-    over `mesh`, in place. Parameters keep their whole-model names."""
+    over `mesh`, in place. Parameters keep their whole-model names. `source` names the
+    plan in errors."""
     family, t = shape.family, mesh.size()
-    check_divisible(shape, t, "plan")
+    check_divisible(shape, t, source)
     paths = {path: module.param_names[id(p)] for path, p in module.layers.named_parameters()}
     tp = TensorParallel(mesh, mesh.get_local_rank(), t)
     for name, (_, fused) in param_layouts(module, family, num_layers).items():
@@ -375,7 +376,7 @@ def setup_stage(plan: Plan, rm: RankMap, tp_ranks: tuple[int, ...], module: Stag
     if not tp_ranks:
         return None
     mesh = DeviceMesh.from_group(groups[tp_ranks], device.type)
-    tp = parallelize_stage(module, shape, mesh, num_layers=num_layers)
+    tp = parallelize_stage(module, shape, mesh, num_layers=num_layers, source=plan.source or "plan")
     module.tensor_parallel = tp
     return tp
 

@@ -361,3 +361,13 @@ def test_launcher_keeps_the_ranks_error_line_and_holds_back_torchruns_report():
     assert err.getvalue() == "warning: a rank warns\nnote: after a log line, before any failure\n"
     assert held[0].startswith("W1130") and held[-1].startswith("torch.distributed.elastic")
     assert len(held) == 4
+
+
+def test_a_group_that_cannot_split_the_heads_is_refused_in_one_line():
+    from runtime.tensor_parallel import check_divisible
+    qwen2 = resolve_model(str(ROOT / "examples" / "qwen2-tiny.json"))  # 4 query heads, 1 key/value head
+    check_divisible(qwen2, 1, "plan.json")
+    with pytest.raises(SpecError, match="plan.json: groups: qwen2-tiny has 1 key/value heads, which a tensor-parallel "
+                                        "group of 2 cannot split evenly — use groups whose size divides 1"):
+        check_divisible(qwen2, 2, "plan.json")
+    check_divisible(resolve_model(str(ROOT / "examples" / "llama-tiny.json")), 2, "plan.json")  # 4:2 heads, FFN 172
