@@ -63,6 +63,9 @@ class MState:
     shapes: list[Shape] | None = None
     cols: list[Column] | None = None
     built: bool = False
+    R: int = 1
+    """Replicas of the plans searched: 1, or more when the whole cluster's program is too
+    large (then only plans of R identical replicas are searched, for plans, not bounds)."""
 
 
 @dataclass
@@ -146,15 +149,22 @@ class Search:
         timer = StageTimer(prob, prob.global_batch // M)
         t_cap = self.incumbent / M if math.isfinite(self.incumbent) else math.inf
         if prob.interchangeable_blocks:
-            shapes = block_shapes(prob, timer, M, t_cap)
+            R = replicas_for(prob, M)
+            if R is None:  # not even replica plans have a program of a workable size
+                st.status = "too_large"
+                st.seconds += time.perf_counter() - t0
+                return
+            if R > 1:
+                st.R, st.status = R, "too_large"
+                timer = StageTimer(prob, prob.global_batch // (R * M))
+            shapes = block_shapes(prob, timer, M, t_cap, R)
             if not shapes:
-                st.status, st.bound = ("pruned" if math.isfinite(self.incumbent) else "infeasible"), math.inf
+                if R == 1:
+                    st.status, st.bound = ("pruned" if math.isfinite(self.incumbent) else "infeasible"), math.inf
             else:
-                table = StageTable.of_shapes(shapes, [c.count for c in prob.classes], prob.L)
+                table = StageTable.of_shapes(shapes, [c.count // R for c in prob.classes], prob.L)
                 if table.states() <= STATE_LIMIT:
                     st.caps = CapSearch(M, table)
-                elif len(shapes) <= MAX_COLUMNS:
-                    st.shapes = shapes
                 else:
                     st.status = "too_large"
         else:
@@ -206,9 +216,30 @@ class Search:
 
     def plan_of(self, seq: list, M: int) -> CountPlan:
         """The count-level plan of options from the first stage to the last."""
+        R = self.states[M].R
         if isinstance(seq[0], Shape):
-            return count_plan(self.prob, seq, M)
-        return CountPlan(1, M, [CountStage(c.i, c.j, c.counts) for c in seq])
+            return count_plan(self.prob, seq, M, R)
+        return CountPlan(R, M, [CountStage(c.i, c.j, c.counts) for c in seq])
+
+    def restricted(self, st: MState) -> None:
+        """Plans of st.R identical replicas for an M whose whole-cluster program is too large:
+        the same branch and bound within the replicas' budgets, for plans only (its bounds
+        hold for replica plans, not for M). Work comes from the same budget."""
+        root = st.caps.root()
+        heap = [] if root is None else [(-math.inf, root)]
+        while heap and self.evals_left > 0 and time.perf_counter() < self.deadline:
+            lb, box = heapq.heappop(heap)
+            if lb >= self.incumbent * (1 - self.gap):
+                break
+            self.evals_left -= 1
+            t0 = time.perf_counter()
+            ev, seq = st.caps.evaluate(box, self.incumbent)
+            if seq is not None:
+                self.offer(self.plan_of(seq, st.M))
+            st.seconds += time.perf_counter() - t0
+            if ev.lb < self.incumbent * (1 - self.gap) and not ev.single:
+                for child in st.caps.split(ev):
+                    heapq.heappush(heap, (ev.lb, child))
 
     def expand(self, st: MState, box: Box) -> None:
         """Evaluate a box (offering its plan) and queue its halves if it is still open."""
@@ -257,7 +288,9 @@ class Search:
                 heapq.heappush(self.heap, (cheap[M], 0, 0, M, None))
                 continue
             self.build(st)
-            if st.caps is not None:
+            if st.caps is not None and st.R > 1:
+                self.restricted(st)
+            elif st.caps is not None:
                 root = st.caps.root()
                 if root is None:
                     st.status = "pruned" if math.isfinite(self.incumbent) else "infeasible"
@@ -279,7 +312,7 @@ class Search:
                 break
             self.expand(st, box)
         for st in self.states.values():
-            if st.caps is not None:
+            if st.caps is not None and st.R == 1:
                 st.status = "searched"
         bound = self.bound()
         elapsed = time.perf_counter() - self.t0
@@ -296,6 +329,22 @@ class Search:
         res.unresolved = sorted(self.unresolved)[:5]
         res.evals_left = self.evals_left
         return res
+
+
+def replicas_for(prob: Problem, M: int) -> int | None:
+    """1 when the exact program for M fits (about STATE_LIMIT states), else the fewest
+    replicas R (R M divides the batch) whose per-replica program does."""
+    X = prob.L + 1
+    B = prob.global_batch
+    for R in range(1, B // M + 1):
+        if (B // M) % R:
+            continue
+        nU = 1
+        for c in prob.classes:
+            nU *= c.count // R + 1
+        if nU * X * min(X, 16) <= STATE_LIMIT:
+            return R
+    return None
 
 
 def search(prob: Problem, *, time_limit: float = 30.0, gap: float = 0.0, backend: str = "highs",
