@@ -99,6 +99,8 @@ class Search:
         self.states: dict[int, MState] = {}
         self.unresolved: list[float] = []
         self.heap: list[tuple] = []
+        self.pending: dict[int, float] = {}
+        """M values not built yet, with their cheap bounds."""
         self._said = (math.inf, -math.inf)
 
     # ---- bookkeeping ----------------------------------------------------------------------
@@ -123,14 +125,20 @@ class Search:
             low = min(low, self.heap[0][0])
         if self.unresolved:
             low = min(low, min(self.unresolved))
+        if self.pending:
+            low = min(low, min(self.pending.values()))
         for st in self.states.values():
             if st.status in ("limit", "too_large"):
                 low = min(low, st.bound)
         return low
 
     def report(self) -> None:
+        """One line per improvement: a better plan, or a bound that closed the gap by a
+        hundredth of a percent or more."""
         inc, low = self.incumbent, self.bound()
-        if (inc, low) == self._said:
+        said_inc, said_low = self._said
+        if inc == said_inc and not (math.isfinite(inc) and low - said_low >= 1e-4 * inc) and \
+                not (low == inc and said_low != low):
             return
         self._said = (inc, low)
         gap = (inc - low) / inc if math.isfinite(inc) and math.isfinite(low) else math.inf
@@ -241,8 +249,10 @@ class Search:
                 for child in st.caps.split(ev):
                     heapq.heappush(heap, (ev.lb, child))
 
-    def expand(self, st: MState, box: Box) -> None:
+    def expand(self, st: MState, box: Box, first: bool = False) -> None:
         """Evaluate a box (offering its plan) and queue its halves if it is still open."""
+        if first:  # the M's cheap bound stands until its root box is in the queue
+            self.pending[st.M] = max(self.pending.get(st.M, -math.inf), st.bound)
         t0 = time.perf_counter()
         self.evals_left -= 1
         ev, seq = st.caps.evaluate(box, self.incumbent)
@@ -263,9 +273,11 @@ class Search:
         Ms = sorted({M for R, M in prob.candidates() if R == 1})
         self.states = {M: MState(M) for M in Ms}
         # Every M gets a cheap bound (allocator.bounds); M values that cannot fit in memory
-        # are done. Then, smallest micro-batches first (their programs are the smallest and
-        # their plans set the incumbent that prunes the rest), each M is built and its
-        # root box evaluated; after that boxes are taken lowest bound first across all M.
+        # are done. Then, smallest micro-batches first (their programs are the smallest),
+        # each M is built, its smallest feasible bottleneck found and the plan with the
+        # least stage-time sum at that bottleneck offered (usually close to the best of
+        # that M), M values whose bound reaches the incumbent by then being done; after
+        # that boxes are taken lowest bound first across all M.
         cheap: dict[int, float] = {}
         for M in Ms:
             st = self.states[M]
@@ -276,12 +288,14 @@ class Search:
                 st.seconds += time.perf_counter() - t0
                 if not math.isfinite(cheap[M]):
                     st.status = "infeasible"
+        self.pending = {M: cheap[M] for M in Ms if self.states[M].status != "infeasible"}
         for M in sorted(Ms, key=lambda m: (prob.global_batch // m, m)):
             st = self.states[M]
             if st.status == "infeasible":
                 continue
             if cheap[M] >= self.incumbent * (1 - self.gap):
                 st.status = "pruned"
+                self.pending.pop(M, None)
                 continue
             if time.perf_counter() > self.deadline:
                 self.stopped_by_clock = True
@@ -295,9 +309,13 @@ class Search:
                 if root is None:
                     st.status = "pruned" if math.isfinite(self.incumbent) else "infeasible"
                 else:
-                    self.expand(st, root)
+                    _, seq = st.caps.g(root.a, root.d, math.inf)
+                    if seq is not None:
+                        self.offer(self.plan_of(seq, M))
+                    self.expand(st, root, first=True)
             elif st.shapes is not None or st.cols is not None:
                 self.solve_program(st)
+            self.pending.pop(M, None)
             self.report()
         while not self.done():
             if time.perf_counter() > self.deadline:
