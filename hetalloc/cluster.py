@@ -102,6 +102,11 @@ class Cluster:
         return {d.id: d for d in self.devices}
 
     @cached_property
+    def device_index(self) -> dict[str, int]:
+        """Device id -> position in cluster order."""
+        return {d.id: i for i, d in enumerate(self.devices)}
+
+    @cached_property
     def node_by_name(self) -> dict[str, Node]:
         return {n.name: n for n in self.nodes}
 
@@ -157,10 +162,14 @@ class Cluster:
         hit = self._path_cache.get(key)
         if hit is None:
             g = self.graph
+            sa, sb = f"switch:{na}", f"switch:{nb}"
             if na == nb:
-                edges = [(self.node_by_name[na].devices[0].id, f"switch:{na}")] * 2
+                edges = [(self.node_by_name[na].devices[0].id, sa)] * 2
+            elif g.has_edge(sa, "fabric") and g.has_edge(sb, "fabric"):  # both on the one fabric switch
+                edges = [(self.node_by_name[na].devices[0].id, sa), (sa, "fabric"), ("fabric", sb),
+                         (sb, self.node_by_name[nb].devices[0].id)]
             else:
-                sp = nx.shortest_path(g, f"switch:{na}", f"switch:{nb}")
+                sp = nx.shortest_path(g, sa, sb)
                 edges = ([(self.node_by_name[na].devices[0].id, f"switch:{na}")]
                          + list(zip(sp[:-1], sp[1:]))
                          + [(f"switch:{nb}", self.node_by_name[nb].devices[0].id)])

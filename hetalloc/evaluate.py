@@ -96,8 +96,7 @@ def allreduce_time(cluster: Cluster, devices: list[str], nbytes: float, algorith
     """Gradient synchronisation time of a group of devices (formulas in hetalloc.costs)."""
     if len(devices) <= 1:
         return 0.0
-    order = {d.id: i for i, d in enumerate(cluster.devices)}
-    ring = sorted(devices, key=order.__getitem__)
+    ring = sorted(devices, key=cluster.device_index.__getitem__)
     if algorithm == "ring":
         hops = [cluster.path(a, b) for a, b in zip(ring, ring[1:] + ring[:1])]
         return ring_allreduce_time(nbytes, len(ring), min(h.bandwidth_bytes_per_s for h in hops),
