@@ -41,6 +41,12 @@ class DeviceType:
     """The runtime's own time per training step on the device besides its ops and the
     optimizer: inputs, gradient zeroing, the end-of-step loss reduction. Measured by
     ``hetalloc profile``; 0 for catalog devices."""
+    interference_collective: float = 0.0
+    """How much slower compute runs while a collective of the device runs beside it
+    (0.2: 20 % slower), measured by ``hetalloc profile`` (a matmul with and without
+    all-reduces in flight); 0 for catalog devices (not measured)."""
+    interference_p2p: float = 0.0
+    """The same while a point-to-point transfer of the device runs beside its compute."""
 
     @property
     def peak_flops(self) -> float:

@@ -7,8 +7,11 @@ when link sharing and overlap are switched off:
    backward: input-gradient slices to the previous stage's); see hetalloc.schedule;
 2. gradient synchronisation after the flush: the devices holding the same layers
    all-reduce their gradients with the plan's algorithm;
-3. optimizer step on every device.
-The iteration ends when the last device has stepped.
+3. optimizer step on every device;
+4. the loss reduction: every device all-reduces the step's loss once the last device has
+   stepped (``loss_reduction_time``); the iteration ends with it.
+Collectives are timed by ``collective_time``: the cluster's measured tables where it has
+them (``hetalloc.collectives``, from ``hetalloc profile``), else the analytic formulas.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from typing import Any
 
 from .cluster import Cluster
 from .costgraph import CostGraph
-from .costs import (MemoryBreakdown, grad_bytes_per_param, hierarchical_allreduce_time, optimizer_time,
-                    p2p_time, param_server_time, ring_allreduce_time, usable_memory)
+from .collectives import pick
+from .costs import (LOSS_BYTES, MemoryBreakdown, collective_time as analytic_collective_time, grad_bytes_per_param,
+                    hierarchical_allreduce_time, optimizer_time, p2p_time, param_server_time, ring_allreduce_time,
+                    usable_memory)
 from .plan import Plan, device_memory
 from .schedule import PipeDevice, pipeline_timing
 
@@ -63,11 +68,85 @@ def sync_groups(plan: Plan, cluster: Cluster, cg: CostGraph, algorithm: str | No
     return out
 
 
+def measured_time(cluster: Cluster, op: str, devices: list[str], nbytes: float) -> float | None:
+    """`op` (hetalloc.costs.COLLECTIVE_OPS) of nbytes among `devices` from the cluster's
+    measured tables: over the node's intra link when they share a node (scope 'intra'),
+    else over the NICs (scope 'inter', the slowest NIC's link class); None when no table
+    covers it."""
+    n = len(devices)
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    if not cluster.collectives:
+        return None
+    nodes = list(dict.fromkeys(cluster.device(d).node for d in devices))
+    if len(nodes) == 1:
+        table = pick(cluster.collectives, op, "intra", cluster.node_by_name[nodes[0]].intra.name, n)
+    else:
+        nics = [cluster.node_by_name[x].nic for x in nodes]
+        slowest = min((x for x in nics if x is not None), key=lambda x: x.bandwidth_bytes_per_s, default=None)
+        table = pick(cluster.collectives, op, "inter", slowest.name if slowest else "", n)
+    return None if table is None else table.time(nbytes, n)
+
+
+def collective_time(cluster: Cluster, op: str, devices: list[str], nbytes: float) -> float:
+    """`op` of nbytes among `devices`: measured (``measured_time``) where the cluster has a
+    table for it, else ``hetalloc.costs.collective_time`` over the group's slowest path."""
+    t = measured_time(cluster, op, devices, nbytes)
+    if t is not None:
+        return t
+    ring = sorted(devices, key=_order(cluster).__getitem__)
+    hops = [cluster.path(a, b) for a, b in zip(ring, ring[1:] + ring[:1])]
+    return analytic_collective_time(op, nbytes, len(ring), min(h.bandwidth_bytes_per_s for h in hops),
+                                    max(h.latency_s for h in hops))
+
+
+def loss_reduction_time(cluster: Cluster, devices: list[str]) -> float:
+    """The end-of-step all-reduce of the loss (hetalloc.costs.LOSS_BYTES) over `devices`
+    (every device of the plan)."""
+    return collective_time(cluster, "allreduce", list(devices), LOSS_BYTES)
+
+
+def _order(cluster: Cluster) -> dict[str, int]:
+    return {d.id: i for i, d in enumerate(cluster.devices)}
+
+
+def measured_sync_time(cluster: Cluster, devices: list[str], nbytes: float, algorithm: str) -> float | None:
+    """Gradient synchronisation from measured collectives, composed of the calls the
+    runtime makes (runtime.grad_sync): ring: one all-reduce; hierarchical: a reduce to a
+    leader in each node, an all-reduce among the leaders, a broadcast in each node;
+    parameter server: a reduce of each member's shard to its owner, then its broadcast
+    back. None when a part has no table."""
+    if not cluster.collectives:
+        return None
+    if algorithm == "ring":
+        return measured_time(cluster, "allreduce", devices, nbytes)
+    per_node: dict[str, list[str]] = {}
+    for d in sorted(devices, key=_order(cluster).__getitem__):
+        per_node.setdefault(cluster.device(d).node, []).append(d)
+    if algorithm == "hierarchical":
+        if len(per_node) == 1:
+            return measured_time(cluster, "allreduce", devices, nbytes)
+        widest = max(per_node.values(), key=len)
+        parts = [measured_time(cluster, "allreduce", [v[0] for v in per_node.values()], nbytes)]
+        if len(widest) > 1:
+            parts += [measured_time(cluster, "reduce", widest, nbytes), measured_time(cluster, "broadcast", widest, nbytes)]
+        return None if any(p is None for p in parts) else sum(parts)
+    if algorithm == "param_server":
+        n = len(devices)
+        parts = [measured_time(cluster, op, devices, nbytes / n) for op in ("reduce", "broadcast")]
+        return None if any(p is None for p in parts) else n * sum(parts)
+    raise ValueError(f"unknown gradient sync algorithm '{algorithm}'")
+
+
 def allreduce_time(cluster: Cluster, devices: list[str], nbytes: float, algorithm: str) -> float:
-    """Gradient synchronisation time of a group of devices (formulas in hetalloc.costs)."""
+    """Gradient synchronisation time of a group of devices: measured collectives where the
+    cluster has them (``measured_sync_time``), else the formulas in hetalloc.costs."""
     if len(devices) <= 1:
         return 0.0
-    order = {d.id: i for i, d in enumerate(cluster.devices)}
+    measured = measured_sync_time(cluster, devices, nbytes, algorithm)
+    if measured is not None:
+        return measured
+    order = _order(cluster)
     ring = sorted(devices, key=order.__getitem__)
     if algorithm == "ring":
         hops = [cluster.path(a, b) for a, b in zip(ring, ring[1:] + ring[:1])]
@@ -151,6 +230,7 @@ class Prediction:
     memory: dict[str, MemoryBreakdown]
     memory_fraction: dict[str, float]
     sync_by_algorithm: dict[str, float] = field(default_factory=dict)
+    loss_reduction_time_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -166,6 +246,7 @@ class Prediction:
             "memory_bytes": {k: v.total for k, v in self.memory.items()},
             "memory_fraction": self.memory_fraction,
             "sync_by_algorithm_s": self.sync_by_algorithm,
+            "loss_reduction_time_s": self.loss_reduction_time_s,
         }
 
 
@@ -215,7 +296,8 @@ def predict(plan: Plan, cluster: Cluster, cg: CostGraph) -> Prediction:
     for st in stages_out:
         s = plan.replicas[st["replica"]].stages[st["stage"]]
         st["sync_s"] = max(sync_of.get(d.device, 0.0) for d in s.devices)
-    iteration = pipe_time + tail
+    loss_s = loss_reduction_time(cluster, list(placement))
+    iteration = pipe_time + tail + loss_s
     mem = device_memory(plan, cluster, cg)
     frac = {d: mem[d].total / usable_memory(cluster.dtype(d)) for d in mem}
     by_alg = {}
@@ -239,4 +321,5 @@ def predict(plan: Plan, cluster: Cluster, cg: CostGraph) -> Prediction:
         memory=mem,
         memory_fraction=frac,
         sync_by_algorithm=by_alg,
+        loss_reduction_time_s=loss_s,
     )

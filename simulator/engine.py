@@ -2,10 +2,13 @@
 
 Each simulated device is a generator process on its compute stream: it runs its
 schedule's forward/backward ops (``hetalloc.schedule.stage_op_order``), each waiting for
-its inputs; then it waits for its gradient collectives and runs its optimizer step. A
-device also has two communication lanes: ``p2p`` (activation / gradient sends, in
-order) and ``collective`` (gradient all-reduces, in reverse layer order as DDP issues
-them). The links underneath are shared (``simulator.links``).
+its inputs; waits for its last sends to leave; then it waits for its gradient
+collectives, runs its optimizer step, and joins the end-of-step loss all-reduce of every
+device (the next iteration starts when it ends), as the runtime does. A device also has
+two communication lanes: ``p2p`` (activation / gradient sends, in order) and
+``collective`` (gradient all-reduces, in reverse layer order as DDP issues them). The
+links underneath are shared (``simulator.links``); compute ops run on
+``simulator.compute`` (shared compute slots, interference with communication).
 
 Two switches, both on by default:
 - ``contention``: transfers share link bandwidth (fair sharing, collectives step by step
@@ -16,7 +19,15 @@ Two switches, both on by default:
   Off: sends block the op that produced them (a receiver waits for the whole op, as the
   cost prediction assumes) and each gradient group is all-reduced in one piece after
   the pipeline phase of all replicas has ended.
-With both off the simulation is ``hetalloc.evaluate.predict`` played out in time.
+- ``shared_compute`` and ``interference`` (default: as ``contention``): devices on a node
+  with fewer compute slots than devices share them; compute slows by the device type's
+  measured interference while its communication runs (``simulator.compute``).
+Collectives are timed by the cluster's measured tables where it has them
+(``hetalloc.evaluate.allreduce_time``); over the links, a measured collective alone
+takes exactly its measured time (its steps get the difference as latency, or move
+proportionally fewer bytes when the measurement is faster than the links).
+With contention and overlap off the simulation is ``hetalloc.evaluate.predict`` played
+out in time.
 
 Never: compute a cost here — durations come from simulator.pipeline (which takes them
 from hetalloc) and from the network; this module only orders them in time.
@@ -32,10 +43,11 @@ import simpy
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
 from hetalloc.errors import SpecError
-from hetalloc.evaluate import allreduce_time, sync_groups
+from hetalloc.evaluate import allreduce_time, loss_reduction_time, measured_sync_time, sync_groups
 from hetalloc.plan import Plan, validate_plan
 
-from .collectives import STEP_BUILDERS, Bucket, Step, buckets
+from .collectives import STEP_BUILDERS, Bucket, Step, alone_time, buckets
+from .compute import ComputeModel
 from .links import LinkLog, Network, Topology, UsageTable
 from .pipeline import DeviceWork, ReplicaClass, Send, fold_replicas, replica_work, split_chains
 
@@ -60,6 +72,12 @@ class SimOptions:
     of identical pipelines, where that is exact (simulator.pipeline)."""
     record: bool = True
     """Keep the step-by-step log of every collective (shown in traces)."""
+    shared_compute: bool | None = None
+    """Devices on a node with fewer compute slots than devices share them (processor
+    sharing); None: as ``contention``."""
+    interference: bool | None = None
+    """Compute slows by the device type's measured interference while the device
+    communicates; None: as ``contention``."""
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -88,7 +106,7 @@ class Activity:
     lane: str
     """compute | p2p | collective"""
     kind: str
-    """F | B | optimizer | send | allreduce"""
+    """F | B | optimizer | send | allreduce | loss"""
     name: str
     t0: float
     t1: float
@@ -141,6 +159,10 @@ class SimResult:
     num_events: int
     wall_s: float
     network_solves: int
+    marks: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    """Per simulated device and iteration: start, pipe_end (last op done and its sends
+    gone), opt_start, opt_end, end (the loss all-reduce done)."""
+    loss_time_s: float = 0.0
 
 
 class Simulation:
@@ -155,6 +177,11 @@ class Simulation:
         self.table = UsageTable()
         self.log = LinkLog()
         self.net = Network(self.env, self.topo, self.log) if self.opts.contention else None
+        shared = self.opts.contention if self.opts.shared_compute is None else self.opts.shared_compute
+        interference = self.opts.contention if self.opts.interference is None else self.opts.interference
+        self.compute = ComputeModel(self.env, cluster, shared=shared, interference=interference)
+        # Shared compute couples the devices of a node, whichever replica they serve.
+        fold = self.opts.fold and not any(self.compute.nodes[n.name].slots for n in cluster.nodes)
         self.groups = [g for g in sync_groups(plan, cluster, cg) if len(g.devices) > 1]
         build = STEP_BUILDERS[plan.grad_sync]
         self.steps: list[list[Step]] = [build(self.topo, self.table, g.devices, self.opts.max_collective_steps)
@@ -163,7 +190,7 @@ class Simulation:
         self.chains = split_chains(plan) if self.opts.fold else plan
         placement = plan.placement()
         self.classes = fold_replicas(self.chains, cluster, self.topo, self.table, contention=self.opts.contention,
-                                     collective_usages=coll_usages, enabled=self.opts.fold)
+                                     collective_usages=coll_usages, enabled=fold)
         self.work: dict[str, DeviceWork] = {}
         self.rep_of: dict[str, str] = {}
         for c in self.classes:
@@ -188,6 +215,11 @@ class Simulation:
         self.lane_colls: dict[tuple[int, str], list[Collective]] = {}
         self._finished: set[str] = set()
         self.lanes: dict[str, simpy.Store] = {}
+        self.marks: dict[str, list[dict[str, float]]] = {d: [{} for _ in range(self.opts.iterations)]
+                                                         for d in self.work}
+        self.loss_time = loss_reduction_time(cluster, list(placement))
+        self._last_send: dict[tuple[int, str], simpy.Event] = {}
+        self._measured: dict[tuple, tuple[float, float, float] | None] = {}
 
     # ---- bookkeeping ------------------------------------------------------------------
     # Events carry (activity index, time): the activity whose end released the waiter.
@@ -223,16 +255,41 @@ class Simulation:
         return self.env.all_of(events)
 
     # ---- transfers --------------------------------------------------------------------
-    def _transfer(self, s: Send):
+    def _transfer(self, s: Send, src: str):
         if s.nbytes <= 0:
             return
         t0 = self.env.now
+        ends = (src, s.dst)
+        self.compute.comm_begin(ends, "p2p")
         if self.net is None:
             yield self.env.timeout(s.formula_s)
             self.log.record(s.usage, t0, self.env.now, s.nbytes)
         else:
             yield self.env.timeout(s.latency_s)
             yield self.net.transfer(s.usage, s.nbytes)
+        self.compute.comm_end(ends, "p2p")
+
+    def _measured_fit(self, c: Collective) -> tuple[float, float, float] | None:
+        """For a collective the cluster has measured: (extra seconds before its steps, scale
+        of their bytes, scale of their latencies) that make it, alone on the links, take
+        its measured time; None when it is priced by the formulas (their steps already
+        add up to them)."""
+        key = (c.group, c.bucket.nbytes)
+        if key not in self._measured:
+            target = measured_sync_time(self.cluster, c.devices, c.bucket.nbytes, self.plan.grad_sync)
+            fit = None
+            if target is not None:
+                steps = self.steps[c.group]
+                lat = sum(st.latency_s for st in steps)
+                total = alone_time(steps, c.bucket.nbytes, self.topo)
+                if target >= total:
+                    fit = (target - total, 1.0, 1.0)
+                elif target >= lat:
+                    fit = (0.0, (target - lat) / (total - lat), 1.0)
+                else:
+                    fit = (0.0, 0.0, target / lat)
+            self._measured[key] = fit
+        return self._measured[key]
 
     def _collective_time(self, c: Collective) -> float:
         key = (c.group, c.bucket.nbytes)
@@ -259,7 +316,7 @@ class Simulation:
                     self.mem[w.id].append((env.now, w.act_bytes_per_mb))
                 elif pos == last_b and overlap:
                     self._schedule_ready(w, it, op)
-                yield env.timeout(w.fwd_s if kind == "F" else w.bwd_s)
+                yield self.compute.run(w.id, w.fwd_s if kind == "F" else w.bwd_s)
                 prev = self._end(op)
                 if kind == "B":
                     self.mem[w.id].append((env.now, -w.act_bytes_per_mb))
@@ -267,26 +324,65 @@ class Simulation:
                 if overlap:
                     for s in sends:
                         self.lanes[w.id].put((it, kind, m, s, prev))
+                        self._last_send[(it, w.id)] = self._event(("arrive", it, kind, m, w.id, s.dst))
                     continue
                 for s in sends:
                     i = self._begin(w.id, "p2p", "send", f"{kind} mb{m} -> {s.dst}", prev[0], it,
                                     usage=s.usage.key)
-                    yield from self._transfer(s)
+                    yield from self._transfer(s, w.id)
                     prev = self._end(i)
                 for s in sends:
                     self._event(("arrive", it, kind, m, w.id, s.dst)).succeed(prev)
+            last = self._last_send.get((it, w.id))
+            if last is not None and not last.triggered:  # the runtime waits for its sends to leave
+                yield last
+            marks = self.marks[w.id][it]
+            marks["pipe_end"] = env.now
             self._event(("pipe", it, w.id)).succeed(prev)
             waits = [c.done for c in self.lane_colls.get((it, w.id), [])]
             if not overlap:
                 waits.append(self._barrier(it))
             if waits:
                 yield self._wait(waits)
+            marks["opt_start"] = env.now
             i = self._begin(w.id, "compute", "optimizer", "optimizer step",
                             self._latest(prev, *(e.value for e in waits)), it)
-            yield env.timeout(w.optimizer_s)
+            yield self.compute.run(w.id, w.optimizer_s)
             prev = self._end(i)
+            marks["opt_end"] = env.now
+            self._event(("tail", it, w.id)).succeed(prev)
+            loss = self._loss(it)
+            yield loss
+            prev = loss.value
+            marks["end"] = env.now
             self.iteration_ends[it] = max(self.iteration_ends[it], env.now)
+            if it + 1 < self.opts.iterations:
+                self.marks[w.id][it + 1]["start"] = env.now
         self._finished.add(w.id)
+
+    def _loss(self, it: int) -> simpy.Event:
+        """Fires when iteration `it`'s loss all-reduce over every device has ended: it
+        starts when the last device has stepped (hetalloc.evaluate.loss_reduction_time)."""
+        key = ("loss", it)
+        ev = self._events.get(key)
+        if ev is None:
+            ev = self._events[key] = self.env.event()
+            self.env.process(self._loss_reduction(it, ev))
+        return ev
+
+    def _loss_reduction(self, it: int, done: simpy.Event):
+        tails = [self._event(("tail", it, d)) for d in self.work]
+        yield self.env.all_of(tails)
+        cause = self._latest(*(e.value for e in tails))
+        acts = [self._begin(d, "collective", "loss", f"loss all-reduce ({len(self.plan.device_ids())} devices)",
+                            cause, it) for d in self.work]
+        devices = list(self.work)
+        self.compute.comm_begin(devices, "collective")
+        yield self.env.timeout(self.loss_time)
+        self.compute.comm_end(devices, "collective")
+        for i in acts:
+            self._end(i)
+        done.succeed((acts[0], self.env.now))
 
     def _barrier(self, it: int) -> simpy.Event:
         """Fires when the pipeline phase of iteration `it` has ended on every device."""
@@ -307,7 +403,7 @@ class Simulation:
             it, kind, m, s, issued = yield store.get()
             i = self._begin(device, "p2p", "send", f"{kind} mb{m} -> {s.dst}", self._latest(issued, prev), it,
                             usage=s.usage.key)
-            yield from self._transfer(s)
+            yield from self._transfer(s, device)
             prev = self._end(i)
             self._event(("arrive", it, kind, m, device, s.dst)).succeed(prev)
 
@@ -335,11 +431,15 @@ class Simulation:
         acts = [self._begin(d, "collective", "allreduce", name, cause, it, group=c.group) for d in c.members]
         t0 = env.now
         steps = self.steps[c.group]
+        self.compute.comm_begin(c.members, "collective")
         if nbytes > 0 and self.net is not None:
+            extra, byte_scale, lat_scale = self._measured_fit(c) or (0.0, 1.0, 1.0)
+            if extra > 0:
+                yield env.timeout(extra)
             for st in steps:
                 t1 = env.now
-                yield env.timeout(st.latency_s)
-                yield self._wait([self.net.transfer(u, f * nbytes) for u, f in st.flows])
+                yield env.timeout(st.latency_s * lat_scale)
+                yield self._wait([self.net.transfer(u, f * nbytes * byte_scale) for u, f in st.flows])
                 if self.opts.record:
                     c.steps.append((st.phase, t1, env.now))
         elif nbytes > 0:
@@ -347,6 +447,7 @@ class Simulation:
             for st in steps:
                 for u, f in st.flows:
                     self.log.record(u, t0, env.now, f * nbytes)
+        self.compute.comm_end(c.members, "collective")
         for i in acts:
             self._end(i)
         c.done.succeed((acts[0], env.now))
@@ -378,6 +479,7 @@ class Simulation:
         self._plan_collectives()
         self.table.reduce(self.topo.capacity)
         for w in self.work.values():
+            self.marks[w.id][0]["start"] = 0.0
             if self.opts.overlap:
                 self.lanes[w.id] = simpy.Store(env)
                 env.process(self._lane(w.id))
@@ -393,4 +495,5 @@ class Simulation:
             log=self.log, work=self.work, rep_of=self.rep_of, chains=self.chains, classes=self.classes,
             activities=self.acts, memory_events=self.mem, iteration_ends_s=self.iteration_ends, groups=self.groups,
             collective_steps=self.steps, collectives=self.collectives, num_events=env.num_events,
-            wall_s=time.perf_counter() - t_wall, network_solves=self.net.solves if self.net else 0)
+            wall_s=time.perf_counter() - t_wall, network_solves=self.net.solves if self.net else 0,
+            marks=self.marks, loss_time_s=self.loss_time)

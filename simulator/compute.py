@@ -1,0 +1,141 @@
+"""Compute of the simulated devices over time: shared compute slots and interference.
+
+A compute op is an amount of work, in seconds at the device's full speed (what the cost
+graph says it takes alone). It advances at a rate that two effects lower:
+- **processor sharing**: on a node with fewer compute slots than devices
+  (``Node.compute_slots``: CPU cores under more ranks, or a GPU time-sliced among
+  processes), the ops running at one time share the slots equally: each advances at
+  min(1, slots / running);
+- **interference**: while a collective (or a point-to-point transfer) of the device runs
+  beside its compute, the compute advances 1 / (1 + f) as fast, f the device type's
+  ``interference_collective`` (``interference_p2p``), measured by ``hetalloc profile``.
+Rates change only when an op starts or ends on the node or a transfer starts or ends on
+the device; between those moments every op advances linearly (a fluid model, as the
+links are). An op on a device that neither shares its node nor has interference figures
+is a plain timeout.
+
+Never: price work here (durations come from hetalloc via simulator.pipeline); this
+module only stretches them in time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import simpy
+
+from hetalloc.cluster import Cluster
+
+COMM_KINDS = ("collective", "p2p")
+
+
+@dataclass(eq=False, slots=True)
+class _Job:
+    device: str
+    remaining: float
+    """Seconds of full-speed work left at ``since``."""
+    done: simpy.Event
+    since: float = 0.0
+    rate: float = 1.0
+    version: int = 0
+
+
+@dataclass(slots=True)
+class _Node:
+    slots: int
+    """Compute slots; 0: one per device (not shared)."""
+    jobs: list[_Job] = field(default_factory=list)
+
+
+class ComputeModel:
+    """Runs compute ops of the simulated devices (module doc)."""
+
+    def __init__(self, env: simpy.Environment, cluster: Cluster, *, shared: bool, interference: bool):
+        self.env = env
+        self.nodes: dict[str, _Node] = {}
+        self.node_of: dict[str, _Node] = {}
+        self.factor: dict[str, dict[str, float]] = {}
+        self.comm: dict[str, dict[str, int]] = {}
+        self.job_of: dict[str, _Job] = {}
+        for n in cluster.nodes:
+            node = self.nodes[n.name] = _Node(n.compute_slots if shared and n.shares_compute else 0)
+            for d in n.devices:
+                self.node_of[d.id] = node
+                t = cluster.device_types[d.type]
+                f = {"collective": t.interference_collective, "p2p": t.interference_p2p} if interference else {}
+                if any(v > 0 for v in f.values()):
+                    self.factor[d.id] = f
+                    self.comm[d.id] = {k: 0 for k in COMM_KINDS}
+
+    @property
+    def active(self) -> bool:
+        """Whether any op can run at other than full speed (else every op is a timeout)."""
+        return bool(self.factor) or any(n.slots for n in self.nodes.values())
+
+    def _plain(self, device: str) -> bool:
+        return device not in self.factor and not self.node_of[device].slots
+
+    def run(self, device: str, work_s: float) -> simpy.Event:
+        """An event that fires when `work_s` seconds of full-speed work have run on device."""
+        if work_s <= 0 or self._plain(device):
+            return self.env.timeout(max(work_s, 0.0))
+        job = _Job(device, work_s, self.env.event(), self.env.now)
+        node = self.node_of[device]
+        node.jobs.append(job)
+        self.job_of[device] = job
+        self._refresh(node)
+        return job.done
+
+    def comm_begin(self, devices, kind: str) -> None:
+        self._comm(devices, kind, +1)
+
+    def comm_end(self, devices, kind: str) -> None:
+        self._comm(devices, kind, -1)
+
+    def _comm(self, devices, kind: str, delta: int) -> None:
+        touched = []
+        for d in devices:
+            c = self.comm.get(d)
+            if c is None:
+                continue
+            c[kind] += delta
+            job = self.job_of.get(d)
+            if job is not None and self.node_of[d] not in touched:
+                touched.append(self.node_of[d])
+        for node in touched:
+            self._refresh(node)
+
+    def _rate(self, node: _Node, job: _Job) -> float:
+        share = min(1.0, node.slots / len(node.jobs)) if node.slots else 1.0
+        f = self.factor.get(job.device)
+        if f is not None:
+            c = self.comm[job.device]
+            slow = max((f[k] for k in COMM_KINDS if c[k] > 0), default=0.0)
+            share /= 1.0 + slow
+        return share
+
+    def _refresh(self, node: _Node) -> None:
+        """Book every running op's progress at its old rate, then re-time it at its new one."""
+        now = self.env.now
+        for job in node.jobs:
+            job.remaining = max(0.0, job.remaining - job.rate * (now - job.since))
+            job.since = now
+            rate = self._rate(node, job)
+            if rate == job.rate and job.version > 0:
+                continue
+            job.rate = rate
+            job.version += 1
+            self.env.timeout(job.remaining / rate).callbacks.append(
+                lambda _e, job=job, v=job.version: self._finish(job, v))
+
+    def _finish(self, job: _Job, version: int) -> None:
+        if version != job.version:
+            return  # re-timed since
+        node = self.node_of[job.device]
+        job.remaining = 0.0
+        node.jobs.remove(job)
+        if self.job_of.get(job.device) is job:
+            del self.job_of[job.device]
+        job.done.succeed()
+        if node.jobs:
+            self._refresh(node)
