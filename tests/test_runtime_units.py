@@ -191,6 +191,24 @@ def test_config_and_slowdown_validation():
     assert TrainConfig().learning_rate("sgd") == 0.05
 
 
+def test_slowdown_in_cpu_time_uses_slowdown_times_the_cpu_of_the_compute():
+    """On CPUs the emulated slowdown holds the core as a slower core would: the thread
+    uses FACTOR x the CPU time of its compute (what the simulator's shared compute
+    slots assume), however much the operating system lets it run meanwhile."""
+    import time
+    from runtime.config import stretch
+
+    for factor in (1.0, 2.0, 3.0):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        while time.thread_time() - c0 < 0.02:  # 20 ms of compute
+            pass
+        used = time.thread_time() - c0
+        wall = stretch(t0, factor, c0)
+        total = time.thread_time() - c0
+        assert total == pytest.approx(factor * used, rel=0.05, abs=1e-3)
+        assert wall >= total * 0.99  # wall time is at least the CPU time spent
+
+
 def test_node_commands_and_cli_print(tmp_path, capsys):
     cluster, plan = two_node_plan()
     plan.save(tmp_path / "plan.json")
