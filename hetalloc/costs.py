@@ -30,7 +30,9 @@ latency). Every formula is checked against a hand calculation in tests/test_cost
   size that was not measured, the nearest measured size's time scaled by the ring formula
   above (fitted per hop): t(n, B) = t_meas(m, B) * ring(n, B) / ring(m, B).
 - the end-of-step loss reduction: an all-reduce of the loss (LOSS_BYTES) over every
-  device of the plan, after the last optimizer step.
+  device of the plan, after the last optimizer step. Measured where the cluster has a
+  table for it; else latency-bound, by recursive doubling as libraries do for small
+  messages (Thakur, Rabenseifner & Gropp 2005): ceil(log2 n) (latency + bytes / bandwidth).
 """
 
 from __future__ import annotations
@@ -158,6 +160,14 @@ def collective_time(op: str, nbytes: float, n: int, bandwidth: float, latency: f
         return 0.0
     lm, bm = collective_multipliers(op, n)
     return lm * latency + bm * nbytes / bandwidth
+
+
+def small_allreduce_time(nbytes: float, n: int, bandwidth: float, latency: float) -> float:
+    """All-reduce of a small message among n devices by recursive doubling:
+    ceil(log2 n) rounds of (latency + bytes / bandwidth) (module doc)."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    return math.ceil(math.log2(n)) * (latency + nbytes / bandwidth)
 
 
 def interpolated_time(sizes_bytes: list[float], times_s: list[float], nbytes: float) -> float:

@@ -24,7 +24,7 @@ from .costgraph import CostGraph
 from .collectives import pick
 from .costs import (LOSS_BYTES, MemoryBreakdown, collective_time as analytic_collective_time, grad_bytes_per_param,
                     hierarchical_allreduce_time, optimizer_time, p2p_time, param_server_time, ring_allreduce_time,
-                    usable_memory)
+                    small_allreduce_time, usable_memory)
 from .plan import Plan, device_memory
 from .schedule import PipeDevice, pipeline_timing
 
@@ -102,8 +102,17 @@ def collective_time(cluster: Cluster, op: str, devices: list[str], nbytes: float
 
 def loss_reduction_time(cluster: Cluster, devices: list[str]) -> float:
     """The end-of-step all-reduce of the loss (hetalloc.costs.LOSS_BYTES) over `devices`
-    (every device of the plan)."""
-    return collective_time(cluster, "allreduce", list(devices), LOSS_BYTES)
+    (every device of the plan): measured where the cluster has a table, else
+    ``hetalloc.costs.small_allreduce_time`` over the group's slowest path."""
+    t = measured_time(cluster, "allreduce", list(devices), LOSS_BYTES)
+    if t is not None:
+        return t
+    if len(devices) <= 1:
+        return 0.0
+    ring = sorted(devices, key=_order(cluster).__getitem__)
+    hops = [cluster.path(a, b) for a, b in zip(ring, ring[1:] + ring[:1])]
+    return small_allreduce_time(LOSS_BYTES, len(ring), min(h.bandwidth_bytes_per_s for h in hops),
+                                max(h.latency_s for h in hops))
 
 
 def _order(cluster: Cluster) -> dict[str, int]:

@@ -21,6 +21,7 @@ module only stretches them in time.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import simpy
 
@@ -32,9 +33,12 @@ COMM_KINDS = ("collective", "p2p")
 @dataclass(eq=False, slots=True)
 class _Job:
     device: str
+    work: float
     remaining: float
     """Seconds of full-speed work left at ``since``."""
     done: simpy.Event
+    marks: list[tuple[float, Callable[[], None]]]
+    """(work done, callback) still to fire, in order."""
     since: float = 0.0
     rate: float = 1.0
     version: int = 0
@@ -75,11 +79,17 @@ class ComputeModel:
     def _plain(self, device: str) -> bool:
         return device not in self.factor and not self.node_of[device].slots
 
-    def run(self, device: str, work_s: float) -> simpy.Event:
-        """An event that fires when `work_s` seconds of full-speed work have run on device."""
+    def run(self, device: str, work_s: float,
+            marks: list[tuple[float, Callable[[], None]]] | None = None) -> simpy.Event:
+        """An event that fires when `work_s` seconds of full-speed work have run on device;
+        each mark (work done, callback) is called when that much of it has run (a
+        gradient bucket that the backward has passed)."""
+        marks = sorted(marks or [], key=lambda m: m[0])
         if work_s <= 0 or self._plain(device):
+            for point, fn in marks:
+                self.env.timeout(min(max(point, 0.0), max(work_s, 0.0))).callbacks.append(lambda _e, fn=fn: fn())
             return self.env.timeout(max(work_s, 0.0))
-        job = _Job(device, work_s, self.env.event(), self.env.now)
+        job = _Job(device, work_s, work_s, self.env.event(), marks, self.env.now)
         node = self.node_of[device]
         node.jobs.append(job)
         self.job_of[device] = job
@@ -125,12 +135,28 @@ class ComputeModel:
                 continue
             job.rate = rate
             job.version += 1
-            self.env.timeout(job.remaining / rate).callbacks.append(
-                lambda _e, job=job, v=job.version: self._finish(job, v))
+            self._arm(job)
 
-    def _finish(self, job: _Job, version: int) -> None:
+    def _arm(self, job: _Job) -> None:
+        """Wake at the job's next mark or its end, whichever comes first, at its rate."""
+        left = job.remaining
+        if job.marks:
+            left = min(left, max(0.0, job.marks[0][0] - (job.work - job.remaining)))
+        self.env.timeout(left / job.rate).callbacks.append(lambda _e, job=job, v=job.version: self._wake(job, v))
+
+    def _wake(self, job: _Job, version: int) -> None:
         if version != job.version:
             return  # re-timed since
+        now = self.env.now
+        job.remaining = max(0.0, job.remaining - job.rate * (now - job.since))
+        job.since = now
+        done = job.work - job.remaining
+        tol = 1e-12 * max(1.0, job.work)
+        while job.marks and job.marks[0][0] <= done + tol:
+            job.marks.pop(0)[1]()
+        if job.remaining > tol:
+            self._arm(job)
+            return
         node = self.node_of[job.device]
         job.remaining = 0.0
         node.jobs.remove(job)

@@ -312,11 +312,12 @@ class Simulation:
                     yield self._wait(deps)
                 op = self._begin(w.id, "compute", kind, f"{kind} mb{m} L{w.start}-{w.stop - 1}",
                                  self._latest(prev, *(d.value for d in deps)), it)
+                marks = None
                 if kind == "F":
                     self.mem[w.id].append((env.now, w.act_bytes_per_mb))
                 elif pos == last_b and overlap:
-                    self._schedule_ready(w, it, op)
-                yield self.compute.run(w.id, w.fwd_s if kind == "F" else w.bwd_s)
+                    marks = self._ready_marks(w, it, op)
+                yield self.compute.run(w.id, w.fwd_s if kind == "F" else w.bwd_s, marks)
                 prev = self._end(op)
                 if kind == "B":
                     self.mem[w.id].append((env.now, -w.act_bytes_per_mb))
@@ -407,13 +408,15 @@ class Simulation:
             prev = self._end(i)
             self._event(("arrive", it, kind, m, device, s.dst)).succeed(prev)
 
-    def _schedule_ready(self, w: DeviceWork, it: int, op: int) -> None:
-        """At the start of the device's last backward: when each of its buckets is ready
-        (the backward runs from the stage's last layer down to its first)."""
+    def _ready_marks(self, w: DeviceWork, it: int, op: int) -> list:
+        """For the device's last backward: after how much of its work each of its buckets
+        is ready (the backward runs from the stage's last layer down to its first)."""
+        marks = []
         for c in self.lane_colls.get((it, w.id), []):
-            delay = sum(w.bwd_layer_s[c.bucket.start - w.start:])
+            done = sum(w.bwd_layer_s[c.bucket.start - w.start:])
             ev = self._event(("ready", c.key, w.id))
-            self.env.timeout(delay).callbacks.append(lambda _e, ev=ev: ev.succeed((op, self.env.now)))
+            marks.append((done, lambda ev=ev: ev.succeed((op, self.env.now))))
+        return marks
 
     def _collective(self, c: Collective, it: int):
         env = self.env

@@ -91,7 +91,8 @@ def test_measured_tables_replace_the_formulas_where_they_apply():
         120e-6 * (6 * 50e-6 + 1.5 * 1e-6) / (2 * 50e-6 + 1e-6))
     # the loss all-reduce: 8 bytes among the plan's devices
     assert loss_reduction_time(c, two) == pytest.approx(100e-6)
-    assert loss_reduction_time(plain, two) == pytest.approx(2 * 40e-6 + 8 / 5e9)
+    assert loss_reduction_time(plain, two) == pytest.approx(40e-6 + 8 / 5e9)  # recursive doubling: 1 round
+    assert loss_reduction_time(plain, four) == pytest.approx(2 * (40e-6 + 8 / 5e9))  # 2 rounds
     # a collective the profile did not measure falls back to the formula
     assert group_collective_time(c, "broadcast", two, 1000) == pytest.approx(40e-6 + 1000 / 5e9)
     # a table for another link class does not apply

@@ -43,7 +43,7 @@ def ops(res):
     return [(a.device, a.name, a.t0, a.t1) for a in res.activities if a.kind in ("F", "B")]
 
 
-LOSS_2 = 8e-9  # the loss all-reduce among 2 devices: 2(n-1)/n * 8 bytes / 1 GB/s
+LOSS_2 = 8e-9  # the loss all-reduce among 2 devices: one round, 8 bytes / 1 GB/s
 
 
 def test_two_replicas_on_one_slot_share_it():

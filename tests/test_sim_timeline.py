@@ -39,9 +39,9 @@ def toy_graph(num_layers: int = 2, fwd_s: float = 1.0, bwd_s: float = 2.0, out_b
     return CostGraph("toy", 1, "fp32", layers, tables={"X": table})
 
 
-LOSS_2 = 2 * (2 - 1) / 2 * 8 / 1e9
+LOSS_2 = 8 / 1e9
 """The end-of-step loss all-reduce among 2 devices over 1 GB/s links without latency:
-2(n-1)/n * 8 bytes / 1 GB/s = 8 ns (after the last optimizer step)."""
+one round of recursive doubling, 8 bytes / 1 GB/s = 8 ns (after the last optimizer step)."""
 
 
 def toy_plan(replicas: list[list[tuple[int, int, list[tuple[str, int]]]]], num_microbatches: int, schedule: str,
@@ -121,7 +121,7 @@ def test_four_device_ring_allreduce_step_by_step():
     # 1e9 fp32 parameters = 4e9 bytes of gradients; the ring moves 4e9/4 = 1e9 bytes per hop
     # per step: 1 µs + 1 s. Compute ends at 3 s (fwd 1 + bwd 2); 3 reduce-scatter and 3
     # all-gather steps follow, then the optimizer (2 * 1e9 * 16 bytes / 32 GB/s = 1 s), then
-    # the loss all-reduce: 2(n-1) * 1 µs + 2(n-1)/n * 8 bytes / 1 GB/s = 6.012 µs.
+    # the loss all-reduce by recursive doubling: log2(4) * (1 µs + 8 bytes / 1 GB/s) = 2.016 µs.
     cl = toy_cluster({"n": 4}, latency_us=1.0)
     cg = toy_graph(num_layers=1, params=10**9)
     plan = toy_plan([[(0, 1, [(f"n/{i}", 1)])] for i in range(4)], 1, "gpipe")
@@ -130,7 +130,7 @@ def test_four_device_ring_allreduce_step_by_step():
     step = 1e-6 + 1.0
     assert [p for p, _, _ in c.steps] == ["reduce-scatter"] * 3 + ["all-gather"] * 3
     assert [t1 for _, _, t1 in c.steps] == pytest.approx([3.0 + k * step for k in range(1, 7)], rel=1e-12)
-    assert res.iteration_ends_s == pytest.approx([3.0 + 6 * step + 1.0 + 6.012e-6], rel=1e-12)
+    assert res.iteration_ends_s == pytest.approx([3.0 + 6 * step + 1.0 + 2.016e-6], rel=1e-12)
     # the same as the shared ring formula: 2(n-1)/n * bytes / bw + 2(n-1) * latency
     assert res.iteration_ends_s[0] == pytest.approx(predict(plan, cl, cg).iteration_time_s, rel=1e-12)
 
