@@ -4,11 +4,13 @@ runtime makes. Imports torch (ranks only).
 - **collectives** (``measure_collectives``): every operation of
   ``hetalloc.costs.COLLECTIVE_OPS`` at every size of ``COLLECTIVE_BYTES``, among the
   first 2, 3, ... ranks of each host (scope ``intra``) and among one rank per host
-  (scope ``inter``, when there are several hosts). A repeat is a barrier, then a few
-  calls back to back (their mean: the barrier's skew between ranks stays out of small
-  messages); a member's figure is the median over repeats, a table's the slowest
-  member's. The bytes are the whole buffer (all-gather: the gathered output; the others:
-  what each member passes).
+  (scope ``inter``, when there are several hosts). A repeat is a barrier, a short
+  burst of compute on every member, then one call, as the runtime calls its collectives
+  (after compute: with its threads asleep and caches cold; RESULTS.md had a run's
+  gradient all-reduce of 0.95 MB at 2.6 ms against ~0.5 ms timed back to back); the repeat's
+  time is its last-arriving member's (the least: the others also waited for it), a
+  table's the median over repeats. The bytes are the whole buffer (all-gather: the
+  gathered output; the others: what each member passes).
 - **interference** (``measure_interference``): per rank, a square matmul in the training
   dtype (stretched by the rank's emulated slowdown, as the runtime stretches its ops)
   timed alone, while a stream of all-reduces of its group runs beside it, and while a
@@ -23,7 +25,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -63,21 +65,25 @@ def call(op: str, buf: torch.Tensor, out: torch.Tensor | None, group, root: int,
     raise ValueError(f"unknown collective '{op}'")
 
 
-def time_collective(op: str, nbytes: int, ranks: list[int], group, device: torch.device) -> float:
-    """A member's median seconds per call of `op` over `group` (module doc)."""
+def time_collective(op: str, nbytes: int, ranks: list[int], group, device: torch.device,
+                    busy: Callable[[], None]) -> list[float]:
+    """A member's seconds of one call of `op` over `group` in each repeat (module doc):
+    a barrier, the same burst of compute on every member (the runtime issues its
+    collectives after compute, with its threads asleep and its caches cold), then one
+    call."""
     buf, out = _buffers(op, nbytes, len(ranks), device)
-    back_to_back = 8 if nbytes <= 65536 else 2
-    repeats = 12 if nbytes <= (1 << 20) else 5
+    repeats = 15 if nbytes <= (1 << 20) else 6
     ts = []
     for k in range(2 + repeats):
         dist.barrier(group=group)
+        busy()
+        sync(device)
         t0 = time.perf_counter()
-        for _ in range(back_to_back):
-            call(op, buf, out, group, ranks[0])
+        call(op, buf, out, group, ranks[0])
         sync(device)
         if k >= 2:
-            ts.append((time.perf_counter() - t0) / back_to_back)
-    return statistics.median(ts)
+            ts.append(time.perf_counter() - t0)
+    return ts
 
 
 def collective_groups(hosts: list[str]) -> list[tuple[str, list[int]]]:
@@ -94,21 +100,39 @@ def collective_groups(hosts: list[str]) -> list[tuple[str, list[int]]]:
 
 def measure_collectives(rank: int, hosts: list[str], device: torch.device) -> list[dict[str, Any]]:
     """Every collective at every size in every group (module doc); every rank calls this,
-    every rank gets the tables."""
+    every rank gets the tables. A repeat's time is its last member's (the members that
+    came earlier also waited for it): the least over the members; a table keeps the
+    median over repeats."""
+    busy = _busy(device)
     tables = []
     for scope, ranks in collective_groups(hosts):
         group = dist.new_group(ranks)  # collective: every rank creates every group
         mine = {}
         if rank in ranks:
             for op in COLLECTIVE_OPS:
-                mine[op] = [time_collective(op, nbytes, ranks, group, device) for nbytes in COLLECTIVE_BYTES]
+                mine[op] = [time_collective(op, nbytes, ranks, group, device, busy) for nbytes in COLLECTIVE_BYTES]
         got: list[Any] = [None] * len(hosts)
         dist.all_gather_object(got, mine)
         for op in COLLECTIVE_OPS:
+            seconds = [statistics.median(min(xs) for xs in zip(*(got[r][op][k] for r in ranks)))
+                       for k in range(len(COLLECTIVE_BYTES))]
             tables.append({"op": op, "scope": scope, "ranks": ranks, "hosts": sorted({hosts[r] for r in ranks}),
-                           "bytes": list(COLLECTIVE_BYTES),
-                           "seconds": [max(got[r][op][k] for r in ranks) for k in range(len(COLLECTIVE_BYTES))]})
+                           "bytes": list(COLLECTIVE_BYTES), "seconds": seconds})
     return tables
+
+
+BUSY_S = 0.002
+"""Compute before each timed collective (module doc)."""
+
+
+def _busy(device: torch.device) -> Callable[[], None]:
+    a = torch.randn(128, 128, device=device)
+
+    def busy() -> None:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < BUSY_S:
+            a @ a
+    return busy
 
 
 def compute_turns(hosts: list[str], slots: list[int]) -> list[list[int]]:
