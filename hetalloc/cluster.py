@@ -235,7 +235,8 @@ def _ordered_counts(n: Node) -> list[tuple[str, int]]:
 
 _TOP_KEYS = {"name", "nodes", "fabric", "device_types", "prices", "collectives"}
 _NODE_KEYS = {"name", "count", "gpus", "intra_link", "nic", "nics", "compute_slots"}
-MEASURED_TYPE_FIELDS = ("op_overhead_us", "step_overhead_us", "interference_collective", "interference_p2p")
+MEASURED_TYPE_FIELDS = ("op_overhead_us", "step_overhead_us", "interference_collective", "interference_p2p",
+                        "comm_slowdown_collective", "comm_slowdown_p2p")
 """Device-type figures only a profile measures (written when non-zero)."""
 _LINK_KEYS = {"name", "bandwidth_gbps", "latency_us", "like"}
 _DTYPE_KEYS = {"name", "vendor", "peak_tflops", "memory_gib", "mem_bandwidth_gbps",
@@ -343,6 +344,12 @@ def _device_types(v: _Checker, raw: Any) -> dict[str, DeviceType]:
             interference_p2p=v.number(obj, "interference_p2p", p, positive=False,
                                       unit="fraction (0.2 = compute 20% slower)",
                                       default=base.interference_p2p if base else 0.0),
+            comm_slowdown_collective=v.number(obj, "comm_slowdown_collective", p, positive=False,
+                                              unit="fraction (0.5 = half a second more per second of overlap)",
+                                              default=base.comm_slowdown_collective if base else 0.0),
+            comm_slowdown_p2p=v.number(obj, "comm_slowdown_p2p", p, positive=False,
+                                       unit="fraction (0.5 = half a second more per second of overlap)",
+                                       default=base.comm_slowdown_p2p if base else 0.0),
         )
     return types
 

@@ -8,7 +8,10 @@ graph says it takes alone). It advances at a rate that two effects lower:
   min(1, slots / running);
 - **interference**: while a collective (or a point-to-point transfer) of the device runs
   beside its compute, the compute advances 1 / (1 + f) as fast, f the device type's
-  ``interference_collective`` (``interference_p2p``), measured by ``hetalloc profile``.
+  ``interference_collective`` (``interference_p2p``), measured by ``hetalloc profile``;
+  and the other way round, a transfer or collective takes c x (the time its devices
+  computed beside it) longer, c the type's ``comm_slowdown_collective``
+  (``comm_slowdown_p2p``): ``comm_extra`` (the largest over its devices, once, at its end).
 Rates change only when an op starts or ends on the node or a transfer starts or ends on
 the device; between those moments every op advances linearly (a fluid model, as the
 links are). An op on a device that neither shares its node nor has interference figures
@@ -61,6 +64,9 @@ class ComputeModel:
         self.factor: dict[str, dict[str, float]] = {}
         self.comm: dict[str, dict[str, int]] = {}
         self.job_of: dict[str, _Job] = {}
+        self.comm_factor: dict[str, dict[str, float]] = {}
+        self.busy_total: dict[str, float] = {}
+        self.busy_since: dict[str, float | None] = {}
         for n in cluster.nodes:
             node = self.nodes[n.name] = _Node(n.compute_slots if shared and n.shares_compute else 0)
             for d in n.devices:
@@ -70,14 +76,34 @@ class ComputeModel:
                 if any(v > 0 for v in f.values()):
                     self.factor[d.id] = f
                     self.comm[d.id] = {k: 0 for k in COMM_KINDS}
+                c = {"collective": t.comm_slowdown_collective, "p2p": t.comm_slowdown_p2p} if interference else {}
+                if any(v > 0 for v in c.values()):
+                    self.comm_factor[d.id] = c
+                    self.busy_total[d.id], self.busy_since[d.id] = 0.0, None
 
     @property
     def active(self) -> bool:
         """Whether any op can run at other than full speed (else every op is a timeout)."""
-        return bool(self.factor) or any(n.slots for n in self.nodes.values())
+        return bool(self.factor) or bool(self.comm_factor) or any(n.slots for n in self.nodes.values())
 
     def _plain(self, device: str) -> bool:
-        return device not in self.factor and not self.node_of[device].slots
+        return device not in self.factor and device not in self.comm_factor and not self.node_of[device].slots
+
+    def busy_marks(self, devices) -> dict[str, float]:
+        """Seconds each device (of those with comm slowdown figures) has computed so far."""
+        now = self.env.now
+        out = {}
+        for d in devices:
+            if d in self.comm_factor:
+                since = self.busy_since[d]
+                out[d] = self.busy_total[d] + (now - since if since is not None else 0.0)
+        return out
+
+    def comm_extra(self, devices, kind: str, marks: dict[str, float]) -> float:
+        """Seconds a transfer or collective of `kind` that began at `marks` (busy_marks)
+        takes beyond its own time because its devices computed beside it (module doc)."""
+        now = self.busy_marks(marks)
+        return max((self.comm_factor[d][kind] * (now[d] - marks[d]) for d in marks), default=0.0)
 
     def run(self, device: str, work_s: float,
             marks: list[tuple[float, Callable[[], None]]] | None = None) -> simpy.Event:
@@ -90,6 +116,8 @@ class ComputeModel:
                 self.env.timeout(min(max(point, 0.0), max(work_s, 0.0))).callbacks.append(lambda _e, fn=fn: fn())
             return self.env.timeout(max(work_s, 0.0))
         job = _Job(device, work_s, work_s, self.env.event(), marks, self.env.now)
+        if device in self.comm_factor:
+            self.busy_since[device] = self.env.now
         node = self.node_of[device]
         node.jobs.append(job)
         self.job_of[device] = job
@@ -160,6 +188,9 @@ class ComputeModel:
         node = self.node_of[job.device]
         job.remaining = 0.0
         node.jobs.remove(job)
+        if job.device in self.comm_factor:
+            self.busy_total[job.device] += now - self.busy_since[job.device]
+            self.busy_since[job.device] = None
         if self.job_of.get(job.device) is job:
             del self.job_of[job.device]
         job.done.succeed()

@@ -261,12 +261,17 @@ class Simulation:
         t0 = self.env.now
         ends = (src, s.dst)
         self.compute.comm_begin(ends, "p2p")
+        busy = self.compute.busy_marks(ends)
         if self.net is None:
             yield self.env.timeout(s.formula_s)
             self.log.record(s.usage, t0, self.env.now, s.nbytes)
         else:
             yield self.env.timeout(s.latency_s)
             yield self.net.transfer(s.usage, s.nbytes)
+        if busy:
+            extra = self.compute.comm_extra(ends, "p2p", busy)
+            if extra > 0:
+                yield self.env.timeout(extra)
         self.compute.comm_end(ends, "p2p")
 
     def _measured_fit(self, c: Collective) -> tuple[float, float, float] | None:
@@ -435,6 +440,7 @@ class Simulation:
         t0 = env.now
         steps = self.steps[c.group]
         self.compute.comm_begin(c.members, "collective")
+        busy = self.compute.busy_marks(c.members)
         if nbytes > 0 and self.net is not None:
             extra, byte_scale, lat_scale = self._measured_fit(c) or (0.0, 1.0, 1.0)
             if extra > 0:
@@ -450,6 +456,10 @@ class Simulation:
             for st in steps:
                 for u, f in st.flows:
                     self.log.record(u, t0, env.now, f * nbytes)
+        if busy:
+            extra = self.compute.comm_extra(c.members, "collective", busy)
+            if extra > 0:
+                yield env.timeout(extra)
         self.compute.comm_end(c.members, "collective")
         for i in acts:
             self._end(i)

@@ -28,7 +28,8 @@ def spec(collectives=None, slots=0, interference=0.0):
     if slots:
         node["compute_slots"] = slots
     d = {"name": "vm", "device_types": [{"name": "CPUX", "peak_tflops": 0.1, "memory_gib": 8, "mem_bandwidth_gbps": 5,
-                                         "interference_collective": interference, "interference_p2p": interference / 2}],
+                                                                          "interference_collective": interference, "interference_p2p": interference / 2,
+                                         "comm_slowdown_collective": 2 * interference, "comm_slowdown_p2p": 0.0}],
          "nodes": [node]}
     if collectives is not None:
         d["collectives"] = collectives
@@ -61,7 +62,7 @@ def test_cluster_fields_round_trip_and_are_checked(tmp_path):
     c = cluster_from_dict(spec([TABLE], slots=2, interference=0.3), "c.yaml")
     assert c.nodes[0].compute_slots == 2 and c.nodes[0].shares_compute
     t = c.device_types["CPUX"]
-    assert (t.interference_collective, t.interference_p2p) == (0.3, 0.15)
+    assert (t.interference_collective, t.interference_p2p, t.comm_slowdown_collective) == (0.3, 0.15, 0.6)
     (tmp_path / "c.yaml").write_text(dump_cluster_yaml(c))
     again = load_cluster(tmp_path / "c.yaml")
     assert again.to_dict() == c.to_dict() and again.fingerprint() == c.fingerprint()

@@ -101,6 +101,8 @@ def test_collectives_interference_and_compute_slots_are_measured(prof):
         t = cluster.device_types[r["type"]]
         assert t.interference_collective == pytest.approx(i["collective"]["slowdown"], rel=1e-2, abs=1e-3)
         assert t.interference_p2p == pytest.approx(i["p2p"]["slowdown"], rel=1e-2, abs=1e-3)
+        assert t.comm_slowdown_collective == pytest.approx(i["collective"]["stream_slowdown"], rel=1e-2, abs=1e-3)
+        assert t.comm_slowdown_p2p == pytest.approx(i["p2p"]["stream_slowdown"], rel=1e-2, abs=1e-3)
     # the host's compute slots (its usable cores) are written with the node
     import os
     assert cluster.nodes[0].compute_slots == len(os.sched_getaffinity(0))

@@ -15,7 +15,8 @@ from simulator import simulate
 from simulator.engine import SimOptions, Simulation
 
 
-def cluster(count: int, slots: int = 0, interference: float = 0.0, p2p: float = 0.0):
+def cluster(count: int, slots: int = 0, interference: float = 0.0, p2p: float = 0.0, comm_collective: float = 0.0,
+            comm_p2p: float = 0.0):
     """`count` devices of type X on one node, links of 1 GB/s without latency."""
     node = {"name": "n", "gpus": [{"type": "X", "count": count}],
             "intra_link": {"bandwidth_gbps": 1.0, "latency_us": 0.0}}
@@ -23,7 +24,8 @@ def cluster(count: int, slots: int = 0, interference: float = 0.0, p2p: float = 
         node["compute_slots"] = slots
     return cluster_from_dict({"name": "toy", "device_types": [
         {"name": "X", "peak_tflops": 1, "memory_gib": 100, "mem_bandwidth_gbps": 32,
-         "interference_collective": interference, "interference_p2p": p2p}], "nodes": [node]})
+         "interference_collective": interference, "interference_p2p": p2p,
+         "comm_slowdown_collective": comm_collective, "comm_slowdown_p2p": comm_p2p}], "nodes": [node]})
 
 
 def graph(num_layers: int = 1, fwd_s: float = 1.0, bwd_s: float = 2.0, params: int = 0,
@@ -119,6 +121,26 @@ def test_sends_slow_the_compute_beside_them():
     p2 = plan([[(0, 1, [("n/0", 1)]), (1, 2, [("n/1", 1)])]], 2)
     res = Simulation(p2, c, cg, SimOptions()).run()
     assert ops(res)[1] == ("n/0", "F mb1 L0-0", 1.0, 2.25)
+
+
+def test_communication_slows_beside_compute():
+    # The data-parallel case above with the effect the other way round: compute at full
+    # speed, but a collective takes 0.5 s longer per second its devices computed beside
+    # it. Bucket L1 [3,7] runs beside the backward of layer 0 [3,5]: 2 s -> ends at 8.
+    # Bucket L0 (ready at 5) waits for the lane, [8,12], beside nothing; optimizer
+    # [12,14]; the loss all-reduce.
+    c, cg = cluster(2, comm_collective=0.5), graph(num_layers=2, fwd_s=0.5, bwd_s=2.0, params=10**9)
+    p = plan([[(0, 2, [("n/0", 1)])], [(0, 2, [("n/1", 1)])]], 1)
+    res = Simulation(p, c, cg, SimOptions(bucket_bytes=4e9)).run()
+    assert sorted({(a.t0, a.t1) for a in res.activities if a.kind == "allreduce"}) == [(3.0, 8.0), (8.0, 12.0)]
+    assert res.iteration_ends_s == [pytest.approx(14.0 + LOSS_2)]
+    # A send beside its sender's next forward: two stages, two micro-batches, p2p 1.0.
+    # F0's send [1,1.5] runs beside F1 [1,2] for 0.5 s -> 0.5 s more: it arrives at 2, and
+    # stage 1's F0 runs [2,3].
+    c, cg = cluster(2, comm_p2p=1.0), graph(num_layers=2)
+    p = plan([[(0, 1, [("n/0", 1)]), (1, 2, [("n/1", 1)])]], 2)
+    res = Simulation(p, c, cg, SimOptions()).run()
+    assert ("n/1", "F mb0 L1-1", 2.0, 3.0) in ops(res)
 
 
 def test_the_step_splits_into_the_kinds_the_runtime_measures():

@@ -10,7 +10,7 @@ formats the planner reads:
   device types declared inline with measured figures (peak: matmul throughput; memory
   bandwidth: what the optimizer step achieves, the figure ``hetalloc.costs.optimizer_time``
   divides by; interference: the median slowdown of its ranks' matmul beside
-  communication), a rank slowed with --slowdown R=F as its own type
+  communication, and of their communication streams beside the matmul), a rank slowed with --slowdown R=F as its own type
   ``<name>-slow<F>x``; intra-node and inter-node links with fitted bandwidth and
   latency; the measured collective tables (``hetalloc.collectives``);
 - ``report.json``: every raw figure, the fits and their errors, and the profile's
@@ -76,18 +76,19 @@ def device_types(ranks: list[dict[str, Any]]) -> tuple[dict[str, DeviceType], li
     out = {}
     for name in dict.fromkeys(names):
         mine = [r for r, n in zip(ranks, names) if n == name]
-        interference = {}
+        interference, comm = {}, {}
         for kind in ("collective", "p2p"):
-            xs = [r["interference"][kind]["slowdown"] for r in mine
-                  if r.get("interference") and kind in r["interference"]]
-            interference[kind] = float(f"{statistics.median(xs):.3g}") if xs else 0.0
+            runs = [r["interference"][kind] for r in mine if r.get("interference") and kind in r["interference"]]
+            interference[kind] = float(f"{statistics.median(x['slowdown'] for x in runs):.3g}") if runs else 0.0
+            comm[kind] = float(f"{statistics.median(x['stream_slowdown'] for x in runs):.3g}") if runs else 0.0
         out[name] = DeviceType(
             name=name, vendor=mine[0]["vendor"],
             peak_tflops=float(f"{statistics.median(r['peak_tflops'] for r in mine):.6g}"),
             memory_gib=float(f"{min(r['memory_gib'] for r in mine):.6g}"),
             mem_bandwidth_gbps=float(f"{statistics.median(effective_memory_bandwidth_gbps(r['optimizer']) for r in mine):.6g}"),
             cost_per_hour_usd=0.0, source="measured by hetalloc profile",
-            interference_collective=interference["collective"], interference_p2p=interference["p2p"])
+            interference_collective=interference["collective"], interference_p2p=interference["p2p"],
+            comm_slowdown_collective=comm["collective"], comm_slowdown_p2p=comm["p2p"])
     return out, names
 
 
