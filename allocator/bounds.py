@@ -12,6 +12,7 @@ bound is also never below M * tau_lb when the bottleneck is known to be >= tau_l
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import numpy as np
@@ -40,72 +41,48 @@ def partition_bound(L: int, tmin: dict[tuple[int, int], float], M: int, tau_lb: 
     return best
 
 
-def fluid_bottleneck(prob, timer, M: int, t_cap: float, backend: str = "highs", rel_tol: float = 1e-3,
-                     deadline: float = math.inf) -> float:
-    """A lower bound on the bottleneck stage time at this M, with devices shared among
-    stages: the largest theta (within rel_tol) for which even fractional devices cannot
-    cover a path of stages whose every device runs its share within theta.
-
-    LP at theta: path flow y over ranges; fractional devices n_rc >= 0 with
-    sum_c n_rc K_c(r, theta) >= b y_r, sum_c n_rc <= b y_r (a device takes >= 1 sample),
-    sum_r n_rc <= N_c. Infeasible LP => no plan has a bottleneck <= theta.
-    """
-    import time as _time
-
+def block_bound(prob, timer, M: int) -> float:
+    """A cheap lower bound on every plan at M for a model of identical blocks (inf if none
+    can fit in memory):
+    - memory: a device of class c holding l blocks takes at most kmem_c(l) samples of a
+      micro-batch (one in flight, the fewest any schedule holds), so it serves at most
+      l * kmem_c(l) block-samples; the devices together must serve K blocks x b samples;
+    - time: every stage is at least as slow as if the whole cluster served it (the
+      partition bound above, on the times of each kind and block count)."""
     from .columns import RangeTimes
-    from .milp import Milp
+    from .shapes import FIRST, INNER, LAST, ONLY, block_range
+
+    L, K, b = prob.L, prob.L - 2, timer.b
     gpipe = prob.schedule == "gpipe"
-    budget = [c.count for c in prob.classes]
-    L, b = prob.L, timer.b
-    lists: dict[tuple[int, int], dict[int, list[float]]] = {}
-    for i in range(L):
-        for j in range(i + 1, L + 1):
-            rt = RangeTimes(prob, timer, i, j, t_cap, budget, M if gpipe else 1)
-            if rt.ts:
-                lists[(i, j)] = rt.ts
-    if not lists:
+    infl = M if gpipe else 1
+    capacity = 0
+    for c in prob.classes:
+        best = 0
+        for l in range(1, K + 1):
+            k = min(b, prob.kmem(c, 1, 1 + l, infl))
+            if k < 1:
+                break
+            best = max(best, l * k)
+        capacity += c.count * best
+    if capacity < K * b:
         return math.inf
-    import bisect as _b
-
-    def feasible(theta: float) -> bool:
-        m = Milp()
-        ys, starts, ends = {}, [[] for _ in range(L + 1)], [[] for _ in range(L + 1)]
-        use = {c: [] for c in range(len(budget))}
-        for (i, j), ts in lists.items():
-            caps = {ci: _b.bisect_right(t, theta * (1 + 1e-12)) for ci, t in ts.items()}
-            caps = {ci: k for ci, k in caps.items() if k > 0}
-            if not caps:
-                continue
-            y = m.var("y", 0, 1)
-            ys[(i, j)] = y
-            starts[i].append(y)
-            ends[j].append(y)
-            ns = {ci: m.var("n", 0, min(budget[ci], b)) for ci in caps}
-            m.ge({**{ns[ci]: caps[ci] for ci in caps}, y: -b}, 0)
-            m.le({**{v: 1 for v in ns.values()}, y: -b}, 0)
-            for ci, v in ns.items():
-                use[ci].append(v)
-        if not starts[0] or not ends[L]:
-            return False
-        m.eq({y: 1 for y in starts[0]}, 1)
-        for j in range(1, L):
-            m.eq({**{y: 1 for y in ends[j]}, **{y: -1 for y in starts[j]}}, 0)
-        for ci, vs in use.items():
-            if vs:
-                m.le({v: 1 for v in vs}, budget[ci])
-        r = m.solve(backend, time_limit=max(1.0, deadline - _time.perf_counter()))
-        return r.status != "infeasible"
-
-    lo = min(min(t[0] for t in ts.values()) for ts in lists.values())
-    hi = min(t_cap, max(max(t[-1] for t in ts.values()) for ts in lists.values()))
-    if not feasible(hi):
-        return hi if math.isfinite(t_cap) else math.inf
-    if feasible(lo):
-        return lo
-    while hi - lo > rel_tol * hi and _time.perf_counter() < deadline:
-        mid = (lo + hi) / 2
-        if feasible(mid):
-            hi = mid
+    budget = [c.count for c in prob.classes]
+    rep: dict[tuple[int, int], float] = {}
+    specs = [(FIRST, l) for l in range(K)] + [(INNER, l) for l in range(1, K + 1)] + \
+            [(LAST, l) for l in range(K)] + [(ONLY, K)]
+    for kind, l in specs:
+        i, j = block_range(prob, kind, l)
+        rt = RangeTimes(prob, timer, i, j, math.inf, budget, infl)
+        levels = sorted({t for ts in rt.ts.values() for t in ts})
+        for th in levels:
+            if sum(budget[ci] * bisect.bisect_right(ts, th * (1 + 1e-12)) for ci, ts in rt.ts.items()) >= b:
+                rep[(kind, l)] = th
+                break
+    tmin: dict[tuple[int, int], float] = {}
+    for (kind, l), t in rep.items():
+        if kind == INNER:
+            for i in range(1, L - l):
+                tmin[(i, i + l)] = t
         else:
-            lo = mid
-    return lo
+            tmin[block_range(prob, kind, l)] = t
+    return partition_bound(L, tmin, M)

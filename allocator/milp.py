@@ -30,6 +30,8 @@ class MilpResult:
     bound: float
     seconds: float
     backend: str
+    time_hit: bool = False
+    """The solver stopped at its time limit (the result depends on the machine's speed)."""
 
     @property
     def gap(self) -> float:
@@ -136,14 +138,16 @@ class Milp:
 
     # ---- solving ------------------------------------------------------------------------
     def solve(self, backend: str = "highs", time_limit: float = 60.0, gap: float = 1e-9,
-              cutoff: float | None = None, msg: bool = False) -> MilpResult:
+              cutoff: float | None = None, msg: bool = False, node_limit: int | None = None) -> MilpResult:
+        """Solve; ``node_limit`` caps branch-and-bound nodes (a work limit: deterministic),
+        ``time_limit`` is a last-resort stop."""
         if backend == "highs":
-            return self._solve_highs(time_limit, gap, cutoff, msg)
+            return self._solve_highs(time_limit, gap, cutoff, msg, node_limit)
         if backend in ("pulp-cbc", "pulp-highs"):
             return self._solve_pulp(backend, time_limit, gap, cutoff, msg)
         raise ValueError(f"unknown solver back end '{backend}'; available: {', '.join(available_backends())}")
 
-    def _solve_highs(self, time_limit, gap, cutoff, msg) -> MilpResult:
+    def _solve_highs(self, time_limit, gap, cutoff, msg, node_limit=None) -> MilpResult:
         t0 = time.perf_counter()
         import highspy
         h = _new_highs(msg)
@@ -152,11 +156,12 @@ class Milp:
         h.setOptionValue("mip_rel_gap", float(gap))
         h.setOptionValue("mip_abs_gap", 1e-12)
         h.setOptionValue("random_seed", 0)
+        h.setOptionValue("threads", 1)
+        if node_limit is not None:
+            h.setOptionValue("mip_max_nodes", int(node_limit))
         # Light presolve: full presolve probes every binary of a large column program and
         # ignores the time limit while doing so (minutes on 10k columns).
         h.setOptionValue("presolve_mode", 2)
-        if not self.num_integer:
-            h.setOptionValue("solver", "ipm")  # large LP relaxations: interior point is much faster
         if cutoff is not None and math.isfinite(cutoff):
             h.setOptionValue("objective_bound", float(cutoff))
         inf = highspy.kHighsInf
@@ -199,7 +204,7 @@ class Milp:
             status = "no_solution"
         if bound is None or (isinstance(bound, float) and math.isnan(bound)):
             bound = -INF
-        return MilpResult(status, x, obj, bound, time.perf_counter() - t0, "highs")
+        return MilpResult(status, x, obj, bound, time.perf_counter() - t0, "highs", st == S.kTimeLimit)
 
     def to_pulp(self):
         import pulp

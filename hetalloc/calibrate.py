@@ -233,7 +233,8 @@ def calibration_error(cg: CostGraph, device_types: dict[str, DeviceType],
                       eff: dict[str, dict[str, Efficiency]]) -> dict[str, float]:
     """How well the analytic model with `eff` reproduces a measured cost graph: relative
     error of whole-model forward+backward time per (device type, batch size)."""
-    analytic = CostGraph(cg.model, cg.seq_len, cg.precision, cg.layers, family=cg.family).with_efficiency(eff)
+    analytic = CostGraph(cg.model, cg.seq_len, cg.precision, cg.layers, family=cg.family,
+                         model_spec=cg.model_spec).with_efficiency(eff)
     errs = []
     for name, t in sorted(cg.tables.items()):
         dt = device_types[name]

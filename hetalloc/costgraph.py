@@ -32,7 +32,7 @@ import numpy as np
 from .catalog import DeviceType
 from .errors import SpecError
 from .fileio import atomic_write_json, read_json
-from .models import LayerShape, TransformerShape, layer_shapes
+from .models import LayerShape, TransformerShape, get_model, layer_shapes, shape_from_dict
 
 SCHEMA_VERSION = 1
 PRECISIONS = {"bf16-mixed": 2, "fp32": 4}
@@ -119,12 +119,27 @@ class CostGraph:
     efficiency: dict[str, dict[str, Efficiency]] = field(default_factory=dict)
     """Overrides of the analytic model: efficiency[type or '*'][kind]."""
     family: str = "gpt"
+    model_spec: dict[str, Any] | None = None
+    """The model the layers describe (``TransformerShape.to_dict()``, with its Hugging Face
+    config when it came from one), so plans and profiles made from this cost graph say
+    what to build without the model's file."""
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise SpecError("cost graph", "precision", f"unknown precision '{self.precision}'",
                             f"use one of {', '.join(PRECISIONS)}")
+
+    def shape(self, source: str = "cost graph") -> TransformerShape:
+        """The model these layers describe: the recorded model_spec, or (for cost graphs
+        written before it was recorded) the built-in model of that name."""
+        if self.model_spec is not None:
+            return shape_from_dict(self.model_spec, source)
+        try:
+            return get_model(self.model)
+        except SpecError:
+            raise SpecError(source, "model_spec", f"does not record model '{self.model}'",
+                            "re-run 'hetalloc plan' (or 'hetalloc profile') with this hetalloc, or pass --model") from None
 
     # ---- sizes --------------------------------------------------------------------
     @property
@@ -217,6 +232,7 @@ class CostGraph:
             "kind": "cost_graph",
             "model": self.model,
             "family": self.family,
+            **({"model_spec": self.model_spec} if self.model_spec is not None else {}),
             "seq_len": self.seq_len,
             "precision": self.precision,
             "layers": [asdict(l) for l in self.layers],
@@ -248,7 +264,7 @@ def analytic_cost_graph(shape: TransformerShape, seq_len: int | None = None,
     if precision not in PRECISIONS:
         raise SpecError("--precision", "", f"unknown precision '{precision}'", f"use one of {', '.join(PRECISIONS)}")
     return CostGraph(shape.name, seq, precision, layer_shapes(shape, seq, PRECISIONS[precision]),
-                     family=shape.family)
+                     family=shape.family, model_spec=shape.to_dict())
 
 
 def cost_graph_from_dict(d: dict[str, Any], source: str = "<cost graph>") -> CostGraph:
@@ -273,7 +289,7 @@ def cost_graph_from_dict(d: dict[str, Any], source: str = "<cost graph>") -> Cos
         eff = {t: {kind: Efficiency(**e) for kind, e in kinds.items()}
                for t, kinds in d.get("efficiency", {}).items()}
         return CostGraph(d["model"], int(d["seq_len"]), d["precision"], layers, tables, eff,
-                         d.get("family", "gpt"))
+                         d.get("family", "gpt"), d.get("model_spec"))
     except (KeyError, TypeError) as e:
         raise SpecError(source, str(e), "missing or malformed field", "re-run 'hetalloc profile'") from None
 

@@ -2,23 +2,30 @@
 
 A model is cut into layers in execution order: ``embedding``, ``block`` x n_layers,
 ``head``. The runtime cuts real torch models at exactly these boundaries, so a layer
-index means the same thing everywhere.
+index means the same thing everywhere, and the parameter counts here are exactly those
+of the layers the runtime builds (GPT-2, BERT, Llama/Mistral/Qwen2, OPT from their
+Hugging Face configs; checked in the tests against the real modules).
 
 Formulas (per sample of ``seq`` tokens, h = hidden size, a = heads, f = FFN size,
-V = vocabulary, p = activation bytes per element):
-- block matmul parameters: attention 2h^2 + 2h*h_kv (q, o, k, v), MLP 2hf (GELU) or
-  3hf (SwiGLU); forward FLOPs 2 * seq * matmul params + 4 * seq^2 * h (scores and
-  weighted sum); backward is twice the forward (the standard 1:2 split).
+V = vocabulary, p = activation bytes per element; for grouped-query attention
+q = heads * head_dim and h_kv = kv_heads * head_dim):
+- block matmul parameters: attention 4h^2 (GPT-2, BERT, OPT) or 2hq + 2h*h_kv (q, o;
+  k, v), MLP 2hf (GELU/ReLU) or 3hf (SwiGLU); forward FLOPs 2 * seq * matmul params +
+  4 * seq^2 * q (scores and weighted sum); backward is twice the forward (the standard
+  1:2 split). Biases and norms as the real modules have them (no FLOPs counted).
 - saved activations of a block: Korthikanti et al. 2022 ("Reducing Activation
   Recomputation in Large Transformer Models", eq. 2) give seq*h*(34 + 5*a*seq/h) bytes
   for 16-bit activations with h-sized MLP 4h; we use its parts (attention 11*s*h + 5*a*s^2,
   norms 4*s*h, MLP 2*s*h + 4*s*f + s*h (GELU) or 2*s*h + 6*s*f (SwiGLU)) scaled by p/2.
 - LM head: 2 * seq * h * V FLOPs; it saves its input and fp32 logits for the loss.
+  Heads are untied from the token embedding (their own V x h matrix).
+
+Never imports torch or transformers (the planner runs without them).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +37,12 @@ from .fileio import read_json
 class TransformerShape:
     name: str
     family: str
-    """'gpt' (learned positions, GELU MLP, LM head), 'bert' (token classification head),
-    'llama' (rotary positions, SwiGLU MLP, untied LM head), 'mlp' (plain MLP blocks)."""
+    """'gpt' (GPT-2: learned positions, GELU MLP, LM head), 'bert' (token classification
+    head), 'llama' (Llama-shaped decoders: Llama, Mistral, Qwen2; RMSNorm, rotary
+    positions, SwiGLU MLP, grouped-query attention), 'opt' (OPT: learned positions with
+    an offset of 2, ReLU MLP, optional projections around the blocks), 'mlp' (plain MLP
+    blocks). LM heads are untied from the token embedding everywhere (the runtime unties
+    them too), so the head owns its own V x h matrix."""
     n_layers: int
     hidden: int
     heads: int
@@ -39,11 +50,59 @@ class TransformerShape:
     vocab: int
     max_seq: int
     kv_heads: int = 0
+    """Key/value heads (grouped-query attention); 0 means as many as ``heads``."""
     num_labels: int = 2
+    head_dim: int = 0
+    """Width of one attention head; 0 means hidden // heads."""
+    qkv_bias: bool = False
+    """'llama': biases on the q, k and v projections (Qwen2; Llama's attention_bias)."""
+    out_bias: bool = False
+    """'llama': bias on the attention output projection (Llama's attention_bias)."""
+    mlp_bias: bool = False
+    """'llama': biases on the gate, up and down projections (Llama's mlp_bias)."""
+    embed_dim: int = 0
+    """'opt': word embedding width (word_embed_proj_dim); 0 means hidden. When it differs,
+    project_in (embedding) and project_out (head) matrices appear."""
+    final_norm: bool = True
+    """'opt': a final layer norm before the head (do_layer_norm_before)."""
+    hf_config: dict[str, Any] | None = field(default=None, compare=False, hash=False)
+    """The Hugging Face config.json the shape was read from (None for built-in models).
+    Recorded in cost graphs, plans and profiles so the runtime builds exactly this model."""
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    @property
+    def q_hidden(self) -> int:
+        return self.heads * self.head_size
 
     @property
     def kv_hidden(self) -> int:
-        return self.hidden * (self.kv_heads or self.heads) // self.heads
+        return (self.kv_heads or self.heads) * self.head_size
+
+    @property
+    def word_dim(self) -> int:
+        return self.embed_dim or self.hidden
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field (JSON-ready); ``shape_from_dict`` reads it back."""
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+def shape_from_dict(d: Any, source: str = "model") -> TransformerShape:
+    """A shape written by ``TransformerShape.to_dict`` (inside a cost graph, plan or profile)."""
+    fields = TransformerShape.__dataclass_fields__
+    if not isinstance(d, dict) or not {"name", "family"} <= set(d):
+        raise SpecError(source, "model_spec", "expected a model description with name and family",
+                        "re-run 'hetalloc plan' (or 'hetalloc profile')")
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise SpecError(source, f"model_spec.{unknown[0]}", "unknown field", "written by a newer hetalloc? re-plan")
+    try:
+        return TransformerShape(**d)
+    except TypeError as e:
+        raise SpecError(source, "model_spec", f"malformed ({e})", "re-run 'hetalloc plan'") from None
 
 
 def _gpt(name, layers, hidden, heads, seq=1024, vocab=50257):
@@ -89,39 +148,82 @@ def get_model(name: str) -> TransformerShape:
     raise SpecError("--model", "", f"unknown model '{name}'", hint + " (or pass a Hugging Face config.json)")
 
 
-def shape_from_hf_config(cfg: dict[str, Any], name: str = "hf-model") -> TransformerShape:
-    """Read a Hugging Face config.json (GPT-2, BERT, Llama, OPT, Mistral) into a shape."""
-    mt = cfg.get("model_type", "")
+HF_MODEL_TYPES = ("gpt2", "bert", "llama", "mistral", "qwen2", "opt")
+"""The Hugging Face ``model_type`` values the planner counts exactly and the runtime builds."""
 
-    def g(*keys, default=None):
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    # What transformers' config classes assume for a key a config.json leaves out (only
+    # the keys that change a shape; checked against the real classes in the tests).
+    "gpt2": {"n_positions": 1024},
+    "bert": {"max_position_embeddings": 512, "type_vocab_size": 2},
+    "llama": {"max_position_embeddings": 2048, "attention_bias": False, "mlp_bias": False},
+    "mistral": {"max_position_embeddings": 131072, "num_key_value_heads": 8},
+    "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32},
+    "opt": {"max_position_embeddings": 2048, "ffn_dim": 3072, "do_layer_norm_before": True,
+            "_remove_final_layer_norm": False, "enable_bias": True, "layer_norm_elementwise_affine": True},
+}
+
+
+def shape_from_hf_config(cfg: dict[str, Any], name: str = "hf-model", source: str | None = None) -> TransformerShape:
+    """Read a Hugging Face config.json (model_type gpt2, bert, llama, mistral, qwen2, opt)
+    into a shape whose per-layer parameter counts are exactly those of the model
+    transformers builds from it (LM head untied)."""
+    src = source or name
+    if not isinstance(cfg, dict):
+        raise SpecError(src, "", "expected a JSON object (a Hugging Face config.json)", "pass a model's config.json")
+    mt = cfg.get("model_type")
+    if mt not in HF_MODEL_TYPES:
+        raise SpecError(src, "model_type", f"unsupported model type {mt!r}" if mt else "missing",
+                        f"supported: {', '.join(HF_MODEL_TYPES)}")
+    defaults = _HF_DEFAULTS[mt]
+
+    def g(*keys):
         for k in keys:
-            if k in cfg and cfg[k] is not None:
+            if cfg.get(k) is not None:
                 return cfg[k]
-        if default is None:
-            raise SpecError(name, keys[0], "missing in config", f"add '{keys[0]}' to the config")
-        return default
+        for k in keys:
+            if k in defaults:
+                return defaults[k]
+        raise SpecError(src, keys[0], "missing in config", f"add '{keys[0]}' to the config")
 
-    hidden = g("n_embd", "hidden_size", "d_model")
-    layers = g("n_layer", "num_hidden_layers", "num_layers")
-    heads = g("n_head", "num_attention_heads")
-    vocab = g("vocab_size")
-    seq = g("n_positions", "max_position_embeddings", default=2048)
+    common = dict(name=name, n_layers=int(g("n_layer", "num_hidden_layers")), hidden=int(g("n_embd", "hidden_size")),
+                  heads=int(g("n_head", "num_attention_heads")), vocab=int(g("vocab_size")),
+                  max_seq=int(g("n_positions", "max_position_embeddings")), hf_config=cfg)
+    if mt == "gpt2":
+        return TransformerShape(family="gpt", ffn=int(cfg.get("n_inner") or 4 * common["hidden"]), **common)
     if mt == "bert":
-        return TransformerShape(name, "bert", layers, hidden, heads, g("intermediate_size"), vocab, seq,
-                                num_labels=int(cfg.get("num_labels", len(cfg.get("id2label", {})) or 2)))
-    if mt in ("llama", "mistral", "qwen2"):
-        return TransformerShape(name, "llama", layers, hidden, heads, g("intermediate_size"), vocab, seq,
-                                kv_heads=g("num_key_value_heads", default=heads))
-    ffn = g("n_inner", "intermediate_size", "ffn_dim", default=4 * hidden) or 4 * hidden
-    return TransformerShape(name, "gpt", layers, hidden, heads, ffn, vocab, seq)
+        if g("type_vocab_size") != 2:
+            raise SpecError(src, "type_vocab_size", f"is {g('type_vocab_size')}; hetalloc counts BERT's 2 segments",
+                            "use type_vocab_size 2")
+        labels = int(cfg.get("num_labels") or len(cfg.get("id2label") or {}) or 2)
+        return TransformerShape(family="bert", ffn=int(g("intermediate_size")), num_labels=labels, **common)
+    if mt == "opt":
+        for key, want in (("enable_bias", True), ("layer_norm_elementwise_affine", True)):
+            if g(key) is not want:
+                raise SpecError(src, key, f"{key} = {g(key)!r} is not supported", f"use {key}: {str(want).lower()}")
+        width = int(cfg.get("word_embed_proj_dim") or common["hidden"])
+        return TransformerShape(family="opt", ffn=int(g("ffn_dim")), embed_dim=width,
+                                final_norm=bool(g("do_layer_norm_before")) and not g("_remove_final_layer_norm"),
+                                **common)
+    heads = common["heads"]
+    kv = int(cfg.get("num_key_value_heads") or defaults.get("num_key_value_heads", heads))
+    if heads % kv:
+        raise SpecError(src, "num_key_value_heads", f"{kv} does not divide num_attention_heads {heads}",
+                        "grouped-query attention needs heads divisible by key/value heads")
+    head_dim = int(cfg.get("head_dim") or common["hidden"] // heads)
+    attn_bias = bool(g("attention_bias")) if mt == "llama" else False
+    return TransformerShape(family="llama", ffn=int(g("intermediate_size")), kv_heads=kv, head_dim=head_dim,
+                            qkv_bias=attn_bias or mt == "qwen2", out_bias=attn_bias,
+                            mlp_bias=bool(g("mlp_bias")) if mt == "llama" else False, **common)
 
 
 def resolve_model(spec: str) -> TransformerShape:
-    """A built-in name, or a path to a Hugging Face config.json."""
+    """A built-in name, or a path to a Hugging Face config.json (named after its file, or
+    after its folder when the file is config.json)."""
     p = Path(spec)
-    if p.suffix == ".json" and p.exists():
-        cfg = read_json(p, missing_fix="check the path", invalid_fix="fix the syntax")
-        return shape_from_hf_config(cfg, p.parent.name if p.name == "config.json" else p.stem)
+    if p.suffix == ".json":
+        cfg = read_json(p, missing_fix="check the path of the config.json", invalid_fix="fix the syntax")
+        return shape_from_hf_config(cfg, p.resolve().parent.name if p.name == "config.json" else p.stem, str(p))
     return get_model(spec)
 
 
@@ -154,20 +256,29 @@ def layer_shapes(m: TransformerShape, seq: int, act_bytes: int) -> list[LayerSha
                                   s * h * p, s * (h + 2 * f) * p))
         out.append(LayerShape("head", "head", h * V + V, 2.0 * s * h * V, 4.0, s * h * p + s * V * 4))
         return out
-    pos = 0 if m.family == "llama" else m.max_seq * h
-    emb_params = V * h + pos + (2 * h + 2 * h if m.family == "bert" else 0)
+    if m.family == "llama":
+        emb_params = V * h
+    elif m.family == "opt":  # token embedding of width w, positions (2 offset rows), project_in
+        w = m.word_dim
+        emb_params = V * w + (m.max_seq + 2) * h + (w * h if w != h else 0)
+    else:  # token and learned positions; BERT adds 2 segment rows and a layer norm
+        emb_params = V * h + m.max_seq * h + (2 * h + 2 * h if m.family == "bert" else 0)
     out.append(LayerShape("embedding", "embedding", emb_params, 0.0, s * h * p, s * h * p))
     if m.family == "llama":
-        attn_w = 2 * h * h + 2 * h * m.kv_hidden
+        q, kv = m.q_hidden, m.kv_hidden
+        attn_w = 2 * h * q + 2 * h * kv  # q, o; k, v
         mlp_w = 3 * h * f
-        params = attn_w + mlp_w + 2 * h
+        biases = (q + 2 * kv if m.qkv_bias else 0) + (h if m.out_bias else 0) + (2 * f + h if m.mlp_bias else 0)
+        params = attn_w + mlp_w + biases + 2 * h  # two RMSNorms
         mlp_saved = 2 * s * h + 6 * s * f
+        score_width = q
     else:
         attn_w = 4 * h * h
         mlp_w = 2 * h * f
         params = attn_w + mlp_w + 5 * h + f + 4 * h  # weights; biases (qkv 3h, proj h, fc f, out h); 2 norms
         mlp_saved = 2 * s * h + 4 * s * f + s * h
-    block_flops = 2.0 * s * (attn_w + mlp_w) + 4.0 * s * s * h
+        score_width = h
+    block_flops = 2.0 * s * (attn_w + mlp_w) + 4.0 * s * s * score_width
     block_saved = (11 * s * h + 5 * a * s * s + 4 * s * h + mlp_saved) * scale
     for i in range(m.n_layers):
         out.append(LayerShape(f"block{i}", "block", params, block_flops, s * h * p, block_saved))
@@ -175,8 +286,13 @@ def layer_shapes(m: TransformerShape, seq: int, act_bytes: int) -> list[LayerSha
         labels = m.num_labels
         out.append(LayerShape("head", "head", h * labels + labels, 2.0 * s * h * labels, 4.0,
                               s * h * p + s * labels * 4))
-    else:
-        norm = 2 * h
+    elif m.family == "opt":  # final layer norm, project_out, LM head of width w
+        w = m.word_dim
+        proj = w * h if w != h else 0
+        out.append(LayerShape("head", "head", (2 * h if m.final_norm else 0) + proj + w * V,
+                              2.0 * s * (proj + w * V), 4.0, 2 * s * h * p + s * V * 4))
+    else:  # final norm (LayerNorm 2h, RMSNorm h) and LM head
+        norm = h if m.family == "llama" else 2 * h
         out.append(LayerShape("head", "head", h * V + norm, 2.0 * s * h * V, 4.0,
                               2 * s * h * p + s * V * 4))
     return out

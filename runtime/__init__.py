@@ -4,8 +4,10 @@ Layout (a part is found by its name):
 - ``train``: the torchrun entry point (``python -m runtime.train --plan plan.json``);
 - ``config``: what a launch trains and for how long (``TrainConfig``), and ``--slowdown``;
 - ``rankmap``: which rank serves which device of the plan, and launch checks;
-- ``models``: Hugging Face / plain torch models cut at the cost graph's layers;
-- ``datasets``: deterministic token data and each rank's shard of a global batch;
+- ``models``: Hugging Face (GPT-2, BERT, Llama/Mistral/Qwen2, OPT) / plain torch models
+  cut at the cost graph's layers;
+- ``datasets``: deterministic token data, train and validation, and each rank's shard of
+  a global batch; ``tokens``: the token files behind them (text, .npy, .bin), checked;
 - ``pipeline``: a stage's schedule (GPipe, 1F1B) with p2p between stages of any width;
 - ``grad_sync``: bucketed, overlapped gradient all-reduce / hierarchical / parameter server;
 - ``optim``, ``checkpoint``, ``metrics``: optimizers, atomic checkpoints, measurements;
@@ -19,6 +21,7 @@ Layout (a part is found by its name):
 - ``plans``: hand-written plans for tests and benchmarks.
 The runtime imports only hetalloc/ (never the allocator or the simulator: what drives
 several subsystems is in workflows/). Importing this package does not import torch
-(``config``, ``launch``, ``commands``, ``plans``, ``rankmap``, ``profile.command``,
-``profile.files`` and ``profile.overhead`` are torch-free, so the CLI can use them without it).
+(``config``, ``launch``, ``commands``, ``plans``, ``rankmap``, ``tokens``,
+``profile.command``, ``profile.files`` and ``profile.overhead`` are torch-free, so the CLI
+can use them without it).
 """

@@ -10,8 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
+from hetalloc.errors import SpecError
+from hetalloc.models import resolve_model
+from hetalloc.plan import plan_context
+
+from .config import TrainConfig
 from .launch import DEFAULT_PORT, load_checked, node_commands, run_local, train_args
+from .tokens import NAMED, check_dataset
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -31,8 +38,17 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-restarts", type=int, default=0,
                    help="torchrun restarts after a failed rank; restarted ranks resume from the last checkpoint")
     p.add_argument("--out", default="out/run", metavar="DIR", help="metrics.jsonl and summary.json (default out/run)")
-    p.add_argument("--dataset", choices=("synthetic", "text"), default="synthetic",
-                   help="seeded synthetic tokens (default) or the shipped text corpus")
+    p.add_argument("--dataset", default="synthetic", metavar="NAME|PATH",
+                   help="'synthetic' (seeded tokens, default), 'text' (the shipped corpus, byte tokens), or a file: "
+                        "text (byte tokens), .npy (1-D integer token ids) or .bin (raw uint16 token ids, the "
+                        "nanoGPT/Megatron layout); memory-mapped, each rank reads only its samples")
+    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                   help="share of a dataset file's tokens (its end) kept for validation (default 0.1)")
+    p.add_argument("--eval-every", type=int, default=0, metavar="K",
+                   help="validation loss (forward only, through the plan's pipeline) after every K-th step and "
+                        "the last, logged as val_loss in OUT/metrics.jsonl (default 0: never)")
+    p.add_argument("--eval-batches", type=int, default=1, metavar="N",
+                   help="global batches of validation samples per evaluation (default 1)")
     p.add_argument("--model", help="model to build (default: the plan's model; or a Hugging Face config.json)")
     p.add_argument("--lr", type=float, help="learning rate (default 1e-3 AdamW, 0.05 SGD)")
     p.add_argument("--nodes-print", action="store_true", help="print the torchrun command of every node, do not run")
@@ -43,9 +59,25 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def check_data(args: argparse.Namespace, plan) -> str:
+    """Check --dataset and the evaluation flags before any rank starts (one-line errors);
+    returns the dataset as the ranks get it (a file as an absolute path)."""
+    try:
+        TrainConfig(steps=args.steps, dataset=args.dataset, val_fraction=args.val_fraction,
+                    eval_every=args.eval_every, eval_batches=args.eval_batches)
+    except ValueError as e:
+        raise SpecError("hetalloc run", "", str(e)) from None
+    shape = resolve_model(args.model) if args.model else plan_context(plan, args.plan)[1].shape(args.plan)
+    check_dataset(args.dataset, vocab=shape.vocab, seq_len=plan.seq_len, val_fraction=args.val_fraction,
+                  classify=shape.family == "bert")
+    return args.dataset if args.dataset in NAMED else str(Path(args.dataset).resolve())
+
+
 def handler(args: argparse.Namespace) -> int:
     plan, rm = load_checked(args.plan)
-    extra = ["--dataset", args.dataset]
+    dataset = check_data(args, plan)
+    extra = ["--dataset", dataset, "--val-fraction", str(args.val_fraction), "--eval-every", str(args.eval_every),
+             "--eval-batches", str(args.eval_batches)]
     if args.model:
         extra += ["--model", args.model]
     if args.lr is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-DATASETS = ("synthetic", "text")
 DTYPES = ("float32", "float64")
 DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.05}
 
@@ -20,7 +19,14 @@ class TrainConfig:
     steps: int = 20
     """Optimizer steps to reach (a resumed run continues up to this step)."""
     dataset: str = "synthetic"
-    """'synthetic' (seeded token sequences) or 'text' (the shipped corpus, byte tokens)."""
+    """'synthetic' (seeded token sequences), 'text' (the shipped corpus, byte tokens), or
+    the path of a text file or a pre-tokenized .npy / uint16 .bin file (runtime.tokens)."""
+    val_fraction: float = 0.1
+    """Share of a dataset file's tokens (its end) kept for validation."""
+    eval_every: int = 0
+    """Compute the validation loss after every K-th step and after the last (0: never)."""
+    eval_batches: int = 1
+    """Global batches of validation samples per evaluation."""
     seed: int = 0
     """Seeds the model init and the synthetic data; every rank uses the same seed."""
     lr: float | None = None
@@ -56,8 +62,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError("steps must be at least 1.")
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got '{self.dataset}'.")
+        if not self.dataset:
+            raise ValueError("dataset must be 'synthetic', 'text' or a file path.")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError("val_fraction must be in [0, 1).")
+        if self.eval_every < 0:
+            raise ValueError("eval_every must be >= 0.")
+        if self.eval_batches < 1:
+            raise ValueError("eval_batches must be at least 1.")
+        if self.eval_every and self.val_fraction == 0 and self.dataset != "synthetic":
+            raise ValueError("eval_every needs a validation split: val_fraction > 0.")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'.")
         if self.lr is not None and self.lr <= 0:

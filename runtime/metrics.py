@@ -68,6 +68,10 @@ def step_line(step: int, loss: float, step_s: float, samples_per_s: float) -> st
     return f"step: {step:4d}  loss: {loss:8.5f}  time: {step_s:6.3f}s  samples/s: {samples_per_s:8.1f}"
 
 
+def eval_line(step: int, val_loss: float, eval_s: float) -> str:
+    return f"eval: {step:4d}  val_loss: {val_loss:8.5f}  time: {eval_s:6.3f}s"
+
+
 class MetricsWriter:
     """Appends one JSON line per step to this rank's file (and rank 0's metrics.jsonl).
 
@@ -98,19 +102,25 @@ class MetricsWriter:
             except ImportError:
                 print("tensorboard is not installed; logging to metrics.jsonl only (pip install tensorboard)")
 
-    def write(self, step: int, times: StepTimes, loss: float, samples_per_s: float, tokens_per_s: float) -> None:
+    def write(self, step: int, times: StepTimes, loss: float, samples_per_s: float, tokens_per_s: float,
+              extra: dict[str, float] | None = None) -> None:
+        """One step's record; `extra` (e.g. val_loss after an evaluation) joins rank 0's
+        metrics.jsonl record and TensorBoard."""
+        extra = extra or {}
         rec = {"step": step, "rank": self.rank, "launch_first_step": self.launch_first_step, **times.to_dict()}
         self.rank_file.write(json.dumps(rec) + "\n")
         self.rank_file.flush()
         if self.main_file is not None:
             main = {"step": step, "loss": loss, "step_time_s": times.step_s, "samples_per_s": samples_per_s,
-                    "tokens_per_s": tokens_per_s, "rank0": times.to_dict()}
+                    "tokens_per_s": tokens_per_s, **extra, "rank0": times.to_dict()}
             self.main_file.write(json.dumps(main) + "\n")
             self.main_file.flush()
         if self.tb is not None:
             self.tb.add_scalar("loss", loss, step)
             self.tb.add_scalar("step_time(s)", times.step_s, step)
             self.tb.add_scalar("samples_per_s", samples_per_s, step)
+            for key, value in extra.items():
+                self.tb.add_scalar(key, value, step)
 
     def close(self) -> None:
         self.rank_file.close()

@@ -1,16 +1,25 @@
 """Real torch models, cut at the cost graph's layer boundaries.
 
 A model is built whole from a ``hetalloc.models.TransformerShape`` (random init from a
-seed, no download) and cut into the layers the cost graph lists: ``embedding``,
-``block`` x n_layers, ``head``. Each layer is a small module that owns exactly that
-layer's parameters, so a stage that holds layers [start, stop) owns exactly their
-parameters. Parameters keep their names in the whole model (``transformer.h.3.mlp...``),
-so checkpoints and comparisons do not depend on how a plan cut the model.
+seed, no download): from the Hugging Face config.json it came from, when it did, or
+from a config made of the shape's fields (built-in models). It is cut into the layers
+the cost graph lists: ``embedding``, ``block`` x n_layers, ``head``. Each layer is a
+small module that owns exactly that layer's parameters, so a stage that holds layers
+[start, stop) owns exactly their parameters. Parameters keep their names in the whole
+model (``model.layers.3.mlp.up_proj.weight``), so checkpoints and comparisons do not
+depend on how a plan cut the model.
 
-Families: 'gpt' (Hugging Face GPT2LMHeadModel, untied LM head as the cost graph counts
-it, SDPA attention so blocks called one by one stay causal), 'bert'
+Families (``hetalloc.models``): 'gpt' (GPT2LMHeadModel), 'llama' (LlamaForCausalLM,
+MistralForCausalLM, Qwen2ForCausalLM), 'opt' (OPTForCausalLM), 'bert'
 (BertForTokenClassification without pooler), 'mlp' (plain torch: embedding, residual
-MLP blocks, linear head; for fast tests).
+MLP blocks, linear head; for fast tests). Every Hugging Face model is built with SDPA
+attention, no KV cache, an LM head untied from the embedding (as the cost graph counts
+it) and the run's dropout (0 by default, overriding the config's). Blocks are called one
+by one on hidden states alone: with no mask, SDPA applies the causal mask itself; a
+sliding-window layer (Mistral, Qwen2) whose window is shorter than the sequence gets
+the window mask from ``DecoderPositions``, which also holds the rotary cos/sin. Those
+are recomputed on each stage that holds blocks (once per sequence length), so nothing
+but hidden states crosses a stage boundary.
 
 The loss is the summed token cross-entropy; callers divide by the number of tokens of
 the whole global batch, which makes every device's gradient carry its share's weight.
@@ -19,6 +28,7 @@ the whole global batch, which makes every device's gradient carry its share's we
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +37,20 @@ from torch import nn
 from hetalloc.errors import SpecError
 from hetalloc.models import TransformerShape
 
-FAMILIES = ("gpt", "bert", "mlp")
+FAMILIES = ("gpt", "bert", "llama", "opt", "mlp")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "bert": "BertForTokenClassification", "llama": "LlamaForCausalLM",
+              "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "opt": "OPTForCausalLM"}
+
+TENSOR_PARALLEL_PLAN: dict[str, dict[str, str]] = {
+    "llama": {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
+              "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
+              "mlp.down_proj": "rowwise"},
+}
+"""Per family, the nn.Linear projections of a block (``StageModule.blocks()``, relative
+names) and their tensor-parallel style, as ``torch.distributed.tensor.parallel``'s
+ColwiseParallel / RowwiseParallel take them (../shared/FACTS.md: works on gloo for HF
+Llama blocks, the attention's view(..., -1, head_dim) follows the local head count)."""
 
 
 # ---- layers ----------------------------------------------------------------------------
@@ -43,25 +65,64 @@ class GPTEmbedding(nn.Module):
         return self.drop(self.wte(input_ids) + self.wpe(positions)[None])
 
 
-class Block(nn.Module):
-    """A Hugging Face transformer block called on hidden states alone (no mask, no cache)."""
+class OPTEmbedding(nn.Module):
+    """Token embedding (projected to the hidden size when narrower) plus learned positions
+    (OPT's table is offset by 2 rows), as OPTDecoder computes them without padding."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, embed_tokens: nn.Embedding, embed_positions: nn.Embedding, project_in: nn.Module | None):
+        super().__init__()
+        self.embed_tokens, self.embed_positions, self.project_in = embed_tokens, embed_positions, project_in
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        if self.project_in is not None:
+            x = self.project_in(x)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        return x + self.embed_positions(None, 0, position_ids=positions)
+
+
+class DecoderPositions(nn.Module):
+    """What a Llama-shaped block needs besides hidden states: position ids, the rotary
+    (cos, sin) and, for a sliding-window layer shorter than the sequence, its mask.
+    Computed on first use per (sequence length, device, dtype, window) and kept: they
+    depend on nothing else, and carry no gradient (the rotary frequencies are a buffer)."""
+
+    def __init__(self, rotary: nn.Module):
+        super().__init__()
+        self.rotary = rotary
+        self._cache: dict[tuple, dict[str, Any]] = {}
+
+    def forward(self, hidden: torch.Tensor, window: int | None) -> dict[str, Any]:
+        T = hidden.shape[1]
+        key = (T, hidden.device, hidden.dtype, window)
+        hit = self._cache.get(key)
+        if hit is None:
+            pos = torch.arange(T, device=hidden.device)[None]
+            with torch.no_grad():
+                cos, sin = self.rotary(hidden, pos)
+            mask = None  # SDPA's own causal mask
+            if window is not None and T > window:
+                i = torch.arange(T, device=hidden.device)
+                allowed = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+                mask = allowed[None, None]  # (1, 1, T, T), True = attend (transformers' sliding overlay)
+            hit = self._cache[key] = {"position_ids": pos, "position_embeddings": (cos, sin), "attention_mask": mask}
+        return hit
+
+
+class Block(nn.Module):
+    """A Hugging Face transformer block called on hidden states alone (no cache); a
+    Llama-shaped block also gets positions and its mask from the shared DecoderPositions."""
+
+    def __init__(self, block: nn.Module, positions: DecoderPositions | None = None, window: int | None = None):
         super().__init__()
         self.block = block
+        self.positions = positions
+        self.window = window
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = self.block(hidden)
+        kwargs = self.positions(hidden, self.window) if self.positions is not None else {}
+        out = self.block(hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
-
-
-class GPTHead(nn.Module):
-    def __init__(self, ln_f: nn.Module, lm_head: nn.Linear):
-        super().__init__()
-        self.ln_f, self.lm_head = ln_f, lm_head
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.ln_f(hidden))
 
 
 class BertEmbedding(nn.Module):
@@ -135,26 +196,90 @@ class BuiltModel:
         return {id(p): n for n, p in self.model.named_parameters()}
 
 
-def hf_config(shape: TransformerShape, dropout: float):
-    """The Hugging Face config of a shape (random init, nothing downloaded)."""
+def hf_config_dict(shape: TransformerShape) -> dict[str, Any]:
+    """The Hugging Face config of a shape: its config.json when it came from one, else
+    one written from its fields (built-in models)."""
+    if shape.hf_config is not None:
+        return dict(shape.hf_config)
     if shape.family == "gpt":
-        from transformers import GPT2Config
-        cfg = GPT2Config(vocab_size=shape.vocab, n_positions=shape.max_seq, n_embd=shape.hidden,
-                         n_layer=shape.n_layers, n_head=shape.heads, n_inner=shape.ffn,
-                         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-                         tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)
-    elif shape.family == "bert":
-        from transformers import BertConfig
-        cfg = BertConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.n_layers,
-                         num_attention_heads=shape.heads, intermediate_size=shape.ffn,
-                         max_position_embeddings=shape.max_seq, num_labels=shape.num_labels,
-                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-                         pad_token_id=0)
-    else:
-        raise ValueError(f"no Hugging Face config for family '{shape.family}'")
-    # Blocks are called one by one without a mask: SDPA applies the causal mask itself.
+        return {"model_type": "gpt2", "vocab_size": shape.vocab, "n_positions": shape.max_seq,
+                "n_embd": shape.hidden, "n_layer": shape.n_layers, "n_head": shape.heads, "n_inner": shape.ffn,
+                "bos_token_id": None, "eos_token_id": None}
+    if shape.family == "bert":
+        return {"model_type": "bert", "vocab_size": shape.vocab, "hidden_size": shape.hidden,
+                "num_hidden_layers": shape.n_layers, "num_attention_heads": shape.heads,
+                "intermediate_size": shape.ffn, "max_position_embeddings": shape.max_seq,
+                "num_labels": shape.num_labels, "pad_token_id": 0}
+    if shape.family == "llama":
+        if shape.qkv_bias and not shape.out_bias and not shape.mlp_bias:
+            mt, bias = "qwen2", {}
+        elif shape.qkv_bias == shape.out_bias:
+            mt, bias = "llama", {"attention_bias": shape.qkv_bias, "mlp_bias": shape.mlp_bias}
+        else:
+            raise SpecError("--model", shape.name, "has an output-projection bias without q/k/v biases",
+                            "no Hugging Face Llama-shaped model has that; fix the shape")
+        return {"model_type": mt, "vocab_size": shape.vocab, "hidden_size": shape.hidden,
+                "intermediate_size": shape.ffn, "num_hidden_layers": shape.n_layers,
+                "num_attention_heads": shape.heads, "num_key_value_heads": shape.kv_heads or shape.heads,
+                "head_dim": shape.head_size, "max_position_embeddings": shape.max_seq, **bias}
+    if shape.family == "opt":
+        return {"model_type": "opt", "vocab_size": shape.vocab, "hidden_size": shape.hidden,
+                "num_hidden_layers": shape.n_layers, "num_attention_heads": shape.heads, "ffn_dim": shape.ffn,
+                "max_position_embeddings": shape.max_seq, "word_embed_proj_dim": shape.word_dim,
+                "do_layer_norm_before": shape.final_norm}
+    raise ValueError(f"no Hugging Face config for family '{shape.family}'")
+
+
+DROPOUT_KEYS = {"gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop"),
+                "bert": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+                "llama": ("attention_dropout",), "mistral": ("attention_dropout",), "qwen2": ("attention_dropout",),
+                "opt": ("dropout", "attention_dropout", "activation_dropout")}
+
+
+def hf_config(shape: TransformerShape, dropout: float):
+    """The config the runtime builds from (module doc: untied head, SDPA, no cache, the
+    run's dropout; OPT's layerdrop off, since skipping random layers changes the computation)."""
+    from transformers import AutoConfig
+    d = hf_config_dict(shape)
+    mt = d.pop("model_type")
+    d = {k: v for k, v in d.items() if k not in ("transformers_version", "architectures", "auto_map")}
+    d.update({k: dropout for k in DROPOUT_KEYS[mt]}, tie_word_embeddings=False, use_cache=False)
+    if mt == "bert":
+        d["classifier_dropout"] = None  # the hidden dropout
+    if mt == "opt":
+        d["layerdrop"] = 0.0
+    cfg = AutoConfig.for_model(mt, **d)
     cfg._attn_implementation = "sdpa"
     return cfg
+
+
+def _window(cfg, i: int) -> int | None:
+    """Sliding-window width of block i (Mistral: every layer; Qwen2: layer_types), or None."""
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        return window if types[i] == "sliding_attention" else None
+    return window
+
+
+def _cut(family: str, model: nn.Module, cfg) -> list[nn.Module]:
+    """The cost graph's layers of a Hugging Face model, in order."""
+    if family == "gpt":
+        t = model.transformer
+        return [GPTEmbedding(t.wte, t.wpe, t.drop), *[Block(b) for b in t.h], nn.Sequential(t.ln_f, model.lm_head)]
+    if family == "bert":
+        b = model.bert
+        return [BertEmbedding(b.embeddings), *[Block(l) for l in b.encoder.layer],
+                BertHead(model.dropout, model.classifier)]
+    if family == "llama":
+        m = model.model
+        positions = DecoderPositions(m.rotary_emb)
+        return [m.embed_tokens, *[Block(l, positions, _window(cfg, i)) for i, l in enumerate(m.layers)],
+                nn.Sequential(m.norm, model.lm_head)]
+    d = model.model.decoder  # opt
+    head = [x for x in (d.final_layer_norm, d.project_out, model.lm_head) if x is not None]
+    return [OPTEmbedding(d.embed_tokens, d.embed_positions, d.project_in), *[Block(l) for l in d.layers],
+            nn.Sequential(*head)]
 
 
 def build_model(shape: TransformerShape, *, seed: int, dropout: float = 0.0,
@@ -169,17 +294,11 @@ def build_model(shape: TransformerShape, *, seed: int, dropout: float = 0.0,
     if shape.family == "mlp":
         model = MLPModel(shape)
         layers = [model.embed, *model.blocks, model.head]
-    elif shape.family == "gpt":
-        from transformers import GPT2LMHeadModel
-        model = GPT2LMHeadModel(hf_config(shape, dropout))
-        t = model.transformer
-        layers = [GPTEmbedding(t.wte, t.wpe, t.drop), *[Block(b) for b in t.h], GPTHead(t.ln_f, model.lm_head)]
     else:
-        from transformers import BertForTokenClassification
-        model = BertForTokenClassification(hf_config(shape, dropout))
-        b = model.bert
-        layers = [BertEmbedding(b.embeddings), *[Block(l) for l in b.encoder.layer],
-                  BertHead(model.dropout, model.classifier)]
+        import transformers
+        cfg = hf_config(shape, dropout)
+        model = getattr(transformers, HF_CLASSES[cfg.model_type])(cfg)
+        layers = _cut(shape.family, model, cfg)
     model.to(dtype)
     model.train(dropout > 0)
     return BuiltModel(shape, model, layers)
@@ -206,6 +325,11 @@ class StageModule(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return x
+
+    def blocks(self) -> list[nn.Module]:
+        """The Hugging Face transformer blocks of this stage (where tensor parallelism
+        applies: TENSOR_PARALLEL_PLAN names their projections)."""
+        return [layer.block for layer in self.layers if isinstance(layer, Block)]
 
     def named_model_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(whole-model name, parameter) in layer order."""

@@ -198,3 +198,35 @@ class PipelineExecutor:
             work.wait()
         times.p2p_wait_s += time.perf_counter() - t0
         return loss_total
+
+    def run_forward(self, inputs: list[torch.Tensor | None], labels: list[torch.Tensor | None], times: StepTimes,
+                    loss_scale: float) -> torch.Tensor:
+        """Forward only (evaluation): every micro-batch through this stage in order, in
+        eval mode, without autograd; returns the summed loss x loss_scale of the
+        micro-batches this rank finished (zero unless it is a last stage)."""
+        role, M = self.role, self.num_microbatches
+        posted: dict[int, list] = {}
+        next_post = 0
+        sends: list[tuple[dist.Work, torch.Tensor]] = []
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                for m in range(M):
+                    while not role.is_first and next_post < min(M, m + LOOKAHEAD + 1):
+                        posted[next_post] = self._post_recvs("F", next_post)
+                        next_post += 1
+                    x = inputs[m] if role.is_first else self._wait(posted.pop(m), times)
+                    out = self._timed(times, "forward_s", lambda: self.module(x))
+                    if role.is_last:
+                        total += token_loss_sum(out, labels[m]).double() * loss_scale
+                    else:
+                        self._send("F", m, out, sends)
+        finally:
+            self.module.train(training)
+        t0 = time.perf_counter()
+        for work, _ in sends:
+            work.wait()
+        times.p2p_wait_s += time.perf_counter() - t0
+        return total

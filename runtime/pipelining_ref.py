@@ -26,7 +26,6 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from hetalloc.errors import SpecError
 from hetalloc.fileio import atomic_write_json
-from hetalloc.models import resolve_model
 from hetalloc.plan import load_plan
 
 from .config import TrainConfig
@@ -45,7 +44,7 @@ def run(plan_path: str, steps: int, out_dir: str) -> None:
     cfg = TrainConfig(steps=steps, out_dir=out_dir)
     trainer = Trainer(plan, cfg)
     role, device = trainer.role, trainer.device
-    shape = resolve_model(plan.model)
+    shape = trainer.cg.shape()
     module = StageModule(build_model(shape, seed=cfg.seed), role.start, role.stop).to(device)
     stage = PipelineStage(module, role.stage, role.num_stages, device)
 

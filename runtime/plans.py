@@ -6,7 +6,7 @@ from __future__ import annotations
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph, analytic_cost_graph
 from hetalloc.evaluate import predict
-from hetalloc.models import get_model
+from hetalloc.models import resolve_model
 from hetalloc.plan import DeviceShare, Plan, Replica, Stage, attach_context, validate_plan
 
 StageSpec = tuple[tuple[int, int], list[tuple[str, int]]]
@@ -28,8 +28,8 @@ def hand_plan(cluster: Cluster, cg: CostGraph, replicas: list[list[StageSpec]], 
 
 
 def cpu_cost_graph(model: str, seq_len: int) -> CostGraph:
-    """The fp32 analytic cost graph the CPU runs use."""
-    return analytic_cost_graph(get_model(model), seq_len, precision="fp32")
+    """The fp32 analytic cost graph the CPU runs use (a built-in name or a config.json)."""
+    return analytic_cost_graph(resolve_model(model), seq_len, precision="fp32")
 
 
 def describe(plan: Plan) -> str:

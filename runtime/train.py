@@ -32,7 +32,7 @@ from .config import TrainConfig, parse_slowdown
 from .datasets import TokenDataset, device_samples
 from .grad_sync import GradSync, ProcessGroups
 from .launch import free_port
-from .metrics import (MetricsWriter, StepTimes, build_summary, mean_times, measured_records, step_line,
+from .metrics import (MetricsWriter, StepTimes, build_summary, eval_line, mean_times, measured_records, step_line,
                       summary_table, times_from_record)
 from .models import DTYPES, StageModule, build_model, layer_param_counts
 from .optim import build_optimizer
@@ -124,7 +124,7 @@ class Trainer:
         self.plan, self.cfg = plan, cfg
         self.cluster, self.cg = plan_context(plan)
         validate_plan(plan, self.cluster, self.cg)
-        shape = resolve_model(model or plan.model)
+        shape = resolve_model(model) if model else self.cg.shape()
         self.rt = rt = setup(plan, self.cluster, node)
         self.rank, self.device = rt.info.rank, rt.device
         dtype = DTYPES[cfg.dtype]
@@ -142,7 +142,7 @@ class Trainer:
                                          (plan.seq_len, shape.hidden), dtype, self.device,
                                          loss_scale=1.0 / (plan.global_batch * plan.seq_len), slowdown=self.slowdown)
         self.data = TokenDataset(cfg.dataset, vocab=shape.vocab, seq_len=plan.seq_len, seed=cfg.seed,
-                                 classify=shape.family == "bert")
+                                 classify=shape.family == "bert", val_fraction=cfg.val_fraction)
         self.key = checkpoint.plan_key(plan)
         self.done = 0
         """Steps completed before this launch (from a checkpoint)."""
@@ -158,16 +158,16 @@ class Trainer:
             elif self.rank == 0 and not found.warning:
                 print(f"no checkpoint in {cfg.checkpoint_dir}; starting at step 1")
 
-    def _batch(self, step: int) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
-        """This rank's inputs (first stage) and labels (last stage) of every micro-batch."""
+    def _batch(self, base: int, split: str = "train") -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+        """This rank's inputs (first stage) and labels (last stage) of every micro-batch of
+        the global batch that starts at sample `base` of `split`."""
         plan, role, M = self.plan, self.role, self.plan.num_microbatches
         inputs: list[torch.Tensor | None] = [None] * M
         labels: list[torch.Tensor | None] = [None] * M
         if role.is_first or role.is_last:
-            base = (step - 1) * plan.global_batch
             for m in range(M):
                 first, count = device_samples(plan, role.replica, role.stage, role.device_index, m)
-                ids, lab = self.data.batch(base + first, count)
+                ids, lab = self.data.batch(base + first, count, split)
                 inputs[m] = ids.to(self.device) if role.is_first else None
                 labels[m] = lab.to(self.device) if role.is_last else None
         return inputs, labels
@@ -176,7 +176,7 @@ class Trainer:
         """One optimizer step (1-based step number); returns the global loss and the times."""
         times = StepTimes()
         t_step = time.perf_counter()
-        inputs, labels = self._batch(step)
+        inputs, labels = self._batch((step - 1) * self.plan.global_batch)
         times.data_s = time.perf_counter() - t_step
         self.sync.zero_grad()
         loss = self.executor.run_step(inputs, labels, times, self.sync.arm)
@@ -193,6 +193,20 @@ class Trainer:
         times.loss_sync_s = time.perf_counter() - t0
         times.step_s = time.perf_counter() - t_step
         return loss_value, times
+
+    def evaluate(self) -> tuple[float, float]:
+        """Validation loss (mean over tokens) of cfg.eval_batches global batches of the
+        validation split, forward only through this plan's pipeline; and its seconds."""
+        t0 = time.perf_counter()
+        B, K = self.plan.global_batch, self.cfg.eval_batches
+        scale = 1.0 / (B * self.plan.seq_len * K)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        times = StepTimes()
+        for k in range(K):
+            inputs, labels = self._batch(k * B, "val")
+            total += self.executor.run_forward(inputs, labels, times, scale)
+        dist.all_reduce(total)
+        return float(total), time.perf_counter() - t0
 
     def banner(self) -> str:
         plan, rt = self.plan, self.rt
@@ -219,9 +233,15 @@ class Trainer:
                 os.kill(os.getpid(), 9)  # test aid: die like a crashed worker
             loss, times = self.train_step(step)
             samples_per_s = plan.global_batch / times.step_s
-            writer.write(step, times, loss, samples_per_s, samples_per_s * plan.seq_len)
+            extra = {}
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                val_loss, eval_s = self.evaluate()
+                extra = {"val_loss": val_loss, "eval_s": eval_s}
+            writer.write(step, times, loss, samples_per_s, samples_per_s * plan.seq_len, extra)
             if rank == 0:
                 print(step_line(step, loss, times.step_s, samples_per_s), flush=True)
+                if extra:
+                    print(eval_line(step, extra["val_loss"], extra["eval_s"]), flush=True)
             records.append(times)
             losses.append(loss)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
@@ -270,8 +290,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="built-in model name or a Hugging Face config.json (default: the plan's model)")
     p.add_argument("--plan-node", help="the plan node this torchrun serves (checked against --node-rank)")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps to reach")
-    p.add_argument("--dataset", choices=("synthetic", "text"), default="synthetic",
-                   help="seeded synthetic tokens, or the shipped text corpus (byte tokens)")
+    p.add_argument("--dataset", default="synthetic", metavar="NAME|PATH",
+                   help="'synthetic' (seeded tokens), 'text' (the shipped corpus, byte tokens), or a file: text "
+                        "(byte tokens), .npy (1-D integer token ids) or .bin (raw uint16 token ids, nanoGPT/Megatron)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of a dataset file's tokens (its end) kept for validation (default 0.1)")
+    p.add_argument("--eval-every", type=int, default=0, metavar="K",
+                   help="validation loss after every K-th step and the last (0: never)")
+    p.add_argument("--eval-batches", type=int, default=1, help="global batches per evaluation (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the init and the synthetic data")
     p.add_argument("--lr", type=float, help="learning rate (default 1e-3 AdamW, 0.05 SGD)")
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -294,7 +320,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(steps=a.steps, dataset=a.dataset, seed=a.seed, lr=a.lr, weight_decay=a.weight_decay,
+    return TrainConfig(steps=a.steps, dataset=a.dataset, val_fraction=a.val_fraction, eval_every=a.eval_every,
+                       eval_batches=a.eval_batches, seed=a.seed, lr=a.lr, weight_decay=a.weight_decay,
                        momentum=a.momentum, dropout=a.dropout, dtype=a.dtype, bucket_cap_mb=a.bucket_cap_mb,
                        checkpoint_dir=a.checkpoint_dir, checkpoint_every=a.checkpoint_every, resume=a.resume,
                        out_dir=a.out, slowdown=parse_slowdown(a.slowdown), warmup_steps=a.warmup_steps,

@@ -35,7 +35,6 @@ from hetalloc.catalog import DeviceType, suggest_device, suggest_link, with_pric
 from hetalloc.cluster import Cluster, Device, LinkSpec, Node, catalog_link
 from hetalloc.costgraph import CostGraph, TimeTable, analytic_cost_graph
 from hetalloc.errors import InfeasibleError, SpecError
-from hetalloc.models import get_model
 from hetalloc.plan import Plan, plan_from_dict, validate_plan
 
 KINDS = ("swap", "add", "remove", "link", "slow", "fail", "batch", "seq")
@@ -326,7 +325,7 @@ def seq(spec: str) -> Callable[[Case], Case]:
         if cg.tables:
             raise _err(spec, "the cost graph has measured tables for one sequence length",
                        "profile at the new length (hetalloc profile --seq) instead")
-        new = analytic_cost_graph(get_model(cg.model), n, cg.precision).with_efficiency(cg.efficiency)
+        new = analytic_cost_graph(cg.shape(), n, cg.precision).with_efficiency(cg.efficiency)
         out = dataclasses.replace(case, cg=new)
         if case.old_plan is not None:
             q = _copy(case.old_plan)

@@ -28,6 +28,7 @@ from allocator import make_plan
 from hetalloc.cluster import Cluster, load_cluster
 from hetalloc.costgraph import CostGraph, load_cost_graph
 from hetalloc.fileio import atomic_write_json
+from hetalloc.models import resolve_model
 from hetalloc.plan import Plan
 from runtime.config import slowdown_for_plan
 from runtime.launch import run_local
@@ -65,7 +66,10 @@ def profile_machine(out_dir: str | Path, *, nproc: int = 2, model: str = "gpt2-t
     """Profile (or, with reuse, load an existing profile of the same request)."""
     out = Path(out_dir)
     slowdown = dict(slowdown or {})
-    want = {"model": model, "seq_len": seq, "world_size": nproc, "batch_sizes": [int(b) for b in batch_sizes.split(",")],
+    # The model is compared by what it is (its recorded shape and config), not by how it
+    # was named: a config file's path never equals the name the profile records.
+    want = {"model_spec": resolve_model(model).to_dict(), "seq_len": seq, "world_size": nproc,
+            "batch_sizes": [int(b) for b in batch_sizes.split(",")],
             "slowdown": {str(k): v for k, v in sorted(slowdown.items())}, "repeats": repeats}
     report = None
     if reuse and (out / "report.json").exists():

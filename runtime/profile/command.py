@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,29 +60,55 @@ def run_profile(out_dir: str | Path, *, nproc: int = 2, model: str = "gpt2-tiny"
     """Profile this machine with `nproc` ranks; returns report.json's content (plus the
     calibration under 'calibration' when asked). With runtime_overhead, also measures the
     runtime's own time per op and per step by running it (runtime.profile.overhead) and
-    writes it into cluster.yaml. Raises RunFailed when the ranks fail."""
+    writes it into cluster.yaml. Raises RunFailed when the ranks fail.
+
+    Everything is measured into OUT/.incomplete and moved into OUT only once complete
+    (report.json last), so a failed profile leaves no file the planner would take for a
+    profile (an earlier complete profile in OUT stays as it was)."""
     out = Path(out_dir)
-    report_path = out / "report.json"
-    if report_path.exists():
-        report_path.unlink()
-    argv = profile_command(nproc, out, model=model, seq=seq, batch_sizes=batch_sizes, slowdown=slowdown,
-                           warmup=warmup, repeats=repeats, link_repeats=link_repeats)
-    proc = subprocess.run(argv, env=local_env(nproc), text=True, timeout=timeout_s,
-                          stdout=subprocess.PIPE if capture else None, stderr=subprocess.STDOUT if capture else None)
-    output = proc.stdout or ""
-    if proc.returncode != 0 or not report_path.exists():
-        errors = [l for l in output.splitlines() if l.startswith("error:")]
-        why = errors[0] if errors else f"torchrun exited with code {proc.returncode}"
-        tail = "" if errors or not capture else "\n" + "\n".join(output.splitlines()[-15:])
-        raise RunFailed(f"profile failed: {why}{tail}")
-    report = json.loads(report_path.read_text())
-    if runtime_overhead:
-        report["runtime_overhead"] = add_runtime_overhead(out, slowdown)
-        atomic_write_json(report_path, report)
+    stage = out / STAGING
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        argv = profile_command(nproc, stage, model=model, seq=seq, batch_sizes=batch_sizes, slowdown=slowdown,
+                               warmup=warmup, repeats=repeats, link_repeats=link_repeats)
+        proc = subprocess.run(argv, env=local_env(nproc), text=True, timeout=timeout_s,
+                              stdout=subprocess.PIPE if capture else None,
+                              stderr=subprocess.STDOUT if capture else None)
+        output = proc.stdout or ""
+        if proc.returncode != 0 or not (stage / "report.json").exists():
+            errors = [l for l in output.splitlines() if l.startswith("error:")]
+            why = errors[0] if errors else f"torchrun exited with code {proc.returncode}"
+            tail = "" if errors or not capture else "\n" + "\n".join(output.splitlines()[-15:])
+            raise RunFailed(f"profile failed: {why}{tail}")
+        report = json.loads((stage / "report.json").read_text())
+        if runtime_overhead:
+            report["runtime_overhead"] = add_runtime_overhead(stage, slowdown)
+        report["files"] = {"cost_graph": str(out / "cost_graph.json"), "cluster": str(out / "cluster.yaml")}
+        _publish(stage, out, report)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     report["command"] = argv
     if calibrate_fit:
         report["calibration"] = calibrate_profile(out)
     return report
+
+
+STAGING = ".incomplete"
+"""Subdirectory of a profile's OUT where a profile is measured before it is complete."""
+
+
+def _publish(stage: Path, out: Path, report: dict[str, Any]) -> None:
+    """Move a complete profile from `stage` into `out`: the old report.json goes first and
+    the new one comes last, so OUT never holds a report next to files of another profile."""
+    (out / "report.json").unlink(missing_ok=True)
+    (out / "efficiency.json").unlink(missing_ok=True)  # fitted to the old profile
+    if (stage / "overhead").exists():
+        shutil.rmtree(out / "overhead", ignore_errors=True)
+        os.replace(stage / "overhead", out / "overhead")
+    for name in ("cost_graph.json", "cluster.yaml"):
+        os.replace(stage / name, out / name)
+    atomic_write_json(out / "report.json", report)
 
 
 def add_runtime_overhead(out_dir: str | Path, slowdown: list[str] | None) -> dict[str, Any]:
@@ -169,5 +197,5 @@ def handler(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}/cost_graph.json, {args.out}/cluster.yaml, {args.out}/report.json"
           + (f", {args.out}/efficiency.json" if args.calibrate else ""))
     print(f"plan from it: hetalloc plan --cluster {args.out}/cluster.yaml --cost-graph {args.out}/cost_graph.json "
-          f"--model {report['model']} --global-batch N")
+          f"--model {args.model} --global-batch N")
     return 0

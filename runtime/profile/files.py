@@ -225,14 +225,15 @@ def build_profile(pa: ProfileArgs, ranks: list[dict[str, Any]], links: dict[str,
     types, rank_types = device_types(ranks)
     layers = measured_layers(ranks, pa)
     tables = {t: time_table([r for r, n in zip(ranks, rank_types) if n == t], pa) for t in types}
-    cg = CostGraph(pa.shape.name, pa.seq_len, PRECISION, layers, family=pa.shape.family).with_tables(tables)
+    cg = CostGraph(pa.shape.name, pa.seq_len, PRECISION, layers, family=pa.shape.family,
+                   model_spec=pa.shape.to_dict()).with_tables(tables)
     figures = link_figures(links, [r["host"] for r in ranks])
     cluster = measured_cluster(ranks, types, rank_types, figures, f"{node_name(ranks[0]['host'])}-profile")
     analytic = layer_shapes(pa.shape, pa.seq_len, 4)
     report = {
         "schema_version": REPORT_SCHEMA_VERSION,
         "kind": "profile_report",
-        "model": pa.shape.name, "seq_len": pa.seq_len, "batch_sizes": pa.batch_sizes,
+        "model": pa.shape.name, "model_spec": pa.shape.to_dict(), "seq_len": pa.seq_len, "batch_sizes": pa.batch_sizes,
         "warmup": pa.warmup, "repeats": pa.repeats, "dtype": pa.dtype, "torch": pa.torch_version,
         "world_size": len(ranks), "slowdown": {str(k): v for k, v in sorted(pa.slowdown.items())},
         "device_types": {n: {"peak_tflops": t.peak_tflops, "memory_gib": t.memory_gib,

@@ -1,0 +1,85 @@
+"""Branch and bound over the bottleneck and tail caps of one micro-batch count M.
+
+The objective of a plan is (M - 1) tau + sigma + sum of stage times, where tau is its
+slowest stage and sigma its largest tail (allocator.problem). Take a box of caps: tau in
+[tau_a, tau_b] and sigma in [sigma_c, sigma_d] (levels: the distinct stage times and
+tails of M's shapes). Every plan whose bottleneck and tail fall in the box costs at least
+
+    LB = (M - 1) tau_a + sigma_c + g(tau_b, sigma_d),
+
+where g is the smallest sum of stage times of a plan within the caps (allocator.dp). The
+plan that attains g is itself a plan, and its true cost is at most (M - 1) tau_b +
+sigma_d + g: every evaluation is also a candidate. A box whose LB reaches the incumbent is
+closed; a box of one level in each cap is exact (its plans cost at least LB and a plan
+costing at most LB was offered); any other box is split in two along the cap that spans
+more of the objective. Since g only grows as the caps shrink, an evaluation can be told to
+give up once the stage-time sum cannot get below the incumbent (``limit``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .dp import ShapeTable, min_stage_sum
+from .shapes import Shape
+
+
+@dataclass(frozen=True, order=True)
+class Box:
+    lb: float
+    M: int
+    a: int
+    b: int
+    c: int
+    d: int
+
+    @property
+    def single(self) -> bool:
+        return self.a == self.b and self.c == self.d
+
+
+class CapSearch:
+    """The cap boxes of one M and the memo of its dynamic-program evaluations."""
+
+    def __init__(self, M: int, table: ShapeTable):
+        self.M = M
+        self.table = table
+        self.taus = np.unique(table.t)
+        self.sigs = np.unique(table.tail)
+        self.memo: dict[tuple[int, int], tuple[float, float]] = {}
+        self.evaluations = 0
+
+    def g(self, bt: int, bs: int, limit: float) -> tuple[float, list[Shape] | None]:
+        """(a lower bound on the stage-time sum within caps (bt, bs), plan or None): the exact
+        minimum when it is below ``limit``, else ``limit``."""
+        key = (bt, bs)
+        old = self.memo.get(key)
+        if old is not None and (math.isfinite(old[0]) or limit <= old[1]):
+            return (old[0] if math.isfinite(old[0]) else old[1]), None
+        tab = self.table
+        use = (tab.t <= self.taus[bt]) & (tab.tail <= self.sigs[bs])
+        self.evaluations += 1
+        v, seq = min_stage_sum(tab, use, limit)
+        self.memo[key] = (v, limit)
+        return (v if math.isfinite(v) else limit), seq
+
+    def root(self) -> Box:
+        return Box(-math.inf, self.M, 0, len(self.taus) - 1, 0, len(self.sigs) - 1)
+
+    def evaluate(self, box: Box, incumbent: float) -> tuple[Box, list[Shape] | None]:
+        """The box with its lower bound computed, and the plan found on the way."""
+        base = (self.M - 1) * float(self.taus[box.a]) + float(self.sigs[box.c])
+        v, seq = self.g(box.b, box.d, incumbent - base)
+        return Box(base + v, box.M, box.a, box.b, box.c, box.d), seq
+
+    def split(self, box: Box) -> tuple[Box, Box]:
+        span_t = (self.M - 1) * float(self.taus[box.b] - self.taus[box.a])
+        span_s = float(self.sigs[box.d] - self.sigs[box.c])
+        if box.a < box.b and (span_t >= span_s or box.c == box.d):
+            m = (box.a + box.b) // 2
+            return (Box(box.lb, box.M, box.a, m, box.c, box.d), Box(box.lb, box.M, m + 1, box.b, box.c, box.d))
+        m = (box.c + box.d) // 2
+        return (Box(box.lb, box.M, box.a, box.b, box.c, m), Box(box.lb, box.M, box.a, box.b, m + 1, box.d))

@@ -1,0 +1,98 @@
+"""Stage shapes: the stage columns of a model whose inner layers are identical blocks.
+
+When every layer between the first (embedding) and the last (head) is the same block
+(``Problem.interchangeable_blocks``), a stage's costs do not depend on *where* its blocks
+are, only on how many it holds and whether it also holds the embedding or the head. A
+stage is then one of four kinds: ``first`` (embedding + l blocks), ``inner`` (l blocks),
+``last`` (l blocks + head), ``only`` (the whole model); a *shape* is a kind, a block count
+and the devices of each class that serve it, with the exact costs of a column
+(allocator.columns): stage time, tail, and how deep in a 1F1B pipeline it may sit.
+
+A plan is then a multiset of shapes: one first and one last shape (or one ``only``)
+plus inner shapes whose blocks add up with theirs to the model's blocks. The positions
+of the inner stages do not change any cost except the in-flight memory of 1F1B, and an
+order that fits memory exists exactly when, for every depth a, at most a inner stages
+can sit no deeper than a (Hall's condition; ``order_stages`` builds it). So the search
+over plans becomes a search over shape counts, with L times fewer columns than ranges
+and no symmetric copies of one plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .columns import Column, range_columns
+from .problem import CountPlan, CountStage, Problem, StageTimer
+
+INNER, FIRST, LAST, ONLY = 0, 1, 2, 3
+KIND_NAMES = ("inner", "first", "last", "only")
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    kind: int
+    blocks: int
+    counts: tuple[int, ...]
+    t: float
+    tail: float
+    amax: int
+    """Most stages that may follow it (>= L: any number)."""
+
+    @property
+    def devices(self) -> int:
+        return sum(self.counts)
+
+
+def block_range(prob: Problem, kind: int, blocks: int) -> tuple[int, int]:
+    """A layer range of this kind and block count (any position gives the same costs)."""
+    L = prob.L
+    if kind == FIRST:
+        return 0, 1 + blocks
+    if kind == LAST:
+        return L - 1 - blocks, L
+    if kind == ONLY:
+        return 0, L
+    return 1, 1 + blocks
+
+
+def block_shapes(prob: Problem, timer: StageTimer, M: int, t_cap: float) -> list[Shape]:
+    """Every useful shape (allocator.columns' usefulness rules) running within t_cap."""
+    assert prob.interchangeable_blocks
+    K = prob.L - 2
+    budget = [c.count for c in prob.classes]
+    out: list[Shape] = []
+    specs = [(FIRST, l) for l in range(K + 1)] + [(INNER, l) for l in range(1, K + 1)] + \
+            [(LAST, l) for l in range(K + 1)] + [(ONLY, K)]
+    for kind, l in specs:
+        if kind in (FIRST, LAST) and l == K:
+            continue  # would leave nothing for the other end: that is ONLY
+        i, j = block_range(prob, kind, l)
+        for col in range_columns(prob, timer, 1, M, i, j, t_cap, budget):
+            out.append(Shape(kind, l, col.counts, col.t, col.tail, col.amax))
+    return out
+
+
+def order_stages(prob: Problem, chosen: list[Shape]) -> list[Shape] | None:
+    """Pipeline order of a multiset of shapes that fits 1F1B memory (None if none does):
+    first, inner stages by how deep they may sit (deepest first), last."""
+    firsts = [s for s in chosen if s.kind in (FIRST, ONLY)]
+    lasts = [s for s in chosen if s.kind == LAST]
+    inner = sorted((s for s in chosen if s.kind == INNER), key=lambda s: (-s.amax, s.blocks, s.counts))
+    if len(firsts) != 1 or (firsts[0].kind == ONLY) != (not lasts and not inner):
+        return None
+    seq = firsts + inner + lasts
+    S = len(seq)
+    if any(s.amax < S - 1 - p for p, s in enumerate(seq)):
+        return None
+    return seq
+
+
+def count_plan(prob: Problem, seq: list[Shape], M: int) -> CountPlan:
+    """The count-level plan of an ordered list of shapes (layers assigned in order)."""
+    stages, i = [], 0
+    for s in seq:
+        n = s.blocks + (1 if s.kind in (FIRST, ONLY) else 0) + (1 if s.kind in (LAST, ONLY) else 0)
+        stages.append(CountStage(i, i + n, s.counts))
+        i += n
+    assert i == prob.L, (i, prob.L)
+    return CountPlan(1, M, stages)
