@@ -181,7 +181,7 @@ class Simulation:
         interference = self.opts.contention if self.opts.interference is None else self.opts.interference
         self.compute = ComputeModel(self.env, cluster, shared=shared, interference=interference)
         # Shared compute couples the devices of a node, whichever replica they serve.
-        fold = self.opts.fold and not any(self.compute.nodes[n.name].slots for n in cluster.nodes)
+        fold = self.opts.fold and not any(self.compute.nodes[n.name].share_slots for n in cluster.nodes)
         self.groups = [g for g in sync_groups(plan, cluster, cg) if len(g.devices) > 1]
         build = STEP_BUILDERS[plan.grad_sync]
         self.steps: list[list[Step]] = [build(self.topo, self.table, g.devices, self.opts.max_collective_steps)

@@ -143,6 +143,19 @@ def test_communication_slows_beside_compute():
     assert ("n/1", "F mb0 L1-1", 2.0, 3.0) in ops(res)
 
 
+def test_on_cpu_nodes_communication_meets_compute_only_when_every_core_computes():
+    # The same send with the node's 2 cores declared (CPU ranks: communication runs on the
+    # cores, a free core serves it untouched). Three micro-batches, GPipe. F0's send
+    # [1,1.5] runs beside stage 0's F1 while stage 1 idles: a free core, no extra; stage
+    # 1's F0 [1.5,2.5]. F1's send [2,2.5] runs while stage 0 computes F2 [2,3] and stage
+    # 1 computes F0: both cores busy for all 0.5 s -> 0.5 s more, it arrives at 3.0, and
+    # stage 1's F1 runs [3,4].
+    c, cg = cluster(2, slots=2, comm_p2p=1.0), graph(num_layers=2)
+    p = plan([[(0, 1, [("n/0", 1)]), (1, 2, [("n/1", 1)])]], 3)
+    got = ops(Simulation(p, c, cg, SimOptions()).run())
+    assert ("n/1", "F mb0 L1-1", 1.5, 2.5) in got and ("n/1", "F mb1 L1-1", 3.0, 4.0) in got
+
+
 def test_the_step_splits_into_the_kinds_the_runtime_measures():
     # Two one-stage replicas on one slot (first test): 6 s of compute each (shared), no
     # waits, then the loss all-reduce; the kinds add up to the iteration.

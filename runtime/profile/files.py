@@ -6,7 +6,8 @@ formats the planner reads:
   counts, saved-activation and output bytes (FLOPs stay the analytic formulas', the
   reference calibration is relative to), and one measured ``TimeTable`` per device type
   (ranks of one type are averaged);
-- ``cluster.yaml`` (``dump_cluster_yaml``): one node per host with its compute slots,
+- ``cluster.yaml`` (``dump_cluster_yaml``): one node per host (with its cores as compute
+  slots for CPU ranks),
   device types declared inline with measured figures (peak: matmul throughput; memory
   bandwidth: what the optimizer step achieves, the figure ``hetalloc.costs.optimizer_time``
   divides by; interference: the median slowdown of its ranks' matmul beside
@@ -212,7 +213,10 @@ def measured_cluster(ranks: list[dict[str, Any]], types: dict[str, DeviceType], 
         nn = node_name(h)
         mine = [(r, t) for r, t in zip(ranks, rank_types) if r["host"] == h]
         devs = [Device(f"{nn}/{k}", t, nn, k) for k, (_, t) in enumerate(mine)]
-        nodes.append(Node(nn, devs, intra, nic if len(hosts) > 1 else None, int(mine[0][0].get("compute_slots", 0))))
+        # CPU ranks share the host's cores (and their communication runs on them): the
+        # simulator needs the cores; GPUs are a device each (simulator.compute).
+        slots = int(mine[0][0].get("compute_slots") or 0) if mine[0][0]["vendor"] == "cpu" else 0
+        nodes.append(Node(nn, devs, intra, nic if len(hosts) > 1 else None, slots))
     from hetalloc.catalog import DEVICE_TYPES
     return Cluster(name, nodes, {**DEVICE_TYPES, **types}, 1.0, "hetalloc profile",
                    collectives=measured_collectives(figures.get("collectives", [])))
