@@ -15,7 +15,9 @@ runtime makes. Imports torch (ranks only).
   dtype (stretched by the rank's emulated slowdown, as the runtime stretches its ops)
   timed alone, while a stream of all-reduces of its group runs beside it, and while a
   stream of sends and receives with a peer does; the interference is the slowdown of
-  the matmul's median, and the streams' own slowdown is recorded too. Ranks measure in
+  the matmul's median, and the streams' own slowdown is recorded too. The streams carry
+  messages of the sizes the model sends (its median activation slice, its gradients up
+  to a 25 MiB bucket). Ranks measure in
   ``turns`` (groups that fit their hosts' compute slots), so that the figure is the
   communication's effect and not the cores' sharing.
 """
@@ -37,7 +39,7 @@ from .device import cpu_clock, sync
 
 COLLECTIVE_BYTES = (8, 1024, 16384, 65536, 262144, 1 << 20, 4 << 20, 16 << 20)
 STREAM_BYTES = 1 << 20
-"""Message size of the communication streams of the interference benchmark."""
+"""Message size of the interference benchmark's streams when the model gives none."""
 
 
 def _buffers(op: str, nbytes: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -163,8 +165,9 @@ def _matmul_timer(device: torch.device, slowdown: float):
     return once
 
 
-def _stream(kind: str, rank: int, peer: int, group, ranks: list[int], count: int, device: torch.device) -> list:
-    bufs = [torch.zeros(STREAM_BYTES // 4, device=device) for _ in range(count)]
+def _stream(kind: str, rank: int, peer: int, group, ranks: list[int], count: int, device: torch.device,
+            nbytes: int) -> list:
+    bufs = [torch.zeros(max(1, nbytes // 4), device=device) for _ in range(count)]
     if kind == "collective":
         return [dist.all_reduce(x, group=group, async_op=True) for x in bufs]
     works = []
@@ -174,10 +177,13 @@ def _stream(kind: str, rank: int, peer: int, group, ranks: list[int], count: int
     return works
 
 
-def measure_interference(rank: int, hosts: list[str], slots: list[int], slowdown: float,
-                         device: torch.device) -> dict[str, Any] | None:
+def measure_interference(rank: int, hosts: list[str], slots: list[int], slowdown: float, device: torch.device,
+                         sizes: dict[str, int] | None = None) -> dict[str, Any] | None:
     """This rank's matmul alone and beside a communication stream (module doc); None for
-    a rank that has no partner in its turn. Every rank calls this."""
+    a rank that has no partner in its turn. sizes: message bytes of each stream
+    ('collective', 'p2p': what the model's gradient buckets and activations are; default
+    STREAM_BYTES). Every rank calls this."""
+    sizes = {"collective": STREAM_BYTES, "p2p": STREAM_BYTES, **(sizes or {})}
     once = _matmul_timer(device, slowdown)
     for _ in range(5):
         once()
@@ -201,13 +207,13 @@ def measure_interference(rank: int, hosts: list[str], slots: list[int], slowdown
             for _ in range(4):
                 dist.barrier(group=group)
                 t0 = time.perf_counter()
-                works = _stream(kind, rank, peers[kind], group, turn, count, device) if streams else []
+                works = _stream(kind, rank, peers[kind], group, turn, count, device, sizes[kind]) if streams else []
                 for w in works:
                     w.wait()
                 stream_alone = time.perf_counter() - t0
                 dist.barrier(group=group)
                 t0 = time.perf_counter()
-                works = _stream(kind, rank, peers[kind], group, turn, count, device) if streams else []
+                works = _stream(kind, rank, peers[kind], group, turn, count, device, sizes[kind]) if streams else []
                 done = threading.Event()
                 ended = [t0]
                 # gloo's send and receive works report completion only to wait(): a thread waits
@@ -230,6 +236,7 @@ def measure_interference(rank: int, hosts: list[str], slots: list[int], slowdown
             out[kind] = {"matmul_s": med, "slowdown": max(0.0, med / out["matmul_alone_s"] - 1.0),
                          "matmuls": len(beside), "stream_alone_s": stream_alone, "stream_busy_s": stream_busy,
                          "stream_slowdown": max(0.0, stream_busy / stream_alone - 1.0), "messages": count,
+                         "message_bytes": sizes[kind],
                          "peer": peers[kind] if kind == "p2p" else None}
         if result is None:
             result = out

@@ -318,8 +318,11 @@ def report_lines(report: dict[str, Any], cg: CostGraph | None = None) -> list[st
     for r in report["ranks"]:
         i = r.get("interference")
         if i:
-            parts = [f"{k} {100 * i[k]['slowdown']:+.0f}%" for k in ("collective", "p2p") if k in i]
-            lines.append(f"  rank {r['rank']} compute beside communication: " + ", ".join(parts))
+            kinds = [k for k in ("collective", "p2p") if k in i]
+            lines.append(f"  rank {r['rank']}: compute beside communication "
+                         + ", ".join(f"{k} {100 * i[k]['slowdown']:+.0f}%" for k in kinds)
+                         + "; communication beside compute "
+                         + ", ".join(f"{k} {100 * i[k]['stream_slowdown']:+.0f}%" for k in kinds))
     noise = report.get("noise_check")
     if noise and not noise["trusted"]:
         load = max((r["load_average"][0] for r in report["ranks"] if r.get("load_average")), default=0.0)

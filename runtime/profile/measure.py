@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import socket
 import time
 from typing import Any
@@ -146,7 +147,10 @@ def profile(args: argparse.Namespace) -> dict[str, Any] | None:
     p2p_bytes = sorted(set(GENERIC_P2P_BYTES) | {n for n in act if n > 0})
     links = measure_links(rank, hosts, p2p_bytes, args.link_repeats, device) if world > 1 else {"p2p": [], "allreduce": []}
     links["collectives"] = measure_collectives(rank, hosts, device) if world > 1 else []
-    interference = measure_interference(rank, hosts, slots, slowdown, device) if world > 1 else None
+    grads = 4 * sum(p.numel() for p in built.model.parameters())
+    stream = {"p2p": int(statistics.median(n for n in act if n > 0)) if any(act) else 1 << 20,
+              "collective": min(grads, 25 << 20)}
+    interference = measure_interference(rank, hosts, slots, slowdown, device, stream) if world > 1 else None
     mine = {
         "rank": rank, "local_rank": local, "host": hosts[rank], "device_name": device_name(device),
         "vendor": "cpu" if device.type == "cpu" else "nvidia", "slowdown": slowdown,
