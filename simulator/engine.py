@@ -20,8 +20,8 @@ Two switches, both on by default:
   cost prediction assumes) and each gradient group is all-reduced in one piece after
   the pipeline phase of all replicas has ended.
 - ``shared_compute`` and ``interference`` (default: as ``contention``): devices on a node
-  with fewer compute slots than devices share them; compute slows by the device type's
-  measured interference while its communication runs (``simulator.compute``).
+  with fewer compute slots than devices share them; compute and communication slow each
+  other by the device types' measured interference figures (``simulator.compute``).
 Collectives are timed by the cluster's measured tables where it has them
 (``hetalloc.evaluate.allreduce_time``); over the links, a measured collective alone
 takes exactly its measured time (its steps get the difference as latency, or move
@@ -76,8 +76,8 @@ class SimOptions:
     """Devices on a node with fewer compute slots than devices share them (processor
     sharing); None: as ``contention``."""
     interference: bool | None = None
-    """Compute slows by the device type's measured interference while the device
-    communicates; None: as ``contention``."""
+    """Compute and communication slow each other by the device types' measured
+    interference figures (simulator.compute); None: as ``contention``."""
 
     def __post_init__(self) -> None:
         if self.iterations < 1:

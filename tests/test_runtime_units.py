@@ -260,3 +260,17 @@ def test_one_device_plan_trains_without_torchrun(tmp_path, monkeypatch):
     assert len(got) == 40 and sum(got[-5:]) < sum(got[:5]) - 2.5, got
     assert summary["ranks"][0]["device"] == "host/2"
     assert json.loads((tmp_path / "summary.json").read_text())["measured_steps"] == 39
+
+
+def test_profile_turns_and_collective_groups():
+    """Ranks of a host with more ranks than cores are timed in turns of as many as it has
+    cores (the k-th turn holds the k-th run of every host); collectives are measured
+    among the first 2, 3, ... ranks of each host and among one rank per host."""
+    from runtime.profile.collectives import collective_groups, compute_turns
+
+    assert compute_turns(["a"] * 2, [2, 2]) == [[0, 1]]
+    assert compute_turns(["a"] * 4, [2] * 4) == [[0, 1], [2, 3]]
+    assert compute_turns(["a"] * 3, [2] * 3) == [[0, 1], [2]]
+    assert compute_turns(["a", "a", "b", "b", "b"], [1, 1, 8, 8, 8]) == [[0, 2, 3, 4], [1]]
+    assert collective_groups(["a"] * 3) == [("intra", [0, 1]), ("intra", [0, 1, 2])]
+    assert collective_groups(["a", "a", "b", "c"]) == [("intra", [0, 1]), ("inter", [0, 2]), ("inter", [0, 2, 3])]
