@@ -29,7 +29,7 @@ from hetalloc.costgraph import CostGraph
 from hetalloc.costs import max_share_for_memory
 from hetalloc.evaluate import allreduce_time, predict
 from hetalloc.errors import InfeasibleError
-from hetalloc.plan import DeviceShare, Plan, Replica, Stage, validate_plan
+from hetalloc.plan import Group, Plan, Replica, Stage, validate_plan
 from hetalloc.errors import SpecError
 
 BASELINES = ("even", "proportional", "pipedream")
@@ -121,7 +121,7 @@ def even_split(cluster: Cluster, cg: CostGraph, B: int, schedule: str = "1f1b", 
         per = B // len(pipes)
         for M in _m_options(per, p):
             mb = per // M
-            reps = [Replica([Stage(a, b, [DeviceShare(dev, mb)]) for (a, b), dev in zip(even_layers(L, p), pipe)])
+            reps = [Replica([Stage(a, b, [Group([dev], mb)]) for (a, b), dev in zip(even_layers(L, p), pipe)])
                     for pipe in pipes]
             plan = _plan(cluster, cg, B, M, reps, schedule, optimizer, grad_sync, "even")
             t = _score(plan, cluster, cg)
@@ -156,7 +156,7 @@ def proportional_split(cluster: Cluster, cg: CostGraph, B: int, schedule: str = 
             if not (p <= M <= 8 * p or M == 1) or B // M < len(pipes):
                 continue
             mbs = _integer_split(B // M, rates)
-            reps = [Replica([Stage(a, b, [DeviceShare(dev, mb)]) for (a, b), dev in zip(sp, pipe)])
+            reps = [Replica([Stage(a, b, [Group([dev], mb)]) for (a, b), dev in zip(sp, pipe)])
                     for sp, pipe, mb in zip(splits, pipes, mbs)]
             plan = _plan(cluster, cg, B, M, reps, schedule, optimizer, grad_sync, "proportional")
             t = _score(plan, cluster, cg)
@@ -263,7 +263,7 @@ def _pipedream_dp(cluster, cg, units, b, M, schedule, optimizer, grad_sync, caps
         i, m = choice[(j, k)]
         block = [d for u in units[k - m:k] for d in u]
         shares = [b // len(block) + (1 if x < b % len(block) else 0) for x in range(len(block))]
-        stages.append(Stage(i, j, [DeviceShare(d, s) for d, s in zip(block, shares)]))
+        stages.append(Stage(i, j, [Group([d], s) for d, s in zip(block, shares)]))
         j, k = i, k - m
     return stages[::-1]
 

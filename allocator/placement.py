@@ -8,7 +8,7 @@ consecutive stages tend to share a node.
 
 from __future__ import annotations
 
-from hetalloc.plan import DeviceShare, Plan, Replica, Stage
+from hetalloc.plan import Group, Plan, Replica, Stage
 
 from .problem import CountPlan, Problem
 
@@ -18,7 +18,7 @@ def place(prob: Problem, cp: CountPlan, *, grad_sync: str = "ring", planner: str
     cursor = {c.index: 0 for c in classes}
     replicas = [Replica([]) for _ in range(cp.R)]
     for si, s in enumerate(cp.stages):
-        per_replica: list[list[DeviceShare]] = [[] for _ in range(cp.R)]
+        per_replica: list[list[Group]] = [[] for _ in range(cp.R)]
         for c in classes:
             n = s.counts[c.index]
             if not n:
@@ -27,7 +27,7 @@ def place(prob: Problem, cp: CountPlan, *, grad_sync: str = "ring", planner: str
             for k in range(cp.R):
                 start = cursor[c.index] + k * n
                 for d, share in zip(c.devices[start:start + n], shares):
-                    per_replica[k].append(DeviceShare(d, int(share)))
+                    per_replica[k].append(Group([d], int(share)))
             cursor[c.index] += cp.R * n
         for k in range(cp.R):
             replicas[k].stages.append(Stage(s.start, s.stop, per_replica[k]))

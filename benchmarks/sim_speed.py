@@ -30,7 +30,7 @@ from hetalloc.cluster import cluster_from_dict
 from hetalloc.costgraph import analytic_cost_graph
 from hetalloc.fileio import atomic_write_json
 from hetalloc.models import get_model
-from hetalloc.plan import DeviceShare, Plan, Replica, Stage
+from hetalloc.plan import Group, Plan, Replica, Stage
 from simulator import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def plan_for(cl, cg, num_microbatches: int) -> Plan:
     replicas = []
     for node in cl.nodes:
         mb = share[node.devices[0].type]
-        replicas.append(Replica([Stage(cuts[s], cuts[s + 1], [DeviceShare(node.devices[s].id, mb)])
+        replicas.append(Replica([Stage(cuts[s], cuts[s + 1], [Group([node.devices[s].id], mb)])
                                  for s in range(STAGES)]))
     B = num_microbatches * sum(r.microbatch for r in replicas)
     return Plan(cg.model, cg.seq_len, B, num_microbatches, "1f1b", "ring", replicas, precision=cg.precision)

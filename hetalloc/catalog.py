@@ -96,6 +96,14 @@ class LinkType:
         return self.latency_us * 1e-6
 
 
+DEFAULT_TP_EFFICIENCY: dict[int, float] = {1: 1.0, 2: 0.95, 4: 0.90, 8: 0.85}
+"""Compute efficiency of a layer split over t tensor-parallel devices, relative to t times
+its speed on one device (the same for every type). An assumption, not a measurement:
+matmuls 1/t as wide reach a lower fraction of peak (smaller tiles, the same number of
+kernel launches). The all-reduces are priced separately (``hetalloc.costs.tp_comm_time``);
+for scale, Shoeybi et al. 2019 report 77 % weak-scaling efficiency at t = 8 *with* them.
+A cost graph's ``tp_efficiency`` table (per type, from profiling or by hand) overrides it."""
+
 _NV = "NVIDIA datasheet"
 DEVICE_TYPES: dict[str, DeviceType] = {
     d.name: d

@@ -24,6 +24,7 @@ from workflows import commands as workflow_commands
 from workflows.demo import demo
 
 from .calibrate import load_efficiency
+from .checks import check_args
 from .catalog import DEVICE_TYPES, LINK_TYPES
 from .cluster import load_cluster
 from .costgraph import analytic_cost_graph, load_cost_graph
@@ -122,8 +123,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors (unknown flag, invalid choice, not a number) as one line
+    on stderr, exit code 2, like every other bad input; subcommands inherit it."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hetalloc", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="hetalloc", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("catalog", help="list built-in device types, links and models")
@@ -176,8 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a parse error already printed as one line
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        check_args(args)
         return int(args.func(args) or 0)
     except HetallocError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -25,6 +25,7 @@ import yaml
 from .catalog import DEVICE_TYPES, LINK_TYPES, DeviceType, suggest_device, suggest_link
 from .collectives import MeasuredCollective, parse_collectives
 from .errors import SpecError
+from .fileio import read_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +114,11 @@ class Cluster:
         return {d.id: d for d in self.devices}
 
     @cached_property
+    def device_index(self) -> dict[str, int]:
+        """Device id -> position in cluster order."""
+        return {d.id: i for i, d in enumerate(self.devices)}
+
+    @cached_property
     def node_by_name(self) -> dict[str, Node]:
         return {n.name: n for n in self.nodes}
 
@@ -168,10 +174,14 @@ class Cluster:
         hit = self._path_cache.get(key)
         if hit is None:
             g = self.graph
+            sa, sb = f"switch:{na}", f"switch:{nb}"
             if na == nb:
-                edges = [(self.node_by_name[na].devices[0].id, f"switch:{na}")] * 2
+                edges = [(self.node_by_name[na].devices[0].id, sa)] * 2
+            elif g.has_edge(sa, "fabric") and g.has_edge(sb, "fabric"):  # both on the one fabric switch
+                edges = [(self.node_by_name[na].devices[0].id, sa), (sa, "fabric"), ("fabric", sb),
+                         (sb, self.node_by_name[nb].devices[0].id)]
             else:
-                sp = nx.shortest_path(g, f"switch:{na}", f"switch:{nb}")
+                sp = nx.shortest_path(g, sa, sb)
                 edges = ([(self.node_by_name[na].devices[0].id, f"switch:{na}")]
                          + list(zip(sp[:-1], sp[1:]))
                          + [(f"switch:{nb}", self.node_by_name[nb].devices[0].id)])
@@ -452,10 +462,9 @@ def cluster_from_dict(raw: Any, source: str = "<cluster>") -> Cluster:
 def load_cluster(path: str | Path) -> Cluster:
     path = Path(path)
     source = str(path)
-    if not path.exists():
-        raise SpecError(source, "", "file not found", "check the path (examples/ has sample clusters)")
+    text = read_text(path, missing_fix="check the path (examples/ has sample clusters)", what="cluster YAML")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -11,6 +11,15 @@ Times come from one of two sources per device type:
   where e_c(tokens) = compute * tokens / (tokens + tokens_half) models the lower
   utilisation of small micro-batches. Backward FLOPs and bytes are twice the forward.
 
+Tensor parallelism (``tp`` > 1 devices serving a layer together): every layer that is
+split (it has tensor-parallel all-reduces) runs at ``hetalloc.costs.tp_layer_time`` of its one-device time, with a
+per-(type, t) efficiency from ``tp_efficiency`` (by type, then '*') or the catalog's
+``DEFAULT_TP_EFFICIENCY``; the analytic model keeps its per-layer launch time whole.
+Full recomputation adds the recomputed layers' forward to the backward
+(``hetalloc.costs.recompute_backward_time``). Communication is not in these times:
+``tp_allreduces`` says what a layer range all-reduces, ``hetalloc.costs.tp_comm_time``
+prices it on a link.
+
 Default efficiencies (``DEFAULT_EFFICIENCY``): blocks and heads reach 55 % of peak at large
 batch (well-tuned Megatron-LM on A100 reports 50-57 % MFU), half of that at 512 tokens
 per share; memory-bound parts reach 70 % of memory bandwidth; each layer pays 20 µs of
@@ -23,13 +32,15 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .catalog import DeviceType
+from .catalog import DEFAULT_TP_EFFICIENCY, DeviceType
+from .costs import (RECOMPUTE, TP_DEGREES, layer_saved_bytes, recompute_backward_time, tp_layer_time,
+                    tp_share)
 from .errors import SpecError
 from .fileio import atomic_write_json, read_json
 from .models import LayerShape, TransformerShape, get_model, layer_shapes, shape_from_dict
@@ -123,6 +134,8 @@ class CostGraph:
     """The model the layers describe (``TransformerShape.to_dict()``, with its Hugging Face
     config when it came from one), so plans and profiles made from this cost graph say
     what to build without the model's file."""
+    tp_efficiency: dict[str, dict[int, float]] = field(default_factory=dict)
+    """Overrides of the catalog's ``DEFAULT_TP_EFFICIENCY``: tp_efficiency[type or '*'][t]."""
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -157,6 +170,51 @@ class CostGraph:
     def total_params(self) -> int:
         return self.params(0, self.num_layers)
 
+    @property
+    def supports_tp(self) -> bool:
+        """Do the layers say how they split (cost graphs written before plan schema 2 do not)?"""
+        return any(l.tp_allreduces_fwd or l.tp_allreduces_bwd for l in self.layers)
+
+    def range_params(self, start: int, stop: int, tp: int = 1) -> float:
+        """Parameters one tensor-parallel rank of `tp` holds of layers [start, stop)."""
+        if tp == 1:
+            return float(self.params(start, stop))
+        return sum(tp_share(l.params, l.replicated_params, tp) for l in self.layers[start:stop])
+
+    def range_saved_bytes(self, start: int, stop: int, tp: int = 1, recompute: str = "none") -> float:
+        """Bytes per sample that layers [start, stop) keep per micro-batch in flight on one
+        rank (``hetalloc.costs.layer_saved_bytes``)."""
+        if tp == 1 and recompute == "none":
+            return float(sum(l.saved_act_bytes for l in self.layers[start:stop]))
+        return sum(layer_saved_bytes(l.saved_act_bytes, l.replicated_act_bytes, l.checkpoint_bytes, tp, recompute)
+                   for l in self.layers[start:stop])
+
+    def range_working_bytes(self, start: int, stop: int, tp: int = 1, recompute: str = "none") -> float:
+        """Bytes per sample rebuilt at a time in the backward: with full recomputation the
+        largest recomputed layer's saved activations on one rank (what it would keep
+        without recomputation); 0 without recomputation."""
+        if recompute != "full":
+            return 0.0
+        return max((layer_saved_bytes(l.saved_act_bytes, l.replicated_act_bytes, 0.0, tp, "none")
+                    for l in self.layers[start:stop] if l.checkpoint_bytes > 0), default=0.0)
+
+    def tp_allreduces(self, start: int, stop: int, recompute: str = "none") -> tuple[int, float, int, float]:
+        """What a tensor-parallel group serving layers [start, stop) all-reduces per sample
+        of its share: (all-reduces in the forward, their bytes in total, all-reduces in the
+        backward, their bytes). With full recomputation the backward also repeats the
+        recomputed layers' forward all-reduces."""
+        nf = nb = 0
+        bf = bb = 0.0
+        for l in self.layers[start:stop]:
+            nf += l.tp_allreduces_fwd
+            bf += l.tp_allreduces_fwd * l.tp_allreduce_bytes
+            nb += l.tp_allreduces_bwd
+            bb += l.tp_allreduces_bwd * l.tp_allreduce_bytes
+            if recompute == "full" and l.checkpoint_bytes > 0:
+                nb += l.tp_allreduces_fwd
+                bb += l.tp_allreduces_fwd * l.tp_allreduce_bytes
+        return nf, bf, nb, bb
+
     def fwd_flops_per_sample(self, start: int = 0, stop: int | None = None) -> float:
         return sum(l.fwd_flops for l in self.layers[start:stop])
 
@@ -171,6 +229,16 @@ class CostGraph:
             if e is not None:
                 return e
         return DEFAULT_EFFICIENCY
+
+    def tp_eff(self, dtype: DeviceType, tp: int) -> float:
+        """Efficiency of a layer split over `tp` devices of dtype (see module doc)."""
+        if tp == 1:
+            return 1.0
+        for key in (dtype.name, "*"):
+            e = self.tp_efficiency.get(key, {}).get(tp)
+            if e is not None:
+                return e
+        return DEFAULT_TP_EFFICIENCY[tp]
 
     def source_of(self, dtype: DeviceType) -> str:
         return self.tables[dtype.name].source if dtype.name in self.tables else "analytic"
@@ -189,10 +257,24 @@ class CostGraph:
         bwd = e.overhead_s + max(2 * t_c, 2 * t_m)
         return fwd, bwd
 
-    def layer_times(self, dtype: DeviceType, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Forward and backward seconds of every layer on dtype for `batch` samples."""
-        key = ("lt", dtype, batch)
+    def layer_times(self, dtype: DeviceType, batch: int, tp: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Forward and backward seconds of every layer on dtype for `batch` samples, the
+        layer split over `tp` devices of that type (each rank's time)."""
+        key = ("lt", dtype, batch, tp)
         hit = self._cache.get(key)
+        if hit is None and tp != 1:
+            if tp not in TP_DEGREES:
+                raise ValueError(f"tensor-parallel degree {tp} is not one of {TP_DEGREES}")
+            f1, b1 = self.layer_times(dtype, batch)
+            e = self.tp_eff(dtype, tp)
+            analytic = dtype.name not in self.tables
+            f, b = f1.copy(), b1.copy()
+            for i, l in enumerate(self.layers):
+                if l.tp_allreduces_fwd or l.tp_allreduces_bwd:  # split (its parts are all-reduced); else whole
+                    fixed = self.eff(dtype, l.kind).overhead_s if analytic and batch > 0 else 0.0
+                    f[i] = tp_layer_time(float(f1[i]), tp, e, fixed)
+                    b[i] = tp_layer_time(float(b1[i]), tp, e, fixed)
+            hit = self._cache[key] = (f, b)
         if hit is None:
             if batch <= 0:
                 z = np.zeros(self.num_layers)
@@ -207,23 +289,34 @@ class CostGraph:
             self._cache[key] = hit
         return hit
 
-    def prefix_times(self, dtype: DeviceType, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    def prefix_times(self, dtype: DeviceType, batch: int, tp: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Cumulative sums (length L+1) of forward and backward times, for range sums."""
-        key = ("px", dtype, batch)
+        key = ("px", dtype, batch, tp)
         hit = self._cache.get(key)
         if hit is None:
-            f, b = self.layer_times(dtype, batch)
+            f, b = self.layer_times(dtype, batch, tp)
             hit = (np.concatenate([[0.0], np.cumsum(f)]), np.concatenate([[0.0], np.cumsum(b)]))
             self._cache[key] = hit
         return hit
 
-    def range_time(self, start: int, stop: int, dtype: DeviceType, batch: int) -> tuple[float, float]:
-        """Forward and backward seconds of a stage holding layers [start, stop) on dtype for
-        `batch` samples: its layers' times plus, per op, the runtime's own time on the
-        device (``DeviceType.op_overhead_us``; 0 unmeasured)."""
-        pf, pb = self.prefix_times(dtype, batch)
+    def range_time(self, start: int, stop: int, dtype: DeviceType, batch: int, tp: int = 1,
+                   recompute: str = "none") -> tuple[float, float]:
+        """Forward and backward compute seconds of a stage holding layers [start, stop) on
+        dtype for `batch` samples, split over `tp` devices (each rank's time), with
+        `recompute` ('none' | 'full'): its layers' times plus, per op, the runtime's own
+        time on the device (``DeviceType.op_overhead_us``; 0 unmeasured). The
+        tensor-parallel all-reduces are not included (``tp_allreduces``)."""
+        pf, pb = self.prefix_times(dtype, batch, tp)
         o = dtype.op_overhead_s
-        return float(pf[stop] - pf[start]) + o, float(pb[stop] - pb[start]) + o
+        fwd = float(pf[stop] - pf[start])
+        bwd = float(pb[stop] - pb[start])
+        if recompute == "full":
+            f, _ = self.layer_times(dtype, batch, tp)
+            again = sum(float(f[i]) for i in range(start, stop) if self.layers[i].checkpoint_bytes > 0)
+            bwd = recompute_backward_time(again, bwd)
+        elif recompute not in RECOMPUTE:
+            raise ValueError(f"unknown recompute '{recompute}'; use one of {', '.join(RECOMPUTE)}")
+        return fwd + o, bwd + o
 
     # ---- serialisation ------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -235,10 +328,14 @@ class CostGraph:
             **({"model_spec": self.model_spec} if self.model_spec is not None else {}),
             "seq_len": self.seq_len,
             "precision": self.precision,
-            "layers": [asdict(l) for l in self.layers],
+            "layers": [_layer_dict(l) for l in self.layers],
             "tables": {k: v.to_dict() for k, v in sorted(self.tables.items())},
             "efficiency": {t: {k: e.to_dict() for k, e in sorted(kinds.items())}
                            for t, kinds in sorted(self.efficiency.items())},
+            # written only when set, so that graphs without it keep their fingerprint
+            **({"tp_efficiency": {t: {str(k): e for k, e in sorted(by.items())}
+                                  for t, by in sorted(self.tp_efficiency.items())}}
+               if self.tp_efficiency else {}),
         }
 
     def fingerprint(self) -> str:
@@ -251,6 +348,12 @@ class CostGraph:
     def with_tables(self, tables: dict[str, TimeTable]) -> "CostGraph":
         return replace(self, tables={**self.tables, **tables}, _cache={})
 
+    def with_tp_efficiency(self, eff: dict[str, dict[int, float]]) -> "CostGraph":
+        merged = {k: dict(v) for k, v in self.tp_efficiency.items()}
+        for t, by in eff.items():
+            merged.setdefault(t, {}).update(by)
+        return replace(self, tp_efficiency=merged, _cache={})
+
     def with_efficiency(self, eff: dict[str, dict[str, Efficiency]]) -> "CostGraph":
         merged = {k: dict(v) for k, v in self.efficiency.items()}
         for t, kinds in eff.items():
@@ -258,8 +361,20 @@ class CostGraph:
         return replace(self, efficiency=merged, _cache={})
 
 
+_LAYER_DEFAULTS = {f.name: f.default for f in fields(LayerShape) if f.default is not MISSING}
+
+
+def _layer_dict(l: LayerShape) -> dict[str, Any]:
+    """A layer as JSON, leaving out fields at their default (a graph written before they
+    existed serialises, and fingerprints, as before)."""
+    return {k: v for k, v in asdict(l).items() if k not in _LAYER_DEFAULTS or v != _LAYER_DEFAULTS[k]}
+
+
 def analytic_cost_graph(shape: TransformerShape, seq_len: int | None = None,
                         precision: str = "bf16-mixed") -> CostGraph:
+    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
+        raise SpecError("--seq", "", f"must be a whole number >= 1, got {seq_len!r}",
+                        "give the sequence length in tokens, or leave it out for the model's context")
     seq = seq_len or shape.max_seq
     if precision not in PRECISIONS:
         raise SpecError("--precision", "", f"unknown precision '{precision}'", f"use one of {', '.join(PRECISIONS)}")
@@ -275,9 +390,17 @@ def cost_graph_from_dict(d: dict[str, Any], source: str = "<cost graph>") -> Cos
                         f"this hetalloc reads version {SCHEMA_VERSION}; re-run 'hetalloc profile'")
     try:
         layers = [LayerShape(**l) for l in d["layers"]]
+        check_layers(layers, source)
+        seq = d["seq_len"]
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+            raise SpecError(source, "seq_len", f"must be a whole number >= 1, got {seq!r}", "re-run 'hetalloc profile'")
+        if d["precision"] not in PRECISIONS:
+            raise SpecError(source, "precision", f"unknown precision {d['precision']!r}",
+                            f"use one of {', '.join(PRECISIONS)}")
         n = len(layers)
         tables = {}
         for k, t in d.get("tables", {}).items():
+            check_table(t, f"tables.{k}", source)
             if len(t["fwd_s"]) != n or len(t["bwd_s"]) != n:
                 raise SpecError(source, f"tables.{k}", f"has {len(t['fwd_s'])} layers, the model has {n}",
                                 "re-profile this device type")
@@ -288,10 +411,56 @@ def cost_graph_from_dict(d: dict[str, Any], source: str = "<cost graph>") -> Cos
                                   t.get("meta", {}))
         eff = {t: {kind: Efficiency(**e) for kind, e in kinds.items()}
                for t, kinds in d.get("efficiency", {}).items()}
+        tp_eff = {}
+        for t, by in d.get("tp_efficiency", {}).items():
+            tp_eff[t] = {}
+            for k, e in by.items():
+                if not k.isdigit() or int(k) not in TP_DEGREES or not isinstance(e, (int, float)) or not e > 0:
+                    raise SpecError(source, f"tp_efficiency.{t}.{k}", f"expected a degree in {TP_DEGREES} "
+                                    f"and an efficiency > 0, got {k!r}: {e!r}", "fix or re-profile")
+                tp_eff[t][int(k)] = float(e)
         return CostGraph(d["model"], int(d["seq_len"]), d["precision"], layers, tables, eff,
-                         d.get("family", "gpt"), d.get("model_spec"))
-    except (KeyError, TypeError) as e:
+                         d.get("family", "gpt"), model_spec=d.get("model_spec"), tp_efficiency=tp_eff)
+    except (KeyError, TypeError, AttributeError) as e:
         raise SpecError(source, str(e), "missing or malformed field", "re-run 'hetalloc profile'") from None
+
+
+def _bad_number(v: Any, integer: bool) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return True
+    return (integer and not isinstance(v, int)) or not np.isfinite(v) or v < 0
+
+
+def check_layers(layers: list[LayerShape], source: str) -> None:
+    """Sizes that a cost graph's layers must have: at least one layer; parameters a whole
+    number >= 0; FLOPs and activation bytes finite and >= 0 (SpecError naming the field)."""
+    if not layers:
+        raise SpecError(source, "layers", "the cost graph has no layers", "re-run 'hetalloc profile'")
+    for i, layer in enumerate(layers):
+        for name in ("params", "fwd_flops", "out_act_bytes", "saved_act_bytes"):
+            v = getattr(layer, name)
+            if _bad_number(v, integer=name == "params"):
+                what = "a whole number >= 0" if name == "params" else "a finite number >= 0"
+                raise SpecError(source, f"layers[{i}].{name}", f"must be {what}, got {v!r}",
+                                "re-run 'hetalloc profile' (or fix the layer by hand)")
+
+
+def check_table(t: Any, path: str, source: str) -> None:
+    """A measured time table: batch sizes whole numbers >= 1, times finite and >= 0."""
+    if not isinstance(t, dict):
+        raise SpecError(source, path, "expected {batch_sizes, fwd_s, bwd_s}", "re-profile this device type")
+    sizes = t["batch_sizes"]
+    if not isinstance(sizes, list) or not sizes or any(_bad_number(b, True) or b < 1 for b in sizes):
+        raise SpecError(source, f"{path}.batch_sizes", f"must be a non-empty list of whole numbers >= 1, got {sizes!r}",
+                        "re-profile this device type")
+    for key in ("fwd_s", "bwd_s"):
+        rows = t[key]
+        if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
+            raise SpecError(source, f"{path}.{key}", "expected one list of seconds per layer", "re-profile")
+        for i, row in enumerate(rows):
+            if any(_bad_number(x, False) for x in row):
+                raise SpecError(source, f"{path}.{key}[{i}]", f"times must be finite seconds >= 0, got {row!r}",
+                                "re-profile this device type")
 
 
 def load_cost_graph(path: str | Path) -> CostGraph:

@@ -33,6 +33,30 @@ latency). Every formula is checked against a hand calculation in tests/test_cost
   device of the plan, after the last optimizer step. Measured where the cluster has a
   table for it; else latency-bound, by recursive doubling as libraries do for small
   messages (Thakur, Rabenseifner & Gropp 2005): ceil(log2 n) (latency + bytes / bandwidth).
+
+Plan space v2 (tensor parallelism, recomputation, sharded optimizer state):
+- tensor-parallel compute: a layer split over t devices of one type runs its work at 1/t
+  per device at a per-(type, t) efficiency e_t:
+  time_t = fixed + (time_1 - fixed) / (t * e_t), fixed = the layer's kernel-launch time.
+- tensor-parallel communication (Megatron-LM: Shoeybi et al. 2019, section 3; Narayanan et
+  al. 2021, section 3.2): a transformer block all-reduces its b*s*h activations twice in
+  the forward (after attention, after the MLP) and twice in the backward, among the t
+  devices of its group over their intra-node link; each is a ring all-reduce (above). Per
+  block and micro-batch a device sends 4 * 2(t-1)/t * b*s*h*p bytes (8bsh(t-1)/t
+  elements, Narayanan et al.).
+- memory with tensor parallelism: weights, gradients and optimizer state of the split
+  parameters divided by t, replicated ones (norms, output biases) kept whole:
+  (params - replicated) / t + replicated. Activations per Korthikanti et al. 2022
+  ("Reducing Activation Recomputation in Large Transformer Models", eqs. 1-2): a block
+  saves sbh(34 + 5as/h) bytes per layer (16-bit), with t-way tensor parallelism
+  sbh(10 + 24/t + 5as/(ht)) (the 10sbh is replicated); full recomputation keeps only the
+  block input, 2sbh, and rebuilds one block's activations at a time in the backward.
+- zero1 (ZeRO stage 1, Rajbhandari et al. 2020): the optimizer state (and the optimizer
+  step) divided by the data-parallel degree d; gradients are reduce-scattered before the
+  step and the parameters all-gathered after it. Each of the two is half of the
+  all-reduce formula of every algorithm above (ring: (n-1)/n * bytes / bw + (n-1) lat).
+- recomputation time: the forward of the recomputed layers runs again inside the
+  backward (with its tensor-parallel all-reduces).
 """
 
 from __future__ import annotations
@@ -46,6 +70,9 @@ from .catalog import DeviceType
 SCHEDULES = ("gpipe", "1f1b")
 GRAD_SYNC = ("ring", "hierarchical", "param_server")
 OPTIMIZERS = ("adamw", "sgd")
+TP_DEGREES = (1, 2, 4, 8)
+RECOMPUTE = ("none", "full")
+OPTIMIZER_SHARDING = ("none", "zero1")
 
 MEMORY_RESERVE_FRACTION = 0.10
 """Share of device memory kept free for the CUDA/ROCm context, allocator fragmentation
@@ -197,12 +224,78 @@ def measured_collective_time(op: str, nbytes: float, n: int, measured_n: int, si
     return t * collective_time(op, nbytes, n, hop_bandwidth, hop_latency) / ref if ref > 0 else t
 
 
-def optimizer_time(params: int, dtype: DeviceType, precision: str, optimizer: str) -> float:
+def optimizer_time(params: float, dtype: DeviceType, precision: str, optimizer: str) -> float:
     """The end of a device's step: one optimizer step over `params` parameters
     (memory-bound read+write of all state) plus the runtime's own per-step time on that
-    device (``DeviceType.step_overhead_us``, measured by ``hetalloc profile``; 0 unmeasured)."""
+    device (``DeviceType.step_overhead_us``, measured by ``hetalloc profile``; 0 unmeasured).
+    With zero1 a device steps only its shard: pass ``zero1_params(params, d)``."""
     pb = param_bytes(precision, optimizer)
     return 2.0 * params * pb.total / dtype.mem_bandwidth_bytes_per_s + dtype.step_overhead_s
+
+
+# ---- tensor parallelism, recomputation, zero1 ----------------------------------------------
+
+def tp_share(total: float, replicated: float, tp: int) -> float:
+    """One tensor-parallel rank's part of a quantity (parameters, saved activation bytes)
+    that is split `tp` ways except its `replicated` part: (total - replicated)/tp + replicated."""
+    if tp == 1:
+        return total
+    return (total - replicated) / tp + replicated
+
+
+def tp_layer_time(time_s: float, tp: int, efficiency: float, fixed_s: float = 0.0) -> float:
+    """Seconds of one pass of a layer split over `tp` devices, from its one-device time:
+    fixed_s + (time_s - fixed_s) / (tp * efficiency). `fixed_s` is the part that does not
+    shrink (kernel launches); `efficiency` the per-(type, tp) factor (catalog default
+    ``DEFAULT_TP_EFFICIENCY``, overridden by a cost graph's ``tp_efficiency``)."""
+    if tp == 1:
+        return time_s
+    return fixed_s + (time_s - fixed_s) / (tp * efficiency)
+
+
+def tp_comm_time(num_allreduces: int, nbytes: float, tp: int, bandwidth: float, latency: float) -> float:
+    """Seconds of `num_allreduces` ring all-reduces moving `nbytes` in total (each its
+    micro-batch share's b*s*h*p activations) among the `tp` devices of a tensor-parallel
+    group over their intra-node link: 2(t-1)/t * nbytes / bandwidth + num * 2(t-1) * latency,
+    the sum of ``ring_allreduce_time`` over the all-reduces (Megatron-LM: a block makes 2 in
+    its forward and 2 in its backward; Shoeybi et al. 2019, Narayanan et al. 2021)."""
+    if tp <= 1 or num_allreduces <= 0 or nbytes <= 0:
+        return 0.0
+    return 2.0 * (tp - 1) / tp * nbytes / bandwidth + num_allreduces * 2.0 * (tp - 1) * latency
+
+
+def recompute_backward_time(fwd_s: float, bwd_s: float) -> float:
+    """Backward seconds with full recomputation: the recomputed layers' forward runs again
+    inside the backward (Chen et al. 2016; Korthikanti et al. 2022, section 3)."""
+    return fwd_s + bwd_s
+
+
+def layer_saved_bytes(saved: float, replicated: float, checkpoint: float, tp: int, recompute: str) -> float:
+    """Bytes per sample a layer keeps per micro-batch in flight until its backward.
+    recompute 'none': its saved activations, split by tensor parallelism except the
+    replicated part (Korthikanti et al. 2022 eq. 2: sbh(10 + 24/t + 5as/(ht)));
+    'full': only its input (``checkpoint``, 2sbh, not split without sequence parallelism)
+    for layers that are recomputed (checkpoint > 0), the former for the others."""
+    if recompute == "full" and checkpoint > 0:
+        return checkpoint
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"unknown recompute '{recompute}'; use one of {', '.join(RECOMPUTE)}")
+    return tp_share(saved, replicated, tp)
+
+
+def zero1_params(params: float, dp_degree: int) -> float:
+    """Parameters whose optimizer state (and step) one device keeps when the state is
+    sharded over the `dp_degree` devices that hold the same parameters (ZeRO stage 1)."""
+    return params / max(1, dp_degree)
+
+
+def zero1_halves(allreduce_s: float) -> tuple[float, float]:
+    """(reduce-scatter, all-gather) seconds that replace an all-reduce under zero1: the
+    gradients' reduce-scatter before the step, the updated parameters' all-gather after it
+    (the same bytes in 16-bit mixed precision). Each is half of the all-reduce formula of
+    every algorithm here: the ring, hierarchical and parameter-server all-reduces are a
+    reduce-scatter followed by its mirror all-gather."""
+    return 0.5 * allreduce_s, 0.5 * allreduce_s
 
 
 # ---- memory ------------------------------------------------------------------------------
@@ -233,16 +326,23 @@ class MemoryBreakdown:
                 "activations": self.activations, "buffers": self.buffers, "total": self.total}
 
 
-def stage_memory(params: int, saved_act_bytes_per_sample: float, out_act_bytes_per_sample: float,
-                 share: int, in_flight: int, precision: str, optimizer: str) -> MemoryBreakdown:
+def stage_memory(params: float, saved_act_bytes_per_sample: float, out_act_bytes_per_sample: float,
+                 share: int, in_flight: int, precision: str, optimizer: str, *,
+                 optimizer_params: float | None = None, working_act_bytes_per_sample: float = 0.0) -> MemoryBreakdown:
     """Peak memory of a device that serves `params` parameters with `share` samples of
-    each micro-batch, holding `in_flight` micro-batches of saved activations."""
+    each micro-batch, holding `in_flight` micro-batches of saved activations.
+
+    optimizer_params: parameters whose optimizer state it keeps (zero1: ``zero1_params``;
+    default all of `params`). working_act_bytes_per_sample: activations rebuilt for one
+    micro-batch at a time in the backward (full recomputation: the largest recomputed
+    layer's saved activations), held once on top of those in flight."""
     pb = param_bytes(precision, optimizer)
+    opt = params if optimizer_params is None else optimizer_params
     return MemoryBreakdown(
         weights=params * pb.weights,
         grads=params * pb.grads,
-        optimizer=params * pb.optimizer,
-        activations=saved_act_bytes_per_sample * share * in_flight,
+        optimizer=opt * pb.optimizer,
+        activations=saved_act_bytes_per_sample * share * in_flight + working_act_bytes_per_sample * share,
         buffers=2 * out_act_bytes_per_sample * share,  # send and receive buffers
     )
 
@@ -251,15 +351,17 @@ def usable_memory(dtype: DeviceType) -> float:
     return dtype.memory_bytes * (1.0 - MEMORY_RESERVE_FRACTION)
 
 
-def max_share_for_memory(params: int, saved_act_bytes_per_sample: float, out_act_bytes_per_sample: float,
-                         in_flight: int, precision: str, optimizer: str, dtype: DeviceType) -> int:
+def max_share_for_memory(params: float, saved_act_bytes_per_sample: float, out_act_bytes_per_sample: float,
+                         in_flight: int, precision: str, optimizer: str, dtype: DeviceType, *,
+                         optimizer_params: float | None = None, working_act_bytes_per_sample: float = 0.0) -> int:
     """Largest share (samples per micro-batch) that fits; -1 if even the weights do not fit,
-    0 if the weights fit but not one sample."""
-    fixed = stage_memory(params, 0.0, 0.0, 0, in_flight, precision, optimizer).total
+    0 if the weights fit but not one sample. Keywords as in ``stage_memory``."""
+    fixed = stage_memory(params, 0.0, 0.0, 0, in_flight, precision, optimizer,
+                         optimizer_params=optimizer_params).total
     free = usable_memory(dtype) - fixed
     if free < 0:
         return -1
-    per_sample = saved_act_bytes_per_sample * in_flight + 2 * out_act_bytes_per_sample
+    per_sample = saved_act_bytes_per_sample * in_flight + working_act_bytes_per_sample + 2 * out_act_bytes_per_sample
     if per_sample <= 0:
         return 1 << 30
     return int(math.floor(free / per_sample + 1e-9))

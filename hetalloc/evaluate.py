@@ -2,12 +2,19 @@
 
 This is the contention-free, non-overlapped reference that the simulator reproduces
 when link sharing and overlap are switched off:
-1. pipeline phase: every device runs its schedule's ops; an op lasts its compute time
-   plus its blocking sends (forward: its activation slices to the next stage's devices,
-   backward: input-gradient slices to the previous stage's); see hetalloc.schedule;
-2. gradient synchronisation after the flush: the devices holding the same layers
-   all-reduce their gradients with the plan's algorithm;
-3. optimizer step on every device;
+1. pipeline phase: every group (a device, or t tensor-parallel devices in lockstep) runs
+   its schedule's ops; an op lasts its compute time (``CostGraph.range_time`` with the
+   group's t and the stage's recompute choice), plus its tensor-parallel all-reduces on
+   the node's link (``hetalloc.costs.tp_comm_time``), plus its blocking sends (forward:
+   its activation slices to the next stage's groups, backward: input-gradient slices to
+   the previous stage's); see hetalloc.schedule. Every rank k of a receiving group gets
+   the whole slice from rank k mod t of the sending group (``rank_pairs``); the op ends
+   when its busiest rank has sent;
+2. gradient synchronisation after the flush: the devices holding the same parameter
+   slice all-reduce their gradients with the plan's algorithm (``sync_groups``); with
+   zero1 a reduce-scatter before the optimizer step and an all-gather after it, each
+   half of that (``hetalloc.costs.zero1_halves``);
+3. optimizer step on every device (zero1: on its 1/d of the state).
 4. the loss reduction: every device all-reduces the step's loss once the last device has
    stepped (``loss_reduction_time``); the iteration ends with it.
 Collectives are timed by ``collective_time``: the cluster's measured tables where it has
@@ -24,8 +31,8 @@ from .costgraph import CostGraph
 from .collectives import pick
 from .costs import (LOSS_BYTES, MemoryBreakdown, collective_time as analytic_collective_time, grad_bytes_per_param,
                     hierarchical_allreduce_time, optimizer_time, p2p_time, param_server_time, ring_allreduce_time,
-                    small_allreduce_time, usable_memory)
-from .plan import Plan, device_memory
+                    small_allreduce_time, tp_comm_time, usable_memory)
+from .plan import Group, Plan, device_memory, optimizer_params, segments
 from .schedule import PipeDevice, pipeline_timing
 
 
@@ -45,6 +52,15 @@ def slice_overlaps(senders: list[int], receivers: list[int]) -> list[tuple[int, 
     return out
 
 
+def rank_pairs(senders: list[str], receivers: list[str]) -> list[tuple[str, str]]:
+    """Who sends a slice to whom between two groups: every rank k of the receiving group
+    gets the whole slice from rank k mod t of the sending group (one device to one
+    device when t = 1). The same rule serves activations forward and input gradients
+    backward (senders and receivers swapped); every rank of a tensor-parallel group holds
+    the full activations at a stage boundary, so any rank can send them."""
+    return [(senders[k % len(senders)], r) for k, r in enumerate(receivers)]
+
+
 @dataclass
 class GroupSync:
     start: int
@@ -52,19 +68,30 @@ class GroupSync:
     devices: list[str]
     nbytes: float
     time_s: float
+    """All-reduce seconds (zero1: reduce-scatter + all-gather, half each)."""
     algorithm: str
+    slice: int = 0
+    """Which of ``slices`` parameter slices of the segment (tensor parallelism)."""
+    slices: int = 1
 
 
 def sync_groups(plan: Plan, cluster: Cluster, cg: CostGraph, algorithm: str | None = None) -> list[GroupSync]:
-    """Gradient groups: maximal layer segments held by the same set of devices."""
+    """Gradient groups: per maximal layer segment held by the same groups, and per slice j
+    of its t_max parameter slices (t_max: the largest tensor-parallel degree among its
+    holders), the devices holding slice j: rank j * t / t_max of every holder group. A
+    slice's bytes are its share of the split parameters plus the replicated ones (norms,
+    biases), whose gradients every tensor-parallel rank has whole. With t = 1 everywhere
+    this is one group per segment with all its holders."""
     algorithm = algorithm or plan.grad_sync
-    cuts = sorted({b for r in plan.replicas for s in r.stages for b in (s.start, s.stop)})
+    per_param = grad_bytes_per_param(plan.precision)
     out = []
-    for a, b in zip(cuts[:-1], cuts[1:]):
-        holders = [d.device for r in plan.replicas for s in r.stages if s.start <= a and b <= s.stop
-                   for d in s.devices]
-        nbytes = cg.params(a, b) * grad_bytes_per_param(plan.precision)
-        out.append(GroupSync(a, b, holders, nbytes, allreduce_time(cluster, holders, nbytes, algorithm), algorithm))
+    for a, b, holders in segments(plan):
+        t_max = max(g.tp for g in holders)
+        nbytes = cg.range_params(a, b, t_max) * per_param
+        for j in range(t_max):
+            devs = [g.devices[j * g.tp // t_max] for g in holders]
+            out.append(GroupSync(a, b, devs, nbytes, allreduce_time(cluster, devs, nbytes, algorithm), algorithm,
+                                 j, t_max))
     return out
 
 
@@ -94,7 +121,7 @@ def collective_time(cluster: Cluster, op: str, devices: list[str], nbytes: float
     t = measured_time(cluster, op, devices, nbytes)
     if t is not None:
         return t
-    ring = sorted(devices, key=_order(cluster).__getitem__)
+    ring = sorted(devices, key=cluster.device_index.__getitem__)
     hops = [cluster.path(a, b) for a, b in zip(ring, ring[1:] + ring[:1])]
     return analytic_collective_time(op, nbytes, len(ring), min(h.bandwidth_bytes_per_s for h in hops),
                                     max(h.latency_s for h in hops))
@@ -109,14 +136,10 @@ def loss_reduction_time(cluster: Cluster, devices: list[str]) -> float:
         return t
     if len(devices) <= 1:
         return 0.0
-    ring = sorted(devices, key=_order(cluster).__getitem__)
+    ring = sorted(devices, key=cluster.device_index.__getitem__)
     hops = [cluster.path(a, b) for a, b in zip(ring, ring[1:] + ring[:1])]
     return small_allreduce_time(LOSS_BYTES, len(ring), min(h.bandwidth_bytes_per_s for h in hops),
                                 max(h.latency_s for h in hops))
-
-
-def _order(cluster: Cluster) -> dict[str, int]:
-    return {d.id: i for i, d in enumerate(cluster.devices)}
 
 
 def measured_sync_time(cluster: Cluster, devices: list[str], nbytes: float, algorithm: str) -> float | None:
@@ -130,7 +153,7 @@ def measured_sync_time(cluster: Cluster, devices: list[str], nbytes: float, algo
     if algorithm == "ring":
         return measured_time(cluster, "allreduce", devices, nbytes)
     per_node: dict[str, list[str]] = {}
-    for d in sorted(devices, key=_order(cluster).__getitem__):
+    for d in sorted(devices, key=cluster.device_index.__getitem__):
         per_node.setdefault(cluster.device(d).node, []).append(d)
     if algorithm == "hierarchical":
         if len(per_node) == 1:
@@ -155,8 +178,7 @@ def allreduce_time(cluster: Cluster, devices: list[str], nbytes: float, algorith
     measured = measured_sync_time(cluster, devices, nbytes, algorithm)
     if measured is not None:
         return measured
-    order = _order(cluster)
-    ring = sorted(devices, key=order.__getitem__)
+    ring = sorted(devices, key=cluster.device_index.__getitem__)
     if algorithm == "ring":
         hops = [cluster.path(a, b) for a, b in zip(ring, ring[1:] + ring[:1])]
         return ring_allreduce_time(nbytes, len(ring), min(h.bandwidth_bytes_per_s for h in hops),
@@ -178,51 +200,94 @@ def allreduce_time(cluster: Cluster, devices: list[str], nbytes: float, algorith
         return param_server_time(nbytes, counts, intra_bw, intra_lat, inter_bw, inter_lat)
     raise ValueError(f"unknown gradient sync algorithm '{algorithm}'")
 
-
 @dataclass
 class ReplicaPipe:
+    """Per group of one replica (in stage order): op durations and their parts."""
+
     devices: list[PipeDevice]
-    ids: list[str]
+    groups: list[Group]
     compute_fwd: list[float]
     compute_bwd: list[float]
+    tp_fwd: list[float]
+    """Tensor-parallel all-reduce seconds per forward op."""
+    tp_bwd: list[float]
     send_fwd: list[float]
+    """Blocking send seconds per forward op (its busiest rank)."""
     send_bwd: list[float]
+
+    @property
+    def ids(self) -> list[str]:
+        """The groups' rank-0 devices."""
+        return [g.lead for g in self.groups]
+
+
+def group_tp_times(cluster: Cluster, cg: CostGraph, g: Group, start: int, stop: int,
+                   recompute: str) -> tuple[float, float]:
+    """Seconds of a group's tensor-parallel all-reduces per forward and per backward op:
+    ``hetalloc.costs.tp_comm_time`` over the path between two of its devices (the node's
+    intra link)."""
+    if g.tp == 1:
+        return 0.0, 0.0
+    link = cluster.path(g.devices[0], g.devices[1])
+    nf, bf, nb, bb = cg.tp_allreduces(start, stop, recompute)
+    bw, lat = link.bandwidth_bytes_per_s, link.latency_s
+    return tp_comm_time(nf, bf * g.share, g.tp, bw, lat), tp_comm_time(nb, bb * g.share, g.tp, bw, lat)
 
 
 def build_pipe(plan: Plan, replica_index: int, cluster: Cluster, cg: CostGraph) -> ReplicaPipe:
-    """Per-device op durations and wiring of one replica (see module doc)."""
+    """Per-group op durations and wiring of one replica (see module doc)."""
     r = plan.replicas[replica_index]
-    ids: list[str] = []
+    groups: list[Group] = []
     stage_of: list[int] = []
     first_index: list[int] = []
     for si, s in enumerate(r.stages):
-        first_index.append(len(ids))
-        for d in s.devices:
-            ids.append(d.device)
+        first_index.append(len(groups))
+        for g in s.groups:
+            groups.append(g)
             stage_of.append(si)
-    n = len(ids)
-    cf, cb, sf, sb = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
+    n = len(groups)
+    cf, cb, tf, tb, sf, sb = ([0.0] * n for _ in range(6))
     ins: list[list[int]] = [[] for _ in range(n)]
     outs: list[list[int]] = [[] for _ in range(n)]
     for si, s in enumerate(r.stages):
         base = first_index[si]
-        for k, d in enumerate(s.devices):
-            f, b = cg.range_time(s.start, s.stop, cluster.dtype(d.device), d.share)
-            cf[base + k], cb[base + k] = f, b
+        for k, g in enumerate(s.groups):
+            cf[base + k], cb[base + k] = cg.range_time(s.start, s.stop, cluster.dtype(g.lead), g.share, g.tp,
+                                                       s.recompute)
+            tf[base + k], tb[base + k] = group_tp_times(cluster, cg, g, s.start, s.stop, s.recompute)
         if si + 1 < len(r.stages):
             nxt = r.stages[si + 1]
             nbase = first_index[si + 1]
             per_sample = cg.layers[s.stop - 1].out_act_bytes
-            for i, j, common in slice_overlaps([d.share for d in s.devices], [d.share for d in nxt.devices]):
+            rank_f: dict[str, float] = {}  # seconds of blocking sends per device
+            rank_b: dict[str, float] = {}
+            for i, j, common in slice_overlaps([g.share for g in s.groups], [g.share for g in nxt.groups]):
                 a, b = base + i, nbase + j
-                link = cluster.path(ids[a], ids[b])
-                t = p2p_time(common * per_sample, link.bandwidth_bytes_per_s, link.latency_s)
-                sf[a] += t  # activations forward
-                sb[b] += t  # input gradients backward, same size
+                ga, gb = groups[a], groups[b]
+                for src, dst in rank_pairs(ga.devices, gb.devices):  # activations forward
+                    link = cluster.path(src, dst)
+                    rank_f[src] = rank_f.get(src, 0.0) + p2p_time(common * per_sample, link.bandwidth_bytes_per_s,
+                                                                  link.latency_s)
+                for src, dst in rank_pairs(gb.devices, ga.devices):  # input gradients backward, same size
+                    link = cluster.path(src, dst)
+                    rank_b[src] = rank_b.get(src, 0.0) + p2p_time(common * per_sample, link.bandwidth_bytes_per_s,
+                                                                  link.latency_s)
                 outs[a].append(b)
                 ins[b].append(a)
-    devs = [PipeDevice(ids[i], stage_of[i], cf[i] + sf[i], cb[i] + sb[i], ins[i], outs[i]) for i in range(n)]
-    return ReplicaPipe(devs, ids, cf, cb, sf, sb)
+            for k, g in enumerate(s.groups):
+                sf[base + k] = max(rank_f.get(d, 0.0) for d in g.devices)
+            for k, g in enumerate(nxt.groups):
+                sb[nbase + k] = max(rank_b.get(d, 0.0) for d in g.devices)
+    devs = [PipeDevice(groups[i].lead, stage_of[i], cf[i] + tf[i] + sf[i], cb[i] + tb[i] + sb[i], ins[i], outs[i])
+            for i in range(n)]
+    return ReplicaPipe(devs, groups, cf, cb, tf, tb, sf, sb)
+
+
+def optimizer_times(plan: Plan, cluster: Cluster, cg: CostGraph) -> dict[str, float]:
+    """Each device's optimizer step (``hetalloc.costs.optimizer_time`` over
+    ``optimizer_params``)."""
+    return {d: optimizer_time(n, cluster.dtype(d), plan.precision, plan.optimizer)
+            for d, n in optimizer_params(plan, cg).items()}
 
 
 @dataclass
@@ -267,9 +332,10 @@ def predict(plan: Plan, cluster: Cluster, cg: CostGraph) -> Prediction:
     stages_out: list[dict[str, Any]] = []
     cache: dict[tuple, tuple] = {}
     for ri, r in enumerate(plan.replicas):
-        # Replicas with the same device types, shares and paths time identically.
-        key = tuple((s.start, s.stop, tuple((cluster.dtype(d.device).name, d.share, cluster.device(d.device).node)
-                                            for d in s.devices)) for s in r.stages)
+        # Replicas with the same device types, group sizes, shares and paths time identically.
+        key = tuple((s.start, s.stop, s.recompute,
+                     tuple((cluster.dtype(g.lead).name, g.tp, g.share, cluster.device(g.lead).node) for g in s.groups))
+                    for s in r.stages)
         hit = cache.get(key)
         if hit is None:
             pipe = build_pipe(plan, ri, cluster, cg)
@@ -278,16 +344,20 @@ def predict(plan: Plan, cluster: Cluster, cg: CostGraph) -> Prediction:
             cache[key] = hit
         pipe, timing = hit
         pipe_time = max(pipe_time, timing.makespan_s)
-        busy_total += sum(pipe.compute_fwd[i] + pipe.compute_bwd[i] for i in range(len(pipe.ids))) * plan.num_microbatches
-        pipe_devices += len(pipe.ids)
+        # a group's devices are all busy with its compute and its tensor-parallel all-reduces
+        busy_total += sum((pipe.compute_fwd[i] + pipe.compute_bwd[i] + pipe.tp_fwd[i] + pipe.tp_bwd[i]) * g.tp
+                          for i, g in enumerate(pipe.groups)) * plan.num_microbatches
+        pipe_devices += sum(g.tp for g in pipe.groups)
         k = 0
         for si, s in enumerate(r.stages):
-            idx = range(k, k + len(s.devices))
-            k += len(s.devices)
+            idx = range(k, k + len(s.groups))
+            k += len(s.groups)
             stages_out.append({
-                "replica": ri, "stage": si, "layers": [s.start, s.stop], "devices": len(s.devices),
+                "replica": ri, "stage": si, "layers": [s.start, s.stop], "devices": len(s.device_ids()),
+                "groups": len(s.groups), "recompute": s.recompute,
                 "fwd_s": max(pipe.compute_fwd[i] for i in idx),
                 "bwd_s": max(pipe.compute_bwd[i] for i in idx),
+                "tp_s": max(pipe.tp_fwd[i] + pipe.tp_bwd[i] for i in idx),
                 "p2p_s": max(pipe.send_fwd[i] + pipe.send_bwd[i] for i in idx),
             })
     groups = sync_groups(plan, cluster, cg)
@@ -295,16 +365,13 @@ def predict(plan: Plan, cluster: Cluster, cg: CostGraph) -> Prediction:
     for g in groups:
         for d in g.devices:
             sync_of[d] = sync_of.get(d, 0.0) + g.time_s
-    opt_of = {}
+    opt_of = optimizer_times(plan, cluster, cg)
     placement = plan.placement()
-    for d, (ri, si) in placement.items():
-        s = plan.replicas[ri].stages[si]
-        opt_of[d] = optimizer_time(cg.params(s.start, s.stop), cluster.dtype(d), plan.precision, plan.optimizer)
     tail = max(sync_of.get(d, 0.0) + opt_of[d] for d in placement)
     worst = max(placement, key=lambda d: (sync_of.get(d, 0.0) + opt_of[d], d))
     for st in stages_out:
         s = plan.replicas[st["replica"]].stages[st["stage"]]
-        st["sync_s"] = max(sync_of.get(d.device, 0.0) for d in s.devices)
+        st["sync_s"] = max(sync_of.get(d, 0.0) for d in s.device_ids())
     loss_s = loss_reduction_time(cluster, list(placement))
     iteration = pipe_time + tail + loss_s
     mem = device_memory(plan, cluster, cg)

@@ -19,6 +19,10 @@ q = heads * head_dim and h_kv = kv_heads * head_dim):
   norms 4*s*h, MLP 2*s*h + 4*s*f + s*h (GELU) or 2*s*h + 6*s*f (SwiGLU)) scaled by p/2.
 - LM head: 2 * seq * h * V FLOPs; it saves its input and fp32 logits for the loss.
   Heads are untied from the token embedding (their own V x h matrix).
+- tensor parallelism and recomputation (plan schema 2): per layer, the parameters and
+  saved activations every tensor-parallel rank keeps whole, what full recomputation keeps,
+  and the all-reduces of the tensor-parallel group (see ``LayerShape``, ``layer_shapes``;
+  priced in ``hetalloc.costs``).
 
 Never imports torch or transformers (the planner runs without them).
 """
@@ -219,17 +223,70 @@ def shape_from_hf_config(cfg: dict[str, Any], name: str = "hf-model", source: st
 
 def resolve_model(spec: str) -> TransformerShape:
     """A built-in name, or a path to a Hugging Face config.json (named after its file, or
-    after its folder when the file is config.json)."""
+    after its folder when the file is config.json), its sizes checked (check_shape)."""
     p = Path(spec)
     if p.suffix == ".json":
         cfg = read_json(p, missing_fix="check the path of the config.json", invalid_fix="fix the syntax")
-        return shape_from_hf_config(cfg, p.resolve().parent.name if p.name == "config.json" else p.stem, str(p))
+        check_config_sizes(cfg, str(p))
+        try:
+            shape = shape_from_hf_config(cfg, p.resolve().parent.name if p.name == "config.json" else p.stem, str(p))
+        except SpecError:
+            raise
+        except (TypeError, ValueError) as e:  # a size that is not a number
+            raise SpecError(str(p), "", f"malformed config ({e})", "fix the sizes in the config") from None
+        check_shape(shape, str(p))
+        return shape
     return get_model(spec)
+
+
+CONFIG_SIZES = ("n_layer", "num_hidden_layers", "n_embd", "hidden_size", "n_head", "num_attention_heads",
+                "vocab_size", "n_positions", "max_position_embeddings", "n_inner", "intermediate_size", "ffn_dim",
+                "num_key_value_heads", "head_dim", "word_embed_proj_dim", "num_labels")
+"""Keys of a Hugging Face config.json that are sizes: a whole number >= 1 where given."""
+
+
+def check_config_sizes(cfg: Any, source: str) -> None:
+    """SpecError naming the first size key of a config.json that is not a whole number >= 1."""
+    if not isinstance(cfg, dict):
+        return  # shape_from_hf_config says what is wrong
+    for key in CONFIG_SIZES:
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise SpecError(source, key, f"must be a whole number >= 1, got {v!r}", "fix the model's config")
+
+
+CONFIG_KEYS = {"n_layers": "n_layer / num_hidden_layers", "hidden": "n_embd / hidden_size",
+               "heads": "n_head / num_attention_heads", "ffn": "n_inner / intermediate_size",
+               "vocab": "vocab_size", "max_seq": "n_positions / max_position_embeddings",
+               "kv_heads": "num_key_value_heads", "num_labels": "num_labels"}
+"""Shape fields and the Hugging Face config keys they come from (for error messages)."""
+
+
+def check_shape(shape: TransformerShape, source: str) -> None:
+    """The sizes a model needs to be built: whole numbers >= 1 (kv_heads 0 means 'heads'),
+    a hidden size divisible by the heads (unless head_dim says the width of a head) and
+    heads divisible by the KV heads."""
+    for name, key in CONFIG_KEYS.items():
+        v = getattr(shape, name)
+        low = 0 if name == "kv_heads" else 1
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise SpecError(source, key, f"must be a whole number >= {low}, got {v!r}", "fix the model's config")
+    if not shape.head_dim and shape.hidden % shape.heads:
+        raise SpecError(source, CONFIG_KEYS["hidden"], f"{shape.hidden} is not divisible by the {shape.heads} heads",
+                        "fix the model's config")
+    if shape.kv_heads and shape.heads % shape.kv_heads:
+        raise SpecError(source, CONFIG_KEYS["kv_heads"], f"{shape.heads} heads are not divisible by "
+                        f"{shape.kv_heads} KV heads", "fix the model's config")
 
 
 @dataclass(frozen=True, slots=True)
 class LayerShape:
-    """Costs of one layer for one sample of ``seq`` tokens."""
+    """Costs of one layer for one sample of ``seq`` tokens.
+
+    The last five fields say how the layer splits under Megatron-style tensor parallelism
+    and what full recomputation keeps; a cost graph written before they existed has them
+    at 0 (``CostGraph.supports_tp`` tells), and serialises them only when set, so its
+    fingerprint does not change."""
 
     name: str
     kind: str  # embedding | block | head
@@ -237,62 +294,118 @@ class LayerShape:
     fwd_flops: float
     out_act_bytes: float
     saved_act_bytes: float
+    replicated_params: int = 0
+    """Parameters every tensor-parallel rank keeps whole: norms, the biases added after a
+    row-parallel matmul, position embeddings, and all of a layer Megatron does not split."""
+    replicated_act_bytes: float = 0.0
+    """The part of ``saved_act_bytes`` every tensor-parallel rank keeps whole (Korthikanti et
+    al. 2022, section 4.2.2: norm inputs, the inputs of the first attention and MLP matmuls,
+    dropout masks: 10sh of a GPT block's 34sh)."""
+    checkpoint_bytes: float = 0.0
+    """Bytes per sample that full recomputation keeps of this layer (its input, s*h*p);
+    0 for layers that are not recomputed (embedding, head)."""
+    tp_allreduces_fwd: int = 0
+    """All-reduces of the tensor-parallel group in the layer's forward (a block: 2, after
+    attention and after the MLP; the vocabulary-parallel embedding: 1)."""
+    tp_allreduces_bwd: int = 0
+    """All-reduces in its backward (a block: 2, the conjugates of the forward's identity
+    ops; the vocabulary-parallel LM head: 1, its input gradient)."""
+    tp_allreduce_bytes: float = 0.0
+    """Bytes per sample of each of those all-reduces (s*h*p: the hidden activations; s*w*p
+    for OPT's embedding and LM head, of word width w)."""
 
 
 def layer_shapes(m: TransformerShape, seq: int, act_bytes: int) -> list[LayerShape]:
-    """Per-layer costs of model m at sequence length seq with act_bytes-byte activations."""
+    """Per-layer costs of model m at sequence length seq with act_bytes-byte activations.
+
+    Tensor parallelism as in Megatron-LM (Shoeybi et al. 2019): attention heads and the
+    MLP's hidden dimension are split (column-parallel first matmul, row-parallel second);
+    the embedding and the LM head are split along the vocabulary; norms, output biases
+    and position embeddings are replicated; a BERT token-classification head is not split.
+    Per family: Llama-shaped q/k/v and gate/up biases split with their matmuls, the
+    o_proj and down_proj biases are replicated, k and v split along the key/value heads
+    (grouped-query attention: t must divide kv_heads); OPT's project_in and project_out
+    (between the word width w and h) are replicated, and its embedding and LM head
+    all-reduce w-wide activations."""
     if seq > m.max_seq and m.family != "llama":
         raise SpecError("--seq", "", f"{seq} exceeds {m.name}'s maximum context {m.max_seq}",
                         f"use --seq {m.max_seq} or less")
     h, a, f, V, s, p = m.hidden, m.heads, m.ffn, m.vocab, seq, act_bytes
     scale = p / 2  # the activation formulas are written for 16-bit activations
+    hidden = s * h * p  # one sample's hidden activations: what TP all-reduces and recompute keeps
     out: list[LayerShape] = []
     if m.family == "mlp":
         emb = V * h
-        out.append(LayerShape("embedding", "embedding", emb, 0.0, s * h * p, s * h * p))
+        out.append(LayerShape("embedding", "embedding", emb, 0.0, hidden, hidden,
+                              replicated_act_bytes=hidden, tp_allreduces_fwd=1, tp_allreduce_bytes=hidden))
         for i in range(m.n_layers):
             params = 2 * h * f + f + h
             out.append(LayerShape(f"block{i}", "block", params, 2.0 * s * 2 * h * f,
-                                  s * h * p, s * (h + 2 * f) * p))
-        out.append(LayerShape("head", "head", h * V + V, 2.0 * s * h * V, 4.0, s * h * p + s * V * 4))
+                                  hidden, s * (h + 2 * f) * p, replicated_params=h, replicated_act_bytes=hidden,
+                                  checkpoint_bytes=hidden, tp_allreduces_fwd=1, tp_allreduces_bwd=1,
+                                  tp_allreduce_bytes=hidden))
+        out.append(LayerShape("head", "head", h * V + V, 2.0 * s * h * V, 4.0, hidden + s * V * 4,
+                              replicated_act_bytes=hidden, tp_allreduces_bwd=1, tp_allreduce_bytes=hidden))
         return out
+    # The token embedding is split along the vocabulary and its (token-width) output
+    # all-reduced; the rest is kept whole on every rank.
     if m.family == "llama":
-        emb_params = V * h
-    elif m.family == "opt":  # token embedding of width w, positions (2 offset rows), project_in
+        emb_split, emb_whole, emb_width = V * h, 0, h
+    elif m.family == "opt":  # token embedding of width w; positions (2 offset rows), project_in whole
         w = m.word_dim
-        emb_params = V * w + (m.max_seq + 2) * h + (w * h if w != h else 0)
+        emb_split, emb_whole, emb_width = V * w, (m.max_seq + 2) * h + (w * h if w != h else 0), w
     else:  # token and learned positions; BERT adds 2 segment rows and a layer norm
-        emb_params = V * h + m.max_seq * h + (2 * h + 2 * h if m.family == "bert" else 0)
-    out.append(LayerShape("embedding", "embedding", emb_params, 0.0, s * h * p, s * h * p))
+        emb_split, emb_whole, emb_width = V * h, m.max_seq * h + (2 * h + 2 * h if m.family == "bert" else 0), h
+    out.append(LayerShape("embedding", "embedding", emb_split + emb_whole, 0.0, hidden, hidden,
+                          replicated_params=emb_whole, replicated_act_bytes=hidden,
+                          tp_allreduces_fwd=1, tp_allreduce_bytes=s * emb_width * p))
     if m.family == "llama":
         q, kv = m.q_hidden, m.kv_hidden
         attn_w = 2 * h * q + 2 * h * kv  # q, o; k, v
         mlp_w = 3 * h * f
         biases = (q + 2 * kv if m.qkv_bias else 0) + (h if m.out_bias else 0) + (2 * f + h if m.mlp_bias else 0)
         params = attn_w + mlp_w + biases + 2 * h  # two RMSNorms
+        # Kept whole: the two RMSNorms and the biases added after the row-parallel o_proj and
+        # down_proj; q/k/v and gate/up biases split with their column-parallel matmuls (k, v
+        # along the key/value heads, so t must divide kv_heads as in Megatron-LM).
+        replicated = 2 * h + (h if m.out_bias else 0) + (h if m.mlp_bias else 0)
         mlp_saved = 2 * s * h + 6 * s * f
+        mlp_kept = 2 * s * h  # its input
         score_width = q
     else:
         attn_w = 4 * h * h
         mlp_w = 2 * h * f
         params = attn_w + mlp_w + 5 * h + f + 4 * h  # weights; biases (qkv 3h, proj h, fc f, out h); 2 norms
+        replicated = 4 * h + 2 * h  # 2 norms; the biases of the two row-parallel matmuls
         mlp_saved = 2 * s * h + 4 * s * f + s * h
+        mlp_kept = 2 * s * h + s * h  # its input, its dropout mask
         score_width = h
     block_flops = 2.0 * s * (attn_w + mlp_w) + 4.0 * s * s * score_width
     block_saved = (11 * s * h + 5 * a * s * s + 4 * s * h + mlp_saved) * scale
+    # Kept whole on every rank: the QKV input and the attention dropout mask (3sh of the
+    # attention's 11sh), both norms' inputs (4sh), the MLP's input (and dropout mask).
+    block_kept = (3 * s * h + 4 * s * h + mlp_kept) * scale
     for i in range(m.n_layers):
-        out.append(LayerShape(f"block{i}", "block", params, block_flops, s * h * p, block_saved))
+        out.append(LayerShape(f"block{i}", "block", params, block_flops, hidden, block_saved,
+                              replicated_params=replicated, replicated_act_bytes=block_kept,
+                              checkpoint_bytes=hidden, tp_allreduces_fwd=2, tp_allreduces_bwd=2,
+                              tp_allreduce_bytes=hidden))
     if m.family == "bert":
         labels = m.num_labels
-        out.append(LayerShape("head", "head", h * labels + labels, 2.0 * s * h * labels, 4.0,
-                              s * h * p + s * labels * 4))
-    elif m.family == "opt":  # final layer norm, project_out, LM head of width w
+        hp = h * labels + labels
+        saved = hidden + s * labels * 4
+        out.append(LayerShape("head", "head", hp, 2.0 * s * h * labels, 4.0, saved,
+                              replicated_params=hp, replicated_act_bytes=saved))
+    elif m.family == "opt":  # final layer norm, project_out (both whole), LM head of width w
         w = m.word_dim
         proj = w * h if w != h else 0
-        out.append(LayerShape("head", "head", (2 * h if m.final_norm else 0) + proj + w * V,
-                              2.0 * s * (proj + w * V), 4.0, 2 * s * h * p + s * V * 4))
+        whole = (2 * h if m.final_norm else 0) + proj
+        out.append(LayerShape("head", "head", whole + w * V, 2.0 * s * (proj + w * V), 4.0,
+                              2 * hidden + s * V * 4, replicated_params=whole, replicated_act_bytes=2 * hidden,
+                              tp_allreduces_bwd=1, tp_allreduce_bytes=s * w * p))
     else:  # final norm (LayerNorm 2h, RMSNorm h) and LM head
         norm = h if m.family == "llama" else 2 * h
         out.append(LayerShape("head", "head", h * V + norm, 2.0 * s * h * V, 4.0,
-                              2 * s * h * p + s * V * 4))
+                              2 * hidden + s * V * 4, replicated_params=norm, replicated_act_bytes=2 * hidden,
+                              tp_allreduces_bwd=1, tp_allreduce_bytes=hidden))
     return out

@@ -22,9 +22,7 @@ object whose loading would run code) is refused, never executed. Never ``pickle`
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import pickle
 import random
 import re
@@ -39,8 +37,9 @@ import torch.distributed as dist
 
 from hetalloc.errors import SpecError
 from hetalloc.fileio import atomic_write_bytes, atomic_write_json, remove_temporaries
-from hetalloc.plan import Plan
 
+from .checkpoint_meta import (LATEST, Latest, check_latest, latest_step, plan_key, rank_file,  # noqa: F401
+                              read_latest, saved_steps, step_dir)
 from .models import StageModule
 
 KEEP_LAST = 2
@@ -48,68 +47,6 @@ KEEP_LAST = 2
 
 FORMAT = 2
 """Rank file format: 2 holds tensors and plain values only (Python's RNG state as lists)."""
-
-LATEST = "latest.json"
-
-
-def plan_key(plan: Plan) -> str:
-    """Fingerprint of what decides the training computation and its sharding."""
-    d = plan.to_dict()
-    keep = {k: d[k] for k in ("model", "seq_len", "precision", "optimizer", "global_batch", "num_microbatches",
-                              "schedule", "grad_sync", "replicas")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def step_dir(ckpt_dir: str | Path, step: int) -> Path:
-    return Path(ckpt_dir) / f"step_{step:07d}"
-
-
-def rank_file(ckpt_dir: str | Path, step: int, rank: int) -> Path:
-    return step_dir(ckpt_dir, step) / f"rank_{rank:04d}.pt"
-
-
-def saved_steps(ckpt_dir: str | Path) -> list[int]:
-    """Steps with a step directory (complete or not), newest first."""
-    out = []
-    for p in Path(ckpt_dir).glob("step_*"):
-        num = p.name[len("step_"):]
-        if p.is_dir() and num.isdigit():
-            out.append(int(num))
-    return sorted(out, reverse=True)
-
-
-@dataclass(frozen=True, slots=True)
-class Latest:
-    """What ``latest.json`` says, or why it cannot be used."""
-
-    step: int | None = None
-    plan_key: str | None = None
-    world_size: int | None = None
-    problem: str | None = None
-    """None when the file is absent or good; else a phrase ('is damaged (...)')."""
-
-
-def read_latest(ckpt_dir: str | Path) -> Latest:
-    p = Path(ckpt_dir) / LATEST
-    if not p.exists():
-        return Latest()
-    try:
-        d = json.loads(p.read_text())
-        step, key, world = d["step"], d.get("plan_key"), d.get("world_size")
-        if not isinstance(step, int) or isinstance(step, bool) or step < 1:
-            raise ValueError(f"step {step!r} is not a positive integer")
-        if not (key is None or isinstance(key, str)) or not (world is None or isinstance(world, int)):
-            raise ValueError("plan_key or world_size has the wrong type")
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-        why = f"{type(e).__name__}: {e}" if not isinstance(e, KeyError) else f"no {e} field"
-        return Latest(problem=f"{p} is damaged ({why})")
-    return Latest(step, key, world)
-
-
-def latest_step(ckpt_dir: str | Path) -> int | None:
-    """The step latest.json names (None if absent or damaged)."""
-    return read_latest(ckpt_dir).step
-
 
 # ---- one rank's file -------------------------------------------------------------------
 
@@ -257,12 +194,7 @@ def find_resume(ckpt_dir: str | Path, rank: int, world_size: int, key: str,
     views = gather((read_latest(ckpt_dir), saved_steps(ckpt_dir)))
     latest: Latest = views[0][0]
     where = ckpt_dir / LATEST
-    if latest.plan_key is not None and latest.plan_key != key:
-        raise SpecError(str(where), "plan_key", "the checkpoint was written for another plan",
-                        "resume with the plan that wrote it, or start a new checkpoint directory")
-    if latest.world_size is not None and latest.world_size != world_size:
-        raise SpecError(str(where), "world_size", f"the checkpoint was written by {latest.world_size} ranks, "
-                        f"this run has {world_size}", "resume with the plan that wrote it")
+    check_latest(latest, ckpt_dir, key, world_size)
     known = sorted({s for _, steps in views for s in steps}, reverse=True)
     if latest.step is not None:
         candidates = [latest.step] + [s for s in known if s < latest.step]

@@ -8,8 +8,13 @@ construction; it never imports torch.
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from hetalloc.errors import SpecError
+
+FAMILIES = ("gpt", "bert", "llama", "opt", "mlp")
+"""Model families the runtime can build (runtime.models)."""
 DTYPES = ("float32", "float64")
 DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.05}
 
@@ -99,7 +104,8 @@ class TrainConfig:
 
 
 def parse_slowdown(items: list[str] | None) -> dict[str, float]:
-    """['1=2', 'host/3=1.5'] -> {'1': 2.0, 'host/3': 1.5}; a key is a rank or a device id."""
+    """['1=2', 'host/3=1.5'] -> {'1': 2.0, 'host/3': 1.5}; a key is a rank or a device id.
+    A malformed item raises SpecError (a ValueError) naming it."""
     out: dict[str, float] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -107,10 +113,25 @@ def parse_slowdown(items: list[str] | None) -> dict[str, float]:
             factor = float(value)
         except ValueError:
             factor = -1.0
-        if not sep or not key or factor < 1.0:
-            raise ValueError(f"--slowdown expects RANK=FACTOR or DEVICE=FACTOR with FACTOR >= 1, got '{item}'.")
+        if not sep or not key or not 1.0 <= factor < float("inf"):
+            raise SpecError("--slowdown", item, "expected RANK=FACTOR or DEVICE=FACTOR with a finite FACTOR >= 1",
+                            "e.g. --slowdown 1=2 (rank 1 twice as slow)")
         out[key] = factor
     return out
+
+
+def check_slowdown(slowdown: dict[str, float], world_size: int, device_ids: Collection[str] | None,
+                   what: str = "run") -> None:
+    """Every key of a parsed --slowdown names a rank of this run (0..world_size-1) or one
+    of `device_ids` (None: ranks only); else SpecError naming it."""
+    for key in slowdown:
+        if "/" in key and device_ids is not None:
+            if key not in device_ids:
+                raise SpecError("--slowdown", key, "is not a device of the plan's cluster",
+                                f"use a rank (0..{world_size - 1}) or a device id of the plan")
+        elif not key.isdigit() or int(key) >= world_size:
+            raise SpecError("--slowdown", key, f"is not a rank of this {what} (0..{world_size - 1})",
+                            "write RANK=FACTOR" + (" or DEVICE=FACTOR" if device_ids is not None else ""))
 
 
 def slowdown_for_plan(device_ids: list[str], slowdown: dict[int, float], used: set[str]) -> list[str]:
@@ -150,3 +171,16 @@ def stretch(t0: float, slowdown: float, cpu0: float | None = None) -> float:
     while time.perf_counter() < end:
         pass
     return time.perf_counter() - t0
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    """'1,2,4,8' -> [1, 2, 4, 8] (sorted, without repeats); SpecError naming --batch-sizes
+    unless they are whole numbers >= 1."""
+    try:
+        sizes = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise SpecError("--batch-sizes", "", f"expected comma-separated integers, got '{text}'",
+                        "e.g. --batch-sizes 1,2,4,8") from None
+    if not sizes or sizes[0] < 1:
+        raise SpecError("--batch-sizes", "", "needs at least one size, each >= 1", "e.g. --batch-sizes 1,2,4,8")
+    return sizes

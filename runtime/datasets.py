@@ -102,10 +102,11 @@ def replica_offsets(plan: Plan) -> list[int]:
     return out
 
 
-def device_samples(plan: Plan, replica: int, stage: int, device_index: int, microbatch: int) -> tuple[int, int]:
-    """(first sample within the global batch, count) that a device handles in a micro-batch."""
+def device_samples(plan: Plan, replica: int, stage: int, group_index: int, microbatch: int) -> tuple[int, int]:
+    """(first sample within the global batch, count) that a stage's group (every device of
+    it) handles in a micro-batch."""
     r = plan.replicas[replica]
     s = r.stages[stage]
-    before = sum(d.share for d in s.devices[:device_index])
+    before = sum(g.share for g in s.groups[:group_index])
     first = replica_offsets(plan)[replica] + microbatch * r.microbatch + before
-    return first, s.devices[device_index].share
+    return first, s.groups[group_index].share

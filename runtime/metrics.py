@@ -18,8 +18,7 @@ from typing import Any, TextIO
 
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
-from hetalloc.costs import optimizer_time
-from hetalloc.evaluate import build_pipe, sync_groups
+from hetalloc.evaluate import build_pipe, optimizer_times, sync_groups
 from hetalloc.fileio import atomic_write_text
 from hetalloc.plan import Plan
 
@@ -179,16 +178,15 @@ def predicted_by_device(plan: Plan, cluster: Cluster, cg: CostGraph) -> dict[str
     M = plan.num_microbatches
     for ri in range(len(plan.replicas)):
         pipe = build_pipe(plan, ri, cluster, cg)
-        for i, dev in enumerate(pipe.ids):
-            out[dev] = {"compute_s": M * (pipe.compute_fwd[i] + pipe.compute_bwd[i]),
-                        "p2p_s": M * (pipe.send_fwd[i] + pipe.send_bwd[i]), "grad_sync_s": 0.0}
+        for i, g in enumerate(pipe.groups):
+            for dev in g.devices:
+                out[dev] = {"compute_s": M * (pipe.compute_fwd[i] + pipe.compute_bwd[i]),
+                            "p2p_s": M * (pipe.send_fwd[i] + pipe.send_bwd[i]), "grad_sync_s": 0.0}
     for g in sync_groups(plan, cluster, cg):
         for d in g.devices:
             out[d]["grad_sync_s"] += g.time_s
-    for d, (ri, si) in plan.placement().items():
-        s = plan.replicas[ri].stages[si]
-        out[d]["optimizer_s"] = optimizer_time(cg.params(s.start, s.stop), cluster.dtype(d), plan.precision,
-                                               plan.optimizer)
+    for d, t in optimizer_times(plan, cluster, cg).items():
+        out[d]["optimizer_s"] = t
     return out
 
 

@@ -37,7 +37,8 @@ from torch import nn
 from hetalloc.errors import SpecError
 from hetalloc.models import TransformerShape
 
-FAMILIES = ("gpt", "bert", "llama", "opt", "mlp")
+from .config import FAMILIES  # defined without torch: the launcher checks --model with it
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "bert": "BertForTokenClassification", "llama": "LlamaForCausalLM",
               "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "opt": "OPTForCausalLM"}

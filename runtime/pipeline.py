@@ -46,6 +46,7 @@ class StageRole:
     replica: int
     stage: int
     device_index: int
+    """Index of its group within the stage (one device per group: t = 1)."""
     share: int
     num_stages: int
     start: int
@@ -69,20 +70,20 @@ def stage_role(plan: Plan, rm: RankMap, rank: int) -> StageRole:
     ri, si = plan.placement()[device]
     stages = plan.replicas[ri].stages
     s = stages[si]
-    k = [d.device for d in s.devices].index(device)
+    k = next(i for i, g in enumerate(s.groups) if device in g.devices)  # one device per group (t = 1)
     recv_from: list[tuple[int, int]] = []
     send_to: list[tuple[int, int]] = []
     if si > 0:
         prev = stages[si - 1]
-        for i, j, n in slice_overlaps([d.share for d in prev.devices], [d.share for d in s.devices]):
+        for i, j, n in slice_overlaps([g.share for g in prev.groups], [g.share for g in s.groups]):
             if j == k:
-                recv_from.append((rm.rank_of(prev.devices[i].device), n))
+                recv_from.append((rm.rank_of(prev.groups[i].lead), n))
     if si + 1 < len(stages):
         nxt = stages[si + 1]
-        for i, j, n in slice_overlaps([d.share for d in s.devices], [d.share for d in nxt.devices]):
+        for i, j, n in slice_overlaps([g.share for g in s.groups], [g.share for g in nxt.groups]):
             if i == k:
-                send_to.append((rm.rank_of(nxt.devices[j].device), n))
-    return StageRole(ri, si, k, s.devices[k].share, len(stages), s.start, s.stop, tuple(recv_from), tuple(send_to))
+                send_to.append((rm.rank_of(nxt.groups[j].lead), n))
+    return StageRole(ri, si, k, s.groups[k].share, len(stages), s.start, s.stop, tuple(recv_from), tuple(send_to))
 
 
 def _tag(kind: str, microbatch: int) -> int:

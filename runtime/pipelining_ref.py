@@ -38,7 +38,7 @@ SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 def run(plan_path: str, steps: int, out_dir: str) -> None:
     plan = load_plan(plan_path)
-    if len(plan.replicas) != 1 or any(len(s.devices) != 1 for s in plan.replicas[0].stages):
+    if len(plan.replicas) != 1 or any(len(s.device_ids()) != 1 for s in plan.replicas[0].stages):
         raise SpecError(plan_path, "replicas", "the pipelining reference needs one replica with one device per stage",
                         "use a plain pipeline plan")
     cfg = TrainConfig(steps=steps, out_dir=out_dir)

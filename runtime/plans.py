@@ -7,7 +7,7 @@ from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph, analytic_cost_graph
 from hetalloc.evaluate import predict
 from hetalloc.models import resolve_model
-from hetalloc.plan import DeviceShare, Plan, Replica, Stage, attach_context, validate_plan
+from hetalloc.plan import Group, Plan, Replica, Stage, attach_context, validate_plan
 
 StageSpec = tuple[tuple[int, int], list[tuple[str, int]]]
 """((start, stop), [(device id, share), ...])"""
@@ -16,7 +16,7 @@ StageSpec = tuple[tuple[int, int], list[tuple[str, int]]]
 def hand_plan(cluster: Cluster, cg: CostGraph, replicas: list[list[StageSpec]], *, num_microbatches: int,
               schedule: str = "1f1b", grad_sync: str = "ring", optimizer: str = "adamw",
               name: str = "hand") -> Plan:
-    reps = [Replica([Stage(a, b, [DeviceShare(d, s) for d, s in devs]) for (a, b), devs in r]) for r in replicas]
+    reps = [Replica([Stage(a, b, [Group([d], s) for d, s in devs]) for (a, b), devs in r]) for r in replicas]
     batch = num_microbatches * sum(r.microbatch for r in reps)
     plan = Plan(model=cg.model, seq_len=cg.seq_len, global_batch=batch, num_microbatches=num_microbatches,
                 schedule=schedule, grad_sync=grad_sync, replicas=reps, optimizer=optimizer,
@@ -33,6 +33,7 @@ def cpu_cost_graph(model: str, seq_len: int) -> CostGraph:
 
 
 def describe(plan: Plan) -> str:
-    """One line: replicas separated by ' | ', stages as [start,stop) device:share,..."""
-    return " | ".join(" ".join(f"[{s.start},{s.stop}) " + ",".join(f"{d.device}:{d.share}" for d in s.devices)
+    """One line: replicas separated by ' | ', stages as [start,stop) device:share,...
+    (a tensor-parallel group as device+device+...:share)."""
+    return " | ".join(" ".join(f"[{s.start},{s.stop}) " + ",".join(f"{'+'.join(g.devices)}:{g.share}" for g in s.groups)
                                for s in r.stages) for r in plan.replicas) + f"  M={plan.num_microbatches}"

@@ -48,6 +48,26 @@ class RankMap:
         return self.ranks_on(self.device_nodes[rank]).index(rank)
 
 
+def check_supported(plan: Plan, source: str = "plan") -> None:
+    """Refuse, before anything starts, what the runtime does not run yet: tensor-parallel
+    groups, recomputation and sharded optimizer state (the prediction and the simulator
+    do handle them)."""
+    for ri, r in enumerate(plan.replicas):
+        for si, s in enumerate(r.stages):
+            p = f"replicas[{ri}].stages[{si}]"
+            for gi, g in enumerate(s.groups):
+                if g.tp > 1:
+                    raise SpecError(source, f"{p}.groups[{gi}].devices", f"a tensor-parallel group of {g.tp}: "
+                                    "the runtime does not run tensor parallelism yet",
+                                    "plan with --tp 1 to train this model now")
+            if s.recompute != "none":
+                raise SpecError(source, f"{p}.recompute", f"'{s.recompute}': the runtime does not recompute "
+                                "activations yet", "plan with --recompute none to train this model now")
+    if plan.optimizer_sharding != "none":
+        raise SpecError(source, "optimizer_sharding", f"'{plan.optimizer_sharding}': the runtime does not shard "
+                        "optimizer state yet", "plan with --optimizer-sharding none to train this model now")
+
+
 def rank_map(plan: Plan, cluster: Cluster) -> RankMap:
     used = set(plan.device_ids())
     devs = [d for d in cluster.devices if d.id in used]

@@ -28,7 +28,7 @@ from hetalloc.models import TransformerShape, resolve_model
 from hetalloc.plan import Plan, load_plan, plan_context, validate_plan
 
 from . import checkpoint
-from .config import TrainConfig, parse_slowdown
+from .config import TrainConfig, check_slowdown, parse_slowdown
 from .datasets import TokenDataset, device_samples
 from .grad_sync import GradSync, ProcessGroups
 from .launch import free_port
@@ -37,7 +37,7 @@ from .metrics import (MetricsWriter, StepTimes, build_summary, eval_line, mean_t
 from .models import DTYPES, StageModule, build_model, layer_param_counts
 from .optim import build_optimizer
 from .pipeline import PipelineExecutor, stage_role
-from .rankmap import LaunchInfo, check_launch, rank_map
+from .rankmap import LaunchInfo, check_launch, check_supported, rank_map
 
 @dataclass
 class Runtime:
@@ -55,13 +55,14 @@ def setup(plan: Plan, cluster: Cluster, node: str | None = None) -> Runtime:
     info = check_launch(rm, os.environ, node)
     vendors = {cluster.dtype(d).vendor == "cpu" for d in rm.devices}
     if len(vendors) > 1:
-        raise SpecError("plan", "replicas", "mixes CPU and GPU devices", "plan CPU ranks and GPU ranks separately")
+        raise SpecError(plan.source or "plan", "replicas", "mixes CPU and GPU devices",
+                        "plan CPU ranks and GPU ranks separately")
     if vendors == {True}:
         device, backend = torch.device("cpu"), "gloo"
     else:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if info.local_rank >= count:
-            raise SpecError("plan", f"device {info.device}",
+            raise SpecError(plan.source or "plan", f"device {info.device}",
                             f"is a {cluster.dtype(info.device).name} but torch sees {count} CUDA devices on this node",
                             "run on the plan's cluster, or plan for this machine (examples/cpu-4.yaml)")
         device, backend = torch.device("cuda", info.local_rank), "nccl"
@@ -106,14 +107,7 @@ def check_model(shape: TransformerShape, plan: Plan, counts: list[int], cg_param
 
 
 def _slowdown_of(cfg: TrainConfig, info: LaunchInfo, cluster: Cluster) -> float:
-    for key in cfg.slowdown:
-        if "/" in key:
-            if key not in cluster.device_by_id:
-                raise SpecError("--slowdown", key, "is not a device of the plan's cluster",
-                                f"use a rank (0..{info.world_size - 1}) or a device id")
-        elif not key.isdigit() or int(key) >= info.world_size:
-            raise SpecError("--slowdown", key, f"is not a rank of this run (0..{info.world_size - 1})",
-                            "write RANK=FACTOR or DEVICE=FACTOR")
+    check_slowdown(cfg.slowdown, info.world_size, cluster.device_by_id)
     return cfg.slowdown.get(str(info.rank), cfg.slowdown.get(info.device, 1.0))
 
 
@@ -124,6 +118,7 @@ class Trainer:
         self.plan, self.cfg = plan, cfg
         self.cluster, self.cg = plan_context(plan)
         validate_plan(plan, self.cluster, self.cg)
+        check_supported(plan)
         shape = resolve_model(model) if model else self.cg.shape()
         self.rt = rt = setup(plan, self.cluster, node)
         self.rank, self.device = rt.info.rank, rt.device
@@ -369,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         try:
             cfg = config_from_args(args)
+        except SpecError:
+            raise
         except ValueError as e:
             raise SpecError("arguments", "", str(e)) from None
         train(load_plan(args.plan), cfg, model=args.model, node=args.plan_node)

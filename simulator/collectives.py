@@ -12,6 +12,13 @@ add up exactly to the formulas in ``hetalloc.costs``:
   so a node's NIC carries g hops at once), g-1 intra-node all-gather steps;
 - parameter server: a push step and a pull step, each with an on-node and an off-node
   entity (every worker sends bytes/n to each other worker).
+Under zero1 a collective is one half of these: the reduce-scatter (``part='rs'``: the
+ring's first n-1 steps, the intra-node reduce-scatter and the first K-1 inter-node steps,
+the push) before the optimizer step, and the all-gather (``part='ag'``: the rest) after
+it; each half alone adds up to half the formula (``hetalloc.costs.zero1_halves``).
+A tensor-parallel group's all-reduces (``tp_steps``): k all-reduces of B bytes in all
+over a ring of t devices are 2(t-1)k steps that each move B/(tk) per hop after one
+latency: ``hetalloc.costs.tp_comm_time`` alone on the links.
 Consecutive identical steps may be merged (``max_steps``): a merged step waits the sum
 of their latencies, then moves the sum of their bytes — the same total alone, a coarser
 interleaving under contention.
@@ -64,15 +71,16 @@ def _ring_usage(topo: Topology, table: UsageTable, rings: list[list[str]], label
     return table.of_paths(paths, label)
 
 
-def ring_steps(topo: Topology, table: UsageTable, devices: list[str], most: int) -> list[Step]:
+def ring_steps(topo: Topology, table: UsageTable, devices: list[str], most: int, part: str = "all") -> list[Step]:
     ring = ring_order(topo, devices)
     n = len(ring)
     if n <= 1:
         return []
     u = _ring_usage(topo, table, [ring], f"ring x{n}")
     half = max(1, most // 2)
-    return (_phase("reduce-scatter", [(u, 1.0 / n)], n - 1, half, topo)
-            + _phase("all-gather", [(u, 1.0 / n)], n - 1, half, topo))
+    rs = _phase("reduce-scatter", [(u, 1.0 / n)], n - 1, half, topo) if part != "ag" else []
+    ag = _phase("all-gather", [(u, 1.0 / n)], n - 1, half, topo) if part != "rs" else []
+    return rs + ag
 
 
 def _by_node(topo: Topology, devices: list[str]) -> dict[str, list[str]]:
@@ -82,7 +90,8 @@ def _by_node(topo: Topology, devices: list[str]) -> dict[str, list[str]]:
     return per
 
 
-def hierarchical_steps(topo: Topology, table: UsageTable, devices: list[str], most: int) -> list[Step]:
+def hierarchical_steps(topo: Topology, table: UsageTable, devices: list[str], most: int,
+                       part: str = "all") -> list[Step]:
     per = _by_node(topo, devices)
     n = len(devices)
     if n <= 1:
@@ -92,19 +101,24 @@ def hierarchical_steps(topo: Topology, table: UsageTable, devices: list[str], mo
     third = max(1, most // 3)
     intra = [v for v in per.values() if len(v) > 1]
     u_intra = _ring_usage(topo, table, intra, f"intra-node rings x{len(intra)}") if g > 1 else None
-    if u_intra is not None:
+    if u_intra is not None and part != "ag":
         steps += _phase("intra reduce-scatter", [(u_intra, 1.0 / g)], g - 1, third, topo)
     if K > 1:
         members = list(per.values())
         rings = [[m[j % len(m)] for m in members] for j in range(g)]
         u = _ring_usage(topo, table, rings, f"inter-node rings {g}x{K}")
-        steps += _phase("inter all-reduce", [(u, 1.0 / (g * K))], 2 * (K - 1), third, topo)
-    if u_intra is not None:
+        if part == "all":
+            steps += _phase("inter all-reduce", [(u, 1.0 / (g * K))], 2 * (K - 1), third, topo)
+        else:
+            name = "inter reduce-scatter" if part == "rs" else "inter all-gather"
+            steps += _phase(name, [(u, 1.0 / (g * K))], K - 1, third, topo)
+    if u_intra is not None and part != "rs":
         steps += _phase("intra all-gather", [(u_intra, 1.0 / g)], g - 1, third, topo)
     return steps
 
 
-def param_server_steps(topo: Topology, table: UsageTable, devices: list[str], most: int) -> list[Step]:
+def param_server_steps(topo: Topology, table: UsageTable, devices: list[str], most: int,
+                       part: str = "all") -> list[Step]:
     per = _by_node(topo, devices)
     n = len(devices)
     if n <= 1:
@@ -124,7 +138,8 @@ def param_server_steps(topo: Topology, table: UsageTable, devices: list[str], mo
             off[topo.core] += g * (n - g)
     ents = [(table.get(dict(c), label), 1.0 / n) for c, label in ((on, "ps on-node"), (off, "ps off-node"))
             if any(c.values())]
-    return _phase("push", ents, 1, most, topo) + _phase("pull", ents, 1, most, topo)
+    return ((_phase("push", ents, 1, most, topo) if part != "ag" else [])
+            + (_phase("pull", ents, 1, most, topo) if part != "rs" else []))
 
 
 STEP_BUILDERS = {"ring": ring_steps, "hierarchical": hierarchical_steps, "param_server": param_server_steps}
@@ -148,6 +163,12 @@ def alone_time(steps: list[Step], nbytes: float, topo: Topology) -> float:
                 if left[i] <= 1e-9 * nbytes:
                     del left[i]
     return total
+def tp_steps(topo: Topology, ring: Usage, tp: int, num_allreduces: int, most: int) -> list[Step]:
+    """The tensor-parallel all-reduces of one op over a group's ring (see module doc);
+    `ring` is the group's ring as one entity, fractions are of the op's bytes in all."""
+    if tp <= 1 or num_allreduces <= 0:
+        return []
+    return _phase("tp all-reduce", [(ring, 1.0 / (tp * num_allreduces))], 2 * (tp - 1) * num_allreduces, most, topo)
 
 
 @dataclass(frozen=True, slots=True)

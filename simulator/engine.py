@@ -1,19 +1,25 @@
 """The discrete-event model of training iterations of a Plan on a Cluster (SimPy).
 
-Each simulated device is a generator process on its compute stream: it runs its
-schedule's forward/backward ops (``hetalloc.schedule.stage_op_order``), each waiting for
-its inputs; waits for its last sends to leave; then it waits for its gradient
-collectives, runs its optimizer step, and joins the end-of-step loss all-reduce of every
-device (the next iteration starts when it ends), as the runtime does. A device also has
-two communication lanes: ``p2p`` (activation / gradient sends, in order) and
-``collective`` (gradient all-reduces, in reverse layer order as DDP issues them). The
-links underneath are shared (``simulator.links``); compute ops run on
-``simulator.compute`` (shared compute slots, interference with communication).
+Each simulated group (one device, or t tensor-parallel devices in lockstep) is a
+generator process on its compute stream: it runs its schedule's forward/backward ops
+(``hetalloc.schedule.stage_op_order``), each waiting for its inputs; an op is its
+compute (the backward including the recomputed forward), then its tensor-parallel
+all-reduces as a collective over the group's ring (lane ``tp``); it waits for its last
+sends to leave; then it waits for its gradient collectives, runs its optimizer step, and
+joins the end-of-step loss all-reduce of every device (the next iteration starts when it
+ends), as the runtime does. Every device (rank) also has two
+communication lanes: ``p2p`` (activation / gradient sends, in order) and ``collective``
+(gradient all-reduces, in reverse layer order as DDP issues them; with zero1
+reduce-scatters before the optimizer step and all-gathers after it). The links
+underneath are shared (``simulator.links``): tensor-parallel rings contend with pipeline
+sends and gradient synchronisation. Compute ops run on ``simulator.compute`` (shared
+compute slots, interference with communication).
 
 Two switches, both on by default:
 - ``contention``: transfers share link bandwidth (fair sharing, collectives step by step
   over the real links). Off: every transfer takes its formula time
-  (``hetalloc.costs.p2p_time``, ``hetalloc.evaluate.allreduce_time``) however many run.
+  (``hetalloc.costs.p2p_time``, ``hetalloc.evaluate.allreduce_time``, its zero1 halves,
+  ``hetalloc.evaluate.group_tp_times``) however many run.
 - ``overlap``: sends go to the p2p lane while compute continues, and gradients are
   all-reduced in DDP buckets as soon as every holder has finished their backward.
   Off: sends block the op that produced them (a receiver waits for the whole op, as the
@@ -43,13 +49,14 @@ import simpy
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
 from hetalloc.errors import SpecError
+from hetalloc.costs import zero1_halves
 from hetalloc.evaluate import allreduce_time, loss_reduction_time, measured_sync_time, sync_groups
 from hetalloc.plan import Plan, validate_plan
 
-from .collectives import STEP_BUILDERS, Bucket, Step, alone_time, buckets
+from .collectives import STEP_BUILDERS, Bucket, Step, alone_time, buckets, tp_steps
 from .compute import ComputeModel
 from .links import LinkLog, Network, Topology, UsageTable
-from .pipeline import DeviceWork, ReplicaClass, Send, fold_replicas, replica_work, split_chains
+from .pipeline import DeviceWork, ReplicaClass, Send, fold_replicas, optimizer_work, replica_work, split_chains
 
 DDP_BUCKET_BYTES = 25 * 2**20
 """PyTorch DDP's default bucket_cap_mb (25 MiB)."""
@@ -104,9 +111,9 @@ class CountingEnvironment(simpy.Environment):
 class Activity:
     device: str
     lane: str
-    """compute | p2p | collective"""
+    """compute | tp | p2p | collective"""
     kind: str
-    """F | B | optimizer | send | allreduce | loss"""
+    """F | B | optimizer | tp | send | allreduce | reducescatter | allgather | loss"""
     name: str
     t0: float
     t1: float
@@ -117,6 +124,8 @@ class Activity:
     """For sends: the usage key of their link load (to find the bottleneck link)."""
     group: int = -1
     """For all-reduces: the gradient group."""
+    rank: int = 0
+    """Which rank of the device's group did it (sends and collectives of a TP group)."""
 
 
 @dataclass
@@ -129,6 +138,8 @@ class Collective:
     devices: list[str]
     """All devices of the group."""
     done: simpy.Event
+    part: str = "all"
+    """'all' (all-reduce), or under zero1 'rs' (reduce-scatter) / 'ag' (all-gather)."""
     prev: list[simpy.Event] = field(default_factory=list)
     steps: list[tuple[str, float, float]] = field(default_factory=list)
     """(phase, start, end) of each (merged) step, when simulated over the links."""
@@ -160,7 +171,7 @@ class SimResult:
     wall_s: float
     network_solves: int
     marks: dict[str, list[dict[str, float]]] = field(default_factory=dict)
-    """Per simulated device and iteration: start, pipe_end (last op done and its sends
+    """Per simulated group and iteration: start, pipe_end (last op done and its sends
     gone), opt_start, opt_end, end (the loss all-reduce done)."""
     loss_time_s: float = 0.0
 
@@ -170,7 +181,7 @@ class Simulation:
 
     def __init__(self, plan: Plan, cluster: Cluster, cg: CostGraph, options: SimOptions | None = None):
         self.opts = options or SimOptions()
-        validate_plan(plan, cluster, cg, source="plan", check_memory=False)
+        validate_plan(plan, cluster, cg, check_memory=False)
         self.plan, self.cluster, self.cg = plan, cluster, cg
         self.env = CountingEnvironment()
         self.topo = Topology(cluster)
@@ -184,8 +195,12 @@ class Simulation:
         fold = self.opts.fold and not any(self.compute.nodes[n.name].share_slots for n in cluster.nodes)
         self.groups = [g for g in sync_groups(plan, cluster, cg) if len(g.devices) > 1]
         build = STEP_BUILDERS[plan.grad_sync]
-        self.steps: list[list[Step]] = [build(self.topo, self.table, g.devices, self.opts.max_collective_steps)
-                                        for g in self.groups]
+        self.parts = ("rs", "ag") if plan.optimizer_sharding == "zero1" else ("all",)
+        self.part_steps: dict[tuple[int, str], list[Step]] = {
+            (gi, part): build(self.topo, self.table, g.devices, self.opts.max_collective_steps, part)
+            for gi, g in enumerate(self.groups) for part in self.parts}
+        self.steps: list[list[Step]] = [[st for part in self.parts for st in self.part_steps[(gi, part)]]
+                                        for gi in range(len(self.groups))]
         coll_usages = [u for steps in self.steps for st in steps for u, _ in st.flows]
         self.chains = split_chains(plan) if self.opts.fold else plan
         placement = plan.placement()
@@ -193,19 +208,30 @@ class Simulation:
                                      collective_usages=coll_usages, enabled=fold)
         self.work: dict[str, DeviceWork] = {}
         self.rep_of: dict[str, str] = {}
+        """device -> the simulated group (its rank 0's id) that stands for it."""
+        self.rank_rep: dict[str, str] = {}
+        """device -> the simulated device (same rank of the representative group) for it."""
+        self.rank_index: dict[str, int] = {}
+        optimizer = optimizer_work(plan, cluster, cg)
         for c in self.classes:
-            works, sends = replica_work(self.chains, c.replicas[0], cluster, cg, self.topo)
+            works, sends = replica_work(self.chains, c.replicas[0], cluster, cg, self.topo, optimizer)
             for s, u in zip(sends, c.usages):
                 s.usage = u
+            for w, u in zip([w for w in works if len(w.ranks) > 1], c.tp_usages):
+                w.tp_usage = u
             for w in works:
                 w.replica = placement[w.id][0]  # the plan's replica, not the chain's index
                 self.work[w.id] = w
+                for k, d in enumerate(w.ranks):
+                    self.rank_index[d] = k
             for ri in c.replicas:
-                mates = [d.device for s in self.chains.replicas[ri].stages for d in s.devices]
-                for w, m in zip(works, mates):
-                    self.rep_of[m] = w.id
-                    if m != w.id:
-                        w.mates.append(m)
+                groups = [g for s in self.chains.replicas[ri].stages for g in s.groups]
+                for w, g in zip(works, groups):
+                    for d, rd in zip(g.devices, w.ranks):
+                        self.rep_of[d] = w.id
+                        self.rank_rep[d] = rd
+                    if g.lead != w.id:
+                        w.mates.extend(g.devices)
         self.acts: list[Activity] = []
         self.mem: dict[str, list[tuple[float, float]]] = {d: [] for d in self.work}
         self._events: dict[tuple, simpy.Event] = {}
@@ -230,9 +256,9 @@ class Simulation:
         return ev
 
     def _begin(self, device: str, lane: str, kind: str, name: str, cause: int, it: int, *,
-               usage: int = -1, group: int = -1) -> int:
+               usage: int = -1, group: int = -1, rank: int = 0) -> int:
         now = self.env.now
-        self.acts.append(Activity(device, lane, kind, name, now, now, cause, it, usage, group))
+        self.acts.append(Activity(device, lane, kind, name, now, now, cause, it, usage, group, rank))
         return len(self.acts) - 1
 
     def _end(self, i: int) -> tuple[int, float]:
@@ -255,11 +281,11 @@ class Simulation:
         return self.env.all_of(events)
 
     # ---- transfers --------------------------------------------------------------------
-    def _transfer(self, s: Send, src: str):
+    def _transfer(self, s: Send):
         if s.nbytes <= 0:
             return
         t0 = self.env.now
-        ends = (src, s.dst)
+        ends = (self.rep_of[s.src], self.rep_of[s.dst])  # the simulated groups whose compute it meets
         self.compute.comm_begin(ends, "p2p")
         busy = self.compute.busy_marks(ends)
         if self.net is None:
@@ -279,12 +305,15 @@ class Simulation:
         of their bytes, scale of their latencies) that make it, alone on the links, take
         its measured time; None when it is priced by the formulas (their steps already
         add up to them)."""
-        key = (c.group, c.bucket.nbytes)
+        key = (c.group, c.bucket.nbytes, c.part)
         if key not in self._measured:
             target = measured_sync_time(self.cluster, c.devices, c.bucket.nbytes, self.plan.grad_sync)
             fit = None
             if target is not None:
-                steps = self.steps[c.group]
+                if c.part != "all":
+                    rs, ag = zero1_halves(target)
+                    target = rs if c.part == "rs" else ag
+                steps = self.part_steps[(c.group, c.part)]
                 lat = sum(st.latency_s for st in steps)
                 total = alone_time(steps, c.bucket.nbytes, self.topo)
                 if target >= total:
@@ -297,22 +326,52 @@ class Simulation:
         return self._measured[key]
 
     def _collective_time(self, c: Collective) -> float:
-        key = (c.group, c.bucket.nbytes)
+        key = (c.group, c.bucket.nbytes, c.part)
         t = self._formula_cache.get(key)
         if t is None:
-            t = self._formula_cache[key] = allreduce_time(self.cluster, c.devices, c.bucket.nbytes,
-                                                          self.plan.grad_sync)
+            t = allreduce_time(self.cluster, c.devices, c.bucket.nbytes, self.plan.grad_sync)
+            if c.part != "all":
+                rs, ag = zero1_halves(t)
+                t = rs if c.part == "rs" else ag
+            self._formula_cache[key] = t
         return t
+
+    def _tp(self, w: DeviceWork, kind: str):
+        """The op's tensor-parallel all-reduces: formula time, or ring steps over the links."""
+        n, nbytes = (w.tp_allreduces[0], w.tp_allreduces[1]) if kind == "F" else w.tp_allreduces[2:]
+        t = len(w.ranks)
+        t0 = self.env.now
+        if self.net is None:
+            yield self.env.timeout(w.tp_fwd_s if kind == "F" else w.tp_bwd_s)
+            self.log.record(w.tp_usage, t0, self.env.now, 2.0 * (t - 1) / t * nbytes)
+            return
+        key = ("tp", w.id, kind)
+        steps = self._formula_cache.get(key)
+        if steps is None:
+            steps = self._formula_cache[key] = tp_steps(self.topo, w.tp_usage, t, n, self.opts.max_collective_steps)
+        for st in steps:
+            yield self.env.timeout(st.latency_s)
+            yield self._wait([self.net.transfer(u, f * nbytes) for u, f in st.flows])
+
+    def _sends(self, w: DeviceWork, rank: int, sends: list[Send], it: int, kind: str, m: int, prev):
+        """One rank's blocking sends of an op, one after another; returns its last mark."""
+        for s in sends:
+            i = self._begin(w.id, "p2p", "send", f"{kind} mb{m} {s.src} -> {s.dst}" if len(w.ranks) > 1
+                            else f"{kind} mb{m} -> {s.dst}", prev[0], it, usage=s.usage.key, rank=rank)
+            yield from self._transfer(s)
+            prev = self._end(i)
+        return prev
 
     # ---- processes --------------------------------------------------------------------
     def _device(self, w: DeviceWork):
         env, overlap = self.env, self.opts.overlap
         prev = (-1, 0.0)
         last_b = max(i for i, (k, _) in enumerate(w.order) if k == "B")
+        has_tp = len(w.ranks) > 1 and (w.tp_allreduces[0] or w.tp_allreduces[2])
         for it in range(self.opts.iterations):
             for pos, (kind, m) in enumerate(w.order):
-                srcs = w.inputs if kind == "F" else w.outputs
-                deps = [self._event(("arrive", it, kind, m, s, w.id)) for s in srcs]
+                pairs = w.recv_fwd if kind == "F" else w.recv_bwd
+                deps = [self._event(("arrive", it, kind, m, src, dst)) for src, dst in pairs]
                 if deps:
                     yield self._wait(deps)
                 op = self._begin(w.id, "compute", kind, f"{kind} mb{m} L{w.start}-{w.stop - 1}",
@@ -326,26 +385,42 @@ class Simulation:
                 prev = self._end(op)
                 if kind == "B":
                     self.mem[w.id].append((env.now, -w.act_bytes_per_mb))
+                if has_tp:
+                    n, nbytes = (w.tp_allreduces[0], w.tp_allreduces[1]) if kind == "F" else w.tp_allreduces[2:]
+                    i = self._begin(w.id, "tp", "tp", f"tp all-reduce {kind} mb{m} ({n} x {len(w.ranks)} devices, "
+                                    f"{nbytes / 2**20:.1f} MiB)", prev[0], it, usage=w.tp_usage.key)
+                    self.compute.comm_begin([w.id], "collective")
+                    yield from self._tp(w, kind)
+                    self.compute.comm_end([w.id], "collective")
+                    prev = self._end(i)
                 sends = w.sends_fwd if kind == "F" else w.sends_bwd
                 if overlap:
                     for s in sends:
-                        self.lanes[w.id].put((it, kind, m, s, prev))
-                        self._last_send[(it, w.id)] = self._event(("arrive", it, kind, m, w.id, s.dst))
+                        self.lanes[s.src].put((it, kind, m, s, prev))
+                        self._last_send[(it, s.src)] = self._event(("arrive", it, kind, m, s.src, s.dst))
                     continue
+                by_rank: dict[str, list[Send]] = {}
                 for s in sends:
-                    i = self._begin(w.id, "p2p", "send", f"{kind} mb{m} -> {s.dst}", prev[0], it,
-                                    usage=s.usage.key)
-                    yield from self._transfer(s, w.id)
-                    prev = self._end(i)
+                    by_rank.setdefault(s.src, []).append(s)
+                if len(by_rank) == 1:
+                    (src, ss), = by_rank.items()
+                    prev = yield from self._sends(w, self.rank_index[src], ss, it, kind, m, prev)
+                elif by_rank:  # the ranks send in parallel; the op ends with the last of them
+                    procs = [env.process(self._sends(w, self.rank_index[src], ss, it, kind, m, prev))
+                             for src, ss in by_rank.items()]
+                    yield self._wait(procs)
+                    last = self._latest(*(p.value for p in procs))
+                    prev = (last, env.now)
                 for s in sends:
-                    self._event(("arrive", it, kind, m, w.id, s.dst)).succeed(prev)
-            last = self._last_send.get((it, w.id))
-            if last is not None and not last.triggered:  # the runtime waits for its sends to leave
-                yield last
+                    self._event(("arrive", it, kind, m, s.src, s.dst)).succeed(prev)
+            lasts = [e for r in w.ranks if (e := self._last_send.get((it, r))) is not None and not e.triggered]
+            if lasts:  # the runtime waits for its sends to leave
+                yield self._wait(lasts)
             marks = self.marks[w.id][it]
             marks["pipe_end"] = env.now
             self._event(("pipe", it, w.id)).succeed(prev)
-            waits = [c.done for c in self.lane_colls.get((it, w.id), [])]
+            colls = [c for r in w.ranks for c in self.lane_colls.get((it, r), [])]
+            waits = [c.done for c in colls if c.part != "ag"]
             if not overlap:
                 waits.append(self._barrier(it))
             if waits:
@@ -355,6 +430,11 @@ class Simulation:
                             self._latest(prev, *(e.value for e in waits)), it)
             yield self.compute.run(w.id, w.optimizer_s)
             prev = self._end(i)
+            gathers = [c.done for c in colls if c.part == "ag"]
+            if gathers:  # zero1: the updated parameter shards come back before the next step
+                self._event(("stepped", it, w.id)).succeed(prev)
+                yield self._wait(gathers)
+                prev = (self._latest(prev, *(e.value for e in gathers)), env.now)
             marks["opt_end"] = env.now
             self._event(("tail", it, w.id)).succeed(prev)
             loss = self._loss(it)
@@ -402,14 +482,16 @@ class Simulation:
         return ev
 
     def _lane(self, device: str):
-        """The device's p2p lane: its sends, one after another, in the order issued."""
+        """A device's p2p lane: its sends, one after another, in the order issued."""
         store = self.lanes[device]
+        w = self.work[self.rep_of[device]]
         prev = (-1, 0.0)
         while True:
             it, kind, m, s, issued = yield store.get()
-            i = self._begin(device, "p2p", "send", f"{kind} mb{m} -> {s.dst}", self._latest(issued, prev), it,
-                            usage=s.usage.key)
-            yield from self._transfer(s, device)
+            name = f"{kind} mb{m} {s.src} -> {s.dst}" if len(w.ranks) > 1 else f"{kind} mb{m} -> {s.dst}"
+            i = self._begin(w.id, "p2p", "send", name, self._latest(issued, prev), it, usage=s.usage.key,
+                            rank=self.rank_index[device])
+            yield from self._transfer(s)
             prev = self._end(i)
             self._event(("arrive", it, kind, m, device, s.dst)).succeed(prev)
 
@@ -417,15 +499,20 @@ class Simulation:
         """For the device's last backward: after how much of its work each of its buckets
         is ready (the backward runs from the stage's last layer down to its first)."""
         marks = []
-        for c in self.lane_colls.get((it, w.id), []):
-            done = sum(w.bwd_layer_s[c.bucket.start - w.start:])
-            ev = self._event(("ready", c.key, w.id))
-            marks.append((done, lambda ev=ev: ev.succeed((op, self.env.now))))
+        for r in w.ranks:
+            for c in self.lane_colls.get((it, r), []):
+                if c.part == "ag":
+                    continue
+                done = sum(w.bwd_layer_s[c.bucket.start - w.start:])
+                ev = self._event(("ready", c.key, r))
+                marks.append((done, lambda ev=ev: ev.succeed((op, self.env.now))))
         return marks
 
     def _collective(self, c: Collective, it: int):
         env = self.env
-        if self.opts.overlap:
+        if c.part == "ag":
+            ready = [self._event(("stepped", it, w)) for w in dict.fromkeys(self.rep_of[d] for d in c.members)]
+        elif self.opts.overlap:
             ready = [self._event(("ready", c.key, d)) for d in c.members]
         else:
             ready = [self._barrier(it)]
@@ -434,13 +521,18 @@ class Simulation:
         cause = self._latest(*(d.value for d in deps))
         g = self.groups[c.group]
         nbytes = c.bucket.nbytes
-        name = (f"allreduce L{c.bucket.start}-{c.bucket.stop - 1} ({self.plan.grad_sync}, "
-                f"{len(g.devices)} devices, {nbytes / 2**20:.1f} MiB)")
-        acts = [self._begin(d, "collective", "allreduce", name, cause, it, group=c.group) for d in c.members]
+        kind, what = {"all": ("allreduce", "allreduce"), "rs": ("reducescatter", "reduce-scatter"),
+                      "ag": ("allgather", "all-gather")}[c.part]
+        part = f", slice {g.slice + 1}/{g.slices}" if g.slices > 1 else ""
+        name = (f"{what} L{c.bucket.start}-{c.bucket.stop - 1} ({self.plan.grad_sync}, "
+                f"{len(g.devices)} devices{part}, {nbytes / 2**20:.1f} MiB)")
+        acts = [self._begin(self.rep_of[d], "collective", kind, name, cause, it, group=c.group,
+                            rank=self.rank_index[d]) for d in c.members]
         t0 = env.now
-        steps = self.steps[c.group]
-        self.compute.comm_begin(c.members, "collective")
-        busy = self.compute.busy_marks(c.members)
+        steps = self.part_steps[(c.group, c.part)]
+        who = list(dict.fromkeys(self.rep_of[d] for d in c.members))  # the simulated groups it meets
+        self.compute.comm_begin(who, "collective")
+        busy = self.compute.busy_marks(who)
         if nbytes > 0 and self.net is not None:
             extra, byte_scale, lat_scale = self._measured_fit(c) or (0.0, 1.0, 1.0)
             if extra > 0:
@@ -457,10 +549,10 @@ class Simulation:
                 for u, f in st.flows:
                     self.log.record(u, t0, env.now, f * nbytes)
         if busy:
-            extra = self.compute.comm_extra(c.members, "collective", busy)
+            extra = self.compute.comm_extra(who, "collective", busy)
             if extra > 0:
                 yield env.timeout(extra)
-        self.compute.comm_end(c.members, "collective")
+        self.compute.comm_end(who, "collective")
         for i in acts:
             self._end(i)
         c.done.succeed((acts[0], env.now))
@@ -471,14 +563,19 @@ class Simulation:
             for gi, g in enumerate(self.groups):
                 if opts.overlap:
                     bs = buckets(gi, g.start, g.stop, self.cg, self.plan.precision, opts.bucket_bytes)
+                    if g.slices > 1:  # a slice's buckets hold its share of the layers' gradients
+                        bs = [Bucket(gi, b.start, b.stop, b.nbytes * g.nbytes / sum(x.nbytes for x in bs)) for b in bs]
                 else:
                     bs = [Bucket(gi, g.start, g.stop, g.nbytes)]
-                members = list(dict.fromkeys(self.rep_of[d] for d in g.devices))
-                for k, b in enumerate(bs):
-                    self.collectives.append(Collective((it, gi, k), gi, b, members, g.devices, self.env.event()))
+                members = list(dict.fromkeys(self.rank_rep[d] for d in g.devices))
+                for part in self.parts:
+                    for k, b in enumerate(bs):
+                        self.collectives.append(Collective((it, gi, part, k), gi, b, members, g.devices,
+                                                           self.env.event(), part=part))
         # Each device issues its collectives in reverse layer order (a total order, so no
-        # two devices can wait on each other in a cycle).
-        for c in sorted(self.collectives, key=lambda c: (c.key[0], -c.bucket.stop, -c.bucket.start, c.key)):
+        # two devices can wait on each other in a cycle); zero1's all-gathers come last.
+        for c in sorted(self.collectives, key=lambda c: (c.key[0], c.part == "ag", -c.bucket.stop, -c.bucket.start,
+                                                         c.key)):
             for d in c.members:
                 lane = self.lane_colls.setdefault((c.key[0], d), [])
                 if lane:
@@ -494,14 +591,15 @@ class Simulation:
         for w in self.work.values():
             self.marks[w.id][0]["start"] = 0.0
             if self.opts.overlap:
-                self.lanes[w.id] = simpy.Store(env)
-                env.process(self._lane(w.id))
+                for r in w.ranks:
+                    self.lanes[r] = simpy.Store(env)
+                    env.process(self._lane(r))
             env.process(self._device(w))
         for c in self.collectives:
             env.process(self._collective(c, c.key[0]))
         env.run()
         if len(self._finished) < len(self.work) or any(not c.done.triggered for c in self.collectives):
-            raise SpecError("plan", "schedule", "the simulation stalled before the iteration ended",
+            raise SpecError(self.plan.source or "plan", "schedule", "the simulation stalled before the iteration ended",
                             "check the plan's stage wiring (every stage must split the same micro-batch)")
         return SimResult(
             plan=self.plan, cluster=self.cluster, cg=self.cg, options=self.opts, topo=self.topo, table=self.table,

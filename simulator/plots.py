@@ -14,7 +14,8 @@ from hetalloc.fileio import atomic_write_bytes
 if TYPE_CHECKING:
     from .report import SimReport
 
-COLOURS = {"F": "#4C72B0", "B": "#DD8452", "optimizer": "#8C8C8C", "send": "#8172B3", "allreduce": "#C44E52"}
+COLOURS = {"F": "#4C72B0", "B": "#DD8452", "optimizer": "#8C8C8C", "tp": "#937860", "send": "#8172B3",
+           "allreduce": "#C44E52", "reducescatter": "#DA8BC3", "allgather": "#CCB974"}
 
 
 def _pyplot():
@@ -44,7 +45,7 @@ def gantt(report: "SimReport", path, max_devices: int = 48) -> None:
     row = {d: i for i, d in enumerate(devices)}
     k, unit = _scale(report.iteration_ends_s[-1])
     fig, ax = plt.subplots(figsize=(12, 0.9 + 0.42 * len(devices)))
-    lanes = {"compute": (0.05, 0.5), "p2p": (0.58, 0.17), "collective": (0.77, 0.17)}
+    lanes = {"compute": (0.05, 0.5), "tp": (0.05, 0.5), "p2p": (0.58, 0.17), "collective": (0.77, 0.17)}
     bars: dict[tuple[int, str, str], list[tuple[float, float]]] = {}
     for a in res.activities:
         if a.device in row and a.t1 > a.t0:

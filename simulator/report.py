@@ -184,10 +184,11 @@ def build_report(res: SimResult, prediction: Prediction | None) -> SimReport:
     for d, w in res.work.items():
         acts = by_dev[d]
         fb = [a for a in acts if a.kind in ("F", "B")]
+        tp = [a for a in acts if a.kind == "tp"]
         compute = [(a.t0, a.t1) for a in acts if a.lane == "compute"]
         comm = [(a.t0, a.t1) for a in acts if a.lane != "compute" and a.t1 > a.t0]
         busy = sum(b - a for a, b in compute)
-        it0 = [a for a in fb if a.iteration == 0]
+        it0 = [a for a in fb + tp if a.iteration == 0]  # a group is busy in its TP all-reduces too
         pipe_end0 = max(pipe_end0, max((a.t1 for a in it0), default=0.0))
         busy_fb0 += sum(a.t1 - a.t0 for a in it0) * len(w.mates)
         n_pipe += len(w.mates)
@@ -203,6 +204,8 @@ def build_report(res: SimResult, prediction: Prediction | None) -> SimReport:
             "idle_s": it_s - busy / n_it,
             "utilisation": busy / total if total > 0 else 0.0,
             "compute_fb_s": sum(a.t1 - a.t0 for a in fb) / n_it,
+            "tp_allreduce_s": sum(a.t1 - a.t0 for a in tp) / n_it,
+            "tensor_parallel": len(w.ranks),
             "exposed_comm_s": exposed_length(comm, compute) / n_it,
             "peak_memory_bytes": peak,
             "peak_activation_microbatches": round(peak_act / w.act_bytes_per_mb) if w.act_bytes_per_mb else 0,
@@ -218,9 +221,9 @@ def build_report(res: SimResult, prediction: Prediction | None) -> SimReport:
     stages = []
     for ri, r in enumerate(plan.replicas):
         for si, s in enumerate(r.stages):
-            ds = [devices[x.device] for x in s.devices]
+            ds = [devices[x] for x in s.device_ids()]
             busy = max(x["busy_s"] for x in ds)
-            stages.append({"replica": ri, "stage": si, "layers": [s.start, s.stop], "devices": len(s.devices),
+            stages.append({"replica": ri, "stage": si, "layers": [s.start, s.stop], "devices": len(ds),
                            "busy_s": busy, "idle_s": it_s - busy, "busy_fraction": busy / it_s if it_s else 0.0})
 
     links = link_stats(res, total)
@@ -238,7 +241,7 @@ def build_report(res: SimResult, prediction: Prediction | None) -> SimReport:
                 "optimizer_time_s": prediction.optimizer_time_s}
     samples = plan.global_batch
     chains = res.chains.replicas
-    reps = [{"representative": chains[c.replicas[0]].stages[0].devices[0].device, "pipelines": len(c.replicas)}
+    reps = [{"representative": chains[c.replicas[0]].stages[0].groups[0].lead, "pipelines": len(c.replicas)}
             for c in res.classes]
     return SimReport(
         result=res,
@@ -256,7 +259,8 @@ def build_report(res: SimResult, prediction: Prediction | None) -> SimReport:
         predicted=pred,
         folding={"simulated_pipelines": len(res.classes), "pipelines": len(chains), "replicas": len(plan.replicas),
                  "classes": reps,
-                 "simulated_devices": len(res.work), "devices": len(devices), "exact": True},
+                 "simulated_devices": sum(len(w.ranks) for w in res.work.values()), "simulated_groups": len(res.work),
+                 "devices": len(devices), "exact": True},
         performance={"events": res.num_events, "wall_s": res.wall_s,
                      "events_per_s": res.num_events / res.wall_s if res.wall_s > 0 else 0.0,
                      "network_solves": res.network_solves},
@@ -333,11 +337,14 @@ def critical_path(res: SimResult) -> dict[str, Any]:
             resource = f"link {names[a.usage][1] if a.usage in names else '?'}"
         elif a.kind == "loss":
             resource = "loss all-reduce"
+        elif a.kind == "tp":
+            resource = f"tensor-parallel all-reduce of {a.device} over {names[a.usage][1] if a.usage in names else '?'}"
         else:
             if a.group not in group_links:
                 group_links[a.group] = _group_link(res, a.group, names)
             g = res.groups[a.group]
-            resource = f"all-reduce of L{g.start}-{g.stop - 1} over {group_links[a.group]}"
+            what = {"reducescatter": "reduce-scatter", "allgather": "all-gather"}.get(a.kind, "all-reduce")
+            resource = f"{what} of L{g.start}-{g.stop - 1} over {group_links[a.group]}"
         dur = end - start
         by_res[resource] = by_res.get(resource, 0.0) + dur
         by_kind[a.kind] = by_kind.get(a.kind, 0.0) + dur
@@ -349,6 +356,7 @@ def critical_path(res: SimResult) -> dict[str, Any]:
     top = max(by_res.items(), key=lambda kv: (kv[1], kv[0]))
     total = sum(by_kind.values())
     words = {"F": "forward", "B": "backward", "send": "sends", "allreduce": "all-reduce", "optimizer": "optimizer",
+             "tp": "tensor-parallel all-reduce", "reducescatter": "reduce-scatter", "allgather": "all-gather",
              "loss": "loss all-reduce"}
     made_of = ", ".join(f"{words.get(k, k)} {100 * v / total:.0f}%"
                         for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])) if total > 0 else ""

@@ -14,7 +14,11 @@ Scenario specs (each flag of ``hetalloc whatif`` is one scenario unless combined
   ``link fabric=OVERSUBSCRIPTION``;
 - ``slow DEVICE=FACTOR``: that device computes (and steps its optimizer) FACTOR times slower;
 - ``fail DEVICE`` or ``fail NODE``: the device or node is gone; ids of the others stay;
-- ``batch N`` and ``seq N``: another global batch or sequence length (built-in models).
+- ``batch N`` and ``seq N``: another global batch or sequence length (built-in models);
+- plan options, toggled on the old plan (the cluster stays): ``tp N`` regroups every
+  stage's devices of one type in one node into tensor-parallel groups of N (their shares
+  summed, then split among the new groups by size); ``recompute none|full`` sets every
+  stage's choice; ``optimizer_sharding none|zero1`` the plan's.
 
 Prices per device-hour come from the catalog (``DeviceType.cost_per_hour_usd``), a
 cluster file's ``prices:`` or ``--price TYPE=USD``; a cluster costs the sum over all its
@@ -35,9 +39,10 @@ from hetalloc.catalog import DeviceType, suggest_device, suggest_link, with_pric
 from hetalloc.cluster import Cluster, Device, LinkSpec, Node, catalog_link
 from hetalloc.costgraph import CostGraph, TimeTable, analytic_cost_graph
 from hetalloc.errors import InfeasibleError, SpecError
-from hetalloc.plan import Plan, plan_from_dict, validate_plan
+from hetalloc.costs import OPTIMIZER_SHARDING, RECOMPUTE, TP_DEGREES
+from hetalloc.plan import Group, Plan, plan_from_dict, validate_plan
 
-KINDS = ("swap", "add", "remove", "link", "slow", "fail", "batch", "seq")
+KINDS = ("swap", "add", "remove", "link", "slow", "fail", "batch", "seq", "tp", "recompute", "optimizer_sharding")
 
 
 @dataclass
@@ -325,13 +330,86 @@ def seq(spec: str) -> Callable[[Case], Case]:
         if cg.tables:
             raise _err(spec, "the cost graph has measured tables for one sequence length",
                        "profile at the new length (hetalloc profile --seq) instead")
-        new = analytic_cost_graph(cg.shape(), n, cg.precision).with_efficiency(cg.efficiency)
+        new = (analytic_cost_graph(cg.shape(), n, cg.precision).with_efficiency(cg.efficiency)
+               .with_tp_efficiency(cg.tp_efficiency))
         out = dataclasses.replace(case, cg=new)
         if case.old_plan is not None:
             q = _copy(case.old_plan)
             q.seq_len = n
             out.old_plan = q
         return out
+    return apply
+
+
+def tp(spec: str) -> Callable[[Case], Case]:
+    try:
+        n = int(spec)
+    except ValueError:
+        n = 0
+    if n not in TP_DEGREES:
+        raise _err(spec, f"a tensor-parallel degree is one of {', '.join(map(str, TP_DEGREES))}", "e.g. --tp 4")
+
+    def apply(case: Case) -> Case:
+        if case.old_plan is None:
+            return case
+        q = _copy(case.old_plan)
+        for ri, r in enumerate(q.replicas):
+            for si, s in enumerate(r.stages):
+                groups = regroup(s.groups, n, case.cluster)
+                if isinstance(groups, str):
+                    return dataclasses.replace(case, old_plan=None,
+                                               old_invalid=f"tp {n}: replicas[{ri}].stages[{si}]: {groups}; re-plan")
+                s.groups = groups
+        return dataclasses.replace(case, old_plan=q)
+    return apply
+
+
+def regroup(groups: list[Group], n: int, cluster: Cluster) -> list[Group] | str:
+    """A stage's groups as groups of n: the devices of each type in each node, in order,
+    cut into groups of n; the shares they served together split among the new groups
+    evenly (each at least 1). A reason (str) when that cannot be done."""
+    pools: dict[tuple[str, str], tuple[list[str], int]] = {}
+    for g in groups:
+        d = cluster.device(g.lead)
+        devs, share = pools.get((d.node, d.type), ([], 0))
+        pools[(d.node, d.type)] = (devs + list(g.devices), share + g.share)
+    out: list[Group] = []
+    for (node, dtype), (devs, share) in pools.items():
+        if len(devs) % n:
+            return f"{len(devs)} {dtype} on node {node} do not make groups of {n}"
+        k = len(devs) // n
+        shares = largest_remainder(share, [1.0] * k, minimum=1)
+        if not shares:
+            return f"{share} samples per micro-batch cannot feed {k} groups on node {node}"
+        out += [Group(devs[i * n:(i + 1) * n], sh) for i, sh in enumerate(shares)]
+    return out
+
+
+def recompute(spec: str) -> Callable[[Case], Case]:
+    if spec not in RECOMPUTE:
+        raise _err(spec, f"unknown recompute choice '{spec}'", f"use one of {', '.join(RECOMPUTE)}")
+
+    def apply(case: Case) -> Case:
+        if case.old_plan is None:
+            return case
+        q = _copy(case.old_plan)
+        for r in q.replicas:
+            for s in r.stages:
+                s.recompute = spec
+        return dataclasses.replace(case, old_plan=q)
+    return apply
+
+
+def optimizer_sharding(spec: str) -> Callable[[Case], Case]:
+    if spec not in OPTIMIZER_SHARDING:
+        raise _err(spec, f"unknown optimizer sharding '{spec}'", f"use one of {', '.join(OPTIMIZER_SHARDING)}")
+
+    def apply(case: Case) -> Case:
+        if case.old_plan is None:
+            return case
+        q = _copy(case.old_plan)
+        q.optimizer_sharding = spec
+        return dataclasses.replace(case, old_plan=q)
     return apply
 
 
@@ -351,12 +429,30 @@ def _copy(p: Plan) -> Plan:
 
 BUILDERS: dict[str, Callable[[str], Callable[[Case], Case]]] = {
     "swap": swap, "add": add, "remove": remove, "link": link, "slow": slow, "fail": fail,
-    "batch": batch, "seq": seq,
+    "batch": batch, "seq": seq, "tp": tp, "recompute": recompute, "optimizer_sharding": optimizer_sharding,
 }
 
 
+def _as_flag(e: SpecError, flag: str) -> SpecError:
+    """The error with the flag it came from as its source (the builders say 'whatif')."""
+    return SpecError(flag, e.path, e.problem, e.fix) if e.source == "whatif" else e
+
+
 def scenario(kind: str, spec: str) -> Scenario:
-    return Scenario(f"{kind} {spec}", [BUILDERS[kind](spec)])
+    """The scenario of one flag (--swap SPEC, ...); its errors, on parsing now or on
+    applying later, name the flag."""
+    flag = f"--{kind}"
+    try:
+        transform = BUILDERS[kind](spec)
+    except SpecError as e:
+        raise _as_flag(e, flag) from None
+
+    def apply(case: Case) -> Case:
+        try:
+            return transform(case)
+        except SpecError as e:
+            raise _as_flag(e, flag) from None
+    return Scenario(f"{kind} {spec}", [apply])
 
 
 def apply_scenario(sc: Scenario, base: Case) -> Case:
@@ -421,15 +517,22 @@ def parse_sweep(text: str) -> tuple[str, list[str], str]:
 
 
 def sweep_scenarios(text: str) -> tuple[str, list[float], str, list[Scenario]]:
-    knob, values, unit = parse_sweep(text)
-    out = []
-    for v in values:
-        if knob in ("batch", "seq"):
-            sc = scenario(knob, str(int(float(v))))
-        elif knob.startswith("slow:"):
-            sc = scenario("slow", f"{knob[5:]}={v}")
-        else:
-            sc = scenario("link", f"{knob}={v}{unit}")
-        sc.name = f"{knob}={v}{unit}"
-        out.append(sc)
-    return knob, [float(v) for v in values], unit, out
+    try:
+        knob, values, unit = parse_sweep(text)
+        try:
+            numbers = [float(v) for v in values]
+        except ValueError:
+            raise _err(text, f"cannot read values '{','.join(values)}'", "e.g. nic=10,25,100Gb/s") from None
+        out = []
+        for v, x in zip(values, numbers):
+            if knob in ("batch", "seq"):
+                sc = scenario(knob, str(int(x)) if x == int(x) else v)
+            elif knob.startswith("slow:"):
+                sc = scenario("slow", f"{knob[5:]}={v}")
+            else:
+                sc = scenario("link", f"{knob}={v}{unit}")
+            sc.name = f"{knob}={v}{unit}"
+            out.append(sc)
+    except SpecError as e:
+        raise SpecError("--sweep", text, e.problem, e.fix) from None
+    return knob, numbers, unit, out

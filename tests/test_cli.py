@@ -22,7 +22,7 @@ def test_plan_writes_json(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     on_disk = json.loads(out.read_text())
     assert printed == on_disk
-    assert on_disk["schema_version"] == 1 and on_disk["kind"] == "plan"
+    assert on_disk["schema_version"] == 2 and on_disk["kind"] == "plan"
     assert not list(tmp_path.glob(".plan.json.*"))  # no temp file left behind
 
 

@@ -141,3 +141,23 @@ def test_tensor_parallel_plan_names_linear_projections_of_stage_blocks():
     for block in stage.blocks():
         for name in TENSOR_PARALLEL_PLAN["llama"]:
             assert isinstance(block.get_submodule(name), nn.Linear), name
+
+
+@pytest.mark.parametrize("name, extra", [("llama-tiny", {}), ("qwen2-tiny", {}),
+                                         ("llama-tiny", {"attention_bias": True, "mlp_bias": True})],
+                         ids=["llama", "qwen2-qkv-bias", "llama-attention-and-mlp-bias"])
+def test_replicated_params_are_what_the_tensor_parallel_plan_leaves_whole(tmp_path, name, extra):
+    """The planner's per-rank parameters under tensor parallelism agree with the runtime's
+    plan: ColwiseParallel shards a projection's weight and bias, RowwiseParallel its
+    weight only (its bias stays whole), the rest of a block (the RMSNorms) stays whole."""
+    cfg = {**json.loads((ROOT / "examples" / f"{name}.json").read_text()), **extra}
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    shape = resolve_model(str(tmp_path / f"{name}.json"))
+    block = build_model(shape, seed=0).layers[1].block
+    split = 0
+    for mod_name, style in TENSOR_PARALLEL_PLAN["llama"].items():
+        lin = block.get_submodule(mod_name)
+        split += lin.weight.numel() + (lin.bias.numel() if style == "colwise" and lin.bias is not None else 0)
+    whole = sum(p.numel() for p in block.parameters()) - split
+    assert layer_shapes(shape, 32, 4)[1].replicated_params == whole
+    assert whole == 2 * shape.hidden + (2 * shape.hidden if extra else 0)  # norms (+ o_proj, down_proj biases)

@@ -18,7 +18,7 @@ from hetalloc.cluster import cluster_from_dict, load_cluster
 from hetalloc.costgraph import analytic_cost_graph, cost_graph_from_dict, load_cost_graph
 from hetalloc.models import get_model
 from hetalloc.plan import load_plan, validate_plan
-from runtime.launch import RunFailed
+from hetalloc.errors import SpecError
 from runtime.profile.command import run_profile
 from runtime.profile.files import report_lines
 
@@ -157,7 +157,7 @@ def test_profile_files_round_trip_and_plan(prof, tmp_path):
     plan = make_plan(cluster, cg, 8, time_limit=10)
     validate_plan(plan, cluster, cg)
     # The slow device gets less work than the fast one.
-    shares = {d.device: d.share * (s.stop - s.start) for r in plan.replicas for s in r.stages for d in s.devices}
+    shares = {g.lead: g.share * (s.stop - s.start) for r in plan.replicas for s in r.stages for g in s.groups}
     fast, slow = (d.id for d in cluster.devices)
     assert shares.get(slow, 0) < shares[fast]
     # The command line plans from the same files.
@@ -197,11 +197,16 @@ def test_calibration_is_written_and_reusable(prof):
     assert bad.returncode != 0 and "--efficiency-as" in bad.stderr and fitted in bad.stderr
 
 
-def test_bad_profile_request_names_the_argument(tmp_path):
-    with pytest.raises(RunFailed, match="--slowdown"):
-        run_profile(tmp_path, nproc=2, model="gpt2-tiny", seq=32, batch_sizes="1", slowdown=["5=2"],
-                    warmup=1, repeats=1, link_repeats=1, timeout_s=120)
-    assert not (tmp_path / "report.json").exists()
+def test_bad_profile_request_names_the_argument_before_launching(tmp_path):
+    """Refused in the launching process (SpecError, one line), no rank started."""
+    out = tmp_path / "profile"
+    for kw, flag in ((dict(slowdown=["5=2"]), "--slowdown: 5: is not a rank of this profile"),
+                     (dict(batch_sizes="1,x"), "--batch-sizes"), (dict(seq=4096), "--seq"),
+                     (dict(model="gpt9"), "--model")):
+        args = dict(nproc=2, model="gpt2-tiny", seq=32, batch_sizes="1", warmup=1, repeats=1, link_repeats=1) | kw
+        with pytest.raises(SpecError, match=flag):
+            run_profile(out, timeout_s=120, **args)
+    assert not out.exists()
 
 
 def test_closed_loop_prints_predicted_next_to_measured(tmp_path):

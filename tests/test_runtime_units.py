@@ -24,7 +24,7 @@ from runtime.metrics import predicted_by_device
 from runtime.models import StageModule, build_model, layer_param_counts
 from runtime.pipeline import stage_role
 from runtime.plans import cpu_cost_graph, hand_plan
-from runtime.rankmap import check_launch, rank_map
+from runtime.rankmap import check_launch, check_supported, rank_map
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_HOSTS = {"name": "two-hosts", "nodes": [
@@ -57,6 +57,29 @@ def test_ranks_are_plan_devices_in_cluster_order_grouped_by_node():
     assert rm.devices == ("a/1", "b/0", "b/1")
     assert rm.nodes == ("a", "b")
     assert rm.ranks_on("b") == [1, 2] and rm.local_rank(2) == 1
+
+
+def test_plan_options_the_runtime_does_not_run_yet_are_refused_in_one_line(tmp_path):
+    from hetalloc.plan import Group
+    from runtime.launch import load_checked
+    cluster = cpu4()
+    plan = hand_plan(cluster, cpu_cost_graph("gpt2-tiny", 32), [[((0, 3), [("host/0", 2)]), ((3, 6), [("host/1", 2)])]],
+                     num_microbatches=2)
+    check_supported(plan)
+    tp = hand_plan(cluster, cpu_cost_graph("gpt2-tiny", 32), [[((0, 6), [("host/0", 2)])]], num_microbatches=2)
+    tp.replicas[0].stages[0].groups = [Group(["host/0", "host/1"], 2)]
+    tp.save(tmp_path / "tp.json")
+    with pytest.raises(SpecError, match=r"tp.json: replicas\[0\].stages\[0\].groups\[0\].devices: a tensor-parallel "
+                                        "group of 2: the runtime does not run tensor parallelism yet"):
+        load_checked(tmp_path / "tp.json")
+    plan.replicas[0].stages[1].recompute = "full"
+    with pytest.raises(SpecError, match=r"stages\[1\].recompute: 'full': the runtime does not recompute"):
+        check_supported(plan)
+    plan.replicas[0].stages[1].recompute = "none"
+    plan.optimizer_sharding = "zero1"
+    with pytest.raises(SpecError, match="optimizer_sharding: 'zero1': the runtime does not shard") as e:
+        check_supported(plan)
+    assert "\n" not in str(e.value)
 
 
 def test_check_launch_accepts_the_plans_layout():
@@ -122,7 +145,7 @@ def test_every_stage_sees_each_sample_of_the_global_batch_once():
         for ri, r in enumerate(plan.replicas):
             for si, s in enumerate(r.stages):
                 if s.start <= layer < s.stop:
-                    for k in range(len(s.devices)):
+                    for k in range(len(s.groups)):
                         for m in range(plan.num_microbatches):
                             first, count = device_samples(plan, ri, si, k, m)
                             seen += range(first, first + count)
@@ -186,7 +209,7 @@ def test_config_and_slowdown_validation():
         TrainConfig(checkpoint_every=5)
     assert parse_slowdown(["1=2", "host/3=1.5"]) == {"1": 2.0, "host/3": 1.5}
     for bad in ("1", "x=0.5", "=2"):
-        with pytest.raises(ValueError, match="--slowdown expects"):
+        with pytest.raises(ValueError, match="--slowdown: .*expected RANK=FACTOR"):
             parse_slowdown([bad])
     assert TrainConfig().learning_rate("sgd") == 0.05
 
@@ -274,3 +297,33 @@ def test_profile_turns_and_collective_groups():
     assert compute_turns(["a", "a", "b", "b", "b"], [1, 1, 8, 8, 8]) == [[0, 2, 3, 4], [1]]
     assert collective_groups(["a"] * 3) == [("intra", [0, 1]), ("intra", [0, 1, 2])]
     assert collective_groups(["a", "a", "b", "c"]) == [("intra", [0, 1]), ("inter", [0, 2]), ("inter", [0, 2, 3])]
+
+
+# ---- the launcher's reading of torchrun's stderr -------------------------------------
+
+def test_launcher_keeps_the_ranks_error_line_and_holds_back_torchruns_report():
+    """run_filtered on a stand-in for torchrun: a rank's warning passes through, its
+    'error:' line is kept, and what follows (torchrun's log lines, its ChildFailedError
+    traceback) is held back, not printed."""
+    import io
+    import sys
+    from runtime.launch import run_filtered
+    script = "\n".join([
+        "import sys",
+        "w = sys.stderr.write",
+        "w('warning: a rank warns\\n')",
+        "w('W1130 15:08:14.388000 1 torch/distributed/elastic/multiprocessing/api.py:1028] Sending process 2\\n')",
+        "w('note: after a log line, before any failure\\n')",
+        "w('error: --slowdown: 5: is not a rank of this run (0..1)\\n')",
+        "w('E1130 15:08:14.508000 1 torch/.../api.py:1002] failed (exitcode: 2) local_rank: 0\\n')",
+        "w('Traceback (most recent call last):\\n')",
+        "w('torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\\n')",
+        "print('step:    1  loss:  5.5')",
+        "sys.exit(1)"])
+    err = io.StringIO()
+    rc, errors, held = run_filtered([sys.executable, "-c", script], env=None, err=err)
+    assert rc == 1
+    assert errors == ["error: --slowdown: 5: is not a rank of this run (0..1)"]
+    assert err.getvalue() == "warning: a rank warns\nnote: after a log line, before any failure\n"
+    assert held[0].startswith("W1130") and held[-1].startswith("torch.distributed.elastic")
+    assert len(held) == 4

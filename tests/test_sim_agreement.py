@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import pytest
 
+from hetalloc.cluster import load_cluster
+from hetalloc.costgraph import analytic_cost_graph
 from hetalloc.evaluate import predict, sync_groups
+from hetalloc.models import get_model
 from simulator import simulate
-from workflows.examples import INSTANCES, chained, example_plans
+from workflows.examples import EXAMPLES, INSTANCES, chained, example_plans
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +102,117 @@ def test_wide_stages_split_into_independent_chains():
                                                  rel=1e-12)
     uneven = toy_plan([[(0, 1, [("n/0", 1), ("n/1", 2)]), (1, 2, [("n/2", 2), ("n/3", 1)])]], 4, "gpipe")
     assert simulate(uneven, cl, cg, compare=False).folding["pipelines"] == 1  # slices overlap across
+
+
+# ---- schema-2 plans: tensor-parallel groups, recomputation, zero1 -------------------------
+
+def _plan(cg, replicas, M, schedule="1f1b", sharding="none", grad_sync="ring"):
+    from hetalloc.plan import Group, Plan, Replica, Stage
+    reps = [Replica([Stage(a, b, [Group(list(d), s) for d, s in groups], rc) for a, b, groups, rc in r])
+            for r in replicas]
+    return Plan(cg.model, cg.seq_len, M * sum(r.microbatch for r in reps), M, schedule, grad_sync, reps,
+                precision=cg.precision, optimizer_sharding=sharding)
+
+
+def _a(*ks):
+    return tuple(f"a100/{k}" for k in ks)
+
+
+def _v(*ks):
+    return tuple(f"v100/{k}" for k in ks)
+
+
+def v2_plans(cg):
+    """Hand-made schema-2 plans of GPT-3 1.3B (26 layers) on lab-16 (8 A100-40G on NVLink3,
+    8 V100-16G on NVLink2, IB-EDR between): label -> (plan, chained)."""
+    out = {}
+    # one group per stage, t = 4 -> 2 -> 1 (rank pairs between sizes), the V100 stages recomputed
+    pipe = [[(0, 9, [(_a(0, 1, 2, 3), 2)], "none"), (9, 18, [(_v(0, 1), 2)], "full"), (18, 26, [(_v(2), 2)], "full")]]
+    out["tp pipeline 1f1b"] = (_plan(cg, pipe, 4), False)
+    out["tp pipeline gpipe zero1"] = (_plan(cg, pipe, 4, "gpipe", "zero1"), False)
+    # two replicas of 4-way groups: each parameter slice reduced by one pair of devices
+    dp = [[(0, 13, [(_a(4 * r, 4 * r + 1, 4 * r + 2, 4 * r + 3), 2)], "none"),
+           (13, 26, [(_v(4 * r, 4 * r + 1, 4 * r + 2, 4 * r + 3), 2)], "full")] for r in range(2)]
+    for alg in ("ring", "hierarchical", "param_server"):
+        out[f"tp dp {alg}"] = (_plan(cg, dp, 4, grad_sync=alg), False)
+        out[f"tp dp {alg} zero1"] = (_plan(cg, dp, 4, sharding="zero1", grad_sync=alg), False)
+    # eight 2-way replicas, four per node: each slice reduced by 4 + 4 devices across the nodes
+    dp8 = [[(0, 26, [((f"{n}/{2 * r}", f"{n}/{2 * r + 1}"), 1)], "full")] for n in ("a100", "v100") for r in range(4)]
+    for alg in ("ring", "hierarchical", "param_server"):
+        out[f"tp dp8 {alg} zero1"] = (_plan(cg, dp8, 2, sharding="zero1", grad_sync=alg), False)
+    # groups of different sizes in one stage, uneven shares, another cut in the second replica
+    mixed = [[(0, 13, [(_a(0, 1, 2, 3), 3), (_a(4, 5), 1)], "none"),
+              (13, 26, [(_v(0, 1, 2, 3), 2), (_v(4), 1), (_v(5), 1)], "full")],
+             [(0, 10, [(_a(6, 7), 2)], "full"), (10, 26, [(_v(6, 7), 2)], "full")]]
+    out["mixed zero1"] = (_plan(cg, mixed, 4, sharding="zero1"), True)
+    out["mixed gpipe"] = (_plan(cg, mixed, 4, "gpipe"), True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lab_v2():
+    cl = load_cluster(EXAMPLES / "lab-16.yaml")
+    cg = analytic_cost_graph(get_model("gpt3-1.3b"))
+    return cl, cg, v2_plans(cg)
+
+
+def test_schema2_plans_reference_mode_equals_the_cost_formulas(lab_v2):
+    from hetalloc.plan import validate_plan
+    cl, cg, plans = lab_v2
+    exact = 0
+    for label, (plan, is_chained) in plans.items():
+        validate_plan(plan, cl, cg)  # they fit
+        assert is_chained == chained(plan, cl, cg), label
+        pred = predict(plan, cl, cg).iteration_time_s
+        for fold in (True, False):
+            sim = simulate(plan, cl, cg, contention=False, overlap=False, compare=False, fold=fold).iteration_time_s
+            if is_chained:
+                extra = sum(g.time_s for g in sync_groups(plan, cl, cg))
+                assert pred * (1 - 1e-9) <= sim <= pred + extra, label
+            else:
+                assert sim == pytest.approx(pred, rel=1e-9), label
+                exact += 1
+    assert exact == 2 * 11
+
+
+def test_schema2_options_cost_what_the_formulas_say(lab_v2):
+    cl, cg, plans = lab_v2
+    plan = plans["tp dp ring"][0]
+    base = predict(plan, cl, cg)
+    z = predict(plans["tp dp ring zero1"][0], cl, cg)
+    assert z.pipeline_time_s == base.pipeline_time_s and z.sync_time_s == pytest.approx(base.sync_time_s)
+    assert z.optimizer_time_s < base.optimizer_time_s  # half of the state per device
+    assert max(m.optimizer for m in z.memory.values()) == pytest.approx(
+        max(m.optimizer for m in base.memory.values()) / 2)
+    st = [s for s in base.stages if s["stage"] == 1][0]
+    assert st["tp_s"] > 0 and st["bwd_s"] > 2 * st["fwd_s"]  # recomputed: backward + forward again
+
+
+@pytest.mark.parametrize("label", ["tp pipeline 1f1b", "tp dp hierarchical zero1", "tp dp8 param_server zero1",
+                                   "mixed zero1"])
+def test_schema2_plans_with_contention_and_overlap(lab_v2, label):
+    cl, cg, plans = lab_v2
+    plan = plans[label][0]
+    ref = simulate(plan, cl, cg, contention=False, overlap=False, compare=False)
+    rep = simulate(plan, cl, cg, explain=True)
+    assert 0 < rep.iteration_time_s
+    # the tensor-parallel all-reduces, recomputation and zero1 show in the timeline
+    kinds = {a.kind for a in rep.result.activities}
+    assert "tp" in kinds
+    if plan.optimizer_sharding == "zero1" and rep.result.groups:
+        assert {"reducescatter", "allgather"} <= kinds and "allreduce" not in kinds
+    tp_acts = [a for a in ref.result.activities if a.kind == "tp"]
+    w = ref.result.work[tp_acts[0].device]
+    assert tp_acts[0].t1 - tp_acts[0].t0 == pytest.approx(w.tp_fwd_s if "F " in tp_acts[0].name else w.tp_bwd_s)
+    # ... and in the trace: a TP lane, the ranks' own lanes
+    from simulator.trace import trace_events
+    events = trace_events(rep)
+    cats = {e.get("cat") for e in events}
+    assert "tp" in cats and ("allgather" in cats) == (plan.optimizer_sharding == "zero1" and bool(rep.result.groups))
+    threads = {e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert "tp" in threads and any(t.startswith("p2p rank 1 (") for t in threads)
+    procs = {e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "process_name"}
+    assert any("(TP " in p for p in procs)
+    # folding stays exact with tensor-parallel rings on the links
+    full = simulate(plan, cl, cg, compare=False, fold=False)
+    assert rep.iteration_time_s == pytest.approx(full.iteration_time_s, rel=1e-12)

@@ -10,7 +10,7 @@ from hetalloc.cluster import cluster_from_dict
 from hetalloc.costgraph import CostGraph, TimeTable
 from hetalloc.evaluate import predict
 from hetalloc.models import LayerShape
-from hetalloc.plan import DeviceShare, Plan, Replica, Stage
+from hetalloc.plan import Group, Plan, Replica, Stage
 from simulator import simulate
 from simulator.engine import SimOptions, Simulation
 
@@ -36,7 +36,7 @@ def graph(num_layers: int = 1, fwd_s: float = 1.0, bwd_s: float = 2.0, params: i
 
 
 def plan(replicas, num_microbatches: int, schedule: str = "gpipe") -> Plan:
-    reps = [Replica([Stage(a, b, [DeviceShare(d, s) for d, s in devs]) for a, b, devs in r]) for r in replicas]
+    reps = [Replica([Stage(a, b, [Group([d], s) for d, s in devs]) for a, b, devs in r]) for r in replicas]
     B = num_microbatches * sum(r.microbatch for r in reps)
     return Plan("toy", 1, B, num_microbatches, schedule, "ring", reps, precision="fp32")
 

@@ -51,7 +51,7 @@ def test_trace_is_valid_chrome_trace(lab, tmp_path):
     assert sum(n.startswith("link ") for n in names) >= 2  # NICs carry the cross-node sends
     assert len(rep.result.work) == sum(not n.startswith("link ") for n in names)
     ops = [e for e in events if e["ph"] == "X" and e["cat"] in ("F", "B")]
-    per_device = len(plan.replicas[0].stages[0].devices)
+    per_device = len(plan.replicas[0].stages[0].groups)
     assert len(ops) >= 2 * 2 * plan.num_microbatches * per_device  # two iterations of F and B
     end_us = max(e["ts"] + e["dur"] for e in events if e["ph"] == "X")
     assert end_us == pytest.approx(rep.iteration_ends_s[-1] * 1e6, rel=1e-6)

@@ -12,7 +12,7 @@ from hetalloc.costs import in_flight_microbatches
 from hetalloc.evaluate import predict
 from hetalloc.plan import device_memory
 from hetalloc.models import LayerShape
-from hetalloc.plan import DeviceShare, Plan, Replica, Stage
+from hetalloc.plan import Group, Plan, Replica, Stage
 from simulator.collectives import buckets, ring_steps, split_steps
 from simulator.engine import SimOptions, Simulation
 from simulator.links import LinkLog, Network, Topology, UsageTable, max_min_rates
@@ -46,7 +46,7 @@ one round of recursive doubling, 8 bytes / 1 GB/s = 8 ns (after the last optimiz
 
 def toy_plan(replicas: list[list[tuple[int, int, list[tuple[str, int]]]]], num_microbatches: int, schedule: str,
              grad_sync: str = "ring") -> Plan:
-    reps = [Replica([Stage(a, b, [DeviceShare(d, s) for d, s in devs]) for a, b, devs in r]) for r in replicas]
+    reps = [Replica([Stage(a, b, [Group([d], s) for d, s in devs]) for a, b, devs in r]) for r in replicas]
     B = num_microbatches * sum(r.microbatch for r in reps)
     return Plan("toy", 1, B, num_microbatches, schedule, grad_sync, reps, precision="fp32")
 

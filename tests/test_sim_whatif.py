@@ -102,6 +102,9 @@ def test_batch_and_seq(lab):
     assert odd.old_plan is None and "not a multiple" in odd.old_invalid
     case = scenarios.apply_scenario(scenarios.scenario("seq", "1024"), lab)
     assert case.cg.seq_len == 1024 and case.old_plan.seq_len == 1024
+    # the cost graph's own tensor-parallel efficiencies survive the new length
+    tuned = scenarios.Case(lab.cluster, lab.cg.with_tp_efficiency({"*": {4: 0.5}}), 64, lab.old_plan)
+    assert scenarios.apply_scenario(scenarios.scenario("seq", "1024"), tuned).cg.tp_efficiency == {"*": {4: 0.5}}
 
 
 def test_prices_and_cheapest_meeting_deadline(lab):
@@ -127,3 +130,41 @@ def test_run_rows_and_sweeps(lab):
     assert rows[0]["usd_per_iteration"] == pytest.approx(price * rows[0]["best_s"] / 3600)
     assert rows[0]["samples_per_usd"] == pytest.approx(64 / rows[0]["usd_per_iteration"])
     assert rows[-1]["old_plan_s"] is None and rows[-1]["replan_s"] > 0
+
+
+def test_plan_options_toggled_on_the_old_plan():
+    from hetalloc.evaluate import predict
+    from hetalloc.plan import Group, Plan, Replica, Stage
+    cl = load_cluster(EXAMPLES / "lab-16.yaml")
+    cg = analytic_cost_graph(get_model("gpt3-1.3b"))
+    # two replicas, each stage four single devices with one sample each
+    reps = [Replica([Stage(0, 18, [Group([f"a100/{4 * r + k}"], 1) for k in range(4)]),
+                     Stage(18, 26, [Group([f"v100/{4 * r + k}"], 1) for k in range(4)])]) for r in range(2)]
+    plan = Plan(cg.model, cg.seq_len, 32, 4, "1f1b", "ring", reps, precision=cg.precision)
+    base = scenarios.Case(cl, cg, 32, plan)
+    tp4 = scenarios.apply_scenario(scenarios.scenario("tp", "4"), base).old_plan
+    assert [[(g.devices, g.share) for g in s.groups] for s in tp4.replicas[1].stages] == [
+        [(["a100/4", "a100/5", "a100/6", "a100/7"], 4)], [(["v100/4", "v100/5", "v100/6", "v100/7"], 4)]]
+    tp2 = scenarios.apply_scenario(scenarios.scenario("tp", "2"), base).old_plan
+    assert [(g.devices, g.share) for g in tp2.replicas[0].stages[0].groups] == [(["a100/0", "a100/1"], 2),
+                                                                               (["a100/2", "a100/3"], 2)]
+    back = scenarios.apply_scenario(scenarios.scenario("tp", "1"), scenarios.Case(cl, cg, 32, tp2))
+    assert back.old_plan.to_dict()["replicas"] == plan.to_dict()["replicas"]
+    bad = scenarios.apply_scenario(scenarios.scenario("tp", "8"), base)
+    assert bad.old_plan is None and "4 A100-40G on node a100 do not make groups of 8" in bad.old_invalid
+    with pytest.raises(SpecError, match="tensor-parallel degree is one of 1, 2, 4, 8"):
+        scenarios.scenario("tp", "3")
+    rc = scenarios.apply_scenario(scenarios.scenario("recompute", "full"), base).old_plan
+    assert {s.recompute for r in rc.replicas for s in r.stages} == {"full"}
+    z = scenarios.apply_scenario(scenarios.scenario("optimizer_sharding", "zero1"), base).old_plan
+    assert z.optimizer_sharding == "zero1"
+    with pytest.raises(SpecError, match="unknown optimizer sharding 'zero3'"):
+        scenarios.scenario("optimizer_sharding", "zero3")
+    # the rows simulate the toggled plans; without contention and overlap, as the formulas say
+    ref = whatif.WhatIfOptions(replan=False, sim={"contention": False, "overlap": False})
+    scs = [scenarios.scenario(k, v) for k, v in (("tp", "4"), ("recompute", "full"), ("optimizer_sharding", "zero1"))]
+    rows = whatif.run_scenarios(base, scs, ref)
+    for row, p in zip(rows, (plan, tp4, rc, z)):
+        assert row["old_plan_s"] == pytest.approx(predict(p, cl, cg).iteration_time_s, rel=1e-9), row["scenario"]
+    assert rows[2]["old_plan_s"] > rows[0]["old_plan_s"]  # recomputing costs a forward more
+    assert rows[3]["old_plan_s"] < rows[0]["old_plan_s"]  # each device steps half the state

@@ -13,19 +13,21 @@ import json
 import sys
 from typing import Any
 
+from allocator.baselines import BASELINES
 from hetalloc.errors import SpecError
 from simulator.commands import console, context_args, load_context, sim_options
 from simulator.plots import scenario_bars, sweep_lines
 from simulator.scenarios import KINDS, Case, Scenario, scenario, sweep_scenarios, with_prices
 
-from .whatif import WhatIfOptions, cheapest_meeting, run_scenarios
+from .whatif import WhatIfOptions, check_scenarios, cheapest_meeting, run_scenarios
 
 
 def register(subparsers) -> None:
     w = subparsers.add_parser(
         "whatif", help="simulate a plan under hardware/batch scenarios, old plan vs re-planned, with prices",
-        description="Each --swap/--add/--remove/--link/--slow/--fail/--batch/--seq is one scenario (or one "
-                    "combined scenario with --combine). For each, the old plan (where still valid) and a "
+        description="Each --swap/--add/--remove/--link/--slow/--fail/--batch/--seq/--tp/--recompute/"
+                    "--optimizer-sharding is one scenario (or one combined scenario with --combine). For each, the "
+                    "old plan (where still valid; --tp/--recompute/--optimizer-sharding change it) and a "
                     "re-planned one are simulated. Bandwidths: 200Gb/s (bits), 25GB/s or a bare number (GB/s).")
     w.add_argument("plan", help="the base plan.json")
     context_args(w)
@@ -39,11 +41,18 @@ def register(subparsers) -> None:
     w.add_argument("--fail", action="append", default=[], metavar="DEVICE|NODE", help="e.g. a100/3 or v100")
     w.add_argument("--batch", action="append", default=[], metavar="N", help="another global batch")
     w.add_argument("--seq", action="append", default=[], metavar="N", help="another sequence length")
+    w.add_argument("--tp", action="append", default=[], metavar="N",
+                   help="the old plan with tensor-parallel groups of N (1, 2, 4, 8) on each stage's devices")
+    w.add_argument("--recompute", action="append", default=[], metavar="none|full",
+                   help="the old plan with activation recomputation off or on in every stage")
+    w.add_argument("--optimizer-sharding", action="append", default=[], metavar="none|zero1",
+                   help="the old plan with its optimizer state sharded (zero1) or not")
     w.add_argument("--combine", action="store_true", help="apply all given transformations as one scenario")
     w.add_argument("--sweep", metavar="KNOB=VALUES",
                    help="grid over one knob: nic=10..400Gb/s:6 (log-spaced), intra=..., fabric=1,2,4, "
                         "batch=256,512, seq=..., slow:DEVICE=1,2,4")
-    w.add_argument("--planner", default="ilp", help="re-plan with: ilp (default), even, proportional, pipedream")
+    w.add_argument("--planner", default="ilp", choices=["ilp", *BASELINES],
+                   help="re-plan with: ilp (default), even, proportional, pipedream")
     w.add_argument("--time-limit", type=float, default=10.0, help="planner time limit per re-plan, seconds")
     w.add_argument("--no-replan", action="store_true", help="only simulate the old plan")
     w.add_argument("--replan-base", action="store_true", help="also re-plan the base cluster")
@@ -77,6 +86,8 @@ def cmd_whatif(args) -> int:
             raise SpecError("--price", item, "expected TYPE=USD_PER_HOUR", "e.g. --price H100-80G=2.49")
     if prices:
         cluster = with_prices(cluster, prices)
+    if args.plot and not args.sweep:
+        raise SpecError("--plot", "", "needs --sweep", "the line plot is of a sweep; use --chart for scenarios")
     if args.deadline is not None and not args.steps:
         raise SpecError("--deadline", "", "needs --steps", "say how many training steps must finish")
     scenarios = _scenarios(args)
@@ -89,6 +100,7 @@ def cmd_whatif(args) -> int:
     opts = WhatIfOptions(planner=args.planner, time_limit_s=args.time_limit, replan=not args.no_replan,
                          sim=sim_options(args))
     base = Case(cluster, cg, plan.global_batch, plan)
+    check_scenarios(base, scenarios)
     rows = _run_with_progress(base, scenarios, opts, args)
     if args.steps:
         for r in rows:

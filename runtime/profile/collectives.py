@@ -24,6 +24,7 @@ runtime makes. Imports torch (ranks only).
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 import time
@@ -165,15 +166,20 @@ def _matmul_timer(device: torch.device, slowdown: float):
     return once
 
 
+POOL = 16
+"""Buffers a stream cycles through (what they hold does not matter, only their sizes)."""
+
+
 def _stream(kind: str, rank: int, peer: int, group, ranks: list[int], count: int, device: torch.device,
             nbytes: int) -> list:
-    bufs = [torch.zeros(max(1, nbytes // 4), device=device) for _ in range(count)]
+    out = [torch.zeros(max(1, nbytes // 4), device=device) for _ in range(min(count, POOL))]
     if kind == "collective":
-        return [dist.all_reduce(x, group=group, async_op=True) for x in bufs]
+        return [dist.all_reduce(out[k % POOL], group=group, async_op=True) for k in range(count)]
+    inp = [torch.empty_like(x) for x in out]
     works = []
-    for x in bufs:  # both directions at once, as a pipeline stage sends and receives
-        works.append(dist.isend(x, peer))
-        works.append(dist.irecv(torch.empty_like(x), peer))
+    for k in range(count):  # both directions at once, as a pipeline stage sends and receives
+        works.append(dist.isend(out[k % POOL], peer))
+        works.append(dist.irecv(inp[k % POOL], peer))
     return works
 
 
@@ -204,7 +210,7 @@ def measure_interference(rank: int, hosts: list[str], slots: list[int], slowdown
         for kind in ("collective", "p2p"):
             streams = peers[kind] >= 0  # a rank left without a p2p partner only keeps time
             count, enough = 16, False
-            for _ in range(4):
+            for _ in range(6):
                 dist.barrier(group=group)
                 t0 = time.perf_counter()
                 works = _stream(kind, rank, peers[kind], group, turn, count, device, sizes[kind]) if streams else []
@@ -224,12 +230,15 @@ def measure_interference(rank: int, hosts: list[str], slots: list[int], slowdown
                     beside.append(once())
                 waiter.join()
                 stream_busy = ended[0] - t0
+                # if too short: longer, by the stream's own pace alone at least 40 matmuls' worth
+                per_message = max(stream_alone, 1e-9) / count
+                longer = min(1 << 16, max(count * 4, math.ceil(40 * out["matmul_alone_s"] / per_message)))
                 got: list[Any] = [None] * len(turn)
-                dist.all_gather_object(got, len(beside) if streams else None, group=group)
-                if min(g for g in got if g is not None) >= 10:  # enough matmuls inside every stream
+                dist.all_gather_object(got, (len(beside) if streams else None, longer), group=group)
+                if min(g[0] for g in got if g[0] is not None) >= 10:  # enough matmuls inside every stream
                     enough = True
                     break
-                count *= 4
+                count = max(g[1] for g in got)  # every member streams as many messages
             if not (enough and streams):
                 continue
             med = statistics.median(beside[:-1])  # the last one may have outlived the stream

@@ -55,10 +55,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hetalloc.errors import SpecError
 from hetalloc.models import layer_shapes, resolve_model
 
-from ..config import parse_slowdown
+from ..config import check_slowdown, parse_batch_sizes, parse_slowdown
 from ..launch import free_port
 from ..models import build_model
 from ..train import run_entry
@@ -112,19 +111,12 @@ def profile(args: argparse.Namespace) -> dict[str, Any] | None:
     rank, local, device = _init()
     world = dist.get_world_size()
     slow = parse_slowdown(args.slowdown)
-    for key in slow:
-        if not key.isdigit() or int(key) >= world:
-            raise SpecError("--slowdown", key, f"is not a rank of this profile (0..{world - 1})", "write RANK=FACTOR")
+    check_slowdown(slow, world, None, "profile")
     slowdown = slow.get(str(rank), 1.0)
     shape = resolve_model(args.model)
     seq = args.seq or shape.max_seq
     layer_shapes(shape, seq, 4)  # checks seq against the model's context
-    try:
-        batches = sorted({int(x) for x in args.batch_sizes.split(",") if x.strip()})
-    except ValueError:
-        raise SpecError("--batch-sizes", "", f"expected comma-separated integers, got '{args.batch_sizes}'") from None
-    if not batches or batches[0] < 1:
-        raise SpecError("--batch-sizes", "", "needs at least one size >= 1", "e.g. --batch-sizes 1,2,4,8")
+    batches = parse_batch_sizes(args.batch_sizes)
     hosts: list[Any] = [None] * world
     dist.all_gather_object(hosts, socket.gethostname())
     slots: list[Any] = [None] * world
