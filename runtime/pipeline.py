@@ -146,10 +146,11 @@ class PipelineExecutor:
     # ---- compute, timed and (for emulated heterogeneity) stretched ---------------------
     def _timed(self, times: StepTimes, key: str, fn: Callable[[], torch.Tensor | None]):
         t0 = time.perf_counter()
+        cpu0 = time.thread_time() if self.device.type == "cpu" else None
         out = fn()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        dt = stretch(t0, self.slowdown)
+        dt = stretch(t0, self.slowdown, cpu0)
         setattr(times, key, getattr(times, key) + dt)
         return out
 

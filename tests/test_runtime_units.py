@@ -236,6 +236,24 @@ def test_config_and_slowdown_validation():
     assert TrainConfig().learning_rate("sgd") == 0.05
 
 
+def test_slowdown_in_cpu_time_uses_slowdown_times_the_cpu_of_the_compute():
+    """On CPUs the emulated slowdown holds the core as a slower core would: the thread
+    uses FACTOR x the CPU time of its compute (what the simulator's shared compute
+    slots assume), however much the operating system lets it run meanwhile."""
+    import time
+    from runtime.config import stretch
+
+    for factor in (1.0, 2.0, 3.0):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        while time.thread_time() - c0 < 0.02:  # 20 ms of compute
+            pass
+        used = time.thread_time() - c0
+        wall = stretch(t0, factor, c0)
+        total = time.thread_time() - c0
+        assert total == pytest.approx(factor * used, rel=0.05, abs=1e-3)
+        assert wall >= total * 0.99  # wall time is at least the CPU time spent
+
+
 def test_node_commands_and_cli_print(tmp_path, capsys):
     cluster, plan = two_node_plan()
     plan.save(tmp_path / "plan.json")
@@ -331,6 +349,20 @@ def test_parameter_layouts_follow_the_tensor_parallel_plan():
     assert lay["model.layers.0.self_attn.k_proj.weight"] == (0, 1)
     assert lay["model.layers.1.mlp.down_proj.weight"] == (1, 1)
     assert "model.embed_tokens.weight" not in lay and "model.layers.0.input_layernorm.weight" not in lay
+
+
+def test_profile_turns_and_collective_groups():
+    """Ranks of a host with more ranks than cores are timed in turns of as many as it has
+    cores (the k-th turn holds the k-th run of every host); collectives are measured
+    among the first 2, 3, ... ranks of each host and among one rank per host."""
+    from runtime.profile.collectives import collective_groups, compute_turns
+
+    assert compute_turns(["a"] * 2, [2, 2]) == [[0, 1]]
+    assert compute_turns(["a"] * 4, [2] * 4) == [[0, 1], [2, 3]]
+    assert compute_turns(["a"] * 3, [2] * 3) == [[0, 1], [2]]
+    assert compute_turns(["a", "a", "b", "b", "b"], [1, 1, 8, 8, 8]) == [[0, 2, 3, 4], [1]]
+    assert collective_groups(["a"] * 3) == [("intra", [0, 1]), ("intra", [0, 1, 2])]
+    assert collective_groups(["a", "a", "b", "c"]) == [("intra", [0, 1]), ("inter", [0, 2]), ("inter", [0, 2, 3])]
 
 
 # ---- the launcher's reading of torchrun's stderr -------------------------------------
