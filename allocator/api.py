@@ -16,7 +16,7 @@ from .baselines import BASELINES, baseline_plan
 from .milp import available_backends
 from .placement import place
 from .problem import Problem, unit_degree
-from .search import SearchResult, search
+from .search import search
 
 
 def check_request(cluster: Cluster, cg: CostGraph, global_batch: int, schedule: str, optimizer: str,
@@ -54,39 +54,6 @@ def tp_degrees(cluster: Cluster, cg: CostGraph, tp: str | int) -> list[int]:
             seen.add(key)
             out.append(t)
     return out
-
-
-def search_degrees(cluster: Cluster, cg: CostGraph, global_batch: int, degrees: list[int], *, schedule: str,
-                   optimizer: str, recompute: str, group_identical_nodes: bool, time_limit: float, gap: float,
-                   backend: str, msg: bool, progress: Callable[[str], None] | None
-                   ) -> tuple[Problem, SearchResult, list[str]]:
-    """One search per tensor-parallel unit size, each with an equal share of the time (so
-    of the work budget); the plan space is their union: the best plan wins and the proven
-    bound is the least of their bounds."""
-    runs = []
-    for t in degrees:
-        prob = Problem(cluster, cg, global_batch, schedule=schedule, optimizer=optimizer,
-                       group_identical_nodes=group_identical_nodes, tp=t, recompute=recompute)
-        say = progress if progress is None or len(degrees) == 1 else (lambda s, t=t: progress(f"tp<={t}: {s}"))
-        runs.append((prob, search(prob, time_limit=time_limit / len(degrees), gap=gap, backend=backend, msg=msg,
-                                  progress=say)))
-    found = [(p, r) for p, r in runs if r.best is not None]
-    prob, res = min(found, key=lambda pr: pr[1].best.objective_s) if found else runs[0]
-    if len(runs) == 1:
-        return prob, res, []
-    bound = min(r.bound for _, r in runs)
-    if all(r.status == "infeasible" for _, r in runs):
-        status = "infeasible"
-    elif res.best is not None and (all(r.status in ("optimal", "infeasible") for _, r in runs)
-                                   or bound >= res.best.objective_s * (1 - gap)):
-        status = "optimal"
-    else:
-        status = "time_limit"
-    merged = SearchResult(res.best, bound, status, sum(r.seconds for _, r in runs),
-                          [s for _, r in runs for s in r.solves], any(r.stopped_by_clock for _, r in runs))
-    notes = [f"tensor-parallel units up to {p.tp}: " + (f"best {r.best.objective_s:.4g} s" if r.best else "no plan")
-             + (f", bound {r.bound:.4g} s" if math.isfinite(r.bound) else "") + f" ({r.status})" for p, r in runs]
-    return prob, merged, notes
 
 
 def memory_shortfall(cluster: Cluster, cg: CostGraph, optimizer: str) -> str:
@@ -140,10 +107,11 @@ def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: s
                         "'pip install highspy' gives HiGHS")
     if recompute not in RECOMPUTE + ("auto",):
         raise SpecError("--recompute", "", f"unknown choice '{recompute}'", f"use auto or one of {', '.join(RECOMPUTE)}")
-    prob, res, tp_notes = search_degrees(
-        cluster, cg, global_batch, tp_degrees(cluster, cg, tp), schedule=schedule, optimizer=optimizer,
-        recompute=recompute, group_identical_nodes=group_identical_nodes, time_limit=SEARCH_SHARE * time_limit,
-        gap=gap, backend=backend, msg=msg, progress=progress)
+    degrees = tp_degrees(cluster, cg, tp)
+    probs = [Problem(cluster, cg, global_batch, schedule=schedule, optimizer=optimizer,
+                     group_identical_nodes=group_identical_nodes, tp=t, recompute=recompute) for t in degrees]
+    res = search(probs, time_limit=SEARCH_SHARE * time_limit, gap=gap, backend=backend, msg=msg, progress=progress)
+    prob = res.prob
     best = res.best
     if best is None and res.status != "infeasible":
         best = fallback_plan(prob)  # a plan the heuristics can build is always returned
@@ -166,7 +134,9 @@ def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: s
                  "sync and optimizer step; 'predicted' is the placed plan's schedule-exact estimate",
     }
     plan = _finish(plan, cluster, cg, grad_sync)
-    plan.notes.extend(tp_notes)
+    if len(degrees) > 1:
+        plan.notes.append(f"searched tensor-parallel units up to {', '.join(map(str, degrees))} devices together; "
+                          f"the plan's space: up to {prob.tp}")
     if compare_baselines:
         notes, best_base = [], None
         for name in BASELINES:

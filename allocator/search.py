@@ -14,6 +14,10 @@ first, so work goes where the proof is still open and the first plans found are 
 promising ones. Other M values (too many device vectors) and models with distinct layers
 are solved as integer programs (allocator.shape_program, allocator.ilp_columns).
 
+Several plan spaces can be searched as one (the same request with tensor-parallel units
+of other sizes, allocator.problem.Problem.tp): each (space, M) pair is a state of the one
+queue, so the work goes to whichever space still has the lowest bound.
+
 Work is measured, not timed: the search stops when the proven gap is at most ``gap``,
 or when it has spent its budget of dynamic-program evaluations and solver nodes (a
 number derived from the time limit), so the same inputs give the same plan on any
@@ -59,9 +63,11 @@ limit (HiGHS explores ~150-400 nodes/s on these programs here)."""
 
 @dataclass
 class MState:
-    """What is known about one value of M."""
+    """What is known about one value of M of one plan space (``Search.probs[k]``)."""
 
     M: int
+    k: int = 0
+    prob: Problem | None = None
     bound: float = -math.inf
     status: str = "open"  # open | optimal | pruned | infeasible | limit | too_large
     seconds: float = 0.0
@@ -86,6 +92,8 @@ class SearchResult:
     seconds: float
     solves: list[dict] = field(default_factory=list)
     stopped_by_clock: bool = False
+    prob: Problem | None = None
+    """The plan space the best plan belongs to (its Problem: tensor-parallel units)."""
 
     @property
     def gap(self) -> float:
@@ -95,9 +103,14 @@ class SearchResult:
 
 
 class Search:
-    def __init__(self, prob: Problem, time_limit: float, gap: float, backend: str, msg: bool,
+    """One search over the union of the plan spaces of ``probs`` (the same request with
+    other tensor-parallel units): every (space, M) pair is a state; they share one queue,
+    one incumbent and one work budget."""
+
+    def __init__(self, probs: list[Problem], time_limit: float, gap: float, backend: str, msg: bool,
                  progress: Callable[[str], None] | None):
-        self.prob, self.gap, self.backend, self.msg = prob, gap, backend, msg
+        self.probs, self.gap, self.backend, self.msg = probs, gap, backend, msg
+        self.best_prob: Problem | None = None
         self.time_limit = time_limit
         self.t0 = time.perf_counter()
         self.deadline = self.t0 + time_limit
@@ -106,10 +119,10 @@ class Search:
         self.log: list[dict] = []
         self.stopped_by_clock = False
         self.evals_left = max(20, int(EVALS_PER_SECOND * time_limit))
-        self.states: dict[int, MState] = {}
+        self.states: dict[tuple[int, int], MState] = {}
         self.unresolved: list[float] = []
         self.heap: list[tuple] = []
-        self.pending: dict[int, float] = {}
+        self.pending: dict[tuple[int, int], float] = {}
         """M values not built yet, with their cheap bounds."""
         self._said = (math.inf, -math.inf)
 
@@ -118,13 +131,14 @@ class Search:
     def incumbent(self) -> float:
         return self.best.objective_s if self.best else math.inf
 
-    def offer(self, plan: CountPlan | None) -> float:
-        """Make plan the incumbent if it is better; its objective (inf if infeasible)."""
+    def offer(self, plan: CountPlan | None, prob: Problem) -> float:
+        """Make plan (of prob's space) the incumbent if it is better; its objective (inf if
+        infeasible)."""
         if plan is None:
             return math.inf
-        plan = evaluate_counts(self.prob, plan)
+        plan = evaluate_counts(prob, plan)
         if math.isfinite(plan.objective_s) and plan.objective_s < self.incumbent * (1 - 1e-12):
-            self.best = plan
+            self.best, self.best_prob = plan, prob
             self.report()
         return plan.objective_s
 
@@ -162,7 +176,7 @@ class Search:
     # ---- per-M set-up -----------------------------------------------------------------------
     def build(self, st: MState) -> None:
         t0 = time.perf_counter()
-        prob, M = self.prob, st.M
+        prob, M = st.prob, st.M
         st.built = True
         timer = StageTimer(prob, prob.global_batch // M)
         t_cap = self.incumbent / M if math.isfinite(self.incumbent) else math.inf
@@ -233,7 +247,7 @@ class Search:
     def solve_program(self, st: MState) -> None:
         """An M without a dynamic program: its integer program, within a node budget."""
         t0 = time.perf_counter()
-        prob, M, inc = self.prob, st.M, self.incumbent
+        prob, M, inc = st.prob, st.M, self.incumbent
         share = self.time_limit / max(1, len(self.states))
         limit = max(0.5, min(self.time_limit, self.deadline - time.perf_counter()))
         nodes = max(50, int(NODES_PER_SECOND * share))
@@ -245,11 +259,11 @@ class Search:
             if chosen:
                 seq = order_stages(prob, chosen)
                 if seq is not None:
-                    self.offer(count_plan(prob, seq, M, st.R))
+                    self.offer(count_plan(prob, seq, M, st.R), prob)
         else:
             res, plan, _, _ = solve_columns(prob, st.cols, 1, M, incumbent=inc, time_limit=limit,
                                             gap=min(self.gap, 1e-9), backend=self.backend, msg=self.msg)
-            self.offer(plan)
+            self.offer(plan, prob)
         inc = self.incumbent
         if st.coarse:  # a restricted plan space: plans, no bound for M
             self.stopped_by_clock |= res is not None and res.time_hit
@@ -261,15 +275,16 @@ class Search:
             st.status, st.bound = "limit", res.bound
             self.stopped_by_clock |= res.time_hit
         st.seconds += time.perf_counter() - t0
-        self.log.append({"M": M, "step": "program", "status": st.status, "bound": st.bound,
+        self.log.append({"M": M, "tp": prob.tp, "step": "program", "status": st.status, "bound": st.bound,
                          "seconds": round(st.seconds, 3)})
 
-    def plan_of(self, seq: list, M: int) -> CountPlan:
-        """The count-level plan of options from the first stage to the last."""
-        R = self.states[M].R
+    def offer_seq(self, st: MState, seq: list) -> float:
+        """Offer the count-level plan of options from the first stage to the last."""
         if isinstance(seq[0], Shape):
-            return count_plan(self.prob, seq, M, R)
-        return CountPlan(R, M, [CountStage(c.i, c.j, c.counts, c.recompute) for c in seq])
+            plan = count_plan(st.prob, seq, st.M, st.R)
+        else:
+            plan = CountPlan(st.R, st.M, [CountStage(c.i, c.j, c.counts, c.recompute) for c in seq])
+        return self.offer(plan, st.prob)
 
     def restricted(self, st: MState) -> None:
         """Plans of st.R identical replicas for an M whose whole-cluster program is too large:
@@ -284,7 +299,7 @@ class Search:
             t0 = time.perf_counter()
             ev, seq = st.caps.evaluate(box, self.incumbent)
             if seq is not None:
-                self.offer(self.plan_of(seq, st.M))
+                self.offer_seq(st, seq)
             st.seconds += time.perf_counter() - t0
             if ev.lb < self.incumbent * (1 - self.gap) and not ev.single:
                 for child in st.caps.split(ev):
@@ -292,55 +307,55 @@ class Search:
 
     def expand(self, st: MState, box: Box, first: bool = False) -> None:
         """Evaluate a box (offering its plan) and queue its halves if it is still open."""
+        key = (st.k, st.M)
         if first:  # the M's cheap bound stands until its root box is in the queue
-            self.pending[st.M] = max(self.pending.get(st.M, -math.inf), st.bound)
+            self.pending[key] = max(self.pending.get(key, -math.inf), st.bound)
         t0 = time.perf_counter()
         self.evals_left -= 1
         ev, seq = st.caps.evaluate(box, self.incumbent)
         # (no plan: the evaluation was remembered, its plan offered when first found)
-        found = self.offer(self.plan_of(seq, st.M)) if seq is not None else -math.inf
+        found = self.offer_seq(st, seq) if seq is not None else -math.inf
         st.seconds += time.perf_counter() - t0
         if ev.lb < self.incumbent * (1 - self.gap):
             if not ev.single:
                 for child in st.caps.split(ev):
-                    heapq.heappush(self.heap, (ev.lb, 1, child.b - child.a + child.d - child.c, st.M, child))
+                    heapq.heappush(self.heap, (ev.lb, 1, child.b - child.a + child.d - child.c, key, child))
             elif found > ev.lb * (1 + 1e-9):
                 self.unresolved.append(ev.lb)
         self.report()
 
     # ---- the search -------------------------------------------------------------------------
     def run(self) -> SearchResult:
-        prob = self.prob
-        Ms = sorted({M for R, M in prob.candidates() if R == 1})
-        self.states = {M: MState(M) for M in Ms}
-        # Every M gets a cheap bound (allocator.bounds); M values that cannot fit in memory
-        # are done. Then, smallest micro-batches first (their programs are the smallest),
-        # each M is built, its smallest feasible bottleneck found and the plan with the
-        # least stage-time sum at that bottleneck offered (usually close to the best of
-        # that M), M values whose bound reaches the incumbent by then being done; after
-        # that boxes are taken lowest bound first across all M.
-        cheap: dict[int, float] = {}
-        for M in Ms:
-            st = self.states[M]
-            cheap[M] = -math.inf
-            if prob.interchangeable_blocks:
-                t0 = time.perf_counter()
-                cheap[M] = st.bound = block_bound(prob, StageTimer(prob, prob.global_batch // M), M)
-                st.seconds += time.perf_counter() - t0
-                if not math.isfinite(cheap[M]):
-                    st.status = "infeasible"
-        self.pending = {M: cheap[M] for M in Ms if self.states[M].status != "infeasible"}
-        for M in sorted(Ms, key=lambda m: (prob.global_batch // m, m)):
-            st = self.states[M]
+        # Every (space, M) gets a cheap bound (allocator.bounds); M values that cannot fit in
+        # memory are done. Then, smallest micro-batches first (their programs are the
+        # smallest), each (space, M) is built, its smallest feasible bottleneck found and
+        # the plan with the least stage-time sum at that bottleneck offered (usually close
+        # to the best of that M), states whose bound reaches the incumbent by then being
+        # done; after that boxes are taken lowest bound first across all states.
+        cheap: dict[tuple[int, int], float] = {}
+        for k, prob in enumerate(self.probs):
+            for M in sorted({M for R, M in prob.candidates() if R == 1}):
+                st = self.states[(k, M)] = MState(M, k, prob)
+                cheap[(k, M)] = -math.inf
+                if prob.interchangeable_blocks:
+                    t0 = time.perf_counter()
+                    cheap[(k, M)] = st.bound = block_bound(prob, StageTimer(prob, prob.global_batch // M), M)
+                    st.seconds += time.perf_counter() - t0
+                    if not math.isfinite(cheap[(k, M)]):
+                        st.status = "infeasible"
+        self.pending = {key: cheap[key] for key, st in self.states.items() if st.status != "infeasible"}
+        B = self.probs[0].global_batch
+        for key in sorted(self.states, key=lambda km: (B // km[1], km[1], km[0])):
+            st = self.states[key]
             if st.status == "infeasible":
                 continue
-            if cheap[M] >= self.incumbent * (1 - self.gap):
+            if cheap[key] >= self.incumbent * (1 - self.gap):
                 st.status = "pruned"
-                self.pending.pop(M, None)
+                self.pending.pop(key, None)
                 continue
             if time.perf_counter() > self.deadline:
                 self.stopped_by_clock = True
-                heapq.heappush(self.heap, (cheap[M], 0, 0, M, None))
+                heapq.heappush(self.heap, (cheap[key], 0, 0, key, None))
                 continue
             self.build(st)
             if st.caps is not None and st.coarse:
@@ -352,22 +367,22 @@ class Search:
                 else:
                     _, seq = st.caps.g(root.a, root.d, math.inf)
                     if seq is not None:
-                        self.offer(self.plan_of(seq, M))
+                        self.offer_seq(st, seq)
                     self.expand(st, root, first=True)
             elif st.shapes is not None or st.cols is not None:
                 self.solve_program(st)
-            self.pending.pop(M, None)
+            self.pending.pop(key, None)
             self.report()
         while not self.done():
             if time.perf_counter() > self.deadline:
                 self.stopped_by_clock = True
                 break
-            lb, _, _, M, box = heapq.heappop(self.heap)
-            st = self.states[M]
+            lb, _, _, key, box = heapq.heappop(self.heap)
+            st = self.states[key]
             if box is None:  # left unbuilt by the clock
                 continue
             if self.evals_left <= 0:
-                heapq.heappush(self.heap, (lb, 1, 0, M, box))
+                heapq.heappush(self.heap, (lb, 1, 0, key, box))
                 break
             self.expand(st, box)
         for st in self.states.values():
@@ -376,7 +391,7 @@ class Search:
         bound = self.bound()
         elapsed = time.perf_counter() - self.t0
         for st in self.states.values():
-            self.log.append({"M": st.M, "step": "summary", "status": st.status,
+            self.log.append({"M": st.M, "tp": st.prob.tp, "step": "summary", "status": st.status,
                              "evaluations": st.caps.evaluations if st.caps else 0, "seconds": round(st.seconds, 3)})
         if self.best is None:
             status = "infeasible" if not math.isfinite(bound) and not self.stopped_by_clock and self.done() \
@@ -384,7 +399,8 @@ class Search:
         else:
             g = (self.best.objective_s - bound) / self.best.objective_s if math.isfinite(bound) else math.inf
             status = "optimal" if g <= self.gap + 1e-12 else "time_limit"
-        res = SearchResult(self.best, bound, status, elapsed, self.log, self.stopped_by_clock)
+        res = SearchResult(self.best, bound, status, elapsed, self.log, self.stopped_by_clock,
+                           self.best_prob or self.probs[0])
         res.unresolved = sorted(self.unresolved)[:5]
         res.evals_left = self.evals_left
         return res
@@ -404,6 +420,8 @@ def min_stages(shapes: list[Shape], K: int, chunk: int = 1) -> int:
     return 2 + (math.ceil(rest / most[INNER]) if most[INNER] else 10 ** 9)
 
 
-def search(prob: Problem, *, time_limit: float = 30.0, gap: float = 0.0, backend: str = "highs",
+def search(prob: Problem | list[Problem], *, time_limit: float = 30.0, gap: float = 0.0, backend: str = "highs",
            msg: bool = False, progress: Callable[[str], None] | None = None) -> SearchResult:
-    return Search(prob, time_limit, gap, backend, msg, progress).run()
+    """The best plan of prob's space (or of the union of several spaces) and its proven bound."""
+    probs = prob if isinstance(prob, list) else [prob]
+    return Search(probs, time_limit, gap, backend, msg, progress).run()
