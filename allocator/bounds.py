@@ -55,10 +55,11 @@ def block_bound(prob, timer, M: int) -> float:
     gpipe = prob.schedule == "gpipe"
     infl = M if gpipe else 1
     capacity = 0
+    most = prob.most_units([c.count for c in prob.classes]) if prob.zero1 else 1  # zero1's largest sharding
     for c in prob.classes:
         best = 0
         for l in range(1, K + 1):
-            k = min(b, max(prob.kmem(c, 1, 1 + l, infl, rc) for rc in prob.recompute_options))
+            k = min(b, max(prob.kmem(c, 1, 1 + l, infl, rc, most) for rc in prob.recompute_options))
             if k < 1:
                 break
             best = max(best, l * k)

@@ -36,5 +36,5 @@ def place(prob: Problem, cp: CountPlan, *, grad_sync: str = "ring", planner: str
         num_microbatches=cp.M, schedule=prob.schedule, grad_sync=grad_sync, replicas=replicas,
         optimizer=prob.optimizer, precision=prob.cg.precision, cluster_name=prob.cluster.name,
         cluster_fingerprint=prob.cluster.fingerprint(), cost_graph_fingerprint=prob.cg.fingerprint(),
-        planner=planner,
+        planner=planner, optimizer_sharding=prob.optimizer_sharding,
     )

@@ -40,7 +40,7 @@ from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
 from hetalloc.schedule import flow_shop_time
 from hetalloc.costs import (TP_DEGREES, grad_bytes_per_param, in_flight_microbatches, max_share_for_memory,
-                            optimizer_time, ring_allreduce_time, tp_comm_time)
+                            optimizer_time, ring_allreduce_time, tp_comm_time, zero1_halves, zero1_params)
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,10 @@ class Problem:
     """Largest tensor-parallel degree of a unit (``device_classes``); 1: no tensor parallelism."""
     recompute: str = "auto"
     """Per-stage recomputation: auto (each stage chooses), none, or full."""
+    optimizer_sharding: str = "none"
+    """none, or zero1: each stage's optimizer state sharded over the R x units that hold its
+    layers (so a stage's memory depends on how many units serve it), and only stages whose
+    units have one tensor-parallel size (what the runtime shards)."""
 
     def __post_init__(self) -> None:
         if self.tp > 1 and not self.cg.supports_tp:
@@ -238,25 +242,45 @@ class Problem:
         """Activation bytes per sample leaving layer j-1 (the boundary at j)."""
         return self.cg.layers[j - 1].out_act_bytes
 
-    def kmem(self, c: DeviceClass, i: int, j: int, in_flight: int, recompute: str = "none") -> int:
+    @property
+    def zero1(self) -> bool:
+        return self.optimizer_sharding == "zero1"
+
+    def kmem(self, c: DeviceClass, i: int, j: int, in_flight: int, recompute: str = "none", dp: int = 1) -> int:
         """Largest share a unit of class c can take holding layers [i, j) (hetalloc.costs,
-        as hetalloc.plan.device_memory computes it for a placed plan)."""
+        as hetalloc.plan.device_memory computes it for a placed plan); ``dp``: units that
+        hold the layers (all replicas), which shard the optimizer state under zero1."""
+        params = self.rank_params(i, j, c.tp)
+        opt = zero1_params(params, dp) if self.zero1 else None
         if c.tp == 1 and recompute == "none":
-            return max_share_for_memory(self.params(i, j), self.saved(i, j), self.out_bytes(j), in_flight,
-                                        self.precision, self.optimizer, c.dtype)
+            return max_share_for_memory(params, self.saved(i, j), self.out_bytes(j), in_flight,
+                                        self.precision, self.optimizer, c.dtype, optimizer_params=opt)
         cg = self.cg
-        return max_share_for_memory(cg.range_params(i, j, c.tp), cg.range_saved_bytes(i, j, c.tp, recompute),
+        return max_share_for_memory(params, cg.range_saved_bytes(i, j, c.tp, recompute),
                                     self.out_bytes(j), in_flight, self.precision, self.optimizer, c.dtype,
+                                    optimizer_params=opt,
                                     working_act_bytes_per_sample=cg.range_working_bytes(i, j, c.tp, recompute))
 
-    def recompute_helps(self, budget: list[int], i: int, j: int, b: int, in_flight: int) -> bool:
+    def most_units(self, budget: list[int], R: int = 1) -> int:
+        """The most units (all replicas) that can hold one range: the largest zero1 degree."""
+        return R * sum(budget)
+
+    def recompute_helps(self, budget: list[int], i: int, j: int, b: int, in_flight: int, dp: int = 1) -> bool:
         """Can recomputation make a stage on [i, j) faster? Only where memory caps some
         usable class's share below b at the deepest position (else a recomputing stage has
-        the same caps and a longer backward: dominated)."""
-        return any(budget[c.index] > 0 and self.kmem(c, i, j, in_flight) < b for c in self.classes)
+        the same caps and a longer backward: dominated). ``dp``: the fewest units that may
+        hold it (zero1's smallest saving)."""
+        return any(budget[c.index] > 0 and self.kmem(c, i, j, in_flight, "none", dp) < b for c in self.classes)
 
-    def opt_time(self, c: DeviceClass, i: int, j: int) -> float:
-        return optimizer_time(self.rank_params(i, j, c.tp), c.dtype, self.precision, self.optimizer)
+    def opt_time(self, c: DeviceClass, i: int, j: int, dp: int = 1) -> float:
+        params = self.rank_params(i, j, c.tp)
+        if self.zero1:
+            params = zero1_params(params, dp)
+        return optimizer_time(params, c.dtype, self.precision, self.optimizer)
+
+    def zero1_mixes(self, counts: tuple[int, ...]) -> bool:
+        """Does a stage of these counts mix tensor-parallel sizes (not a zero1 stage)?"""
+        return self.zero1 and len({c.tp for c in self.classes if counts[c.index]}) > 1
 
     def rank_params(self, i: int, j: int, tp: int) -> float:
         return self.params(i, j) if tp == 1 else self.cg.range_params(i, j, tp)
@@ -344,11 +368,11 @@ def in_flight(prob: Problem, stage: int, num_stages: int, M: int) -> int:
 
 
 def best_shares(prob: Problem, timer: StageTimer, i: int, j: int, counts: tuple[int, ...], infl: int,
-                recompute: str = "none") -> tuple[float, list[list[int]]] | None:
+                recompute: str = "none", R: int = 1) -> tuple[float, list[list[int]]] | None:
     """Exact min-max split of b samples over the stage's devices (each >= 1 sample).
 
     Returns (stage time, shares per class) or None if the devices cannot take the
-    micro-batch within memory."""
+    micro-batch within memory (R: replicas, for zero1's sharding degree)."""
     b = timer.b
     classes = prob.classes
     ndev = sum(counts)
@@ -357,7 +381,7 @@ def best_shares(prob: Problem, timer: StageTimer, i: int, j: int, counts: tuple[
     caps = {}
     for c in classes:
         if counts[c.index]:
-            km = min(b, prob.kmem(c, i, j, infl, recompute))
+            km = min(b, prob.kmem(c, i, j, infl, recompute, R * ndev))
             if km < 1:
                 return None
             caps[c.index] = km
@@ -465,7 +489,9 @@ def stage_tail(prob: Problem, R: int, i: int, j: int, counts: tuple[int, ...]) -
         bw = min(prob.groups[g].inter_bw for g in groups)
         lat = max(prob.groups[g].inter_lat for g in groups)
     ar = ring_allreduce_time(prob.grad_bytes(i, j, slices), n, bw, lat)
-    return ar + max(prob.opt_time(c, i, j) for c in used)
+    if prob.zero1:  # reduce-scatter before the step, all-gather after it
+        ar = sum(zero1_halves(ar))
+    return ar + max(prob.opt_time(c, i, j, n) for c in used)
 
 
 def evaluate_counts(prob: Problem, plan: CountPlan, timer: StageTimer | None = None) -> CountPlan:
@@ -480,7 +506,11 @@ def evaluate_counts(prob: Problem, plan: CountPlan, timer: StageTimer | None = N
                     st.counts[c.index] for st in plan.stages):
                 plan.objective_s = math.inf
                 return plan
-        res = best_shares(prob, timer, s.start, s.stop, s.counts, in_flight(prob, si, S, plan.M), s.recompute)
+        if prob.zero1_mixes(s.counts):
+            plan.objective_s = math.inf
+            return plan
+        res = best_shares(prob, timer, s.start, s.stop, s.counts, in_flight(prob, si, S, plan.M), s.recompute,
+                          plan.R)
         if res is None:
             plan.objective_s = math.inf
             return plan

@@ -34,7 +34,7 @@ def brute_force(prob: Problem) -> CountPlan | None:
             # each stage's recomputation choice changes only its own time and memory, and
             # the objective grows with every stage time: the fastest choice that fits
             got = [r for rc in prob.recompute_options
-                   if (r := best_shares(prob, timer, i, j, counts, infl, rc)) is not None]
+                   if (r := best_shares(prob, timer, i, j, counts, infl, rc, R)) is not None]
             return min(got, key=lambda r: r[0]) if got else None
 
         @lru_cache(maxsize=None)
@@ -59,6 +59,8 @@ def brute_force(prob: Problem) -> CountPlan | None:
                 return
             for j in range(i + 1, L + 1):
                 for counts in count_vectors(budget, b):
+                    if prob.zero1_mixes(counts):  # zero1 stages have one tensor-parallel size
+                        continue
                     # in-flight >= 1 everywhere: a stage that cannot take b samples even
                     # then can never be part of a plan
                     if stage(i, j, counts, 1 if prob.schedule == "1f1b" else M) is None:
