@@ -6,7 +6,7 @@ import math
 from typing import Callable
 
 from hetalloc.cluster import Cluster
-from hetalloc.costgraph import CostGraph
+from hetalloc.costgraph import CostGraph, analytic_cost_graph
 from hetalloc.costs import (GRAD_SYNC, OPTIMIZER_SHARDING, OPTIMIZERS, RECOMPUTE, SCHEDULES, TP_DEGREES, param_bytes,
                             usable_memory)
 from hetalloc.errors import InfeasibleError, SpecError
@@ -75,6 +75,51 @@ def plan_spaces(cluster: Cluster, cg: CostGraph, global_batch: int, degrees: lis
     return out
 
 
+FIT_CHECK_SECONDS = 2.0
+"""Search budget of each change fit_suggestions tries (work, not a clock, as every search)."""
+
+
+def fit_suggestions(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: str, optimizer: str,
+                    tp: str | int, recompute: str, optimizer_sharding: str, group_identical_nodes: bool) -> str:
+    """The changes to an infeasible request that the planner finds a plan for (each tried
+    on its own, in this order: the plan-space options the request turned off, the 1F1B
+    schedule, SGD, shorter sequences); '' if none."""
+    tries: list[tuple[str, dict, CostGraph]] = []
+    base = dict(schedule=schedule, optimizer=optimizer, tp=tp, recompute=recompute, sharding=optimizer_sharding)
+    if str(tp) != "auto" and cg.supports_tp:
+        tries.append(("--tp auto", dict(base, tp="auto"), cg))
+    if recompute == "none":
+        tries.append(("--recompute auto", dict(base, recompute="auto"), cg))
+    if optimizer_sharding == "none":
+        tries.append(("--optimizer-sharding auto", dict(base, sharding="auto"), cg))
+    if schedule != "1f1b":
+        tries.append(("--schedule 1f1b", dict(base, schedule="1f1b"), cg))
+    if optimizer != "sgd":
+        tries.append(("--optimizer sgd", dict(base, optimizer="sgd"), cg))
+    try:
+        shape = cg.shape()
+    except SpecError:
+        shape = None
+    if shape is not None:
+        for seq in (cg.seq_len // 2, cg.seq_len // 4):
+            if seq >= 16:
+                short = analytic_cost_graph(shape, seq, precision=cg.precision)
+                tries.append((f"--seq {seq}", base, short))
+    fits = []
+    for flag, o, g in tries:
+        degrees = tp_degrees(cluster, g, o["tp"])
+        probs = plan_spaces(cluster, g, global_batch, degrees, o["sharding"], schedule=o["schedule"],
+                            optimizer=o["optimizer"], group_identical_nodes=group_identical_nodes,
+                            recompute=o["recompute"])
+        if search(probs, time_limit=FIT_CHECK_SECONDS).best is not None:
+            fits.append(flag)
+            if flag.startswith("--seq"):
+                break  # the longest sequence that fits is enough
+    if not fits:
+        return ""
+    return "; a plan fits with " + " or ".join(fits)
+
+
 def memory_shortfall(cluster: Cluster, cg: CostGraph, optimizer: str) -> str:
     """A sentence saying why the model cannot fit, with the smallest memory that would."""
     pb = param_bytes(cg.precision, optimizer)
@@ -92,8 +137,8 @@ def memory_shortfall(cluster: Cluster, cg: CostGraph, optimizer: str) -> str:
     if total_state > total_cap:
         return (f"the model's weights, gradients and {optimizer} state need {total_state / 2**30:.1f} GiB; the "
                 f"cluster has {total_cap / 2**30:.1f} GiB usable in all — add devices")
-    return ("no split fits: activations of the micro-batches in flight exceed device memory — lower "
-            "--global-batch, use --schedule 1f1b, or a shorter --seq")
+    return ("no split fits: activations of the micro-batches in flight exceed device memory even at one "
+            "sample per micro-batch")
 
 
 def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: str = "1f1b",
@@ -141,7 +186,9 @@ def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: s
         best = fallback_plan(prob)  # a plan the heuristics can build is always returned
     if best is None:
         if res.status == "infeasible":
-            raise InfeasibleError(memory_shortfall(cluster, cg, optimizer))
+            raise InfeasibleError(memory_shortfall(cluster, cg, optimizer) + fit_suggestions(
+                cluster, cg, global_batch, schedule=schedule, optimizer=optimizer, tp=tp, recompute=recompute,
+                optimizer_sharding=optimizer_sharding, group_identical_nodes=group_identical_nodes))
         raise InfeasibleError(f"no plan found within --time-limit {time_limit:g} s — raise the limit")
     gap_ = max(0.0, (best.objective_s - res.bound) / best.objective_s) if math.isfinite(res.bound) else math.inf
     plan = place(prob, best, grad_sync=sync)

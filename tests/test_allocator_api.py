@@ -62,6 +62,22 @@ def test_infeasible_names_the_memory_needed():
     assert "GiB" in msg and "T4" in msg and "needs" in msg
 
 
+def test_infeasible_names_the_changes_that_fit(lab):
+    """GPT-3 13B at 2048 tokens on lab-16 without tensor parallelism, recomputation or
+    sharding does not fit; the error names what the planner checked would, and not the
+    1F1B schedule it already uses."""
+    cg = analytic_cost_graph(get_model("gpt3-13b"), 2048)
+    with pytest.raises(InfeasibleError) as e:
+        make_plan(lab, cg, 64, time_limit=10, tp=1, recompute="none", optimizer_sharding="none",
+                  compare_baselines=False)
+    msg = str(e.value)
+    assert "a plan fits with" in msg and "--tp auto" in msg and "--recompute auto" in msg, msg
+    assert "--schedule 1f1b" not in msg
+    plan = make_plan(lab, cg, 64, time_limit=10, compare_baselines=False)  # the defaults do fit
+    assert any(g.tp > 1 for r in plan.replicas for s in r.stages for g in s.groups) or \
+        any(s.recompute == "full" for r in plan.replicas for s in r.stages)
+
+
 @pytest.mark.parametrize("kw, field", [
     ({"global_batch": 0}, "--global-batch"),
     ({"schedule": "zb"}, "--schedule"),
