@@ -16,7 +16,7 @@ from hetalloc.plan import Plan, attach_context, mixed_tp_segments, validate_plan
 from .baselines import BASELINES, baseline_plan
 from .milp import available_backends
 from .placement import place
-from .problem import Problem, unit_degree
+from .problem import Problem, tp_priced, unit_degree
 from .search import search
 
 
@@ -36,7 +36,8 @@ def check_request(cluster: Cluster, cg: CostGraph, global_batch: int, schedule: 
 
 def tp_degrees(cluster: Cluster, cg: CostGraph, tp: str | int) -> list[int]:
     """Largest tensor-parallel unit sizes to search: the one asked for, or (auto) every
-    degree that gives another split of the cluster into units (``Problem.tp``)."""
+    degree that gives another split of the cluster into units (``Problem.tp``) among the
+    types whose split times the cost graph can price (``allocator.problem.tp_priced``)."""
     if tp != "auto":
         t = int(tp)
         if t not in TP_DEGREES:
@@ -47,7 +48,7 @@ def tp_degrees(cluster: Cluster, cg: CostGraph, tp: str | int) -> list[int]:
         return [t]
     if not cg.supports_tp:
         return [1]
-    per_node = sorted({n.type_counts()[t] for n in cluster.nodes for t in n.type_counts()})
+    per_node = sorted({k for n in cluster.nodes for t, k in n.type_counts().items() if tp_priced(cg, t)})
     out, seen = [], set()
     for t in TP_DEGREES:
         key = tuple(unit_degree(k, t) for k in per_node)
@@ -58,7 +59,7 @@ def tp_degrees(cluster: Cluster, cg: CostGraph, tp: str | int) -> list[int]:
 
 
 def plan_spaces(cluster: Cluster, cg: CostGraph, global_batch: int, degrees: list[int], sharding: str,
-                **kw) -> list[Problem]:
+                auto_tp: bool = True, **kw) -> list[Problem]:
     """The plan spaces searched together: one per tensor-parallel unit size and optimizer
     sharding. zero1 shards the optimizer state at no extra communication in the planner's
     model (a reduce-scatter and an all-gather are one all-reduce), so with ``auto`` its
@@ -68,7 +69,7 @@ def plan_spaces(cluster: Cluster, cg: CostGraph, global_batch: int, degrees: lis
     out = []
     for t in degrees:
         for s in (("zero1", "none") if sharding == "auto" else (sharding,)):
-            prob = Problem(cluster, cg, global_batch, tp=t, optimizer_sharding=s, **kw)
+            prob = Problem(cluster, cg, global_batch, tp=t, optimizer_sharding=s, tp_priced_only=auto_tp, **kw)
             if sharding == "auto" and s == "none" and len({c.tp for c in prob.classes}) == 1:
                 continue
             out.append(prob)
@@ -108,7 +109,8 @@ def fit_suggestions(cluster: Cluster, cg: CostGraph, global_batch: int, *, sched
     fits = []
     for flag, o, g in tries:
         degrees = tp_degrees(cluster, g, o["tp"])
-        probs = plan_spaces(cluster, g, global_batch, degrees, o["sharding"], schedule=o["schedule"],
+        probs = plan_spaces(cluster, g, global_batch, degrees, o["sharding"], auto_tp=str(o["tp"]) == "auto",
+                            schedule=o["schedule"],
                             optimizer=o["optimizer"], group_identical_nodes=group_identical_nodes,
                             recompute=o["recompute"])
         if search(probs, time_limit=FIT_CHECK_SECONDS).best is not None:
@@ -177,8 +179,9 @@ def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: s
         raise SpecError("--optimizer-sharding", "", f"unknown choice '{optimizer_sharding}'",
                         f"use auto or one of {', '.join(OPTIMIZER_SHARDING)}")
     degrees = tp_degrees(cluster, cg, tp)
-    probs = plan_spaces(cluster, cg, global_batch, degrees, optimizer_sharding, schedule=schedule,
-                        optimizer=optimizer, group_identical_nodes=group_identical_nodes, recompute=recompute)
+    probs = plan_spaces(cluster, cg, global_batch, degrees, optimizer_sharding, auto_tp=str(tp) == "auto",
+                        schedule=schedule, optimizer=optimizer, group_identical_nodes=group_identical_nodes,
+                        recompute=recompute)
     res = search(probs, time_limit=SEARCH_SHARE * time_limit, gap=gap, backend=backend, msg=msg, progress=progress)
     prob = res.prob
     best = res.best

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Callable
 
 import numpy as np
 
@@ -91,6 +92,12 @@ class DeviceClass:
         return f"{self.dtype.name}@g{self.group}" + (f"x{self.tp}" if self.tp > 1 else "")
 
 
+def tp_priced(cg: CostGraph, type_name: str) -> bool:
+    """Can the cost graph price a layer of this type split over several devices? Analytic
+    types yes; measured ones only with a measured (or given) ``tp_efficiency``."""
+    return type_name not in cg.tables or type_name in cg.tp_efficiency or "*" in cg.tp_efficiency
+
+
 def unit_degree(per_node: int, tp: int) -> int:
     """Tensor-parallel degree of a type with ``per_node`` devices in each node when the plan
     asks for up to ``tp``: the largest degree of ``TP_DEGREES`` <= tp dividing per_node (no
@@ -98,10 +105,11 @@ def unit_degree(per_node: int, tp: int) -> int:
     return max(t for t in TP_DEGREES if t <= tp and per_node % t == 0)
 
 
-def device_classes(cluster: Cluster, group_identical_nodes: bool = True, tp: int = 1
-                   ) -> tuple[list[NodeGroup], list[DeviceClass]]:
+def device_classes(cluster: Cluster, group_identical_nodes: bool = True, tp: int = 1,
+                   tp_ok: Callable[[str], bool] | None = None) -> tuple[list[NodeGroup], list[DeviceClass]]:
     """Split the cluster into node groups and device classes (type x group), each class in
-    units of up to ``tp`` devices of one node (``unit_degree``)."""
+    units of up to ``tp`` devices of one node (``unit_degree``; only types ``tp_ok`` accepts
+    when given)."""
     by_sig: dict[tuple, list[str]] = {}
     for n in cluster.nodes:
         key = n.signature() if group_identical_nodes else (n.name,)
@@ -126,7 +134,7 @@ def device_classes(cluster: Cluster, group_identical_nodes: bool = True, tp: int
         for t in types:
             devs = tuple(d.id for name in names for d in cluster.node_by_name[name].devices if d.type == t)
             bw, lat = (inter_bw, inter_lat) if multi else (intra.bandwidth_bytes_per_s, intra.latency_s)
-            deg = unit_degree(len(devs) // len(names), tp)
+            deg = unit_degree(len(devs) // len(names), tp if tp_ok is None or tp_ok(t) else 1)
             tp_bw, tp_lat = math.inf, 0.0
             if deg > 1:
                 link = cluster.path(devs[0], devs[1])  # as hetalloc.evaluate.group_tp_times
@@ -153,6 +161,10 @@ class Problem:
     """Largest tensor-parallel degree of a unit (``device_classes``); 1: no tensor parallelism."""
     recompute: str = "auto"
     """Per-stage recomputation: auto (each stage chooses), none, or full."""
+    tp_priced_only: bool = False
+    """Units of more than one device only for types whose split times the cost graph can
+    price: analytic ones, or measured ones with a measured ``tp_efficiency`` (a profile
+    that never timed a split layer says nothing about it)."""
     optimizer_sharding: str = "none"
     """none, or zero1: each stage's optimizer state sharded over the R x units that hold its
     layers (so a stage's memory depends on how many units serve it), and only stages whose
@@ -164,7 +176,8 @@ class Problem:
 
     @cached_property
     def groups_and_classes(self) -> tuple[list[NodeGroup], list[DeviceClass]]:
-        return device_classes(self.cluster, self.group_identical_nodes, self.tp)
+        return device_classes(self.cluster, self.group_identical_nodes, self.tp,
+                              (lambda t: tp_priced(self.cg, t)) if self.tp_priced_only else None)
 
     @cached_property
     def recompute_options(self) -> tuple[str, ...]:

@@ -104,3 +104,26 @@ def test_pulp_back_ends_agree(lab):
     b = search(prob, time_limit=60, gap=1e-9, backend="pulp-cbc")
     assert a.status == b.status == "optimal"
     assert a.best.objective_s == pytest.approx(b.best.objective_s, rel=1e-6)
+
+
+def test_auto_tp_only_where_the_cost_graph_prices_it(lab):
+    """A type whose times were measured (a profile) without a measured tensor-parallel
+    efficiency gets no units of several devices under --tp auto; with the efficiency
+    given, or with an explicit --tp, it does."""
+    from allocator.api import plan_spaces, tp_degrees
+    from hetalloc.costgraph import TimeTable
+
+    cg = analytic_cost_graph(get_model("gpt3-2.7b"), 2048)
+    a100 = lab.device_types["A100-40G"]
+    f, b = zip(*[cg.layer_times(a100, k) for k in (1, 2, 4, 8)])
+    measured = cg.with_tables({"A100-40G": TimeTable([1, 2, 4, 8], [list(x) for x in zip(*f)],
+                                                     [list(x) for x in zip(*b)])})
+
+    def unit_sizes(g, tp="auto"):
+        probs = plan_spaces(lab, g, 64, tp_degrees(lab, g, tp), "none", auto_tp=tp == "auto")
+        return {c.dtype.name: max(p.classes[c.index].tp for p in probs) for c in probs[0].classes}
+
+    assert unit_sizes(cg) == {"A100-40G": 8, "V100-16G": 8}
+    assert unit_sizes(measured) == {"A100-40G": 1, "V100-16G": 8}
+    assert unit_sizes(measured.with_tp_efficiency({"A100-40G": {2: 0.9, 4: 0.8, 8: 0.7}}))["A100-40G"] == 8
+    assert unit_sizes(measured, tp=4) == {"A100-40G": 4, "V100-16G": 4}
