@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -71,14 +72,20 @@ class CapSearch:
         self.evaluations += 1
         return math.isfinite(min_stage_sum(tab, use, any_plan=True)[0])
 
-    def root(self) -> Box | None:
-        """The box of caps that any plan can have: from the smallest bottleneck at which some
-        plan exists (bisection) to the largest levels; None if no plan exists."""
+    def root(self, incumbent: float = math.inf, stop: Callable[[], bool] | None = None) -> Box | None:
+        """The box of caps that any plan better than ``incumbent`` can have: from the smallest
+        bottleneck at which some plan exists (bisection, cut short when ``stop`` says so:
+        the box then starts lower) to the largest levels that can still beat it
+        (M tau < incumbent); None if no such plan exists."""
         nt, ns = len(self.taus) - 1, len(self.sigs) - 1
+        if math.isfinite(incumbent):
+            nt = int(np.searchsorted(self.taus, incumbent / self.M, side="left")) - 1
+            if nt < 0:
+                return None
         if not self.feasible(nt, ns):
             return None
         lo, hi = 0, nt
-        while lo < hi:
+        while lo < hi and not (stop and stop()):
             mid = (lo + hi) // 2
             if self.feasible(mid, ns):
                 hi = mid

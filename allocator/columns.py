@@ -99,7 +99,13 @@ def range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: i
         if rc == "full" and "none" in prob.recompute_options and \
                 not prob.recompute_helps(budget, i, j, timer.b, deepest, R):
             continue
-        out.extend(_range_columns(prob, timer, R, M, i, j, t_cap, budget, unit, rc))
+        cols = _range_columns(prob, timer, R, M, i, j, t_cap, budget, unit, rc)
+        if rc == "full" and out:  # a recomputing column no faster nor deeper than the plain one of its counts
+            plain: dict[tuple[int, ...], list[Column]] = {}
+            for c in out:
+                plain.setdefault(c.counts, []).append(c)
+            cols = [c for c in cols if not any(p.t <= c.t and p.amax >= c.amax for p in plain.get(c.counts, ()))]
+        out.extend(cols)
     return out
 
 

@@ -217,7 +217,7 @@ class Search:
                     if exact:
                         st.caps = caps
                         break
-                    st.root = caps.root()
+                    st.root = self.root_of(caps)
                     if st.root is not None:
                         st.caps, st.R, st.coarse, st.status = caps, R, True, "too_large"
                         break
@@ -277,6 +277,14 @@ class Search:
         st.seconds += time.perf_counter() - t0
         self.log.append({"M": M, "tp": prob.tp, "step": "program", "status": st.status, "bound": st.bound,
                          "seconds": round(st.seconds, 3)})
+
+    def root_of(self, caps: CapSearch) -> Box | None:
+        """caps.root() within the incumbent; its evaluations come from the work budget."""
+        before = caps.evaluations
+        spent = lambda: self.evals_left - (caps.evaluations - before) <= 0 or time.perf_counter() > self.deadline  # noqa: E731
+        root = caps.root(self.incumbent * (1 - self.gap), spent)
+        self.evals_left -= caps.evaluations - before
+        return root
 
     def offer_seq(self, st: MState, seq: list) -> float:
         """Offer the count-level plan of options from the first stage to the last."""
@@ -361,7 +369,7 @@ class Search:
             if st.caps is not None and st.coarse:
                 self.restricted(st)
             elif st.caps is not None:
-                root = st.caps.root()
+                root = self.root_of(st.caps)
                 if root is None:
                     st.status = "pruned" if math.isfinite(self.incumbent) else "infeasible"
                 else:

@@ -3,8 +3,9 @@
 Clusters: lab-16 (2 types), mix-64 (3 types), mix-256 (mix-64 with 4x the nodes) and
 fleet-1024 (4 types). Models: gpt3-1.3b (24 blocks), gpt3-2.7b (32), gpt3-6.7b (32),
 llama2-7b (32), gpt3-13b (40), llama2-13b (40), gpt2-xl (48), llama2-70b (80) and
-gpt3-175b at seq 512 (96; 175B at full context does not fit without activation
-recomputation, which is outside the plan space).
+gpt3-175b at seq 512 (96 blocks). --space v1 searches single devices without
+recomputation or sharding (the plan space the targets were set on); v2 (default) what
+'hetalloc plan' searches: tensor-parallel units, per-stage recomputation, zero1.
 
 Targets (this 2-core machine): every mix-64 instance with <= 34 layers proven optimal
 in <= 5 s; lab-16 optimal in <= 2 s; mix-256 and fleet-1024 proven within 1 % in <= 60 s.
@@ -14,9 +15,10 @@ threaded: on a busy machine the CPU figure is what it would take on an idle one)
 RESULTS.md's run (options: --quick for the two target instances, --only CLUSTER:MODEL ...,
 --out DIR):
 
-    python benchmarks/solve_time.py --time-limit 60
+    python benchmarks/solve_time.py --time-limit 60 --space v1
+    python benchmarks/solve_time.py --time-limit 60 --space v2
 
-Prints a table and writes OUT/solve_time.json (OUT: --out, default benchmarks/out).
+Prints a table and writes OUT/solve_time_SPACE.json (OUT: --out, default benchmarks/out).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from allocator.api import plan_spaces, tp_degrees
 from allocator.problem import Problem
 from allocator.search import search
 from hetalloc.cluster import cluster_from_dict, load_cluster
@@ -64,6 +67,9 @@ def main() -> int:
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--quick", action="store_true", help="only the two target instances")
     ap.add_argument("--only", nargs="*", metavar="CLUSTER:MODEL", help="only these instances, e.g. mix-64:gpt3-2.7b")
+    ap.add_argument("--space", choices=["v1", "v2"], default="v2",
+                    help="v1: single devices, no recomputation or sharding (the plan space of the search issue); "
+                         "v2 (default): what 'hetalloc plan' searches (tensor-parallel units, recomputation, zero1)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"), metavar="DIR",
                     help="output directory (default benchmarks/out)")
     args = ap.parse_args()
@@ -75,18 +81,23 @@ def main() -> int:
             if (args.quick and not target) or (args.only and f"{cl.name.split()[0]}:{model}" not in args.only):
                 continue
             cg = analytic_cost_graph(get_model(model), seq)
-            prob = Problem(cl, cg, B)
+            if args.space == "v1":
+                probs = [Problem(cl, cg, B, recompute="none")]
+            else:
+                probs = plan_spaces(cl, cg, B, tp_degrees(cl, cg, "auto"), "auto")
             t0, c0 = time.perf_counter(), time.process_time()
-            res = search(prob, time_limit=args.time_limit)
+            res = search(probs, time_limit=args.time_limit)
             row = {"cluster": cl.name, "devices": cl.num_devices, "types": len(cl.type_counts()),
                    "nodes": len(cl.nodes), "model": model, "layers": cg.num_layers, "global_batch": B,
+                   "space": args.space, "spaces": len(probs),
+                   "plan_tp": res.prob.tp, "plan_sharding": res.prob.optimizer_sharding,
                    "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
                    "status": res.status,
                    "objective_s": res.best.objective_s if res.best else math.inf,
                    "bound_s": res.bound, "gap": res.gap}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    t = Table(title=f"planner solve time (limit {args.time_limit:g} s)")
+    t = Table(title=f"planner solve time (limit {args.time_limit:g} s, plan space {args.space})")
     for c in ("cluster", "GPUs", "types", "model", "layers", "seconds", "cpu s", "status", "objective s", "gap"):
         t.add_column(c)
     for r in rows:
@@ -96,7 +107,9 @@ def main() -> int:
     Console(width=160).print(t)
     out = Path(args.out) / "solve_time.json"
     import os
-    atomic_write_json(out, {"time_limit_s": args.time_limit, "load_average": os.getloadavg(), "rows": rows})
+    out = out.with_name(f"solve_time_{args.space}.json")
+    atomic_write_json(out, {"time_limit_s": args.time_limit, "space": args.space, "load_average": os.getloadavg(),
+                            "rows": rows})
     print(f"wrote {out}")
     return 0
 
