@@ -16,7 +16,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from allocator import make_plan
+from allocator import BASELINES, make_plan
 from runtime import commands as run_commands
 from runtime.profile import command as profile_commands
 from simulator import commands as simulator_commands
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--gap", type=float, default=1e-4, help="stop when proven within this relative gap")
     pl.add_argument("--solver", default="highs", choices=["highs", "pulp-highs", "pulp-cbc"],
                     help="MILP back end: HiGHS via highspy (default), or PuLP with HiGHS or CBC")
-    pl.add_argument("--baseline", default=None, choices=["even", "proportional", "pipedream"],
+    pl.add_argument("--baseline", default=None, choices=list(BASELINES),
                     help="return a baseline plan instead of solving")
     pl.add_argument("--no-compare", action="store_true", help="do not score the baselines for comparison")
     pl.add_argument("--exact-nodes", action="store_true",
