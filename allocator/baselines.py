@@ -65,11 +65,11 @@ import numpy as np
 from hetalloc.apportion import largest_remainder
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
-from hetalloc.costs import (TP_DEGREES, grad_bytes_per_param, in_flight_microbatches, max_share_for_memory,
-                            optimizer_time, stage_memory, usable_memory)
+from hetalloc.costs import (LOSS_BYTES, TP_DEGREES, grad_bytes_per_param, in_flight_microbatches,
+                            max_share_for_memory, optimizer_time, small_allreduce_time, stage_memory, usable_memory)
 from hetalloc.errors import HetallocError, InfeasibleError, SpecError
-from hetalloc.evaluate import (ReplicaPipe, after_flush_time, allreduce_time, allreduce_time_of, predict,
-                               replica_pipe, timing_key)
+from hetalloc.evaluate import (ReplicaPipe, after_flush_time, allreduce_time, allreduce_time_of,
+                               loss_reduction_time, predict, replica_pipe, ring_bottleneck, timing_key)
 from hetalloc.plan import Group, Plan, Replica, Stage, validate_plan
 from hetalloc.schedule import pipeline_timing
 
@@ -420,7 +420,8 @@ class ChainSearch:
         """Gradient synchronisation plus optimizer step of the slowest device of the first d
         pipelines, as ``predict`` computes it: per maximal layer segment and rank j, the
         all-reduce among the units holding it (one per pipeline); a device's time is the
-        sum over the segments of its stage, plus its optimizer step."""
+        sum over the segments of its stage, plus its optimizer step; then the loss
+        reduction over all their devices."""
         cg, u, t = self.cg, self.u, self.u.t
         present = sorted(set(cls[:d].tolist()))
         cuts = sorted({c for k in present for st in splits[k] for c in st})
@@ -447,7 +448,13 @@ class ChainSearch:
                     for x in segs:
                         sync += T[x, j]
                     worst = max(worst, sync + opt)
-        return worst
+        used = np.sort(u.index[:d * p].ravel())
+        if self.cluster.collectives:
+            loss = loss_reduction_time(self.cluster, [self.cluster.devices[i].id for i in used.tolist()])
+        else:
+            loss = small_allreduce_time(LOSS_BYTES, len(used), *ring_bottleneck(self.cluster, used)) \
+                if len(used) > 1 else 0.0
+        return worst + loss
 
     # -- the search ---------------------------------------------------------------------------------
     def run(self) -> Plan:

@@ -72,9 +72,8 @@ class CapSearch:
         return math.isfinite(min_stage_sum(tab, use, any_plan=True)[0])
 
     def root(self) -> Box | None:
-        """The box of caps that any plan can have: from the smallest bottleneck and the
-        smallest tail cap at which some plan exists (bisection), to the largest levels;
-        None if no plan exists."""
+        """The box of caps that any plan can have: from the smallest bottleneck at which some
+        plan exists (bisection) to the largest levels; None if no plan exists."""
         nt, ns = len(self.taus) - 1, len(self.sigs) - 1
         if not self.feasible(nt, ns):
             return None
@@ -85,15 +84,15 @@ class CapSearch:
                 hi = mid
             else:
                 lo = mid + 1
-        a = lo
-        lo, hi = 0, ns
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self.feasible(nt, mid):
-                hi = mid
-            else:
-                lo = mid + 1
-        return Box(-math.inf, self.M, a, nt, lo, ns)
+        # every plan has a first and a last stage (or one stage): its largest tail is at
+        # least the smaller of "one stage" and "the larger of the cheapest first and last"
+        tab = self.table
+        def cheapest(kind):
+            m = tab.kind == kind
+            return float(tab.tail[m].min()) if m.any() else math.inf
+        sig_lb = min(cheapest(3), max(cheapest(1), cheapest(2)))
+        c = int(np.searchsorted(self.sigs, sig_lb * (1 - 1e-12)))
+        return Box(-math.inf, self.M, lo, nt, min(c, ns), ns)
 
     def evaluate(self, box: Box, incumbent: float) -> tuple[Box, list | None]:
         """The box with its lower bound computed, and the plan found on the way."""

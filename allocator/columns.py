@@ -117,14 +117,16 @@ def _stage_times(ts: dict[int, list[float]], caps: dict[int, int], V: np.ndarray
 
 
 def range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: int, t_cap: float,
-                  budget: list[int]) -> list[Column]:
+                  budget: list[int], unit: int = 1) -> list[Column]:
+    """The useful columns of range [i, j) for one of R replicas; with ``unit`` > 1 only
+    device counts that are multiples of it (a coarser plan space, for plans only)."""
     gpipe = prob.schedule == "gpipe"
     rt = RangeTimes(prob, timer, i, j, t_cap, budget, M if gpipe else 1)
     if not rt.ts:
         return []
     b, L, C = timer.b, prob.L, len(budget)
-    dims = [min(budget[c], b) + 1 if c in rt.ts else 1 for c in range(C)]
-    grid = np.indices(dims).reshape(C, -1).T  # every count vector, mixed radix order
+    dims = [min(budget[c], b) // unit + 1 if c in rt.ts else 1 for c in range(C)]
+    grid = np.indices(dims).reshape(C, -1).T * unit  # every count vector, mixed radix order
     strides = np.array([int(np.prod(dims[c + 1:])) for c in range(C)])
     # 1F1B: deeper in the pipeline more micro-batches are in flight, so memory may cap the
     # shares and the time may grow. Tiers: the depths at which some class's cap changes.

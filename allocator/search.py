@@ -35,8 +35,14 @@ from .dp import STATE_LIMIT, StageTable
 from .ilp_columns import solve_columns
 from .milp import MilpResult
 from .problem import CountPlan, CountStage, Problem, StageTimer, evaluate_counts
-from .shapes import Shape, block_shapes, count_plan
+from .shapes import FIRST, INNER, LAST, ONLY, Shape, block_shapes, count_plan, order_stages
 from . import shape_program
+
+GRID_LIMIT = 400_000
+"""Device-count vectors one stage range may have (per replica) for its shapes to be built."""
+
+CHUNKS = (1, 2, 3, 4, 6, 8)
+"""Blocks per stage in multiples of these, in the coarse plan spaces of very deep models."""
 
 MAX_COLUMNS = 200_000
 """Stage columns (ranges or shapes) one M may have; beyond it that M is left unproven."""
@@ -66,6 +72,10 @@ class MState:
     R: int = 1
     """Replicas of the plans searched: 1, or more when the whole cluster's program is too
     large (then only plans of R identical replicas are searched, for plans, not bounds)."""
+    coarse: bool = False
+    """Only a part of the plan space is searched (replicas, device counts in units): its
+    boxes give plans, not bounds."""
+    root: Box | None = None
 
 
 @dataclass
@@ -99,6 +109,8 @@ class Search:
         self.states: dict[int, MState] = {}
         self.unresolved: list[float] = []
         self.heap: list[tuple] = []
+        self.pending: dict[int, float] = {}
+        """M values not built yet, with their cheap bounds."""
         self._said = (math.inf, -math.inf)
 
     # ---- bookkeeping ----------------------------------------------------------------------
@@ -123,14 +135,20 @@ class Search:
             low = min(low, self.heap[0][0])
         if self.unresolved:
             low = min(low, min(self.unresolved))
+        if self.pending:
+            low = min(low, min(self.pending.values()))
         for st in self.states.values():
             if st.status in ("limit", "too_large"):
                 low = min(low, st.bound)
         return low
 
     def report(self) -> None:
+        """One line per improvement: a better plan, or a bound that closed the gap by a
+        hundredth of a percent or more."""
         inc, low = self.incumbent, self.bound()
-        if (inc, low) == self._said:
+        said_inc, said_low = self._said
+        if inc == said_inc and not (math.isfinite(inc) and low - said_low >= 1e-4 * inc) and \
+                not (low == inc and said_low != low):
             return
         self._said = (inc, low)
         gap = (inc - low) / inc if math.isfinite(inc) and math.isfinite(low) else math.inf
@@ -149,24 +167,55 @@ class Search:
         timer = StageTimer(prob, prob.global_batch // M)
         t_cap = self.incumbent / M if math.isfinite(self.incumbent) else math.inf
         if prob.interchangeable_blocks:
-            R = replicas_for(prob, M)
-            if R is None:  # not even replica plans have a program of a workable size
-                st.status = "too_large"
-                st.seconds += time.perf_counter() - t0
-                return
-            if R > 1:
-                st.R, st.status = R, "too_large"
-                timer = StageTimer(prob, prob.global_batch // (R * M))
-            shapes = block_shapes(prob, timer, M, t_cap, R)
-            if not shapes:
-                if R == 1:
-                    st.status, st.bound = ("pruned" if math.isfinite(self.incumbent) else "infeasible"), math.inf
+            # The whole cluster (R = 1, unit 1) if its program is of a workable size, else
+            # plans of R identical replicas, device counts in units of 2, 4 or 8 and blocks in
+            # chunks (CHUNKS): the first such restriction whose program is workable and has
+            # a plan.
+            B, K = prob.global_batch, prob.L - 2
+            program = None  # the smallest restriction's shapes, for an integer program
+            for R, unit in ((r, g) for r in range(1, B // M + 1) if (B // M) % r == 0 for g in (1, 2, 4, 8)):
+                b = B // (R * M)
+                budgets = [c.count // R for c in prob.classes]
+                if unit > 1 and (unit > b or min(budgets) < unit):
+                    continue
+                grid = 1
+                for n in budgets:
+                    grid *= min(n, b) // unit + 1
+                if grid > GRID_LIMIT:
+                    continue
+                timer = StageTimer(prob, b)
+                shapes = block_shapes(prob, timer, M, t_cap, R, unit)
+                exact = R == 1 and unit == 1
+                if not shapes:
+                    if exact:
+                        st.status, st.bound = ("pruned" if math.isfinite(self.incumbent) else "infeasible"), math.inf
+                        break
+                    continue
+                if program is None:
+                    program = (R, unit, shapes)
+                for chunk in [g for g in CHUNKS if K % g == 0] if not exact else [1]:
+                    if not exact and min_stages(shapes, K, chunk) * unit > sum(budgets):
+                        continue  # each stage takes a unit: too few for the stages memory needs
+                    table = StageTable.of_shapes(shapes, budgets, prob.L, STATE_LIMIT, unit, chunk)
+                    if table is None:
+                        continue
+                    caps = CapSearch(M, table)
+                    if exact:
+                        st.caps = caps
+                        break
+                    st.root = caps.root()
+                    if st.root is not None:
+                        st.caps, st.R, st.coarse, st.status = caps, R, True, "too_large"
+                        break
+                if st.caps is not None:
+                    break
             else:
-                table = StageTable.of_shapes(shapes, [c.count // R for c in prob.classes], prob.L)
-                if table.states() <= STATE_LIMIT:
-                    st.caps = CapSearch(M, table)
-                else:
-                    st.status = "too_large"
+                # No workable dynamic program: the integer program over the shapes of the
+                # least restricted plan space whose shapes could be built.
+                st.status = "too_large"
+                if program is not None:
+                    st.R, unit, st.shapes = program
+                    st.coarse = st.R > 1 or unit > 1
         else:
             cols = enumerate_columns(prob, timer, 1, M, t_cap, MAX_COLUMNS)
             if cols is None:
@@ -174,8 +223,8 @@ class Search:
             elif not cols:
                 st.status, st.bound = ("pruned" if math.isfinite(self.incumbent) else "infeasible"), math.inf
             else:
-                table = StageTable.of_columns(cols, [c.count for c in prob.classes], prob.L)
-                if table.states() <= STATE_LIMIT:
+                table = StageTable.of_columns(cols, [c.count for c in prob.classes], prob.L, STATE_LIMIT)
+                if table is not None:
                     st.caps = CapSearch(M, table)
                 else:
                     st.cols = cols
@@ -192,18 +241,19 @@ class Search:
         if st.shapes is not None:
             res, chosen = shape_program.solve(prob, st.shapes, M, incumbent=inc, time_limit=limit,
                                               gap=min(self.gap, 1e-9), backend=self.backend, msg=self.msg,
-                                              node_limit=nodes)
+                                              node_limit=nodes, budgets=[c.count // st.R for c in prob.classes])
             if chosen:
-                from .shapes import order_stages
                 seq = order_stages(prob, chosen)
                 if seq is not None:
-                    self.offer(count_plan(prob, seq, M))
+                    self.offer(count_plan(prob, seq, M, st.R))
         else:
             res, plan, _, _ = solve_columns(prob, st.cols, 1, M, incumbent=inc, time_limit=limit,
                                             gap=min(self.gap, 1e-9), backend=self.backend, msg=self.msg)
             self.offer(plan)
         inc = self.incumbent
-        if res is None or res.status == "infeasible":
+        if st.coarse:  # a restricted plan space: plans, no bound for M
+            self.stopped_by_clock |= res is not None and res.time_hit
+        elif res is None or res.status == "infeasible":
             st.status, st.bound = ("pruned" if math.isfinite(inc) else "infeasible"), inc
         elif res.status == "optimal":
             st.status, st.bound = "optimal", min(res.objective, inc)
@@ -225,8 +275,7 @@ class Search:
         """Plans of st.R identical replicas for an M whose whole-cluster program is too large:
         the same branch and bound within the replicas' budgets, for plans only (its bounds
         hold for replica plans, not for M). Work comes from the same budget."""
-        root = st.caps.root()
-        heap = [] if root is None else [(-math.inf, root)]
+        heap = [(-math.inf, st.root)]
         while heap and self.evals_left > 0 and time.perf_counter() < self.deadline:
             lb, box = heapq.heappop(heap)
             if lb >= self.incumbent * (1 - self.gap):
@@ -241,8 +290,10 @@ class Search:
                 for child in st.caps.split(ev):
                     heapq.heappush(heap, (ev.lb, child))
 
-    def expand(self, st: MState, box: Box) -> None:
+    def expand(self, st: MState, box: Box, first: bool = False) -> None:
         """Evaluate a box (offering its plan) and queue its halves if it is still open."""
+        if first:  # the M's cheap bound stands until its root box is in the queue
+            self.pending[st.M] = max(self.pending.get(st.M, -math.inf), st.bound)
         t0 = time.perf_counter()
         self.evals_left -= 1
         ev, seq = st.caps.evaluate(box, self.incumbent)
@@ -263,9 +314,11 @@ class Search:
         Ms = sorted({M for R, M in prob.candidates() if R == 1})
         self.states = {M: MState(M) for M in Ms}
         # Every M gets a cheap bound (allocator.bounds); M values that cannot fit in memory
-        # are done. Then, smallest micro-batches first (their programs are the smallest and
-        # their plans set the incumbent that prunes the rest), each M is built and its
-        # root box evaluated; after that boxes are taken lowest bound first across all M.
+        # are done. Then, smallest micro-batches first (their programs are the smallest),
+        # each M is built, its smallest feasible bottleneck found and the plan with the
+        # least stage-time sum at that bottleneck offered (usually close to the best of
+        # that M), M values whose bound reaches the incumbent by then being done; after
+        # that boxes are taken lowest bound first across all M.
         cheap: dict[int, float] = {}
         for M in Ms:
             st = self.states[M]
@@ -276,28 +329,34 @@ class Search:
                 st.seconds += time.perf_counter() - t0
                 if not math.isfinite(cheap[M]):
                     st.status = "infeasible"
+        self.pending = {M: cheap[M] for M in Ms if self.states[M].status != "infeasible"}
         for M in sorted(Ms, key=lambda m: (prob.global_batch // m, m)):
             st = self.states[M]
             if st.status == "infeasible":
                 continue
             if cheap[M] >= self.incumbent * (1 - self.gap):
                 st.status = "pruned"
+                self.pending.pop(M, None)
                 continue
             if time.perf_counter() > self.deadline:
                 self.stopped_by_clock = True
                 heapq.heappush(self.heap, (cheap[M], 0, 0, M, None))
                 continue
             self.build(st)
-            if st.caps is not None and st.R > 1:
+            if st.caps is not None and st.coarse:
                 self.restricted(st)
             elif st.caps is not None:
                 root = st.caps.root()
                 if root is None:
                     st.status = "pruned" if math.isfinite(self.incumbent) else "infeasible"
                 else:
-                    self.expand(st, root)
+                    _, seq = st.caps.g(root.a, root.d, math.inf)
+                    if seq is not None:
+                        self.offer(self.plan_of(seq, M))
+                    self.expand(st, root, first=True)
             elif st.shapes is not None or st.cols is not None:
                 self.solve_program(st)
+            self.pending.pop(M, None)
             self.report()
         while not self.done():
             if time.perf_counter() > self.deadline:
@@ -312,7 +371,7 @@ class Search:
                 break
             self.expand(st, box)
         for st in self.states.values():
-            if st.caps is not None and st.R == 1:
+            if st.caps is not None and not st.coarse:
                 st.status = "searched"
         bound = self.bound()
         elapsed = time.perf_counter() - self.t0
@@ -331,20 +390,18 @@ class Search:
         return res
 
 
-def replicas_for(prob: Problem, M: int) -> int | None:
-    """1 when the exact program for M fits (about STATE_LIMIT states), else the fewest
-    replicas R (R M divides the batch) whose per-replica program does."""
-    X = prob.L + 1
-    B = prob.global_batch
-    for R in range(1, B // M + 1):
-        if (B // M) % R:
-            continue
-        nU = 1
-        for c in prob.classes:
-            nU *= c.count // R + 1
-        if nU * X * min(X, 16) <= STATE_LIMIT:
-            return R
-    return None
+def min_stages(shapes: list[Shape], K: int, chunk: int = 1) -> int:
+    """The fewest stages a plan of these shapes can have (memory caps the blocks a stage
+    holds): one stage if a single stage may hold the model, else a first, a last and
+    enough inner stages for the blocks they leave."""
+    shapes = [s for s in shapes if s.blocks % chunk == 0]
+    if any(s.kind == ONLY for s in shapes):
+        return 1
+    most = {k: max((s.blocks for s in shapes if s.kind == k), default=0) for k in (INNER, FIRST, LAST)}
+    rest = K - most[FIRST] - most[LAST]
+    if rest <= 0:
+        return 2
+    return 2 + (math.ceil(rest / most[INNER]) if most[INNER] else 10 ** 9)
 
 
 def search(prob: Problem, *, time_limit: float = 30.0, gap: float = 0.0, backend: str = "highs",

@@ -55,9 +55,11 @@ def block_range(prob: Problem, kind: int, blocks: int) -> tuple[int, int]:
     return 1, 1 + blocks
 
 
-def block_shapes(prob: Problem, timer: StageTimer, M: int, t_cap: float, R: int = 1) -> list[Shape]:
+def block_shapes(prob: Problem, timer: StageTimer, M: int, t_cap: float, R: int = 1, unit: int = 1,
+                 chunk: int = 1) -> list[Shape]:
     """Every useful shape (allocator.columns' usefulness rules) running within t_cap, for
-    one of R identical replicas (devices per replica; its micro-batch is timer.b)."""
+    one of R identical replicas (devices per replica; its micro-batch is timer.b), with
+    device counts in multiples of ``unit`` and blocks in multiples of ``chunk``."""
     assert prob.interchangeable_blocks
     K = prob.L - 2
     budget = [c.count // R for c in prob.classes]
@@ -65,8 +67,10 @@ def block_shapes(prob: Problem, timer: StageTimer, M: int, t_cap: float, R: int 
     specs = [(FIRST, l) for l in range(K + 1)] + [(INNER, l) for l in range(1, K + 1)] + \
             [(LAST, l) for l in range(K + 1)] + [(ONLY, K)]
     for kind, l in specs:
+        if l % chunk:
+            continue
         i, j = block_range(prob, kind, l)
-        for col in range_columns(prob, timer, R, M, i, j, t_cap, budget):
+        for col in range_columns(prob, timer, R, M, i, j, t_cap, budget, unit):
             out.append(Shape(kind, l, col.counts, col.t, col.tail, col.amax))
     return out
 

@@ -151,8 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="optimizer (memory, step time)")
     pl.add_argument("--grad-sync", default="auto", choices=["auto", "ring", "hierarchical", "param_server"],
                     help="gradient synchronisation (auto: fastest predicted)")
-    pl.add_argument("--time-limit", type=float, default=30.0, help="solver time limit in seconds (default 30)")
-    pl.add_argument("--gap", type=float, default=1e-4, help="stop when proven within this relative gap")
+    pl.add_argument("--time-limit", type=float, default=30.0,
+                    help="wall time of the whole command in seconds (default 30); the best plan and its proven "
+                         "bound are returned when it runs out")
+    pl.add_argument("--gap", type=float, default=0.0,
+                    help="stop as soon as the plan is proven within this relative gap (default 0: prove it optimal)")
     pl.add_argument("--solver", default="highs", choices=["highs", "pulp-highs", "pulp-cbc"],
                     help="MILP back end: HiGHS via highspy (default), or PuLP with HiGHS or CBC")
     pl.add_argument("--baseline", default=None, choices=list(BASELINES),

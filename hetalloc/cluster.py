@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 
 from .catalog import DEVICE_TYPES, LINK_TYPES, DeviceType, suggest_device, suggest_link
+from .collectives import MeasuredCollective, parse_collectives
 from .errors import SpecError
 from .fileio import read_text
 
@@ -69,6 +70,14 @@ class Node:
     devices: list[Device]
     intra: LinkSpec
     nic: LinkSpec | None
+    compute_slots: int = 0
+    """Devices whose compute can run at once (CPU cores for CPU ranks, GPUs for processes
+    that time-slice them); 0: one per device (nothing shared)."""
+
+    @property
+    def shares_compute(self) -> bool:
+        """More devices than compute slots: their compute is shared (processor sharing)."""
+        return 0 < self.compute_slots < len(self.devices)
 
     def type_counts(self) -> dict[str, int]:
         """Devices per type, in order of first appearance."""
@@ -81,6 +90,7 @@ class Node:
             tuple(sorted(self.type_counts().items())),
             (self.intra.bandwidth_bytes_per_s, self.intra.latency_s),
             nic,
+            self.compute_slots,
         )
 
 
@@ -91,6 +101,8 @@ class Cluster:
     device_types: dict[str, DeviceType]
     fabric_oversubscription: float = 1.0
     source: str = "<cluster>"
+    collectives: tuple[MeasuredCollective, ...] = ()
+    """Measured collective times (``hetalloc profile``); empty: the analytic formulas."""
     _path_cache: dict = field(default_factory=dict, repr=False)
 
     # ---- lookup -------------------------------------------------------------------
@@ -195,7 +207,7 @@ class Cluster:
             {"name": t.name, "vendor": t.vendor, "peak_tflops": _num(t.peak_tflops),
              "memory_gib": _num(t.memory_gib), "mem_bandwidth_gbps": _num(t.mem_bandwidth_gbps),
              "cost_per_hour_usd": _num(t.cost_per_hour_usd),
-             **{k: _num(getattr(t, k)) for k in ("op_overhead_us", "step_overhead_us") if getattr(t, k)}}
+             **{k: _num(getattr(t, k)) for k in MEASURED_TYPE_FIELDS if getattr(t, k)}}
             for name, t in sorted(self.device_types.items())
             if DEVICE_TYPES.get(name) != t and any(d.type == name for d in self.devices)
         ]
@@ -210,8 +222,12 @@ class Cluster:
                                   "intra_link": n.intra.to_dict()}
             if n.nic is not None:
                 nd["nic"] = n.nic.to_dict()
+            if n.compute_slots:
+                nd["compute_slots"] = n.compute_slots
             nodes.append(nd)
         out["nodes"] = nodes
+        if self.collectives:
+            out["collectives"] = [c.to_dict() for c in self.collectives]
         return out
 
     def fingerprint(self) -> str:
@@ -302,11 +318,14 @@ def _ordered_counts(n: Node) -> list[tuple[str, int]]:
 
 # ---- loading and validation -----------------------------------------------------------
 
-_TOP_KEYS = {"name", "nodes", "fabric", "device_types", "prices"}
-_NODE_KEYS = {"name", "count", "gpus", "intra_link", "nic", "nics"}
+_TOP_KEYS = {"name", "nodes", "fabric", "device_types", "prices", "collectives"}
+_NODE_KEYS = {"name", "count", "gpus", "intra_link", "nic", "nics", "compute_slots"}
+MEASURED_TYPE_FIELDS = ("op_overhead_us", "step_overhead_us", "interference_collective", "interference_p2p",
+                        "comm_slowdown_collective", "comm_slowdown_p2p")
+"""Device-type figures only a profile measures (written when non-zero)."""
 _LINK_KEYS = {"name", "bandwidth_gbps", "latency_us", "like"}
 _DTYPE_KEYS = {"name", "vendor", "peak_tflops", "memory_gib", "mem_bandwidth_gbps",
-               "cost_per_hour_usd", "op_overhead_us", "step_overhead_us", "like"}
+               "cost_per_hour_usd", "like", *MEASURED_TYPE_FIELDS}
 
 
 class _Checker:
@@ -404,6 +423,18 @@ def _device_types(v: _Checker, raw: Any) -> dict[str, DeviceType]:
                                     default=base.op_overhead_us if base else 0.0),
             step_overhead_us=v.number(obj, "step_overhead_us", p, positive=False, unit="µs",
                                       default=base.step_overhead_us if base else 0.0),
+            interference_collective=v.number(obj, "interference_collective", p, positive=False,
+                                             unit="fraction (0.2 = compute 20% slower)",
+                                             default=base.interference_collective if base else 0.0),
+            interference_p2p=v.number(obj, "interference_p2p", p, positive=False,
+                                      unit="fraction (0.2 = compute 20% slower)",
+                                      default=base.interference_p2p if base else 0.0),
+            comm_slowdown_collective=v.number(obj, "comm_slowdown_collective", p, positive=False,
+                                              unit="fraction (0.5 = half a second more per second of overlap)",
+                                              default=base.comm_slowdown_collective if base else 0.0),
+            comm_slowdown_p2p=v.number(obj, "comm_slowdown_p2p", p, positive=False,
+                                       unit="fraction (0.5 = half a second more per second of overlap)",
+                                       default=base.comm_slowdown_p2p if base else 0.0),
         )
     return types
 
@@ -476,6 +507,8 @@ def cluster_from_dict(raw: Any, source: str = "<cluster>") -> Cluster:
         intra = _link(v, nobj["intra_link"], f"{p}.intra_link")
         nic = _link(v, nobj["nic"], f"{p}.nic") if nobj.get("nic") is not None else None
         nics = v.number(nobj, "nics", p, integer=True, default=1)
+        slots = v.number(nobj, "compute_slots", p, integer=True, default=0, positive=False,
+                         unit="devices computing at once (CPU cores)")
         if nic is not None and nics != 1:
             nic = LinkSpec(nic.bandwidth_bytes_per_s * nics, nic.latency_s, f"{nics}x{nic.name}" if nic.name else "")
         base = nobj.get("name", f"node{len(nodes)}")
@@ -491,14 +524,14 @@ def cluster_from_dict(raw: Any, source: str = "<cluster>") -> Cluster:
                 for _ in range(c):
                     devs.append(Device(f"{name}/{idx}", t, name, idx))
                     idx += 1
-            nodes.append(Node(name, devs, intra, nic))
+            nodes.append(Node(name, devs, intra, nic, slots))
     if total_nodes > 1:
         for i, rn in enumerate(raw_nodes):
             if rn.get("nic") is None:
                 raise v.err(f"nodes[{i}].nic", "missing (the cluster has more than one node)",
                             "name the node's network link (IB-HDR, Eth-100G, ...) or give {bandwidth_gbps, latency_us}")
     name = obj.get("name") or Path(source).stem
-    return Cluster(str(name), nodes, types, oversub, source)
+    return Cluster(str(name), nodes, types, oversub, source, collectives=parse_collectives(obj.get("collectives"), source))
 
 
 def load_cluster(path: str | Path) -> Cluster:

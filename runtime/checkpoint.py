@@ -1,8 +1,10 @@
 """Checkpoints: per-rank state written atomically, and a ``latest.json`` that names the
 last checkpoint every rank finished.
 
-Layout: ``<dir>/step_0000005/rank_0003.pt`` holds one rank's parameters (by whole-model
-name), optimizer state, RNG states and data position; ``<dir>/latest.json`` is written
+Layout: ``<dir>/step_0000005/rank_0003.pt`` holds one rank's parameters and optimizer
+state by whole-model parameter name, whole (``runtime.stage_state``: tensor-parallel and
+zero1 shards gathered, so the files do not depend on how the plan sharded them), RNG
+states and data position; ``<dir>/latest.json`` is written
 by rank 0 only after all ranks have written theirs (a barrier), so a run killed while
 saving resumes from the previous complete checkpoint. Files appear by rename
 (``hetalloc.fileio``), never half-written; temporaries of a killed writer are deleted at
@@ -40,13 +42,14 @@ from hetalloc.fileio import atomic_write_bytes, atomic_write_json, remove_tempor
 
 from .checkpoint_meta import (LATEST, Latest, check_latest, latest_step, plan_key, rank_file,  # noqa: F401
                               read_latest, saved_steps, step_dir)
-from .models import StageModule
+from .stage_state import StageState
 
 KEEP_LAST = 2
 """Complete checkpoints kept; older ones are deleted after a new one is complete."""
 
-FORMAT = 2
-"""Rank file format: 2 holds tensors and plain values only (Python's RNG state as lists)."""
+FORMAT = 3
+"""Rank file format: 2 holds tensors and plain values only (Python's RNG state as lists);
+3 holds the optimizer state by parameter name, whole (``runtime.stage_state``)."""
 
 # ---- one rank's file -------------------------------------------------------------------
 
@@ -70,13 +73,14 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def rank_state(step: int, rank: int, world_size: int, key: str, module: StageModule,
-               optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
-    """What one rank saves: tensors and plain values only."""
+def rank_state(step: int, rank: int, world_size: int, key: str, stage: StageState,
+               device: torch.device) -> dict[str, Any]:
+    """What one rank saves: tensors and plain values only (every rank calls this: it
+    gathers tensor-parallel and zero1 shards)."""
     return {
         "format": FORMAT, "step": step, "rank": rank, "world_size": world_size, "plan_key": key,
-        "params": {name: p.detach().cpu().clone() for name, p in module.named_model_parameters()},
-        "optimizer": optimizer.state_dict(),
+        "params": stage.params(),
+        "optimizer": stage.optimizer_state(),
         "rng": _rng_state(device),
         "data": {"next_step": step + 1},
     }
@@ -108,32 +112,27 @@ def read_rank_file(path: Path) -> dict[str, Any]:
     return state
 
 
-def restore(state: dict[str, Any], path: Path, key: str, module: StageModule, optimizer: torch.optim.Optimizer,
-            device: torch.device) -> int:
+def restore(state: dict[str, Any], path: Path, key: str, stage: StageState, device: torch.device) -> int:
     """Put a rank file's state into this rank's module, optimizer and RNGs; returns its step."""
     if state["plan_key"] != key:
         raise SpecError(str(path), "plan_key", "the checkpoint was written for another plan",
                         "resume with the plan that wrote it, or start a new checkpoint directory")
-    params = dict(module.named_model_parameters())
-    if set(params) != set(state["params"]):
+    if stage.names() != set(state["params"]):
         raise SpecError(str(path), "params", "the checkpoint holds other layers than this rank's stage",
                         "resume with the plan that wrote it")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(state["params"][name])  # in place: parameters are views into gradient buckets
-    optimizer.load_state_dict(state["optimizer"])
+    stage.load_params(state["params"])  # in place: parameters are views into gradient buckets
+    stage.load_optimizer_state(state["optimizer"])
     _set_rng_state(state["rng"], device)
     return int(state["step"])
 
 
 # ---- all ranks together ------------------------------------------------------------------
 
-def save(ckpt_dir: str | Path, step: int, rank: int, key: str, module: StageModule,
-         optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+def save(ckpt_dir: str | Path, step: int, rank: int, key: str, stage: StageState, device: torch.device) -> None:
     """Every rank calls this at the same step (it contains a barrier)."""
     world = dist.get_world_size()
     buf = io.BytesIO()
-    torch.save(rank_state(step, rank, world, key, module, optimizer, device), buf)
+    torch.save(rank_state(step, rank, world, key, stage, device), buf)
     path = rank_file(ckpt_dir, step, rank)
     if path.parent.is_dir():
         remove_temporaries(path.parent, path.name)  # this rank's, left by a killed attempt

@@ -145,12 +145,26 @@ SPIN_S = 300e-6
 kernel's timer slack (50 µs and more), a sizeable, varying part of sub-millisecond ops."""
 
 
-def stretch(t0: float, slowdown: float) -> float:
+def stretch(t0: float, slowdown: float, cpu0: float | None = None) -> float:
     """Emulated slowdown: hold the caller until (slowdown) x (the time since t0) has
-    passed; returns the stretched elapsed time. Sleeps, then spins the last SPIN_S."""
+    passed; returns the stretched elapsed time (wall clock since t0).
+
+    With cpu0 (this thread's ``time.thread_time()`` at t0; CPU devices), the compute is
+    stretched in CPU time instead: the thread spins until it has used (slowdown) x the CPU
+    time the compute used, as a core that much slower would. Alone on its core this takes
+    the same wall time as the wall-clock rule; on a host where ranks share cores, the
+    slowed rank keeps its share of the cores busy as a slower core would, where a sleep
+    would hand them to the others. Without cpu0 (GPUs: the compute is not on this thread)
+    it sleeps, then spins the last SPIN_S."""
     now = time.perf_counter()
     if slowdown <= 1.0:
         return now - t0
+    if cpu0 is not None:
+        c = time.thread_time()
+        end_cpu = c + (slowdown - 1.0) * (c - cpu0)
+        while time.thread_time() < end_cpu:
+            pass
+        return time.perf_counter() - t0
     end = now + (slowdown - 1.0) * (now - t0)
     if end - now > SPIN_S:
         time.sleep(end - now - SPIN_S)

@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,7 +28,7 @@ from hetalloc.fileio import atomic_write_json
 from hetalloc.models import TransformerShape, resolve_model
 from hetalloc.plan import Plan, load_plan, plan_context, validate_plan
 
-from . import checkpoint
+from . import checkpoint, tensor_parallel
 from .config import TrainConfig, check_slowdown, parse_slowdown
 from .datasets import TokenDataset, device_samples
 from .grad_sync import GradSync, ProcessGroups
@@ -38,6 +39,7 @@ from .models import DTYPES, StageModule, build_model, layer_param_counts
 from .optim import build_optimizer
 from .pipeline import PipelineExecutor, stage_role
 from .rankmap import LaunchInfo, check_launch, check_supported, rank_map
+from .stage_state import StageState
 
 @dataclass
 class Runtime:
@@ -127,11 +129,17 @@ class Trainer:
         self.role = role = stage_role(plan, rm, self.rank)
         built = build_model(shape, seed=cfg.seed, dropout=cfg.dropout, dtype=dtype)
         self.model_notes = check_model(shape, plan, layer_param_counts(built), [l.params for l in self.cg.layers])
-        self.module = StageModule(built, role.start, role.stop).to(self.device)
+        stage = plan.replicas[role.replica].stages[role.stage]
+        self.module = StageModule(built, role.start, role.stop, recompute=stage.recompute == "full").to(self.device)
         del built
+        self.tp = tensor_parallel.setup_stage(plan, rm, role.tp_ranks, self.module, shape, self.device,
+                                              self.cg.num_layers)
         groups = ProcessGroups(plan, rm, self.cluster, self.cg, plan.grad_sync)
-        self.sync = GradSync(self.module, role, groups, self.rank, plan.grad_sync, cfg.bucket_cap_mb * 2**20)
+        self.sync = GradSync(self.module, role, groups, self.rank, plan.grad_sync, cfg.bucket_cap_mb * 2**20,
+                             zero1=plan.optimizer_sharding == "zero1",
+                             layouts=tensor_parallel.param_layouts(self.module, shape.family, self.cg.num_layers))
         self.optimizer = build_optimizer(plan.optimizer, self.sync.optimizer_tensors(self.module), cfg)
+        self.state = StageState(self.module, self.optimizer, self.sync)
         self.slowdown = _slowdown_of(cfg, rt.info, self.cluster)
         self.executor = PipelineExecutor(role, self.module, plan.schedule, plan.num_microbatches,
                                          (plan.seq_len, shape.hidden), dtype, self.device,
@@ -148,8 +156,7 @@ class Trainer:
                 print(f"warning: {found.warning}", file=sys.stderr, flush=True)
             if found.state is not None:
                 assert found.path is not None
-                self.done = checkpoint.restore(found.state, found.path, self.key, self.module, self.optimizer,
-                                               self.device)
+                self.done = checkpoint.restore(found.state, found.path, self.key, self.state, self.device)
             elif self.rank == 0 and not found.warning:
                 print(f"no checkpoint in {cfg.checkpoint_dir}; starting at step 1")
 
@@ -167,6 +174,10 @@ class Trainer:
                 labels[m] = lab.to(self.device) if role.is_last else None
         return inputs, labels
 
+    def loss_context(self):
+        """Around the stage's forwards and backwards: loss_parallel for a vocabulary-parallel head."""
+        return self.tp.loss_context() if self.tp is not None else nullcontext()
+
     def train_step(self, step: int) -> tuple[float, StepTimes]:
         """One optimizer step (1-based step number); returns the global loss and the times."""
         times = StepTimes()
@@ -174,7 +185,8 @@ class Trainer:
         inputs, labels = self._batch((step - 1) * self.plan.global_batch)
         times.data_s = time.perf_counter() - t_step
         self.sync.zero_grad()
-        loss = self.executor.run_step(inputs, labels, times, self.sync.arm)
+        with self.loss_context():
+            loss = self.executor.run_step(inputs, labels, times, self.sync.arm)
         self.sync.finish(times)
         t0 = time.perf_counter()
         self.optimizer.step()
@@ -199,7 +211,8 @@ class Trainer:
         times = StepTimes()
         for k in range(K):
             inputs, labels = self._batch(k * B, "val")
-            total += self.executor.run_forward(inputs, labels, times, scale)
+            with self.loss_context():
+                total += self.executor.run_forward(inputs, labels, times, scale)
         dist.all_reduce(total)
         return float(total), time.perf_counter() - t0
 
@@ -208,7 +221,9 @@ class Trainer:
         return (f"hetalloc runtime: {plan.model} ({plan.planner or 'hand-made'} plan) on {rt.info.world_size} ranks "
                 f"({rt.backend}, {self.device.type}); {len(plan.replicas)} replica(s), schedule {plan.schedule}, "
                 f"grad sync {plan.grad_sync}, {plan.optimizer}; global batch {plan.global_batch} in "
-                f"{plan.num_microbatches} micro-batches; steps {self.done + 1}..{self.cfg.steps}")
+                f"{plan.num_microbatches} micro-batches; "
+                + "".join(f"{option}; " for option in plan.options_used())
+                + f"steps {self.done + 1}..{self.cfg.steps}")
 
     def run(self) -> dict[str, Any] | None:
         """Train up to cfg.steps; returns the summary on rank 0 (None elsewhere)."""
@@ -240,7 +255,7 @@ class Trainer:
             records.append(times)
             losses.append(loss)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpoint.save(cfg.checkpoint_dir, step, rank, self.key, self.module, self.optimizer, self.device)
+                checkpoint.save(cfg.checkpoint_dir, step, rank, self.key, self.state, self.device)
         writer.close()
         return self.summarize(records, losses, past=past, past_losses=past_losses)
 
