@@ -118,8 +118,8 @@ def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: s
             try:
                 bp = baseline_plan(name, cluster, cg, global_batch, schedule=schedule, optimizer=optimizer,
                                    grad_sync=sync, work=work, deadline=deadline)
-            except InfeasibleError:
-                notes.append(f"baseline {name}: no configuration fits in memory")
+            except InfeasibleError as e:
+                notes.append(f"baseline {name}: not scored — {e}")
                 continue
             except BaselineStopped:
                 notes.append(f"baseline {name}: not scored — it did not finish within the time limit")

@@ -83,10 +83,10 @@ WORK_PER_SECOND = 2_000_000
 """Work units per second of that machine (measured 0.3-0.9 us per unit), to turn a time
 limit into a work bound."""
 
-TIME_SHARE = 0.05
+TIME_SHARE = 0.03
 """Each baseline's work bound within a planning request: this fraction of its time limit."""
 
-GRACE_S = 2.0
+GRACE_S = 2.5
 """Seconds the baselines may run past the request's time limit when the search used it
 all (a deadline of last resort; the work bound normally ends them first)."""
 
@@ -142,6 +142,12 @@ def _finish(plan: Plan, cluster: Cluster, cg: CostGraph, budget: Budget, searche
         plan.notes.append(f"the {plan.planner} baseline's search stopped at its work bound after {searched}; "
                           "this is the best configuration scored")
     return plan
+
+
+def _none_found(name: str, budget: Budget, space: str = "") -> str:
+    if budget.cut:
+        return f"the {name} baseline found no configuration {space}that fits in memory before its work bound"
+    return f"the {name} baseline found no configuration {space}that fits in memory"
 
 
 def even_layers(L: int, p: int) -> list[tuple[int, int]]:
@@ -285,7 +291,8 @@ class Units:
     """Units of a chain baseline, in cluster order: single devices, or tensor-parallel
     groups of t devices of one type inside one node."""
 
-    devices: list[list[str]]
+    devices: "_DeviceIds"
+    """unit -> its device ids."""
     types: list[str]
     t: int
     index: np.ndarray
@@ -297,26 +304,64 @@ class Units:
 
     @staticmethod
     def of(cluster: Cluster, t: int, limit: int) -> "Units":
-        """The first `limit` units (no configuration uses more: d <= B pipelines of p <= L)."""
-        devices, types = [], []
+        """The first `limit` units (no configuration uses more: d <= B pipelines of p <= L).
+        Nodes with the same device types in the same order share one unit layout (device
+        offsets in the node), so the work is one pass over the nodes, not over the devices."""
+        layouts: dict[tuple, tuple[np.ndarray, list[str]]] = {}
+        pos = cluster.device_index
+        parts, types, count = [], [], 0
         for n in cluster.nodes:
-            if len(devices) >= limit:
+            if count >= limit:
                 break
-            by_type: dict[str, list[str]] = {}
-            for d in n.devices:
-                by_type.setdefault(d.type, []).append(d.id)
-            for typ, ids in by_type.items():
-                for k in range(0, len(ids) - len(ids) % t, t):
-                    devices.append(ids[k:k + t])
-                    types.append(typ)
-        del devices[limit:], types[limit:]
-        pos, links = cluster.device_index, cluster.links
-        index = np.array([[pos[d] for d in u] for u in devices], dtype=np.int64).reshape(len(devices), t)
-        node = links.node_of[index[:, 0]] if len(devices) else np.zeros(0, dtype=np.int64)
-        kinds: dict[tuple, int] = {}
-        kind = np.array([kinds.setdefault((typ, int(links.class_of[n])), len(kinds)) for typ, n in zip(types, node)],
-                        dtype=np.int64)
-        return Units(devices, types, t, index, node, kind)
+            key = tuple(d.type for d in n.devices)
+            lay = layouts.get(key)
+            if lay is None:
+                by_type: dict[str, list[int]] = {}
+                for i, typ in enumerate(key):
+                    by_type.setdefault(typ, []).append(i)
+                offs, typs = [], []
+                for typ, at in by_type.items():
+                    for k in range(0, len(at) - len(at) % t, t):
+                        offs.append(at[k:k + t])
+                        typs.append(typ)
+                lay = layouts[key] = (np.array(offs, dtype=np.int64).reshape(len(offs), t), typs)
+            # positions in cluster order: a node's devices are consecutive there
+            parts.append(lay[0] + pos[n.devices[0].id])
+            types.extend(lay[1])
+            count += len(lay[1])
+        index = np.concatenate(parts)[:limit] if parts else np.zeros((0, t), dtype=np.int64)
+        del types[limit:]
+        links = cluster.links
+        node = links.node_of[index[:, 0]] if len(index) else np.zeros(0, dtype=np.int64)
+        type_code = np.searchsorted(sorted(set(types)), types).astype(np.int64) if types else node
+        pairs = type_code * (int(links.class_of.max()) + 1) + links.class_of[node]
+        _, kind = np.unique(pairs, return_inverse=True)  # unit -> class of (type, link class)
+        return Units(_DeviceIds(cluster, index), types, t, index, node, np.asarray(kind, dtype=np.int64).reshape(-1))
+
+
+class _Positions:
+    """Device ids at cluster positions perm[x] (slices give lists), made on demand."""
+
+    def __init__(self, cluster: Cluster, perm: np.ndarray):
+        self.cluster, self.perm = cluster, perm
+
+    def __getitem__(self, x: slice) -> list[str]:
+        devs = self.cluster.devices
+        return [devs[i].id for i in self.perm[x].tolist()]
+
+
+class _DeviceIds:
+    """Units' device ids, made on demand (only the winning plan's are needed)."""
+
+    def __init__(self, cluster: Cluster, index: np.ndarray):
+        self.cluster, self.index = cluster, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, x: int) -> list[str]:
+        devs = self.cluster.devices
+        return [devs[i].id for i in self.index[x].tolist()]
 
 
 def node_tp_degree(cluster: Cluster, degrees: tuple[int, ...]) -> int:
@@ -461,7 +506,7 @@ class ChainSearch:
         cands = self.candidates()
         best = best_of(cands, self.budget)
         if best is None:
-            raise InfeasibleError(f"the {self.name} baseline found no configuration that fits in memory")
+            raise InfeasibleError(_none_found(self.name, self.budget))
         return _finish(best.build(), self.cluster, self.cg, self.budget, f"{self.searched} configurations")
 
     def candidates(self) -> list[Candidate]:
@@ -488,13 +533,15 @@ class ChainSearch:
             rates = {k: v[1] for k, v in lay.items()}
             for d in ds:
                 tail = self.tail(p, d, cls, splits)
+                present = sorted(set(cls[:d].tolist()))
                 Ms = divisors(B // d) if not self.proportional else [M for M in divisors(B) if B // M >= d]
                 for M in Ms:
                     if self.proportional:
                         shares = largest_remainder(B // M, [rates[k] for k in cls[:d].tolist()], minimum=1)
-                    else:
-                        shares = [B // (d * M)] * d
-                    pairs = sorted(set(zip(cls[:d].tolist(), shares)))
+                        pairs = sorted(set(zip(cls[:d].tolist(), shares)))
+                    else:  # equal shares: one pair per class present
+                        shares = None  # made by the builder (d equal shares)
+                        pairs = [(k, B // (d * M)) for k in present]
                     rec = next((r for r in self.recompute
                                 if all(self.fits(reps[k], splits[k], b, r, M, k) for k, b in pairs)), None)
                     searched += 1
@@ -532,8 +579,9 @@ class ChainSearch:
 
     def _builder(self, p, d, M, cls, shares, splits, rec):
         def build() -> Plan:
+            each = shares if shares is not None else [self.B // (d * M)] * d
             reps = [self.replica(list(range(r * p, r * p + p)), splits[k], b, rec)
-                    for r, (k, b) in enumerate(zip(cls[:d].tolist(), shares))]
+                    for r, (k, b) in enumerate(zip(cls[:d].tolist(), each))]
             return _plan(self.cluster, self.cg, self.B, M, reps, self.schedule, self.optimizer, self.grad_sync,
                          self.name)
         return build
@@ -603,7 +651,7 @@ def pipedream_split(cluster: Cluster, cg: CostGraph, B: int, schedule: str = "1f
                                (lambda plan: (lambda: plan))(plan)))
     best = best_of(cands, budget)
     if best is None:
-        raise InfeasibleError("the pipedream baseline found no configuration that fits in memory")
+        raise InfeasibleError(_none_found("pipedream", budget))
     plan = best.build()
     if capped:
         plan.notes.append(f"the pipedream baseline considered the first {PIPEDREAM_MAX_UNITS} nodes of the cluster")
@@ -824,7 +872,7 @@ class MetisSearch:
             if self.node[x] != self.node[x + tp - 1] or self.types[x] != self.types[x + tp - 1]:
                 out = None
                 break
-            out.append((self.devs[x:x + tp], self.types[x]))
+            out.append((self.devs[x:x + tp], self.type_names[self.types[x]]))
         hit = None
         if out is not None:
             speeds = [self.speed(t, tp) for _, t in out]
@@ -924,17 +972,23 @@ class MetisSearch:
         best_plan: Callable[[], Plan] | None = None
         searched = 0
         Ms = divisors(B)[::-1]  # Metis: the most micro-batches first
-        layouts = []  # the devices laid out type after type (in cluster order within a type)
-        for order in orders:
-            devs = [d for t in order for d in cluster.devices if d.type == t]
-            layouts.append(([d.id for d in devs], [d.type for d in devs], [d.node for d in devs]))
-            self.budget.spend(N)
+        # the devices laid out type after type (in cluster order within a type), per order when reached
+        self.type_names = sorted(cluster.type_counts())
+        code = {t: k for k, t in enumerate(self.type_names)}
+        type_of = np.fromiter((code[d.type] for d in cluster.devices), dtype=np.int64, count=N)
+        layouts: dict[int, tuple] = {}
         for S in range(1, min(N, L) + 1):
             low = METIS_VARIANCE * max(N // S, S // N)
             groups = list(_pow2_groups(N, S, low))
             self.budget.spend(len(groups) + 1)
             for oi, order in enumerate(orders):
                 self.order_index = oi
+                if oi not in layouts:
+                    rank = np.array([order.index(t) for t in self.type_names], dtype=np.int64)
+                    perm = np.argsort(rank[type_of], kind="stable")
+                    layouts[oi] = (_Positions(cluster, perm), type_of[perm].tolist(),
+                                   cluster.links.node_of[perm].tolist())
+                    self.budget.spend(N)
                 self.devs, self.types, self.node = layouts[oi]
                 for multiset in groups:
                     for sizes in _stage_orders(multiset):
@@ -958,7 +1012,8 @@ class MetisSearch:
             if self.budget.cut:
                 break
         if best_plan is None:
-            raise InfeasibleError("the metis baseline found no configuration that fits in memory")
+            raise InfeasibleError(_none_found("metis", self.budget, "of every device in one pipeline, each "
+                                              "data-parallel group with at least one sample, "))
         return _finish(best_plan(), cluster, self.cg, self.budget, f"{searched} configurations")
 
     def plan(self, conf, M: int) -> Plan:
