@@ -534,12 +534,17 @@ def cluster_from_dict(raw: Any, source: str = "<cluster>") -> Cluster:
     return Cluster(str(name), nodes, types, oversub, source, collectives=parse_collectives(obj.get("collectives"), source))
 
 
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+"""libyaml's safe loader where PyYAML has it (a 12,500-node spec: ~0.5 s instead of ~5 s),
+else the pure-Python one; both build plain types only."""
+
+
 def load_cluster(path: str | Path) -> Cluster:
     path = Path(path)
     source = str(path)
     text = read_text(path, missing_fix="check the path (examples/ has sample clusters)", what="cluster YAML")
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_YAML_LOADER)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
