@@ -8,7 +8,7 @@ from typing import Callable
 
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
-from hetalloc.costs import GRAD_SYNC, OPTIMIZERS, SCHEDULES, param_bytes, usable_memory
+from hetalloc.costs import GRAD_SYNC, OPTIMIZERS, RECOMPUTE, SCHEDULES, TP_DEGREES, param_bytes, usable_memory
 from hetalloc.errors import InfeasibleError, SpecError
 from hetalloc.evaluate import predict
 from hetalloc.plan import Plan, attach_context, validate_plan
@@ -16,8 +16,8 @@ from hetalloc.plan import Plan, attach_context, validate_plan
 from .baselines import BASELINES, BaselineStopped, baseline_plan, limits_for
 from .milp import available_backends
 from .placement import place
-from .problem import Problem
-from .search import search
+from .problem import Problem, unit_degree
+from .search import SearchResult, search
 
 
 def check_request(cluster: Cluster, cg: CostGraph, global_batch: int, schedule: str, optimizer: str,
@@ -32,6 +32,62 @@ def check_request(cluster: Cluster, cg: CostGraph, global_batch: int, schedule: 
     if grad_sync not in GRAD_SYNC + ("auto",):
         raise SpecError("--grad-sync", "", f"unknown algorithm '{grad_sync}'",
                         f"use auto or one of {', '.join(GRAD_SYNC)}")
+
+
+def tp_degrees(cluster: Cluster, cg: CostGraph, tp: str | int) -> list[int]:
+    """Largest tensor-parallel unit sizes to search: the one asked for, or (auto) every
+    degree that gives another split of the cluster into units (``Problem.tp``)."""
+    if tp != "auto":
+        t = int(tp)
+        if t not in TP_DEGREES:
+            raise SpecError("--tp", "", f"{tp} is not a tensor-parallel degree", f"use auto or one of {TP_DEGREES}")
+        if t > 1 and not cg.supports_tp:
+            raise SpecError("--tp", "", "this cost graph does not say how its layers split",
+                            "re-profile or use a built-in model, or --tp 1")
+        return [t]
+    if not cg.supports_tp:
+        return [1]
+    per_node = sorted({n.type_counts()[t] for n in cluster.nodes for t in n.type_counts()})
+    out, seen = [], set()
+    for t in TP_DEGREES:
+        key = tuple(unit_degree(k, t) for k in per_node)
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
+
+
+def search_degrees(cluster: Cluster, cg: CostGraph, global_batch: int, degrees: list[int], *, schedule: str,
+                   optimizer: str, recompute: str, group_identical_nodes: bool, time_limit: float, gap: float,
+                   backend: str, msg: bool, progress: Callable[[str], None] | None
+                   ) -> tuple[Problem, SearchResult, list[str]]:
+    """One search per tensor-parallel unit size, each with an equal share of the time (so
+    of the work budget); the plan space is their union: the best plan wins and the proven
+    bound is the least of their bounds."""
+    runs = []
+    for t in degrees:
+        prob = Problem(cluster, cg, global_batch, schedule=schedule, optimizer=optimizer,
+                       group_identical_nodes=group_identical_nodes, tp=t, recompute=recompute)
+        say = progress if progress is None or len(degrees) == 1 else (lambda s, t=t: progress(f"tp<={t}: {s}"))
+        runs.append((prob, search(prob, time_limit=time_limit / len(degrees), gap=gap, backend=backend, msg=msg,
+                                  progress=say)))
+    found = [(p, r) for p, r in runs if r.best is not None]
+    prob, res = min(found, key=lambda pr: pr[1].best.objective_s) if found else runs[0]
+    if len(runs) == 1:
+        return prob, res, []
+    bound = min(r.bound for _, r in runs)
+    if all(r.status == "infeasible" for _, r in runs):
+        status = "infeasible"
+    elif res.best is not None and (all(r.status in ("optimal", "infeasible") for _, r in runs)
+                                   or bound >= res.best.objective_s * (1 - gap)):
+        status = "optimal"
+    else:
+        status = "time_limit"
+    merged = SearchResult(res.best, bound, status, sum(r.seconds for _, r in runs),
+                          [s for _, r in runs for s in r.solves], any(r.stopped_by_clock for _, r in runs))
+    notes = [f"tensor-parallel units up to {p.tp}: " + (f"best {r.best.objective_s:.4g} s" if r.best else "no plan")
+             + (f", bound {r.bound:.4g} s" if math.isfinite(r.bound) else "") + f" ({r.status})" for p, r in runs]
+    return prob, merged, notes
 
 
 def memory_shortfall(cluster: Cluster, cg: CostGraph, optimizer: str) -> str:
@@ -58,13 +114,15 @@ def memory_shortfall(cluster: Cluster, cg: CostGraph, optimizer: str) -> str:
 def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: str = "1f1b",
               optimizer: str = "adamw", grad_sync: str = "auto", time_limit: float = 30.0, gap: float = 0.0,
               backend: str = "highs", baseline: str | None = None, compare_baselines: bool = True,
-              group_identical_nodes: bool = True, msg: bool = False,
-              progress: Callable[[str], None] | None = None) -> Plan:
+              group_identical_nodes: bool = True, msg: bool = False, tp: str | int = "auto",
+              recompute: str = "auto", progress: Callable[[str], None] | None = None) -> Plan:
     """Plan `global_batch` samples per iteration of model `cg` on `cluster`.
 
     baseline: return that baseline's plan instead of solving. Otherwise the integer
     program is solved (time-limited); the result records the solver status, objective,
     proven bound and gap. With compare_baselines the baselines are scored too and noted.
+    tp: largest tensor-parallel unit (auto: search each useful size); recompute: auto (per
+    stage), none or full.
     """
     started = time.perf_counter()
     check_request(cluster, cg, global_batch, schedule, optimizer, "ring" if grad_sync == "auto" else grad_sync)
@@ -86,9 +144,12 @@ def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: s
         raise SpecError("--solver", "", f"solver back end '{backend}' is not available",
                         f"available here: {', '.join(available_backends()) or 'none'}; "
                         "'pip install highspy' gives HiGHS")
-    prob = Problem(cluster, cg, global_batch, schedule=schedule, optimizer=optimizer,
-                   group_identical_nodes=group_identical_nodes)
-    res = search(prob, time_limit=SEARCH_SHARE * time_limit, gap=gap, backend=backend, msg=msg, progress=progress)
+    if recompute not in RECOMPUTE + ("auto",):
+        raise SpecError("--recompute", "", f"unknown choice '{recompute}'", f"use auto or one of {', '.join(RECOMPUTE)}")
+    prob, res, tp_notes = search_degrees(
+        cluster, cg, global_batch, tp_degrees(cluster, cg, tp), schedule=schedule, optimizer=optimizer,
+        recompute=recompute, group_identical_nodes=group_identical_nodes, time_limit=SEARCH_SHARE * time_limit,
+        gap=gap, backend=backend, msg=msg, progress=progress)
     best = res.best
     if best is None and res.status != "infeasible":
         best = fallback_plan(prob)  # a plan the heuristics can build is always returned
@@ -111,6 +172,7 @@ def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: s
                  "sync and optimizer step; 'predicted' is the placed plan's schedule-exact estimate",
     }
     plan = _finish(plan, cluster, cg, grad_sync)
+    plan.notes.extend(tp_notes)
     if compare_baselines:
         notes, best_base = [], None
         work, deadline = limits_for(time_limit, started)

@@ -33,24 +33,25 @@ class Column:
     tail: float
     amax: int
     """Most stages that may follow (memory); >= L means unlimited."""
+    recompute: str = "none"
 
 
 class RangeTimes:
     """Per class: device times f_c(r, k) for k = 1..cap (cap from memory at in-flight q)."""
 
     def __init__(self, prob: Problem, timer: StageTimer, i: int, j: int, t_cap: float, budget: list[int],
-                 in_flight: int):
+                 in_flight: int, recompute: str = "none"):
         self.prob, self.i, self.j, self.b = prob, i, j, timer.b
         self.ts: dict[int, list[float]] = {}
         for c in prob.classes:
             if budget[c.index] < 1:
                 continue
-            km = min(self.b, prob.kmem(c, i, j, in_flight))
+            km = min(self.b, prob.kmem(c, i, j, in_flight, recompute))
             if km < 1:
                 continue
             ts = []
             for k in range(1, km + 1):
-                t = timer.time(c, i, j, k)
+                t = timer.time(c, i, j, k, recompute)
                 if t > t_cap:
                     break
                 ts.append(t)
@@ -118,10 +119,23 @@ def _stage_times(ts: dict[int, list[float]], caps: dict[int, int], V: np.ndarray
 
 def range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: int, t_cap: float,
                   budget: list[int], unit: int = 1) -> list[Column]:
-    """The useful columns of range [i, j) for one of R replicas; with ``unit`` > 1 only
-    device counts that are multiples of it (a coarser plan space, for plans only)."""
+    """The useful columns of range [i, j) for one of R replicas, with each recomputation
+    choice that can help (Problem.recompute_helps); with ``unit`` > 1 only device counts
+    that are multiples of it (a coarser plan space, for plans only)."""
+    deepest = M if prob.schedule == "gpipe" else min(M, 1 + prob.L - j)
+    out: list[Column] = []
+    for rc in prob.recompute_options:
+        if rc == "full" and "none" in prob.recompute_options and \
+                not prob.recompute_helps(budget, i, j, timer.b, deepest):
+            continue
+        out.extend(_range_columns(prob, timer, R, M, i, j, t_cap, budget, unit, rc))
+    return out
+
+
+def _range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: int, t_cap: float,
+                   budget: list[int], unit: int, rc: str) -> list[Column]:
     gpipe = prob.schedule == "gpipe"
-    rt = RangeTimes(prob, timer, i, j, t_cap, budget, M if gpipe else 1)
+    rt = RangeTimes(prob, timer, i, j, t_cap, budget, M if gpipe else 1, rc)
     if not rt.ts:
         return []
     b, L, C = timer.b, prob.L, len(budget)
@@ -135,7 +149,7 @@ def range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: i
     if not gpipe and j < L:
         prev = {ci: len(rt.ts[ci]) for ci in rt.ts}
         for a in range(1, min(M - 1, L - j) + 1):
-            caps = {ci: max(0, min(prev[ci], prob.kmem(prob.classes[ci], i, j, min(M, 1 + a)))) for ci in rt.ts}
+            caps = {ci: max(0, min(prev[ci], prob.kmem(prob.classes[ci], i, j, min(M, 1 + a), rc))) for ci in rt.ts}
             if caps != prev:
                 tier_caps.append(caps)
                 tier_depth.append(a)
@@ -183,14 +197,14 @@ def range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: i
         for a_, dt in enumerate(depth_times, start=1):
             ta = prev_t if dt is None else float(dt[k])
             if not math.isfinite(ta) or ta > t_cap:
-                out.append(Column(i, j, counts, prev_t, tail, a_ - 1))
+                out.append(Column(i, j, counts, prev_t, tail, a_ - 1, rc))
                 prev_t = None
                 break
             if ta > prev_t:
-                out.append(Column(i, j, counts, prev_t, tail, a_ - 1))
+                out.append(Column(i, j, counts, prev_t, tail, a_ - 1, rc))
             prev_t = ta
         if prev_t is not None:
-            out.append(Column(i, j, counts, prev_t, tail, L))
+            out.append(Column(i, j, counts, prev_t, tail, L, rc))
     return out
 
 
@@ -222,18 +236,29 @@ def enumerate_columns(prob: Problem, timer: StageTimer, R: int, M: int, t_cap: f
 
 def full_budget_times(prob: Problem, timer: StageTimer, M: int, t_cap: float) -> dict[tuple[int, int], float]:
     """For every range, its time if the whole budget served it (a lower bound on any
-    column's time; the "at least one sample per device" rule is dropped)."""
-    gpipe = prob.schedule == "gpipe"
+    column's time; the "at least one sample per device" rule is dropped), the least over
+    the recomputation choices."""
     budget = [c.count for c in prob.classes]
     out = {}
     for i in range(prob.L):
         for j in range(i + 1, prob.L + 1):
-            rt = RangeTimes(prob, timer, i, j, t_cap, budget, M if gpipe else 1)
-            if not rt.ts:
-                continue
-            levels = sorted({t for ts in rt.ts.values() for t in ts})
-            for th in levels:
-                if sum(budget[ci] * bisect.bisect_right(ts, th * (1 + 1e-12)) for ci, ts in rt.ts.items()) >= timer.b:
-                    out[(i, j)] = th
-                    break
+            t = whole_budget_time(prob, timer, M, i, j, t_cap, budget)
+            if math.isfinite(t):
+                out[(i, j)] = t
     return out
+
+
+def whole_budget_time(prob: Problem, timer: StageTimer, M: int, i: int, j: int, t_cap: float,
+                      budget: list[int]) -> float:
+    """Least time of range [i, j) served by the whole budget, over its recomputation
+    choices (inf if none can take the micro-batch)."""
+    gpipe = prob.schedule == "gpipe"
+    best = math.inf
+    for rc in prob.recompute_options:
+        rt = RangeTimes(prob, timer, i, j, min(t_cap, best), budget, M if gpipe else 1, rc)
+        levels = sorted({t for ts in rt.ts.values() for t in ts})
+        for th in levels:
+            if sum(budget[ci] * bisect.bisect_right(ts, th * (1 + 1e-12)) for ci, ts in rt.ts.items()) >= timer.b:
+                best = min(best, th)
+                break
+    return best

@@ -269,7 +269,7 @@ class Search:
         R = self.states[M].R
         if isinstance(seq[0], Shape):
             return count_plan(self.prob, seq, M, R)
-        return CountPlan(R, M, [CountStage(c.i, c.j, c.counts) for c in seq])
+        return CountPlan(R, M, [CountStage(c.i, c.j, c.counts, c.recompute) for c in seq])
 
     def restricted(self, st: MState) -> None:
         """Plans of st.R identical replicas for an M whose whole-cluster program is too large:
