@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable
 
 from hetalloc.cluster import Cluster
@@ -13,7 +14,7 @@ from hetalloc.errors import InfeasibleError, SpecError
 from hetalloc.evaluate import predict
 from hetalloc.plan import Plan, attach_context, mixed_tp_segments, validate_plan
 
-from .baselines import BASELINES, baseline_plan
+from .baselines import BASELINES, BaselineStopped, baseline_plan, limits_for
 from .milp import available_backends
 from .placement import place
 from .problem import Problem, tp_priced, unit_degree
@@ -158,16 +159,21 @@ def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: s
     stage), none or full; optimizer_sharding: auto (search with and without zero1 where
     they differ), none or zero1.
     """
+    started = time.perf_counter()
     check_request(cluster, cg, global_batch, schedule, optimizer, "ring" if grad_sync == "auto" else grad_sync)
     sync = "ring" if grad_sync == "auto" else grad_sync
     if baseline is not None:
         if baseline not in BASELINES:
             raise SpecError("--baseline", "", f"unknown baseline '{baseline}'", f"use one of {', '.join(BASELINES)}")
+        work, deadline = limits_for(time_limit, started)
         try:
             plan = baseline_plan(baseline, cluster, cg, global_batch, schedule=schedule, optimizer=optimizer,
-                                 grad_sync=sync)
+                                 grad_sync=sync, work=work, deadline=deadline)
         except InfeasibleError:
             raise InfeasibleError(memory_shortfall(cluster, cg, optimizer)) from None
+        except BaselineStopped:
+            raise InfeasibleError(f"the {baseline} baseline did not finish within --time-limit {time_limit:g} s "
+                                  "— raise the limit") from None
         return _finish(plan, cluster, cg, grad_sync)
     if backend not in available_backends():
         raise SpecError("--solver", "", f"solver back end '{backend}' is not available",
@@ -214,16 +220,21 @@ def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: s
                           f"plan's: units up to {prob.tp}, optimizer sharding {prob.optimizer_sharding}")
     if compare_baselines:
         notes, best_base = [], None
+        work, deadline = limits_for(time_limit, started)
         for name in BASELINES:
             try:
                 bp = baseline_plan(name, cluster, cg, global_batch, schedule=schedule, optimizer=optimizer,
-                                   grad_sync=sync)
-            except InfeasibleError:
-                notes.append(f"baseline {name}: no configuration fits in memory")
+                                   grad_sync=sync, work=work, deadline=deadline)
+            except InfeasibleError as e:
+                notes.append(f"baseline {name}: not scored — {e}")
+                continue
+            except BaselineStopped:
+                notes.append(f"baseline {name}: not scored — it did not finish within the time limit")
                 continue
             t = bp.predicted["iteration_time_s"]
             notes.append(f"baseline {name}: {t:.4g} s/iteration "
-                         f"({t / plan.predicted['iteration_time_s']:.2f}x this plan's time)")
+                         f"({t / plan.predicted['iteration_time_s']:.2f}x this plan's time)"
+                         + ("; its search stopped at its work bound" if any("work bound" in n for n in bp.notes) else ""))
             if best_base is None or t < best_base.predicted["iteration_time_s"]:
                 best_base = bp
         if best_base is not None and best_base.predicted["iteration_time_s"] < plan.predicted["iteration_time_s"]:

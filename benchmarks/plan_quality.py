@@ -1,12 +1,16 @@
 """Plan quality: the planner against the baselines users would otherwise use.
 
 For every example cluster x model: predicted throughput (samples/s, from the shared cost
-formulas) of the planner's plan and of each baseline (even split as Megatron-LM /
-DeepSpeed assume, speed-proportional split, PipeDream's DP), and each one's ratio to the
-ideal bound (total training FLOPs / sum of the cluster's peak FLOP/s, no communication).
+formulas) of the planner's plan and of each baseline (allocator.baselines.BASELINES: even
+split as Megatron-LM / DeepSpeed assume without TP, speed-proportional split, PipeDream's
+DP, Megatron-LM's recipe with TP = GPUs per node and recompute when needed, Metis's
+search), and each one's ratio to the ideal bound (total training FLOPs / sum of the
+cluster's peak FLOP/s, no communication). Each baseline gets the work bound the planner
+gives it for --time-limit (allocator.baselines.limits_for).
 
 Targets (issue 2): the planner is never worse than the best baseline; it beats the even
 split by >= 1.3x geometric mean on the strongly heterogeneous clusters (mix-64, fleet-1024).
+Issue 9: it beats megatron by >= 1.3x geometric mean there.
 
 RESULTS.md's run (options: --quick for two models per cluster, --out DIR):
 
@@ -28,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from allocator import BASELINES, baseline_plan, make_plan
+from allocator.baselines import limits_for
 from hetalloc.cluster import load_cluster
 from hetalloc.costgraph import analytic_cost_graph
 from hetalloc.errors import InfeasibleError
@@ -73,16 +78,20 @@ def run(time_limit: float, quick: bool) -> list[dict]:
             for name in BASELINES:
                 t1 = time.perf_counter()
                 try:
-                    bp = baseline_plan(name, cluster, cg, B)
+                    bp = baseline_plan(name, cluster, cg, B, work=limits_for(time_limit, t1)[0])
                     row[f"{name}_samples_per_s"] = bp.predicted["throughput_samples_per_s"]
-                except InfeasibleError:
+                    row[f"{name}_shape"] = (f"R={len(bp.replicas)} S={bp.num_stages} M={bp.num_microbatches}"
+                                            + (" cut" if any("work bound" in n for n in bp.notes) else ""))
+                except InfeasibleError as e:
                     row[f"{name}_samples_per_s"] = 0.0
+                    row[f"{name}_shape"] = str(e)
                 row[f"{name}_seconds"] = time.perf_counter() - t1
             best_base = max(row[f"{n}_samples_per_s"] for n in BASELINES)
             row["best_baseline_samples_per_s"] = best_base
             row["planner_vs_best_baseline"] = (row["planner_samples_per_s"] / best_base) if best_base else math.inf
-            row["planner_vs_even"] = (row["planner_samples_per_s"] / row["even_samples_per_s"]
-                                      if row["even_samples_per_s"] else math.inf)
+            for name in ("even", "megatron"):
+                row[f"planner_vs_{name}"] = (row["planner_samples_per_s"] / row[f"{name}_samples_per_s"]
+                                             if row[f"{name}_samples_per_s"] else math.inf)
             rows.append(row)
             print(json.dumps({k: row[k] for k in ("cluster", "model", "planner_samples_per_s",
                                                   "best_baseline_samples_per_s", "planner_status")}),
@@ -100,6 +109,8 @@ def summarise(rows: list[dict]) -> dict:
         "never_worse_than_best_baseline": all(r["planner_vs_best_baseline"] >= 1 - 1e-9 for r in rows),
         "geomean_vs_even_hetero": geo([r["planner_vs_even"] for r in hetero]),
         "even_infeasible_hetero": sum(1 for r in hetero if not r["even_samples_per_s"]),
+        "geomean_vs_megatron_hetero": geo([r["planner_vs_megatron"] for r in hetero]),
+        "megatron_infeasible_hetero": sum(1 for r in hetero if not r["megatron_samples_per_s"]),
         "geomean_vs_best_baseline_all": geo([r["planner_vs_best_baseline"] for r in rows]),
     }
 
@@ -114,8 +125,8 @@ def main() -> int:
     rows = run(args.time_limit, args.quick)
     summary = summarise(rows)
     t = Table(title="predicted throughput, samples/s (x ideal bound)")
-    for c in ("cluster", "model", "planner", "even", "proportional", "pipedream", "ideal", "vs best base",
-              "vs even", "status / gap"):
+    for c in ("cluster", "model", "planner", *BASELINES, "ideal", "vs best base", "vs even", "vs megatron",
+              "status / gap"):
         t.add_column(c)
 
     def cell(r, k):
@@ -124,9 +135,9 @@ def main() -> int:
 
     for r in rows:
         gap = r.get("planner_gap")
-        t.add_row(r["cluster"], f"{r['model']}@{r['seq']}", cell(r, "planner"), cell(r, "even"),
-                  cell(r, "proportional"), cell(r, "pipedream"), f"{r['ideal_samples_per_s']:,.1f}",
-                  f"{r['planner_vs_best_baseline']:.2f}x", f"{r['planner_vs_even']:.2f}x",
+        t.add_row(r["cluster"], f"{r['model']}@{r['seq']}", cell(r, "planner"), *(cell(r, n) for n in BASELINES),
+                  f"{r['ideal_samples_per_s']:,.1f}", f"{r['planner_vs_best_baseline']:.2f}x",
+                  f"{r['planner_vs_even']:.2f}x", f"{r['planner_vs_megatron']:.2f}x",
                   f"{r['planner_status']} {gap:.1%}" if isinstance(gap, float) and math.isfinite(gap)
                   else str(r["planner_status"]))
     Console(width=200).print(t)

@@ -7,6 +7,7 @@ ones (simulator.scenarios).
 
 from __future__ import annotations
 
+import heapq
 import math
 
 
@@ -20,14 +21,22 @@ def largest_remainder(total: int, weights: list[float], minimum: int = 0) -> lis
     n = len(weights)
     if total < minimum * n:
         return []
-    raw = [total * w / sum(weights) for w in weights]
+    weight = sum(weights)
+    raw = [total * w / weight for w in weights]
     out = [max(minimum, math.floor(x)) for x in raw]
-    while sum(out) > total:
-        k = max((i for i in range(n) if out[i] > minimum), key=lambda i: (out[i] - raw[i], out[i]))
-        out[k] -= 1
-    order = sorted(range(n), key=lambda i: raw[i] - out[i], reverse=True)
-    k = 0
-    while sum(out) < total:
-        out[order[k % n]] += 1
-        k += 1
+    have = sum(out)
+    if have > total:  # the part furthest above its share (then the larger, then the first) gives one back
+        heap = [(-(out[i] - raw[i]), -out[i], i) for i in range(n) if out[i] > minimum]
+        heapq.heapify(heap)
+        while have > total:
+            _, _, k = heapq.heappop(heap)
+            out[k] -= 1
+            have -= 1
+            if out[k] > minimum:
+                heapq.heappush(heap, (-(out[k] - raw[k]), -out[k], k))
+    if have < total:  # one more each, in order of remainder (ties: the earlier part), round after round
+        order = sorted(range(n), key=lambda i: raw[i] - out[i], reverse=True)
+        rounds, extra = divmod(total - have, n)
+        for k, i in enumerate(order):
+            out[i] += rounds + (1 if k < extra else 0)
     return out

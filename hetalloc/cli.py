@@ -16,7 +16,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from allocator import make_plan
+from allocator import BASELINES, make_plan
 from runtime import commands as run_commands
 from runtime.profile import command as profile_commands
 from simulator import commands as simulator_commands
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop as soon as the plan is proven within this relative gap (default 0: prove it optimal)")
     pl.add_argument("--solver", default="highs", choices=["highs", "pulp-highs", "pulp-cbc"],
                     help="MILP back end: HiGHS via highspy (default), or PuLP with HiGHS or CBC")
-    pl.add_argument("--baseline", default=None, choices=["even", "proportional", "pipedream"],
+    pl.add_argument("--baseline", default=None, choices=list(BASELINES),
                     help="return a baseline plan instead of solving")
     pl.add_argument("--tp", default="auto", choices=["auto", "1", "2", "4", "8"],
                     help="largest tensor-parallel group: devices of one type in one node (auto: search each size "

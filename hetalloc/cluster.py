@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import networkx as nx
+import numpy as np
 import yaml
 
 from .catalog import DEVICE_TYPES, LINK_TYPES, DeviceType, suggest_device, suggest_link
@@ -169,28 +170,35 @@ class Cluster:
         return self.node_path(self.device(a).node, self.device(b).node)
 
     def node_path(self, na: str, nb: str) -> LinkSpec:
-        """Path between two distinct devices on nodes na and nb (na == nb: inside a node)."""
+        """Path between two distinct devices on nodes na and nb (na == nb: inside a node).
+        Inside a node, and between two nodes on the one fabric switch, the path's links
+        are known without a search (device - switch - fabric - switch - device): the
+        graph is built only for other topologies."""
         key = (na, nb)
         hit = self._path_cache.get(key)
         if hit is None:
-            g = self.graph
-            sa, sb = f"switch:{na}", f"switch:{nb}"
+            a, b = self.node_by_name[na], self.node_by_name[nb]
             if na == nb:
-                edges = [(self.node_by_name[na].devices[0].id, sa)] * 2
-            elif g.has_edge(sa, "fabric") and g.has_edge(sb, "fabric"):  # both on the one fabric switch
-                edges = [(self.node_by_name[na].devices[0].id, sa), (sa, "fabric"), ("fabric", sb),
-                         (sb, self.node_by_name[nb].devices[0].id)]
+                hops = [(a.intra, "intra")] * 2
+            elif a.nic is not None and b.nic is not None:  # both on the one fabric switch
+                hops = [(a.intra, "intra"), (a.nic, "nic"), (b.nic, "nic"), (b.intra, "intra")]
             else:
-                sp = nx.shortest_path(g, sa, sb)
-                edges = ([(self.node_by_name[na].devices[0].id, f"switch:{na}")]
-                         + list(zip(sp[:-1], sp[1:]))
-                         + [(f"switch:{nb}", self.node_by_name[nb].devices[0].id)])
-            bw = min(g.edges[e]["bandwidth"] for e in edges)
-            lat = max(g.edges[e]["latency"] for e in edges)
-            names = sorted({g.edges[e]["name"] or g.edges[e]["kind"] for e in edges})
+                g = self.graph
+                sp = nx.shortest_path(g, f"switch:{na}", f"switch:{nb}")
+                edges = [(a.devices[0].id, f"switch:{na}"), *zip(sp[:-1], sp[1:]), (f"switch:{nb}", b.devices[0].id)]
+                hops = [(LinkSpec(g.edges[e]["bandwidth"], g.edges[e]["latency"], g.edges[e]["name"]),
+                         g.edges[e]["kind"]) for e in edges]
+            bw = min(h.bandwidth_bytes_per_s for h, _ in hops)
+            lat = max(h.latency_s for h, _ in hops)
+            names = sorted({h.name or kind for h, kind in hops})
             hit = LinkSpec(bw, lat, "+".join(names))
             self._path_cache[key] = hit
         return hit
+
+    @cached_property
+    def links(self) -> "NodeLinks":
+        """The path figures as arrays indexed by device and node (vectorised all-reduces)."""
+        return NodeLinks.of(self)
 
     # ---- serialisation ------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -223,12 +231,79 @@ class Cluster:
         return out
 
     def fingerprint(self) -> str:
+        return self._fingerprint
+
+    @cached_property
+    def _fingerprint(self) -> str:
+        """Computed once, like the other derived views: a Cluster is not changed after it is
+        built (scenarios build new ones)."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def describe(self) -> str:
         counts = ", ".join(f"{c}x{t}" for t, c in sorted(self.type_counts().items()))
         return f"{self.name}: {self.num_devices} devices ({counts}) on {len(self.nodes)} nodes"
+
+
+@dataclass(eq=False)
+class NodeLinks:
+    """``Cluster.node_path`` as arrays, for computing over many devices at once: nodes
+    with the same intra link and NIC form a link class; the path between two distinct
+    nodes depends only on their classes (``pair_*``), the path inside a node on its class
+    (``intra_*``)."""
+
+    node_of: np.ndarray
+    """Device index (cluster order) -> node index."""
+    class_of: np.ndarray
+    """Node index -> link class."""
+    intra_bw: np.ndarray
+    intra_lat: np.ndarray
+    pair_bw: np.ndarray
+    """[class a, class b]: bandwidth between a node of class a and another of class b."""
+    pair_lat: np.ndarray
+    node_of_id: dict[str, int] = field(default_factory=dict)
+    """Device id -> node index."""
+
+    @staticmethod
+    def of(cluster: "Cluster") -> "NodeLinks":
+        by_key: dict[tuple, int] = {}
+        members: list[list[int]] = []
+        class_of = np.empty(len(cluster.nodes), dtype=np.int64)
+        searched = len(cluster.nodes) > 1 and any(n.nic is None for n in cluster.nodes)
+        for i, n in enumerate(cluster.nodes):
+            nic = (n.nic.bandwidth_bytes_per_s, n.nic.latency_s) if n.nic is not None else None
+            key = (i,) if searched else (n.intra.bandwidth_bytes_per_s, n.intra.latency_s, nic)
+            c = by_key.setdefault(key, len(by_key))
+            if c == len(members):
+                members.append([])
+            members[c].append(i)
+            class_of[i] = c
+        C = len(members)
+        names = [n.name for n in cluster.nodes]
+        intra = [cluster.node_path(names[m[0]], names[m[0]]) for m in members]
+        pair_bw = np.full((C, C), np.nan)
+        pair_lat = np.full((C, C), np.nan)
+        for a in range(C):
+            for b in range(C):
+                na = members[a][0]
+                nb = members[b][0] if a != b else (members[b][1] if len(members[b]) > 1 else None)
+                if nb is not None:
+                    link = cluster.node_path(names[na], names[nb])
+                    pair_bw[a, b], pair_lat[a, b] = link.bandwidth_bytes_per_s, link.latency_s
+        node_index = {n.name: i for i, n in enumerate(cluster.nodes)}
+        node_of = np.fromiter((node_index[d.node] for d in cluster.devices), dtype=np.int64,
+                              count=len(cluster.devices))
+        return NodeLinks(node_of, class_of, np.array([x.bandwidth_bytes_per_s for x in intra]),
+                         np.array([x.latency_s for x in intra]), pair_bw, pair_lat,
+                         {d.id: node_index[d.node] for d in cluster.devices})
+
+    def hops(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Bandwidth and latency of the paths from device index a[i] to b[i] (distinct devices)."""
+        na, nb = self.node_of[a], self.node_of[b]
+        ca, cb = self.class_of[na], self.class_of[nb]
+        same = na == nb
+        return (np.where(same, self.intra_bw[ca], self.pair_bw[ca, cb]),
+                np.where(same, self.intra_lat[ca], self.pair_lat[ca, cb]))
 
 
 def _ordered_counts(n: Node) -> list[tuple[str, int]]:
@@ -459,12 +534,17 @@ def cluster_from_dict(raw: Any, source: str = "<cluster>") -> Cluster:
     return Cluster(str(name), nodes, types, oversub, source, collectives=parse_collectives(obj.get("collectives"), source))
 
 
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+"""libyaml's safe loader where PyYAML has it (a 12,500-node spec: ~0.5 s instead of ~5 s),
+else the pure-Python one; both build plain types only."""
+
+
 def load_cluster(path: str | Path) -> Cluster:
     path = Path(path)
     source = str(path)
     text = read_text(path, missing_fix="check the path (examples/ has sample clusters)", what="cluster YAML")
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_YAML_LOADER)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -164,7 +164,10 @@ class CostGraph:
         return PRECISIONS[self.precision]
 
     def params(self, start: int, stop: int) -> int:
-        return sum(l.params for l in self.layers[start:stop])
+        px = self._cache.get("params_px")
+        if px is None:
+            px = self._cache["params_px"] = [0, *np.cumsum([l.params for l in self.layers], dtype=object).tolist()]
+        return px[stop] - px[start]
 
     @property
     def total_params(self) -> int:

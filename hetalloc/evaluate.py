@@ -26,29 +26,34 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .cluster import Cluster
 from .costgraph import CostGraph
 from .collectives import pick
 from .costs import (LOSS_BYTES, MemoryBreakdown, collective_time as analytic_collective_time, grad_bytes_per_param,
                     hierarchical_allreduce_time, optimizer_time, p2p_time, param_server_time, ring_allreduce_time,
                     small_allreduce_time, tp_comm_time, usable_memory)
-from .plan import Group, Plan, device_memory, optimizer_params, segments
-from .schedule import PipeDevice, pipeline_timing
+from .plan import Group, Plan, Replica, device_memory, optimizer_params, segments
+from .schedule import PipeDevice, PipeTiming, pipeline_timing
 
 
 def slice_overlaps(senders: list[int], receivers: list[int]) -> list[tuple[int, int, int]]:
     """Shares are consecutive slices of the micro-batch in listed order. Returns
-    (sender index, receiver index, samples in common) for every overlapping pair."""
+    (sender index, receiver index, samples in common) for every overlapping pair, by
+    sender then receiver (one pass over both lists)."""
     out = []
-    a0 = 0
-    for i, a in enumerate(senders):
-        b0 = 0
-        for j, b in enumerate(receivers):
-            common = min(a0 + a, b0 + b) - max(a0, b0)
-            if common > 0:
-                out.append((i, j, common))
-            b0 += b
-        a0 += a
+    i = j = 0
+    a0 = b0 = 0
+    while i < len(senders) and j < len(receivers):
+        a1, b1 = a0 + senders[i], b0 + receivers[j]
+        common = min(a1, b1) - max(a0, b0)
+        if common > 0:
+            out.append((i, j, common))
+        if a1 <= b1:
+            i, a0 = i + 1, a1
+        if b1 <= a1:
+            j, b0 = j + 1, b1
     return out
 
 
@@ -77,6 +82,23 @@ class GroupSync:
     slices: int = 1
 
 
+def gradient_groups(plan: Plan, cluster: Cluster, cg: CostGraph
+                    ) -> list[tuple[int, int, list[str], np.ndarray, float, int, int]]:
+    """The gradient groups of ``sync_groups`` without their times: (start, stop, devices,
+    their cluster indices sorted, bytes, slice, slices)."""
+    per_param = grad_bytes_per_param(plan.precision)
+    index = cluster.device_index
+    out = []
+    for a, b, holders in segments(plan):
+        t_max = max(g.tp for g in holders)
+        nbytes = cg.range_params(a, b, t_max) * per_param
+        for j in range(t_max):
+            devs = [g.devices[j * g.tp // t_max] for g in holders]
+            idx = np.sort(np.fromiter((index[d] for d in devs), dtype=np.int64, count=len(devs)))
+            out.append((a, b, devs, idx, nbytes, j, t_max))
+    return out
+
+
 def sync_groups(plan: Plan, cluster: Cluster, cg: CostGraph, algorithm: str | None = None) -> list[GroupSync]:
     """Gradient groups: per maximal layer segment held by the same groups, and per slice j
     of its t_max parameter slices (t_max: the largest tensor-parallel degree among its
@@ -85,16 +107,8 @@ def sync_groups(plan: Plan, cluster: Cluster, cg: CostGraph, algorithm: str | No
     biases), whose gradients every tensor-parallel rank has whole. With t = 1 everywhere
     this is one group per segment with all its holders."""
     algorithm = algorithm or plan.grad_sync
-    per_param = grad_bytes_per_param(plan.precision)
-    out = []
-    for a, b, holders in segments(plan):
-        t_max = max(g.tp for g in holders)
-        nbytes = cg.range_params(a, b, t_max) * per_param
-        for j in range(t_max):
-            devs = [g.devices[j * g.tp // t_max] for g in holders]
-            out.append(GroupSync(a, b, devs, nbytes, allreduce_time(cluster, devs, nbytes, algorithm), algorithm,
-                                 j, t_max))
-    return out
+    return [GroupSync(a, b, devs, nbytes, allreduce_time_of(cluster, idx, nbytes, algorithm), algorithm, j, t)
+            for a, b, devs, idx, nbytes, j, t in gradient_groups(plan, cluster, cg)]
 
 
 def measured_time(cluster: Cluster, op: str, devices: list[str], nbytes: float) -> float | None:
@@ -138,10 +152,16 @@ def loss_reduction_time(cluster: Cluster, devices: list[str]) -> float:
         return t
     if len(devices) <= 1:
         return 0.0
-    ring = sorted(devices, key=cluster.device_index.__getitem__)
-    hops = [cluster.path(a, b) for a, b in zip(ring, ring[1:] + ring[:1])]
-    return small_allreduce_time(LOSS_BYTES, len(ring), min(h.bandwidth_bytes_per_s for h in hops),
-                                max(h.latency_s for h in hops))
+    index = cluster.device_index
+    idx = np.sort(np.fromiter((index[d] for d in devices), dtype=np.int64, count=len(devices)))
+    return small_allreduce_time(LOSS_BYTES, len(idx), *ring_bottleneck(cluster, idx))
+
+
+def ring_bottleneck(cluster: Cluster, idx: np.ndarray) -> tuple[float, float]:
+    """Least bandwidth and largest latency among the hops of the ring over cluster
+    positions `idx` (sorted, distinct, at least two), the wrap-around included."""
+    bw, lat = cluster.links.hops(idx, np.roll(idx, -1))
+    return float(bw.min()), float(lat.max())
 
 
 def measured_sync_time(cluster: Cluster, devices: list[str], nbytes: float, algorithm: str) -> float | None:
@@ -177,30 +197,44 @@ def allreduce_time(cluster: Cluster, devices: list[str], nbytes: float, algorith
     cluster has them (``measured_sync_time``), else the formulas in hetalloc.costs."""
     if len(devices) <= 1:
         return 0.0
-    measured = measured_sync_time(cluster, devices, nbytes, algorithm)
-    if measured is not None:
-        return measured
-    ring = sorted(devices, key=cluster.device_index.__getitem__)
+    index = cluster.device_index
+    idx = np.sort(np.fromiter((index[d] for d in devices), dtype=np.int64, count=len(devices)))
+    return allreduce_time_of(cluster, idx, nbytes, algorithm)
+
+
+def allreduce_time_of(cluster: Cluster, idx: np.ndarray, nbytes: float, algorithm: str) -> float:
+    """``allreduce_time`` of the devices at cluster positions `idx` (sorted, distinct):
+    measured where the cluster has tables (``measured_sync_time``), else the formulas.
+    The ring runs in cluster order; its bottleneck is the slowest of its hops (the
+    wrap-around included). Hierarchical and parameter-server take the slowest intra link
+    among the nodes with several of the devices (else the first node's) and the slowest
+    path between consecutive nodes of the ring of nodes."""
+    n = len(idx)
+    if n <= 1:
+        return 0.0
+    if cluster.collectives:
+        measured = measured_sync_time(cluster, [cluster.devices[i].id for i in idx.tolist()], nbytes, algorithm)
+        if measured is not None:
+            return measured
+    links = cluster.links
     if algorithm == "ring":
-        hops = [cluster.path(a, b) for a, b in zip(ring, ring[1:] + ring[:1])]
-        return ring_allreduce_time(nbytes, len(ring), min(h.bandwidth_bytes_per_s for h in hops),
-                                   max(h.latency_s for h in hops))
-    per_node: dict[str, int] = {}
-    for d in ring:
-        n = cluster.device(d).node
-        per_node[n] = per_node.get(n, 0) + 1
-    nodes = list(per_node)
-    intra = [cluster.node_path(n, n) for n in nodes if per_node[n] > 1] or [cluster.node_path(nodes[0], nodes[0])]
-    inter = [cluster.node_path(a, b) for a, b in zip(nodes, nodes[1:] + nodes[:1]) if a != b]
-    intra_bw, intra_lat = min(x.bandwidth_bytes_per_s for x in intra), max(x.latency_s for x in intra)
-    inter_bw = min((x.bandwidth_bytes_per_s for x in inter), default=intra_bw)
-    inter_lat = max((x.latency_s for x in inter), default=intra_lat)
-    counts = list(per_node.values())
+        bw, lat = links.hops(idx, np.roll(idx, -1))
+        return ring_allreduce_time(nbytes, n, float(bw.min()), float(lat.max()))
+    if algorithm not in ("hierarchical", "param_server"):
+        raise ValueError(f"unknown gradient sync algorithm '{algorithm}'")
+    nodes, counts = np.unique(links.node_of[idx], return_counts=True)  # in ring order
+    cls = links.class_of[nodes]
+    intra = cls[counts > 1] if (counts > 1).any() else cls[:1]
+    intra_bw, intra_lat = float(links.intra_bw[intra].min()), float(links.intra_lat[intra].max())
+    if len(nodes) > 1:
+        nxt = np.roll(cls, -1)
+        inter_bw, inter_lat = float(links.pair_bw[cls, nxt].min()), float(links.pair_lat[cls, nxt].max())
+    else:
+        inter_bw, inter_lat = intra_bw, intra_lat
+    per_node = counts.tolist()
     if algorithm == "hierarchical":
-        return hierarchical_allreduce_time(nbytes, counts, intra_bw, intra_lat, inter_bw, inter_lat)
-    if algorithm == "param_server":
-        return param_server_time(nbytes, counts, intra_bw, intra_lat, inter_bw, inter_lat)
-    raise ValueError(f"unknown gradient sync algorithm '{algorithm}'")
+        return hierarchical_allreduce_time(nbytes, per_node, intra_bw, intra_lat, inter_bw, inter_lat)
+    return param_server_time(nbytes, per_node, intra_bw, intra_lat, inter_bw, inter_lat)
 
 @dataclass
 class ReplicaPipe:
@@ -238,7 +272,11 @@ def group_tp_times(cluster: Cluster, cg: CostGraph, g: Group, start: int, stop: 
 
 def build_pipe(plan: Plan, replica_index: int, cluster: Cluster, cg: CostGraph) -> ReplicaPipe:
     """Per-group op durations and wiring of one replica (see module doc)."""
-    r = plan.replicas[replica_index]
+    return replica_pipe(plan.replicas[replica_index], cluster, cg)
+
+
+def replica_pipe(r: Replica, cluster: Cluster, cg: CostGraph) -> ReplicaPipe:
+    """``build_pipe`` of a replica given by itself."""
     groups: list[Group] = []
     stage_of: list[int] = []
     first_index: list[int] = []
@@ -288,8 +326,36 @@ def build_pipe(plan: Plan, replica_index: int, cluster: Cluster, cg: CostGraph) 
 def optimizer_times(plan: Plan, cluster: Cluster, cg: CostGraph) -> dict[str, float]:
     """Each device's optimizer step (``hetalloc.costs.optimizer_time`` over
     ``optimizer_params``)."""
-    return {d: optimizer_time(n, cluster.dtype(d), plan.precision, plan.optimizer)
-            for d, n in optimizer_params(plan, cg).items()}
+    memo: dict[tuple[float, str], float] = {}
+    out = {}
+    for d, n in optimizer_params(plan, cg).items():
+        dtype = cluster.dtype(d)
+        t = memo.get((n, dtype.name))
+        if t is None:
+            t = memo[(n, dtype.name)] = optimizer_time(n, dtype, plan.precision, plan.optimizer)
+        out[d] = t
+    return out
+
+
+def replica_key(r: Replica, cluster: Cluster) -> tuple:
+    """What a replica's op durations and wiring depend on (``replica_pipe``): per stage its
+    layers, recompute choice and groups (device type, share, and the node of every device
+    as a slot numbered in order of appearance), and each slot's link class. Replicas with
+    equal keys time identically wherever their nodes are."""
+    node_of = cluster.links.node_of_id
+    slots: dict[int, int] = {}
+    stages = []
+    for s in r.stages:
+        groups = tuple((cluster.device(g.lead).type, g.share,
+                        tuple(slots.setdefault(node_of[d], len(slots)) for d in g.devices)) for g in s.groups)
+        stages.append((s.start, s.stop, s.recompute, groups))
+    class_of = cluster.links.class_of
+    return tuple(stages), tuple(int(class_of[n]) for n in slots)
+
+
+def timing_key(pipe: ReplicaPipe) -> tuple:
+    """What ``pipeline_timing`` depends on besides the schedule: op durations and wiring."""
+    return tuple((d.stage, d.fwd_s, d.bwd_s, tuple(d.inputs), tuple(d.outputs)) for d in pipe.devices)
 
 
 @dataclass
@@ -327,69 +393,78 @@ class Prediction:
 
 
 def predict(plan: Plan, cluster: Cluster, cg: CostGraph) -> Prediction:
-    """All predicted figures of a plan (module doc gives the model)."""
+    """All predicted figures of a plan (module doc gives the model). The work grows with
+    the distinct replicas (``replica_key``, then ``timing_key``), not with the replicas."""
+    M = plan.num_microbatches
     pipe_time = 0.0
     busy_total = 0.0
     pipe_devices = 0
     stages_out: list[dict[str, Any]] = []
-    cache: dict[tuple, tuple] = {}
+    by_structure: dict[tuple, tuple] = {}
+    by_timing: dict[tuple, PipeTiming] = {}
     for ri, r in enumerate(plan.replicas):
-        # Replicas with the same device types, group sizes, shares and paths time identically.
-        key = tuple((s.start, s.stop, s.recompute,
-                     tuple((cluster.dtype(g.lead).name, g.tp, g.share, cluster.device(g.lead).node) for g in s.groups))
-                    for s in r.stages)
-        hit = cache.get(key)
+        key = replica_key(r, cluster)
+        hit = by_structure.get(key)
         if hit is None:
-            pipe = build_pipe(plan, ri, cluster, cg)
-            timing = pipeline_timing(pipe.devices, len(r.stages), plan.num_microbatches, plan.schedule)
-            hit = (pipe, timing)
-            cache[key] = hit
-        pipe, timing = hit
-        pipe_time = max(pipe_time, timing.makespan_s)
-        # a group's devices are all busy with its compute and its tensor-parallel all-reduces
-        busy_total += sum((pipe.compute_fwd[i] + pipe.compute_bwd[i] + pipe.tp_fwd[i] + pipe.tp_bwd[i]) * g.tp
-                          for i, g in enumerate(pipe.groups)) * plan.num_microbatches
-        pipe_devices += sum(g.tp for g in pipe.groups)
-        k = 0
-        for si, s in enumerate(r.stages):
-            idx = range(k, k + len(s.groups))
-            k += len(s.groups)
+            pipe = replica_pipe(r, cluster, cg)
+            tkey = timing_key(pipe)
+            timing = by_timing.get(tkey)
+            if timing is None:
+                timing = by_timing[tkey] = pipeline_timing(pipe.devices, len(r.stages), M, plan.schedule)
+            # a group's devices are all busy with its compute and its tensor-parallel all-reduces
+            busy = sum((pipe.compute_fwd[i] + pipe.compute_bwd[i] + pipe.tp_fwd[i] + pipe.tp_bwd[i]) * g.tp
+                       for i, g in enumerate(pipe.groups)) * M
+            rows, k = [], 0
+            for s in r.stages:
+                idx = range(k, k + len(s.groups))
+                k += len(s.groups)
+                rows.append((sum(g.tp for g in s.groups), len(s.groups),
+                             max(pipe.compute_fwd[i] for i in idx), max(pipe.compute_bwd[i] for i in idx),
+                             max(pipe.tp_fwd[i] + pipe.tp_bwd[i] for i in idx),
+                             max(pipe.send_fwd[i] + pipe.send_bwd[i] for i in idx)))
+            hit = by_structure[key] = (timing.makespan_s, busy, sum(g.tp for g in pipe.groups), rows)
+        makespan, busy, ndev, rows = hit
+        pipe_time = max(pipe_time, makespan)
+        busy_total += busy
+        pipe_devices += ndev
+        for si, (s, (nd, ng, fwd, bwd, tp, p2p)) in enumerate(zip(r.stages, rows)):
             stages_out.append({
-                "replica": ri, "stage": si, "layers": [s.start, s.stop], "devices": len(s.device_ids()),
-                "groups": len(s.groups), "recompute": s.recompute,
-                "fwd_s": max(pipe.compute_fwd[i] for i in idx),
-                "bwd_s": max(pipe.compute_bwd[i] for i in idx),
-                "tp_s": max(pipe.tp_fwd[i] + pipe.tp_bwd[i] for i in idx),
-                "p2p_s": max(pipe.send_fwd[i] + pipe.send_bwd[i] for i in idx),
+                "replica": ri, "stage": si, "layers": [s.start, s.stop], "devices": nd,
+                "groups": ng, "recompute": s.recompute, "fwd_s": fwd, "bwd_s": bwd, "tp_s": tp, "p2p_s": p2p,
             })
-    groups = sync_groups(plan, cluster, cg)
-    sync_of: dict[str, float] = {}
-    for g in groups:
-        for d in g.devices:
-            sync_of[d] = sync_of.get(d, 0.0) + g.time_s
+    # Gradient groups once; their times per algorithm, summed per device (by cluster position).
+    groups = gradient_groups(plan, cluster, cg)
+    index = cluster.device_index
+    used = plan.device_ids()
+    used_idx = np.fromiter((index[d] for d in used), dtype=np.int64, count=len(used))
+    by_alg: dict[str, float] = {}
+    sync_of = np.zeros(cluster.num_devices)
+    for alg in ("ring", "hierarchical", "param_server"):
+        acc = sync_per_device(groups, cluster, alg)
+        by_alg[alg] = float(acc[used_idx].max()) if len(used) else 0.0
+        if alg == plan.grad_sync:
+            sync_of = acc
+    if plan.grad_sync not in by_alg:
+        raise ValueError(f"unknown gradient sync algorithm '{plan.grad_sync}'")
     opt_of = optimizer_times(plan, cluster, cg)
-    placement = plan.placement()
-    tail = max(sync_of.get(d, 0.0) + opt_of[d] for d in placement)
-    worst = max(placement, key=lambda d: (sync_of.get(d, 0.0) + opt_of[d], d))
+    sync_list = sync_of[used_idx].tolist()
+    ends = [s + opt_of[d] for d, s in zip(used, sync_list)]
+    tail = max(ends)
+    worst_i = max(range(len(used)), key=lambda i: (ends[i], used[i]))
+    worst = used[worst_i]
+    sync_by_device = dict(zip(used, sync_list))
     for st in stages_out:
         s = plan.replicas[st["replica"]].stages[st["stage"]]
-        st["sync_s"] = max(sync_of.get(d, 0.0) for d in s.device_ids())
-    loss_s = loss_reduction_time(cluster, list(placement))
+        st["sync_s"] = max(sync_by_device[d] for d in s.device_ids())
+    loss_s = loss_reduction_time(cluster, used)
     iteration = pipe_time + tail + loss_s
     mem = device_memory(plan, cluster, cg)
-    frac = {d: mem[d].total / usable_memory(cluster.dtype(d)) for d in mem}
-    by_alg = {}
-    for alg in ("ring", "hierarchical", "param_server"):
-        per_device: dict[str, float] = {}
-        for g in sync_groups(plan, cluster, cg, alg):  # once per algorithm, not once per device
-            for d in g.devices:
-                per_device[d] = per_device.get(d, 0.0) + g.time_s
-        by_alg[alg] = max((per_device.get(d, 0.0) for d in placement), default=0.0)
+    frac = memory_fractions(mem, cluster)
     samples = plan.global_batch
     return Prediction(
         iteration_time_s=iteration,
         pipeline_time_s=pipe_time,
-        sync_time_s=sync_of.get(worst, 0.0),
+        sync_time_s=sync_list[worst_i],
         optimizer_time_s=opt_of[worst],
         throughput_samples_per_s=samples / iteration,
         tokens_per_s=samples * cg.seq_len / iteration,
@@ -401,3 +476,28 @@ def predict(plan: Plan, cluster: Cluster, cg: CostGraph) -> Prediction:
         sync_by_algorithm=by_alg,
         loss_reduction_time_s=loss_s,
     )
+
+
+def sync_per_device(groups: list, cluster: Cluster, algorithm: str) -> np.ndarray:
+    """Seconds of gradient synchronisation of every device (by cluster position): the sum,
+    in group order, of the all-reduces of the ``gradient_groups`` it belongs to."""
+    acc = np.zeros(cluster.num_devices)
+    for _, _, _, idx, nbytes, _, _ in groups:
+        if len(idx) > 1:
+            acc[idx] += allreduce_time_of(cluster, idx, nbytes, algorithm)
+    return acc
+
+
+def after_flush_time(plan: Plan, cluster: Cluster, cg: CostGraph) -> float:
+    """What ``predict`` adds to the pipeline time: the slowest device's gradient
+    synchronisation (the plan's algorithm) plus optimizer step, then the loss reduction."""
+    acc = sync_per_device(gradient_groups(plan, cluster, cg), cluster, plan.grad_sync)
+    index = cluster.device_index
+    tail = max(float(acc[index[d]]) + t for d, t in optimizer_times(plan, cluster, cg).items())
+    return tail + loss_reduction_time(cluster, plan.device_ids())
+
+
+def memory_fractions(mem: dict[str, MemoryBreakdown], cluster: Cluster) -> dict[str, float]:
+    """Each device's memory as a fraction of its usable memory."""
+    usable = {t: usable_memory(dt) for t, dt in cluster.device_types.items()}
+    return {d: m.total / usable[cluster.device(d).type] for d, m in mem.items()}

@@ -284,8 +284,13 @@ def segments(plan: Plan) -> list[tuple[int, int, list[Group]]]:
     """Maximal layer segments [a, b) held by the same groups, with those groups (they
     synchronise the segment's gradients; with zero1 they shard its optimizer state)."""
     cuts = sorted({c for r in plan.replicas for s in r.stages for c in (s.start, s.stop)})
-    return [(a, b, [g for r in plan.replicas for s in r.stages if s.start <= a and b <= s.stop for g in s.groups])
-            for a, b in zip(cuts[:-1], cuts[1:])]
+    at = {c: k for k, c in enumerate(cuts)}
+    holders: list[list[Group]] = [[] for _ in cuts[1:]]
+    for r in plan.replicas:  # each stage joins the segments it covers (in plan order)
+        for s in r.stages:
+            for k in range(at[s.start], at[s.stop]):
+                holders[k].extend(s.groups)
+    return [(a, b, h) for a, b, h in zip(cuts[:-1], cuts[1:], holders)]
 
 
 def mixed_tp_segments(plan: Plan) -> list[tuple[int, int, list[int]]]:
@@ -324,21 +329,34 @@ def optimizer_params(plan: Plan, cg: CostGraph) -> dict[str, float]:
 def device_memory(plan: Plan, cluster: Cluster, cg: CostGraph) -> dict[str, MemoryBreakdown]:
     """Memory of every device of the plan (hetalloc.costs.stage_memory: weights, gradients,
     optimizer state, the activations in flight at its stage's position in the schedule),
-    with its group's tensor-parallel share, its stage's recompute choice and zero1."""
+    with its group's tensor-parallel share, its stage's recompute choice and zero1. Equal
+    figures are computed once (and shared)."""
     out = {}
     opt = optimizer_params(plan, cg) if plan.optimizer_sharding != "none" else {}
+    sizes: dict[tuple, tuple[float, float, float]] = {}
+    memo: dict[tuple, MemoryBreakdown] = {}
     for r in plan.replicas:
         S = len(r.stages)
         for si, s in enumerate(r.stages):
             outb = cg.layers[s.stop - 1].out_act_bytes
             infl = in_flight_microbatches(plan.schedule, si, S, plan.num_microbatches)
             for g in s.groups:
-                params = cg.range_params(s.start, s.stop, g.tp)
-                saved = cg.range_saved_bytes(s.start, s.stop, g.tp, s.recompute)
-                working = cg.range_working_bytes(s.start, s.stop, g.tp, s.recompute)
+                skey = (s.start, s.stop, g.tp, s.recompute)
+                size = sizes.get(skey)
+                if size is None:
+                    size = sizes[skey] = (cg.range_params(s.start, s.stop, g.tp),
+                                          cg.range_saved_bytes(s.start, s.stop, g.tp, s.recompute),
+                                          cg.range_working_bytes(s.start, s.stop, g.tp, s.recompute))
+                params, saved, working = size
                 for d in g.devices:
-                    out[d] = stage_memory(params, saved, outb, g.share, infl, plan.precision, plan.optimizer,
-                                          optimizer_params=opt.get(d), working_act_bytes_per_sample=working)
+                    o = opt.get(d)
+                    key = (params, saved, outb, g.share, infl, o, working)
+                    m = memo.get(key)
+                    if m is None:
+                        m = memo[key] = stage_memory(params, saved, outb, g.share, infl, plan.precision,
+                                                     plan.optimizer, optimizer_params=o,
+                                                     working_act_bytes_per_sample=working)
+                    out[d] = m
     return out
 
 
@@ -408,9 +426,13 @@ def validate_plan(plan: Plan, cluster: Cluster, cg: CostGraph, *, source: str | 
         raise err("global_batch", f"{plan.global_batch} != num_microbatches x micro-batch sizes = {total}",
                   "fix the shares or the number of micro-batches")
     if check_memory:
+        fits: dict[tuple[int, str], bool] = {}  # (memory figures, device type) -> fits
         for dev, mem in device_memory(plan, cluster, cg).items():
             cap = cluster.dtype(dev)
-            if mem.total > usable_memory(cap):
+            ok = fits.get((id(mem), cap.name))
+            if ok is None:
+                ok = fits[(id(mem), cap.name)] = mem.total <= usable_memory(cap)
+            if not ok:
                 raise err(f"device {dev}", f"needs {mem.total / 2**30:.2f} GiB, {cap.name} has "
                           f"{usable_memory(cap) / 2**30:.2f} GiB usable",
                           "lower its share, use more stages, tensor parallelism or recomputation, or re-plan")

@@ -81,7 +81,7 @@ def test_infeasible_names_the_changes_that_fit(lab):
 @pytest.mark.parametrize("kw, field", [
     ({"global_batch": 0}, "--global-batch"),
     ({"schedule": "zb"}, "--schedule"),
-    ({"baseline": "megatron"}, "--baseline"),
+    ({"baseline": "alpa"}, "--baseline"),
     ({"backend": "gurobi"}, "--solver"),
 ])
 def test_bad_requests(lab, kw, field):

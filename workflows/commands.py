@@ -52,7 +52,7 @@ def register(subparsers) -> None:
                    help="grid over one knob: nic=10..400Gb/s:6 (log-spaced), intra=..., fabric=1,2,4, "
                         "batch=256,512, seq=..., slow:DEVICE=1,2,4")
     w.add_argument("--planner", default="ilp", choices=["ilp", *BASELINES],
-                   help="re-plan with: ilp (default), even, proportional, pipedream")
+                   help=f"re-plan with: ilp (default), {', '.join(BASELINES)}")
     w.add_argument("--time-limit", type=float, default=10.0, help="planner time limit per re-plan, seconds")
     w.add_argument("--no-replan", action="store_true", help="only simulate the old plan")
     w.add_argument("--replan-base", action="store_true", help="also re-plan the base cluster")
