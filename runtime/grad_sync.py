@@ -237,6 +237,30 @@ class GradSync:
                     out.append(t)
         return out
 
+    def optimizer_layout(self, module: StageModule) -> list[list[tuple[str, int, int, int]]]:
+        """What each tensor of ``optimizer_tensors`` holds (same order), as runs of
+        whole-model parameters: (name, offset in the flattened parameter, elements, offset
+        in the tensor). Checkpoints keep optimizer state by name with it (runtime.reshard)."""
+        names = module.param_names
+        if self.algorithm != "param_server":
+            return [[(names[id(p)], 0, p.numel(), 0)] for p in module.parameters()]
+        out = []
+        for b in self.buckets:
+            starts, at = [], 0
+            for p in b.params:  # flat_views lays the bucket out in this order
+                starts.append(at)
+                at += p.numel()
+            for a, n, owner in b.shards:
+                if owner != self.rank:
+                    continue
+                runs = []
+                for p, s0 in zip(b.params, starts):
+                    lo, hi = max(a, s0), min(a + n, s0 + p.numel())
+                    if lo < hi:
+                        runs.append((names[id(p)], lo - s0, hi - lo, lo - a))
+                out.append(runs)
+        return out
+
     def after_optimizer(self) -> None:
         """Parameter server: owners send the updated shards back to the other members."""
         if self.algorithm != "param_server":
