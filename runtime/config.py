@@ -54,6 +54,9 @@ class TrainConfig:
     slowdown_from: dict[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)
     """Rank or device id -> (first step, factor) changes of its slowdown from a step on
     (``--slowdown 1=3@20``; a factor of 1 ends it), in step order."""
+    slowdown_spin: bool = False
+    """Emulated slowdowns spin instead of sleeping (``stretch``): for ranks that share
+    cores, where a sleeping rank would hand its core to the others."""
     adaptive: bool = False
     """Monitor every rank against the plan's prediction, report stragglers, and obey the
     workflow's commands in control_dir (runtime.adaptive)."""
@@ -169,14 +172,16 @@ SPIN_S = 300e-6
 kernel's timer slack (50 µs and more), a sizeable, varying part of sub-millisecond ops."""
 
 
-def stretch(t0: float, slowdown: float) -> float:
+def stretch(t0: float, slowdown: float, spin: bool = False) -> float:
     """Emulated slowdown: hold the caller until (slowdown) x (the time since t0) has
-    passed; returns the stretched elapsed time. Sleeps, then spins the last SPIN_S."""
+    passed; returns the stretched elapsed time. Sleeps, then spins the last SPIN_S; with
+    `spin`, spins all along: the emulated device keeps its core busy, as a slow device
+    keeps its own hardware busy, so that ranks sharing cores do not speed up meanwhile."""
     now = time.perf_counter()
     if slowdown <= 1.0:
         return now - t0
     end = now + (slowdown - 1.0) * (now - t0)
-    if end - now > SPIN_S:
+    if not spin and end - now > SPIN_S:
         time.sleep(end - now - SPIN_S)
     while time.perf_counter() < end:
         pass

@@ -3,30 +3,31 @@
 Every step, each rank's forward + backward seconds (``StepTimes.compute_s``: its 2M ops)
 are divided by what the plan predicts for them (``runtime.metrics.predicted_by_device``):
 the *ratio*. Predictions are rarely right in absolute terms (an analytic cost graph on
-CPUs is off by 30x), so ratios are read against two references:
+CPUs is off by 30x), and a busy host slows every rank alike, so a rank is judged against
+two references:
 
 - the *calibration* c0: the median ratio over all ranks during the first
   ``calibration_steps`` steps after warm-up (what "as predicted" looks like on this
-  machine, this launch);
-- the *peers* at the same step: the median over ranks of ratio / (c0 x accepted level).
-  A load that slows every rank alike (a busy host) moves the peers too and is not a
-  straggler.
+  machine, this launch); its *own* level is the median of its last ``window`` ratios / c0;
+- its *peers*: its ratio over the median ratio of the other ranks at the same step (each
+  divided by its accepted level): a load that slows every rank alike cancels out. Its
+  *relative* level is the median of the last ``window`` of those.
 
-Each rank's *level* is a robust moving estimate: the median of its last ``window`` values
-of ratio / c0. Its *departure* is level / accepted level - 1, where the accepted level
-starts at 1 (as predicted). A step counts against the rank when its level departs by
-more than the threshold from both references in the same direction; after
-``consecutive`` such steps in a row (a change point), the rank is reported: slower or
-faster, with its new level, which becomes its accepted level (so it is reported once
-per change, and again when it changes back). ``levels()`` gives every rank's level,
-which a decision uses as the measured speeds.
+A rank's accepted level starts at 1 (as predicted). A step counts against it when both
+its relative level and its own level (over the accepted one) depart from 1 in the same
+direction, the relative one by more than the threshold, the own one by more than
+``threshold``; after ``consecutive`` such steps in a row (a change point) the rank is
+reported, slower or faster, with its new level: the accepted level times the median of
+those steps' relative ratios (against its peers, so the speed that matters for sharing
+work). That level becomes the accepted one: a rank is reported once per change, and
+again when it changes back. ``levels()`` gives every rank's current level.
 
-The threshold is ``threshold`` (10 %) or, on a machine whose step times scatter more
-than that (a shared host), ``noise_factor`` times the measured scatter, whichever is
-larger: a change is reported when it stands out of the noise. The scatter is 1.4826 x
-the median absolute deviation of each step's ratio from its rank's level, pooled over
-ranks and the last ``noise_steps`` steps (from calibration on). Events say which
-threshold held, and the new level is the median of the departing steps' own ratios.
+The threshold on the relative level is ``threshold`` (10 %) or, where the relative
+ratios scatter more than that from step to step (ranks time-sharing cores),
+``noise_factor`` times that scatter (1.4826 x the median absolute deviation from each
+rank's relative level, pooled over ranks and the last ``noise_steps`` steps), whichever
+is larger: a change is reported when it stands out of the noise. Events say which
+threshold held.
 
 After a layout change (new shares or a new plan, ``set_predicted``), predictions embed the
 speeds the decision assumed: levels restart at 1 and the first ``warmup_steps`` are left
@@ -134,15 +135,22 @@ class StragglerMonitor:
     _skip: int = field(init=False)
     _calib: list[list[float]] = field(init=False, default_factory=list)
     _recent: list[deque] = field(init=False)
+    """Per rank: its last relative ratios (against its peers, over its accepted level)."""
+    _own: list[deque] = field(init=False)
+    """Per rank: its last ratios over c0."""
     _run: list[list[tuple[float, float]]] = field(init=False)
-    """Per rank: the current streak of departing steps (level, measured seconds)."""
+    """Per rank: the current streak of departing steps (relative ratio, measured seconds)."""
     _sign: list[int] = field(init=False)
     _devs: deque = field(init=False)
+    _own_devs: deque = field(init=False)
+    own_noise: float = 0.0
+    """The same scatter of each rank's own ratio (over c0), common load included."""
 
     def __post_init__(self) -> None:
         if len(self.predicted_s) != len(self.devices):
             raise ValueError("one prediction per rank is needed")
         self._devs = deque(maxlen=self.cfg.noise_steps * len(self.devices))
+        self._own_devs = deque(maxlen=self.cfg.noise_steps * len(self.devices))
         self._reset(self.cfg.warmup_steps)
 
     def _reset(self, skip: int) -> None:
@@ -150,6 +158,7 @@ class StragglerMonitor:
         self.accepted = [1.0] * n
         self._skip = skip
         self._recent = [deque(maxlen=self.cfg.window) for _ in range(n)]
+        self._own = [deque(maxlen=self.cfg.window) for _ in range(n)]
         self._run = [[] for _ in range(n)]
         self._sign = [0] * n
 
@@ -163,9 +172,9 @@ class StragglerMonitor:
         self._reset(self.cfg.warmup_steps)
 
     def levels(self) -> dict[str, float]:
-        """device -> moving estimate of its level (median of the last `window` steps);
-        1.0 before calibration."""
-        return {d: statistics.median(r) if r else 1.0 for d, r in zip(self.devices, self._recent)}
+        """device -> its current level: accepted level x median of its last relative
+        ratios (1.0 before calibration)."""
+        return {d: a * (statistics.median(r) if r else 1.0) for d, a, r in zip(self.devices, self.accepted, self._recent)}
 
     @property
     def threshold(self) -> float:
@@ -183,38 +192,56 @@ class StragglerMonitor:
         if self.calibration is None:
             self._calib.append(ratios)
             if len(self._calib) >= self.cfg.calibration_steps:
-                self.calibration = statistics.median(r for step in self._calib for r in step)
-                own = [statistics.median(step[k] for step in self._calib) for k in range(len(ratios))]
-                self._devs.extend(abs(step[k] / own[k] - 1.0) for step in self._calib
-                                  for k in range(len(ratios)) if own[k] > 0)
+                self.calibration = statistics.median(r for row in self._calib for r in row)
+                rel = [self._relative(row) for row in self._calib]
+                for k in range(len(ratios)):
+                    mid = statistics.median(row[k] for row in rel)
+                    self._devs.extend(abs(row[k] / mid - 1.0) for row in rel if mid > 0)
+                    mid = statistics.median(row[k] for row in self._calib)
+                    self._own_devs.extend(abs(row[k] / mid - 1.0) for row in self._calib if mid > 0)
                 self.noise = 1.4826 * statistics.median(self._devs) if self._devs else 0.0
+                self.own_noise = 1.4826 * statistics.median(self._own_devs) if self._own_devs else 0.0
             return []
         c0 = self.calibration
+        rel = self._relative(ratios)
         for k, r in enumerate(ratios):
-            self._recent[k].append(r / c0)
+            self._own[k].append(r / c0)
+            self._recent[k].append(rel[k])
+        own = [statistics.median(q) for q in self._own]
         levels = [statistics.median(q) for q in self._recent]
-        self._devs.extend(abs(r / c0 / x - 1.0) for r, x in zip(ratios, levels) if x > 0)
+        self._devs.extend(abs(q / x - 1.0) for q, x in zip(rel, levels) if x > 0)
+        self._own_devs.extend(abs(r / c0 / x - 1.0) for r, x in zip(ratios, own) if x > 0)
         self.noise = 1.4826 * statistics.median(self._devs)
-        peers = statistics.median(x / a for x, a in zip(levels, self.accepted))
+        self.own_noise = 1.4826 * statistics.median(self._own_devs)
         out: list[Straggler] = []
         th = self.threshold
+        th_own = max(self.cfg.threshold, self.cfg.noise_factor * self.own_noise)
         for k, x in enumerate(levels):
-            own = x / self.accepted[k] - 1.0
-            other = x / (self.accepted[k] * peers) - 1.0
-            sign = 1 if own > th and other > th else -1 if own < -th and other < -th else 0
+            mine = own[k] / self.accepted[k] - 1.0
+            sign = (1 if x - 1.0 > th and mine > th_own else -1 if x - 1.0 < -th and mine < -th_own else 0)
             if sign == 0 or sign != self._sign[k]:
                 self._run[k] = []
             self._sign[k] = sign
             if sign == 0:
                 continue
-            self._run[k].append((ratios[k] / c0, measured_s[k]))
+            self._run[k].append((rel[k], measured_s[k]))
             if len(self._run[k]) < self.cfg.consecutive:
                 continue
-            level = statistics.median(v for v, _ in self._run[k])
+            level = self.accepted[k] * statistics.median(v for v, _ in self._run[k])
             per_op = statistics.median(m for _, m in self._run[k]) / max(1, self.ops_per_step)
             out.append(Straggler(step, k, self.devices[k], "slower" if sign > 0 else "faster", level,
                                  self.accepted[k], per_op, self.predicted_s[k] / max(1, self.ops_per_step), th))
             self.accepted[k] = level
+            self._recent[k].clear()  # its ratios are read against the new level from now on
+            self._own[k].clear()
             self._run[k] = []
             self._sign[k] = 0
         return out
+
+    def _relative(self, ratios: list[float]) -> list[float]:
+        """Each rank's ratio over the median of the other ranks' (each over its accepted
+        level); 1 for a rank alone."""
+        scaled = [r / a for r, a in zip(ratios, self.accepted)]
+        if len(scaled) < 2:
+            return [1.0] * len(scaled)
+        return [x / statistics.median(scaled[:k] + scaled[k + 1:]) for k, x in enumerate(scaled)]

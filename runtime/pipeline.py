@@ -110,6 +110,7 @@ class PipelineExecutor:
     device: torch.device
     loss_scale: float
     slowdown: float = 1.0
+    slowdown_spin: bool = False
     order: list[tuple[str, int]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -121,7 +122,7 @@ class PipelineExecutor:
         out = fn()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        dt = stretch(t0, self.slowdown)
+        dt = stretch(t0, self.slowdown, self.slowdown_spin)
         setattr(times, key, getattr(times, key) + dt)
         return out
 

@@ -143,7 +143,8 @@ class Trainer:
         self.slowdown_changes = cfg.slowdown_from.get(str(self.rank), cfg.slowdown_from.get(rt.info.device, ()))
         self.executor = PipelineExecutor(role, self.module, plan.schedule, plan.num_microbatches,
                                          (plan.seq_len, shape.hidden), dtype, self.device,
-                                         loss_scale=1.0 / (plan.global_batch * plan.seq_len), slowdown=self.slowdown)
+                                         loss_scale=1.0 / (plan.global_batch * plan.seq_len), slowdown=self.slowdown,
+                                         slowdown_spin=cfg.slowdown_spin)
         self.data = TokenDataset(cfg.dataset, vocab=shape.vocab, seq_len=plan.seq_len, seed=cfg.seed,
                                  classify=shape.family == "bert", val_fraction=cfg.val_fraction)
         self.key = checkpoint.plan_key(plan)
@@ -368,6 +369,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slowdown", action="append", metavar="RANK=FACTOR[@STEP]",
                    help="stretch a rank's (or device id's) compute by FACTOR >= 1: emulated heterogeneity; "
                         "@STEP: from that step on (a factor of 1 ends it)")
+    p.add_argument("--slowdown-spin", action="store_true",
+                   help="emulated slowdowns spin instead of sleeping: for ranks that share cores")
     p.add_argument("--adaptive", action="store_true",
                    help="monitor ranks against the plan, report stragglers and obey the workflow's commands "
                         "(hetalloc run --adaptive starts the workflow)")
@@ -391,7 +394,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
                        checkpoint_dir=a.checkpoint_dir, checkpoint_every=a.checkpoint_every, resume=a.resume,
                        out_dir=a.out, slowdown=slowdown, slowdown_from=slowdown_from, warmup_steps=a.warmup_steps,
                        tensorboard=a.tensorboard, fail_at_step=a.fail_at_step, fail_rank=a.fail_rank,
-                       adaptive=a.adaptive, control_dir=a.control_dir, straggler_threshold=a.straggler_threshold,
+                       slowdown_spin=a.slowdown_spin, adaptive=a.adaptive, control_dir=a.control_dir, straggler_threshold=a.straggler_threshold,
                        straggler_steps=a.straggler_steps)
 
 

@@ -178,3 +178,15 @@ def test_whatif_straggler_prints_one_row_per_policy(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == ("error: --straggler: host/1=3: expected DEVICE=FACTOR@T with FACTOR > 0 — "
                                                "e.g. --straggler a100/3=3@200 (3x slower from step 200), a100/3=1@500 "
                                                "(back to speed)")
+
+
+def test_run_adaptive_refuses_what_it_cannot_do_in_one_line(tmp_path, capsys):
+    cluster, cg = linear_cpu()
+    dp3(cluster, cg).save(tmp_path / "plan.json")
+    assert main(["run", str(tmp_path / "plan.json"), "--adaptive", "--max-restarts", "2"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --max-restarts: does not go with --adaptive (a lost rank is "
+                                               "re-planned around) — drop --max-restarts")
+    assert main(["run", str(tmp_path / "plan.json"), "--adaptive", "--horizon", "0"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: hetalloc run --adaptive: horizon_steps must be at least 1.")
+    assert main(["run", str(tmp_path / "plan.json"), "--adaptive", "--slowdown", "1=3@0"]) == 2
+    assert "--slowdown expects RANK=FACTOR@STEP with STEP >= 1, got '1=3@0'" in capsys.readouterr().err

@@ -66,19 +66,24 @@ def test_below_the_threshold_nothing_is_reported_and_k_sets_the_delay():
 
 
 def test_the_threshold_rises_to_twice_the_measured_scatter():
-    # Every rank cycles through 0.7, 1.0, 1.3 s (out of phase): its level (median of 3)
-    # stays 1.0, the deviations from it are 0.3, 0, 0.3: median 0.3, noise 1.4826 x 0.3
-    # = 0.445, threshold 0.89. Rank 2 at 1.5x from step 30 departs by 0.5: not reported;
-    # at 3x it departs from step 31 on (two of its last three steps slow) and is reported at 33.
+    # Every rank cycles through 0.7, 1.0, 1.3 s, out of phase: at every step one rank has
+    # each. Against the median of the other two: 0.7 / 1.15 = 0.609, 1.0 / 1.0 = 1, 1.3 /
+    # 0.85 = 1.529; a rank's relative level (median of 3) stays 1, the deviations are
+    # 0.391, 0, 0.529: median 0.391, noise 1.4826 x 0.391 = 0.580, threshold 1.16. Rank 2
+    # at 1.5x from step 30 is no straggler. At 3x its relative ratios from step 30 are
+    # 3.9 / 0.85 = 4.59, 2.1 / 1.15 = 1.83, 3.0 / 1.0 = 3.0, ...: its level is 1.83 at 31
+    # (below 1 + 1.16), 3.0 at 32: departing at 32, 33, 34, reported at 34.
     def row(step: int, factor: float) -> list[float]:
         return [(0.7, 1.0, 1.3)[(step + k) % 3] * (factor if k == 2 else 1.0) for k in range(3)]
 
-    for factor, expected in ((1.5, []), (3.0, [(33, 2)])):
+    noise = 1.4826 * (1 - 0.7 / 1.15)
+    for factor, expected in ((1.5, []), (3.0, [(34, 2)])):
         m = StragglerMonitor(MonitorConfig(), DEVICES, [1.0] * 3)
         got = []
         for step in range(1, 60):
             got += [(e.step, e.rank) for e in m.observe(step, row(step, factor if step >= 30 else 1.0))]
-        assert m.noise == pytest.approx(1.4826 * 0.3) and m.threshold == pytest.approx(2 * 1.4826 * 0.3)
+            if step == 29:
+                assert m.noise == pytest.approx(noise) and m.threshold == pytest.approx(2 * noise)
         assert got == expected
 
 

@@ -17,8 +17,10 @@ decides, cheapest first:
 3. a rank lost (its process killed by a signal; runtime.torchrun reports it): the
    allocator plans for the devices that remain and the run continues from the last
    checkpoint.
-Every decision (what triggered it, the predicted step times, the gain against the
-switch cost, what was done and why) is one log line and one record in metrics.jsonl
+A report that changes no measured speed (a rank reported faster than its calibrated
+speed is taken to be at speed) leads to no decision. Every decision (what triggered
+it, the predicted step times, the gain against the switch cost, what was done and why)
+is one log line and one record in metrics.jsonl
 (``"event": "decision"``). The same ``decide_shares`` / ``decide_replan`` /
 ``decide_lost`` drive simulated episodes (workflows.episode).
 
@@ -52,7 +54,7 @@ from runtime.launch import RunFailed, load_checked, local_command, local_env, tr
 from runtime.plans import describe
 from runtime.rankmap import rank_map
 from simulator import simulate
-from simulator.speeds import in_context, speed_case
+from simulator.speeds import SAME, in_context, speed_case
 
 from .rebalance import rebalance_shares
 
@@ -115,13 +117,19 @@ class Decision:
     plan: Plan | None = None
 
 
-def take_reports(beliefs: Beliefs, reports: list[dict[str, Any]], embedded: dict[str, float]) -> None:
+def take_reports(beliefs: Beliefs, reports: list[dict[str, Any]], embedded: dict[str, float]) -> bool:
     """The monitor's reports (levels against a plan whose context embeds the factors
     `embedded`) become the measured factors against the base. A device is never taken
     to be faster than its calibrated speed: a rank measured faster than that is either
-    noise or its peers leaving it more of a shared host; it is back at speed (factor 1)."""
+    noise or its peers leaving it more of a shared host; it is back at speed (factor 1).
+    Returns whether any factor changed (by more than 2 %): else there is nothing to decide."""
+    changed = False
     for e in reports:
-        beliefs.factors[e["device"]] = max(1.0, embedded.get(e["device"], 1.0) * e["level"])
+        new = max(1.0, embedded.get(e["device"], 1.0) * e["level"])
+        old = beliefs.factors.get(e["device"], 1.0)
+        changed = changed or abs(new / old - 1.0) > SAME
+        beliefs.factors[e["device"]] = new
+    return changed
 
 
 def _sim(plan: Plan, cluster: Cluster, cg: CostGraph) -> float:
@@ -291,6 +299,8 @@ class Controller:
     first_step_s: float = 0.0
     save_s: float = 0.0
     decisions: list[dict[str, Any]] = field(default_factory=list)
+    unobeyed: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """Commands of the running launch not obeyed yet, by number."""
     plan_factors: dict[str, dict[str, float]] = field(default_factory=dict)
     """layout (runtime.plans.describe) -> the factors its context embeds (what the
     monitor's levels are read against)."""
@@ -315,11 +325,22 @@ class Controller:
         self.seq += 1
         rec = {**d.record, "decided_at_step": step}
         self.decisions.append(rec)
+        self.unobeyed[self.seq] = rec
         control.write_command(self.control_dir, self.seq, d.kind, rec, d.plan.to_dict() if d.plan else None)
         if d.kind == "restart":
             self.restart = d.plan
         elif d.kind == "shares":
             self.adopt(d.plan)  # type: ignore[arg-type]
+
+    def launch_ended(self) -> None:
+        """Commands the launch ended before obeying (decided after its last step, or as it
+        failed) are logged as such: no runtime will log them."""
+        for seq, d in sorted(self.unobeyed.items()):
+            rec = {"event": "decision", "step": d["decided_at_step"], "seq": seq, **d, "obeyed": False,
+                   "why": d["why"] + " (the launch ended before obeying it)"}
+            append_record(self.out, rec)
+            self.say(control.decision_line(rec))
+        self.unobeyed.clear()
 
     def on_events(self, events: list[dict[str, Any]], launch: Launch) -> None:
         stragglers = []
@@ -333,6 +354,7 @@ class Controller:
                 self.last_checkpoint = e["step"]
             elif kind == "decision":
                 self.obeyed = max(self.obeyed, e.get("seq", 0))
+                self.unobeyed.pop(e.get("seq", 0), None)
             elif kind == "straggler":
                 stragglers.append(e)
             if isinstance(e.get("step"), int):
@@ -340,11 +362,16 @@ class Controller:
         if not stragglers or self.restart is not None:
             return
         layout = describe(self.plan)
-        current = [e for e in stragglers if e.get("layout", layout) == layout]
-        if not current:
-            return  # about a layout before a switch that has happened since
-        take_reports(self.beliefs, current, self.plan_factors.get(layout, {}))
-        stragglers = current
+        changed = False
+        known = []
+        for e in stragglers:  # a report about a layout switched from since is read against that layout
+            embedded = self.plan_factors.get(e.get("layout", layout))
+            if embedded is not None:
+                changed = take_reports(self.beliefs, [e], embedded) or changed
+                known.append(e)
+        if not changed:
+            return  # no measured speed changed (a rank faster than calibrated): nothing to decide
+        stragglers = known
         step = max(e["step"] for e in stragglers)
         trigger = "; ".join(f"rank {e['rank']} ({e['device']}) {e['direction']}, {e['level']:.2f}x predicted"
                             for e in stragglers)
@@ -435,6 +462,7 @@ def run_adaptive(plan_path: str | Path, *, steps: int, out_dir: str | Path, chec
             t.join()
             outputs.append("".join(chunks))
         ctl.on_events(reader.read(), launch)
+        ctl.launch_ended()
         launch.returncode = proc.returncode
         if proc.returncode == 0 and ctl.restart is not None:
             new = ctl.restart

@@ -123,8 +123,8 @@ def run_episode(plan: Plan, cluster: Cluster, cg: CostGraph, trace: SpeedTrace, 
         if step % opts.checkpoint_every == 0:
             last_ckpt = step
         reports = monitor.observe(step, [it.compute_s[d] for d in devices])
-        if reports and policy != "none" and not pending:
-            take_reports(beliefs, [r.to_record(opts.monitor, {}) for r in reports], embedded)
+        if (reports and policy != "none" and not pending
+                and take_reports(beliefs, [r.to_record(opts.monitor, {}) for r in reports], embedded)):
             trigger = "; ".join(f"{r.device} {r.direction}, {r.level:.2f}x predicted" for r in reports)
             d = decide_shares(plan, beliefs, adapt, trigger)
             record(d, step)
