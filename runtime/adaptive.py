@@ -1,7 +1,9 @@
 """One rank's side of an adaptive run (``--adaptive``): report, and obey.
 
 After every step all ranks exchange their compute seconds, and rank 0 the number of the
-newest command in the control directory (one all-gather of two numbers per rank). Rank 0
+newest command in the control directory (one all-gather of four numbers per rank: those,
+the step time and the process id, which the first step's ``started`` event records so
+that the workflow can tell which rank stopped answering). Rank 0
 feeds the compute times to the monitor (runtime.monitor) and reports what it finds: one
 log line, one record in metrics.jsonl and one in control/events.jsonl. Then every rank
 obeys the commands it has not obeyed yet, in order (runtime.control):
@@ -21,6 +23,7 @@ Decides nothing: what to do about a straggler is the workflow's (workflows.adapt
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,11 +79,11 @@ class AdaptiveRank:
             self.writer.write_record(record)
         control.append_event(self.dir, record)
 
-    def started(self, step: int, step_s: float) -> None:
+    def started(self, step: int, step_s: float, pids: list[int]) -> None:
         if self.rank == 0:
             control.append_event(self.dir, {"event": "started", "step": step, "time": time.time() - step_s,
                                             "first_step_s": step_s, "world_size": len(self.devices),
-                                            "layout": describe(self.t.plan)})
+                                            "layout": describe(self.t.plan), "pids": pids})
 
     def checkpointed(self, step: int, save_s: float) -> None:
         if self.rank == 0:
@@ -90,14 +93,14 @@ class AdaptiveRank:
     def after_step(self, step: int, times: StepTimes) -> bool:
         """Exchange, monitor, obey; True when this launch must stop here (a restart)."""
         newest = control.newest_command(self.dir) if self.rank == 0 else 0
-        mine = torch.tensor([times.compute_s, float(newest), times.step_s], dtype=torch.float64)
+        mine = torch.tensor([times.compute_s, float(newest), times.step_s, float(os.getpid())], dtype=torch.float64)
         everyone = [torch.zeros_like(mine) for _ in self.devices]
         dist.all_gather(everyone, mine)
         computes = [float(x[0]) for x in everyone]
         newest = int(everyone[0][1])
         if self.obeyed is None:
             self.obeyed = newest
-            self.started(step, times.step_s)
+            self.started(step, times.step_s, [int(x[3]) for x in everyone])
         if self.rank == 0:
             for ev in self.monitor.observe(step, computes):
                 rec = ev.to_record(self.monitor.cfg, self.monitor.levels())

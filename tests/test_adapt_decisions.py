@@ -190,3 +190,32 @@ def test_run_adaptive_refuses_what_it_cannot_do_in_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == ("error: hetalloc run --adaptive: horizon_steps must be at least 1.")
     assert main(["run", str(tmp_path / "plan.json"), "--adaptive", "--slowdown", "1=3@0"]) == 2
     assert "--slowdown expects RANK=FACTOR@STEP with STEP >= 1, got '1=3@0'" in capsys.readouterr().err
+
+
+def test_a_rank_that_stops_answering_is_told_from_one_that_runs():
+    import signal
+    import subprocess
+    import time
+
+    from workflows.adaptive import not_answering
+    procs = [subprocess.Popen(["sleep", "30"]) for _ in range(3)]
+    try:
+        pids = [p.pid for p in procs]
+        assert not_answering(pids) == []
+        procs[1].send_signal(signal.SIGSTOP)
+        procs[2].kill()  # killed, not yet waited for: a zombie
+        deadline = time.time() + 5
+        while not_answering(pids) != [1, 2] and time.time() < deadline:
+            time.sleep(0.05)
+        assert not_answering(pids) == [1, 2]
+        procs[2].wait()
+        assert not_answering(pids) == [1, 2]  # gone
+        procs[1].send_signal(signal.SIGCONT)
+        deadline = time.time() + 5
+        while not_answering(pids) != [2] and time.time() < deadline:
+            time.sleep(0.05)
+        assert not_answering(pids) == [2]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

@@ -14,9 +14,12 @@ decides, cheapest first:
    relative gain the simulator predicts times the measured step time) exceeds its
    measured cost (command ``restart``; the relaunch resumes from that checkpoint under
    the new plan, runtime.reshard);
-3. a rank lost (its process killed by a signal; runtime.torchrun reports it): the
-   allocator plans for the devices that remain and the run continues from the last
-   checkpoint.
+3. a rank lost: its process killed by a signal (runtime.torchrun reports it), or a
+   rank that stops answering: no step for ``stall_timeout_s`` while its process is
+   stopped, gone or a zombie (the ranks' process ids come with the first step; a
+   stopped rank is then killed, so that torchrun ends the others). The allocator plans
+   for the devices that remain and the run continues from the last checkpoint. A run
+   that stalls with every rank alive is ended with an error.
 A report that changes no measured speed (a rank reported faster than its calibrated
 speed is taken to be at speed) leads to no decision. Every decision (what triggered
 it, the predicted step times, the gain against the switch cost, what was done and why)
@@ -81,6 +84,9 @@ class AdaptOptions:
     """The runtime monitor's threshold (runtime.monitor)."""
     straggler_steps: int = 3
     """The runtime monitor's consecutive steps."""
+    stall_timeout_s: float | None = None
+    """No step for this long (after the first) is a stall; None: 30 median steps, at
+    least 60 s."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -93,6 +99,8 @@ class AdaptOptions:
             raise ValueError("switch_cost_s must be >= 0.")
         if self.time_limit_s <= 0:
             raise ValueError("time_limit_s must be greater than 0.")
+        if self.stall_timeout_s is not None and self.stall_timeout_s <= 0:
+            raise ValueError("stall_timeout_s must be greater than 0.")
 
 
 @dataclass
@@ -234,6 +242,28 @@ def lost_ranks(failures_file: Path) -> list[int]:
                   if isinstance(f.get("exitcode"), int) and f["exitcode"] < 0 and -f["exitcode"] != signal.SIGTERM)
 
 
+def not_answering(pids: list[int]) -> list[int]:
+    """Indices of the processes that cannot answer: stopped (a SIGSTOP, a debugger),
+    zombies, or gone (Linux /proc; elsewhere only 'gone' is seen)."""
+    out = []
+    for k, pid in enumerate(pids):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            state = stat[stat.rindex(")") + 2]
+        except FileNotFoundError:
+            out.append(k)
+            continue
+        except OSError:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                out.append(k)
+            continue
+        if state in "TtZX":
+            out.append(k)
+    return out
+
+
 def _signal_of(failures_file: Path, rank: int) -> str:
     d = json.loads(failures_file.read_text())
     return next((f.get("signal") or f"exit code {f['exitcode']}") for f in d["failures"] if f["rank"] == rank)
@@ -297,6 +327,11 @@ class Controller:
     restart: Plan | None = None
     startup_s: float | None = None
     first_step_s: float = 0.0
+    pids: list[int] = field(default_factory=list)
+    """The running launch's rank process ids (from its first step)."""
+    silenced: dict[int, str] = field(default_factory=dict)
+    stall_s: float = 0.0
+    """Ranks of the running launch killed for not answering, and why."""
     save_s: float = 0.0
     decisions: list[dict[str, Any]] = field(default_factory=list)
     unobeyed: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -332,6 +367,17 @@ class Controller:
         elif d.kind == "shares":
             self.adopt(d.plan)  # type: ignore[arg-type]
 
+    def stalled(self, timeout_s: float | None) -> bool:
+        """No step record for the stall timeout, once the launch has made its first step."""
+        path = self.out / "metrics.jsonl"
+        if not self.pids or not path.exists():
+            return False
+        if timeout_s is None:
+            times = _step_times(self.out)
+            timeout_s = max(60.0, 30 * statistics.median(times)) if times else 60.0
+        self.stall_s = timeout_s
+        return time.time() - path.stat().st_mtime > timeout_s
+
     def launch_ended(self) -> None:
         """Commands the launch ended before obeying (decided after its last step, or as it
         failed) are logged as such: no runtime will log them."""
@@ -349,6 +395,7 @@ class Controller:
             if kind == "started":
                 self.startup_s = max(0.0, e["time"] - launch.started_s)
                 self.first_step_s = e["first_step_s"]
+                self.pids = list(e.get("pids", []))
             elif kind == "checkpoint":
                 self.save_s = e["save_s"]
                 self.last_checkpoint = e["step"]
@@ -452,11 +499,26 @@ def run_adaptive(plan_path: str | Path, *, steps: int, out_dir: str | Path, chec
             import threading
             t = threading.Thread(target=lambda: chunks.append(proc.stdout.read()), daemon=True)  # type: ignore[union-attr]
             t.start()
+        ctl.pids, ctl.silenced = [], {}
         while proc.poll() is None:
             ctl.on_events(reader.read(), launch)
             if deadline is not None and time.time() > deadline:
                 proc.kill()
                 raise RunFailed(f"training failed: no end after {timeout_s:g} s")
+            if ctl.stalled(opts.stall_timeout_s):
+                silent = not_answering(ctl.pids)
+                if not silent:
+                    proc.kill()
+                    raise RunFailed("training failed: no step for the stall timeout while every rank is alive "
+                                    "(a deadlock?); the last checkpoint is kept")
+                for k in silent:  # torchrun sees it killed by a signal: lost, below
+                    ctl.silenced[k] = f"stopped answering: no step for {ctl.stall_s:.3g} s, its process stopped or gone"
+                    say(f"adapt: rank {k} stopped answering (process {ctl.pids[k]}); killing it")
+                    try:
+                        os.kill(ctl.pids[k], signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                ctl.pids = []
             time.sleep(0.05)
         if capture:
             t.join()
@@ -480,8 +542,8 @@ def run_adaptive(plan_path: str | Path, *, steps: int, out_dir: str | Path, chec
         devices = rank_map(ctl.plan, plan_context(ctl.plan)[0]).devices
         launch.lost = [devices[r] for r in lost]
         ctl.beliefs.lost |= set(launch.lost)
-        trigger = ", ".join(f"rank {r} ({devices[r]}) lost (killed by "
-                            f"{_signal_of(failures, r)})" for r in lost)
+        trigger = ", ".join(f"rank {r} ({devices[r]}) lost ("
+                            + (ctl.silenced.get(r) or f"killed by {_signal_of(failures, r)}") + ")" for r in lost)
         d = decide_lost(ctl.plan, ctl.beliefs, opts, trigger)
         resume_step = ctl.last_checkpoint
         done = max([r["step"] for r in _step_records(out)] + [ctl.last_step])

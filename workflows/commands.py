@@ -53,6 +53,9 @@ def add_adaptive(run: argparse.ArgumentParser) -> None:
                    help="consecutive departing steps before a rank is reported (default 3)")
     g.add_argument("--replan-time-limit", type=float, default=10.0, metavar="SECONDS",
                    help="planner time limit per re-plan (default 10)")
+    g.add_argument("--stall-timeout", type=float, metavar="SECONDS",
+                   help="no step for this long is a stall: a rank whose process is stopped or gone is lost "
+                        "(default: 30 median steps, at least 60 s)")
     plain = run.get_default("func")
     run.set_defaults(func=lambda args: cmd_run_adaptive(args) if args.adaptive else plain(args))
 
@@ -70,7 +73,8 @@ def cmd_run_adaptive(args) -> int:
     try:
         opts = AdaptOptions(policy=args.policy, horizon_steps=args.horizon, min_gain=args.min_gain,
                             switch_cost_s=args.switch_cost, time_limit_s=args.replan_time_limit,
-                            straggler_threshold=args.straggler_threshold, straggler_steps=args.straggler_steps)
+                            straggler_threshold=args.straggler_threshold, straggler_steps=args.straggler_steps,
+                            stall_timeout_s=args.stall_timeout)
     except ValueError as e:
         raise SpecError("hetalloc run --adaptive", "", str(e)) from None
     summary = run_adaptive(args.plan, steps=args.steps, out_dir=args.out, checkpoint_dir=args.checkpoint_dir,
