@@ -201,7 +201,7 @@ class Trainer:
         return self.first_sample + (step - self.done - 1) * self.plan.global_batch
 
     def switch_shares(self, plan: Plan) -> None:
-        """Another plan with the same stages and groups (runtime.adaptive.same_layout)
+        """Another plan with the same stages and groups (runtime.control.same_layout)
         takes over before the next step: this rank's slice, its peers, the predictions."""
         self.plan = plan
         self.cluster, self.cg = plan_context(plan)
