@@ -83,7 +83,7 @@ def test_a_straggler_is_found_within_five_steps_and_the_shares_follow(tmp_path):
     assert slow and slow[0]["step"] <= 24, got["output"][-3000:]  # steps 20..24: within 5 steps
     decisions = records(out, "decision")
     first = next(d for d in decisions if d["step"] >= slow[0]["step"] and d["command"] == "shares")
-    assert first["action"] == "shares" and first["trigger"].startswith("rank 1 (host/1) slower")
+    assert first["action"] == "shares" and "rank 1 (host/1) slower" in first["trigger"]  # maybe with others
     assert [r["step"] for r in records(out)] == list(range(1, steps + 1))  # one launch, each step once
     assert any(l.startswith("adapt: step ") and "-> shares: " in l for l in got["output"].splitlines())
     # By hand: the first plan to the step the switch came after, a checkpoint, the plan it
