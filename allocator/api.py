@@ -55,7 +55,7 @@ def memory_shortfall(cluster: Cluster, cg: CostGraph, optimizer: str) -> str:
 
 
 def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: str = "1f1b",
-              optimizer: str = "adamw", grad_sync: str = "auto", time_limit: float = 30.0, gap: float = 1e-4,
+              optimizer: str = "adamw", grad_sync: str = "auto", time_limit: float = 30.0, gap: float = 0.0,
               backend: str = "highs", baseline: str | None = None, compare_baselines: bool = True,
               group_identical_nodes: bool = True, msg: bool = False,
               progress: Callable[[str], None] | None = None) -> Plan:
@@ -82,22 +82,27 @@ def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: s
                         "'pip install highspy' gives HiGHS")
     prob = Problem(cluster, cg, global_batch, schedule=schedule, optimizer=optimizer,
                    group_identical_nodes=group_identical_nodes)
-    res = search(prob, time_limit=time_limit, gap=gap, backend=backend, msg=msg, progress=progress)
-    if res.best is None:
+    res = search(prob, time_limit=SEARCH_SHARE * time_limit, gap=gap, backend=backend, msg=msg, progress=progress)
+    best = res.best
+    if best is None and res.status != "infeasible":
+        best = fallback_plan(prob)  # a plan the heuristics can build is always returned
+    if best is None:
         if res.status == "infeasible":
             raise InfeasibleError(memory_shortfall(cluster, cg, optimizer))
         raise InfeasibleError(f"no plan found within --time-limit {time_limit:g} s — raise the limit")
-    plan = place(prob, res.best, grad_sync=sync)
+    gap_ = max(0.0, (best.objective_s - res.bound) / best.objective_s) if math.isfinite(res.bound) else math.inf
+    plan = place(prob, best, grad_sync=sync)
     plan.solver = {
-        "status": res.status,
-        "objective_s": res.best.objective_s,
+        "status": res.status if best is res.best else "time_limit",
+        "objective_s": best.objective_s,
         "bound_s": res.bound,
-        "gap": res.gap,
+        "gap": gap_,
         "seconds": res.seconds,
-        "backend": backend,
-        "replicas": res.best.R,
-        "num_solves": len(res.solves),
-        "model": "planner model (allocator/problem.py); predicted figures use the placed plan",
+        "backend": "dp" if prob.interchangeable_blocks or not res.solves else backend,
+        "replicas": best.R,
+        "stopped_by_clock": res.stopped_by_clock,
+        "model": "planner model (allocator/problem.py): flow shop of the stage times + largest gradient "
+                 "sync and optimizer step; 'predicted' is the placed plan's schedule-exact estimate",
     }
     plan = _finish(plan, cluster, cg, grad_sync)
     if compare_baselines:
@@ -123,6 +128,23 @@ def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: s
     return plan
 
 
+SEARCH_SHARE = 0.8
+"""Share of --time-limit the search may use; the rest is for placing, predicting and the
+baselines, so the whole command ends within the limit."""
+
+
+def fallback_plan(prob: Problem):
+    """The best of the dealing heuristic's plans (allocator.heuristic) for a few replica and
+    micro-batch counts, for when the search ended without a plan."""
+    from .heuristic import heuristic_plan
+    best = None
+    for R, M in sorted(prob.candidates(), key=lambda rm: (prob.global_batch // (rm[0] * rm[1]), rm))[:24]:
+        h = heuristic_plan(prob, R, M, max_stages=8)
+        if h is not None and (best is None or h.objective_s < best.objective_s):
+            best = h
+    return best
+
+
 def _finish(plan: Plan, cluster: Cluster, cg: CostGraph, grad_sync: str) -> Plan:
     """Pick the gradient sync algorithm (auto: fastest predicted), validate, predict."""
     attach_context(plan, cluster, cg)
@@ -133,6 +155,3 @@ def _finish(plan: Plan, cluster: Cluster, cg: CostGraph, grad_sync: str) -> Plan
     plan.predicted = predict(plan, cluster, cg).to_dict()
     return plan
 
-
-def plan_is_better(a: Plan, b: Plan) -> bool:
-    return a.predicted.get("iteration_time_s", math.inf) < b.predicted.get("iteration_time_s", math.inf)

@@ -68,8 +68,8 @@ def block_bound(prob, timer, M: int) -> float:
         return math.inf
     budget = [c.count for c in prob.classes]
     rep: dict[tuple[int, int], float] = {}
-    specs = [(FIRST, l) for l in range(K)] + [(INNER, l) for l in range(1, K + 1)] + \
-            [(LAST, l) for l in range(K)] + [(ONLY, K)]
+    specs = [(FIRST, l) for l in range(K + 1)] + [(INNER, l) for l in range(1, K + 1)] + \
+            [(LAST, l) for l in range(K + 1)] + [(ONLY, K)]
     for kind, l in specs:
         i, j = block_range(prob, kind, l)
         rt = RangeTimes(prob, timer, i, j, math.inf, budget, infl)

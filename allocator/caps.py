@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dp import ShapeTable, min_stage_sum
-from .shapes import Shape
+from .dp import StageTable, min_stage_sum
 
 
 @dataclass(frozen=True, order=True)
@@ -44,7 +43,7 @@ class Box:
 class CapSearch:
     """The cap boxes of one M and the memo of its dynamic-program evaluations."""
 
-    def __init__(self, M: int, table: ShapeTable):
+    def __init__(self, M: int, table: StageTable):
         self.M = M
         self.table = table
         self.taus = np.unique(table.t)
@@ -52,9 +51,9 @@ class CapSearch:
         self.memo: dict[tuple[int, int], tuple[float, float]] = {}
         self.evaluations = 0
 
-    def g(self, bt: int, bs: int, limit: float) -> tuple[float, list[Shape] | None]:
-        """(a lower bound on the stage-time sum within caps (bt, bs), plan or None): the exact
-        minimum when it is below ``limit``, else ``limit``."""
+    def g(self, bt: int, bs: int, limit: float) -> tuple[float, list | None]:
+        """(a lower bound on the stage-time sum of plans within caps (bt, bs), plan or None):
+        the exact minimum when it is below ``limit``, else ``limit``."""
         key = (bt, bs)
         old = self.memo.get(key)
         if old is not None and (math.isfinite(old[0]) or limit <= old[1]):
@@ -66,10 +65,36 @@ class CapSearch:
         self.memo[key] = (v, limit)
         return (v if math.isfinite(v) else limit), seq
 
-    def root(self) -> Box:
-        return Box(-math.inf, self.M, 0, len(self.taus) - 1, 0, len(self.sigs) - 1)
+    def feasible(self, bt: int, bs: int) -> bool:
+        tab = self.table
+        use = (tab.t <= self.taus[bt]) & (tab.tail <= self.sigs[bs])
+        self.evaluations += 1
+        return math.isfinite(min_stage_sum(tab, use, any_plan=True)[0])
 
-    def evaluate(self, box: Box, incumbent: float) -> tuple[Box, list[Shape] | None]:
+    def root(self) -> Box | None:
+        """The box of caps that any plan can have: from the smallest bottleneck at which some
+        plan exists (bisection) to the largest levels; None if no plan exists."""
+        nt, ns = len(self.taus) - 1, len(self.sigs) - 1
+        if not self.feasible(nt, ns):
+            return None
+        lo, hi = 0, nt
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.feasible(mid, ns):
+                hi = mid
+            else:
+                lo = mid + 1
+        # every plan has a first and a last stage (or one stage): its largest tail is at
+        # least the smaller of "one stage" and "the larger of the cheapest first and last"
+        tab = self.table
+        def cheapest(kind):
+            m = tab.kind == kind
+            return float(tab.tail[m].min()) if m.any() else math.inf
+        sig_lb = min(cheapest(3), max(cheapest(1), cheapest(2)))
+        c = int(np.searchsorted(self.sigs, sig_lb * (1 - 1e-12)))
+        return Box(-math.inf, self.M, lo, nt, min(c, ns), ns)
+
+    def evaluate(self, box: Box, incumbent: float) -> tuple[Box, list | None]:
         """The box with its lower bound computed, and the plan found on the way."""
         base = (self.M - 1) * float(self.taus[box.a]) + float(self.sigs[box.c])
         v, seq = self.g(box.b, box.d, incumbent - base)

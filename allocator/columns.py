@@ -101,13 +101,18 @@ def _stage_times(ts: dict[int, list[float]], caps: dict[int, int], V: np.ndarray
         if l:
             K[:, ci] = np.searchsorted(np.array(l), levels * (1 + 1e-12), side="right")
             first[ci] = l[0]
-    cap = V @ K.T  # (vectors, levels)
-    used = V > 0
+    out = np.full(len(V), np.inf)
+    # only vectors that can take b samples at the top level have a time at all
+    live = np.nonzero((V @ K[-1] >= b) & (V.sum(axis=1) <= b))[0]
+    if not len(live):
+        return out
+    W = V[live]
+    cap = W @ K.T  # (vectors, levels)
+    used = W > 0
     floor = np.where(used, first[None, :], 0.0).max(axis=1)  # every device takes one sample
     ok = (cap >= b) & (levels[None, :] >= floor[:, None])
     idx = ok.argmax(axis=1)
-    out = np.where(ok.any(axis=1), levels[idx], np.inf)
-    out[V.sum(axis=1) > b] = np.inf
+    out[live] = np.where(ok.any(axis=1), levels[idx], np.inf)
     return out
 
 
@@ -121,34 +126,53 @@ def range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: i
     dims = [min(budget[c], b) + 1 if c in rt.ts else 1 for c in range(C)]
     grid = np.indices(dims).reshape(C, -1).T  # every count vector, mixed radix order
     strides = np.array([int(np.prod(dims[c + 1:])) for c in range(C)])
-    t_all = _stage_times(rt.ts, {}, grid, b)
-    keep = np.isfinite(t_all) & (t_all <= t_cap)
-    # every device must matter: one device fewer of any used class must be slower
-    for c in range(C):
-        has = grid[:, c] > 0
-        fewer = np.where(has, np.arange(len(grid)) - strides[c], 0)
-        keep &= ~(has & (grid.sum(axis=1) > 1) & (t_all[fewer] <= t_all))
+    # 1F1B: deeper in the pipeline more micro-batches are in flight, so memory may cap the
+    # shares and the time may grow. Tiers: the depths at which some class's cap changes.
+    tier_caps: list[dict[int, int] | None] = [None]  # depth 0: rt.ts as built (one in flight)
+    tier_depth = [0]
+    if not gpipe and j < L:
+        prev = {ci: len(rt.ts[ci]) for ci in rt.ts}
+        for a in range(1, min(M - 1, L - j) + 1):
+            caps = {ci: max(0, min(prev[ci], prob.kmem(prob.classes[ci], i, j, min(M, 1 + a)))) for ci in rt.ts}
+            if caps != prev:
+                tier_caps.append(caps)
+                tier_depth.append(a)
+                prev = caps
+    # A vector is useful if at some tier it runs within the cap and every device matters
+    # there (one device fewer of any used class is slower or cannot take the micro-batch);
+    # at other tiers another vector with fewer devices does at least as well.
+    keep = np.zeros(len(grid), dtype=bool)
+    tier_times = []
+    n_dev = grid.sum(axis=1)
+    for caps in tier_caps:
+        t_all = _stage_times(rt.ts, caps or {}, grid, b)
+        ok = np.isfinite(t_all) & (t_all <= t_cap)
+        for c in range(C):
+            has = grid[:, c] > 0
+            fewer = np.where(has, np.arange(len(grid)) - strides[c], 0)
+            ok &= ~(has & (n_dev > 1) & (t_all[fewer] <= t_all))
+        keep |= ok
+        tier_times.append(t_all)
     rows = np.nonzero(keep)[0]
     if not len(rows):
         return []
     V = grid[rows]
-    t0 = t_all[rows]
-    # 1F1B: deeper in the pipeline more micro-batches are in flight; the time may grow.
-    depth_times = []
+    t0 = tier_times[0][rows]
+    depth_times = []  # per depth a = 1.. : None (same caps as before) or the times
     if not gpipe and j < L:
-        amax_total = min(M - 1, L - j)
-        prev = {ci: len(rt.ts[ci]) for ci in rt.ts}
-        for a in range(1, amax_total + 1):
-            caps = {ci: max(0, prob.kmem(prob.classes[ci], i, j, min(M, 1 + a))) for ci in rt.ts}
-            if all(caps[ci] >= prev[ci] for ci in rt.ts):
-                depth_times.append(None)  # memory does not bind deeper: same times
-                continue
-            depth_times.append(_stage_times(rt.ts, caps, V, b))
+        k_tier = 0
+        for a in range(1, min(M - 1, L - j) + 1):
+            if k_tier + 1 < len(tier_depth) and tier_depth[k_tier + 1] == a:
+                k_tier += 1
+                depth_times.append(tier_times[k_tier][rows])
+            else:
+                depth_times.append(None)
     out: list[Column] = []
+    # the tail depends only on which classes are used and how many devices in all
     tails: dict[tuple, float] = {}
     for k, v in enumerate(V):
         counts = tuple(int(x) for x in v)
-        key = counts
+        key = (tuple(x > 0 for x in counts), sum(counts))
         if key not in tails:
             tails[key] = stage_tail(prob, R, i, j, counts)
         tail = tails[key]

@@ -1,50 +1,68 @@
-"""Exact dynamic program over stage shapes for one micro-batch count M.
+"""Exact dynamic program over stage options for one micro-batch count M.
 
-For a bottleneck cap tau and a tail cap sigma, ``min_stage_sum`` finds the plan (a
-multiset of shapes, allocator.shapes, in pipeline order) whose stages all run within tau
-and whose tails are all within sigma, that minimises the sum of its stage times, and fits
-the class budgets and 1F1B memory. The search then minimises
-(M - 1) tau + sigma + min_stage_sum(tau, sigma) over the caps (allocator.search).
+Stage options are the stage columns of one M: *shapes* when the model's inner layers are
+identical blocks (allocator.shapes; any position), *ranges* otherwise (allocator.columns;
+a fixed position). For caps on the stage times (<= tau) and on the tails (<= sigma),
+``min_stage_sum`` finds the plan that minimises the sum of its stage times; the search
+adds (M - 1) tau and sigma (allocator.caps) to get the planner's objective
+(allocator.problem).
 
-The program builds pipelines from the back. A state is (d, x, u): d stages placed (the
-last stage and d - 1 inner stages), x blocks covered, u the devices used per class (a
-mixed-radix index). The next stage sits under d stages, so it must have amax >= d; that
-makes memory exact without any ordering argument. Depths beyond the deepest finite amax
-collapse into one layer (only shapes that fit at any depth go there). The first stage
-closes the pipeline: a plan is a first shape at some d whose blocks complete the model.
+Pipelines are built from the back. A state (d, x, u) is d stages placed (the last stage
+and d - 1 in front of it), x blocks (or layers) covered, u the devices used per class (a
+mixed-radix index). The next stage sits under d stages, so it needs amax >= d: 1F1B
+memory is exact without any ordering argument. Depths beyond the deepest finite amax
+collapse into one layer.
 
-Costs: states x shapes x depth layers; the search calls it only where the state space
-is small (``STATE_LIMIT``) and uses the integer program elsewhere.
+States that cannot get below ``limit`` are not expanded (the cheapest chain of options
+still to come is added, budgets ignored), and a state is dropped when one with the same
+coverage, no more stages placed and no more devices of any class is no worse (fewer
+devices and a shallower position are never worse for the stages still to come).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
-from .shapes import FIRST, INNER, LAST, ONLY, Shape
-
 STATE_LIMIT = 30_000_000
-"""Largest (depth layers x blocks x device vectors) state space the dynamic program is
-used for."""
+"""Largest (depth layers x positions x device vectors) state space the program is used
+for; beyond it the search bounds that M otherwise."""
 
-try:  # numba compiles the kernel once (cached on disk); without it the kernel runs in Python
+try:  # numba compiles the kernel once (cached on disk)
     from numba import njit
-except ImportError:  # pragma: no cover - numba is a dependency; this keeps imports working
+except ImportError:  # pragma: no cover - numba is a dependency
     def njit(*a, **k):
-        def wrap(f):
-            return f
-        return wrap if not (a and callable(a[0])) else a[0]
+        if a and callable(a[0]):
+            return a[0]
+        return lambda f: f
+
+INNER, FIRST, LAST, ONLY = 0, 1, 2, 3
 
 
-class ShapeTable:
-    """Arrays of one M's shapes, and the device-vector index of the class budgets."""
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One stage option in the program's terms."""
 
-    def __init__(self, shapes: list[Shape], budgets: list[int], L: int):
-        self.shapes = shapes
-        self.L = L
-        self.K = L - 2
+    kind: int
+    xf: int
+    """Position (blocks or layers covered behind it) where it must start; -1: anywhere."""
+    span: int
+    counts: tuple[int, ...]
+    t: float
+    tail: float
+    amax: int
+    ref: object
+    """The shape or column it stands for."""
+
+
+class StageTable:
+    """The options of one M as arrays, and the device-vector index of the class budgets."""
+
+    def __init__(self, options: list[Option], budgets: list[int], X: int, L: int):
+        self.options = options
+        self.X, self.L = X, L
         C = len(budgets)
         self.N = np.array(budgets, dtype=np.int64)
         dims = [n + 1 for n in budgets]
@@ -55,45 +73,80 @@ class ShapeTable:
         self.nU = int(np.prod(dims)) if C else 1
         grid = np.indices(dims).reshape(C, -1).T if C else np.zeros((1, 0), dtype=np.int64)
         self.comp = np.ascontiguousarray(grid.astype(np.int64))
-        n = len(shapes)
-        self.kind = np.array([s.kind for s in shapes], dtype=np.int64)
-        self.blocks = np.array([s.blocks for s in shapes], dtype=np.int64)
-        self.cnt = np.array([s.counts for s in shapes], dtype=np.int64).reshape(n, C)
+        n = len(options)
+        self.kind = np.array([o.kind for o in options], dtype=np.int64)
+        self.xf = np.array([o.xf for o in options], dtype=np.int64)
+        self.span = np.array([o.span for o in options], dtype=np.int64)
+        self.cnt = np.array([o.counts for o in options], dtype=np.int64).reshape(n, C)
         self.off = self.cnt @ strides if n else np.zeros(0, dtype=np.int64)
-        self.t = np.array([s.t for s in shapes], dtype=np.float64)
-        self.tail = np.array([s.tail for s in shapes], dtype=np.float64)
-        self.amax = np.array([min(s.amax, L) for s in shapes], dtype=np.int64)
+        self.t = np.array([o.t for o in options], dtype=np.float64)
+        self.tail = np.array([o.tail for o in options], dtype=np.float64)
+        self.amax = np.array([min(o.amax, L) for o in options], dtype=np.int64)
         finite = [a for a in self.amax if a < L]
         self.dcap = (max(finite) + 1) if finite else 1
 
-    def remaining_bound(self, use: np.ndarray) -> np.ndarray:
-        """rem[x]: a lower bound on the stage times still to come when the last stages
-        cover x blocks: the first stage, and the other blocks at the fastest time per block
-        any usable inner shape achieves."""
-        K = self.K
-        inner = use & (self.kind == INNER)
-        per_block = float(np.min(self.t[inner] / self.blocks[inner])) if inner.any() else math.inf
-        first = use & (self.kind == FIRST)
-        rem = np.full(K + 1, math.inf)
-        for f in np.nonzero(first)[0]:
-            lf = int(self.blocks[f])
-            for x in range(K - lf + 1):
-                left = K - x - lf
-                v = self.t[f] + (per_block * left if left else 0.0)
-                if v < rem[x]:
-                    rem[x] = v
-        return rem
+    @classmethod
+    def of_shapes(cls, shapes, budgets: list[int], L: int) -> "StageTable":
+        K = L - 2
+        opts = [Option(s.kind, 0 if s.kind in (LAST, ONLY) else -1, K if s.kind == ONLY else s.blocks, s.counts,
+                       s.t, s.tail, s.amax, s) for s in shapes]
+        return cls(opts, budgets, K, L)
+
+    @classmethod
+    def of_columns(cls, cols, budgets: list[int], L: int) -> "StageTable":
+        opts = []
+        for c in cols:
+            kind = ONLY if (c.i == 0 and c.j == L) else FIRST if c.i == 0 else LAST if c.j == L else INNER
+            opts.append(Option(kind, L - c.j, c.j - c.i, c.counts, c.t, c.tail, c.amax, c))
+        return cls(opts, budgets, L, L)
 
     def states(self) -> int:
-        return (self.dcap + 1) * (self.K + 1) * self.nU
+        return (self.dcap + 1) * (self.X + 1) * self.nU
+
+    def remaining_bound(self, use: np.ndarray) -> np.ndarray:
+        """rem[x]: the least time the stages in front can take once x is covered (the
+        cheapest chain of usable options from x to a first stage, budgets ignored)."""
+        X = self.X
+        inf = math.inf
+        # W[x, y]: fastest option taking the cover from x to y (y = X + 1: a first stage
+        # that closes the pipeline)
+        W = np.full((X + 1, X + 2), inf)
+        k = np.nonzero(use & ((self.kind == INNER) | (self.kind == FIRST)))[0]
+        t, span, xf, first = self.t[k], self.span[k], self.xf[k], self.kind[k] == FIRST
+        fixed = xf >= 0
+        # fixed-position options (ranges)
+        xs = xf[fixed]
+        ys = np.where(first[fixed], X + 1, xs + span[fixed])
+        np.minimum.at(W, (xs, ys), t[fixed])
+        # anywhere-options (shapes): every start that keeps the cover within X
+        free = ~fixed
+        for tt, sp, fi in zip(t[free], span[free], first[free]):
+            if fi:
+                x = X - sp
+                if x >= 0 and tt < W[x, X + 1]:
+                    W[x, X + 1] = tt
+            else:
+                idx = np.arange(0, X - sp + 1)
+                W[idx, idx + sp] = np.minimum(W[idx, idx + sp], tt)
+        rem = np.full(X + 2, inf)
+        rem[X + 1] = 0.0
+        for x in range(X, -1, -1):
+            rem[x] = np.min(W[x, x + 1:] + rem[x + 1:])
+        return rem[:X + 1]
+
+
+@njit(cache=True)
+def _open(D, P, Q, d, x):
+    D[d, x, :] = np.inf
+    P[d, x, :] = -1
+    Q[d, x, :] = 0
 
 
 @njit(cache=True)
 def _frontier(row, env, comp, strides, nU, rem, limit, out):
-    """Mark the cells of one (depth, blocks) row worth expanding: finite, below the limit,
-    and not dominated by a cell with the same blocks, no more devices of any class and no
-    more stages placed (``env``: the best of the shallower rows; fewer devices and a
-    shallower depth are never worse for the stages still to come). Folds the row into env."""
+    """The states of one (depth, position) row worth expanding: able to get below the
+    limit, not dominated within the row by a state with fewer devices of some class, nor
+    by ``env`` (the shallower rows). Folds the row into env."""
     C = strides.shape[0]
     E = row.copy()
     for c in range(C):
@@ -121,132 +174,114 @@ def _frontier(row, env, comp, strides, nU, rem, limit, out):
 
 
 @njit(cache=True)
-def _open(D, P, Q, d, x):
-    D[d, x, :] = np.inf
-    P[d, x, :] = -1
-    Q[d, x, :] = 0
+def _fits(comp, cnt, N, u, k):
+    for c in range(N.shape[0]):
+        if comp[u, c] + cnt[k, c] > N[c]:
+            return False
+    return True
 
 
 @njit(cache=True)
-def _kernel(K, L, N, comp, strides, nU, dcap, kind, blocks, cnt, off, t, amax, use, limit, rem_lb):
-    C = N.shape[0]
+def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax, use, limit, rem, first_only):
     INF = np.inf
-    # rows are initialised when first reached: most (depth, blocks) rows never are
-    D = np.empty((dcap + 1, K + 1, nU))
-    P = np.empty((dcap + 1, K + 1, nU), dtype=np.int32)
-    Q = np.empty((dcap + 1, K + 1, nU), dtype=np.int8)  # 1: came from the same layer
-    live = np.zeros((dcap + 1, K + 1), dtype=np.bool_)
+    shp = (dcap + 1, X + 1, nU)
+    D = np.empty(shp)  # rows are initialised when first reached: most never are
+    P = np.empty(shp, dtype=np.int32)
+    Q = np.empty(shp, dtype=np.int8)  # 1: came from the same (collapsed) layer
+    live = np.zeros((dcap + 1, X + 1), dtype=np.bool_)
     n = kind.shape[0]
     best = limit
-    best_item = -1
-    best_d = -1
-    best_u = -1
+    best_item, best_d, best_u = -1, -1, -1
     cells = np.empty(nU, dtype=np.int64)
-    env = np.full((K + 1, nU), INF)
+    env = np.full((X + 1, nU), INF)
     for k in range(n):  # one-stage plans
         if use[k] and kind[k] == 3 and t[k] < best:
             best, best_item, best_d, best_u = t[k], k, 0, -1
     for k in range(n):  # the last stage
         if use[k] and kind[k] == 2:
-            x, u = blocks[k], off[k]
+            x, u = span[k], off[k]
             if not live[1, x]:
                 _open(D, P, Q, 1, x)
                 live[1, x] = True
             if t[k] < D[1, x, u]:
                 D[1, x, u] = t[k]
                 P[1, x, u] = k
-                live[1, x] = True
-    firsts = np.array([k for k in range(n) if use[k] and kind[k] == 1], dtype=np.int64)
-    inners = np.array([k for k in range(n) if use[k] and kind[k] == 0], dtype=np.int64)
+    order = np.array([k for k in range(n) if use[k] and (kind[k] == 0 or kind[k] == 1)], dtype=np.int64)
     for d in range(1, dcap + 1):
         same = d == dcap
         dst = dcap if same else d + 1
-        for x in range(K + 1):
+        for x in range(X + 1):
             if not live[d, x]:
                 continue
-            m = _frontier(D[d, x], env[x], comp, strides, nU, rem_lb[x], limit, cells)
+            row = D[d, x]
+            m = _frontier(row, env[x], comp, strides, nU, rem[x], limit, cells)
             if m == 0:
                 continue
-            # close with a first stage
-            for kk in range(firsts.shape[0]):
-                k = firsts[kk]
-                if blocks[k] != K - x:
-                    continue
+            for kk in range(order.shape[0]):
+                k = order[kk]
                 if (same and amax[k] < L) or (not same and amax[k] < d):
                     continue
-                for ci in range(m):
-                    u = cells[ci]
-                    ok = True
-                    for c in range(C):
-                        if comp[u, c] + cnt[k, c] > N[c]:
-                            ok = False
-                            break
-                    if ok:
-                        w = D[d, x, u] + t[k]
-                        if w < best:
-                            best, best_item, best_d, best_u = w, k, d, u
-            # add an inner stage under them
-            for kk in range(inners.shape[0]):
-                k = inners[kk]
-                l = blocks[k]
-                if x + l > K:
-                    continue
-                if (same and amax[k] < L) or (not same and amax[k] < d):
-                    continue
-                tk = t[k]
-                if tk + rem_lb[x + l] >= limit:
-                    continue
-                for ci in range(m):
-                    u = cells[ci]
-                    w = D[d, x, u] + tk
-                    if w + rem_lb[x + l] >= limit:
+                if xf[k] >= 0:
+                    if xf[k] != x:
                         continue
-                    ok = True
-                    for c in range(C):
-                        if comp[u, c] + cnt[k, c] > N[c]:
-                            ok = False
-                            break
-                    if not ok:
+                elif kind[k] == 1:
+                    if x + span[k] != X:
+                        continue
+                elif x + span[k] > X:
+                    continue
+                x2 = x + span[k]
+                tk = t[k]
+                for ci in range(m):
+                    u = cells[ci]
+                    w = row[u] + tk
+                    if kind[k] == 1:  # the first stage closes the pipeline
+                        if w < best and _fits(comp, cnt, N, u, k):
+                            best, best_item, best_d, best_u = w, k, d, u
+                            if first_only:
+                                return best, best_item, best_d, best_u, P, Q
+                        continue
+                    if w + rem[x2] >= limit or not _fits(comp, cnt, N, u, k):
                         continue
                     u2 = u + off[k]
-                    if not live[dst, x + l]:
-                        _open(D, P, Q, dst, x + l)
-                        live[dst, x + l] = True
-                    if w < D[dst, x + l, u2]:
-                        D[dst, x + l, u2] = w
-                        P[dst, x + l, u2] = k
-                        Q[dst, x + l, u2] = 1 if same else 0
+                    if not live[dst, x2]:
+                        _open(D, P, Q, dst, x2)
+                        live[dst, x2] = True
+                    if w < D[dst, x2, u2]:
+                        D[dst, x2, u2] = w
+                        P[dst, x2, u2] = k
+                        Q[dst, x2, u2] = 1 if same else 0
     return best, best_item, best_d, best_u, P, Q
 
 
-def min_stage_sum(tab: ShapeTable, use: np.ndarray, limit: float = math.inf) -> tuple[float, list[Shape] | None]:
-    """(min sum of stage times, shapes in pipeline order) over plans using only the shapes
-    marked in ``use``; (inf, None) if none exists or none sums to less than ``limit``
-    (states that cannot get below it are not expanded)."""
+def min_stage_sum(tab: StageTable, use: np.ndarray, limit: float = math.inf, any_plan: bool = False
+                  ) -> tuple[float, list | None]:
+    """(the least sum of stage times of a plan using only the options in ``use``, its
+    options from first to last stage); (inf, None) if no plan gets below ``limit``.
+    ``any_plan``: stop at the first plan found (a feasibility test)."""
     if not use.any():
         return math.inf, None
     rem = tab.remaining_bound(use)
-    best, k, d, u, P, Q = _kernel(tab.K, tab.L, tab.N, tab.comp, tab.strides, tab.nU, tab.dcap, tab.kind, tab.blocks,
-                                  tab.cnt, tab.off, tab.t, tab.amax, use, float(limit), rem)
+    last = use & (tab.kind == LAST)
+    if not (use & (tab.kind == ONLY)).any() and not np.isfinite(rem[tab.span[last]]).any():
+        return math.inf, None  # no last stage can be completed to a plan
+    best, k, d, u, P, Q = _kernel(tab.X, tab.L, tab.N, tab.comp, tab.strides, tab.nU, tab.dcap, tab.kind, tab.xf,
+                                  tab.span, tab.cnt, tab.off, tab.t, tab.amax, use, float(limit), rem, any_plan)
     if k < 0 or not math.isfinite(best):
         return math.inf, None
-    shapes = tab.shapes
-    if shapes[k].kind == ONLY:
-        return float(best), [shapes[k]]
-    seq = [shapes[k]]
-    x = tab.K - shapes[k].blocks
-    # walk back from the state the first stage closed
-    while d >= 1:
-        j = int(P[d, x, u])
-        s = shapes[j]
-        seq.append(s)
-        if s.kind == LAST:
+    opts = tab.options
+    if opts[k].kind == ONLY:
+        return float(best), [opts[k].ref]
+    seq = [opts[k]]
+    x = int(opts[k].xf) if opts[k].xf >= 0 else tab.X - int(opts[k].span)
+    while True:
+        j, same = int(P[d, x, u]), int(Q[d, x, u])
+        o = opts[j]
+        seq.append(o)
+        if o.kind == LAST:
             break
-        same = Q[d, x, u] == 1
-        x -= s.blocks
+        x -= o.span
         u -= int(tab.off[j])
         if not same:
             d -= 1
     assert seq[-1].kind == LAST and seq[0].kind == FIRST
-    assert all(s.kind == INNER for s in seq[1:-1])
-    return float(best), seq
+    return float(best), [o.ref for o in seq]

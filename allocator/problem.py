@@ -38,6 +38,7 @@ import numpy as np
 from hetalloc.catalog import DeviceType
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
+from hetalloc.schedule import flow_shop_time
 from hetalloc.costs import (grad_bytes_per_param, in_flight_microbatches, max_share_for_memory,
                             optimizer_time, ring_allreduce_time)
 
@@ -232,8 +233,7 @@ class StageTimer:
             t += c.p2p_lat + k * self._out[i] / c.p2p_bw
         return t
 
-    def times(self, c: DeviceClass, i: int, j: int, kmax: int) -> list[float]:
-        return [self.time(c, i, j, k) for k in range(1, kmax + 1)]
+
 
 
 # ---- count-level plans ------------------------------------------------------------------------
@@ -406,5 +406,15 @@ def evaluate_counts(prob: Problem, plan: CountPlan, timer: StageTimer | None = N
         shares.append(res[1])
         tail = max(tail, stage_tail(prob, plan.R, s.start, s.stop, s.counts))
     plan.stage_times_s, plan.shares, plan.tail_s = times, shares, tail
-    plan.objective_s = sum(times) + (plan.M - 1) * max(times) + tail
+    plan.objective_s = pipeline_time(prob, plan, timer) + tail
     return plan
+
+
+def pipeline_time(prob: Problem, plan: CountPlan, timer: StageTimer) -> float:
+    """The pipeline part of the planner model: the flow shop of M identical micro-batches
+    through stages of fixed times, sum(t) + (M - 1) max(t) (hetalloc.schedule.flow_shop_time).
+    For GPipe it is the schedule's makespan when forward and backward are slowest on the
+    same stage; for 1F1B it is never below the schedule's makespan, and equal when the
+    slowest stage is the last one or the stages behind it are as slow."""
+    del timer
+    return flow_shop_time(plan.stage_times_s, plan.M)

@@ -31,10 +31,10 @@ from typing import Callable
 from .bounds import block_bound
 from .caps import Box, CapSearch
 from .columns import Column, enumerate_columns
-from .dp import STATE_LIMIT, ShapeTable
+from .dp import STATE_LIMIT, StageTable
 from .ilp_columns import solve_columns
 from .milp import MilpResult
-from .problem import CountPlan, Problem, StageTimer, evaluate_counts
+from .problem import CountPlan, CountStage, Problem, StageTimer, evaluate_counts
 from .shapes import Shape, block_shapes, count_plan
 from . import shape_program
 
@@ -63,6 +63,9 @@ class MState:
     shapes: list[Shape] | None = None
     cols: list[Column] | None = None
     built: bool = False
+    R: int = 1
+    """Replicas of the plans searched: 1, or more when the whole cluster's program is too
+    large (then only plans of R identical replicas are searched, for plans, not bounds)."""
 
 
 @dataclass
@@ -94,7 +97,10 @@ class Search:
         self.stopped_by_clock = False
         self.evals_left = max(20, int(EVALS_PER_SECOND * time_limit))
         self.states: dict[int, MState] = {}
+        self.unresolved: list[float] = []
         self.heap: list[tuple] = []
+        self.pending: dict[int, float] = {}
+        """M values not built yet, with their cheap bounds."""
         self._said = (math.inf, -math.inf)
 
     # ---- bookkeeping ----------------------------------------------------------------------
@@ -102,27 +108,37 @@ class Search:
     def incumbent(self) -> float:
         return self.best.objective_s if self.best else math.inf
 
-    def offer(self, plan: CountPlan | None) -> None:
+    def offer(self, plan: CountPlan | None) -> float:
+        """Make plan the incumbent if it is better; its objective (inf if infeasible)."""
         if plan is None:
-            return
+            return math.inf
         plan = evaluate_counts(self.prob, plan)
         if math.isfinite(plan.objective_s) and plan.objective_s < self.incumbent * (1 - 1e-12):
             self.best = plan
             self.report()
+        return plan.objective_s
 
     def bound(self) -> float:
         """The proven lower bound: the best plan, or the lowest open box or M."""
         low = self.incumbent
         if self.heap:
             low = min(low, self.heap[0][0])
+        if self.unresolved:
+            low = min(low, min(self.unresolved))
+        if self.pending:
+            low = min(low, min(self.pending.values()))
         for st in self.states.values():
             if st.status in ("limit", "too_large"):
                 low = min(low, st.bound)
         return low
 
     def report(self) -> None:
+        """One line per improvement: a better plan, or a bound that closed the gap by a
+        hundredth of a percent or more."""
         inc, low = self.incumbent, self.bound()
-        if (inc, low) == self._said:
+        said_inc, said_low = self._said
+        if inc == said_inc and not (math.isfinite(inc) and low - said_low >= 1e-4 * inc) and \
+                not (low == inc and said_low != low):
             return
         self._said = (inc, low)
         gap = (inc - low) / inc if math.isfinite(inc) and math.isfinite(low) else math.inf
@@ -141,23 +157,36 @@ class Search:
         timer = StageTimer(prob, prob.global_batch // M)
         t_cap = self.incumbent / M if math.isfinite(self.incumbent) else math.inf
         if prob.interchangeable_blocks:
-            shapes = block_shapes(prob, timer, M, t_cap)
+            R = replicas_for(prob, M)
+            if R is None:  # not even replica plans have a program of a workable size
+                st.status = "too_large"
+                st.seconds += time.perf_counter() - t0
+                return
+            if R > 1:
+                st.R, st.status = R, "too_large"
+                timer = StageTimer(prob, prob.global_batch // (R * M))
+            shapes = block_shapes(prob, timer, M, t_cap, R)
             if not shapes:
-                st.status, st.bound = ("pruned" if math.isfinite(self.incumbent) else "infeasible"), math.inf
+                if R == 1:
+                    st.status, st.bound = ("pruned" if math.isfinite(self.incumbent) else "infeasible"), math.inf
             else:
-                table = ShapeTable(shapes, [c.count for c in prob.classes], prob.L)
+                table = StageTable.of_shapes(shapes, [c.count // R for c in prob.classes], prob.L)
                 if table.states() <= STATE_LIMIT:
                     st.caps = CapSearch(M, table)
-                elif len(shapes) <= MAX_COLUMNS:
-                    st.shapes = shapes
                 else:
                     st.status = "too_large"
         else:
-            st.cols = enumerate_columns(prob, timer, 1, M, t_cap, MAX_COLUMNS)
-            if st.cols is None:
+            cols = enumerate_columns(prob, timer, 1, M, t_cap, MAX_COLUMNS)
+            if cols is None:
                 st.status = "too_large"
-            elif not st.cols:
+            elif not cols:
                 st.status, st.bound = ("pruned" if math.isfinite(self.incumbent) else "infeasible"), math.inf
+            else:
+                table = StageTable.of_columns(cols, [c.count for c in prob.classes], prob.L)
+                if table.states() <= STATE_LIMIT:
+                    st.caps = CapSearch(M, table)
+                else:
+                    st.cols = cols
         st.seconds += time.perf_counter() - t0
 
     def solve_program(self, st: MState) -> None:
@@ -193,55 +222,115 @@ class Search:
         self.log.append({"M": M, "step": "program", "status": st.status, "bound": st.bound,
                          "seconds": round(st.seconds, 3)})
 
+    def plan_of(self, seq: list, M: int) -> CountPlan:
+        """The count-level plan of options from the first stage to the last."""
+        R = self.states[M].R
+        if isinstance(seq[0], Shape):
+            return count_plan(self.prob, seq, M, R)
+        return CountPlan(R, M, [CountStage(c.i, c.j, c.counts) for c in seq])
+
+    def restricted(self, st: MState) -> None:
+        """Plans of st.R identical replicas for an M whose whole-cluster program is too large:
+        the same branch and bound within the replicas' budgets, for plans only (its bounds
+        hold for replica plans, not for M). Work comes from the same budget."""
+        root = st.caps.root()
+        heap = [] if root is None else [(-math.inf, root)]
+        while heap and self.evals_left > 0 and time.perf_counter() < self.deadline:
+            lb, box = heapq.heappop(heap)
+            if lb >= self.incumbent * (1 - self.gap):
+                break
+            self.evals_left -= 1
+            t0 = time.perf_counter()
+            ev, seq = st.caps.evaluate(box, self.incumbent)
+            if seq is not None:
+                self.offer(self.plan_of(seq, st.M))
+            st.seconds += time.perf_counter() - t0
+            if ev.lb < self.incumbent * (1 - self.gap) and not ev.single:
+                for child in st.caps.split(ev):
+                    heapq.heappush(heap, (ev.lb, child))
+
+    def expand(self, st: MState, box: Box, first: bool = False) -> None:
+        """Evaluate a box (offering its plan) and queue its halves if it is still open."""
+        if first:  # the M's cheap bound stands until its root box is in the queue
+            self.pending[st.M] = max(self.pending.get(st.M, -math.inf), st.bound)
+        t0 = time.perf_counter()
+        self.evals_left -= 1
+        ev, seq = st.caps.evaluate(box, self.incumbent)
+        # (no plan: the evaluation was remembered, its plan offered when first found)
+        found = self.offer(self.plan_of(seq, st.M)) if seq is not None else -math.inf
+        st.seconds += time.perf_counter() - t0
+        if ev.lb < self.incumbent * (1 - self.gap):
+            if not ev.single:
+                for child in st.caps.split(ev):
+                    heapq.heappush(self.heap, (ev.lb, 1, child.b - child.a + child.d - child.c, st.M, child))
+            elif found > ev.lb * (1 + 1e-9):
+                self.unresolved.append(ev.lb)
+        self.report()
+
     # ---- the search -------------------------------------------------------------------------
     def run(self) -> SearchResult:
         prob = self.prob
         Ms = sorted({M for R, M in prob.candidates() if R == 1})
         self.states = {M: MState(M) for M in Ms}
-        # Every M enters the queue with a cheap bound (allocator.bounds); M values that cannot
-        # fit in memory never enter it.
+        # Every M gets a cheap bound (allocator.bounds); M values that cannot fit in memory
+        # are done. Then, smallest micro-batches first (their programs are the smallest),
+        # each M is built, its smallest feasible bottleneck found and the plan with the
+        # least stage-time sum at that bottleneck offered (usually close to the best of
+        # that M), M values whose bound reaches the incumbent by then being done; after
+        # that boxes are taken lowest bound first across all M.
+        cheap: dict[int, float] = {}
         for M in Ms:
             st = self.states[M]
-            lb = -math.inf
+            cheap[M] = -math.inf
             if prob.interchangeable_blocks:
                 t0 = time.perf_counter()
-                lb = block_bound(prob, StageTimer(prob, prob.global_batch // M), M)
+                cheap[M] = st.bound = block_bound(prob, StageTimer(prob, prob.global_batch // M), M)
                 st.seconds += time.perf_counter() - t0
-                st.bound = lb
-                if not math.isfinite(lb):
+                if not math.isfinite(cheap[M]):
                     st.status = "infeasible"
-                    continue
-            heapq.heappush(self.heap, (lb, 0, prob.global_batch // M, M, None))
+        self.pending = {M: cheap[M] for M in Ms if self.states[M].status != "infeasible"}
+        for M in sorted(Ms, key=lambda m: (prob.global_batch // m, m)):
+            st = self.states[M]
+            if st.status == "infeasible":
+                continue
+            if cheap[M] >= self.incumbent * (1 - self.gap):
+                st.status = "pruned"
+                self.pending.pop(M, None)
+                continue
+            if time.perf_counter() > self.deadline:
+                self.stopped_by_clock = True
+                heapq.heappush(self.heap, (cheap[M], 0, 0, M, None))
+                continue
+            self.build(st)
+            if st.caps is not None and st.R > 1:
+                self.restricted(st)
+            elif st.caps is not None:
+                root = st.caps.root()
+                if root is None:
+                    st.status = "pruned" if math.isfinite(self.incumbent) else "infeasible"
+                else:
+                    _, seq = st.caps.g(root.a, root.d, math.inf)
+                    if seq is not None:
+                        self.offer(self.plan_of(seq, M))
+                    self.expand(st, root, first=True)
+            elif st.shapes is not None or st.cols is not None:
+                self.solve_program(st)
+            self.pending.pop(M, None)
+            self.report()
         while not self.done():
             if time.perf_counter() > self.deadline:
                 self.stopped_by_clock = True
                 break
             lb, _, _, M, box = heapq.heappop(self.heap)
             st = self.states[M]
-            if box is None:  # first visit of this M
-                self.build(st)
-                if st.caps is not None:
-                    root = st.caps.root()
-                    heapq.heappush(self.heap, (-math.inf, 1, 0, M, root))
-                elif st.shapes is not None or st.cols is not None:
-                    self.solve_program(st)
-                self.report()
+            if box is None:  # left unbuilt by the clock
                 continue
             if self.evals_left <= 0:
                 heapq.heappush(self.heap, (lb, 1, 0, M, box))
                 break
-            t0 = time.perf_counter()
-            self.evals_left -= 1
-            ev, seq = st.caps.evaluate(box, self.incumbent)
-            if seq is not None:
-                self.offer(count_plan(prob, seq, M))
-            st.seconds += time.perf_counter() - t0
-            if ev.lb < self.incumbent * (1 - self.gap) and not ev.single:
-                for child in st.caps.split(ev):
-                    heapq.heappush(self.heap, (ev.lb, 1, child.b - child.a + child.d - child.c, M, child))
-            self.report()
+            self.expand(st, box)
         for st in self.states.values():
-            if st.caps is not None:
+            if st.caps is not None and st.R == 1:
                 st.status = "searched"
         bound = self.bound()
         elapsed = time.perf_counter() - self.t0
@@ -254,7 +343,26 @@ class Search:
         else:
             g = (self.best.objective_s - bound) / self.best.objective_s if math.isfinite(bound) else math.inf
             status = "optimal" if g <= self.gap + 1e-12 else "time_limit"
-        return SearchResult(self.best, bound, status, elapsed, self.log, self.stopped_by_clock)
+        res = SearchResult(self.best, bound, status, elapsed, self.log, self.stopped_by_clock)
+        res.unresolved = sorted(self.unresolved)[:5]
+        res.evals_left = self.evals_left
+        return res
+
+
+def replicas_for(prob: Problem, M: int) -> int | None:
+    """1 when the exact program for M fits (about STATE_LIMIT states), else the fewest
+    replicas R (R M divides the batch) whose per-replica program does."""
+    X = prob.L + 1
+    B = prob.global_batch
+    for R in range(1, B // M + 1):
+        if (B // M) % R:
+            continue
+        nU = 1
+        for c in prob.classes:
+            nU *= c.count // R + 1
+        if nU * X * min(X, 16) <= STATE_LIMIT:
+            return R
+    return None
 
 
 def search(prob: Problem, *, time_limit: float = 30.0, gap: float = 0.0, backend: str = "highs",

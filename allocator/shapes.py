@@ -55,19 +55,18 @@ def block_range(prob: Problem, kind: int, blocks: int) -> tuple[int, int]:
     return 1, 1 + blocks
 
 
-def block_shapes(prob: Problem, timer: StageTimer, M: int, t_cap: float) -> list[Shape]:
-    """Every useful shape (allocator.columns' usefulness rules) running within t_cap."""
+def block_shapes(prob: Problem, timer: StageTimer, M: int, t_cap: float, R: int = 1) -> list[Shape]:
+    """Every useful shape (allocator.columns' usefulness rules) running within t_cap, for
+    one of R identical replicas (devices per replica; its micro-batch is timer.b)."""
     assert prob.interchangeable_blocks
     K = prob.L - 2
-    budget = [c.count for c in prob.classes]
+    budget = [c.count // R for c in prob.classes]
     out: list[Shape] = []
     specs = [(FIRST, l) for l in range(K + 1)] + [(INNER, l) for l in range(1, K + 1)] + \
             [(LAST, l) for l in range(K + 1)] + [(ONLY, K)]
     for kind, l in specs:
-        if kind in (FIRST, LAST) and l == K:
-            continue  # would leave nothing for the other end: that is ONLY
         i, j = block_range(prob, kind, l)
-        for col in range_columns(prob, timer, 1, M, i, j, t_cap, budget):
+        for col in range_columns(prob, timer, R, M, i, j, t_cap, budget):
             out.append(Shape(kind, l, col.counts, col.t, col.tail, col.amax))
     return out
 
@@ -87,7 +86,7 @@ def order_stages(prob: Problem, chosen: list[Shape]) -> list[Shape] | None:
     return seq
 
 
-def count_plan(prob: Problem, seq: list[Shape], M: int) -> CountPlan:
+def count_plan(prob: Problem, seq: list[Shape], M: int, R: int = 1) -> CountPlan:
     """The count-level plan of an ordered list of shapes (layers assigned in order)."""
     stages, i = [], 0
     for s in seq:
@@ -95,4 +94,4 @@ def count_plan(prob: Problem, seq: list[Shape], M: int) -> CountPlan:
         stages.append(CountStage(i, i + n, s.counts))
         i += n
     assert i == prob.L, (i, prob.L)
-    return CountPlan(1, M, stages)
+    return CountPlan(R, M, stages)

@@ -1,10 +1,18 @@
-"""Runtime overhead on a 2-stage GPT-2-small pipeline (CPU, gloo, 2 ranks):
+"""Runtime overhead on a 2-stage GPT-2-small pipeline (CPU, gloo):
 - time not spent in compute or communication (runtime.metrics ``other_s``: Python
   bookkeeping, data, slicing) as a fraction of the step time — target <= 5 %;
 - step time against torch.distributed.pipelining driven by hand on the same stages,
   data, loss and optimizer (runtime/pipelining_ref.py) — target within 10 %.
 
-RESULTS.md's run (options: --seq, --out DIR):
+Two layouts of the same cut: one device per stage (2 ranks), and tensor-parallel groups
+of 2 (4 ranks; DTensor ColwiseParallel / RowwiseParallel on the blocks, vocabulary-parallel
+embedding and head, both engines sharding with runtime.tensor_parallel). Both stages get
+a group of 2 there because torch.distributed.pipelining expresses tensor parallelism as
+a (pipeline x tensor) mesh, one pipeline per tensor-parallel rank: a stage of 2 next to
+a stage of 1 has no such mesh. 4 ranks share 2 cores here: the comparison, not the
+speed, is the point.
+
+RESULTS.md's run (options: --seq, --layouts, --out DIR):
 
     python benchmarks/runtime_overhead.py --steps 12 --repeats 2
 
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -36,14 +45,19 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = "gpt2-small"
 # Embedding + 9 blocks | 3 blocks + LM head (the head is ~5.4 blocks of FLOPs at this size).
 STAGES = [((0, 10), [("host/0", 1)]), ((10, 14), [("host/1", 1)])]
+TP_STAGES = [((0, 10), [(("host/0", "host/1"), 1)]), ((10, 14), [(("host/2", "host/3"), 1)])]
+LAYOUTS = {"plain": (STAGES, 2), "tp2": (TP_STAGES, 4)}
+"""name -> (stages, ranks)"""
 GLOBAL_BATCH_MICROBATCHES = 4
 
 
-def paired_run(plan_path: Path, steps: int, out: Path) -> tuple[dict, dict]:
+def paired_run(plan_path: Path, steps: int, out: Path, ranks: int) -> tuple[dict, dict]:
     """The runtime and torch.distributed.pipelining stepping in turn in one launch."""
-    argv = local_command(2, ["--plan", str(plan_path), "--steps", str(steps), "--out", str(out)])
+    argv = local_command(ranks, ["--plan", str(plan_path), "--steps", str(steps), "--out", str(out)])
     argv[argv.index("runtime.train")] = "runtime.pipelining_ref"
-    proc = subprocess.run(argv, env=local_env(2), text=True, capture_output=True)
+    env = local_env(ranks)
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(argv, env=env, text=True, capture_output=True)
     if proc.returncode != 0:
         raise SystemExit(f"paired run failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     return json.loads((out / "summary.json").read_text()), json.loads((out / "pipelining_ref.json").read_text())
@@ -54,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=9, help="steps per run (the first is warm-up)")
     ap.add_argument("--seq", type=int, default=32, help="sequence length")
     ap.add_argument("--repeats", type=int, default=2, help="paired launches per schedule")
+    ap.add_argument("--layouts", default="plain,tp2", help="comma-separated: plain (1 device per stage), "
+                    "tp2 (tensor-parallel groups of 2)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"), metavar="DIR",
                     help="output directory (default benchmarks/out)")
     a = ap.parse_args(argv)
@@ -61,24 +77,27 @@ def main(argv: list[str] | None = None) -> int:
     cluster = load_cluster(ROOT / "examples" / "cpu-4.yaml")
     cg = cpu_cost_graph(MODEL, a.seq)
     rows = []
-    for schedule in ("gpipe", "1f1b"):
-        plan = hand_plan(cluster, cg, [STAGES], num_microbatches=GLOBAL_BATCH_MICROBATCHES, schedule=schedule,
+    for layout, schedule in [(lay, sch) for lay in a.layouts.split(",") for sch in ("gpipe", "1f1b")]:
+        stages, nproc = LAYOUTS[layout]
+        plan = hand_plan(cluster, cg, [stages], num_microbatches=GLOBAL_BATCH_MICROBATCHES, schedule=schedule,
                          name="overhead")
-        path = out / f"plan-{schedule}.json"
+        path = out / f"plan-{layout}-{schedule}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         plan.save(path)
-        ours, theirs, other, losses_match = [], [], [], True
+        ours, theirs, other, losses_match, loads = [], [], [], True, []
         for k in range(a.repeats):
-            s, ref = paired_run(path, a.steps, out / f"{schedule}-{k}")
+            loads.append(os.getloadavg()[0])
+            s, ref = paired_run(path, a.steps, out / f"{layout}-{schedule}-{k}", nproc)
             ours.append(statistics.median(ref["runtime_step_times_s"][1:]))
             theirs.append(statistics.median(ref["pipelining_step_times_s"][1:]))
             other.append(s["measured"]["overhead_fraction_max"])
             losses_match &= all(abs(x - y) <= 1e-4 * abs(y)
                                 for x, y in zip(ref["runtime_losses"], ref["pipelining_losses"]))
             ranks = [{"device": r["device"]} | r["measured"] for r in s["ranks"]]
-            print(f"  {schedule} #{k}: runtime {ours[-1]:.3f} s, pipelining {theirs[-1]:.3f} s, "
-                  f"other {100 * other[-1]:.1f} %", flush=True)
-        rows.append({"schedule": schedule, "layout": describe(plan), "seq_len": a.seq,
+            print(f"  {layout} {schedule} #{k}: runtime {ours[-1]:.3f} s, pipelining {theirs[-1]:.3f} s, "
+                  f"other {100 * other[-1]:.1f} % (load {loads[-1]:.1f})", flush=True)
+        rows.append({"layout_name": layout, "schedule": schedule, "layout": describe(plan), "seq_len": a.seq,
+                     "ranks": nproc, "load_1min_at_start": loads,
                      "global_batch": plan.global_batch, "runtime_step_s": statistics.median(ours),
                      "pipelining_step_s": statistics.median(theirs),
                      "ratio": statistics.median(ours) / statistics.median(theirs),
@@ -86,10 +105,12 @@ def main(argv: list[str] | None = None) -> int:
                      "runs": {"runtime_s": ours, "pipelining_s": theirs, "other_fraction": other},
                      "last_run_ranks": ranks, "predicted_step_s": plan.predicted["iteration_time_s"]})
     t = Table(title=f"{MODEL}, 2 stages: the runtime vs torch.distributed.pipelining (median step s)")
-    for c in ("schedule", "runtime s", "pipelining s", "ratio", "other (max rank)", "predicted s", "losses equal"):
-        t.add_column(c, justify="left" if c == "schedule" else "right")
+    for c in ("layout", "schedule", "runtime s", "pipelining s", "ratio", "other (max rank)", "predicted s",
+              "losses equal"):
+        t.add_column(c, justify="left" if c in ("layout", "schedule") else "right")
     for r in rows:
-        t.add_row(r["schedule"], f"{r['runtime_step_s']:.3f}", f"{r['pipelining_step_s']:.3f}", f"{r['ratio']:.3f}",
+        t.add_row(r["layout_name"], r["schedule"], f"{r['runtime_step_s']:.3f}", f"{r['pipelining_step_s']:.3f}",
+                  f"{r['ratio']:.3f}",
                   f"{100 * r['other_fraction_max']:.2f}%", f"{r['predicted_step_s']:.3f}",
                   str(r["losses_match_reference"]))
     Console(width=120).print(t)

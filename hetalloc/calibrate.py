@@ -19,7 +19,8 @@ so a 50 µs layer weighs as much as a 50 ms one):
   (too little of it to rise above the noise) gets its fixed cost only: branch 'overhead'.
 - **Links** (``fit_link``): latency and bandwidth from timed transfers, for p2p
   (t = latency + bytes / bandwidth) or ring all-reduce over n ranks
-  (t = 2(n-1) latency + 2(n-1)/n bytes / bandwidth), the formulas of hetalloc.costs.
+  (t = 2(n-1) latency + 2(n-1)/n bytes / bandwidth), the formulas of hetalloc.costs;
+  ``fit_collective`` does the same for any collective (``hetalloc.costs.collective_time``).
 
 Pure Python and numpy: never imports torch (profiles are measured in runtime/).
 """
@@ -35,6 +36,7 @@ import numpy as np
 
 from .catalog import DeviceType
 from .costgraph import DEFAULT_EFFICIENCY, CostGraph, Efficiency
+from .costs import collective_multipliers
 from .errors import SpecError
 from .fileio import atomic_write_json, read_json
 
@@ -107,6 +109,17 @@ def fit_link(sizes_bytes: list[float], times_s: list[float], *, kind: str = "p2p
         lat_mult, byte_mult = 2.0 * (ranks - 1), 2.0 * (ranks - 1) / ranks
     else:
         raise ValueError(f"unknown link fit kind '{kind}'")
+    f = fit_affine(np.asarray(sizes_bytes, float) * byte_mult, times_s)
+    bw = 1.0 / f.slope if f.slope > 0 else math.inf
+    return LinkFit(bw / 1e9, f.intercept / lat_mult * 1e6, f.rms_rel_error, f.max_rel_error)
+
+
+def fit_collective(sizes_bytes: list[float], times_s: list[float], op: str, ranks: int) -> LinkFit:
+    """Per-hop latency and bandwidth that best explain a collective's timed sizes under
+    ``hetalloc.costs.collective_multipliers`` (relative least squares)."""
+    lat_mult, byte_mult = collective_multipliers(op, ranks)
+    if lat_mult <= 0:
+        raise ValueError("a collective fit needs at least 2 ranks")
     f = fit_affine(np.asarray(sizes_bytes, float) * byte_mult, times_s)
     bw = 1.0 / f.slope if f.slope > 0 else math.inf
     return LinkFit(bw / 1e9, f.intercept / lat_mult * 1e6, f.rms_rel_error, f.max_rel_error)

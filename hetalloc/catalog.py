@@ -41,6 +41,19 @@ class DeviceType:
     """The runtime's own time per training step on the device besides its ops and the
     optimizer: inputs, gradient zeroing, the end-of-step loss reduction. Measured by
     ``hetalloc profile``; 0 for catalog devices."""
+    interference_collective: float = 0.0
+    """How much slower compute runs while a collective of the device runs beside it
+    (0.2: 20 % slower), measured by ``hetalloc profile`` (a matmul with and without
+    all-reduces in flight); 0 for catalog devices (not measured)."""
+    interference_p2p: float = 0.0
+    """The same while a point-to-point transfer of the device runs beside its compute."""
+    comm_slowdown_collective: float = 0.0
+    """The other way round: how much longer a collective of the device takes for the time
+    the device computes beside it (0.5: each second of overlap adds half a second),
+    measured by ``hetalloc profile`` (the all-reduce stream with and without a matmul
+    beside it); 0 for catalog devices."""
+    comm_slowdown_p2p: float = 0.0
+    """The same for a point-to-point transfer the device sends or receives."""
 
     @property
     def peak_flops(self) -> float:

@@ -24,6 +24,7 @@ from workflows import commands as workflow_commands
 from workflows.demo import demo
 
 from .calibrate import load_efficiency
+from .checks import check_args
 from .catalog import DEVICE_TYPES, LINK_TYPES
 from .cluster import load_cluster
 from .costgraph import analytic_cost_graph, load_cost_graph
@@ -122,8 +123,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors (unknown flag, invalid choice, not a number) as one line
+    on stderr, exit code 2, like every other bad input; subcommands inherit it."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hetalloc", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="hetalloc", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("catalog", help="list built-in device types, links and models")
@@ -142,8 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="optimizer (memory, step time)")
     pl.add_argument("--grad-sync", default="auto", choices=["auto", "ring", "hierarchical", "param_server"],
                     help="gradient synchronisation (auto: fastest predicted)")
-    pl.add_argument("--time-limit", type=float, default=30.0, help="solver time limit in seconds (default 30)")
-    pl.add_argument("--gap", type=float, default=1e-4, help="stop when proven within this relative gap")
+    pl.add_argument("--time-limit", type=float, default=30.0,
+                    help="wall time of the whole command in seconds (default 30); the best plan and its proven "
+                         "bound are returned when it runs out")
+    pl.add_argument("--gap", type=float, default=0.0,
+                    help="stop as soon as the plan is proven within this relative gap (default 0: prove it optimal)")
     pl.add_argument("--solver", default="highs", choices=["highs", "pulp-highs", "pulp-cbc"],
                     help="MILP back end: HiGHS via highspy (default), or PuLP with HiGHS or CBC")
     pl.add_argument("--baseline", default=None, choices=["even", "proportional", "pipedream"],
@@ -176,8 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a parse error already printed as one line
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        check_args(args)
         return int(args.func(args) or 0)
     except HetallocError as e:
         print(f"error: {e}", file=sys.stderr)

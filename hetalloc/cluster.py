@@ -23,7 +23,9 @@ import networkx as nx
 import yaml
 
 from .catalog import DEVICE_TYPES, LINK_TYPES, DeviceType, suggest_device, suggest_link
+from .collectives import MeasuredCollective, parse_collectives
 from .errors import SpecError
+from .fileio import read_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,14 @@ class Node:
     devices: list[Device]
     intra: LinkSpec
     nic: LinkSpec | None
+    compute_slots: int = 0
+    """Devices whose compute can run at once (CPU cores for CPU ranks, GPUs for processes
+    that time-slice them); 0: one per device (nothing shared)."""
+
+    @property
+    def shares_compute(self) -> bool:
+        """More devices than compute slots: their compute is shared (processor sharing)."""
+        return 0 < self.compute_slots < len(self.devices)
 
     def type_counts(self) -> dict[str, int]:
         """Devices per type, in order of first appearance."""
@@ -79,6 +89,7 @@ class Node:
             tuple(sorted(self.type_counts().items())),
             (self.intra.bandwidth_bytes_per_s, self.intra.latency_s),
             nic,
+            self.compute_slots,
         )
 
 
@@ -89,6 +100,8 @@ class Cluster:
     device_types: dict[str, DeviceType]
     fabric_oversubscription: float = 1.0
     source: str = "<cluster>"
+    collectives: tuple[MeasuredCollective, ...] = ()
+    """Measured collective times (``hetalloc profile``); empty: the analytic formulas."""
     _path_cache: dict = field(default_factory=dict, repr=False)
 
     # ---- lookup -------------------------------------------------------------------
@@ -99,6 +112,11 @@ class Cluster:
     @cached_property
     def device_by_id(self) -> dict[str, Device]:
         return {d.id: d for d in self.devices}
+
+    @cached_property
+    def device_index(self) -> dict[str, int]:
+        """Device id -> position in cluster order."""
+        return {d.id: i for i, d in enumerate(self.devices)}
 
     @cached_property
     def node_by_name(self) -> dict[str, Node]:
@@ -156,10 +174,14 @@ class Cluster:
         hit = self._path_cache.get(key)
         if hit is None:
             g = self.graph
+            sa, sb = f"switch:{na}", f"switch:{nb}"
             if na == nb:
-                edges = [(self.node_by_name[na].devices[0].id, f"switch:{na}")] * 2
+                edges = [(self.node_by_name[na].devices[0].id, sa)] * 2
+            elif g.has_edge(sa, "fabric") and g.has_edge(sb, "fabric"):  # both on the one fabric switch
+                edges = [(self.node_by_name[na].devices[0].id, sa), (sa, "fabric"), ("fabric", sb),
+                         (sb, self.node_by_name[nb].devices[0].id)]
             else:
-                sp = nx.shortest_path(g, f"switch:{na}", f"switch:{nb}")
+                sp = nx.shortest_path(g, sa, sb)
                 edges = ([(self.node_by_name[na].devices[0].id, f"switch:{na}")]
                          + list(zip(sp[:-1], sp[1:]))
                          + [(f"switch:{nb}", self.node_by_name[nb].devices[0].id)])
@@ -177,7 +199,7 @@ class Cluster:
             {"name": t.name, "vendor": t.vendor, "peak_tflops": _num(t.peak_tflops),
              "memory_gib": _num(t.memory_gib), "mem_bandwidth_gbps": _num(t.mem_bandwidth_gbps),
              "cost_per_hour_usd": _num(t.cost_per_hour_usd),
-             **{k: _num(getattr(t, k)) for k in ("op_overhead_us", "step_overhead_us") if getattr(t, k)}}
+             **{k: _num(getattr(t, k)) for k in MEASURED_TYPE_FIELDS if getattr(t, k)}}
             for name, t in sorted(self.device_types.items())
             if DEVICE_TYPES.get(name) != t and any(d.type == name for d in self.devices)
         ]
@@ -193,8 +215,12 @@ class Cluster:
                                   "intra_link": n.intra.to_dict()}
             if n.nic is not None:
                 nd["nic"] = n.nic.to_dict()
+            if n.compute_slots:
+                nd["compute_slots"] = n.compute_slots
             nodes.append(nd)
         out["nodes"] = nodes
+        if self.collectives:
+            out["collectives"] = [c.to_dict() for c in self.collectives]
         return out
 
     def fingerprint(self) -> str:
@@ -222,11 +248,14 @@ def _ordered_counts(n: Node) -> list[tuple[str, int, int | None]]:
 
 # ---- loading and validation -----------------------------------------------------------
 
-_TOP_KEYS = {"name", "nodes", "fabric", "device_types", "prices"}
-_NODE_KEYS = {"name", "count", "gpus", "intra_link", "nic", "nics"}
+_TOP_KEYS = {"name", "nodes", "fabric", "device_types", "prices", "collectives"}
+_NODE_KEYS = {"name", "count", "gpus", "intra_link", "nic", "nics", "compute_slots"}
+MEASURED_TYPE_FIELDS = ("op_overhead_us", "step_overhead_us", "interference_collective", "interference_p2p",
+                        "comm_slowdown_collective", "comm_slowdown_p2p")
+"""Device-type figures only a profile measures (written when non-zero)."""
 _LINK_KEYS = {"name", "bandwidth_gbps", "latency_us", "like"}
 _DTYPE_KEYS = {"name", "vendor", "peak_tflops", "memory_gib", "mem_bandwidth_gbps",
-               "cost_per_hour_usd", "op_overhead_us", "step_overhead_us", "like"}
+               "cost_per_hour_usd", "like", *MEASURED_TYPE_FIELDS}
 
 
 class _Checker:
@@ -324,6 +353,18 @@ def _device_types(v: _Checker, raw: Any) -> dict[str, DeviceType]:
                                     default=base.op_overhead_us if base else 0.0),
             step_overhead_us=v.number(obj, "step_overhead_us", p, positive=False, unit="µs",
                                       default=base.step_overhead_us if base else 0.0),
+            interference_collective=v.number(obj, "interference_collective", p, positive=False,
+                                             unit="fraction (0.2 = compute 20% slower)",
+                                             default=base.interference_collective if base else 0.0),
+            interference_p2p=v.number(obj, "interference_p2p", p, positive=False,
+                                      unit="fraction (0.2 = compute 20% slower)",
+                                      default=base.interference_p2p if base else 0.0),
+            comm_slowdown_collective=v.number(obj, "comm_slowdown_collective", p, positive=False,
+                                              unit="fraction (0.5 = half a second more per second of overlap)",
+                                              default=base.comm_slowdown_collective if base else 0.0),
+            comm_slowdown_p2p=v.number(obj, "comm_slowdown_p2p", p, positive=False,
+                                       unit="fraction (0.5 = half a second more per second of overlap)",
+                                       default=base.comm_slowdown_p2p if base else 0.0),
         )
     return types
 
@@ -400,6 +441,8 @@ def cluster_from_dict(raw: Any, source: str = "<cluster>") -> Cluster:
         intra = _link(v, nobj["intra_link"], f"{p}.intra_link")
         nic = _link(v, nobj["nic"], f"{p}.nic") if nobj.get("nic") is not None else None
         nics = v.number(nobj, "nics", p, integer=True, default=1)
+        slots = v.number(nobj, "compute_slots", p, integer=True, default=0, positive=False,
+                         unit="devices computing at once (CPU cores)")
         if nic is not None and nics != 1:
             nic = LinkSpec(nic.bandwidth_bytes_per_s * nics, nic.latency_s, f"{nics}x{nic.name}" if nic.name else "")
         base = nobj.get("name", f"node{len(nodes)}")
@@ -420,23 +463,22 @@ def cluster_from_dict(raw: Any, source: str = "<cluster>") -> Cluster:
                 for _ in range(c):
                     devs.append(Device(f"{name}/{idx}", t, name, idx))
                     idx += 1
-            nodes.append(Node(name, devs, intra, nic))
+            nodes.append(Node(name, devs, intra, nic, slots))
     if total_nodes > 1:
         for i, rn in enumerate(raw_nodes):
             if rn.get("nic") is None:
                 raise v.err(f"nodes[{i}].nic", "missing (the cluster has more than one node)",
                             "name the node's network link (IB-HDR, Eth-100G, ...) or give {bandwidth_gbps, latency_us}")
     name = obj.get("name") or Path(source).stem
-    return Cluster(str(name), nodes, types, oversub, source)
+    return Cluster(str(name), nodes, types, oversub, source, collectives=parse_collectives(obj.get("collectives"), source))
 
 
 def load_cluster(path: str | Path) -> Cluster:
     path = Path(path)
     source = str(path)
-    if not path.exists():
-        raise SpecError(source, "", "file not found", "check the path (examples/ has sample clusters)")
+    text = read_text(path, missing_fix="check the path (examples/ has sample clusters)", what="cluster YAML")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""

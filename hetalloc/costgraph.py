@@ -372,6 +372,9 @@ def _layer_dict(l: LayerShape) -> dict[str, Any]:
 
 def analytic_cost_graph(shape: TransformerShape, seq_len: int | None = None,
                         precision: str = "bf16-mixed") -> CostGraph:
+    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
+        raise SpecError("--seq", "", f"must be a whole number >= 1, got {seq_len!r}",
+                        "give the sequence length in tokens, or leave it out for the model's context")
     seq = seq_len or shape.max_seq
     if precision not in PRECISIONS:
         raise SpecError("--precision", "", f"unknown precision '{precision}'", f"use one of {', '.join(PRECISIONS)}")
@@ -387,9 +390,17 @@ def cost_graph_from_dict(d: dict[str, Any], source: str = "<cost graph>") -> Cos
                         f"this hetalloc reads version {SCHEMA_VERSION}; re-run 'hetalloc profile'")
     try:
         layers = [LayerShape(**l) for l in d["layers"]]
+        check_layers(layers, source)
+        seq = d["seq_len"]
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+            raise SpecError(source, "seq_len", f"must be a whole number >= 1, got {seq!r}", "re-run 'hetalloc profile'")
+        if d["precision"] not in PRECISIONS:
+            raise SpecError(source, "precision", f"unknown precision {d['precision']!r}",
+                            f"use one of {', '.join(PRECISIONS)}")
         n = len(layers)
         tables = {}
         for k, t in d.get("tables", {}).items():
+            check_table(t, f"tables.{k}", source)
             if len(t["fwd_s"]) != n or len(t["bwd_s"]) != n:
                 raise SpecError(source, f"tables.{k}", f"has {len(t['fwd_s'])} layers, the model has {n}",
                                 "re-profile this device type")
@@ -412,6 +423,44 @@ def cost_graph_from_dict(d: dict[str, Any], source: str = "<cost graph>") -> Cos
                          d.get("family", "gpt"), model_spec=d.get("model_spec"), tp_efficiency=tp_eff)
     except (KeyError, TypeError, AttributeError) as e:
         raise SpecError(source, str(e), "missing or malformed field", "re-run 'hetalloc profile'") from None
+
+
+def _bad_number(v: Any, integer: bool) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return True
+    return (integer and not isinstance(v, int)) or not np.isfinite(v) or v < 0
+
+
+def check_layers(layers: list[LayerShape], source: str) -> None:
+    """Sizes that a cost graph's layers must have: at least one layer; parameters a whole
+    number >= 0; FLOPs and activation bytes finite and >= 0 (SpecError naming the field)."""
+    if not layers:
+        raise SpecError(source, "layers", "the cost graph has no layers", "re-run 'hetalloc profile'")
+    for i, layer in enumerate(layers):
+        for name in ("params", "fwd_flops", "out_act_bytes", "saved_act_bytes"):
+            v = getattr(layer, name)
+            if _bad_number(v, integer=name == "params"):
+                what = "a whole number >= 0" if name == "params" else "a finite number >= 0"
+                raise SpecError(source, f"layers[{i}].{name}", f"must be {what}, got {v!r}",
+                                "re-run 'hetalloc profile' (or fix the layer by hand)")
+
+
+def check_table(t: Any, path: str, source: str) -> None:
+    """A measured time table: batch sizes whole numbers >= 1, times finite and >= 0."""
+    if not isinstance(t, dict):
+        raise SpecError(source, path, "expected {batch_sizes, fwd_s, bwd_s}", "re-profile this device type")
+    sizes = t["batch_sizes"]
+    if not isinstance(sizes, list) or not sizes or any(_bad_number(b, True) or b < 1 for b in sizes):
+        raise SpecError(source, f"{path}.batch_sizes", f"must be a non-empty list of whole numbers >= 1, got {sizes!r}",
+                        "re-profile this device type")
+    for key in ("fwd_s", "bwd_s"):
+        rows = t[key]
+        if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
+            raise SpecError(source, f"{path}.{key}", "expected one list of seconds per layer", "re-profile")
+        for i, row in enumerate(rows):
+            if any(_bad_number(x, False) for x in row):
+                raise SpecError(source, f"{path}.{key}[{i}]", f"times must be finite seconds >= 0, got {row!r}",
+                                "re-profile this device type")
 
 
 def load_cost_graph(path: str | Path) -> CostGraph:

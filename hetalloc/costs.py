@@ -20,6 +20,19 @@ latency). Every formula is checked against a hand calculation in tests/test_cost
   plus saved activations of its share for every micro-batch in flight (GPipe: all M;
   1F1B: num_stages - stage_index, at most M), plus the largest output buffer.
 - optimizer step: reads and writes weights, gradients and state once: bytes / memory bandwidth.
+- collectives over a ring of n (per-hop latency a, bandwidth b; the shape the measured
+  tables are scaled with): all-reduce 2(n-1) a + 2(n-1)/n B/b; reduce-scatter and
+  all-gather (n-1) a + (n-1)/n B/b (B: the whole buffer); broadcast and reduce as a
+  binomial tree, ceil(log2 n) (a + B/b).
+- measured collectives (``hetalloc profile``): the time measured for that operation, group
+  size and link class, interpolated linearly between the measured message sizes (the
+  smallest size's time below it, the last segment's slope above the largest); for a group
+  size that was not measured, the nearest measured size's time scaled by the ring formula
+  above (fitted per hop): t(n, B) = t_meas(m, B) * ring(n, B) / ring(m, B).
+- the end-of-step loss reduction: an all-reduce of the loss (LOSS_BYTES) over every
+  device of the plan, after the last optimizer step. Measured where the cluster has a
+  table for it; else latency-bound, by recursive doubling as libraries do for small
+  messages (Thakur, Rabenseifner & Gropp 2005): ceil(log2 n) (latency + bytes / bandwidth).
 
 Plan space v2 (tensor parallelism, recomputation, sharded optimizer state):
 - tensor-parallel compute: a layer split over t devices of one type runs its work at 1/t
@@ -48,6 +61,7 @@ Plan space v2 (tensor parallelism, recomputation, sharded optimizer state):
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -145,6 +159,69 @@ def param_server_time(nbytes: float, per_node: list[int], intra_bw: float, intra
         lat = inter_lat if off else intra_lat
         worst = max(worst, lat + max(t_on, t_off))
     return 2.0 * worst
+
+
+COLLECTIVE_OPS = ("allreduce", "reduce_scatter", "all_gather", "broadcast", "reduce")
+LOSS_BYTES = 8
+"""The runtime's end-of-step loss: one float64, all-reduced over every rank."""
+
+
+def collective_multipliers(op: str, n: int) -> tuple[float, float]:
+    """(latency multiplier, byte multiplier) of `op` among n devices (module doc)."""
+    if n <= 1:
+        return 0.0, 0.0
+    if op == "allreduce":
+        return 2.0 * (n - 1), 2.0 * (n - 1) / n
+    if op in ("reduce_scatter", "all_gather"):
+        return float(n - 1), (n - 1) / n
+    if op in ("broadcast", "reduce"):
+        k = float(math.ceil(math.log2(n)))
+        return k, k
+    raise ValueError(f"unknown collective '{op}'; use one of {', '.join(COLLECTIVE_OPS)}")
+
+
+def collective_time(op: str, nbytes: float, n: int, bandwidth: float, latency: float) -> float:
+    """`op` over n devices with per-hop `bandwidth` and `latency` (module doc); the ring
+    all-reduce is ``ring_allreduce_time``."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    lm, bm = collective_multipliers(op, n)
+    return lm * latency + bm * nbytes / bandwidth
+
+
+def small_allreduce_time(nbytes: float, n: int, bandwidth: float, latency: float) -> float:
+    """All-reduce of a small message among n devices by recursive doubling:
+    ceil(log2 n) rounds of (latency + bytes / bandwidth) (module doc)."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    return math.ceil(math.log2(n)) * (latency + nbytes / bandwidth)
+
+
+def interpolated_time(sizes_bytes: list[float], times_s: list[float], nbytes: float) -> float:
+    """A measured time-by-size table read at nbytes: linear between measured sizes, the
+    smallest size's time below it, the last segment's slope (never negative) above the
+    largest. Sizes ascending."""
+    if nbytes <= sizes_bytes[0] or len(sizes_bytes) == 1:
+        return times_s[0]
+    k = min(bisect.bisect_left(sizes_bytes, nbytes), len(sizes_bytes) - 1)
+    x0, x1, t0, t1 = sizes_bytes[k - 1], sizes_bytes[k], times_s[k - 1], times_s[k]
+    slope = (t1 - t0) / (x1 - x0)
+    if nbytes > x1:
+        slope = max(slope, 0.0)
+    return t0 + slope * (nbytes - x0)
+
+
+def measured_collective_time(op: str, nbytes: float, n: int, measured_n: int, sizes_bytes: list[float],
+                             times_s: list[float], hop_bandwidth: float, hop_latency: float) -> float:
+    """`op` of nbytes among n devices from a table measured among `measured_n` devices
+    (with its fitted per-hop figures, for scaling to other group sizes; module doc)."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    t = interpolated_time(sizes_bytes, times_s, nbytes)
+    if n == measured_n:
+        return t
+    ref = collective_time(op, nbytes, measured_n, hop_bandwidth, hop_latency)
+    return t * collective_time(op, nbytes, n, hop_bandwidth, hop_latency) / ref if ref > 0 else t
 
 
 def optimizer_time(params: float, dtype: DeviceType, precision: str, optimizer: str) -> float:

@@ -15,7 +15,10 @@ when link sharing and overlap are switched off:
    zero1 a reduce-scatter before the optimizer step and an all-gather after it, each
    half of that (``hetalloc.costs.zero1_halves``);
 3. optimizer step on every device (zero1: on its 1/d of the state).
-The iteration ends when the last device has stepped.
+4. the loss reduction: every device all-reduces the step's loss once the last device has
+   stepped (``loss_reduction_time``); the iteration ends with it.
+Collectives are timed by ``collective_time``: the cluster's measured tables where it has
+them (``hetalloc.collectives``, from ``hetalloc profile``), else the analytic formulas.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from typing import Any
 
 from .cluster import Cluster
 from .costgraph import CostGraph
-from .costs import (MemoryBreakdown, grad_bytes_per_param, hierarchical_allreduce_time, optimizer_time,
-                    p2p_time, param_server_time, ring_allreduce_time, tp_comm_time, usable_memory)
+from .collectives import pick
+from .costs import (LOSS_BYTES, MemoryBreakdown, collective_time as analytic_collective_time, grad_bytes_per_param,
+                    hierarchical_allreduce_time, optimizer_time, p2p_time, param_server_time, ring_allreduce_time,
+                    small_allreduce_time, tp_comm_time, usable_memory)
 from .plan import Group, Plan, device_memory, optimizer_params, segments
 from .schedule import PipeDevice, pipeline_timing
 
@@ -52,7 +57,9 @@ def rank_pairs(senders: list[str], receivers: list[str]) -> list[tuple[str, str]
     gets the whole slice from rank k mod t of the sending group (one device to one
     device when t = 1). The same rule serves activations forward and input gradients
     backward (senders and receivers swapped); every rank of a tensor-parallel group holds
-    the full activations at a stage boundary, so any rank can send them."""
+    the full activations at a stage boundary, so any rank can send them. The runtime sends
+    this way: on gloo it beat every sending rank sending its part and Megatron-LM's
+    scatter-gather in every case measured (benchmarks/tp_sends.py)."""
     return [(senders[k % len(senders)], r) for k, r in enumerate(receivers)]
 
 
@@ -90,12 +97,90 @@ def sync_groups(plan: Plan, cluster: Cluster, cg: CostGraph, algorithm: str | No
     return out
 
 
-def allreduce_time(cluster: Cluster, devices: list[str], nbytes: float, algorithm: str) -> float:
-    """Gradient synchronisation time of a group of devices (formulas in hetalloc.costs)."""
+def measured_time(cluster: Cluster, op: str, devices: list[str], nbytes: float) -> float | None:
+    """`op` (hetalloc.costs.COLLECTIVE_OPS) of nbytes among `devices` from the cluster's
+    measured tables: over the node's intra link when they share a node (scope 'intra'),
+    else over the NICs (scope 'inter', the slowest NIC's link class); None when no table
+    covers it."""
+    n = len(devices)
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    if not cluster.collectives:
+        return None
+    nodes = list(dict.fromkeys(cluster.device(d).node for d in devices))
+    if len(nodes) == 1:
+        table = pick(cluster.collectives, op, "intra", cluster.node_by_name[nodes[0]].intra.name, n)
+    else:
+        nics = [cluster.node_by_name[x].nic for x in nodes]
+        slowest = min((x for x in nics if x is not None), key=lambda x: x.bandwidth_bytes_per_s, default=None)
+        table = pick(cluster.collectives, op, "inter", slowest.name if slowest else "", n)
+    return None if table is None else table.time(nbytes, n)
+
+
+def collective_time(cluster: Cluster, op: str, devices: list[str], nbytes: float) -> float:
+    """`op` of nbytes among `devices`: measured (``measured_time``) where the cluster has a
+    table for it, else ``hetalloc.costs.collective_time`` over the group's slowest path."""
+    t = measured_time(cluster, op, devices, nbytes)
+    if t is not None:
+        return t
+    ring = sorted(devices, key=cluster.device_index.__getitem__)
+    hops = [cluster.path(a, b) for a, b in zip(ring, ring[1:] + ring[:1])]
+    return analytic_collective_time(op, nbytes, len(ring), min(h.bandwidth_bytes_per_s for h in hops),
+                                    max(h.latency_s for h in hops))
+
+
+def loss_reduction_time(cluster: Cluster, devices: list[str]) -> float:
+    """The end-of-step all-reduce of the loss (hetalloc.costs.LOSS_BYTES) over `devices`
+    (every device of the plan): measured where the cluster has a table, else
+    ``hetalloc.costs.small_allreduce_time`` over the group's slowest path."""
+    t = measured_time(cluster, "allreduce", list(devices), LOSS_BYTES)
+    if t is not None:
+        return t
     if len(devices) <= 1:
         return 0.0
-    order = {d.id: i for i, d in enumerate(cluster.devices)}
-    ring = sorted(devices, key=order.__getitem__)
+    ring = sorted(devices, key=cluster.device_index.__getitem__)
+    hops = [cluster.path(a, b) for a, b in zip(ring, ring[1:] + ring[:1])]
+    return small_allreduce_time(LOSS_BYTES, len(ring), min(h.bandwidth_bytes_per_s for h in hops),
+                                max(h.latency_s for h in hops))
+
+
+def measured_sync_time(cluster: Cluster, devices: list[str], nbytes: float, algorithm: str) -> float | None:
+    """Gradient synchronisation from measured collectives, composed of the calls the
+    runtime makes (runtime.grad_sync): ring: one all-reduce; hierarchical: a reduce to a
+    leader in each node, an all-reduce among the leaders, a broadcast in each node;
+    parameter server: a reduce of each member's shard to its owner, then its broadcast
+    back. None when a part has no table."""
+    if not cluster.collectives:
+        return None
+    if algorithm == "ring":
+        return measured_time(cluster, "allreduce", devices, nbytes)
+    per_node: dict[str, list[str]] = {}
+    for d in sorted(devices, key=cluster.device_index.__getitem__):
+        per_node.setdefault(cluster.device(d).node, []).append(d)
+    if algorithm == "hierarchical":
+        if len(per_node) == 1:
+            return measured_time(cluster, "allreduce", devices, nbytes)
+        widest = max(per_node.values(), key=len)
+        parts = [measured_time(cluster, "allreduce", [v[0] for v in per_node.values()], nbytes)]
+        if len(widest) > 1:
+            parts += [measured_time(cluster, "reduce", widest, nbytes), measured_time(cluster, "broadcast", widest, nbytes)]
+        return None if any(p is None for p in parts) else sum(parts)
+    if algorithm == "param_server":
+        n = len(devices)
+        parts = [measured_time(cluster, op, devices, nbytes / n) for op in ("reduce", "broadcast")]
+        return None if any(p is None for p in parts) else n * sum(parts)
+    raise ValueError(f"unknown gradient sync algorithm '{algorithm}'")
+
+
+def allreduce_time(cluster: Cluster, devices: list[str], nbytes: float, algorithm: str) -> float:
+    """Gradient synchronisation time of a group of devices: measured collectives where the
+    cluster has them (``measured_sync_time``), else the formulas in hetalloc.costs."""
+    if len(devices) <= 1:
+        return 0.0
+    measured = measured_sync_time(cluster, devices, nbytes, algorithm)
+    if measured is not None:
+        return measured
+    ring = sorted(devices, key=cluster.device_index.__getitem__)
     if algorithm == "ring":
         hops = [cluster.path(a, b) for a, b in zip(ring, ring[1:] + ring[:1])]
         return ring_allreduce_time(nbytes, len(ring), min(h.bandwidth_bytes_per_s for h in hops),
@@ -221,6 +306,7 @@ class Prediction:
     memory: dict[str, MemoryBreakdown]
     memory_fraction: dict[str, float]
     sync_by_algorithm: dict[str, float] = field(default_factory=dict)
+    loss_reduction_time_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -236,6 +322,7 @@ class Prediction:
             "memory_bytes": {k: v.total for k, v in self.memory.items()},
             "memory_fraction": self.memory_fraction,
             "sync_by_algorithm_s": self.sync_by_algorithm,
+            "loss_reduction_time_s": self.loss_reduction_time_s,
         }
 
 
@@ -287,7 +374,8 @@ def predict(plan: Plan, cluster: Cluster, cg: CostGraph) -> Prediction:
     for st in stages_out:
         s = plan.replicas[st["replica"]].stages[st["stage"]]
         st["sync_s"] = max(sync_of.get(d, 0.0) for d in s.device_ids())
-    iteration = pipe_time + tail
+    loss_s = loss_reduction_time(cluster, list(placement))
+    iteration = pipe_time + tail + loss_s
     mem = device_memory(plan, cluster, cg)
     frac = {d: mem[d].total / usable_memory(cluster.dtype(d)) for d in mem}
     by_alg = {}
@@ -311,4 +399,5 @@ def predict(plan: Plan, cluster: Cluster, cg: CostGraph) -> Prediction:
         memory=mem,
         memory_fraction=frac,
         sync_by_algorithm=by_alg,
+        loss_reduction_time_s=loss_s,
     )

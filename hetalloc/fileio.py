@@ -92,13 +92,31 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, dumps_json(obj))
 
 
-def read_json(path: str | os.PathLike, *, missing_fix: str, invalid_fix: str = "fix or regenerate the file") -> Any:
-    """A JSON file's content. A missing file or invalid JSON raises SpecError naming the
-    file (and the line), with the fix given."""
+def read_text(path: str | os.PathLike, *, missing_fix: str, what: str = "file") -> str:
+    """A text file's content. A missing file, a directory, an unreadable file or one that
+    is not UTF-8 text raises SpecError naming the file, with the fix given."""
     p = Path(path)
     try:
-        return json.loads(p.read_text())
+        return p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError(str(p), "", "file not found", missing_fix) from None
+    except IsADirectoryError:
+        raise SpecError(str(p), "", "is a directory, not a file", f"pass the {what} itself") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(str(p), "", f"is not a text file (byte {e.start} is not UTF-8)",
+                        f"pass the {what} itself") from None
+    except OSError as e:
+        raise SpecError(str(p), "", f"cannot be read ({e.strerror or e})", "check its permissions") from None
+
+
+def read_json(path: str | os.PathLike, *, missing_fix: str, invalid_fix: str = "fix or regenerate the file") -> Any:
+    """A JSON file's content. A missing or unreadable file, or invalid JSON, raises
+    SpecError naming the file (and the line), with the fix given."""
+    p = Path(path)
+    text = read_text(p, missing_fix=missing_fix, what="JSON file")
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise SpecError(str(p), f"line {e.lineno}", f"invalid JSON ({e.msg})", invalid_fix) from None
+    except RecursionError:
+        raise SpecError(str(p), "", "invalid JSON (nested too deeply)", invalid_fix) from None

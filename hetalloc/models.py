@@ -223,12 +223,60 @@ def shape_from_hf_config(cfg: dict[str, Any], name: str = "hf-model", source: st
 
 def resolve_model(spec: str) -> TransformerShape:
     """A built-in name, or a path to a Hugging Face config.json (named after its file, or
-    after its folder when the file is config.json)."""
+    after its folder when the file is config.json), its sizes checked (check_shape)."""
     p = Path(spec)
     if p.suffix == ".json":
         cfg = read_json(p, missing_fix="check the path of the config.json", invalid_fix="fix the syntax")
-        return shape_from_hf_config(cfg, p.resolve().parent.name if p.name == "config.json" else p.stem, str(p))
+        check_config_sizes(cfg, str(p))
+        try:
+            shape = shape_from_hf_config(cfg, p.resolve().parent.name if p.name == "config.json" else p.stem, str(p))
+        except SpecError:
+            raise
+        except (TypeError, ValueError) as e:  # a size that is not a number
+            raise SpecError(str(p), "", f"malformed config ({e})", "fix the sizes in the config") from None
+        check_shape(shape, str(p))
+        return shape
     return get_model(spec)
+
+
+CONFIG_SIZES = ("n_layer", "num_hidden_layers", "n_embd", "hidden_size", "n_head", "num_attention_heads",
+                "vocab_size", "n_positions", "max_position_embeddings", "n_inner", "intermediate_size", "ffn_dim",
+                "num_key_value_heads", "head_dim", "word_embed_proj_dim", "num_labels")
+"""Keys of a Hugging Face config.json that are sizes: a whole number >= 1 where given."""
+
+
+def check_config_sizes(cfg: Any, source: str) -> None:
+    """SpecError naming the first size key of a config.json that is not a whole number >= 1."""
+    if not isinstance(cfg, dict):
+        return  # shape_from_hf_config says what is wrong
+    for key in CONFIG_SIZES:
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise SpecError(source, key, f"must be a whole number >= 1, got {v!r}", "fix the model's config")
+
+
+CONFIG_KEYS = {"n_layers": "n_layer / num_hidden_layers", "hidden": "n_embd / hidden_size",
+               "heads": "n_head / num_attention_heads", "ffn": "n_inner / intermediate_size",
+               "vocab": "vocab_size", "max_seq": "n_positions / max_position_embeddings",
+               "kv_heads": "num_key_value_heads", "num_labels": "num_labels"}
+"""Shape fields and the Hugging Face config keys they come from (for error messages)."""
+
+
+def check_shape(shape: TransformerShape, source: str) -> None:
+    """The sizes a model needs to be built: whole numbers >= 1 (kv_heads 0 means 'heads'),
+    a hidden size divisible by the heads (unless head_dim says the width of a head) and
+    heads divisible by the KV heads."""
+    for name, key in CONFIG_KEYS.items():
+        v = getattr(shape, name)
+        low = 0 if name == "kv_heads" else 1
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise SpecError(source, key, f"must be a whole number >= {low}, got {v!r}", "fix the model's config")
+    if not shape.head_dim and shape.hidden % shape.heads:
+        raise SpecError(source, CONFIG_KEYS["hidden"], f"{shape.hidden} is not divisible by the {shape.heads} heads",
+                        "fix the model's config")
+    if shape.kv_heads and shape.heads % shape.kv_heads:
+        raise SpecError(source, CONFIG_KEYS["kv_heads"], f"{shape.heads} heads are not divisible by "
+                        f"{shape.kv_heads} KV heads", "fix the model's config")
 
 
 @dataclass(frozen=True, slots=True)

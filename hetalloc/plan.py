@@ -117,6 +117,8 @@ class Plan:
     """The cluster the plan was made for (normalised spec), so a plan file is self-contained."""
     cost_graph_spec: dict[str, Any] | None = None
     """The cost graph the plan was made with."""
+    source: str = field(default="", compare=False, repr=False)
+    """The file the plan was read from ('' for one made here): errors about it name it."""
     optimizer_sharding: str = "none"
     """'none' or 'zero1' (see the module doc)."""
 
@@ -196,6 +198,15 @@ def plan_from_dict(d: Any, source: str = "<plan>") -> Plan:
     for key in ("model", "seq_len", "global_batch", "num_microbatches", "schedule", "grad_sync", "replicas"):
         if key not in d:
             raise err(key, "missing", "re-run 'hetalloc plan'")
+    ints = {}
+    for key in ("seq_len", "global_batch", "num_microbatches"):
+        v = d[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < 1:
+            raise err(key, f"must be a whole number >= 1, got {v!r}", "re-run 'hetalloc plan'")
+        ints[key] = int(v)
+    for key in ("model", "schedule", "grad_sync"):
+        if not isinstance(d[key], str):
+            raise err(key, f"expected a name, got {d[key]!r}", "re-run 'hetalloc plan'")
     if not isinstance(d["replicas"], list):
         raise err("replicas", "expected a list of replicas", "re-run 'hetalloc plan'")
     replicas = []
@@ -215,24 +226,29 @@ def plan_from_dict(d: Any, source: str = "<plan>") -> Plan:
         replicas.append(Replica(stages))
     cl = d.get("cluster", {})
     cg = d.get("cost_graph", {})
+    if not isinstance(cl, dict) or not isinstance(cg, dict):
+        raise err("cluster" if not isinstance(cl, dict) else "cost_graph", "expected a mapping", "re-run 'hetalloc plan'")
     return Plan(
-        model=d["model"], seq_len=int(d["seq_len"]), global_batch=int(d["global_batch"]),
-        num_microbatches=int(d["num_microbatches"]), schedule=d["schedule"], grad_sync=d["grad_sync"],
+        model=d["model"], seq_len=ints["seq_len"], global_batch=ints["global_batch"],
+        num_microbatches=ints["num_microbatches"], schedule=d["schedule"], grad_sync=d["grad_sync"],
         replicas=replicas, optimizer=d.get("optimizer", "adamw"), precision=d.get("precision", "bf16-mixed"),
         cluster_name=cl.get("name", ""), cluster_fingerprint=cl.get("fingerprint", ""),
         cost_graph_fingerprint=cg.get("fingerprint", ""), planner=d.get("planner", ""),
         predicted=d.get("predicted", {}), solver=d.get("solver", {}), notes=d.get("notes", []),
         cluster_spec=cl.get("spec"), cost_graph_spec=cg.get("spec"),
-        optimizer_sharding=d.get("optimizer_sharding", "none"),
+        optimizer_sharding=d.get("optimizer_sharding", "none"), source=source,
     )
 
 
 def _v1_groups(s: dict, p: str, err) -> list[Group]:
     """Schema 1: every device of a stage is a group of one."""
+    if not isinstance(s.get("devices", []), list):
+        raise err(f"{p}.devices", "expected a list of {id, share}", "re-run 'hetalloc plan'")
     out = []
     for di, dv in enumerate(s.get("devices", [])):
         if not isinstance(dv, dict) or "id" not in dv or "share" not in dv:
             raise err(f"{p}.devices[{di}]", "expected {id, share}", "name the device and its share")
+        _check_share(dv["share"], f"{p}.devices[{di}].share", err)
         out.append(Group([str(dv["id"])], dv["share"]))
     return out
 
@@ -249,8 +265,14 @@ def _groups(s: dict, p: str, err) -> list[Group]:
         if not isinstance(devs, list) or not all(isinstance(x, str) for x in devs):
             raise err(f"{p}.groups[{gi}].devices", f"expected a list of device ids, got {devs!r}",
                       'e.g. ["a100/0", "a100/1"]')
+        _check_share(g["share"], f"{p}.groups[{gi}].share", err)
         out.append(Group(list(devs), g["share"]))
     return out
+
+
+def _check_share(share: Any, path: str, err) -> None:
+    if isinstance(share, bool) or not isinstance(share, int) or share < 1:
+        raise err(path, f"must be a whole number >= 1, got {share!r}", "re-run 'hetalloc plan'")
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -308,9 +330,12 @@ def device_memory(plan: Plan, cluster: Cluster, cg: CostGraph) -> dict[str, Memo
     return out
 
 
-def validate_plan(plan: Plan, cluster: Cluster, cg: CostGraph, *, source: str = "plan",
+def validate_plan(plan: Plan, cluster: Cluster, cg: CostGraph, *, source: str | None = None,
                   check_fingerprints: bool = False, check_memory: bool = True) -> None:
-    """Raise SpecError naming the first problem; a valid plan passes silently."""
+    """Raise SpecError naming the first problem (and the plan's file, unless `source`
+    says otherwise); a valid plan passes silently."""
+    source = source or plan.source or "plan"
+
     def err(path: str, problem: str, fix: str = "") -> SpecError:
         return SpecError(source, path, problem, fix)
 
@@ -418,11 +443,12 @@ def attach_context(plan: Plan, cluster: Cluster, cg: CostGraph) -> Plan:
     return plan
 
 
-def plan_context(plan: Plan, source: str = "plan", *, cluster: Cluster | None = None,
+def plan_context(plan: Plan, source: str | None = None, *, cluster: Cluster | None = None,
                  cg: CostGraph | None = None) -> tuple[Cluster, CostGraph]:
     """The cluster and cost graph of a plan: those given (a user's --cluster / --cost-graph),
     else the ones the plan carries; a plan without its cost graph gets the analytic one of
     its model."""
+    source = source or plan.source or "plan"
     if cluster is None:
         if not plan.cluster_spec:
             raise SpecError(source, "cluster.spec", "the plan does not carry its cluster",
@@ -432,5 +458,8 @@ def plan_context(plan: Plan, source: str = "plan", *, cluster: Cluster | None = 
         if plan.cost_graph_spec:
             cg = cost_graph_from_dict(plan.cost_graph_spec, f"{source}#cost_graph")
         else:
-            cg = analytic_cost_graph(get_model(plan.model), plan.seq_len, plan.precision)
+            try:
+                cg = analytic_cost_graph(get_model(plan.model), plan.seq_len, plan.precision)
+            except SpecError as e:  # named after the plan's fields, not the flags of 'hetalloc plan'
+                raise SpecError(source, "model, seq_len, precision", e.problem, "re-run 'hetalloc plan'") from None
     return cluster, cg

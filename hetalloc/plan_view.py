@@ -29,55 +29,68 @@ def device_summary(cluster: Cluster, ids: list[str]) -> str:
     return ", ".join(f"{n}x{t}" for t, n in sorted(c.items()))
 
 
-def group_summary(cluster: Cluster, groups: list[Group]) -> str:
-    """A stage's groups by type and size: '3xA100-80G' for single devices,
-    '2x(4xA100-80G)' for two tensor-parallel groups of four."""
-    c = Counter((cluster.device(g.lead).type, g.tp) for g in groups)
-    return ", ".join(f"{n}x{t}" if tp == 1 else f"{n}x({tp}x{t})" for (t, tp), n in sorted(c.items()))
+def group_shares(cluster: Cluster, groups: list[Group]) -> str:
+    """Each group's device type with its own share, in plan order: 'V100-32G:8 T4:4'; a
+    tensor-parallel group of t as '(txTYPE):SHARE'; N alike groups as 'Nx...'."""
+    alike: dict[tuple[str, int, int], int] = {}
+    for g in groups:
+        key = (cluster.device(g.lead).type, g.tp, g.share)
+        alike[key] = alike.get(key, 0) + 1
+    return " ".join(f"{n}x" * (n > 1) + (t if tp == 1 else f"({tp}x{t})") + f":{share}"
+                    for (t, tp, share), n in alike.items())
 
 
-def stage_table(plan: Plan, cluster: Cluster, max_rows: int = 40) -> Table:
+def compact_ranges(xs: list[int]) -> str:
+    """[0, 1, 2, 3, 5, 7, 8] -> '0-3,5,7-8'."""
+    out: list[list[int]] = []
+    for x in sorted(set(xs)):
+        if out and out[-1][1] == x - 1:
+            out[-1][1] = x
+        else:
+            out.append([x, x])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in out)
+
+
+def stage_table(plan: Plan, cluster: Cluster, max_rows: int = 40, max_cell: int = 48) -> Table:
     pred = plan.predicted
     stages = pred.get("stages", [])
     mem = pred.get("memory_bytes", {})
     frac = pred.get("memory_fraction", {})
     t = Table(title=f"plan for {plan.model} on {cluster.name}: {len(plan.replicas)} replica(s), "
-                    f"{plan.num_stages} stage(s), {plan.num_microbatches} micro-batches, {plan.schedule}")
+                    f"{plan.num_stages} stage(s), {plan.num_microbatches} micro-batches, {plan.schedule}",
+              caption="device:share — shares are samples of every micro-batch; NxT:S is N devices of type T "
+                      "with S each, (txT) a tensor-parallel group of t. Identical replicas print once.")
     tp = any(st.get("tp_s", 0.0) > 0 for st in stages)  # a column for TP all-reduces only when there are any
-    cols = [("rep", "right"), ("stage", "right"), ("layers", "left"), ("devices", "left"), ("shares", "left"),
+    cols = [("replicas", "right"), ("stage", "right"), ("layers", "left"), ("device:share", "left"),
             ("fwd ms", "right"), ("bwd ms", "right")] + ([("tp ms", "right")] if tp else []) + [
             ("p2p ms", "right"), ("sync ms", "right"), ("mem GiB (max %)", "right")]
     for col, just in cols:
         t.add_column(col, justify=just)
-    rows = 0
-    # Identical replicas print once with a count.
-    seen: dict[tuple, int] = {}
-    order = []
+    # Identical replicas print once, naming them all: replicas merge only when every cell
+    # of every stage but the replica reads the same.
+    per_replica: dict[int, list[tuple[str, ...]]] = {}
     for st in stages:
-        r = plan.replicas[st["replica"]]
-        s = r.stages[st["stage"]]
-        key = (st["stage"], s.start, s.stop, tuple((cluster.device(g.lead).type, g.tp, g.share) for g in s.groups))
-        if key not in seen:
-            seen[key] = 0
-            order.append((key, st))
-        seen[key] += 1
-    for key, st in order:
-        if rows >= max_rows:
-            t.add_row("…", "", f"{len(order) - rows} more rows (see --json)", *[""] * (len(cols) - 3))
-            break
         s = plan.replicas[st["replica"]].stages[st["stage"]]
         ids = s.device_ids()
-        shares = ":".join(str(g.share) for g in s.groups)
-        if len(shares) > 24:
-            shares = shares[:21] + "…"
+        shares = group_shares(cluster, s.groups)
+        if len(shares) > max_cell:
+            shares = shares[:max_cell - 1] + "…"
         peak = max(mem.get(d, 0.0) for d in ids)
         pf = max(frac.get(d, 0.0) for d in ids)
-        rep = f"x{seen[key]}" if seen[key] > 1 else str(st["replica"])
         layers = f"{s.start}-{s.stop - 1}" + (" recompute" if s.recompute != "none" else "")
-        t.add_row(rep, str(st["stage"]), layers, group_summary(cluster, s.groups), shares,
-                  _ms(st["fwd_s"]), _ms(st["bwd_s"]), *([_ms(st.get("tp_s", 0.0))] if tp else []),
-                  _ms(st["p2p_s"]), _ms(st.get("sync_s", 0.0)), f"{_gib(peak)} ({pf:.0%})")
-        rows += 1
+        per_replica.setdefault(st["replica"], []).append(
+            (str(st["stage"]), layers, shares, _ms(st["fwd_s"]), _ms(st["bwd_s"]),
+             *([_ms(st.get("tp_s", 0.0))] if tp else []), _ms(st["p2p_s"]), _ms(st.get("sync_s", 0.0)),
+             f"{_gib(peak)} ({pf:.0%})"))
+    alike: dict[tuple, list[int]] = {}
+    for ri, cells in per_replica.items():
+        alike.setdefault(tuple(cells), []).append(ri)
+    rows = [(compact_ranges(replicas), cells) for stage_cells, replicas in alike.items() for cells in stage_cells]
+    for replicas, cells in rows[:max_rows]:
+        t.add_row(replicas, *cells)
+    if len(rows) > max_rows:
+        t.add_row("…", *[""] * (len(cols) - 1))
+        t.caption += f" {len(rows) - max_rows} more rows: see --json."
     return t
 
 

@@ -9,7 +9,10 @@ Layout (a part is found by its name):
 - ``datasets``: deterministic token data, train and validation, and each rank's shard of
   a global batch; ``tokens``: the token files behind them (text, .npy, .bin), checked;
 - ``pipeline``: a stage's schedule (GPipe, 1F1B) with p2p between stages of any width;
-- ``grad_sync``: bucketed, overlapped gradient all-reduce / hierarchical / parameter server;
+- ``tensor_parallel``: a tensor-parallel group's stage sharded with DTensor (plan schema 2);
+- ``grad_sync``: bucketed, overlapped gradient all-reduce / hierarchical / parameter server,
+  per tensor-parallel slice, and zero1's reduce-scatter / all-gather;
+- ``stage_state``: a rank's parameters and optimizer state by whole-model name (checkpoints);
 - ``optim``, ``checkpoint``, ``metrics``: optimizers, atomic checkpoints, measurements;
 - ``reshard``: checkpoints by whole-model name, put together for another plan;
 - ``monitor``, ``adaptive``, ``control``: ``--adaptive`` ranks measure themselves against the

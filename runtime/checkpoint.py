@@ -2,8 +2,10 @@
 last checkpoint every rank finished.
 
 Layout: ``<dir>/step_0000005/rank_0003.pt`` holds one rank's parameters and optimizer
-state (both by whole-model name, runtime.reshard), RNG states and data position;
-``<dir>/step_0000005/plan.json`` the plan that saved it; ``<dir>/latest.json`` is written
+state by whole-model parameter name, whole (``runtime.stage_state``: tensor-parallel and
+zero1 shards gathered, so the files do not depend on how the plan sharded them), RNG
+states and data position (the first sample of the next step); rank 0 also writes the
+plan that saved into the step directory (``plan.json``); ``<dir>/latest.json`` is written
 by rank 0 only after all ranks have written theirs (a barrier), so a run killed while
 saving resumes from the previous complete checkpoint. Files appear by rename
 (``hetalloc.fileio``), never half-written; temporaries of a killed writer are deleted at
@@ -12,10 +14,10 @@ the next save, with the step directories of an abandoned timeline (past the step
 Resuming picks the newest checkpoint that every rank can read (``find_resume``): the one
 ``latest.json`` names, or, when that file or a rank's file is damaged or missing, the
 newest complete one before it, with a one-line warning. A checkpoint records the plan's
-key and world size; a run under another plan (other stage boundaries, shares, widths,
-world size) puts its state together from the old ranks' files (runtime.reshard), given a
-loader; a checkpoint written before checkpoints carried their plan resumes only under
-its own plan.
+key and world size; a run under another plan (other stage boundaries, shares,
+tensor-parallel widths, optimizer sharding, world size) puts its state together from the
+old ranks' files (``runtime.reshard``, given as find_resume's loader); a checkpoint
+without its plan.json resumes only under the plan that wrote it.
 
 A rank file holds tensors and plain values only (dicts, lists, numbers, strings) and is
 read with ``torch.load(weights_only=True)``: a file that holds anything else (a pickled
@@ -25,9 +27,7 @@ object whose loading would run code) is refused, never executed. Never ``pickle`
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import pickle
 import random
 import re
@@ -42,80 +42,19 @@ import torch.distributed as dist
 
 from hetalloc.errors import SpecError
 from hetalloc.fileio import atomic_write_bytes, atomic_write_json, remove_temporaries
+
 from hetalloc.plan import Plan
 
-from .models import StageModule
-from .reshard import PLAN_FILE, Layout, load_optimizer, portable_optimizer, whole_layout
+from .checkpoint_meta import (LATEST, PLAN_FILE, Latest, check_latest, latest_step, plan_key,  # noqa: F401
+                              rank_file, read_latest, saved_steps, step_dir)
+from .stage_state import StageState
 
 KEEP_LAST = 2
 """Complete checkpoints kept; older ones are deleted after a new one is complete."""
 
 FORMAT = 3
 """Rank file format: 2 holds tensors and plain values only (Python's RNG state as lists);
-3 keeps the optimizer state by whole-model name (runtime.reshard) and the data position
-in samples. Format 2 files still resume under their own plan."""
-
-LATEST = "latest.json"
-
-
-def plan_key(plan: Plan) -> str:
-    """Fingerprint of what decides the training computation and its sharding."""
-    d = plan.to_dict()
-    keep = {k: d[k] for k in ("model", "seq_len", "precision", "optimizer", "global_batch", "num_microbatches",
-                              "schedule", "grad_sync", "replicas")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def step_dir(ckpt_dir: str | Path, step: int) -> Path:
-    return Path(ckpt_dir) / f"step_{step:07d}"
-
-
-def rank_file(ckpt_dir: str | Path, step: int, rank: int) -> Path:
-    return step_dir(ckpt_dir, step) / f"rank_{rank:04d}.pt"
-
-
-def saved_steps(ckpt_dir: str | Path) -> list[int]:
-    """Steps with a step directory (complete or not), newest first."""
-    out = []
-    for p in Path(ckpt_dir).glob("step_*"):
-        num = p.name[len("step_"):]
-        if p.is_dir() and num.isdigit():
-            out.append(int(num))
-    return sorted(out, reverse=True)
-
-
-@dataclass(frozen=True, slots=True)
-class Latest:
-    """What ``latest.json`` says, or why it cannot be used."""
-
-    step: int | None = None
-    plan_key: str | None = None
-    world_size: int | None = None
-    problem: str | None = None
-    """None when the file is absent or good; else a phrase ('is damaged (...)')."""
-
-
-def read_latest(ckpt_dir: str | Path) -> Latest:
-    p = Path(ckpt_dir) / LATEST
-    if not p.exists():
-        return Latest()
-    try:
-        d = json.loads(p.read_text())
-        step, key, world = d["step"], d.get("plan_key"), d.get("world_size")
-        if not isinstance(step, int) or isinstance(step, bool) or step < 1:
-            raise ValueError(f"step {step!r} is not a positive integer")
-        if not (key is None or isinstance(key, str)) or not (world is None or isinstance(world, int)):
-            raise ValueError("plan_key or world_size has the wrong type")
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-        why = f"{type(e).__name__}: {e}" if not isinstance(e, KeyError) else f"no {e} field"
-        return Latest(problem=f"{p} is damaged ({why})")
-    return Latest(step, key, world)
-
-
-def latest_step(ckpt_dir: str | Path) -> int | None:
-    """The step latest.json names (None if absent or damaged)."""
-    return read_latest(ckpt_dir).step
-
+3 holds the optimizer state by parameter name, whole (``runtime.stage_state``)."""
 
 # ---- one rank's file -------------------------------------------------------------------
 
@@ -139,21 +78,18 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def rank_state(step: int, rank: int, world_size: int, key: str, module: StageModule,
-               optimizer: torch.optim.Optimizer, device: torch.device, *, layout: Layout | None = None,
-               next_sample: int | None = None) -> dict[str, Any]:
-    """What one rank saves: tensors and plain values only. layout: what the optimizer's
-    tensors hold (GradSync.optimizer_layout; default: each parameter whole, in order);
-    next_sample: the first training sample of the next step."""
-    named = module.named_model_parameters()
+def rank_state(step: int, rank: int, world_size: int, key: str, stage: StageState,
+               device: torch.device, *, next_sample: int | None = None) -> dict[str, Any]:
+    """What one rank saves: tensors and plain values only (every rank calls this: it
+    gathers tensor-parallel and zero1 shards). next_sample: the first training sample of
+    the next step (the data position; default: step x global batch, fixed shares)."""
     data: dict[str, int] = {"next_step": step + 1}
     if next_sample is not None:
         data["next_sample"] = next_sample
     return {
         "format": FORMAT, "step": step, "rank": rank, "world_size": world_size, "plan_key": key,
-        "layers": [module.start, module.stop],
-        "params": {name: p.detach().cpu().clone() for name, p in named},
-        "optimizer": portable_optimizer(optimizer, layout if layout is not None else whole_layout(named)),
+        "params": stage.params(),
+        "optimizer": stage.optimizer_state(),
         "rng": _rng_state(device),
         "data": data,
     }
@@ -185,26 +121,18 @@ def read_rank_file(path: Path) -> dict[str, Any]:
     return state
 
 
-def restore(state: dict[str, Any], path: Path, key: str, module: StageModule, optimizer: torch.optim.Optimizer,
-            device: torch.device, *, layout: Layout | None = None) -> int:
-    """Put a rank's state (its own file, or one put together by runtime.reshard) into
-    this rank's module, optimizer and RNGs; returns its step."""
+def restore(state: dict[str, Any], path: Path, key: str, stage: StageState, device: torch.device) -> int:
+    """Put a rank's state (its own file, or one put together by runtime.reshard, which
+    has no RNG state: dropout masks follow the layout anyway) into this rank's module,
+    optimizer and RNGs; returns its step."""
     if state["plan_key"] != key:
         raise SpecError(str(path), "plan_key", "the checkpoint was written for another plan",
                         "resume with the plan that wrote it, or start a new checkpoint directory")
-    params = dict(module.named_model_parameters())
-    if set(params) != set(state["params"]):
+    if stage.names() != set(state["params"]):
         raise SpecError(str(path), "params", "the checkpoint holds other layers than this rank's stage",
                         "resume with the plan that wrote it")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(state["params"][name])  # in place: parameters are views into gradient buckets
-    if state["optimizer"].get("kind") == "by_name":
-        named = module.named_model_parameters()
-        load_optimizer(optimizer, layout if layout is not None else whole_layout(named), state["optimizer"],
-                       str(path))
-    else:  # format 2: the optimizer's own state_dict
-        optimizer.load_state_dict(state["optimizer"])
+    stage.load_params(state["params"])  # in place: parameters are views into gradient buckets
+    stage.load_optimizer_state(state["optimizer"])
     if state.get("rng") is not None:
         _set_rng_state(state["rng"], device)
     return int(state["step"])
@@ -212,15 +140,13 @@ def restore(state: dict[str, Any], path: Path, key: str, module: StageModule, op
 
 # ---- all ranks together ------------------------------------------------------------------
 
-def save(ckpt_dir: str | Path, step: int, rank: int, key: str, module: StageModule,
-         optimizer: torch.optim.Optimizer, device: torch.device, *, plan: Plan | None = None,
-         layout: Layout | None = None, next_sample: int | None = None) -> None:
+def save(ckpt_dir: str | Path, step: int, rank: int, key: str, stage: StageState, device: torch.device, *,
+         plan: Plan | None = None, next_sample: int | None = None) -> None:
     """Every rank calls this at the same step (it contains a barrier). With `plan`, rank 0
-    also writes it into the step directory, so other plans can reshard from it."""
+    also writes it into the step directory, so that other plans can reshard from it."""
     world = dist.get_world_size()
     buf = io.BytesIO()
-    torch.save(rank_state(step, rank, world, key, module, optimizer, device, layout=layout, next_sample=next_sample),
-               buf)
+    torch.save(rank_state(step, rank, world, key, stage, device, next_sample=next_sample), buf)
     path = rank_file(ckpt_dir, step, rank)
     if path.parent.is_dir():
         remove_temporaries(path.parent, path.name)  # this rank's, left by a killed attempt
@@ -305,12 +231,7 @@ def find_resume(ckpt_dir: str | Path, rank: int, world_size: int, key: str,
     latest: Latest = views[0][0]
     where = ckpt_dir / LATEST
     if load is None:
-        if latest.plan_key is not None and latest.plan_key != key:
-            raise SpecError(str(where), "plan_key", "the checkpoint was written for another plan",
-                            "resume with the plan that wrote it, or start a new checkpoint directory")
-        if latest.world_size is not None and latest.world_size != world_size:
-            raise SpecError(str(where), "world_size", f"the checkpoint was written by {latest.world_size} ranks, "
-                            f"this run has {world_size}", "resume with the plan that wrote it")
+        check_latest(latest, ckpt_dir, key, world_size)
         load = own_file(rank, world_size, key)
     known = sorted({s for _, steps in views for s in steps}, reverse=True)
     if latest.step is not None:

@@ -16,8 +16,8 @@ from hetalloc.errors import SpecError
 from hetalloc.models import resolve_model
 from hetalloc.plan import plan_context
 
-from .config import TrainConfig, parse_slowdowns
-from .launch import DEFAULT_PORT, load_checked, node_commands, run_local, train_args
+from .config import TrainConfig
+from .launch import DEFAULT_PORT, check_run, load_checked, node_commands, run_local, train_args
 from .tokens import NAMED, check_dataset
 
 
@@ -75,16 +75,11 @@ def check_data(args: argparse.Namespace, plan) -> str:
 
 
 def launch_extra(args: argparse.Namespace, plan) -> list[str]:
-    """The runtime arguments of a run beside the plan, steps and files (checked first)."""
-    try:
-        parse_slowdowns(args.slowdown)
-    except ValueError as e:
-        raise SpecError("--slowdown", "", str(e)) from None
+    """The runtime arguments of a run beside the plan, steps, files and model: the
+    dataset and evaluation flags (checked first)."""
     dataset = check_data(args, plan)
     extra = ["--dataset", dataset, "--val-fraction", str(args.val_fraction), "--eval-every", str(args.eval_every),
              "--eval-batches", str(args.eval_batches)]
-    if args.model:
-        extra += ["--model", args.model]
     if args.lr is not None:
         extra += ["--lr", str(args.lr)]
     return extra
@@ -93,10 +88,12 @@ def launch_extra(args: argparse.Namespace, plan) -> list[str]:
 def handler(args: argparse.Namespace) -> int:
     plan, rm = load_checked(args.plan)
     extra = launch_extra(args, plan)
-    targs = train_args(args.plan, steps=args.steps, slowdown=args.slowdown, out_dir=args.out,
-                       checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                       resume=args.resume, extra=extra)
     if args.nodes_print or len(rm.nodes) > 1:
+        check_run(args.plan, steps=args.steps, slowdown=args.slowdown, checkpoint_dir=args.checkpoint_dir,
+                  checkpoint_every=args.checkpoint_every, resume=args.resume, model=args.model, here=False)
+        targs = train_args(args.plan, steps=args.steps, slowdown=args.slowdown, out_dir=args.out,
+                           checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                           resume=args.resume, extra=extra + (["--model", args.model] if args.model else []))
         cmds = node_commands(rm, targs, master_addr=args.master_addr, master_port=args.master_port,
                              max_restarts=args.max_restarts)
         print(f"{args.plan}: {rm.world_size} ranks on {len(rm.nodes)} node(s); run on each node:")
@@ -106,7 +103,7 @@ def handler(args: argparse.Namespace) -> int:
         return 0
     summary = run_local(args.plan, steps=args.steps, slowdown=args.slowdown, out_dir=args.out,
                         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                        resume=args.resume, max_restarts=args.max_restarts, extra=extra)
+                        resume=args.resume, max_restarts=args.max_restarts, model=args.model, extra=extra)
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "output"}, indent=2))
     return 0

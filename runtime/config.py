@@ -8,8 +8,13 @@ construction; it never imports torch.
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from hetalloc.errors import SpecError
+
+FAMILIES = ("gpt", "bert", "llama", "opt", "mlp")
+"""Model families the runtime can build (runtime.models)."""
 DTYPES = ("float32", "float64")
 DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.05}
 
@@ -54,9 +59,6 @@ class TrainConfig:
     slowdown_from: dict[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)
     """Rank or device id -> (first step, factor) changes of its slowdown from a step on
     (``--slowdown 1=3@20``; a factor of 1 ends it), in step order."""
-    slowdown_spin: bool = False
-    """Emulated slowdowns spin instead of sleeping (``stretch``): for ranks that share
-    cores, where a sleeping rank would hand its core to the others."""
     adaptive: bool = False
     """Monitor every rank against the plan's prediction, report stragglers, and obey the
     workflow's commands in control_dir (runtime.adaptive)."""
@@ -121,7 +123,8 @@ class TrainConfig:
 
 
 def parse_slowdown(items: list[str] | None) -> dict[str, float]:
-    """['1=2', 'host/3=1.5'] -> {'1': 2.0, 'host/3': 1.5}; a key is a rank or a device id."""
+    """['1=2', 'host/3=1.5'] -> {'1': 2.0, 'host/3': 1.5}; a key is a rank or a device id.
+    A malformed item raises SpecError (a ValueError) naming it."""
     out: dict[str, float] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -129,8 +132,9 @@ def parse_slowdown(items: list[str] | None) -> dict[str, float]:
             factor = float(value)
         except ValueError:
             factor = -1.0
-        if not sep or not key or factor < 1.0:
-            raise ValueError(f"--slowdown expects RANK=FACTOR or DEVICE=FACTOR with FACTOR >= 1, got '{item}'.")
+        if not sep or not key or not 1.0 <= factor < float("inf"):
+            raise SpecError("--slowdown", item, "expected RANK=FACTOR or DEVICE=FACTOR with a finite FACTOR >= 1",
+                            "e.g. --slowdown 1=2 (rank 1 twice as slow)")
         out[key] = factor
     return out
 
@@ -138,14 +142,15 @@ def parse_slowdown(items: list[str] | None) -> dict[str, float]:
 def parse_slowdowns(items: list[str] | None) -> tuple[dict[str, float], dict[str, tuple[tuple[int, float], ...]]]:
     """--slowdown items, with or without a first step: ['1=2', '2=3@20', '2=1@50'] ->
     ({'1': 2.0}, {'2': ((20, 3.0), (50, 1.0))}): KEY=FACTOR from the start, KEY=FACTOR@STEP
-    from that step on (a factor of 1 ends a slowdown)."""
+    from that step on (a factor of 1 ends a slowdown). A malformed item raises SpecError."""
     out: dict[str, list[tuple[int, float]]] = {}
     for item in items or []:
         if "@" not in item:
             continue
         head, _, step = item.rpartition("@")
         if not step.isdigit() or int(step) < 1:
-            raise ValueError(f"--slowdown expects RANK=FACTOR@STEP with STEP >= 1, got '{item}'.")
+            raise SpecError("--slowdown", item, "expected RANK=FACTOR@STEP with a whole STEP >= 1",
+                            "e.g. --slowdown 1=3@20 (rank 1 three times as slow from step 20 on)")
         for key, factor in parse_slowdown([head]).items():
             out.setdefault(key, []).append((int(step), factor))
     return (parse_slowdown([i for i in items or [] if "@" not in i]),
@@ -161,6 +166,20 @@ def slowdown_at(base: float, changes: tuple[tuple[int, float], ...], step: int) 
     return factor
 
 
+def check_slowdown(slowdown: dict[str, float], world_size: int, device_ids: Collection[str] | None,
+                   what: str = "run") -> None:
+    """Every key of a parsed --slowdown names a rank of this run (0..world_size-1) or one
+    of `device_ids` (None: ranks only); else SpecError naming it."""
+    for key in slowdown:
+        if "/" in key and device_ids is not None:
+            if key not in device_ids:
+                raise SpecError("--slowdown", key, "is not a device of the plan's cluster",
+                                f"use a rank (0..{world_size - 1}) or a device id of the plan")
+        elif not key.isdigit() or int(key) >= world_size:
+            raise SpecError("--slowdown", key, f"is not a rank of this {what} (0..{world_size - 1})",
+                            "write RANK=FACTOR" + (" or DEVICE=FACTOR" if device_ids is not None else ""))
+
+
 def slowdown_for_plan(device_ids: list[str], slowdown: dict[int, float], used: set[str]) -> list[str]:
     """--slowdown arguments of a run: rank r of a profile slows device_ids[r]; given by
     device id, so they follow the device whatever rank a plan gives it (used devices only)."""
@@ -172,17 +191,42 @@ SPIN_S = 300e-6
 kernel's timer slack (50 µs and more), a sizeable, varying part of sub-millisecond ops."""
 
 
-def stretch(t0: float, slowdown: float, spin: bool = False) -> float:
+def stretch(t0: float, slowdown: float, cpu0: float | None = None) -> float:
     """Emulated slowdown: hold the caller until (slowdown) x (the time since t0) has
-    passed; returns the stretched elapsed time. Sleeps, then spins the last SPIN_S; with
-    `spin`, spins all along: the emulated device keeps its core busy, as a slow device
-    keeps its own hardware busy, so that ranks sharing cores do not speed up meanwhile."""
+    passed; returns the stretched elapsed time (wall clock since t0).
+
+    With cpu0 (this thread's ``time.thread_time()`` at t0; CPU devices), the compute is
+    stretched in CPU time instead: the thread spins until it has used (slowdown) x the CPU
+    time the compute used, as a core that much slower would. Alone on its core this takes
+    the same wall time as the wall-clock rule; on a host where ranks share cores, the
+    slowed rank keeps its share of the cores busy as a slower core would, where a sleep
+    would hand them to the others. Without cpu0 (GPUs: the compute is not on this thread)
+    it sleeps, then spins the last SPIN_S."""
     now = time.perf_counter()
     if slowdown <= 1.0:
         return now - t0
+    if cpu0 is not None:
+        c = time.thread_time()
+        end_cpu = c + (slowdown - 1.0) * (c - cpu0)
+        while time.thread_time() < end_cpu:
+            pass
+        return time.perf_counter() - t0
     end = now + (slowdown - 1.0) * (now - t0)
     if not spin and end - now > SPIN_S:
         time.sleep(end - now - SPIN_S)
     while time.perf_counter() < end:
         pass
     return time.perf_counter() - t0
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    """'1,2,4,8' -> [1, 2, 4, 8] (sorted, without repeats); SpecError naming --batch-sizes
+    unless they are whole numbers >= 1."""
+    try:
+        sizes = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise SpecError("--batch-sizes", "", f"expected comma-separated integers, got '{text}'",
+                        "e.g. --batch-sizes 1,2,4,8") from None
+    if not sizes or sizes[0] < 1:
+        raise SpecError("--batch-sizes", "", "needs at least one size, each >= 1", "e.g. --batch-sizes 1,2,4,8")
+    return sizes

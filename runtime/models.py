@@ -33,11 +33,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hetalloc.errors import SpecError
 from hetalloc.models import TransformerShape
 
-FAMILIES = ("gpt", "bert", "llama", "opt", "mlp")
+from .config import FAMILIES  # defined without torch: the launcher checks --model with it
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "bert": "BertForTokenClassification", "llama": "LlamaForCausalLM",
               "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "opt": "OPTForCausalLM"}
@@ -46,11 +48,18 @@ TENSOR_PARALLEL_PLAN: dict[str, dict[str, str]] = {
     "llama": {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
               "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
               "mlp.down_proj": "rowwise"},
+    "gpt": {"attn.c_attn": "colwise_qkv", "attn.c_proj": "rowwise", "mlp.c_fc": "colwise", "mlp.c_proj": "rowwise"},
+    "opt": {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
+            "self_attn.out_proj": "rowwise", "fc1": "colwise", "fc2": "rowwise"},
+    "bert": {"attention.self.query": "colwise", "attention.self.key": "colwise", "attention.self.value": "colwise",
+             "attention.output.dense": "rowwise", "intermediate.dense": "colwise", "output.dense": "rowwise"},
+    "mlp": {"fc_in": "colwise", "fc_out": "rowwise"},
 }
-"""Per family, the nn.Linear projections of a block (``StageModule.blocks()``, relative
-names) and their tensor-parallel style, as ``torch.distributed.tensor.parallel``'s
-ColwiseParallel / RowwiseParallel take them (../shared/FACTS.md: works on gloo for HF
-Llama blocks, the attention's view(..., -1, head_dim) follows the local head count)."""
+"""Per family, the projections of a block (``StageModule.blocks()``, relative names) and
+their tensor-parallel style, as ``torch.distributed.tensor.parallel``'s ColwiseParallel /
+RowwiseParallel take them ('colwise_qkv': GPT-2's fused q/k/v Conv1D, split by heads;
+runtime.tensor_parallel applies them). ../shared/FACTS.md: works on gloo for HF Llama
+blocks, the attention's view(..., -1, head_dim) follows the local head count."""
 
 
 # ---- layers ----------------------------------------------------------------------------
@@ -311,19 +320,29 @@ def layer_param_counts(built: BuiltModel) -> list[int]:
 # ---- stage module ----------------------------------------------------------------------
 
 class StageModule(nn.Module):
-    """Layers [start, stop) of a model, run in order; parameters keep whole-model names."""
+    """Layers [start, stop) of a model, run in order; parameters keep whole-model names.
 
-    def __init__(self, built: BuiltModel, start: int, stop: int):
+    With ``recompute`` (the plan's per-stage 'full'), each block keeps only its input for
+    the backward and runs its forward again there (``torch.utils.checkpoint``,
+    non-reentrant; the RNG state is replayed, so dropout masks repeat); the embedding and
+    the head are not recomputed (as ``hetalloc.models.LayerShape.checkpoint_bytes`` says)."""
+
+    def __init__(self, built: BuiltModel, start: int, stop: int, recompute: bool = False):
         super().__init__()
         self.start, self.stop = start, stop
+        self.recompute = recompute
         self.layers = nn.ModuleList(built.layers[start:stop])
         names = built.param_names()
         self.param_names = {id(p): names[id(p)] for p in self.layers.parameters()}
         self.train(built.model.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        recompute = self.recompute and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x)
+            if recompute and isinstance(layer, (Block, MLPBlock)):
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
         return x
 
     def blocks(self) -> list[nn.Module]:
@@ -337,7 +356,10 @@ class StageModule(nn.Module):
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over all tokens (computed in fp32 or wider)."""
+    """Summed cross-entropy over all tokens (computed in fp32 or wider). Logits sharded
+    along the vocabulary (a tensor-parallel head, a DTensor) need ``loss_parallel`` around
+    this and the backward (runtime.tensor_parallel); the loss comes back as a plain tensor."""
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+    return loss.to_local() if hasattr(loss, "to_local") else loss

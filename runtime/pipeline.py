@@ -2,13 +2,17 @@
 
 Every rank runs ``hetalloc.schedule.stage_op_order`` for its stage (GPipe or 1F1B; the
 same orders the predictions and the simulator use). A forward op receives the
-activations of its slice of the micro-batch from the previous stage's devices, runs the
-stage, and sends each overlapping piece of its output to the next stage's devices
+activations of its slice of the micro-batch from the previous stage's groups, runs the
+stage, and sends each overlapping piece of its output to the next stage's groups
 (``hetalloc.evaluate.slice_overlaps``: shares are consecutive slices in listed order);
-a backward op does the reverse with input gradients. This covers stages of different
-widths and uneven shares, which torch.distributed.pipelining (one rank per stage, equal
-micro-batches) cannot express; its schedules are the reference the overhead benchmark
-compares against (runtime/pipelining_ref.py).
+a backward op does the reverse with input gradients. Between tensor-parallel groups,
+every rank k of the receiving group gets the whole piece from rank k mod t of the
+sending group (``hetalloc.evaluate.rank_pairs``, as the prediction times it): every
+rank of a group holds the full activations and input gradients at a stage boundary.
+This covers stages of different widths and uneven shares, which
+torch.distributed.pipelining (one rank per stage, equal micro-batches) cannot express;
+its schedules are the reference the overhead benchmark compares against
+(runtime/pipelining_ref.py).
 
 Receives are posted ``LOOKAHEAD`` ops ahead so transfers overlap compute; sends are
 asynchronous and waited at the end of the step. The last stage's loss is the summed
@@ -26,7 +30,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from hetalloc.evaluate import slice_overlaps
+from hetalloc.evaluate import rank_pairs, slice_overlaps
 from hetalloc.plan import Plan
 from hetalloc.schedule import stage_op_order
 
@@ -46,15 +50,28 @@ class StageRole:
     replica: int
     stage: int
     device_index: int
-    """Index of its group within the stage (one device per group: t = 1)."""
+    """Index of its group within the stage."""
     share: int
     num_stages: int
     start: int
     stop: int
     recv_from: tuple[tuple[int, int], ...]
     """(source rank, samples) pieces of this rank's input slice, in order (previous stage)."""
-    send_to: tuple[tuple[int, int], ...]
-    """(destination rank, samples) pieces of this rank's output slice, in order (next stage)."""
+    send_to: tuple[tuple[tuple[int, ...], int], ...]
+    """(destination ranks, samples) pieces of this rank's output slice, in order (next
+    stage); a piece may go to several ranks of a wider group, or to none."""
+    grad_from: tuple[tuple[int, int], ...] = ()
+    """(source rank, samples) pieces of the gradient of this rank's output (backward)."""
+    grad_to: tuple[tuple[tuple[int, ...], int], ...] = ()
+    """(destination ranks, samples) pieces of the gradient of this rank's input (backward)."""
+    tp_rank: int = 0
+    """Position in its tensor-parallel group (0 when alone)."""
+    tp_ranks: tuple[int, ...] = ()
+    """Global ranks of its group, in the group's device order."""
+
+    @property
+    def tp_size(self) -> int:
+        return max(1, len(self.tp_ranks))
 
     @property
     def is_first(self) -> bool:
@@ -70,20 +87,31 @@ def stage_role(plan: Plan, rm: RankMap, rank: int) -> StageRole:
     ri, si = plan.placement()[device]
     stages = plan.replicas[ri].stages
     s = stages[si]
-    k = next(i for i, g in enumerate(s.groups) if device in g.devices)  # one device per group (t = 1)
-    recv_from: list[tuple[int, int]] = []
-    send_to: list[tuple[int, int]] = []
+    k = next(i for i, g in enumerate(s.groups) if device in g.devices)
+    mine = s.groups[k]
+
+    def sources(senders: list[str]) -> int:  # the one rank that sends this rank a piece
+        return next(rm.rank_of(a) for a, b in rank_pairs(senders, mine.devices) if b == device)
+
+    def destinations(receivers: list[str]) -> tuple[int, ...]:  # the ranks this rank sends a piece to
+        return tuple(rm.rank_of(b) for a, b in rank_pairs(mine.devices, receivers) if a == device)
+
+    recv_from, grad_to, send_to, grad_from = [], [], [], []
     if si > 0:
         prev = stages[si - 1]
         for i, j, n in slice_overlaps([g.share for g in prev.groups], [g.share for g in s.groups]):
             if j == k:
-                recv_from.append((rm.rank_of(prev.groups[i].lead), n))
+                recv_from.append((sources(prev.groups[i].devices), n))
+                grad_to.append((destinations(prev.groups[i].devices), n))
     if si + 1 < len(stages):
         nxt = stages[si + 1]
         for i, j, n in slice_overlaps([g.share for g in s.groups], [g.share for g in nxt.groups]):
             if i == k:
-                send_to.append((rm.rank_of(nxt.groups[j].lead), n))
-    return StageRole(ri, si, k, s.groups[k].share, len(stages), s.start, s.stop, tuple(recv_from), tuple(send_to))
+                send_to.append((destinations(nxt.groups[j].devices), n))
+                grad_from.append((sources(nxt.groups[j].devices), n))
+    tp_ranks = tuple(rm.rank_of(d) for d in mine.devices) if mine.tp > 1 else ()
+    return StageRole(ri, si, k, mine.share, len(stages), s.start, s.stop, tuple(recv_from), tuple(send_to),
+                     tuple(grad_from), tuple(grad_to), mine.devices.index(device), tp_ranks)
 
 
 def _tag(kind: str, microbatch: int) -> int:
@@ -110,7 +138,6 @@ class PipelineExecutor:
     device: torch.device
     loss_scale: float
     slowdown: float = 1.0
-    slowdown_spin: bool = False
     order: list[tuple[str, int]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -119,16 +146,17 @@ class PipelineExecutor:
     # ---- compute, timed and (for emulated heterogeneity) stretched ---------------------
     def _timed(self, times: StepTimes, key: str, fn: Callable[[], torch.Tensor | None]):
         t0 = time.perf_counter()
+        cpu0 = time.thread_time() if self.device.type == "cpu" else None
         out = fn()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        dt = stretch(t0, self.slowdown, self.slowdown_spin)
+        dt = stretch(t0, self.slowdown, cpu0)
         setattr(times, key, getattr(times, key) + dt)
         return out
 
     # ---- p2p ------------------------------------------------------------------------
     def _post_recvs(self, kind: str, m: int) -> list[tuple[torch.Tensor, dist.Work]]:
-        peers = self.role.recv_from if kind == "F" else self.role.send_to
+        peers = self.role.recv_from if kind == "F" else self.role.grad_from
         out = []
         for peer, n in peers:
             buf = torch.empty((n, *self.activation_shape), dtype=self.dtype, device=self.device)
@@ -136,11 +164,13 @@ class PipelineExecutor:
         return out
 
     def _send(self, kind: str, m: int, tensor: torch.Tensor, sends: list[tuple[dist.Work, torch.Tensor]]) -> None:
-        peers = self.role.send_to if kind == "F" else self.role.recv_from
+        peers = self.role.send_to if kind == "F" else self.role.grad_to
         pieces = tensor.detach().split([n for _, n in peers])
-        for (peer, _), piece in zip(peers, pieces):
-            piece = piece.contiguous()
-            sends.append((dist.isend(piece, dst=peer, tag=_tag(kind, m)), piece))  # keep the piece alive
+        for (dests, _), piece in zip(peers, pieces):
+            if dests:
+                piece = piece.contiguous()
+            for peer in dests:
+                sends.append((dist.isend(piece, dst=peer, tag=_tag(kind, m)), piece))  # keep the piece alive
 
     @staticmethod
     def _wait(recvs: list[tuple[torch.Tensor, dist.Work]], times: StepTimes) -> torch.Tensor:
@@ -155,7 +185,8 @@ class PipelineExecutor:
     def run_step(self, inputs: list[torch.Tensor | None], labels: list[torch.Tensor | None], times: StepTimes,
                  before_last_backward: Callable[[], None]) -> torch.Tensor:
         """Run every op of this stage for one step; returns the summed scaled loss of the
-        micro-batches this rank finished (zero unless it is a last stage)."""
+        micro-batches this rank finished (zero unless it is a last stage; on tensor-parallel
+        rank 0 only, so that a sum over ranks counts each sample once)."""
         role = self.role
         posted: dict[tuple[str, int], list] = {}
         next_post = 0
@@ -180,7 +211,8 @@ class PipelineExecutor:
                 if role.is_last:
                     out = self._timed(times, "forward_s",
                                       lambda: token_loss_sum(self.module(x), labels[m]) * self.loss_scale)
-                    loss_total += out.detach().double()
+                    if role.tp_rank == 0:
+                        loss_total += out.detach().double()
                 else:
                     out = self._timed(times, "forward_s", lambda: self.module(x))
                     self._send("F", m, out, sends)
@@ -204,7 +236,8 @@ class PipelineExecutor:
                     loss_scale: float) -> torch.Tensor:
         """Forward only (evaluation): every micro-batch through this stage in order, in
         eval mode, without autograd; returns the summed loss x loss_scale of the
-        micro-batches this rank finished (zero unless it is a last stage)."""
+        micro-batches this rank finished (zero unless it is a last stage's tensor-parallel
+        rank 0)."""
         role, M = self.role, self.num_microbatches
         posted: dict[int, list] = {}
         next_post = 0
@@ -221,7 +254,9 @@ class PipelineExecutor:
                     x = inputs[m] if role.is_first else self._wait(posted.pop(m), times)
                     out = self._timed(times, "forward_s", lambda: self.module(x))
                     if role.is_last:
-                        total += token_loss_sum(out, labels[m]).double() * loss_scale
+                        loss = token_loss_sum(out, labels[m]).double() * loss_scale  # every TP rank: collectives
+                        if role.tp_rank == 0:
+                            total += loss
                     else:
                         self._send("F", m, out, sends)
         finally:

@@ -8,7 +8,10 @@ second copy of its stage driven by torch's ScheduleGPipe / Schedule1F1B with the
 data, loss and optimizer. Steps alternate between the two (runtime first on odd steps,
 the reference first on even ones), so both see the same machine load: on a shared
 machine, separate runs minutes apart differ by more than the effect being measured.
-Plans with one replica and one device per stage only (what PipelineStage expresses).
+Plans with one replica and one group per stage, all groups of one size t (what
+PipelineStage expresses: with t > 1, a (pipeline x tensor) mesh where rank k of every
+stage's group forms pipeline k; the stage copy is sharded with DTensor by
+runtime.tensor_parallel, its optimizer steps the local shards as the runtime's does).
 Rank 0 writes DIR/summary.json (the runtime's usual summary) and
 DIR/pipelining_ref.json (both engines' step times and losses).
 """
@@ -31,6 +34,8 @@ from hetalloc.plan import load_plan
 from .config import TrainConfig
 from .models import StageModule, build_model, token_loss_sum
 from .optim import build_optimizer
+from .rankmap import rank_map
+from .tensor_parallel import local, parallelize_stage
 from .train import Trainer, run_entry
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -38,36 +43,53 @@ SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 def run(plan_path: str, steps: int, out_dir: str) -> None:
     plan = load_plan(plan_path)
-    if len(plan.replicas) != 1 or any(len(s.device_ids()) != 1 for s in plan.replicas[0].stages):
-        raise SpecError(plan_path, "replicas", "the pipelining reference needs one replica with one device per stage",
-                        "use a plain pipeline plan")
+    stages = plan.replicas[0].stages
+    if len(plan.replicas) != 1 or any(len(s.groups) != 1 for s in stages) or \
+            len({s.groups[0].tp for s in stages}) != 1:
+        raise SpecError(plan_path, "replicas", "the pipelining reference needs one replica with one group per "
+                        "stage, all of one size", "use a plain pipeline plan")
     cfg = TrainConfig(steps=steps, out_dir=out_dir)
     trainer = Trainer(plan, cfg)
     role, device = trainer.role, trainer.device
     shape = trainer.cg.shape()
-    module = StageModule(build_model(shape, seed=cfg.seed), role.start, role.stop).to(device)
-    stage = PipelineStage(module, role.stage, role.num_stages, device)
+    rm = rank_map(plan, trainer.cluster)
+    pipes = [dist.new_group([rm.rank_of(s.groups[0].devices[k]) for s in stages])
+             for k in range(stages[0].groups[0].tp)]  # pipeline k: tensor-parallel rank k of every stage
+    module = StageModule(build_model(shape, seed=cfg.seed), role.start, role.stop,
+                         recompute=stages[role.stage].recompute == "full").to(device)
+    if trainer.tp is not None:
+        parallelize_stage(module, shape, trainer.tp.mesh, num_layers=trainer.cg.num_layers)
+    stage = PipelineStage(module, role.stage, role.num_stages, device, group=pipes[role.tp_rank])
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return token_loss_sum(logits, labels) / labels.numel()  # mean; the schedule averages micro-batches
 
     sched = SCHEDULES[plan.schedule](stage, n_microbatches=plan.num_microbatches, loss_fn=loss_fn)
-    optimizer = build_optimizer(plan.optimizer, list(module.parameters()), cfg)
+    params = list(module.parameters())
+    shards = [local(p) for p in params]  # DTensor parameters: step their local shards, as the runtime does
+    optimizer = build_optimizer(plan.optimizer, shards, cfg)
     B = plan.global_batch
 
     def reference_step(step: int) -> tuple[float, float]:
         t0 = time.perf_counter()
         ids, labels = trainer.data.batch((step - 1) * B, B)
+        module.zero_grad(set_to_none=True)
         optimizer.zero_grad()
         mb_losses: list[torch.Tensor] = []
-        if role.is_first:
-            sched.step(ids.to(device))
-        elif role.is_last:
-            sched.step(target=labels.to(device), losses=mb_losses)
-        else:
-            sched.step()
+        with trainer.loss_context():
+            if role.is_first:
+                sched.step(ids.to(device))
+            elif role.is_last:
+                sched.step(target=labels.to(device), losses=mb_losses)
+            else:
+                sched.step()
+        for t, p in zip(shards, params):
+            if t is not p:  # a gradient may come in another layout (the embedding's: replicated)
+                g = p.grad if p.grad.placements == p.placements else p.grad.redistribute(p.device_mesh, p.placements)
+                t.grad = local(g)
         optimizer.step()
-        loss = torch.stack(mb_losses).mean().double().detach() if mb_losses else torch.zeros((), dtype=torch.float64)
+        loss = torch.stack(mb_losses).mean().double().detach() if mb_losses and role.tp_rank == 0 \
+            else torch.zeros((), dtype=torch.float64)
         dist.all_reduce(loss)  # the same end-of-step sync as the runtime's
         return float(loss), time.perf_counter() - t0
 

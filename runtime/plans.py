@@ -9,18 +9,24 @@ from hetalloc.evaluate import predict
 from hetalloc.models import resolve_model
 from hetalloc.plan import Group, Plan, Replica, Stage, attach_context, validate_plan
 
-StageSpec = tuple[tuple[int, int], list[tuple[str, int]]]
-"""((start, stop), [(device id, share), ...])"""
+StageSpec = tuple
+"""((start, stop), [(device, share), ...]) or ((start, stop), [(device, share), ...], recompute):
+device is a device id, or a tuple of ids for a tensor-parallel group; recompute 'none'
+(the default) or 'full'."""
 
 
 def hand_plan(cluster: Cluster, cg: CostGraph, replicas: list[list[StageSpec]], *, num_microbatches: int,
               schedule: str = "1f1b", grad_sync: str = "ring", optimizer: str = "adamw",
-              name: str = "hand") -> Plan:
-    reps = [Replica([Stage(a, b, [Group([d], s) for d, s in devs]) for (a, b), devs in r]) for r in replicas]
+              optimizer_sharding: str = "none", name: str = "hand") -> Plan:
+    def group(d: str | tuple[str, ...], share: int) -> Group:
+        return Group([d] if isinstance(d, str) else list(d), share)
+
+    reps = [Replica([Stage(spec[0][0], spec[0][1], [group(d, s) for d, s in spec[1]], *spec[2:]) for spec in r])
+            for r in replicas]
     batch = num_microbatches * sum(r.microbatch for r in reps)
     plan = Plan(model=cg.model, seq_len=cg.seq_len, global_batch=batch, num_microbatches=num_microbatches,
                 schedule=schedule, grad_sync=grad_sync, replicas=reps, optimizer=optimizer,
-                precision=cg.precision, planner=name)
+                precision=cg.precision, planner=name, optimizer_sharding=optimizer_sharding)
     attach_context(plan, cluster, cg)
     validate_plan(plan, cluster, cg)
     plan.predicted = predict(plan, cluster, cg).to_dict()

@@ -19,7 +19,7 @@ from typing import Mapping
 
 from hetalloc.cluster import Cluster
 from hetalloc.errors import SpecError
-from hetalloc.plan import Plan
+from hetalloc.plan import Plan, segments
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,23 +49,21 @@ class RankMap:
 
 
 def check_supported(plan: Plan, source: str = "plan") -> None:
-    """Refuse, before anything starts, what the runtime does not run yet: tensor-parallel
-    groups, recomputation and sharded optimizer state (the prediction and the simulator
-    do handle them)."""
-    for ri, r in enumerate(plan.replicas):
-        for si, s in enumerate(r.stages):
-            p = f"replicas[{ri}].stages[{si}]"
-            for gi, g in enumerate(s.groups):
-                if g.tp > 1:
-                    raise SpecError(source, f"{p}.groups[{gi}].devices", f"a tensor-parallel group of {g.tp}: "
-                                    "the runtime does not run tensor parallelism yet",
-                                    "plan with --tp 1 to train this model now")
-            if s.recompute != "none":
-                raise SpecError(source, f"{p}.recompute", f"'{s.recompute}': the runtime does not recompute "
-                                "activations yet", "plan with --recompute none to train this model now")
-    if plan.optimizer_sharding != "none":
-        raise SpecError(source, "optimizer_sharding", f"'{plan.optimizer_sharding}': the runtime does not shard "
-                        "optimizer state yet", "plan with --optimizer-sharding none to train this model now")
+    """Refuse, before anything starts, what the runtime does not run: layers held by
+    tensor-parallel groups of different sizes under zero1 or the parameter server (their
+    optimizer steps flat shards of the gradient buckets, which such layers only have as
+    copies; the prediction and the simulator do handle them)."""
+    if plan.optimizer_sharding == "none" and plan.grad_sync != "param_server":
+        return
+    for a, b, holders in segments(plan):
+        sizes = sorted({g.tp for g in holders})
+        if len(sizes) > 1:
+            what = "zero1" if plan.optimizer_sharding != "none" else "the parameter server"
+            raise SpecError(source, "replicas", f"layers {a}-{b - 1} are held by tensor-parallel groups of sizes "
+                            f"{', '.join(map(str, sizes))}: the runtime shards their optimizer state ({what}) "
+                            "only between groups of one size",
+                            "give the groups that hold the same layers one size, or use ring or hierarchical "
+                            "gradient sync without optimizer sharding")
 
 
 def rank_map(plan: Plan, cluster: Cluster) -> RankMap:

@@ -15,9 +15,12 @@ from .optim import build_optimizer
 
 
 def reference_run(plan: Plan, cfg: TrainConfig, *, model: str | None = None,
-                  val_losses: dict[int, float] | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
+                  val_losses: dict[int, float] | None = None,
+                  optimizer_state: dict[str, dict[str, torch.Tensor]] | None = None,
+                  ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Losses of cfg.steps steps and the final parameters (by whole-model name). With
-    cfg.eval_every, the validation losses are put into `val_losses` (step -> loss)."""
+    cfg.eval_every, the validation losses are put into `val_losses` (step -> loss); the
+    final optimizer state by parameter name into `optimizer_state` when given."""
     shape = resolve_model(model) if model else plan_context(plan)[1].shape()
     built = build_model(shape, seed=cfg.seed, dropout=cfg.dropout, dtype=DTYPES[cfg.dtype])
     optimizer = build_optimizer(plan.optimizer, list(built.model.parameters()), cfg)
@@ -34,6 +37,9 @@ def reference_run(plan: Plan, cfg: TrainConfig, *, model: str | None = None,
         losses.append(float(loss.detach()))
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and val_losses is not None:
             val_losses[step] = _validation_loss(built, data, B, cfg.eval_batches)
+    if optimizer_state is not None:
+        optimizer_state.update({n: {k: v.detach().clone() for k, v in optimizer.state[p].items()}
+                                for n, p in built.model.named_parameters()})
     return losses, {n: p.detach().clone() for n, p in built.model.named_parameters()}
 
 

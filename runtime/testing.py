@@ -40,6 +40,12 @@ def checkpoint_params(ckpt_dir: Path, step: int) -> list[dict[str, torch.Tensor]
     return [read_rank_file(Path(f))["params"] for f in files]
 
 
+def checkpoint_optimizer(ckpt_dir: Path, step: int) -> list[dict[str, dict[str, torch.Tensor]]]:
+    """Optimizer state by parameter name of every rank at a checkpoint (one dict per rank)."""
+    files = sorted(glob.glob(str(ckpt_dir / f"step_{step:07d}" / "rank_*.pt")))
+    return [read_rank_file(Path(f))["optimizer"]["by_param"] for f in files]
+
+
 SCALE_FLOOR = 1e-3
 
 

@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,9 +28,9 @@ from hetalloc.fileio import atomic_write_json
 from hetalloc.models import TransformerShape, resolve_model
 from hetalloc.plan import Plan, load_plan, plan_context, validate_plan
 
-from . import checkpoint, reshard
+from . import checkpoint, reshard, tensor_parallel
 from .adaptive import AdaptiveRank, switched_executor
-from .config import TrainConfig, parse_slowdowns, slowdown_at
+from .config import TrainConfig, check_slowdown, parse_slowdowns, slowdown_at
 from .datasets import TokenDataset, device_samples
 from .grad_sync import GradSync, ProcessGroups
 from .launch import free_port
@@ -39,6 +40,7 @@ from .models import DTYPES, StageModule, build_model, layer_param_counts
 from .optim import build_optimizer
 from .pipeline import PipelineExecutor, stage_role
 from .rankmap import LaunchInfo, check_launch, check_supported, rank_map
+from .stage_state import StageState
 
 @dataclass
 class Runtime:
@@ -56,13 +58,14 @@ def setup(plan: Plan, cluster: Cluster, node: str | None = None) -> Runtime:
     info = check_launch(rm, os.environ, node)
     vendors = {cluster.dtype(d).vendor == "cpu" for d in rm.devices}
     if len(vendors) > 1:
-        raise SpecError("plan", "replicas", "mixes CPU and GPU devices", "plan CPU ranks and GPU ranks separately")
+        raise SpecError(plan.source or "plan", "replicas", "mixes CPU and GPU devices",
+                        "plan CPU ranks and GPU ranks separately")
     if vendors == {True}:
         device, backend = torch.device("cpu"), "gloo"
     else:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if info.local_rank >= count:
-            raise SpecError("plan", f"device {info.device}",
+            raise SpecError(plan.source or "plan", f"device {info.device}",
                             f"is a {cluster.dtype(info.device).name} but torch sees {count} CUDA devices on this node",
                             "run on the plan's cluster, or plan for this machine (examples/cpu-4.yaml)")
         device, backend = torch.device("cuda", info.local_rank), "nccl"
@@ -107,14 +110,7 @@ def check_model(shape: TransformerShape, plan: Plan, counts: list[int], cg_param
 
 
 def _slowdown_of(cfg: TrainConfig, info: LaunchInfo, cluster: Cluster) -> float:
-    for key in [*cfg.slowdown, *cfg.slowdown_from]:
-        if "/" in key:
-            if key not in cluster.device_by_id:
-                raise SpecError("--slowdown", key, "is not a device of the plan's cluster",
-                                f"use a rank (0..{info.world_size - 1}) or a device id")
-        elif not key.isdigit() or int(key) >= info.world_size:
-            raise SpecError("--slowdown", key, f"is not a rank of this run (0..{info.world_size - 1})",
-                            "write RANK=FACTOR or DEVICE=FACTOR")
+    check_slowdown({**cfg.slowdown, **{k: 1.0 for k in cfg.slowdown_from}}, info.world_size, cluster.device_by_id)
     return cfg.slowdown.get(str(info.rank), cfg.slowdown.get(info.device, 1.0))
 
 
@@ -134,17 +130,22 @@ class Trainer:
         self.role = role = stage_role(plan, rm, self.rank)
         built = build_model(shape, seed=cfg.seed, dropout=cfg.dropout, dtype=dtype)
         self.model_notes = check_model(shape, plan, layer_param_counts(built), [l.params for l in self.cg.layers])
-        self.module = StageModule(built, role.start, role.stop).to(self.device)
+        stage = plan.replicas[role.replica].stages[role.stage]
+        self.module = StageModule(built, role.start, role.stop, recompute=stage.recompute == "full").to(self.device)
         del built
+        self.tp = tensor_parallel.setup_stage(plan, rm, role.tp_ranks, self.module, shape, self.device,
+                                              self.cg.num_layers)
         groups = ProcessGroups(plan, rm, self.cluster, self.cg, plan.grad_sync)
-        self.sync = GradSync(self.module, role, groups, self.rank, plan.grad_sync, cfg.bucket_cap_mb * 2**20)
+        self.sync = GradSync(self.module, role, groups, self.rank, plan.grad_sync, cfg.bucket_cap_mb * 2**20,
+                             zero1=plan.optimizer_sharding == "zero1",
+                             layouts=tensor_parallel.param_layouts(self.module, shape.family, self.cg.num_layers))
         self.optimizer = build_optimizer(plan.optimizer, self.sync.optimizer_tensors(self.module), cfg)
+        self.state = StageState(self.module, self.optimizer, self.sync)
         self.slowdown = _slowdown_of(cfg, rt.info, self.cluster)
         self.slowdown_changes = cfg.slowdown_from.get(str(self.rank), cfg.slowdown_from.get(rt.info.device, ()))
         self.executor = PipelineExecutor(role, self.module, plan.schedule, plan.num_microbatches,
                                          (plan.seq_len, shape.hidden), dtype, self.device,
-                                         loss_scale=1.0 / (plan.global_batch * plan.seq_len), slowdown=self.slowdown,
-                                         slowdown_spin=cfg.slowdown_spin)
+                                         loss_scale=1.0 / (plan.global_batch * plan.seq_len), slowdown=self.slowdown)
         self.data = TokenDataset(cfg.dataset, vocab=shape.vocab, seq_len=plan.seq_len, seed=cfg.seed,
                                  classify=shape.family == "bert", val_fraction=cfg.val_fraction)
         self.key = checkpoint.plan_key(plan)
@@ -172,8 +173,7 @@ class Trainer:
                 print(f"no checkpoint in {cfg.checkpoint_dir}; starting at step 1")
             return
         assert found.path is not None
-        self.done = checkpoint.restore(found.state, found.path, self.key, self.module, self.optimizer, self.device,
-                                       layout=self.sync.optimizer_layout(self.module))
+        self.done = checkpoint.restore(found.state, found.path, self.key, self.state, self.device)
         self.first_sample = int(found.state.get("data", {}).get("next_sample", self.done * self.plan.global_batch))
         self.last_saved = self.done
         if self.rank == 0 and found.state.get("resharded_from"):
@@ -187,9 +187,8 @@ class Trainer:
             raise SpecError("--checkpoint-dir", "", "is needed to stop and restart under another plan",
                             "give a checkpoint directory")
         t0 = time.perf_counter()
-        checkpoint.save(self.cfg.checkpoint_dir, step, self.rank, self.key, self.module, self.optimizer, self.device,
-                        plan=self.plan, layout=self.sync.optimizer_layout(self.module),
-                        next_sample=self.sample_of(step + 1))
+        checkpoint.save(self.cfg.checkpoint_dir, step, self.rank, self.key, self.state, self.device,
+                        plan=self.plan, next_sample=self.sample_of(step + 1))
         self.last_saved = step
         seconds = time.perf_counter() - t0
         if self.adaptive is not None:
@@ -223,6 +222,10 @@ class Trainer:
                 labels[m] = lab.to(self.device) if role.is_last else None
         return inputs, labels
 
+    def loss_context(self):
+        """Around the stage's forwards and backwards: loss_parallel for a vocabulary-parallel head."""
+        return self.tp.loss_context() if self.tp is not None else nullcontext()
+
     def train_step(self, step: int) -> tuple[float, StepTimes]:
         """One optimizer step (1-based step number); returns the global loss and the times."""
         times = StepTimes()
@@ -231,7 +234,8 @@ class Trainer:
         self.executor.slowdown = slowdown_at(self.slowdown, self.slowdown_changes, step)
         times.data_s = time.perf_counter() - t_step
         self.sync.zero_grad()
-        loss = self.executor.run_step(inputs, labels, times, self.sync.arm)
+        with self.loss_context():
+            loss = self.executor.run_step(inputs, labels, times, self.sync.arm)
         self.sync.finish(times)
         t0 = time.perf_counter()
         self.optimizer.step()
@@ -256,7 +260,8 @@ class Trainer:
         times = StepTimes()
         for k in range(K):
             inputs, labels = self._batch(k * B, "val")
-            total += self.executor.run_forward(inputs, labels, times, scale)
+            with self.loss_context():
+                total += self.executor.run_forward(inputs, labels, times, scale)
         dist.all_reduce(total)
         return float(total), time.perf_counter() - t0
 
@@ -265,7 +270,9 @@ class Trainer:
         return (f"hetalloc runtime: {plan.model} ({plan.planner or 'hand-made'} plan) on {rt.info.world_size} ranks "
                 f"({rt.backend}, {self.device.type}); {len(plan.replicas)} replica(s), schedule {plan.schedule}, "
                 f"grad sync {plan.grad_sync}, {plan.optimizer}; global batch {plan.global_batch} in "
-                f"{plan.num_microbatches} micro-batches; steps {self.done + 1}..{self.cfg.steps}")
+                f"{plan.num_microbatches} micro-batches; "
+                + "".join(f"{option}; " for option in plan.options_used())
+                + f"steps {self.done + 1}..{self.cfg.steps}")
 
     def run(self) -> dict[str, Any] | None:
         """Train up to cfg.steps; returns the summary on rank 0 (None elsewhere)."""
@@ -369,8 +376,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slowdown", action="append", metavar="RANK=FACTOR[@STEP]",
                    help="stretch a rank's (or device id's) compute by FACTOR >= 1: emulated heterogeneity; "
                         "@STEP: from that step on (a factor of 1 ends it)")
-    p.add_argument("--slowdown-spin", action="store_true",
-                   help="emulated slowdowns spin instead of sleeping: for ranks that share cores")
     p.add_argument("--adaptive", action="store_true",
                    help="monitor ranks against the plan, report stragglers and obey the workflow's commands "
                         "(hetalloc run --adaptive starts the workflow)")
@@ -394,7 +399,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
                        checkpoint_dir=a.checkpoint_dir, checkpoint_every=a.checkpoint_every, resume=a.resume,
                        out_dir=a.out, slowdown=slowdown, slowdown_from=slowdown_from, warmup_steps=a.warmup_steps,
                        tensorboard=a.tensorboard, fail_at_step=a.fail_at_step, fail_rank=a.fail_rank,
-                       slowdown_spin=a.slowdown_spin, adaptive=a.adaptive, control_dir=a.control_dir, straggler_threshold=a.straggler_threshold,
+                       adaptive=a.adaptive, control_dir=a.control_dir, straggler_threshold=a.straggler_threshold,
                        straggler_steps=a.straggler_steps)
 
 
@@ -439,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         try:
             cfg = config_from_args(args)
+        except SpecError:
+            raise
         except ValueError as e:
             raise SpecError("arguments", "", str(e)) from None
         train(load_plan(args.plan), cfg, model=args.model, node=args.plan_node)

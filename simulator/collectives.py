@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from hetalloc.costgraph import CostGraph
 from hetalloc.costs import grad_bytes_per_param
 
-from .links import Topology, Usage, UsageTable
+from .links import Topology, Usage, UsageTable, max_min_rates
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +145,24 @@ def param_server_steps(topo: Topology, table: UsageTable, devices: list[str], mo
 STEP_BUILDERS = {"ring": ring_steps, "hierarchical": hierarchical_steps, "param_server": param_server_steps}
 
 
+def alone_time(steps: list[Step], nbytes: float, topo: Topology) -> float:
+    """Seconds the steps of a collective of nbytes take alone on idle links, as the
+    network plays them (each step: its latency, then its entities' bytes at max-min fair
+    rates, re-shared as entities finish)."""
+    total = 0.0
+    for st in steps:
+        total += st.latency_s
+        left = {i: f * nbytes for i, (_u, f) in enumerate(st.flows) if f * nbytes > 0 and st.flows[i][0].reduced}
+        while left:
+            keys = list(left)
+            rates = max_min_rates([st.flows[i][0] for i in keys], [1] * len(keys), topo.capacity)
+            dt = min(left[i] / r for i, (r, _l) in zip(keys, rates))
+            total += dt
+            for i, (r, _l) in zip(keys, rates):
+                left[i] -= r * dt
+                if left[i] <= 1e-9 * nbytes:
+                    del left[i]
+    return total
 def tp_steps(topo: Topology, ring: Usage, tp: int, num_allreduces: int, most: int) -> list[Step]:
     """The tensor-parallel all-reduces of one op over a group's ring (see module doc);
     `ring` is the group's ring as one entity, fractions are of the op's bytes in all."""

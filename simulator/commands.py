@@ -17,8 +17,8 @@ from typing import Any
 
 from hetalloc.cluster import Cluster, load_cluster
 from hetalloc.costgraph import CostGraph, load_cost_graph
-from hetalloc.errors import SpecError
-from hetalloc.plan import Plan, load_plan, plan_context
+from hetalloc.plan import Plan, load_plan, plan_context, validate_plan
+from hetalloc.plan_view import compact_ranges
 
 from .api import simulate
 from .engine import DDP_BUCKET_BYTES
@@ -52,11 +52,15 @@ def context_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_context(args) -> tuple[Plan, Cluster, CostGraph]:
-    """The plan, and its cluster and cost graph (embedded unless overridden)."""
+    """The plan, and its cluster and cost graph (embedded unless overridden), checked
+    against each other by the validator every verb uses (SpecError naming the plan's file;
+    memory is the simulation's to report, not a reason to refuse)."""
     plan = load_plan(args.plan)
     cluster = load_cluster(args.cluster) if args.cluster else None
     cg = load_cost_graph(args.cost_graph) if args.cost_graph else None
-    return (plan, *plan_context(plan, args.plan, cluster=cluster, cg=cg))
+    cluster, cg = plan_context(plan, args.plan, cluster=cluster, cg=cg)
+    validate_plan(plan, cluster, cg, source=args.plan, check_memory=False)
+    return plan, cluster, cg
 
 
 def sim_options(args) -> dict[str, Any]:
@@ -66,8 +70,6 @@ def sim_options(args) -> dict[str, Any]:
 
 def cmd_simulate(args) -> int:
     plan, cluster, cg = load_context(args)
-    if args.iterations < 1:
-        raise SpecError("--iterations", "", f"must be >= 1, got {args.iterations}", "simulate at least one")
     rep = simulate(plan, cluster, cg, iterations=args.iterations, explain=True, **sim_options(args))
     for path, write in ((args.trace, rep.write_trace), (args.gantt, rep.write_gantt),
                         (args.utilisation, rep.write_utilisation), (args.report, rep.save)):
@@ -114,22 +116,7 @@ def print_report(rep: SimReport) -> None:
     for k, v in rows:
         t.add_row(k, v)
     con.print(t)
-    st = Table(title="Stages (identical ones shown once)")
-    for c in ("replica", "stage", "layers", "devices", "stands for", "busy s", "busy %", "peak mem GiB", "of usable"):
-        st.add_column(c, justify="right")
-    shown = [s for s in rep.stages if any(d in res.work
-                                          for d in res.plan.replicas[s["replica"]].stages[s["stage"]].device_ids())]
-    for s in shown[:40]:
-        devs = res.plan.replicas[s["replica"]].stages[s["stage"]].device_ids()
-        mem = [rep.devices[d] for d in devs]
-        stands = sum(len(res.work[d].mates) for d in devs if d in res.work)
-        st.add_row(str(s["replica"]), str(s["stage"]), f"{s['layers'][0]}-{s['layers'][1] - 1}", str(len(devs)),
-                   f"{stands} devices", f"{s['busy_s']:.4g}",
-                   f"{100 * s['busy_fraction']:.0f}%", f"{max(m['peak_memory_bytes'] for m in mem) / 2**30:.2f}",
-                   f"{100 * max(m['memory_fraction'] for m in mem):.0f}%")
-    if len(shown) > 40:
-        st.caption = f"{len(shown) - 40} more stages in --json"
-    con.print(st)
+    con.print(stage_table(rep))
     if rep.links:
         lt = Table(title="Busiest links")
         for c in ("link", "GiB moved", "busy s", "utilisation"):
@@ -139,3 +126,32 @@ def print_report(rep: SimReport) -> None:
         con.print(lt)
     for n in rep.notes:
         con.print(n, highlight=False)
+
+
+def stage_table(rep: SimReport, max_rows: int = 40):
+    """One row per stage, where the stages of replicas that the simulation folded into one
+    (the same representative devices) share a row that names every replica it stands for
+    and counts all their devices."""
+    from rich.table import Table
+    res = rep.result
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for s in rep.stages:
+        devs = res.plan.replicas[s["replica"]].stages[s["stage"]].device_ids()
+        key = (s["stage"], tuple(sorted({res.rep_of[d] for d in devs})))
+        groups.setdefault(key, []).append(s)
+    st = Table(title="Stages (replicas simulated as one share a row)")
+    for c in ("replicas", "stage", "layers", "devices", "busy s", "busy %", "peak mem GiB", "of usable"):
+        st.add_column(c, justify="right")
+    for members in list(groups.values())[:max_rows]:
+        s = members[0]
+        devs = [d for m in members for d in res.plan.replicas[m["replica"]].stages[m["stage"]].device_ids()]
+        mem = [rep.devices[d] for d in devs]
+        st.add_row(compact_ranges([m["replica"] for m in members]), str(s["stage"]),
+                   f"{s['layers'][0]}-{s['layers'][1] - 1}", str(len(devs)),
+                   f"{max(m['busy_s'] for m in members):.4g}",
+                   f"{100 * max(m['busy_fraction'] for m in members):.0f}%",
+                   f"{max(m['peak_memory_bytes'] for m in mem) / 2**30:.2f}",
+                   f"{100 * max(m['memory_fraction'] for m in mem):.0f}%")
+    if len(groups) > max_rows:
+        st.caption = f"{len(groups) - max_rows} more rows; every stage is in --json"
+    return st

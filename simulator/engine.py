@@ -4,13 +4,16 @@ Each simulated group (one device, or t tensor-parallel devices in lockstep) is a
 generator process on its compute stream: it runs its schedule's forward/backward ops
 (``hetalloc.schedule.stage_op_order``), each waiting for its inputs; an op is its
 compute (the backward including the recomputed forward), then its tensor-parallel
-all-reduces as a collective over the group's ring (lane ``tp``); then it waits for its
-gradient collectives and runs its optimizer step. Every device (rank) also has two
+all-reduces as a collective over the group's ring (lane ``tp``); it waits for its last
+sends to leave; then it waits for its gradient collectives, runs its optimizer step, and
+joins the end-of-step loss all-reduce of every device (the next iteration starts when it
+ends), as the runtime does. Every device (rank) also has two
 communication lanes: ``p2p`` (activation / gradient sends, in order) and ``collective``
 (gradient all-reduces, in reverse layer order as DDP issues them; with zero1
 reduce-scatters before the optimizer step and all-gathers after it). The links
 underneath are shared (``simulator.links``): tensor-parallel rings contend with pipeline
-sends and gradient synchronisation.
+sends and gradient synchronisation. Compute ops run on ``simulator.compute`` (shared
+compute slots, interference with communication).
 
 Two switches, both on by default:
 - ``contention``: transfers share link bandwidth (fair sharing, collectives step by step
@@ -22,7 +25,15 @@ Two switches, both on by default:
   Off: sends block the op that produced them (a receiver waits for the whole op, as the
   cost prediction assumes) and each gradient group is all-reduced in one piece after
   the pipeline phase of all replicas has ended.
-With both off the simulation is ``hetalloc.evaluate.predict`` played out in time.
+- ``shared_compute`` and ``interference`` (default: as ``contention``): devices on a node
+  with fewer compute slots than devices share them; compute and communication slow each
+  other by the device types' measured interference figures (``simulator.compute``).
+Collectives are timed by the cluster's measured tables where it has them
+(``hetalloc.evaluate.allreduce_time``); over the links, a measured collective alone
+takes exactly its measured time (its steps get the difference as latency, or move
+proportionally fewer bytes when the measurement is faster than the links).
+With contention and overlap off the simulation is ``hetalloc.evaluate.predict`` played
+out in time.
 
 Never: compute a cost here — durations come from simulator.pipeline (which takes them
 from hetalloc) and from the network; this module only orders them in time.
@@ -39,10 +50,11 @@ from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
 from hetalloc.errors import SpecError
 from hetalloc.costs import zero1_halves
-from hetalloc.evaluate import allreduce_time, sync_groups
+from hetalloc.evaluate import allreduce_time, loss_reduction_time, measured_sync_time, sync_groups
 from hetalloc.plan import Plan, validate_plan
 
-from .collectives import STEP_BUILDERS, Bucket, Step, buckets, tp_steps
+from .collectives import STEP_BUILDERS, Bucket, Step, alone_time, buckets, tp_steps
+from .compute import ComputeModel
 from .links import LinkLog, Network, Topology, UsageTable
 from .pipeline import DeviceWork, ReplicaClass, Send, fold_replicas, optimizer_work, replica_work, split_chains
 
@@ -67,6 +79,12 @@ class SimOptions:
     of identical pipelines, where that is exact (simulator.pipeline)."""
     record: bool = True
     """Keep the step-by-step log of every collective (shown in traces)."""
+    shared_compute: bool | None = None
+    """Devices on a node with fewer compute slots than devices share them (processor
+    sharing); None: as ``contention``."""
+    interference: bool | None = None
+    """Compute and communication slow each other by the device types' measured
+    interference figures (simulator.compute); None: as ``contention``."""
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -95,7 +113,7 @@ class Activity:
     lane: str
     """compute | tp | p2p | collective"""
     kind: str
-    """F | B | optimizer | tp | send | allreduce | reducescatter | allgather"""
+    """F | B | optimizer | tp | send | allreduce | reducescatter | allgather | loss"""
     name: str
     t0: float
     t1: float
@@ -152,6 +170,10 @@ class SimResult:
     num_events: int
     wall_s: float
     network_solves: int
+    marks: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    """Per simulated group and iteration: start, pipe_end (last op done and its sends
+    gone), opt_start, opt_end, end (the loss all-reduce done)."""
+    loss_time_s: float = 0.0
 
 
 class Simulation:
@@ -159,13 +181,18 @@ class Simulation:
 
     def __init__(self, plan: Plan, cluster: Cluster, cg: CostGraph, options: SimOptions | None = None):
         self.opts = options or SimOptions()
-        validate_plan(plan, cluster, cg, source="plan", check_memory=False)
+        validate_plan(plan, cluster, cg, check_memory=False)
         self.plan, self.cluster, self.cg = plan, cluster, cg
         self.env = CountingEnvironment()
         self.topo = Topology(cluster)
         self.table = UsageTable()
         self.log = LinkLog()
         self.net = Network(self.env, self.topo, self.log) if self.opts.contention else None
+        shared = self.opts.contention if self.opts.shared_compute is None else self.opts.shared_compute
+        interference = self.opts.contention if self.opts.interference is None else self.opts.interference
+        self.compute = ComputeModel(self.env, cluster, shared=shared, interference=interference)
+        # Shared compute couples the devices of a node, whichever replica they serve.
+        fold = self.opts.fold and not any(self.compute.nodes[n.name].share_slots for n in cluster.nodes)
         self.groups = [g for g in sync_groups(plan, cluster, cg) if len(g.devices) > 1]
         build = STEP_BUILDERS[plan.grad_sync]
         self.parts = ("rs", "ag") if plan.optimizer_sharding == "zero1" else ("all",)
@@ -178,7 +205,7 @@ class Simulation:
         self.chains = split_chains(plan) if self.opts.fold else plan
         placement = plan.placement()
         self.classes = fold_replicas(self.chains, cluster, self.topo, self.table, contention=self.opts.contention,
-                                     collective_usages=coll_usages, enabled=self.opts.fold)
+                                     collective_usages=coll_usages, enabled=fold)
         self.work: dict[str, DeviceWork] = {}
         self.rep_of: dict[str, str] = {}
         """device -> the simulated group (its rank 0's id) that stands for it."""
@@ -214,6 +241,11 @@ class Simulation:
         self.lane_colls: dict[tuple[int, str], list[Collective]] = {}
         self._finished: set[str] = set()
         self.lanes: dict[str, simpy.Store] = {}
+        self.marks: dict[str, list[dict[str, float]]] = {d: [{} for _ in range(self.opts.iterations)]
+                                                         for d in self.work}
+        self.loss_time = loss_reduction_time(cluster, list(placement))
+        self._last_send: dict[tuple[int, str], simpy.Event] = {}
+        self._measured: dict[tuple, tuple[float, float, float] | None] = {}
 
     # ---- bookkeeping ------------------------------------------------------------------
     # Events carry (activity index, time): the activity whose end released the waiter.
@@ -253,12 +285,45 @@ class Simulation:
         if s.nbytes <= 0:
             return
         t0 = self.env.now
+        ends = (self.rep_of[s.src], self.rep_of[s.dst])  # the simulated groups whose compute it meets
+        self.compute.comm_begin(ends, "p2p")
+        busy = self.compute.busy_marks(ends)
         if self.net is None:
             yield self.env.timeout(s.formula_s)
             self.log.record(s.usage, t0, self.env.now, s.nbytes)
         else:
             yield self.env.timeout(s.latency_s)
             yield self.net.transfer(s.usage, s.nbytes)
+        if busy:
+            extra = self.compute.comm_extra(ends, "p2p", busy)
+            if extra > 0:
+                yield self.env.timeout(extra)
+        self.compute.comm_end(ends, "p2p")
+
+    def _measured_fit(self, c: Collective) -> tuple[float, float, float] | None:
+        """For a collective the cluster has measured: (extra seconds before its steps, scale
+        of their bytes, scale of their latencies) that make it, alone on the links, take
+        its measured time; None when it is priced by the formulas (their steps already
+        add up to them)."""
+        key = (c.group, c.bucket.nbytes, c.part)
+        if key not in self._measured:
+            target = measured_sync_time(self.cluster, c.devices, c.bucket.nbytes, self.plan.grad_sync)
+            fit = None
+            if target is not None:
+                if c.part != "all":
+                    rs, ag = zero1_halves(target)
+                    target = rs if c.part == "rs" else ag
+                steps = self.part_steps[(c.group, c.part)]
+                lat = sum(st.latency_s for st in steps)
+                total = alone_time(steps, c.bucket.nbytes, self.topo)
+                if target >= total:
+                    fit = (target - total, 1.0, 1.0)
+                elif target >= lat:
+                    fit = (0.0, (target - lat) / (total - lat), 1.0)
+                else:
+                    fit = (0.0, 0.0, target / lat)
+            self._measured[key] = fit
+        return self._measured[key]
 
     def _collective_time(self, c: Collective) -> float:
         key = (c.group, c.bucket.nbytes, c.part)
@@ -311,11 +376,12 @@ class Simulation:
                     yield self._wait(deps)
                 op = self._begin(w.id, "compute", kind, f"{kind} mb{m} L{w.start}-{w.stop - 1}",
                                  self._latest(prev, *(d.value for d in deps)), it)
+                marks = None
                 if kind == "F":
                     self.mem[w.id].append((env.now, w.act_bytes_per_mb))
                 elif pos == last_b and overlap:
-                    self._schedule_ready(w, it, op)
-                yield env.timeout(w.fwd_s if kind == "F" else w.bwd_s)
+                    marks = self._ready_marks(w, it, op)
+                yield self.compute.run(w.id, w.fwd_s if kind == "F" else w.bwd_s, marks)
                 prev = self._end(op)
                 if kind == "B":
                     self.mem[w.id].append((env.now, -w.act_bytes_per_mb))
@@ -323,12 +389,15 @@ class Simulation:
                     n, nbytes = (w.tp_allreduces[0], w.tp_allreduces[1]) if kind == "F" else w.tp_allreduces[2:]
                     i = self._begin(w.id, "tp", "tp", f"tp all-reduce {kind} mb{m} ({n} x {len(w.ranks)} devices, "
                                     f"{nbytes / 2**20:.1f} MiB)", prev[0], it, usage=w.tp_usage.key)
+                    self.compute.comm_begin([w.id], "collective")
                     yield from self._tp(w, kind)
+                    self.compute.comm_end([w.id], "collective")
                     prev = self._end(i)
                 sends = w.sends_fwd if kind == "F" else w.sends_bwd
                 if overlap:
                     for s in sends:
                         self.lanes[s.src].put((it, kind, m, s, prev))
+                        self._last_send[(it, s.src)] = self._event(("arrive", it, kind, m, s.src, s.dst))
                     continue
                 by_rank: dict[str, list[Send]] = {}
                 for s in sends:
@@ -344,6 +413,11 @@ class Simulation:
                     prev = (last, env.now)
                 for s in sends:
                     self._event(("arrive", it, kind, m, s.src, s.dst)).succeed(prev)
+            lasts = [e for r in w.ranks if (e := self._last_send.get((it, r))) is not None and not e.triggered]
+            if lasts:  # the runtime waits for its sends to leave
+                yield self._wait(lasts)
+            marks = self.marks[w.id][it]
+            marks["pipe_end"] = env.now
             self._event(("pipe", it, w.id)).succeed(prev)
             colls = [c for r in w.ranks for c in self.lane_colls.get((it, r), [])]
             waits = [c.done for c in colls if c.part != "ag"]
@@ -351,17 +425,50 @@ class Simulation:
                 waits.append(self._barrier(it))
             if waits:
                 yield self._wait(waits)
+            marks["opt_start"] = env.now
             i = self._begin(w.id, "compute", "optimizer", "optimizer step",
                             self._latest(prev, *(e.value for e in waits)), it)
-            yield env.timeout(w.optimizer_s)
+            yield self.compute.run(w.id, w.optimizer_s)
             prev = self._end(i)
             gathers = [c.done for c in colls if c.part == "ag"]
             if gathers:  # zero1: the updated parameter shards come back before the next step
                 self._event(("stepped", it, w.id)).succeed(prev)
                 yield self._wait(gathers)
                 prev = (self._latest(prev, *(e.value for e in gathers)), env.now)
+            marks["opt_end"] = env.now
+            self._event(("tail", it, w.id)).succeed(prev)
+            loss = self._loss(it)
+            yield loss
+            prev = loss.value
+            marks["end"] = env.now
             self.iteration_ends[it] = max(self.iteration_ends[it], env.now)
+            if it + 1 < self.opts.iterations:
+                self.marks[w.id][it + 1]["start"] = env.now
         self._finished.add(w.id)
+
+    def _loss(self, it: int) -> simpy.Event:
+        """Fires when iteration `it`'s loss all-reduce over every device has ended: it
+        starts when the last device has stepped (hetalloc.evaluate.loss_reduction_time)."""
+        key = ("loss", it)
+        ev = self._events.get(key)
+        if ev is None:
+            ev = self._events[key] = self.env.event()
+            self.env.process(self._loss_reduction(it, ev))
+        return ev
+
+    def _loss_reduction(self, it: int, done: simpy.Event):
+        tails = [self._event(("tail", it, d)) for d in self.work]
+        yield self.env.all_of(tails)
+        cause = self._latest(*(e.value for e in tails))
+        acts = [self._begin(d, "collective", "loss", f"loss all-reduce ({len(self.plan.device_ids())} devices)",
+                            cause, it) for d in self.work]
+        devices = list(self.work)
+        self.compute.comm_begin(devices, "collective")
+        yield self.env.timeout(self.loss_time)
+        self.compute.comm_end(devices, "collective")
+        for i in acts:
+            self._end(i)
+        done.succeed((acts[0], self.env.now))
 
     def _barrier(self, it: int) -> simpy.Event:
         """Fires when the pipeline phase of iteration `it` has ended on every device."""
@@ -388,16 +495,18 @@ class Simulation:
             prev = self._end(i)
             self._event(("arrive", it, kind, m, device, s.dst)).succeed(prev)
 
-    def _schedule_ready(self, w: DeviceWork, it: int, op: int) -> None:
-        """At the start of the device's last backward: when each of its buckets is ready
-        (the backward runs from the stage's last layer down to its first)."""
+    def _ready_marks(self, w: DeviceWork, it: int, op: int) -> list:
+        """For the device's last backward: after how much of its work each of its buckets
+        is ready (the backward runs from the stage's last layer down to its first)."""
+        marks = []
         for r in w.ranks:
             for c in self.lane_colls.get((it, r), []):
                 if c.part == "ag":
                     continue
-                delay = sum(w.bwd_layer_s[c.bucket.start - w.start:])
+                done = sum(w.bwd_layer_s[c.bucket.start - w.start:])
                 ev = self._event(("ready", c.key, r))
-                self.env.timeout(delay).callbacks.append(lambda _e, ev=ev: ev.succeed((op, self.env.now)))
+                marks.append((done, lambda ev=ev: ev.succeed((op, self.env.now))))
+        return marks
 
     def _collective(self, c: Collective, it: int):
         env = self.env
@@ -421,11 +530,17 @@ class Simulation:
                             rank=self.rank_index[d]) for d in c.members]
         t0 = env.now
         steps = self.part_steps[(c.group, c.part)]
+        who = list(dict.fromkeys(self.rep_of[d] for d in c.members))  # the simulated groups it meets
+        self.compute.comm_begin(who, "collective")
+        busy = self.compute.busy_marks(who)
         if nbytes > 0 and self.net is not None:
+            extra, byte_scale, lat_scale = self._measured_fit(c) or (0.0, 1.0, 1.0)
+            if extra > 0:
+                yield env.timeout(extra)
             for st in steps:
                 t1 = env.now
-                yield env.timeout(st.latency_s)
-                yield self._wait([self.net.transfer(u, f * nbytes) for u, f in st.flows])
+                yield env.timeout(st.latency_s * lat_scale)
+                yield self._wait([self.net.transfer(u, f * nbytes * byte_scale) for u, f in st.flows])
                 if self.opts.record:
                     c.steps.append((st.phase, t1, env.now))
         elif nbytes > 0:
@@ -433,6 +548,11 @@ class Simulation:
             for st in steps:
                 for u, f in st.flows:
                     self.log.record(u, t0, env.now, f * nbytes)
+        if busy:
+            extra = self.compute.comm_extra(who, "collective", busy)
+            if extra > 0:
+                yield env.timeout(extra)
+        self.compute.comm_end(who, "collective")
         for i in acts:
             self._end(i)
         c.done.succeed((acts[0], env.now))
@@ -469,6 +589,7 @@ class Simulation:
         self._plan_collectives()
         self.table.reduce(self.topo.capacity)
         for w in self.work.values():
+            self.marks[w.id][0]["start"] = 0.0
             if self.opts.overlap:
                 for r in w.ranks:
                     self.lanes[r] = simpy.Store(env)
@@ -478,11 +599,12 @@ class Simulation:
             env.process(self._collective(c, c.key[0]))
         env.run()
         if len(self._finished) < len(self.work) or any(not c.done.triggered for c in self.collectives):
-            raise SpecError("plan", "schedule", "the simulation stalled before the iteration ended",
+            raise SpecError(self.plan.source or "plan", "schedule", "the simulation stalled before the iteration ended",
                             "check the plan's stage wiring (every stage must split the same micro-batch)")
         return SimResult(
             plan=self.plan, cluster=self.cluster, cg=self.cg, options=self.opts, topo=self.topo, table=self.table,
             log=self.log, work=self.work, rep_of=self.rep_of, chains=self.chains, classes=self.classes,
             activities=self.acts, memory_events=self.mem, iteration_ends_s=self.iteration_ends, groups=self.groups,
             collective_steps=self.steps, collectives=self.collectives, num_events=env.num_events,
-            wall_s=time.perf_counter() - t_wall, network_solves=self.net.solves if self.net else 0)
+            wall_s=time.perf_counter() - t_wall, network_solves=self.net.solves if self.net else 0,
+            marks=self.marks, loss_time_s=self.loss_time)

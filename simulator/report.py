@@ -1,5 +1,6 @@
 """Figures of a simulated run: step time, throughput, MFU, busy/idle per stage, bubble,
-time and bytes per link, exposed communication, peak memory, the critical path, and how
+time and bytes per link, exposed communication, peak memory, the critical path, each
+device's step split into the kinds of work the runtime measures (``WORK_KINDS``), and how
 the simulation compares with the cost prediction.
 
 Never: re-run or change the simulation here; this only reads a SimResult.
@@ -18,6 +19,38 @@ from hetalloc.plan import device_memory
 from .engine import Activity, SimResult
 
 SCHEMA_VERSION = 1
+WORK_KINDS = ("compute", "p2p", "allreduce", "optimizer", "loss", "other")
+"""A device's step, as runtime.metrics splits a measured one: forward and backward compute
+(compute_s), waiting for activations, gradients and its own sends (p2p_wait_s), waiting
+for the gradient all-reduce (grad_sync_s), the optimizer step (optimizer_s), the
+end-of-step loss all-reduce with its wait for the slowest device (loss_sync_s), and the
+runtime's own time (other_s: the measured per-op and per-step overheads the formulas add
+to the ops)."""
+
+
+def work_by_kind(res: SimResult, device: str) -> dict[str, float]:
+    """Seconds per iteration of each kind of work (WORK_KINDS) on a simulated device; they
+    add up to its iteration (from the end of the previous loss all-reduce to the end of
+    its own)."""
+    w = res.work[device]
+    n_it = len(res.iteration_ends_s)
+    out = dict.fromkeys(WORK_KINDS, 0.0)
+    ops = {it: 0.0 for it in range(n_it)}
+    count = {it: 0 for it in range(n_it)}
+    for a in res.activities:
+        if a.device == device and a.kind in ("F", "B"):
+            ops[a.iteration] += a.t1 - a.t0
+            count[a.iteration] += 1
+    op_oh, step_oh = w.dtype.op_overhead_s, w.dtype.step_overhead_s
+    for it, m in enumerate(res.marks[device]):
+        own = count[it] * op_oh
+        out["compute"] += ops[it] - own
+        out["other"] += own + step_oh
+        out["p2p"] += m["pipe_end"] - m["start"] - ops[it]
+        out["allreduce"] += m["opt_start"] - m["pipe_end"]
+        out["optimizer"] += m["opt_end"] - m["opt_start"] - step_oh
+        out["loss"] += m["end"] - m["opt_end"]
+    return {k: v / n_it for k, v in out.items()}
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:
@@ -179,6 +212,7 @@ def build_report(res: SimResult, prediction: Prediction | None) -> SimReport:
             "predicted_memory_bytes": formula_mem[d].total,
             "memory_fraction": peak / usable_memory(w.dtype),
             "represents": w.mates,
+            "work_s": work_by_kind(res, d),
         }
         for m in w.mates:
             devices[m] = stats if m == d else {**stats, "represented_by": d}
@@ -301,6 +335,8 @@ def critical_path(res: SimResult) -> dict[str, Any]:
             resource = f"device {a.device}"
         elif a.kind == "send":
             resource = f"link {names[a.usage][1] if a.usage in names else '?'}"
+        elif a.kind == "loss":
+            resource = "loss all-reduce"
         elif a.kind == "tp":
             resource = f"tensor-parallel all-reduce of {a.device} over {names[a.usage][1] if a.usage in names else '?'}"
         else:
@@ -320,7 +356,8 @@ def critical_path(res: SimResult) -> dict[str, Any]:
     top = max(by_res.items(), key=lambda kv: (kv[1], kv[0]))
     total = sum(by_kind.values())
     words = {"F": "forward", "B": "backward", "send": "sends", "allreduce": "all-reduce", "optimizer": "optimizer",
-             "tp": "tensor-parallel all-reduce", "reducescatter": "reduce-scatter", "allgather": "all-gather"}
+             "tp": "tensor-parallel all-reduce", "reducescatter": "reduce-scatter", "allgather": "all-gather",
+             "loss": "loss all-reduce"}
     made_of = ", ".join(f"{words.get(k, k)} {100 * v / total:.0f}%"
                         for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])) if total > 0 else ""
     return {"bound_by": f"{top[0]} ({100 * top[1] / total:.0f}% of the path)" if total > 0 else top[0],

@@ -74,11 +74,12 @@ def _rebuild(cluster: Cluster, nodes: list[Node], types: dict[str, DeviceType] |
     if not nodes:
         raise InfeasibleError("the scenario leaves no devices in the cluster")
     return Cluster(cluster.name, nodes, dict(types or cluster.device_types),
-                   cluster.fabric_oversubscription if oversub is None else oversub, cluster.source)
+                   cluster.fabric_oversubscription if oversub is None else oversub, cluster.source,
+                   collectives=cluster.collectives)
 
 
 def _copy_nodes(cluster: Cluster) -> list[Node]:
-    return [Node(n.name, list(n.devices), n.intra, n.nic) for n in cluster.nodes]
+    return [Node(n.name, list(n.devices), n.intra, n.nic, n.compute_slots) for n in cluster.nodes]
 
 
 def _resolve_type(name: str, types: dict[str, DeviceType], spec: str, present: Cluster | None = None) -> str:
@@ -265,7 +266,7 @@ def slow(spec: str) -> Callable[[Case], Case]:
                              base.mem_bandwidth_gbps / f, base.cost_per_hour_usd,
                              f"{base.name} slowed {f:g}x (what-if)")
         nodes = [Node(n.name, [Device(d.id, name, d.node, d.local_index) if d.id == dev else d for d in n.devices],
-                      n.intra, n.nic) for n in cl.nodes]
+                      n.intra, n.nic, n.compute_slots) for n in cl.nodes]
         cg = case.cg.with_tables({name: _scaled_table(case.cg, base, f, case.global_batch)})
         return dataclasses.replace(case, cluster=_rebuild(cl, nodes, {**cl.device_types, name: derived}), cg=cg)
     return apply
@@ -290,7 +291,8 @@ def fail(spec: str) -> Callable[[Case], Case]:
     def apply(case: Case) -> Case:
         cl = case.cluster
         if target in cl.device_by_id and not spec.startswith("node:"):
-            nodes = [Node(n.name, [d for d in n.devices if d.id != target], n.intra, n.nic) for n in cl.nodes]
+            nodes = [Node(n.name, [d for d in n.devices if d.id != target], n.intra, n.nic, n.compute_slots)
+                     for n in cl.nodes]
         elif target in cl.node_by_name:
             nodes = [n for n in _copy_nodes(cl) if n.name != target]
         else:
@@ -431,8 +433,26 @@ BUILDERS: dict[str, Callable[[str], Callable[[Case], Case]]] = {
 }
 
 
+def _as_flag(e: SpecError, flag: str) -> SpecError:
+    """The error with the flag it came from as its source (the builders say 'whatif')."""
+    return SpecError(flag, e.path, e.problem, e.fix) if e.source == "whatif" else e
+
+
 def scenario(kind: str, spec: str) -> Scenario:
-    return Scenario(f"{kind} {spec}", [BUILDERS[kind](spec)])
+    """The scenario of one flag (--swap SPEC, ...); its errors, on parsing now or on
+    applying later, name the flag."""
+    flag = f"--{kind}"
+    try:
+        transform = BUILDERS[kind](spec)
+    except SpecError as e:
+        raise _as_flag(e, flag) from None
+
+    def apply(case: Case) -> Case:
+        try:
+            return transform(case)
+        except SpecError as e:
+            raise _as_flag(e, flag) from None
+    return Scenario(f"{kind} {spec}", [apply])
 
 
 def apply_scenario(sc: Scenario, base: Case) -> Case:
@@ -466,7 +486,8 @@ def with_prices(cluster: Cluster, prices: dict[str, float]) -> Cluster:
     for t, usd in prices.items():
         name = _resolve_type(t, types, f"--price {t}={usd}", cluster)
         types[name] = with_price(types[name], usd)
-    return Cluster(cluster.name, _copy_nodes(cluster), types, cluster.fabric_oversubscription, cluster.source)
+    return Cluster(cluster.name, _copy_nodes(cluster), types, cluster.fabric_oversubscription, cluster.source,
+                   collectives=cluster.collectives)
 
 
 def cost_per_hour(cluster: Cluster) -> float:
@@ -496,15 +517,22 @@ def parse_sweep(text: str) -> tuple[str, list[str], str]:
 
 
 def sweep_scenarios(text: str) -> tuple[str, list[float], str, list[Scenario]]:
-    knob, values, unit = parse_sweep(text)
-    out = []
-    for v in values:
-        if knob in ("batch", "seq"):
-            sc = scenario(knob, str(int(float(v))))
-        elif knob.startswith("slow:"):
-            sc = scenario("slow", f"{knob[5:]}={v}")
-        else:
-            sc = scenario("link", f"{knob}={v}{unit}")
-        sc.name = f"{knob}={v}{unit}"
-        out.append(sc)
-    return knob, [float(v) for v in values], unit, out
+    try:
+        knob, values, unit = parse_sweep(text)
+        try:
+            numbers = [float(v) for v in values]
+        except ValueError:
+            raise _err(text, f"cannot read values '{','.join(values)}'", "e.g. nic=10,25,100Gb/s") from None
+        out = []
+        for v, x in zip(values, numbers):
+            if knob in ("batch", "seq"):
+                sc = scenario(knob, str(int(x)) if x == int(x) else v)
+            elif knob.startswith("slow:"):
+                sc = scenario("slow", f"{knob[5:]}={v}")
+            else:
+                sc = scenario("link", f"{knob}={v}{unit}")
+            sc.name = f"{knob}={v}{unit}"
+            out.append(sc)
+    except SpecError as e:
+        raise SpecError("--sweep", text, e.problem, e.fix) from None
+    return knob, numbers, unit, out

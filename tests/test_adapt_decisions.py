@@ -189,7 +189,11 @@ def test_run_adaptive_refuses_what_it_cannot_do_in_one_line(tmp_path, capsys):
     assert main(["run", str(tmp_path / "plan.json"), "--adaptive", "--horizon", "0"]) == 2
     assert capsys.readouterr().err.strip() == ("error: hetalloc run --adaptive: horizon_steps must be at least 1.")
     assert main(["run", str(tmp_path / "plan.json"), "--adaptive", "--slowdown", "1=3@0"]) == 2
-    assert "--slowdown expects RANK=FACTOR@STEP with STEP >= 1, got '1=3@0'" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == ("error: --slowdown: 1=3@0: expected RANK=FACTOR@STEP with a whole "
+                                               "STEP >= 1 — e.g. --slowdown 1=3@20 (rank 1 three times as slow from "
+                                               "step 20 on)")
+    assert main(["run", str(tmp_path / "plan.json"), "--adaptive", "--slowdown", "7=3@20"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --slowdown: 7: is not a rank of this run (0..2)")
 
 
 def test_a_rank_that_stops_answering_is_told_from_one_that_runs():

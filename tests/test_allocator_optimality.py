@@ -25,18 +25,20 @@ LINKS = ["NVLink3", "PCIe4", "PCIe3"]
 NICS = ["IB-HDR", "Eth-25G", "Eth-10G"]
 
 
-def random_instance(seed: int):
+def random_instance(seed: int, n_types: tuple[int, ...] = (2, 3), n_nodes_choice: tuple[int, ...] = (1, 2)):
     rng = random.Random(seed)
-    types = rng.sample(TYPES, rng.choice([2, 3]))
-    n_nodes = rng.choice([1, 2])
-    total = rng.randint(3, 8)
+    types = rng.sample(TYPES, rng.choice(n_types))
+    n_nodes = rng.choice(n_nodes_choice)
+    total = rng.randint(max(3, n_nodes), 8)
     nodes = []
     left = total
     for k in range(n_nodes):
-        cnt = left if k == n_nodes - 1 else rng.randint(1, left - 1)
+        cnt = left if k == n_nodes - 1 else rng.randint(1, left - (n_nodes - 1 - k))
         left -= cnt
         gpus = {}
         node_types = rng.sample(types, min(len(types), rng.choice([1, 2])))
+        if len(n_types) and min(n_types) >= 3:  # spread the types over the nodes
+            node_types = [types[k % len(types)]] + ([types[(k + 1) % len(types)]] if rng.random() < 0.5 else [])
         for _ in range(cnt):
             t = rng.choice(node_types)
             gpus[t] = gpus.get(t, 0) + 1
@@ -61,10 +63,13 @@ def random_instance(seed: int):
     return Problem(cluster, cg, B, schedule=schedule)
 
 
-def feasible_instance(seed: int):
-    """The first feasible instance in a seed's sequence (memory can make one infeasible)."""
-    for attempt in range(10):
-        prob = random_instance(seed * 100 + attempt)
+def feasible_instance(seed: int, min_types: int = 1, **kw):
+    """The first feasible instance in a seed's sequence (memory can make one infeasible)
+    with at least min_types device types."""
+    for attempt in range(30):
+        prob = random_instance(seed * 100 + attempt, **kw)
+        if len({c.dtype.name for c in prob.classes}) < min_types:
+            continue
         ref = brute_force(prob)
         if ref is not None:
             return prob, ref
@@ -80,6 +85,21 @@ def test_planner_matches_brute_force(seed):
     got = evaluate_counts(prob, res.best).objective_s
     assert abs(got - ref.objective_s) <= 1e-6 * ref.objective_s, (got, ref.objective_s)
     # the proven bound is consistent with the optimum
+    assert res.bound <= ref.objective_s * (1 + 1e-6)
+
+
+MANY_TYPES = dict(n_types=(3, 4), n_nodes_choice=(2, 3, 4), min_types=3)
+
+
+@pytest.mark.parametrize("seed", range(1000, 1012))
+def test_planner_matches_brute_force_three_or_four_types(seed):
+    """3-4 device types spread over 2-4 nodes (several classes per type, links that differ)."""
+    prob, ref = feasible_instance(seed, **MANY_TYPES)
+    assert len({c.dtype.name for c in prob.classes}) >= 3 and len(prob.cluster.nodes) >= 2
+    res = search(prob, time_limit=120, gap=1e-9)
+    assert res.best is not None and res.status == "optimal"
+    got = evaluate_counts(prob, res.best).objective_s
+    assert abs(got - ref.objective_s) <= 1e-6 * ref.objective_s, (got, ref.objective_s)
     assert res.bound <= ref.objective_s * (1 + 1e-6)
 
 

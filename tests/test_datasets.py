@@ -98,8 +98,8 @@ def test_hetalloc_run_refuses_bad_data_before_launching(tmp_path, capsys):
     _bad(tmp_path)
     for extra, expect in ((["--dataset", str(tmp_path / "odd.bin")], "--dataset: "),
                           (["--dataset", str(tmp_path / "missing.txt")], "file not found"),
-                          (["--dataset", "text", "--eval-every", "-1"], "eval_every must be >= 0"),
-                          (["--dataset", "text", "--val-fraction", "1.5"], "val_fraction must be in [0, 1)")):
+                          (["--dataset", "text", "--eval-every", "-1"], "--eval-every: must be a whole number >= 0"),
+                          (["--dataset", "text", "--val-fraction", "1.5"], "--val-fraction: must be >= 0 and < 1")):
         assert main(["run", str(tmp_path / "plan.json"), "--out", str(tmp_path / "out"), *extra]) == 2
         captured = capsys.readouterr()
         lines = captured.err.strip().splitlines()

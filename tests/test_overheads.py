@@ -62,7 +62,11 @@ def test_planner_prediction_and_simulation_agree_with_overheads(setup):
     cluster, cg = setup
     plan = make_plan(cluster, cg, 16, time_limit=20)
     predicted = plan.predicted["iteration_time_s"]
-    assert plan.solver["objective_s"] == pytest.approx(predicted, rel=1e-9)
+    # The planner's model leaves out the end-of-step loss all-reduce over all devices (the
+    # same for every plan on these devices); the prediction and the simulation include it.
+    loss = plan.predicted["loss_reduction_time_s"]
+    assert loss == pytest.approx(40e-6 + 8 / 5e9)  # 2 devices: one round of recursive doubling
+    assert plan.solver["objective_s"] + loss == pytest.approx(predicted, rel=1e-9)
     sim = simulator.simulate(plan, cluster, cg, contention=False, overlap=False)
     assert sim.iteration_time_s == pytest.approx(predicted, rel=1e-9)
     # without the overheads the same plan is predicted faster, by at least one step overhead

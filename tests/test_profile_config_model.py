@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from allocator import make_plan
+from hetalloc.errors import SpecError
 from hetalloc.models import resolve_model
 from hetalloc.plan import load_plan, plan_context
 from runtime.launch import RunFailed
+from runtime.profile import command
 from runtime.profile.command import STAGING, run_profile
 from workflows.loop import profile_machine
 
@@ -23,7 +25,7 @@ CONFIG = ROOT / "examples" / "llama-tiny.json"
 FILES = ("cost_graph.json", "cluster.yaml", "report.json")
 
 
-def test_config_file_model_profile_completes_records_the_config_and_is_reused(tmp_path):
+def test_config_file_model_profile_completes_records_the_config_and_is_reused(tmp_path, monkeypatch):
     out = tmp_path / "prof"
     report = run_profile(out, nproc=2, model=str(CONFIG), seq=32, batch_sizes="1,2", warmup=1, repeats=2,
                          link_repeats=2, timeout_s=300)
@@ -43,10 +45,15 @@ def test_config_file_model_profile_completes_records_the_config_and_is_reused(tm
     plan.save(tmp_path / "plan.json")
     assert plan_context(load_plan(tmp_path / "plan.json"))[1].shape().hf_config == json.loads(CONFIG.read_text())
 
-    # A failed profile into the same directory leaves the complete one untouched.
+    # A failed profile into the same directory leaves the complete one untouched: refused
+    # before launching, and (the launcher's checks skipped) refused by the ranks.
     saved = {f: (out / f).read_bytes() for f in FILES}
+    bad = dict(nproc=2, model=str(CONFIG), seq=32, batch_sizes="1", slowdown=["5=2"], warmup=1, repeats=1,
+               link_repeats=1, timeout_s=120)
+    with pytest.raises(SpecError, match="--slowdown"):
+        run_profile(out, **bad)
+    monkeypatch.setattr(command, "check_profile", lambda *a, **k: None)
     with pytest.raises(RunFailed, match="--slowdown"):
-        run_profile(out, nproc=2, model=str(CONFIG), seq=32, batch_sizes="1", slowdown=["5=2"], warmup=1,
-                    repeats=1, link_repeats=1, timeout_s=120)
+        run_profile(out, **bad)
     assert {f: (out / f).read_bytes() for f in FILES} == saved
     assert not (out / STAGING).exists()

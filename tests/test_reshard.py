@@ -1,12 +1,17 @@
-"""Resharding round trips (runtime.reshard): rank files saved under plan A load under a
-plan B with other stage boundaries, widths, replicas and world size, and every parameter
-and every optimizer state tensor arrives bitwise as saved. The ranks are built in this
-process (real models, real AdamW, real rank files through checkpoint.rank_state and
-read_rank_file); the multi-process path (a parameter-server plan's shards, under
-torchrun) is in tests/test_adaptive_run.py."""
+"""Resharding round trips (runtime.reshard): rank files saved under plan A (checkpoint
+format 3: parameters and optimizer state by whole-model name, whole) load under a plan B
+with other stage boundaries, widths, replicas and world size, and every parameter and
+every optimizer state tensor arrives bitwise as saved. The rank files are written here in
+that format from real models and real AdamW steps and read back through
+checkpoint.read_rank_file; the ranks' side (StageState cutting tensor-parallel and zero1
+shards on load and gathering them again on save, under torchrun) is in
+tests/test_runtime_equivalence.py (RESHARDED), the adaptive switches in
+tests/test_adaptive_run.py.
+"""
 
 from __future__ import annotations
 
+import shutil
 import zlib
 from pathlib import Path
 
@@ -14,6 +19,7 @@ import pytest
 import torch
 
 from hetalloc.cluster import load_cluster
+from hetalloc.errors import SpecError
 from hetalloc.fileio import atomic_write_json
 from hetalloc.plan import Plan, plan_context
 from runtime import checkpoint, reshard
@@ -65,6 +71,19 @@ def by_name(module: StageModule, optimizer: torch.optim.Optimizer) -> dict[str, 
             for n, p in module.named_model_parameters()}
 
 
+def rank_file_state(r: int, world: int, key: str, module: StageModule, optimizer: torch.optim.Optimizer,
+                    next_sample: int) -> dict:
+    """A format-3 rank file's content, as runtime.stage_state gives it for a rank without
+    sharding (every tensor whole, by parameter name)."""
+    return {"format": checkpoint.FORMAT, "step": STEP, "rank": r, "world_size": world, "plan_key": key,
+            "params": {n: p.detach().clone() for n, p in module.named_model_parameters()},
+            "optimizer": {"by_param": {n: {k: v.clone() for k, v in optimizer.state[p].items()}
+                                       for n, p in module.named_model_parameters()},
+                          "hyper": {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}},
+            "rng": {"torch": torch.get_rng_state()},
+            "data": {"next_step": STEP + 1, "next_sample": next_sample}}
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """Plan A's three ranks, trained two steps and saved at STEP as the runtime saves."""
@@ -76,8 +95,7 @@ def saved(tmp_path_factory):
         module, opt = rank(a, r)
         train_a_little(module, opt)
         truth.update(by_name(module, opt))
-        state = checkpoint.rank_state(STEP, r, world, key, module, opt, torch.device("cpu"),
-                                      next_sample=STEP * a.global_batch)
+        state = rank_file_state(r, world, key, module, opt, STEP * a.global_batch)
         path = checkpoint.rank_file(d, STEP, r)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, path)
@@ -97,8 +115,10 @@ def test_parameters_and_optimizer_state_arrive_bitwise_under_another_plan(saved,
         state, path = reshard.loader(r, key, world, module.start, module.stop, names)(d, STEP)
         assert state["resharded_from"] != key and state["rng"] is None
         assert state["data"] == {"next_step": STEP + 1, "next_sample": STEP * 8}
-        assert checkpoint.restore(state, path, key, module, opt, torch.device("cpu")) == STEP
-        for n, got in by_name(module, opt).items():
+        assert path == checkpoint.step_dir(d, STEP) and set(state["params"]) == names
+        assert set(state["optimizer"]["by_param"]) == names
+        for n in names:
+            got = {"param": state["params"][n], **state["optimizer"]["by_param"][n]}
             assert got.keys() == truth[n].keys() == {"param", "step", "exp_avg", "exp_avg_sq"}
             for k, t in got.items():
                 assert torch.equal(t, truth[n][k]), (n, k)
@@ -115,44 +135,17 @@ def test_a_new_rank_reads_only_the_files_that_hold_its_layers():
     assert reshard.source_ranks(a, 1, 4) == [0, 2]
     assert reshard.source_ranks(a, 4, 6) == [2]
     ps = plan(PLAN_A)
-    ps.grad_sync = "param_server"  # sharded state: every holder of an overlapping layer
-    assert reshard.source_ranks(ps, 0, 1) == [0, 1]
+    ps.grad_sync = "param_server"  # the files hold the state whole whatever the sharding: the same choice
+    assert reshard.source_ranks(ps, 0, 1) == [0]
 
 
-def test_sharded_optimizer_state_moves_between_shards_and_whole_parameters():
-    """A parameter server's owners hold flat shards across parameters: w (3 x 4) and b (5)
-    laid out in one bucket of 17, owner 0 elements [0, 9) (w's first 9), owner 1 [9, 17)
-    (w's last 3, then b). Their pieces put together equal the state of whole w and b."""
-    torch.manual_seed(0)
-    w, b = torch.randn(3, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
-    flat = torch.cat([w.flatten(), b])
-    grads = [torch.randn(17, dtype=torch.float64) for _ in range(2)]
-
-    def adam(tensors, slices):
-        opt = torch.optim.AdamW(tensors, lr=1e-2)
-        for g in grads:
-            for t, (lo, hi) in zip(tensors, slices):
-                t.grad = g[lo:hi].clone().view(t.shape)
-            opt.step()
-        return opt
-
-    s0, s1 = flat[:9].clone(), flat[9:].clone()
-    sharded = [adam([s0], [(0, 9)]), adam([s1], [(9, 17)])]
-    layouts = [[[("w", 0, 9, 0)]], [[("w", 9, 3, 0), ("b", 0, 5, 3)]]]
-    pieces = [pc for o, lay in zip(sharded, layouts) for pc in reshard.portable_optimizer(o, lay)["pieces"]]
-    hp = reshard.portable_optimizer(sharded[0], layouts[0])["hparams"]
-    whole_w, whole_b = w.clone(), b.clone()
-    whole = adam([whole_w, whole_b], [(0, 12), (12, 17)])  # the reference: the same steps on whole tensors
-    fresh = torch.optim.AdamW([w.clone(), b.clone()], lr=1e-2)
-    reshard.load_optimizer(fresh, [[("w", 0, 12, 0)], [("b", 0, 5, 0)]], {"hparams": hp, "pieces": pieces}, "test")
-    for p_ref, p_new in zip(whole.param_groups[0]["params"], fresh.param_groups[0]["params"]):
-        for k in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.allclose(whole.state[p_ref][k], fresh.state[p_new][k], rtol=0, atol=1e-15), k
-    # ... and back: whole -> the other owner's shard, bitwise what the pieces held.
-    back = torch.optim.AdamW([torch.zeros(8, dtype=torch.float64)], lr=1e-2)
-    reshard.load_optimizer(back, layouts[1], {"hparams": hp, "pieces": pieces}, "test")
-    st = back.state[back.param_groups[0]["params"][0]]
-    assert torch.equal(st["exp_avg"], sharded[1].state[s1]["exp_avg"])
-    # A piece missing: refused, saying which elements.
-    with pytest.raises(Exception, match=r"no saved optimizer state for elements \[9, 12\) of w"):
-        reshard.load_optimizer(back, layouts[1], {"hparams": hp, "pieces": pieces[:1]}, "test")
+def test_the_plan_that_saved_reads_its_own_files_and_a_missing_plan_file_refuses_another_plan(saved, tmp_path):
+    d, _ = saved
+    a = plan(PLAN_A)
+    state, path = reshard.loader(2, checkpoint.plan_key(a), 3, 2, 6, set())(d, STEP)
+    assert path == checkpoint.rank_file(d, STEP, 2) and "resharded_from" not in state and state["rng"] is not None
+    shutil.copytree(d, tmp_path / "old")
+    (checkpoint.step_dir(tmp_path / "old", STEP) / reshard.PLAN_FILE).unlink()  # written before plans were kept
+    b = plan(PLANS_B["one rank"])
+    with pytest.raises(SpecError, match="plan_key: the checkpoint was written for another plan"):
+        reshard.loader(0, checkpoint.plan_key(b), 1, 0, 6, set())(tmp_path / "old", STEP)

@@ -105,3 +105,20 @@ def test_two_node_plan_with_printed_commands_matches_single_process(tmp_path):
     err, name = max_relative_error(checkpoint_params(tmp_path / "ckpt", 5), ref)
     assert err <= 1e-5, name
     assert losses(tmp_path / "out") == pytest.approx(ref_losses, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_run_prints_steps_and_no_launcher_noise(tmp_path):
+    """'hetalloc run' as a user starts it: the ranks' step lines on stdout, nothing from
+    torchrun's logger on stderr (the launcher reads the ranks' stderr line by line)."""
+    cluster = load_cluster(ROOT / "examples" / "cpu-2-slow.yaml")
+    plan = hand_plan(cluster, cpu_cost_graph("gpt2-tiny", 32), [[((0, 3), [("host/0", 2)]), ((3, 6), [("host/1", 2)])]],
+                     num_microbatches=2)
+    plan.save(tmp_path / "plan.json")
+    proc = subprocess.run([sys.executable, "-m", "hetalloc.cli", "run", "plan.json", "--steps", "2", "--out", "out"],
+                          cwd=tmp_path, env=local_env(2) | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [l.split()[1] for l in proc.stdout.splitlines() if l.startswith("step:")] == ["1", "2"]
+    assert proc.stderr == ""
+    assert (tmp_path / "out" / "summary.json").exists()

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from hetalloc.cluster import cluster_from_dict, load_cluster
 from hetalloc.errors import SpecError
-from hetalloc.models import get_model
+from hetalloc.models import get_model, resolve_model
 from runtime import commands
 from runtime.checkpoint import plan_key
 from runtime.config import TrainConfig, parse_slowdown
@@ -59,26 +59,23 @@ def test_ranks_are_plan_devices_in_cluster_order_grouped_by_node():
     assert rm.ranks_on("b") == [1, 2] and rm.local_rank(2) == 1
 
 
-def test_plan_options_the_runtime_does_not_run_yet_are_refused_in_one_line(tmp_path):
-    from hetalloc.plan import Group
+def test_groups_of_different_sizes_with_sharded_optimizer_state_are_refused_in_one_line(tmp_path):
     from runtime.launch import load_checked
     cluster = cpu4()
-    plan = hand_plan(cluster, cpu_cost_graph("gpt2-tiny", 32), [[((0, 3), [("host/0", 2)]), ((3, 6), [("host/1", 2)])]],
-                     num_microbatches=2)
-    check_supported(plan)
-    tp = hand_plan(cluster, cpu_cost_graph("gpt2-tiny", 32), [[((0, 6), [("host/0", 2)])]], num_microbatches=2)
-    tp.replicas[0].stages[0].groups = [Group(["host/0", "host/1"], 2)]
-    tp.save(tmp_path / "tp.json")
-    with pytest.raises(SpecError, match=r"tp.json: replicas\[0\].stages\[0\].groups\[0\].devices: a tensor-parallel "
-                                        "group of 2: the runtime does not run tensor parallelism yet"):
-        load_checked(tmp_path / "tp.json")
-    plan.replicas[0].stages[1].recompute = "full"
-    with pytest.raises(SpecError, match=r"stages\[1\].recompute: 'full': the runtime does not recompute"):
-        check_supported(plan)
-    plan.replicas[0].stages[1].recompute = "none"
-    plan.optimizer_sharding = "zero1"
-    with pytest.raises(SpecError, match="optimizer_sharding: 'zero1': the runtime does not shard") as e:
-        check_supported(plan)
+    cg = cpu_cost_graph(str(ROOT / "examples" / "llama-tiny.json"), 16)
+    # tensor parallelism, recomputation and zero1 run, and groups of different sizes with ring sync ...
+    check_supported(hand_plan(cluster, cg, [[((0, 3), [(("host/0", "host/1"), 2)], "full"), ((3, 6), [("host/2", 2)])]],
+                              num_microbatches=2, optimizer_sharding="zero1"))
+    check_supported(hand_plan(cluster, cg, [[((0, 6), [(("host/0", "host/1"), 2), ("host/2", 1)])]],
+                              num_microbatches=2))
+    # ... but not groups of different sizes whose optimizer steps flat shards (zero1, parameter server)
+    mixed = hand_plan(cluster, cg, [[((0, 6), [(("host/0", "host/1"), 2), ("host/2", 1)])]], num_microbatches=2,
+                      optimizer_sharding="zero1")
+    mixed.save(tmp_path / "mixed.json")
+    with pytest.raises(SpecError, match=r"mixed.json: replicas: layers 0-5 are held by tensor-parallel groups of "
+                                        r"sizes 1, 2: the runtime shards their optimizer state \(zero1\) only "
+                                        "between groups of one size") as e:
+        load_checked(tmp_path / "mixed.json")
     assert "\n" not in str(e.value)
 
 
@@ -130,9 +127,34 @@ def test_stage_roles_route_overlapping_slices_between_widths():
     rm = rank_map(plan, cluster)
     r0, r1, r2, r3 = (stage_role(plan, rm, r) for r in range(4))
     # senders' slices [0,2) [2,3) against receivers' [0,1) [1,3)
-    assert r0.send_to == ((2, 1), (3, 1)) and r1.send_to == ((3, 1),)
+    assert r0.send_to == (((2,), 1), ((3,), 1)) and r1.send_to == (((3,), 1),)
     assert r2.recv_from == ((0, 1),) and r3.recv_from == ((0, 1), (1, 1))
+    # backward: the same pieces the other way
+    assert r0.grad_from == ((2, 1), (3, 1)) and r3.grad_to == (((0,), 1), ((1,), 1))
     assert r0.is_first and not r0.is_last and r3.is_last and r3.recv_from and not r3.send_to
+    assert r0.tp_size == 1 and r0.tp_rank == 0
+
+
+def test_stage_roles_between_tensor_parallel_groups_follow_rank_pairs():
+    """Rank k of a receiving group gets the whole piece from rank k mod t of the sending
+    group (hetalloc.evaluate.rank_pairs), forward and backward."""
+    cluster = cpu4()
+    # a group of 2 (shares 2) feeding a group of one: only its rank 0 sends
+    plan = hand_plan(cluster, cpu_cost_graph(str(ROOT / "examples" / "llama-tiny.json"), 16),
+                     [[((0, 3), [(("host/0", "host/1"), 2)]), ((3, 6), [("host/2", 2)])]], num_microbatches=2)
+    rm = rank_map(plan, cluster)
+    r0, r1, r2 = (stage_role(plan, rm, r) for r in range(3))
+    assert (r0.tp_rank, r1.tp_rank, r0.tp_ranks, r2.tp_ranks) == (0, 1, (0, 1), ())
+    assert r0.send_to == (((2,), 2),) and r1.send_to == (((), 2),)
+    assert r0.grad_from == ((2, 2),) and r1.grad_from == ((2, 2),)  # both need the output gradient
+    assert r2.recv_from == ((0, 2),) and r2.grad_to == (((0, 1), 2),)
+    # a group of one feeding a group of 2: it sends each rank the whole piece
+    plan = hand_plan(cluster, cpu_cost_graph(str(ROOT / "examples" / "llama-tiny.json"), 16),
+                     [[((0, 3), [("host/0", 2)]), ((3, 6), [(("host/1", "host/2"), 2)])]], num_microbatches=2)
+    r0, r1, r2 = (stage_role(plan, rm, r) for r in range(3))
+    assert r0.send_to == (((1, 2), 2),) and r0.grad_from == ((1, 2),)
+    assert r1.recv_from == ((0, 2),) and r2.recv_from == ((0, 2),)
+    assert r1.grad_to == (((0,), 2),) and r2.grad_to == (((), 2),)
 
 
 def test_every_stage_sees_each_sample_of_the_global_batch_once():
@@ -209,9 +231,27 @@ def test_config_and_slowdown_validation():
         TrainConfig(checkpoint_every=5)
     assert parse_slowdown(["1=2", "host/3=1.5"]) == {"1": 2.0, "host/3": 1.5}
     for bad in ("1", "x=0.5", "=2"):
-        with pytest.raises(ValueError, match="--slowdown expects"):
+        with pytest.raises(ValueError, match="--slowdown: .*expected RANK=FACTOR"):
             parse_slowdown([bad])
     assert TrainConfig().learning_rate("sgd") == 0.05
+
+
+def test_slowdown_in_cpu_time_uses_slowdown_times_the_cpu_of_the_compute():
+    """On CPUs the emulated slowdown holds the core as a slower core would: the thread
+    uses FACTOR x the CPU time of its compute (what the simulator's shared compute
+    slots assume), however much the operating system lets it run meanwhile."""
+    import time
+    from runtime.config import stretch
+
+    for factor in (1.0, 2.0, 3.0):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        while time.thread_time() - c0 < 0.02:  # 20 ms of compute
+            pass
+        used = time.thread_time() - c0
+        wall = stretch(t0, factor, c0)
+        total = time.thread_time() - c0
+        assert total == pytest.approx(factor * used, rel=0.05, abs=1e-3)
+        assert wall >= total * 0.99  # wall time is at least the CPU time spent
 
 
 def test_node_commands_and_cli_print(tmp_path, capsys):
@@ -265,3 +305,101 @@ def test_one_device_plan_trains_without_torchrun(tmp_path, monkeypatch):
     assert len(got) == 40 and sum(got[-5:]) < sum(got[:5]) - 2.5, got
     assert summary["ranks"][0]["device"] == "host/2"
     assert json.loads((tmp_path / "summary.json").read_text())["measured_steps"] == 39
+
+
+# ---- tensor-parallel layouts ------------------------------------------------------------
+
+def test_fused_qkv_is_split_by_heads_and_slices_of_slices_are_slices():
+    from runtime.tensor_parallel import fused_order, get_slice, head_aligned, set_slice
+    # GPT-2's c_attn bias for hidden 4: [q0 q1 q2 q3 | k0..k3 | v0..v3]; two ranks hold
+    # [q0 q1 k0 k1 v0 v1] and [q2 q3 k2 k3 v2 v3] (their own heads).
+    x = torch.arange(12.0)
+    assert head_aligned(x, 0, 3, 2).tolist() == [0, 1, 4, 5, 8, 9, 2, 3, 6, 7, 10, 11]
+    assert torch.equal(fused_order(head_aligned(x, 0, 3, 2), 0, 3, 2), x)
+    assert get_slice(x, (0, 3), 2, 1).tolist() == [2, 3, 6, 7, 10, 11]
+    # Slice q of m of rank k's part of t is slice k*m + q of t*m of the whole (weights (in, out), dim 1).
+    w = torch.arange(3 * 24.0).view(3, 24)
+    for layout in ((1, 3), (1, 1), (0, 1)):
+        whole = w if layout[0] == 1 else w.T.contiguous()
+        for k in range(2):
+            part = get_slice(whole, layout, 2, k).contiguous()
+            for q in range(2):
+                assert torch.equal(get_slice(part, layout, 2, q), get_slice(whole, layout, 4, 2 * k + q)), layout
+    y = torch.zeros(12)
+    set_slice(y, (0, 3), 2, 1, get_slice(x, (0, 3), 2, 1))
+    assert y.tolist() == [0, 0, 2, 3, 0, 0, 6, 7, 0, 0, 10, 11]
+    # uneven vocabulary rows (a single device next to a group of 2): torch.chunk, as DTensor shards
+    v = torch.arange(5.0)
+    assert get_slice(v, (0, 1), 2, 0).tolist() == [0, 1, 2] and get_slice(v, (0, 1), 2, 1).tolist() == [3, 4]
+
+
+def test_parameter_layouts_follow_the_tensor_parallel_plan():
+    from runtime.tensor_parallel import param_layouts
+    shape = get_model("gpt2-tiny")
+    built = build_model(shape, seed=0)
+    lay = param_layouts(StageModule(built, 0, 6), "gpt", 6)
+    h = "transformer.h.0."
+    assert lay[h + "attn.c_attn.weight"] == (1, 3) and lay[h + "attn.c_attn.bias"] == (0, 3)  # Conv1D (in, out)
+    assert lay[h + "attn.c_proj.weight"] == (0, 1) and h + "attn.c_proj.bias" not in lay  # row-parallel: bias whole
+    assert lay[h + "mlp.c_fc.weight"] == (1, 1) and lay[h + "mlp.c_fc.bias"] == (0, 1)
+    assert h + "ln_1.weight" not in lay and "transformer.wpe.weight" not in lay  # norms, positions whole
+    assert lay["transformer.wte.weight"] == (0, 1) and lay["lm_head.weight"] == (0, 1)  # along the vocabulary
+    llama = build_model(resolve_model(str(ROOT / "examples" / "llama-tiny.json")), seed=0)
+    lay = param_layouts(StageModule(llama, 1, 3), "llama", 6)
+    assert lay["model.layers.0.self_attn.k_proj.weight"] == (0, 1)
+    assert lay["model.layers.1.mlp.down_proj.weight"] == (1, 1)
+    assert "model.embed_tokens.weight" not in lay and "model.layers.0.input_layernorm.weight" not in lay
+
+
+def test_profile_turns_and_collective_groups():
+    """Ranks of a host with more ranks than cores are timed in turns of as many as it has
+    cores (the k-th turn holds the k-th run of every host); collectives are measured
+    among the first 2, 3, ... ranks of each host and among one rank per host."""
+    from runtime.profile.collectives import collective_groups, compute_turns
+
+    assert compute_turns(["a"] * 2, [2, 2]) == [[0, 1]]
+    assert compute_turns(["a"] * 4, [2] * 4) == [[0, 1], [2, 3]]
+    assert compute_turns(["a"] * 3, [2] * 3) == [[0, 1], [2]]
+    assert compute_turns(["a", "a", "b", "b", "b"], [1, 1, 8, 8, 8]) == [[0, 2, 3, 4], [1]]
+    assert collective_groups(["a"] * 3) == [("intra", [0, 1]), ("intra", [0, 1, 2])]
+    assert collective_groups(["a", "a", "b", "c"]) == [("intra", [0, 1]), ("inter", [0, 2]), ("inter", [0, 2, 3])]
+
+
+# ---- the launcher's reading of torchrun's stderr -------------------------------------
+
+def test_launcher_keeps_the_ranks_error_line_and_holds_back_torchruns_report():
+    """run_filtered on a stand-in for torchrun: a rank's warning passes through, its
+    'error:' line is kept, and what follows (torchrun's log lines, its ChildFailedError
+    traceback) is held back, not printed."""
+    import io
+    import sys
+    from runtime.launch import run_filtered
+    script = "\n".join([
+        "import sys",
+        "w = sys.stderr.write",
+        "w('warning: a rank warns\\n')",
+        "w('W1130 15:08:14.388000 1 torch/distributed/elastic/multiprocessing/api.py:1028] Sending process 2\\n')",
+        "w('note: after a log line, before any failure\\n')",
+        "w('error: --slowdown: 5: is not a rank of this run (0..1)\\n')",
+        "w('E1130 15:08:14.508000 1 torch/.../api.py:1002] failed (exitcode: 2) local_rank: 0\\n')",
+        "w('Traceback (most recent call last):\\n')",
+        "w('torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\\n')",
+        "print('step:    1  loss:  5.5')",
+        "sys.exit(1)"])
+    err = io.StringIO()
+    rc, errors, held = run_filtered([sys.executable, "-c", script], env=None, err=err)
+    assert rc == 1
+    assert errors == ["error: --slowdown: 5: is not a rank of this run (0..1)"]
+    assert err.getvalue() == "warning: a rank warns\nnote: after a log line, before any failure\n"
+    assert held[0].startswith("W1130") and held[-1].startswith("torch.distributed.elastic")
+    assert len(held) == 4
+
+
+def test_a_group_that_cannot_split_the_heads_is_refused_in_one_line():
+    from runtime.tensor_parallel import check_divisible
+    qwen2 = resolve_model(str(ROOT / "examples" / "qwen2-tiny.json"))  # 4 query heads, 1 key/value head
+    check_divisible(qwen2, 1, "plan.json")
+    with pytest.raises(SpecError, match="plan.json: groups: qwen2-tiny has 1 key/value heads, which a tensor-parallel "
+                                        "group of 2 cannot split evenly — use groups whose size divides 1"):
+        check_divisible(qwen2, 2, "plan.json")
+    check_divisible(resolve_model(str(ROOT / "examples" / "llama-tiny.json")), 2, "plan.json")  # 4:2 heads, FFN 172

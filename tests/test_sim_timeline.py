@@ -39,6 +39,11 @@ def toy_graph(num_layers: int = 2, fwd_s: float = 1.0, bwd_s: float = 2.0, out_b
     return CostGraph("toy", 1, "fp32", layers, tables={"X": table})
 
 
+LOSS_2 = 8 / 1e9
+"""The end-of-step loss all-reduce among 2 devices over 1 GB/s links without latency:
+one round of recursive doubling, 8 bytes / 1 GB/s = 8 ns (after the last optimizer step)."""
+
+
 def toy_plan(replicas: list[list[tuple[int, int, list[tuple[str, int]]]]], num_microbatches: int, schedule: str,
              grad_sync: str = "ring") -> Plan:
     reps = [Replica([Stage(a, b, [Group([d], s) for d, s in devs]) for a, b, devs in r]) for r in replicas]
@@ -69,7 +74,7 @@ def test_gpipe_two_stages_two_microbatches_blocking_sends():
         ("n/1", "B mb1 -> n/0", 8.5, 9.0), ("n/0", "B mb1 L0-0", 9.0, 11.0),
         ("n/1", "optimizer step", 11.0, 11.0), ("n/0", "optimizer step", 11.0, 11.0),
     ]
-    assert res.iteration_ends_s == [11.0] == [predict(plan, cl, cg).iteration_time_s]
+    assert res.iteration_ends_s == [11.0 + LOSS_2] == [predict(plan, cl, cg).iteration_time_s]
 
 
 def test_1f1b_two_stages_two_microbatches_blocking_sends():
@@ -86,7 +91,7 @@ def test_1f1b_two_stages_two_microbatches_blocking_sends():
         ("n/1", "B mb1 -> n/0", 8.0, 8.5), ("n/0", "B mb1 L0-0", 8.5, 10.5),
         ("n/1", "optimizer step", 10.5, 10.5), ("n/0", "optimizer step", 10.5, 10.5),
     ]
-    assert res.iteration_ends_s == [10.5] == [predict(plan, cl, cg).iteration_time_s]
+    assert res.iteration_ends_s == [10.5 + LOSS_2] == [predict(plan, cl, cg).iteration_time_s]
 
 
 def test_gpipe_and_1f1b_with_async_sends():
@@ -102,20 +107,21 @@ def test_gpipe_and_1f1b_with_async_sends():
         ("n/1", "F mb1 L1-1", 2.5, 3.5), ("n/1", "B mb0 L1-1", 3.5, 5.5), ("n/1", "B mb1 L1-1", 5.5, 7.5),
         ("n/0", "B mb0 L0-0", 6.0, 8.0), ("n/0", "B mb1 L0-0", 8.0, 10.0),
     ]
-    assert res.iteration_ends_s == [10.0]
+    assert res.iteration_ends_s == [10.0 + LOSS_2]
     # 1F1B: stage 1 runs F0 [1.5,2.5] B0 [2.5,4.5] F1 [4.5,5.5] B1 [5.5,7.5]; stage 0 gets
     # gradient 0 at 5.0 and gradient 1 at 8.0.
     log, res = timeline(toy_plan(TWO_STAGES, 2, "1f1b"), cl, cg, contention=True, overlap=True)
     stage0 = [x[2:] for x in log if x[0] == "n/0" and x[1].startswith("B")]
     assert stage0 == [(5.0, 7.0), (8.0, 10.0)]
-    assert res.iteration_ends_s == [10.0]
+    assert res.iteration_ends_s == [10.0 + LOSS_2]
 
 
 def test_four_device_ring_allreduce_step_by_step():
     # Four data-parallel devices on one node, links 1 GB/s with 1 µs latency. Each holds
     # 1e9 fp32 parameters = 4e9 bytes of gradients; the ring moves 4e9/4 = 1e9 bytes per hop
     # per step: 1 µs + 1 s. Compute ends at 3 s (fwd 1 + bwd 2); 3 reduce-scatter and 3
-    # all-gather steps follow, then the optimizer (2 * 1e9 * 16 bytes / 32 GB/s = 1 s).
+    # all-gather steps follow, then the optimizer (2 * 1e9 * 16 bytes / 32 GB/s = 1 s), then
+    # the loss all-reduce by recursive doubling: log2(4) * (1 µs + 8 bytes / 1 GB/s) = 2.016 µs.
     cl = toy_cluster({"n": 4}, latency_us=1.0)
     cg = toy_graph(num_layers=1, params=10**9)
     plan = toy_plan([[(0, 1, [(f"n/{i}", 1)])] for i in range(4)], 1, "gpipe")
@@ -124,7 +130,7 @@ def test_four_device_ring_allreduce_step_by_step():
     step = 1e-6 + 1.0
     assert [p for p, _, _ in c.steps] == ["reduce-scatter"] * 3 + ["all-gather"] * 3
     assert [t1 for _, _, t1 in c.steps] == pytest.approx([3.0 + k * step for k in range(1, 7)], rel=1e-12)
-    assert res.iteration_ends_s == pytest.approx([3.0 + 6 * step + 1.0], rel=1e-12)
+    assert res.iteration_ends_s == pytest.approx([3.0 + 6 * step + 1.0 + 2.016e-6], rel=1e-12)
     # the same as the shared ring formula: 2(n-1)/n * bytes / bw + 2(n-1) * latency
     assert res.iteration_ends_s[0] == pytest.approx(predict(plan, cl, cg).iteration_time_s, rel=1e-12)
 
@@ -192,7 +198,8 @@ def test_ddp_buckets_start_during_backward():
     # Two data-parallel devices, two layers of 1e9 fp32 parameters (4e9 bytes of gradients
     # each, one bucket per layer). Backward runs layer 1 [1,3] then layer 0 [3,5]. Ring of 2
     # devices at 1 GB/s: 2 steps of 2e9 bytes = 4 s per bucket. Bucket L1 runs [3,7], bucket
-    # L0 waits for the lane [7,11]; optimizer (2 * 2e9 * 16 / 64 GB/s = 1 s) ends at 12.
+    # L0 waits for the lane [7,11]; optimizer (2 * 2e9 * 16 / 64 GB/s = 1 s) ends at 12, the
+    # loss all-reduce 8 ns later.
     cl = toy_cluster({"n": 2}, mem_gbps=64.0)
     cg = toy_graph(num_layers=2, fwd_s=0.5, bwd_s=2.0, params=10**9)
     plan = toy_plan([[(0, 2, [(f"n/{i}", 1)])] for i in range(2)], 1, "gpipe")
@@ -201,10 +208,10 @@ def test_ddp_buckets_start_during_backward():
     assert spans == [(1, 2, 7.0), (0, 1, 11.0)]
     starts = sorted({(a.t0, a.t1) for a in res.activities if a.kind == "allreduce"})
     assert starts == [(3.0, 7.0), (7.0, 11.0)]
-    assert res.iteration_ends_s == [12.0]
+    assert res.iteration_ends_s == [12.0 + LOSS_2]
     # Without overlap: one all-reduce of 8e9 bytes after the backward (5 s): 8 s, then 1 s.
     res = Simulation(plan, cl, cg, SimOptions(contention=True, overlap=False)).run()
-    assert res.iteration_ends_s == [14.0] == [predict(plan, cl, cg).iteration_time_s]
+    assert res.iteration_ends_s == [14.0 + LOSS_2] == [predict(plan, cl, cg).iteration_time_s]
 
 
 def test_bucket_split_covers_group_bytes():

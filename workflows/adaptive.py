@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from allocator import make_plan
+from hetalloc.checks import output_dir
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
 from hetalloc.errors import HetallocError, InfeasibleError, SpecError
@@ -53,7 +54,7 @@ from hetalloc.fileio import atomic_write_json
 from hetalloc.plan import Plan, load_plan, plan_context
 from runtime import control
 from runtime.control import same_layout
-from runtime.launch import RunFailed, load_checked, local_command, local_env, train_args
+from runtime.launch import RunFailed, check_run, local_command, local_env, train_args
 from runtime.plans import describe
 from runtime.rankmap import rank_map
 from simulator import simulate
@@ -440,20 +441,25 @@ def append_record(out_dir: Path, record: dict[str, Any]) -> None:
 
 def run_adaptive(plan_path: str | Path, *, steps: int, out_dir: str | Path, checkpoint_dir: str | Path | None = None,
                  checkpoint_every: int = 0, resume: bool = False, slowdown: list[str] | None = None,
-                 extra: list[str] | None = None, first_launch_extra: list[str] | None = None,
+                 model: str | None = None, extra: list[str] | None = None, first_launch_extra: list[str] | None = None,
                  opts: AdaptOptions | None = None, say: Callable[[str], None] = print, capture: bool = False,
                  max_launches: int = 8, timeout_s: float | None = None) -> dict[str, Any]:
     """Train `plan_path` for `steps` steps on this machine with adaptation (module doc);
     returns summary.json's content plus the decisions and launches. first_launch_extra:
-    runtime arguments for the first launch only (test aids such as --fail-at-step)."""
+    runtime arguments for the first launch only (test aids such as --fail-at-step).
+    Checks everything runtime.launch.check_run does first (SpecError, nothing launched)."""
     opts = opts or AdaptOptions()
     out = Path(out_dir)
-    plan, rm = load_checked(plan_path)
+    plan, rm = check_run(plan_path, steps=steps, slowdown=slowdown, checkpoint_dir=checkpoint_dir,
+                         checkpoint_every=checkpoint_every, resume=resume, model=model)
     if len(rm.nodes) > 1:
         raise SpecError(str(plan_path), "replicas", f"uses {len(rm.nodes)} nodes",
                         "adaptive runs start on one machine; run multi-node plans without --adaptive")
     cluster, cg = plan_context(plan, str(plan_path))
+    output_dir(out, "--out")
     ckpt = Path(checkpoint_dir) if checkpoint_dir else out / "checkpoints"
+    output_dir(ckpt, "--checkpoint-dir")
+    extra = list(extra or []) + (["--model", model] if model else [])
     control_dir = out / "control"
     if not resume:
         for p in list(control_dir.glob("command_*.json")) + [control_dir / control.EVENTS]:

@@ -14,6 +14,7 @@ import json
 import sys
 from typing import Any
 
+from allocator.baselines import BASELINES
 from hetalloc.errors import SpecError
 from simulator.commands import console, context_args, load_context, sim_options
 from simulator.plots import scenario_bars, sweep_lines
@@ -23,7 +24,7 @@ from simulator.episode import IterationCache, SpeedTrace, parse_failure, parse_s
 
 from .adaptive import POLICIES, AdaptOptions, run_adaptive
 from .episode import EpisodeOptions, run_episode
-from .whatif import WhatIfOptions, cheapest_meeting, run_scenarios
+from .whatif import WhatIfOptions, check_scenarios, cheapest_meeting, run_scenarios
 
 ADAPTIVE_HELP = ("watch the run and move the work when a rank slows down or is lost: re-balance shares between "
                  "two steps, re-plan (checkpoint, restart, resume) when the simulator predicts that it pays, and "
@@ -62,8 +63,9 @@ def add_adaptive(run: argparse.ArgumentParser) -> None:
 
 def cmd_run_adaptive(args) -> int:
     from runtime.commands import launch_extra
-    from runtime.launch import load_checked
-    plan, rm = load_checked(args.plan)
+    from runtime.launch import check_run
+    plan, rm = check_run(args.plan, steps=args.steps, slowdown=args.slowdown, checkpoint_dir=args.checkpoint_dir,
+                         checkpoint_every=args.checkpoint_every, resume=args.resume, model=args.model, here=False)
     if args.nodes_print or len(rm.nodes) > 1:
         raise SpecError("--adaptive", "", "an adaptive run starts every rank on this machine",
                         "run a single-node plan, or drop --adaptive to print per-node commands")
@@ -79,7 +81,7 @@ def cmd_run_adaptive(args) -> int:
         raise SpecError("hetalloc run --adaptive", "", str(e)) from None
     summary = run_adaptive(args.plan, steps=args.steps, out_dir=args.out, checkpoint_dir=args.checkpoint_dir,
                            checkpoint_every=args.checkpoint_every, resume=args.resume, slowdown=args.slowdown,
-                           extra=launch_extra(args, plan), opts=opts)
+                           model=args.model, extra=launch_extra(args, plan), opts=opts)
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "output"}, indent=2))
     return 0
@@ -130,7 +132,8 @@ def register(subparsers) -> None:
     w.add_argument("--sweep", metavar="KNOB=VALUES",
                    help="grid over one knob: nic=10..400Gb/s:6 (log-spaced), intra=..., fabric=1,2,4, "
                         "batch=256,512, seq=..., slow:DEVICE=1,2,4")
-    w.add_argument("--planner", default="ilp", help="re-plan with: ilp (default), even, proportional, pipedream")
+    w.add_argument("--planner", default="ilp", choices=["ilp", *BASELINES],
+                   help="re-plan with: ilp (default), even, proportional, pipedream")
     w.add_argument("--time-limit", type=float, default=10.0, help="planner time limit per re-plan, seconds")
     w.add_argument("--no-replan", action="store_true", help="only simulate the old plan")
     w.add_argument("--replan-base", action="store_true", help="also re-plan the base cluster")
@@ -166,6 +169,8 @@ def cmd_whatif(args) -> int:
             raise SpecError("--price", item, "expected TYPE=USD_PER_HOUR", "e.g. --price H100-80G=2.49")
     if prices:
         cluster = with_prices(cluster, prices)
+    if args.plot and not args.sweep:
+        raise SpecError("--plot", "", "needs --sweep", "the line plot is of a sweep; use --chart for scenarios")
     if args.deadline is not None and not args.steps:
         raise SpecError("--deadline", "", "needs --steps", "say how many training steps must finish")
     scenarios = _scenarios(args)
@@ -178,6 +183,7 @@ def cmd_whatif(args) -> int:
     opts = WhatIfOptions(planner=args.planner, time_limit_s=args.time_limit, replan=not args.no_replan,
                          sim=sim_options(args))
     base = Case(cluster, cg, plan.global_batch, plan)
+    check_scenarios(base, scenarios)
     rows = _run_with_progress(base, scenarios, opts, args)
     if args.steps:
         for r in rows:

@@ -39,6 +39,10 @@ from simulator import simulate
 
 RUN_WARMUP_STEPS = 2
 """Leading steps of a run left out (shape inference, allocator and gloo warm-up)."""
+MEASURED_KIND = {"compute": "compute_s", "p2p": "p2p_wait_s", "allreduce": "grad_sync_s", "optimizer": "optimizer_s",
+                 "loss": "loss_sync_s", "other": "other_s"}
+"""The runtime's measured category (runtime.metrics.StepTimes) of each kind of simulated
+work (simulator.report.WORK_KINDS)."""
 
 
 @dataclass
@@ -116,7 +120,12 @@ def measure(plan: Plan, prof: Profiled, out_dir: str | Path, *, steps: int = 12,
                           "step_overhead_s": dtype.step_overhead_s},
             "measured": {k: m[k] for k in ("compute_s", "optimizer_s", "grad_sync_s", "p2p_wait_s", "loss_sync_s",
                                            "other_s", "step_s")},
+            "work_simulated_s": dict(sd["work_s"]),
+            "work_measured_s": {k: m[v] for k, v in MEASURED_KIND.items()},
         })
+    kinds = list(MEASURED_KIND)
+    work_sim = {k: sum(s["work_simulated_s"][k] for s in stages) for k in kinds}
+    work_meas = {k: sum(s["work_measured_s"][k] for s in stages) for k in kinds}
     row = {
         "name": name or describe(plan), "layout": describe(plan), "model": plan.model, "seq_len": plan.seq_len,
         "global_batch": plan.global_batch, "num_microbatches": plan.num_microbatches, "schedule": plan.schedule,
@@ -127,6 +136,9 @@ def measure(plan: Plan, prof: Profiled, out_dir: str | Path, *, steps: int = 12,
         "measured_step_times_s": _step_times(out / "run"),
         "error": (predicted - measured) / measured, "per_stage": stages, "steps": steps,
         "warmup_steps": RUN_WARMUP_STEPS,
+        "work_simulated_s": work_sim, "work_measured_s": work_meas,
+        "cluster_shares_compute": any(n.shares_compute for n in prof.cluster.nodes),
+        "profile_trusted": (prof.report.get("noise_check") or {}).get("trusted"),
     }
     atomic_write_json(out / "comparison.json", row)
     return row

@@ -65,6 +65,17 @@ def scenario_row(name: str, case: Case, like: Plan, opts: WhatIfOptions, *, do_r
     return row
 
 
+def check_scenarios(base: Case, scenarios: list[Scenario]) -> None:
+    """Build every scenario once before any is simulated: one that cannot be built (no
+    such device, more devices removed than there are, nothing left) is the user's mistake,
+    raised here (SpecError naming the flag, or InfeasibleError) rather than a row."""
+    for sc in scenarios:
+        try:
+            apply_scenario(sc, base)
+        except InfeasibleError as e:
+            raise SpecError(f"scenario '{sc.name}'", "", str(e), "change the scenario") from None
+
+
 def run_scenarios(base: Case, scenarios: list[Scenario], opts: WhatIfOptions, *, replan_base: bool = False,
                   progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Rows for the base and every scenario (a scenario that cannot be built gets a note)."""

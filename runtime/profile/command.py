@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from hetalloc.calibrate import calibrate, calibration_error, save_efficiency
+from hetalloc.checks import output_dir
 from hetalloc.cluster import load_cluster
 from hetalloc.costgraph import load_cost_graph
 from hetalloc.errors import SpecError
 from hetalloc.fileio import atomic_write_json
+from hetalloc.models import layer_shapes, resolve_model
 
-from ..config import parse_slowdown
+from ..config import FAMILIES, check_slowdown, parse_batch_sizes, parse_slowdown
 from ..launch import TORCHRUN, RunFailed, local_env
 from .files import report_lines, write_cluster
 from .overhead import measure_overheads, with_overheads
@@ -65,6 +67,9 @@ def run_profile(out_dir: str | Path, *, nproc: int = 2, model: str = "gpt2-tiny"
     Everything is measured into OUT/.incomplete and moved into OUT only once complete
     (report.json last), so a failed profile leaves no file the planner would take for a
     profile (an earlier complete profile in OUT stays as it was)."""
+    check_profile(nproc, model=model, seq=seq, batch_sizes=batch_sizes, slowdown=slowdown, warmup=warmup,
+                  repeats=repeats, link_repeats=link_repeats)
+    output_dir(out_dir, "--out")
     out = Path(out_dir)
     stage = out / STAGING
     shutil.rmtree(stage, ignore_errors=True)
@@ -78,9 +83,10 @@ def run_profile(out_dir: str | Path, *, nproc: int = 2, model: str = "gpt2-tiny"
         output = proc.stdout or ""
         if proc.returncode != 0 or not (stage / "report.json").exists():
             errors = [l for l in output.splitlines() if l.startswith("error:")]
-            why = errors[0] if errors else f"torchrun exited with code {proc.returncode}"
-            tail = "" if errors or not capture else "\n" + "\n".join(output.splitlines()[-15:])
-            raise RunFailed(f"profile failed: {why}{tail}")
+            if errors:
+                raise RunFailed(errors[0].removeprefix("error: "))
+            tail = "" if not capture else "; last lines:\n" + "\n".join(output.splitlines()[-15:])
+            raise RunFailed(f"profile failed: torchrun exited with code {proc.returncode}{tail}")
         report = json.loads((stage / "report.json").read_text())
         if runtime_overhead:
             report["runtime_overhead"] = add_runtime_overhead(stage, slowdown)
@@ -92,6 +98,26 @@ def run_profile(out_dir: str | Path, *, nproc: int = 2, model: str = "gpt2-tiny"
     if calibrate_fit:
         report["calibration"] = calibrate_profile(out)
     return report
+
+
+def check_profile(nproc: int, *, model: str, seq: int | None, batch_sizes: str, slowdown: list[str] | None,
+                  warmup: int, repeats: int, link_repeats: int) -> None:
+    """What the ranks would refuse, refused before any starts (SpecError naming the flag):
+    the rank count, the model (buildable by the runtime, --seq within its context), the
+    batch sizes, --slowdown (syntax, factor, rank), the repeat counts."""
+    for flag, value, low in (("--nproc", nproc, 1), ("--warmup", warmup, 0), ("--repeats", repeats, 1),
+                             ("--link-repeats", link_repeats, 1)):
+        if value < low:
+            raise SpecError(flag, "", f"must be a whole number >= {low}, got {value}", f"give {flag} {max(low, 1)} or more")
+    shape = resolve_model(model)
+    if shape.family not in FAMILIES:
+        raise SpecError("--model", "", f"the runtime cannot build '{shape.name}' (family '{shape.family}')",
+                        f"runtime families: {', '.join(FAMILIES)}")
+    if seq is not None and seq < 1:
+        raise SpecError("--seq", "", f"must be a whole number >= 1, got {seq}", "or leave it out for the model's context")
+    layer_shapes(shape, seq or shape.max_seq, 4)  # --seq within the model's context
+    parse_batch_sizes(batch_sizes)
+    check_slowdown(parse_slowdown(slowdown), nproc, None, "profile")
 
 
 STAGING = ".incomplete"
@@ -118,7 +144,8 @@ def add_runtime_overhead(out_dir: str | Path, slowdown: list[str] | None) -> dic
     cluster = load_cluster(out / "cluster.yaml")
     cg = load_cost_graph(out / "cost_graph.json")
     by_rank = {int(k): f for k, f in parse_slowdown(slowdown).items() if k.isdigit()}
-    result = measure_overheads(out / "overhead", cluster, cg, by_rank)
+    turns = json.loads((out / "report.json").read_text()).get("turns") if (out / "report.json").exists() else None
+    result = measure_overheads(out / "overhead", cluster, cg, by_rank, turns)
     write_cluster(out, with_overheads(cluster, result["per_type"]))
     return result
 
@@ -178,8 +205,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def handler(args: argparse.Namespace) -> int:
-    if args.nproc < 1:
-        raise SpecError("--nproc", "", f"must be at least 1, got {args.nproc}", "profile one rank or more")
     report = run_profile(args.out, nproc=args.nproc, model=args.model, seq=args.seq, batch_sizes=args.batch_sizes,
                          slowdown=args.slowdown, warmup=args.warmup, repeats=args.repeats,
                          link_repeats=args.link_repeats, calibrate_fit=args.calibrate,

@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import statistics
+import time
 
 import torch
 
@@ -50,11 +51,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def stretched(slowdown: float, t0: float, device: torch.device) -> float:
+def cpu_clock(device: torch.device) -> float | None:
+    """This thread's CPU time on CPU devices (what runtime.config.stretch stretches), else None."""
+    return time.thread_time() if device.type == "cpu" else None
+
+
+def stretched(slowdown: float, t0: float, device: torch.device, cpu0: float | None = None) -> float:
     """The runtime's emulated slowdown (runtime.pipeline): hold FACTOR - 1 times the
-    compute since t0 (runtime.config.stretch); returns the stretched elapsed time."""
+    compute since t0 (runtime.config.stretch; in CPU time since cpu0 on CPUs); returns
+    the stretched elapsed time."""
     sync(device)
-    return stretch(t0, slowdown)
+    return stretch(t0, slowdown, cpu0)
 
 
 def stats(xs: list[float]) -> dict[str, float]:

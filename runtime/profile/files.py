@@ -6,12 +6,16 @@ formats the planner reads:
   counts, saved-activation and output bytes (FLOPs stay the analytic formulas', the
   reference calibration is relative to), and one measured ``TimeTable`` per device type
   (ranks of one type are averaged);
-- ``cluster.yaml`` (``dump_cluster_yaml``): one node per host, device types declared
-  inline with measured figures (peak: matmul throughput; memory bandwidth: what the
-  optimizer step achieves, the figure ``hetalloc.costs.optimizer_time`` divides by), a
-  rank slowed with --slowdown R=F as its own type ``<name>-slow<F>x``; intra-node and
-  inter-node links with fitted bandwidth and latency;
-- ``report.json``: every raw figure, the fits and their errors.
+- ``cluster.yaml`` (``dump_cluster_yaml``): one node per host (with its cores as compute
+  slots for CPU ranks),
+  device types declared inline with measured figures (peak: matmul throughput; memory
+  bandwidth: what the optimizer step achieves, the figure ``hetalloc.costs.optimizer_time``
+  divides by; interference: the median slowdown of its ranks' matmul beside
+  communication, and of their communication streams beside the matmul), a rank slowed with --slowdown R=F as its own type
+  ``<name>-slow<F>x``; intra-node and inter-node links with fitted bandwidth and
+  latency; the measured collective tables (``hetalloc.collectives``);
+- ``report.json``: every raw figure, the fits and their errors, and the profile's
+  judgement of its own noise (``noise_check``).
 Never imports torch.
 """
 
@@ -23,15 +27,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hetalloc.calibrate import fit_link
+from hetalloc.calibrate import fit_collective, fit_link
 from hetalloc.catalog import DeviceType
 from hetalloc.cluster import Cluster, LinkSpec, Node, Device, dump_cluster_yaml
+from hetalloc.collectives import MeasuredCollective
 from hetalloc.costgraph import CostGraph, TimeTable
 from hetalloc.costs import param_bytes
 from hetalloc.fileio import atomic_write_json, atomic_write_text
 from hetalloc.models import LayerShape, TransformerShape, layer_shapes
 
 REPORT_SCHEMA_VERSION = 1
+NOISE_LIMIT = 0.10
+"""A device type whose whole passes spread (interquartile range over median) more than
+this, or drift between the first and second half of the repeats by more, is reported as
+too noisy to trust (and so is a run-overhead fit whose two runs disagree by more)."""
 PRECISION = "fp32"
 """The runtime trains in float32 (or float64 for checks); profiles are fp32."""
 
@@ -68,12 +77,19 @@ def device_types(ranks: list[dict[str, Any]]) -> tuple[dict[str, DeviceType], li
     out = {}
     for name in dict.fromkeys(names):
         mine = [r for r, n in zip(ranks, names) if n == name]
+        interference, comm = {}, {}
+        for kind in ("collective", "p2p"):
+            runs = [r["interference"][kind] for r in mine if r.get("interference") and kind in r["interference"]]
+            interference[kind] = float(f"{statistics.median(x['slowdown'] for x in runs):.3g}") if runs else 0.0
+            comm[kind] = float(f"{statistics.median(x['stream_slowdown'] for x in runs):.3g}") if runs else 0.0
         out[name] = DeviceType(
             name=name, vendor=mine[0]["vendor"],
             peak_tflops=float(f"{statistics.median(r['peak_tflops'] for r in mine):.6g}"),
             memory_gib=float(f"{min(r['memory_gib'] for r in mine):.6g}"),
             mem_bandwidth_gbps=float(f"{statistics.median(effective_memory_bandwidth_gbps(r['optimizer']) for r in mine):.6g}"),
-            cost_per_hour_usd=0.0, source="measured by hetalloc profile")
+            cost_per_hour_usd=0.0, source="measured by hetalloc profile",
+            interference_collective=interference["collective"], interference_p2p=interference["p2p"],
+            comm_slowdown_collective=comm["collective"], comm_slowdown_p2p=comm["p2p"])
     return out, names
 
 
@@ -121,7 +137,61 @@ def link_figures(links: dict[str, Any], hosts: list[str]) -> dict[str, Any]:
         "p2p_inter": _fit_rows(inter, "p2p"),
         "allreduce_intra": _fit_rows([a for a in links["allreduce"] if a["scope"] == "intra"], "allreduce"),
         "allreduce_inter": _fit_rows([a for a in links["allreduce"] if a["scope"] == "inter"], "allreduce"),
+        "collectives": collective_tables(links.get("collectives", [])),
     }
+
+
+INTRA_LINK = "measured-p2p"
+INTER_LINK = "measured-p2p-inter"
+
+
+def collective_tables(tables: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The raw collective tables with their fitted per-hop figures."""
+    out = []
+    for t in tables:
+        fit = fit_collective(t["bytes"], t["seconds"], t["op"], len(t["ranks"]))
+        out.append({**t, "fit": fit.to_dict()})
+    return out
+
+
+def measured_collectives(tables: list[dict[str, Any]]) -> tuple[MeasuredCollective, ...]:
+    """What cluster.yaml carries of the collective tables (hetalloc.collectives)."""
+    out = []
+    for t in tables:
+        mono, top = [], 0.0
+        for x in t["seconds"]:
+            top = max(top, x)
+            mono.append(float(f"{top:.6g}"))
+        bw = t["fit"]["bandwidth_gbps"]
+        out.append(MeasuredCollective(t["op"], t["scope"], len(t["ranks"]), tuple(float(b) for b in t["bytes"]),
+                                      tuple(mono), float(f"{t['fit']['latency_us']:.6g}"),
+                                      float(f"{min(bw, 1e6):.6g}"),
+                                      INTRA_LINK if t["scope"] == "intra" else INTER_LINK))
+    return tuple(out)
+
+
+def noise_check(ranks: list[dict[str, Any]], rank_types: list[str]) -> dict[str, Any]:
+    """The profile's judgement of its own figures: per device type the largest spread of
+    whole passes (IQR over median) and the largest drift between the halves of the
+    repeats over the micro-batch sizes, with the host's load average; 'trusted' is False
+    (and 'why' says which) where either exceeds NOISE_LIMIT."""
+    out: dict[str, Any] = {"limit": NOISE_LIMIT, "types": {}, "trusted": True, "why": []}
+    for name in dict.fromkeys(rank_types):
+        mine = [r for r, t in zip(ranks, rank_types) if t == name]
+        passes = [p for r in mine for p in r["layers"].get("passes", [])]
+        if not passes:
+            continue
+        spread = max(p["iqr_rel"] for p in passes)
+        drift = max(abs(p["drift_rel"]) for p in passes)
+        mm = [r["interference"]["matmul_alone_iqr_rel"] for r in mine if r.get("interference")]
+        out["types"][name] = {"pass_spread_rel": spread, "pass_drift_rel": drift,
+                              "matmul_spread_rel": max(mm) if mm else None,
+                              "load_average": [r.get("load_average") for r in mine]}
+        for what, v in (("whole passes spread", spread), ("repeats drifted", drift)):
+            if v > NOISE_LIMIT:
+                out["trusted"] = False
+                out["why"].append(f"{name}: {what} {100 * v:.0f}% (limit {100 * NOISE_LIMIT:.0f}%)")
+    return out
 
 
 def _link(fitted: dict[str, Any] | None, name: str) -> LinkSpec | None:
@@ -136,16 +206,20 @@ def measured_cluster(ranks: list[dict[str, Any]], types: dict[str, DeviceType], 
     """One node per host, devices in rank order (device <host>/<k> is the host's k-th rank)."""
     hosts = list(dict.fromkeys(r["host"] for r in ranks))
     # A one-rank host has no measured intra link: it never uses one (a placeholder keeps the spec valid).
-    intra = _link(figures["p2p_intra"], "measured-p2p") or LinkSpec(1e9, 0.0, "unmeasured")
-    nic = _link(figures["p2p_inter"], "measured-p2p-inter")
+    intra = _link(figures["p2p_intra"], INTRA_LINK) or LinkSpec(1e9, 0.0, "unmeasured")
+    nic = _link(figures["p2p_inter"], INTER_LINK)
     nodes = []
     for h in hosts:
         nn = node_name(h)
         mine = [(r, t) for r, t in zip(ranks, rank_types) if r["host"] == h]
         devs = [Device(f"{nn}/{k}", t, nn, k) for k, (_, t) in enumerate(mine)]
-        nodes.append(Node(nn, devs, intra, nic if len(hosts) > 1 else None))
+        # CPU ranks share the host's cores (and their communication runs on them): the
+        # simulator needs the cores; GPUs are a device each (simulator.compute).
+        slots = int(mine[0][0].get("compute_slots") or 0) if mine[0][0]["vendor"] == "cpu" else 0
+        nodes.append(Node(nn, devs, intra, nic if len(hosts) > 1 else None, slots))
     from hetalloc.catalog import DEVICE_TYPES
-    return Cluster(name, nodes, {**DEVICE_TYPES, **types}, 1.0, "hetalloc profile")
+    return Cluster(name, nodes, {**DEVICE_TYPES, **types}, 1.0, "hetalloc profile",
+                   collectives=measured_collectives(figures.get("collectives", [])))
 
 
 def build_profile(pa: ProfileArgs, ranks: list[dict[str, Any]], links: dict[str, Any]
@@ -173,13 +247,17 @@ def build_profile(pa: ProfileArgs, ranks: list[dict[str, Any]], links: dict[str,
                    "threads": r["threads"], "peak_tflops": r["peak_tflops"], "memory_gib": r["memory_gib"],
                    "optimizer": r["optimizer"],
                    "optimizer_bandwidth_gbps": effective_memory_bandwidth_gbps(r["optimizer"]),
-                   "peak_memory_bytes": r["layers"]["peak_memory_bytes"], "seconds": r["seconds"]}
+                   "peak_memory_bytes": r["layers"]["peak_memory_bytes"], "seconds": r["seconds"],
+                   "compute_slots": r.get("compute_slots"), "interference": r.get("interference"),
+                   "passes": r["layers"].get("passes"), "load_average": r.get("load_average")}
                   for r, t, d in zip(ranks, rank_types, cluster.devices)],
         "layers": [{"name": l.name, "kind": l.kind, "params": l.params, "params_analytic": a.params,
                     "saved_act_bytes": l.saved_act_bytes, "saved_act_bytes_analytic": a.saved_act_bytes,
                     "out_act_bytes": l.out_act_bytes, "saved_bytes_by_batch": s["saved_bytes_by_batch"]}
                    for l, a, s in zip(layers, analytic, ranks[0]["sizes"])],
         "links": {**figures, "raw": links},
+        "turns": ranks[0].get("turns"),
+        "noise_check": noise_check(ranks, rank_types),
         "cluster": cluster.to_dict(),
     }
     return cg, cluster, report
@@ -230,6 +308,26 @@ def report_lines(report: dict[str, Any], cg: CostGraph | None = None) -> list[st
     for name, f in (report.get("runtime_overhead") or {}).get("per_type", {}).items():
         lines.append(f"  runtime's own time on {name}: {f['op_overhead_us']:.0f} µs per op, "
                      f"{f['step_overhead_us']:.0f} µs per step (two short training runs)")
+    ar = [t for t in report["links"].get("collectives", []) if t["op"] == "allreduce"]
+    if ar:
+        widest = max(ar, key=lambda t: len(t["ranks"]))
+        lines.append(f"  collectives: {len(report['links']['collectives'])} tables (5 operations, "
+                     f"{len(widest['bytes'])} sizes, groups of 2..{len(widest['ranks'])}); all-reduce among "
+                     f"{len(widest['ranks'])}: {widest['seconds'][0] * 1e6:.0f} µs for {widest['bytes'][0]} B, "
+                     f"{widest['seconds'][-1] * 1e3:.2f} ms for {widest['bytes'][-1] / 2**20:.0f} MiB")
+    for r in report["ranks"]:
+        i = r.get("interference")
+        if i:
+            kinds = [k for k in ("collective", "p2p") if k in i]
+            lines.append(f"  rank {r['rank']}: compute beside communication "
+                         + ", ".join(f"{k} {100 * i[k]['slowdown']:+.0f}%" for k in kinds)
+                         + "; communication beside compute "
+                         + ", ".join(f"{k} {100 * i[k]['stream_slowdown']:+.0f}%" for k in kinds))
+    noise = report.get("noise_check")
+    if noise and not noise["trusted"]:
+        load = max((r["load_average"][0] for r in report["ranks"] if r.get("load_average")), default=0.0)
+        lines.append(f"  WARNING: this profile is too noisy to trust: {'; '.join(noise['why'])} (load average "
+                     f"{load:.1f} when it began); profile again on a quieter machine")
     saved = sum(l["saved_act_bytes"] for l in report["layers"])
     saved_a = sum(l["saved_act_bytes_analytic"] for l in report["layers"])
     lines.append(f"  saved activations: {saved / 2**20:.2f} MiB per sample measured "

@@ -18,7 +18,7 @@ from ..config import TrainConfig
 from ..grad_sync import flat_views
 from ..models import BuiltModel, token_loss_sum
 from ..optim import build_optimizer
-from .device import stats, stretched, sync
+from .device import cpu_clock, stats, stretched, sync
 
 CACHE_FLUSH_BYTES = 256 << 20
 """Written between timed optimizer steps on CPUs (larger than any CPU's last-level cache)."""
@@ -40,6 +40,7 @@ def time_pass(layers: list[torch.nn.Module], ids: torch.Tensor, labels: torch.Te
     """One forward and one backward of the whole model; per-layer seconds (module doc)."""
     L = len(layers)
     stamps = [time.perf_counter()]
+    cpu0 = cpu_clock(device)
     x = ids
     acts = []
     for layer in layers[:-1]:
@@ -50,7 +51,7 @@ def time_pass(layers: list[torch.nn.Module], ids: torch.Tensor, labels: torch.Te
     loss = token_loss_sum(layers[-1](x), labels) * loss_scale
     sync(device)
     stamps.append(time.perf_counter())
-    total_f = stretched(slowdown, stamps[0], device)
+    total_f = stretched(slowdown, stamps[0], device, cpu0)
     fwd = [stamps[i + 1] - stamps[i] for i in range(L)]
     marks = [0.0] * len(acts)
 
@@ -63,10 +64,11 @@ def time_pass(layers: list[torch.nn.Module], ids: torch.Tensor, labels: torch.Te
     for i, a in enumerate(acts):
         a.register_hook(mark(i))
     t0 = time.perf_counter()
+    cpu0 = cpu_clock(device)
     torch.autograd.backward(loss)
     sync(device)
     t1 = time.perf_counter()
-    total_b = stretched(slowdown, t0, device)
+    total_b = stretched(slowdown, t0, device, cpu0)
     # acts[i] is layer i's output: its gradient is ready when layer i + 1's backward ends.
     ends = [t1] + marks  # ends[j] = end of layer j's backward
     starts = marks + [t0]
@@ -128,20 +130,29 @@ def measure_sizes(built: BuiltModel, seq: int, batches: list[int], device: torch
 
 
 def measure_layers(built: BuiltModel, seq: int, batches: list[int], warmup: int, repeats: int,
-                   slowdown: float, device: torch.device, barrier: Callable[[], None]) -> dict[str, Any]:
+                   slowdown: float, device: torch.device, barrier: Callable[[], None],
+                   turns: list[list[int]] | None = None, rank: int = 0) -> dict[str, Any]:
     """Per batch size and layer: forward/backward statistics over `repeats` passes (more for
     small micro-batches: MIN_TIMED_S). An
     (untimed) AdamW step follows every pass, as in training: the passes are timed with
     the caches and memory in the state a training step leaves them in (timed back to
-    back, without it, they ran 3-15% faster than the same work in runtime.train here)."""
+    back, without it, they ran 3-15% faster than the same work in runtime.train here).
+    turns: groups of ranks that measure at the same time, one group after the other
+    (runtime.profile.collectives.compute_turns; None: all at once). Also returns the
+    spread of whole passes and the drift between the first and second half of the
+    repeats, the figures the profile judges its own noise by."""
     params = list(built.model.parameters())
     _, gflat = flat_views(params)
     opt = build_optimizer("adamw", params, TrainConfig())
-    fwd_stats, bwd_stats, peaks = [], [], {}
+    fwd_stats, bwd_stats, peaks, passes = [], [], {}, []
+    turns = turns or [[rank]]
+    mine = next((k for k, t in enumerate(turns) if rank in t), 0)
     for b in sorted(batches):
         ids, labels = _batch(built.shape, seq, b, device)
         scale = 1.0 / (b * seq)
-        barrier()  # every rank measures each size at the same time, as in training
+        for k in range(mine):  # earlier turns measure this size first
+            barrier()
+        barrier()  # the ranks of a turn measure each size at the same time, as in training
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         runs_f, runs_b = [], []
@@ -162,10 +173,17 @@ def measure_layers(built: BuiltModel, seq: int, batches: list[int], warmup: int,
             runs_b.append(bw)
         if device.type == "cuda":
             peaks[str(b)] = torch.cuda.max_memory_allocated(device)
+        for k in range(mine + 1, len(turns)):  # then wait for the later turns
+            barrier()
         L = len(built.layers)
         fwd_stats.append([stats([r[i] for r in runs_f]) for i in range(L)])
         bwd_stats.append([stats([r[i] for r in runs_b]) for i in range(L)])
-    return {"batch_sizes": sorted(batches), "fwd": fwd_stats, "bwd": bwd_stats, "peak_memory_bytes": peaks or None}
+        whole = [sum(f) + sum(bw) for f, bw in zip(runs_f, runs_b)]
+        half = len(whole) // 2
+        drift = (statistics.median(whole[half:]) / statistics.median(whole[:half]) - 1.0) if half else 0.0
+        passes.append({"batch_size": b, **stats(whole), "drift_rel": drift, "repeats": len(whole)})
+    return {"batch_sizes": sorted(batches), "fwd": fwd_stats, "bwd": bwd_stats, "peak_memory_bytes": peaks or None,
+            "passes": passes, "turns": turns}
 
 
 def measure_optimizer(built: BuiltModel, warmup: int, repeats: int, device: torch.device) -> dict[str, Any]:

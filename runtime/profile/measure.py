@@ -3,8 +3,13 @@
     torchrun --nproc-per-node=N -m runtime.profile --model gpt2-tiny --seq 64 \\
         --batch-sizes 1,2,4,8,16 --out DIR [--slowdown 1=2]
 
-(``hetalloc profile`` builds this command.) All ranks measure at the same time, as they
-will run in training, and every figure is taken the way the runtime spends it:
+(``hetalloc profile`` builds this command.) Ranks measure at the same time, as they
+will run in training, except where a host has more ranks than compute slots (CPU cores,
+or GPUs for time-sliced processes): there its ranks measure compute in turns of as many
+as it has slots (``compute_turns``), so that each figure is the rank's own, and the
+simulator shares the slots among the ranks that compute at one time (the host's
+``compute_slots``, written into cluster.yaml). Every figure is taken the way the runtime
+spends it:
 
 - **layers**: whole-model passes (the runtime's layer cut, runtime.models), time stamps
   between consecutive layers on the forward and gradient hooks on every layer's input on
@@ -27,6 +32,12 @@ will run in training, and every figure is taken the way the runtime spends it:
   as runtime.pipeline uses them; one pair per node pair on large jobs) at generic sizes
   and at the activation sizes this model sends; all-reduce time within each node and
   across nodes (one rank per node).
+- **collectives**: all-reduce, reduce-scatter, all-gather, broadcast and reduce over a
+  sweep of sizes for every group size within each host and across hosts
+  (runtime.profile.collectives), the tables the cost formulas read.
+- **interference**: a matmul alone and beside an all-reduce stream and a send/receive
+  stream (runtime.profile.collectives): how much slower compute runs while the rank
+  communicates.
 
 Rank 0 gathers everything and writes DIR/cost_graph.json, DIR/cluster.yaml and
 DIR/report.json (runtime.profile.files). Never: guess a figure that can be measured here.
@@ -36,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import socket
 import time
 from typing import Any
@@ -43,15 +55,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hetalloc.errors import SpecError
 from hetalloc.models import layer_shapes, resolve_model
 
-from ..config import parse_slowdown
+from ..config import check_slowdown, parse_batch_sizes, parse_slowdown
 from ..launch import free_port
 from ..models import build_model
 from ..train import run_entry
 from .device import device_memory_gib, device_name
 from .files import ProfileArgs, write_profile
+from .collectives import compute_turns, measure_collectives, measure_interference
 from .layers import measure_layers, measure_optimizer, measure_peak_tflops, measure_sizes
 from .links import GENERIC_P2P_BYTES, measure_links
 
@@ -84,32 +96,41 @@ def _init() -> tuple[int, int, torch.device]:
     return dist.get_rank(), local, torch.device("cpu")
 
 
+def compute_slots(device: torch.device) -> int:
+    """Devices' worth of compute this rank's host can run at once: its usable CPU cores
+    (CPU ranks), or its GPUs."""
+    if device.type == "cuda":
+        return torch.cuda.device_count()
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def profile(args: argparse.Namespace) -> dict[str, Any] | None:
     rank, local, device = _init()
     world = dist.get_world_size()
     slow = parse_slowdown(args.slowdown)
-    for key in slow:
-        if not key.isdigit() or int(key) >= world:
-            raise SpecError("--slowdown", key, f"is not a rank of this profile (0..{world - 1})", "write RANK=FACTOR")
+    check_slowdown(slow, world, None, "profile")
     slowdown = slow.get(str(rank), 1.0)
     shape = resolve_model(args.model)
     seq = args.seq or shape.max_seq
     layer_shapes(shape, seq, 4)  # checks seq against the model's context
-    try:
-        batches = sorted({int(x) for x in args.batch_sizes.split(",") if x.strip()})
-    except ValueError:
-        raise SpecError("--batch-sizes", "", f"expected comma-separated integers, got '{args.batch_sizes}'") from None
-    if not batches or batches[0] < 1:
-        raise SpecError("--batch-sizes", "", "needs at least one size >= 1", "e.g. --batch-sizes 1,2,4,8")
+    batches = parse_batch_sizes(args.batch_sizes)
     hosts: list[Any] = [None] * world
     dist.all_gather_object(hosts, socket.gethostname())
+    slots: list[Any] = [None] * world
+    dist.all_gather_object(slots, compute_slots(device))
+    turns = compute_turns(hosts, slots)
+    load_before = os.getloadavg()[0]
     dtype = torch.float32
     t_start = time.perf_counter()
     built = build_model(shape, seed=0, dtype=dtype)
     built.model.to(device)
     sizes = measure_sizes(built, seq, batches, device)
     dist.barrier()
-    layers = measure_layers(built, seq, batches, args.warmup, args.repeats, slowdown, device, dist.barrier)
+    layers = measure_layers(built, seq, batches, args.warmup, args.repeats, slowdown, device, dist.barrier,
+                            turns=turns, rank=rank)
     dist.barrier()
     optimizer = measure_optimizer(built, 2, max(5, args.repeats // 2), device)
     dist.barrier()
@@ -117,12 +138,19 @@ def profile(args: argparse.Namespace) -> dict[str, Any] | None:
     act = [int(b * s["out_act_bytes"]) for s in sizes[:-1] for b in batches]
     p2p_bytes = sorted(set(GENERIC_P2P_BYTES) | {n for n in act if n > 0})
     links = measure_links(rank, hosts, p2p_bytes, args.link_repeats, device) if world > 1 else {"p2p": [], "allreduce": []}
+    links["collectives"] = measure_collectives(rank, hosts, device) if world > 1 else []
+    grads = 4 * sum(p.numel() for p in built.model.parameters())
+    stream = {"p2p": int(statistics.median(n for n in act if n > 0)) if any(act) else 1 << 20,
+              "collective": min(grads, 25 << 20)}
+    interference = measure_interference(rank, hosts, slots, slowdown, device, stream) if world > 1 else None
     mine = {
         "rank": rank, "local_rank": local, "host": hosts[rank], "device_name": device_name(device),
         "vendor": "cpu" if device.type == "cpu" else "nvidia", "slowdown": slowdown,
         "memory_gib": device_memory_gib(device, sum(1 for h in hosts if h == hosts[rank])),
         "threads": torch.get_num_threads(), "peak_tflops": peak, "sizes": sizes, "layers": layers,
-        "optimizer": optimizer, "seconds": time.perf_counter() - t_start,
+        "optimizer": optimizer, "seconds": time.perf_counter() - t_start, "compute_slots": slots[rank],
+        "interference": interference, "turns": turns,
+        "load_average": [load_before, os.getloadavg()[0]],
     }
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, mine)

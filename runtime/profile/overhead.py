@@ -12,7 +12,10 @@ evenly, 1F1B) with 2 and with 8 micro-batches of SHARE samples, STEPS steps each
     other(M) = step_overhead + 2 M op_overhead
 
 and the two runs give both figures; a device type gets the median over its ranks
-(negative fits clamp to 0). They are written into the profile's cluster.yaml as
+(negative fits clamp to 0). Where a host has more ranks than compute slots, the runs
+take its ranks in the profile's turns (as many at a time as it has slots), so that each
+figure is the rank's own time and not its wait for a shared core (the simulator shares
+the cores). They are written into the profile's cluster.yaml as
 ``op_overhead_us`` and ``step_overhead_us`` of the device types, where the shared cost
 formulas (CostGraph.range_time, costs.optimizer_time) add them.
 
@@ -41,15 +44,16 @@ STEPS = 16
 WARMUP_STEPS = 2
 
 
-def calibration_plan(cluster: Cluster, cg: CostGraph, num_microbatches: int) -> Plan:
-    """One pipeline replica: a stage per device (as many as there are layers), layers cut
-    evenly, SHARE samples per micro-batch, 1F1B."""
-    devices = [d.id for d in cluster.devices][:cg.num_layers]
+def calibration_plan(cluster: Cluster, cg: CostGraph, num_microbatches: int,
+                     devices: list[str] | None = None) -> Plan:
+    """One pipeline replica over `devices` (default all): a stage per device (as many as
+    there are layers), layers cut evenly, SHARE samples per micro-batch, 1F1B."""
+    devices = (devices or [d.id for d in cluster.devices])[:cg.num_layers]
     S = len(devices)
     cuts = [round(k * cg.num_layers / S) for k in range(S + 1)]
     stages = [((cuts[k], cuts[k + 1]), [(devices[k], SHARE)]) for k in range(S)]
     return hand_plan(cluster, cg, [stages], num_microbatches=num_microbatches, schedule="1f1b",
-                     name=f"overhead-m{num_microbatches}")
+                     name=f"overhead-m{num_microbatches}-{len(devices)}")
 
 
 def _median_other(path: Path) -> float:
@@ -70,28 +74,34 @@ def fit_overheads(others: dict[int, dict[str, float]]) -> dict[str, tuple[float,
 
 
 def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
-                      slowdown: dict[int, float] | None = None) -> dict[str, Any]:
-    """Run the calibration plans; returns per-device and per-type figures (see module doc)."""
+                      slowdown: dict[int, float] | None = None, turns: list[list[int]] | None = None) -> dict[str, Any]:
+    """Run the calibration plans; returns per-device and per-type figures (see module doc).
+    turns: the profile's groups of ranks (device k is rank k) that run at one time
+    (None: all at once)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ids = [d.id for d in cluster.devices]
-    others: dict[int, dict[str, float]] = {}
-    for M in MICROBATCHES:
-        plan = calibration_plan(cluster, cg, M)
-        path = out / f"plan-m{M}.json"
-        plan.save(path)
-        slow = slowdown_for_plan(ids, slowdown or {}, set(plan.device_ids()))
-        run_dir = out / f"run-m{M}"
-        summary = run_local(path, steps=WARMUP_STEPS + STEPS, slowdown=slow, out_dir=run_dir, capture=True,
-                            extra=["--warmup-steps", str(WARMUP_STEPS)])
-        others[M] = {r["device"]: _median_other(run_dir / f"metrics.rank{r['rank']}.jsonl") for r in summary["ranks"]}
+    groups = [[ids[r] for r in t] for t in (turns or [list(range(len(ids)))])]
+    others: dict[int, dict[str, float]] = {M: {} for M in MICROBATCHES}
+    for g, devices in enumerate(groups):
+        for M in MICROBATCHES:
+            plan = calibration_plan(cluster, cg, M, devices)
+            tag = f"m{M}" if len(groups) == 1 else f"m{M}-turn{g}"
+            path = out / f"plan-{tag}.json"
+            plan.save(path)
+            slow = slowdown_for_plan(ids, slowdown or {}, set(plan.device_ids()))
+            run_dir = out / f"run-{tag}"
+            summary = run_local(path, steps=WARMUP_STEPS + STEPS, slowdown=slow, out_dir=run_dir, capture=True,
+                                extra=["--warmup-steps", str(WARMUP_STEPS)])
+            others[M].update({r["device"]: _median_other(run_dir / f"metrics.rank{r['rank']}.jsonl")
+                              for r in summary["ranks"]})
     per_device = fit_overheads(others)
     per_type: dict[str, dict[str, float]] = {}
     for t in sorted({cluster.device(d).type for d in per_device}):
         mine = [per_device[d] for d in per_device if cluster.device(d).type == t]
         per_type[t] = {"op_overhead_us": 1e6 * statistics.median(o for o, _ in mine),
                        "step_overhead_us": 1e6 * statistics.median(s for _, s in mine)}
-    return {"microbatches": list(MICROBATCHES), "share": SHARE, "steps": STEPS,
+    return {"microbatches": list(MICROBATCHES), "share": SHARE, "steps": STEPS, "groups": groups,
             "other_s": {str(M): v for M, v in others.items()},
             "per_device": {d: {"op_overhead_us": 1e6 * o, "step_overhead_us": 1e6 * s}
                            for d, (o, s) in per_device.items()},
