@@ -16,9 +16,10 @@ decisions, on the profiled cluster and cost graph):
   ranks (time-sharing 2 cores) and on 2 ranks (a core each): throughput over steps 3-80,
   simulated against measured, with and without adaptation (target: within 10 %).
 
-The slowdown is emulated by spinning (``--slowdown-spin``): 3 ranks share 2 cores here,
-and a rank that slept through its slowdown would hand its core to the others, which then
-run faster than the profile measured them (``--sleep`` does that, for comparison).
+The slowdown is emulated in CPU time (runtime.config.stretch on CPU ranks): the slowed
+rank spins until it has used FACTOR x the CPU time of its compute, as a slower core
+would; 3 ranks share 2 cores here, and a rank that slept through its slowdown would hand
+its core to the others, which would then run faster than the profile measured them.
 Measured figures are the median over the repeats. The simulation is compared as it is
 and *calibrated*: divided by the ratio of the run's measured to simulated step time
 over steps 3-19 (before the straggler; the median over the runs), which takes out how
@@ -106,15 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse-profile", action="store_true", help="reuse profiles already under the output folder")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"), metavar="DIR")
     ap.add_argument("--only", nargs="*", choices=("stays", "comes-and-goes-3", "comes-and-goes-2"))
-    ap.add_argument("--sleep", action="store_true",
-                    help="emulate the slowdown by sleeping (the default spins: --slowdown-spin, see there)")
     args = ap.parse_args(argv)
-    if not args.sleep:
-        EXTRA.append("--slowdown-spin")
     con = Console(width=150)
     base = Path(args.out) / "adaptive"
     steps = args.steps
-    result: dict = {"steps": steps, "repeats": args.repeats, "slowdown": "sleep" if args.sleep else "spin", "python": sys.version.split()[0], "cpus": os.cpu_count(),
+    result: dict = {"steps": steps, "repeats": args.repeats, "slowdown": "cpu-time", "python": sys.version.split()[0], "cpus": os.cpu_count(),
                     "runs": {}}
     scenarios = [("stays", 3, ["1=3@20"], 20), ("comes-and-goes-3", 3, ["1=3@20", "1=1@50"], 0),
                  ("comes-and-goes-2", 2, ["1=3@20", "1=1@50"], 0)]

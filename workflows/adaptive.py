@@ -49,9 +49,9 @@ from allocator import make_plan
 from hetalloc.checks import output_dir
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
-from hetalloc.errors import HetallocError, InfeasibleError, SpecError
+from hetalloc.errors import InfeasibleError, SpecError
 from hetalloc.fileio import atomic_write_json
-from hetalloc.plan import Plan, load_plan, plan_context
+from hetalloc.plan import Plan, plan_context
 from runtime import control
 from runtime.control import same_layout
 from runtime.launch import RunFailed, check_run, local_command, local_env, train_args
@@ -450,14 +450,14 @@ def run_adaptive(plan_path: str | Path, *, steps: int, out_dir: str | Path, chec
     Checks everything runtime.launch.check_run does first (SpecError, nothing launched)."""
     opts = opts or AdaptOptions()
     out = Path(out_dir)
-    plan, rm = check_run(plan_path, steps=steps, slowdown=slowdown, checkpoint_dir=checkpoint_dir,
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else out / "checkpoints"
+    plan, rm = check_run(plan_path, steps=steps, slowdown=slowdown, checkpoint_dir=ckpt,
                          checkpoint_every=checkpoint_every, resume=resume, model=model)
     if len(rm.nodes) > 1:
         raise SpecError(str(plan_path), "replicas", f"uses {len(rm.nodes)} nodes",
                         "adaptive runs start on one machine; run multi-node plans without --adaptive")
     cluster, cg = plan_context(plan, str(plan_path))
     output_dir(out, "--out")
-    ckpt = Path(checkpoint_dir) if checkpoint_dir else out / "checkpoints"
     output_dir(ckpt, "--checkpoint-dir")
     extra = list(extra or []) + (["--model", model] if model else [])
     control_dir = out / "control"

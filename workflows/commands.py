@@ -63,9 +63,8 @@ def add_adaptive(run: argparse.ArgumentParser) -> None:
 
 def cmd_run_adaptive(args) -> int:
     from runtime.commands import launch_extra
-    from runtime.launch import check_run
-    plan, rm = check_run(args.plan, steps=args.steps, slowdown=args.slowdown, checkpoint_dir=args.checkpoint_dir,
-                         checkpoint_every=args.checkpoint_every, resume=args.resume, model=args.model, here=False)
+    from runtime.launch import load_checked
+    plan, rm = load_checked(args.plan)  # run_adaptive checks the rest as check_run does
     if args.nodes_print or len(rm.nodes) > 1:
         raise SpecError("--adaptive", "", "an adaptive run starts every rank on this machine",
                         "run a single-node plan, or drop --adaptive to print per-node commands")
