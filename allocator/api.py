@@ -7,15 +7,16 @@ from typing import Callable
 
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
-from hetalloc.costs import GRAD_SYNC, OPTIMIZERS, SCHEDULES, param_bytes, usable_memory
+from hetalloc.costs import (GRAD_SYNC, OPTIMIZER_SHARDING, OPTIMIZERS, RECOMPUTE, SCHEDULES, TP_DEGREES, param_bytes,
+                            usable_memory)
 from hetalloc.errors import InfeasibleError, SpecError
 from hetalloc.evaluate import predict
-from hetalloc.plan import Plan, attach_context, validate_plan
+from hetalloc.plan import Plan, attach_context, mixed_tp_segments, validate_plan
 
 from .baselines import BASELINES, baseline_plan
 from .milp import available_backends
 from .placement import place
-from .problem import Problem
+from .problem import Problem, unit_degree
 from .search import search
 
 
@@ -31,6 +32,47 @@ def check_request(cluster: Cluster, cg: CostGraph, global_batch: int, schedule: 
     if grad_sync not in GRAD_SYNC + ("auto",):
         raise SpecError("--grad-sync", "", f"unknown algorithm '{grad_sync}'",
                         f"use auto or one of {', '.join(GRAD_SYNC)}")
+
+
+def tp_degrees(cluster: Cluster, cg: CostGraph, tp: str | int) -> list[int]:
+    """Largest tensor-parallel unit sizes to search: the one asked for, or (auto) every
+    degree that gives another split of the cluster into units (``Problem.tp``)."""
+    if tp != "auto":
+        t = int(tp)
+        if t not in TP_DEGREES:
+            raise SpecError("--tp", "", f"{tp} is not a tensor-parallel degree", f"use auto or one of {TP_DEGREES}")
+        if t > 1 and not cg.supports_tp:
+            raise SpecError("--tp", "", "this cost graph does not say how its layers split",
+                            "re-profile or use a built-in model, or --tp 1")
+        return [t]
+    if not cg.supports_tp:
+        return [1]
+    per_node = sorted({n.type_counts()[t] for n in cluster.nodes for t in n.type_counts()})
+    out, seen = [], set()
+    for t in TP_DEGREES:
+        key = tuple(unit_degree(k, t) for k in per_node)
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
+
+
+def plan_spaces(cluster: Cluster, cg: CostGraph, global_batch: int, degrees: list[int], sharding: str,
+                **kw) -> list[Problem]:
+    """The plan spaces searched together: one per tensor-parallel unit size and optimizer
+    sharding. zero1 shards the optimizer state at no extra communication in the planner's
+    model (a reduce-scatter and an all-gather are one all-reduce), so with ``auto`` its
+    space replaces the unsharded one, which is kept only where zero1 excludes stages
+    (units of different tensor-parallel sizes in one stage, which the runtime does not
+    shard)."""
+    out = []
+    for t in degrees:
+        for s in (("zero1", "none") if sharding == "auto" else (sharding,)):
+            prob = Problem(cluster, cg, global_batch, tp=t, optimizer_sharding=s, **kw)
+            if sharding == "auto" and s == "none" and len({c.tp for c in prob.classes}) == 1:
+                continue
+            out.append(prob)
+    return out
 
 
 def memory_shortfall(cluster: Cluster, cg: CostGraph, optimizer: str) -> str:
@@ -57,13 +99,17 @@ def memory_shortfall(cluster: Cluster, cg: CostGraph, optimizer: str) -> str:
 def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: str = "1f1b",
               optimizer: str = "adamw", grad_sync: str = "auto", time_limit: float = 30.0, gap: float = 0.0,
               backend: str = "highs", baseline: str | None = None, compare_baselines: bool = True,
-              group_identical_nodes: bool = True, msg: bool = False,
+              group_identical_nodes: bool = True, msg: bool = False, tp: str | int = "auto",
+              recompute: str = "auto", optimizer_sharding: str = "auto",
               progress: Callable[[str], None] | None = None) -> Plan:
     """Plan `global_batch` samples per iteration of model `cg` on `cluster`.
 
     baseline: return that baseline's plan instead of solving. Otherwise the integer
     program is solved (time-limited); the result records the solver status, objective,
     proven bound and gap. With compare_baselines the baselines are scored too and noted.
+    tp: largest tensor-parallel unit (auto: search each useful size); recompute: auto (per
+    stage), none or full; optimizer_sharding: auto (search with and without zero1 where
+    they differ), none or zero1.
     """
     check_request(cluster, cg, global_batch, schedule, optimizer, "ring" if grad_sync == "auto" else grad_sync)
     sync = "ring" if grad_sync == "auto" else grad_sync
@@ -80,9 +126,16 @@ def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: s
         raise SpecError("--solver", "", f"solver back end '{backend}' is not available",
                         f"available here: {', '.join(available_backends()) or 'none'}; "
                         "'pip install highspy' gives HiGHS")
-    prob = Problem(cluster, cg, global_batch, schedule=schedule, optimizer=optimizer,
-                   group_identical_nodes=group_identical_nodes)
-    res = search(prob, time_limit=SEARCH_SHARE * time_limit, gap=gap, backend=backend, msg=msg, progress=progress)
+    if recompute not in RECOMPUTE + ("auto",):
+        raise SpecError("--recompute", "", f"unknown choice '{recompute}'", f"use auto or one of {', '.join(RECOMPUTE)}")
+    if optimizer_sharding not in OPTIMIZER_SHARDING + ("auto",):
+        raise SpecError("--optimizer-sharding", "", f"unknown choice '{optimizer_sharding}'",
+                        f"use auto or one of {', '.join(OPTIMIZER_SHARDING)}")
+    degrees = tp_degrees(cluster, cg, tp)
+    probs = plan_spaces(cluster, cg, global_batch, degrees, optimizer_sharding, schedule=schedule,
+                        optimizer=optimizer, group_identical_nodes=group_identical_nodes, recompute=recompute)
+    res = search(probs, time_limit=SEARCH_SHARE * time_limit, gap=gap, backend=backend, msg=msg, progress=progress)
+    prob = res.prob
     best = res.best
     if best is None and res.status != "infeasible":
         best = fallback_plan(prob)  # a plan the heuristics can build is always returned
@@ -105,6 +158,10 @@ def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: s
                  "sync and optimizer step; 'predicted' is the placed plan's schedule-exact estimate",
     }
     plan = _finish(plan, cluster, cg, grad_sync)
+    if len(probs) > 1:
+        plan.notes.append(f"searched {len(probs)} plan spaces together (tensor-parallel units up to "
+                          f"{', '.join(map(str, degrees))} devices; optimizer sharding {optimizer_sharding}); the "
+                          f"plan's: units up to {prob.tp}, optimizer sharding {prob.optimizer_sharding}")
     if compare_baselines:
         notes, best_base = [], None
         for name in BASELINES:
@@ -151,6 +208,8 @@ def _finish(plan: Plan, cluster: Cluster, cg: CostGraph, grad_sync: str) -> Plan
     validate_plan(plan, cluster, cg)
     if grad_sync == "auto":
         times = predict(plan, cluster, cg).sync_by_algorithm
+        if mixed_tp_segments(plan):  # the parameter server shards only between groups of one size
+            times.pop("param_server", None)
         plan.grad_sync = min(times, key=lambda a: (times[a], a != "ring"))
     plan.predicted = predict(plan, cluster, cg).to_dict()
     return plan

@@ -12,7 +12,6 @@ bound is also never below M * tau_lb when the bottleneck is known to be >= tau_l
 
 from __future__ import annotations
 
-import bisect
 import math
 
 import numpy as np
@@ -49,17 +48,18 @@ def block_bound(prob, timer, M: int) -> float:
       l * kmem_c(l) block-samples; the devices together must serve K blocks x b samples;
     - time: every stage is at least as slow as if the whole cluster served it (the
       partition bound above, on the times of each kind and block count)."""
-    from .columns import RangeTimes
+    from .columns import whole_budget_time
     from .shapes import FIRST, INNER, LAST, ONLY, block_range
 
     L, K, b = prob.L, prob.L - 2, timer.b
     gpipe = prob.schedule == "gpipe"
     infl = M if gpipe else 1
     capacity = 0
+    most = prob.most_units([c.count for c in prob.classes]) if prob.zero1 else 1  # zero1's largest sharding
     for c in prob.classes:
         best = 0
         for l in range(1, K + 1):
-            k = min(b, prob.kmem(c, 1, 1 + l, infl))
+            k = min(b, max(prob.kmem(c, 1, 1 + l, infl, rc, most) for rc in prob.recompute_options))
             if k < 1:
                 break
             best = max(best, l * k)
@@ -72,12 +72,9 @@ def block_bound(prob, timer, M: int) -> float:
             [(LAST, l) for l in range(K + 1)] + [(ONLY, K)]
     for kind, l in specs:
         i, j = block_range(prob, kind, l)
-        rt = RangeTimes(prob, timer, i, j, math.inf, budget, infl)
-        levels = sorted({t for ts in rt.ts.values() for t in ts})
-        for th in levels:
-            if sum(budget[ci] * bisect.bisect_right(ts, th * (1 + 1e-12)) for ci, ts in rt.ts.items()) >= b:
-                rep[(kind, l)] = th
-                break
+        th = whole_budget_time(prob, timer, M, i, j, math.inf, budget)
+        if math.isfinite(th):
+            rep[(kind, l)] = th
     tmin: dict[tuple[int, int], float] = {}
     for (kind, l), t in rep.items():
         if kind == INNER:

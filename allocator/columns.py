@@ -33,58 +33,30 @@ class Column:
     tail: float
     amax: int
     """Most stages that may follow (memory); >= L means unlimited."""
+    recompute: str = "none"
 
 
 class RangeTimes:
     """Per class: device times f_c(r, k) for k = 1..cap (cap from memory at in-flight q)."""
 
     def __init__(self, prob: Problem, timer: StageTimer, i: int, j: int, t_cap: float, budget: list[int],
-                 in_flight: int):
+                 in_flight: int, recompute: str = "none", dp: int = 1):
         self.prob, self.i, self.j, self.b = prob, i, j, timer.b
         self.ts: dict[int, list[float]] = {}
         for c in prob.classes:
             if budget[c.index] < 1:
                 continue
-            km = min(self.b, prob.kmem(c, i, j, in_flight))
+            km = min(self.b, prob.kmem(c, i, j, in_flight, recompute, dp))
             if km < 1:
                 continue
             ts = []
             for k in range(1, km + 1):
-                t = timer.time(c, i, j, k)
+                t = timer.time(c, i, j, k, recompute)
                 if t > t_cap:
                     break
                 ts.append(t)
             if ts:
                 self.ts[c.index] = ts
-
-    def time_of(self, counts: tuple[int, ...], caps: dict[int, int] | None = None) -> float:
-        """Smallest stage time for these counts (inf if they cannot take b samples)."""
-        b = self.b
-        used = [ci for ci, n in enumerate(counts) if n]
-        if not used or sum(counts) > b:
-            return math.inf
-        lists = {}
-        for ci in used:
-            ts = self.ts.get(ci)
-            if not ts:
-                return math.inf
-            k = len(ts) if caps is None else min(len(ts), caps.get(ci, len(ts)))
-            if k < 1:
-                return math.inf
-            lists[ci] = ts[:k]
-        if sum(counts[ci] * len(lists[ci]) for ci in used) < b:
-            return math.inf
-        floor = max(lists[ci][0] for ci in used)  # every device takes one sample
-        levels = sorted({t for ci in used for t in lists[ci] if t >= floor})
-        lo, hi = 0, len(levels) - 1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            th = levels[mid] * (1 + 1e-12)
-            if sum(counts[ci] * bisect.bisect_right(lists[ci], th) for ci in used) >= b:
-                hi = mid
-            else:
-                lo = mid + 1
-        return levels[lo]
 
 
 def _stage_times(ts: dict[int, list[float]], caps: dict[int, int], V: np.ndarray, b: int) -> np.ndarray:
@@ -117,36 +89,77 @@ def _stage_times(ts: dict[int, list[float]], caps: dict[int, int], V: np.ndarray
 
 
 def range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: int, t_cap: float,
-                  budget: list[int]) -> list[Column]:
+                  budget: list[int], unit: int = 1) -> list[Column]:
+    """The useful columns of range [i, j) for one of R replicas, with each recomputation
+    choice that can help (Problem.recompute_helps); with ``unit`` > 1 only device counts
+    that are multiples of it (a coarser plan space, for plans only)."""
+    deepest = M if prob.schedule == "gpipe" else min(M, 1 + prob.L - j)
+    out: list[Column] = []
+    for rc in prob.recompute_options:  # (zero1: one unit in each replica shards the least)
+        if rc == "full" and "none" in prob.recompute_options and \
+                not prob.recompute_helps(budget, i, j, timer.b, deepest, R):
+            continue
+        out.extend(_range_columns(prob, timer, R, M, i, j, t_cap, budget, unit, rc))
+    return out
+
+
+def _range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: int, t_cap: float,
+                   budget: list[int], unit: int, rc: str) -> list[Column]:
     gpipe = prob.schedule == "gpipe"
-    rt = RangeTimes(prob, timer, i, j, t_cap, budget, M if gpipe else 1)
+    zero1 = prob.zero1
+    rt = RangeTimes(prob, timer, i, j, t_cap, budget, M if gpipe else 1, rc,
+                    prob.most_units(budget, R) if zero1 else 1)
     if not rt.ts:
         return []
     b, L, C = timer.b, prob.L, len(budget)
-    dims = [min(budget[c], b) + 1 if c in rt.ts else 1 for c in range(C)]
-    grid = np.indices(dims).reshape(C, -1).T  # every count vector, mixed radix order
+    dims = [min(budget[c], b) // unit + 1 if c in rt.ts else 1 for c in range(C)]
+    grid = np.indices(dims).reshape(C, -1).T * unit  # every count vector, mixed radix order
     strides = np.array([int(np.prod(dims[c + 1:])) for c in range(C)])
-    # 1F1B: deeper in the pipeline more micro-batches are in flight, so memory may cap the
-    # shares and the time may grow. Tiers: the depths at which some class's cap changes.
-    tier_caps: list[dict[int, int] | None] = [None]  # depth 0: rt.ts as built (one in flight)
-    tier_depth = [0]
+    n_dev = grid.sum(axis=1)
+    # Memory caps per depth. 1F1B: deeper in the pipeline more micro-batches are in flight,
+    # so memory may cap the shares and the time may grow. zero1: the caps also depend on
+    # how many units hold the stage (n per replica: R n shard the optimizer state). Tiers:
+    # the depths at which some cap changes; a tier's caps per n (None: any n).
+    sizes = sorted({int(n) for n in n_dev if 0 < n <= b}) if zero1 else [None]
+
+    def caps_at(infl: int, prev: dict) -> dict:
+        return {n: {ci: max(0, min(prev[n][ci], prob.kmem(prob.classes[ci], i, j, infl, rc, R * (n or 1))))
+                    for ci in rt.ts} for n in sizes}
+
+    full = {n: {ci: len(rt.ts[ci]) for ci in rt.ts} for n in sizes}
+    prev = caps_at(M if gpipe else 1, full) if zero1 else full
+    tier_caps, tier_depth = [prev], [0]
     if not gpipe and j < L:
-        prev = {ci: len(rt.ts[ci]) for ci in rt.ts}
         for a in range(1, min(M - 1, L - j) + 1):
-            caps = {ci: max(0, min(prev[ci], prob.kmem(prob.classes[ci], i, j, min(M, 1 + a)))) for ci in rt.ts}
+            caps = caps_at(min(M, 1 + a), prev)
             if caps != prev:
                 tier_caps.append(caps)
                 tier_depth.append(a)
                 prev = caps
+    rows_of = {n: np.nonzero(n_dev == n)[0] for n in sizes} if zero1 else {}
+    if zero1:  # a zero1 stage's units have one tensor-parallel size
+        tps = np.array([prob.classes[c].tp for c in range(C)])
+        used = grid > 0
+        one_size = np.array([len(set(tps[u])) <= 1 for u in used])
+    else:
+        one_size = np.ones(len(grid), dtype=bool)
+
+    def times(caps: dict) -> np.ndarray:
+        if not zero1:
+            return _stage_times(rt.ts, caps[None], grid, b)
+        out = np.full(len(grid), np.inf)
+        for n, rows in rows_of.items():
+            out[rows] = _stage_times(rt.ts, caps[n], grid[rows], b)
+        return out
+
     # A vector is useful if at some tier it runs within the cap and every device matters
     # there (one device fewer of any used class is slower or cannot take the micro-batch);
     # at other tiers another vector with fewer devices does at least as well.
     keep = np.zeros(len(grid), dtype=bool)
     tier_times = []
-    n_dev = grid.sum(axis=1)
     for caps in tier_caps:
-        t_all = _stage_times(rt.ts, caps or {}, grid, b)
-        ok = np.isfinite(t_all) & (t_all <= t_cap)
+        t_all = times(caps)
+        ok = np.isfinite(t_all) & (t_all <= t_cap) & one_size
         for c in range(C):
             has = grid[:, c] > 0
             fewer = np.where(has, np.arange(len(grid)) - strides[c], 0)
@@ -181,14 +194,14 @@ def range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: i
         for a_, dt in enumerate(depth_times, start=1):
             ta = prev_t if dt is None else float(dt[k])
             if not math.isfinite(ta) or ta > t_cap:
-                out.append(Column(i, j, counts, prev_t, tail, a_ - 1))
+                out.append(Column(i, j, counts, prev_t, tail, a_ - 1, rc))
                 prev_t = None
                 break
             if ta > prev_t:
-                out.append(Column(i, j, counts, prev_t, tail, a_ - 1))
+                out.append(Column(i, j, counts, prev_t, tail, a_ - 1, rc))
             prev_t = ta
         if prev_t is not None:
-            out.append(Column(i, j, counts, prev_t, tail, L))
+            out.append(Column(i, j, counts, prev_t, tail, L, rc))
     return out
 
 
@@ -220,18 +233,30 @@ def enumerate_columns(prob: Problem, timer: StageTimer, R: int, M: int, t_cap: f
 
 def full_budget_times(prob: Problem, timer: StageTimer, M: int, t_cap: float) -> dict[tuple[int, int], float]:
     """For every range, its time if the whole budget served it (a lower bound on any
-    column's time; the "at least one sample per device" rule is dropped)."""
-    gpipe = prob.schedule == "gpipe"
+    column's time; the "at least one sample per device" rule is dropped), the least over
+    the recomputation choices."""
     budget = [c.count for c in prob.classes]
     out = {}
     for i in range(prob.L):
         for j in range(i + 1, prob.L + 1):
-            rt = RangeTimes(prob, timer, i, j, t_cap, budget, M if gpipe else 1)
-            if not rt.ts:
-                continue
-            levels = sorted({t for ts in rt.ts.values() for t in ts})
-            for th in levels:
-                if sum(budget[ci] * bisect.bisect_right(ts, th * (1 + 1e-12)) for ci, ts in rt.ts.items()) >= timer.b:
-                    out[(i, j)] = th
-                    break
+            t = whole_budget_time(prob, timer, M, i, j, t_cap, budget)
+            if math.isfinite(t):
+                out[(i, j)] = t
     return out
+
+
+def whole_budget_time(prob: Problem, timer: StageTimer, M: int, i: int, j: int, t_cap: float,
+                      budget: list[int]) -> float:
+    """Least time of range [i, j) served by the whole budget, over its recomputation
+    choices (inf if none can take the micro-batch)."""
+    gpipe = prob.schedule == "gpipe"
+    best = math.inf
+    for rc in prob.recompute_options:
+        rt = RangeTimes(prob, timer, i, j, min(t_cap, best), budget, M if gpipe else 1, rc,
+                        prob.most_units(budget) if prob.zero1 else 1)
+        levels = sorted({t for ts in rt.ts.values() for t in ts})
+        for th in levels:
+            if sum(budget[ci] * bisect.bisect_right(ts, th * (1 + 1e-12)) for ci, ts in rt.ts.items()) >= timer.b:
+                best = min(best, th)
+                break
+    return best

@@ -60,10 +60,29 @@ class Option:
 class StageTable:
     """The options of one M as arrays, and the device-vector index of the class budgets."""
 
+    @staticmethod
+    def effective_budgets(options: list[Option], budgets: list[int], X: int) -> list[int]:
+        """Budgets no plan can exceed: a class is never used beyond what its stages can take
+        (one first, one last, and at most X inner stages); the same plans, fewer states."""
+        out = []
+        for c, n in enumerate(budgets):
+            most = {kind: max((o.counts[c] for o in options if o.kind == kind), default=0)
+                    for kind in (INNER, FIRST, LAST, ONLY)}
+            out.append(min(n, max(most[FIRST] + most[LAST] + X * most[INNER], most[ONLY])))
+        return out
+
+    @staticmethod
+    def count_states(options: list[Option], budgets: list[int], X: int, L: int) -> int:
+        eff = StageTable.effective_budgets(options, budgets, X)
+        finite = [min(o.amax, L) for o in options if o.amax < L]
+        dcap = (max(finite) + 1) if finite else 1
+        return (dcap + 1) * (X + 1) * int(np.prod([n + 1 for n in eff]))
+
     def __init__(self, options: list[Option], budgets: list[int], X: int, L: int):
         self.options = options
         self.X, self.L = X, L
         C = len(budgets)
+        budgets = self.effective_budgets(options, budgets, X)
         self.N = np.array(budgets, dtype=np.int64)
         dims = [n + 1 for n in budgets]
         strides = np.ones(C, dtype=np.int64)
@@ -85,19 +104,35 @@ class StageTable:
         finite = [a for a in self.amax if a < L]
         self.dcap = (max(finite) + 1) if finite else 1
 
-    @classmethod
-    def of_shapes(cls, shapes, budgets: list[int], L: int) -> "StageTable":
-        K = L - 2
-        opts = [Option(s.kind, 0 if s.kind in (LAST, ONLY) else -1, K if s.kind == ONLY else s.blocks, s.counts,
-                       s.t, s.tail, s.amax, s) for s in shapes]
-        return cls(opts, budgets, K, L)
+    @staticmethod
+    def shape_options(shapes, unit: int = 1, chunk: int = 1) -> list[Option]:
+        return [Option(s.kind, 0 if s.kind in (LAST, ONLY) else -1, s.blocks // chunk,
+                       tuple(n // unit for n in s.counts), s.t, s.tail, s.amax, s)
+                for s in shapes if s.blocks % chunk == 0]
 
     @classmethod
-    def of_columns(cls, cols, budgets: list[int], L: int) -> "StageTable":
+    def of_shapes(cls, shapes, budgets: list[int], L: int, limit: int | None = None, unit: int = 1,
+                  chunk: int = 1) -> "StageTable | None":
+        """The table of shapes (budgets and counts in units of ``unit`` devices, blocks in
+        chunks of ``chunk``, which divides the block count), or None if it would have more
+        than ``limit`` states."""
+        assert (L - 2) % chunk == 0
+        opts = cls.shape_options(shapes, unit, chunk)
+        budgets = [n // unit for n in budgets]
+        X = (L - 2) // chunk
+        if limit is not None and cls.count_states(opts, budgets, X, L) > limit:
+            return None
+        return cls(opts, budgets, X, L)
+
+    @classmethod
+    def of_columns(cls, cols, budgets: list[int], L: int, limit: int | None = None) -> "StageTable | None":
+        """The table of layer-range columns, or None if it would have more than ``limit`` states."""
         opts = []
         for c in cols:
             kind = ONLY if (c.i == 0 and c.j == L) else FIRST if c.i == 0 else LAST if c.j == L else INNER
             opts.append(Option(kind, L - c.j, c.j - c.i, c.counts, c.t, c.tail, c.amax, c))
+        if limit is not None and cls.count_states(opts, budgets, L, L) > limit:
+            return None
         return cls(opts, budgets, L, L)
 
     def states(self) -> int:

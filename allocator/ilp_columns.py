@@ -166,5 +166,5 @@ def solve_columns(prob: Problem, cols: list[Column], R: int, M: int, *, tau_lb: 
     plan = None
     if res.x is not None:
         chosen = sorted((col for col, x in zip(use, xs) if res.x[x] > 0.5), key=lambda c: c.i)
-        plan = CountPlan(R, M, [CountStage(c.i, c.j, c.counts) for c in chosen])
+        plan = CountPlan(R, M, [CountStage(c.i, c.j, c.counts, c.recompute) for c in chosen])
     return res, plan, m.num_vars, m.num_rows

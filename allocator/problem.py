@@ -39,8 +39,8 @@ from hetalloc.catalog import DeviceType
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
 from hetalloc.schedule import flow_shop_time
-from hetalloc.costs import (grad_bytes_per_param, in_flight_microbatches, max_share_for_memory,
-                            optimizer_time, ring_allreduce_time)
+from hetalloc.costs import (TP_DEGREES, grad_bytes_per_param, in_flight_microbatches, max_share_for_memory,
+                            optimizer_time, ring_allreduce_time, tp_comm_time, zero1_halves, zero1_params)
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,10 @@ class NodeGroup:
 
 @dataclass(frozen=True)
 class DeviceClass:
+    """Devices of one type in one node group, in units of ``tp`` devices of one node (a
+    tensor-parallel group; 1: single devices). The planner's "devices" of a class are its
+    units: counts, shares and budgets are per unit."""
+
     index: int
     dtype: DeviceType
     group: int
@@ -67,18 +71,37 @@ class DeviceClass:
     """Device ids in cluster order (node by node)."""
     p2p_bw: float
     p2p_lat: float
+    tp: int = 1
+    tp_bw: float = math.inf
+    """Link between two devices of a unit (its tensor-parallel all-reduces)."""
+    tp_lat: float = 0.0
 
     @property
     def count(self) -> int:
-        return len(self.devices)
+        return len(self.devices) // self.tp
+
+    @property
+    def units(self) -> list[tuple[str, ...]]:
+        """The tensor-parallel groups, consecutive devices of one node each."""
+        t = self.tp
+        return [self.devices[k:k + t] for k in range(0, len(self.devices), t)]
 
     @property
     def name(self) -> str:
-        return f"{self.dtype.name}@g{self.group}"
+        return f"{self.dtype.name}@g{self.group}" + (f"x{self.tp}" if self.tp > 1 else "")
 
 
-def device_classes(cluster: Cluster, group_identical_nodes: bool = True) -> tuple[list[NodeGroup], list[DeviceClass]]:
-    """Split the cluster into node groups and device classes (type x group)."""
+def unit_degree(per_node: int, tp: int) -> int:
+    """Tensor-parallel degree of a type with ``per_node`` devices in each node when the plan
+    asks for up to ``tp``: the largest degree of ``TP_DEGREES`` <= tp dividing per_node (no
+    device of the type is left out)."""
+    return max(t for t in TP_DEGREES if t <= tp and per_node % t == 0)
+
+
+def device_classes(cluster: Cluster, group_identical_nodes: bool = True, tp: int = 1
+                   ) -> tuple[list[NodeGroup], list[DeviceClass]]:
+    """Split the cluster into node groups and device classes (type x group), each class in
+    units of up to ``tp`` devices of one node (``unit_degree``)."""
     by_sig: dict[tuple, list[str]] = {}
     for n in cluster.nodes:
         key = n.signature() if group_identical_nodes else (n.name,)
@@ -103,7 +126,12 @@ def device_classes(cluster: Cluster, group_identical_nodes: bool = True) -> tupl
         for t in types:
             devs = tuple(d.id for name in names for d in cluster.node_by_name[name].devices if d.type == t)
             bw, lat = (inter_bw, inter_lat) if multi else (intra.bandwidth_bytes_per_s, intra.latency_s)
-            classes.append(DeviceClass(len(classes), cluster.device_types[t], gi, devs, bw, lat))
+            deg = unit_degree(len(devs) // len(names), tp)
+            tp_bw, tp_lat = math.inf, 0.0
+            if deg > 1:
+                link = cluster.path(devs[0], devs[1])  # as hetalloc.evaluate.group_tp_times
+                tp_bw, tp_lat = link.bandwidth_bytes_per_s, link.latency_s
+            classes.append(DeviceClass(len(classes), cluster.device_types[t], gi, devs, bw, lat, deg, tp_bw, tp_lat))
     return groups, classes
 
 
@@ -121,10 +149,32 @@ class Problem:
     microbatch_counts: list[int] | None = None
     """Restrict M to these values (None: every divisor)."""
     replica_counts: list[int] | None = None
+    tp: int = 1
+    """Largest tensor-parallel degree of a unit (``device_classes``); 1: no tensor parallelism."""
+    recompute: str = "auto"
+    """Per-stage recomputation: auto (each stage chooses), none, or full."""
+    optimizer_sharding: str = "none"
+    """none, or zero1: each stage's optimizer state sharded over the R x units that hold its
+    layers (so a stage's memory depends on how many units serve it), and only stages whose
+    units have one tensor-parallel size (what the runtime shards)."""
+
+    def __post_init__(self) -> None:
+        if self.tp > 1 and not self.cg.supports_tp:
+            raise ValueError("this cost graph does not say how its layers split (tensor parallelism)")
 
     @cached_property
     def groups_and_classes(self) -> tuple[list[NodeGroup], list[DeviceClass]]:
-        return device_classes(self.cluster, self.group_identical_nodes)
+        return device_classes(self.cluster, self.group_identical_nodes, self.tp)
+
+    @cached_property
+    def recompute_options(self) -> tuple[str, ...]:
+        """Recomputation choices of a stage (full only where some layer can be recomputed)."""
+        can = any(l.checkpoint_bytes > 0 for l in self.cg.layers)
+        if self.recompute == "auto":
+            return ("none", "full") if can else ("none",)
+        if self.recompute == "full" and not can:
+            return ("none",)
+        return (self.recompute,)
 
     @property
     def groups(self) -> list[NodeGroup]:
@@ -192,41 +242,95 @@ class Problem:
         """Activation bytes per sample leaving layer j-1 (the boundary at j)."""
         return self.cg.layers[j - 1].out_act_bytes
 
-    def kmem(self, c: DeviceClass, i: int, j: int, in_flight: int) -> int:
-        return max_share_for_memory(self.params(i, j), self.saved(i, j), self.out_bytes(j), in_flight,
-                                    self.precision, self.optimizer, c.dtype)
+    @property
+    def zero1(self) -> bool:
+        return self.optimizer_sharding == "zero1"
 
-    def opt_time(self, c: DeviceClass, i: int, j: int) -> float:
-        return optimizer_time(self.params(i, j), c.dtype, self.precision, self.optimizer)
+    def kmem(self, c: DeviceClass, i: int, j: int, in_flight: int, recompute: str = "none", dp: int = 1) -> int:
+        """Largest share a unit of class c can take holding layers [i, j) (hetalloc.costs,
+        as hetalloc.plan.device_memory computes it for a placed plan); ``dp``: units that
+        hold the layers (all replicas), which shard the optimizer state under zero1."""
+        params = self.rank_params(i, j, c.tp)
+        opt = zero1_params(params, dp) if self.zero1 else None
+        if c.tp == 1 and recompute == "none":
+            return max_share_for_memory(params, self.saved(i, j), self.out_bytes(j), in_flight,
+                                        self.precision, self.optimizer, c.dtype, optimizer_params=opt)
+        cg = self.cg
+        return max_share_for_memory(params, cg.range_saved_bytes(i, j, c.tp, recompute),
+                                    self.out_bytes(j), in_flight, self.precision, self.optimizer, c.dtype,
+                                    optimizer_params=opt,
+                                    working_act_bytes_per_sample=cg.range_working_bytes(i, j, c.tp, recompute))
 
-    def grad_bytes(self, i: int, j: int) -> float:
-        return self.params(i, j) * grad_bytes_per_param(self.precision)
+    def most_units(self, budget: list[int], R: int = 1) -> int:
+        """The most units (all replicas) that can hold one range: the largest zero1 degree."""
+        return R * sum(budget)
+
+    def recompute_helps(self, budget: list[int], i: int, j: int, b: int, in_flight: int, dp: int = 1) -> bool:
+        """Can recomputation make a stage on [i, j) faster? Only where memory caps some
+        usable class's share below b at the deepest position (else a recomputing stage has
+        the same caps and a longer backward: dominated). ``dp``: the fewest units that may
+        hold it (zero1's smallest saving)."""
+        return any(budget[c.index] > 0 and self.kmem(c, i, j, in_flight, "none", dp) < b for c in self.classes)
+
+    def opt_time(self, c: DeviceClass, i: int, j: int, dp: int = 1) -> float:
+        params = self.rank_params(i, j, c.tp)
+        if self.zero1:
+            params = zero1_params(params, dp)
+        return optimizer_time(params, c.dtype, self.precision, self.optimizer)
+
+    def zero1_mixes(self, counts: tuple[int, ...]) -> bool:
+        """Does a stage of these counts mix tensor-parallel sizes (not a zero1 stage)?"""
+        return self.zero1 and len({c.tp for c in self.classes if counts[c.index]}) > 1
+
+    def rank_params(self, i: int, j: int, tp: int) -> float:
+        return self.params(i, j) if tp == 1 else self.cg.range_params(i, j, tp)
+
+    def grad_bytes(self, i: int, j: int, tp: int = 1) -> float:
+        """Gradient bytes of one parameter slice of layers [i, j) (1/tp of the split ones)."""
+        return self.rank_params(i, j, tp) * grad_bytes_per_param(self.precision)
 
 
 class StageTimer:
-    """Device times f_c(range, k) for one per-replica micro-batch size b."""
+    """Unit times f_c(range, k) for one per-replica micro-batch size b."""
 
     def __init__(self, prob: Problem, b: int):
         self.prob, self.b = prob, b
         L = prob.L
-        # f[c][k-1] = prefix arrays (L+1) of fwd+bwd compute at share k
-        self._px = [[None] * b for _ in prob.classes]
+        # prefix arrays (L+1) of fwd+bwd compute at share k, per (class, k, recompute)
+        self._px: dict[tuple[int, int, str], np.ndarray] = {}
         self._out = np.array([0.0] + [l.out_act_bytes for l in prob.cg.layers])  # out_bytes at boundary j = _out[j]
         self.L = L
+        layers = prob.cg.layers
+        self._ckpt = np.array([l.checkpoint_bytes > 0 for l in layers], dtype=float)
+        if any(c.tp > 1 for c in prob.classes):  # prefix sums of tp_allreduces' counts and bytes
+            nf = np.array([l.tp_allreduces_fwd for l in layers], dtype=float)
+            bf = np.array([l.tp_allreduces_fwd * l.tp_allreduce_bytes for l in layers], dtype=float)
+            nb = np.array([l.tp_allreduces_bwd for l in layers], dtype=float)
+            bb = np.array([l.tp_allreduces_bwd * l.tp_allreduce_bytes for l in layers], dtype=float)
+            cum = lambda a: np.concatenate([[0.0], np.cumsum(a)])  # noqa: E731
+            self._tp = {"none": (cum(nf), cum(bf), cum(nb), cum(bb)),
+                        "full": (cum(nf), cum(bf), cum(nb + nf * self._ckpt), cum(bb + bf * self._ckpt))}
 
-    def _prefix(self, c: DeviceClass, k: int) -> np.ndarray:
-        px = self._px[c.index][k - 1]
+    def _prefix(self, c: DeviceClass, k: int, recompute: str) -> np.ndarray:
+        key = (c.index, k, recompute)
+        px = self._px.get(key)
         if px is None:
-            f, b = self.prob.cg.prefix_times(c.dtype, k)
-            px = f + b
-            self._px[c.index][k - 1] = px
+            f, b = self.prob.cg.layer_times(c.dtype, k, c.tp)
+            per = f + b + (f * self._ckpt if recompute == "full" else 0.0)
+            px = self._px[key] = np.concatenate([[0.0], np.cumsum(per)])
         return px
 
-    def time(self, c: DeviceClass, i: int, j: int, k: int) -> float:
-        """Seconds for a device of class c to run layers [i, j) forward and backward on k
-        samples, including its blocking sends (module doc of allocator.problem)."""
-        px = self._prefix(c, k)
+    def time(self, c: DeviceClass, i: int, j: int, k: int, recompute: str = "none") -> float:
+        """Seconds for a unit of class c to run layers [i, j) forward and backward on k
+        samples: compute (CostGraph.range_time, with recomputation's extra forward), its
+        tensor-parallel all-reduces (hetalloc.costs.tp_comm_time) and its blocking sends
+        (module doc of allocator.problem)."""
+        px = self._prefix(c, k, recompute)
         t = float(px[j] - px[i]) + 2 * c.dtype.op_overhead_s  # as CostGraph.range_time
+        if c.tp > 1:
+            nf, bf, nb, bb = self._tp[recompute]
+            t += tp_comm_time(int(round(nf[j] - nf[i])), float(bf[j] - bf[i]) * k, c.tp, c.tp_bw, c.tp_lat)
+            t += tp_comm_time(int(round(nb[j] - nb[i])), float(bb[j] - bb[i]) * k, c.tp, c.tp_bw, c.tp_lat)
         if j < self.L:
             t += c.p2p_lat + k * self._out[j] / c.p2p_bw
         if i > 0:
@@ -243,7 +347,8 @@ class CountStage:
     start: int
     stop: int
     counts: tuple[int, ...]
-    """Devices of each class per replica."""
+    """Units of each class per replica."""
+    recompute: str = "none"
 
 
 @dataclass
@@ -262,12 +367,12 @@ def in_flight(prob: Problem, stage: int, num_stages: int, M: int) -> int:
     return in_flight_microbatches(prob.schedule, stage, num_stages, M)
 
 
-def best_shares(prob: Problem, timer: StageTimer, i: int, j: int, counts: tuple[int, ...], infl: int
-                ) -> tuple[float, list[list[int]]] | None:
+def best_shares(prob: Problem, timer: StageTimer, i: int, j: int, counts: tuple[int, ...], infl: int,
+                recompute: str = "none", R: int = 1) -> tuple[float, list[list[int]]] | None:
     """Exact min-max split of b samples over the stage's devices (each >= 1 sample).
 
     Returns (stage time, shares per class) or None if the devices cannot take the
-    micro-batch within memory."""
+    micro-batch within memory (R: replicas, for zero1's sharding degree)."""
     b = timer.b
     classes = prob.classes
     ndev = sum(counts)
@@ -276,7 +381,7 @@ def best_shares(prob: Problem, timer: StageTimer, i: int, j: int, counts: tuple[
     caps = {}
     for c in classes:
         if counts[c.index]:
-            km = min(b, prob.kmem(c, i, j, infl))
+            km = min(b, prob.kmem(c, i, j, infl, recompute, R * ndev))
             if km < 1:
                 return None
             caps[c.index] = km
@@ -284,10 +389,10 @@ def best_shares(prob: Problem, timer: StageTimer, i: int, j: int, counts: tuple[
         return None
     left = b - ndev
     if left > GREEDY_MAX_STEPS:
-        shares = _threshold_shares(timer, classes, i, j, counts, caps, left)
+        shares = _threshold_shares(timer, classes, i, j, counts, caps, left, recompute)
     else:
-        shares = _greedy_shares(timer, classes, i, j, counts, caps, left)
-    t = max(timer.time(classes[ci], i, j, k) for ci in shares for k in set(shares[ci]))
+        shares = _greedy_shares(timer, classes, i, j, counts, caps, left, recompute)
+    t = max(timer.time(classes[ci], i, j, k, recompute) for ci in shares for k in set(shares[ci]))
     return t, [sorted(shares.get(c.index, []), reverse=True) for c in classes]
 
 
@@ -298,7 +403,7 @@ handing out samples one by one, 5 s with the search)."""
 
 
 def _greedy_shares(timer: StageTimer, classes: list[DeviceClass], i: int, j: int, counts: tuple[int, ...],
-                   caps: dict[int, int], left: int) -> dict[int, list[int]]:
+                   caps: dict[int, int], left: int, recompute: str = "none") -> dict[int, list[int]]:
     """Every device starts with one sample; each further sample goes to the device that
     would finish it soonest (ties: lower class index, then lower device index). Optimal for
     min-max with times that do not fall as the share grows."""
@@ -307,7 +412,7 @@ def _greedy_shares(timer: StageTimer, classes: list[DeviceClass], i: int, j: int
     heap = []
     for ci in caps:
         if caps[ci] > 1:
-            t2 = timer.time(classes[ci], i, j, 2)  # devices of a class are identical
+            t2 = timer.time(classes[ci], i, j, 2, recompute)  # devices of a class are identical
             heap.extend((t2, ci, d) for d in range(counts[ci]))
     heapq.heapify(heap)
     while left > 0:
@@ -316,12 +421,12 @@ def _greedy_shares(timer: StageTimer, classes: list[DeviceClass], i: int, j: int
         left -= 1
         k = shares[ci][d]
         if k < caps[ci]:
-            heapq.heappush(heap, (timer.time(classes[ci], i, j, k + 1), ci, d))
+            heapq.heappush(heap, (timer.time(classes[ci], i, j, k + 1, recompute), ci, d))
     return shares
 
 
 def _threshold_shares(timer: StageTimer, classes: list[DeviceClass], i: int, j: int, counts: tuple[int, ...],
-                      caps: dict[int, int], left: int) -> dict[int, list[int]]:
+                      caps: dict[int, int], left: int, recompute: str = "none") -> dict[int, list[int]]:
     """The greedy's result without its steps. The greedy takes, in (time, class, device)
     order, the cheapest `left` of the entries (time of a device's k-th sample, k = 2..cap);
     devices of a class are identical. So: find the smallest time t* at which enough entries
@@ -333,7 +438,7 @@ def _threshold_shares(timer: StageTimer, classes: list[DeviceClass], i: int, j: 
         c, lo, hi = classes[ci], 2, caps[ci]
         while lo <= hi:
             mid = (lo + hi) // 2
-            v = timer.time(c, i, j, mid)
+            v = timer.time(c, i, j, mid, recompute)
             if v < t or (not strict and v == t):
                 lo = mid + 1
             else:
@@ -348,12 +453,12 @@ def _threshold_shares(timer: StageTimer, classes: list[DeviceClass], i: int, j: 
         c, lo, hi = classes[ci], 2, caps[ci]
         while lo <= hi:
             mid = (lo + hi) // 2
-            if enough(timer.time(c, i, j, mid)):
+            if enough(timer.time(c, i, j, mid, recompute)):
                 hi = mid - 1
             else:
                 lo = mid + 1
         if lo <= caps[ci]:
-            t_star = min(t_star, timer.time(c, i, j, lo))
+            t_star = min(t_star, timer.time(c, i, j, lo, recompute))
     shares = {}
     rest = left
     for ci in caps:
@@ -374,7 +479,8 @@ def _threshold_shares(timer: StageTimer, classes: list[DeviceClass], i: int, j: 
 def stage_tail(prob: Problem, R: int, i: int, j: int, counts: tuple[int, ...]) -> float:
     """Gradient all-reduce of the stage's group plus the slowest optimizer step in it."""
     used = [c for c in prob.classes if counts[c.index]]
-    n = R * sum(counts)
+    n = R * sum(counts)  # one member per unit in each parameter slice's group (hetalloc.evaluate.sync_groups)
+    slices = max(c.tp for c in used)
     groups = {c.group for c in used}
     if len(groups) == 1 and prob.groups[next(iter(groups))].single_node:
         g = prob.groups[next(iter(groups))]
@@ -382,8 +488,10 @@ def stage_tail(prob: Problem, R: int, i: int, j: int, counts: tuple[int, ...]) -
     else:
         bw = min(prob.groups[g].inter_bw for g in groups)
         lat = max(prob.groups[g].inter_lat for g in groups)
-    ar = ring_allreduce_time(prob.grad_bytes(i, j), n, bw, lat)
-    return ar + max(prob.opt_time(c, i, j) for c in used)
+    ar = ring_allreduce_time(prob.grad_bytes(i, j, slices), n, bw, lat)
+    if prob.zero1:  # reduce-scatter before the step, all-gather after it
+        ar = sum(zero1_halves(ar))
+    return ar + max(prob.opt_time(c, i, j, n) for c in used)
 
 
 def evaluate_counts(prob: Problem, plan: CountPlan, timer: StageTimer | None = None) -> CountPlan:
@@ -398,7 +506,11 @@ def evaluate_counts(prob: Problem, plan: CountPlan, timer: StageTimer | None = N
                     st.counts[c.index] for st in plan.stages):
                 plan.objective_s = math.inf
                 return plan
-        res = best_shares(prob, timer, s.start, s.stop, s.counts, in_flight(prob, si, S, plan.M))
+        if prob.zero1_mixes(s.counts):
+            plan.objective_s = math.inf
+            return plan
+        res = best_shares(prob, timer, s.start, s.stop, s.counts, in_flight(prob, si, S, plan.M), s.recompute,
+                          plan.R)
         if res is None:
             plan.objective_s = math.inf
             return plan

@@ -14,6 +14,10 @@ first, so work goes where the proof is still open and the first plans found are 
 promising ones. Other M values (too many device vectors) and models with distinct layers
 are solved as integer programs (allocator.shape_program, allocator.ilp_columns).
 
+Several plan spaces can be searched as one (the same request with tensor-parallel units
+of other sizes, allocator.problem.Problem.tp): each (space, M) pair is a state of the one
+queue, so the work goes to whichever space still has the lowest bound.
+
 Work is measured, not timed: the search stops when the proven gap is at most ``gap``,
 or when it has spent its budget of dynamic-program evaluations and solver nodes (a
 number derived from the time limit), so the same inputs give the same plan on any
@@ -35,8 +39,14 @@ from .dp import STATE_LIMIT, StageTable
 from .ilp_columns import solve_columns
 from .milp import MilpResult
 from .problem import CountPlan, CountStage, Problem, StageTimer, evaluate_counts
-from .shapes import Shape, block_shapes, count_plan
+from .shapes import FIRST, INNER, LAST, ONLY, Shape, block_shapes, count_plan, order_stages
 from . import shape_program
+
+GRID_LIMIT = 400_000
+"""Device-count vectors one stage range may have (per replica) for its shapes to be built."""
+
+CHUNKS = (1, 2, 3, 4, 6, 8)
+"""Blocks per stage in multiples of these, in the coarse plan spaces of very deep models."""
 
 MAX_COLUMNS = 200_000
 """Stage columns (ranges or shapes) one M may have; beyond it that M is left unproven."""
@@ -53,9 +63,11 @@ limit (HiGHS explores ~150-400 nodes/s on these programs here)."""
 
 @dataclass
 class MState:
-    """What is known about one value of M."""
+    """What is known about one value of M of one plan space (``Search.probs[k]``)."""
 
     M: int
+    k: int = 0
+    prob: Problem | None = None
     bound: float = -math.inf
     status: str = "open"  # open | optimal | pruned | infeasible | limit | too_large
     seconds: float = 0.0
@@ -66,6 +78,10 @@ class MState:
     R: int = 1
     """Replicas of the plans searched: 1, or more when the whole cluster's program is too
     large (then only plans of R identical replicas are searched, for plans, not bounds)."""
+    coarse: bool = False
+    """Only a part of the plan space is searched (replicas, device counts in units): its
+    boxes give plans, not bounds."""
+    root: Box | None = None
 
 
 @dataclass
@@ -76,6 +92,8 @@ class SearchResult:
     seconds: float
     solves: list[dict] = field(default_factory=list)
     stopped_by_clock: bool = False
+    prob: Problem | None = None
+    """The plan space the best plan belongs to (its Problem: tensor-parallel units)."""
 
     @property
     def gap(self) -> float:
@@ -85,9 +103,14 @@ class SearchResult:
 
 
 class Search:
-    def __init__(self, prob: Problem, time_limit: float, gap: float, backend: str, msg: bool,
+    """One search over the union of the plan spaces of ``probs`` (the same request with
+    other tensor-parallel units): every (space, M) pair is a state; they share one queue,
+    one incumbent and one work budget."""
+
+    def __init__(self, probs: list[Problem], time_limit: float, gap: float, backend: str, msg: bool,
                  progress: Callable[[str], None] | None):
-        self.prob, self.gap, self.backend, self.msg = prob, gap, backend, msg
+        self.probs, self.gap, self.backend, self.msg = probs, gap, backend, msg
+        self.best_prob: Problem | None = None
         self.time_limit = time_limit
         self.t0 = time.perf_counter()
         self.deadline = self.t0 + time_limit
@@ -96,10 +119,10 @@ class Search:
         self.log: list[dict] = []
         self.stopped_by_clock = False
         self.evals_left = max(20, int(EVALS_PER_SECOND * time_limit))
-        self.states: dict[int, MState] = {}
+        self.states: dict[tuple[int, int], MState] = {}
         self.unresolved: list[float] = []
         self.heap: list[tuple] = []
-        self.pending: dict[int, float] = {}
+        self.pending: dict[tuple[int, int], float] = {}
         """M values not built yet, with their cheap bounds."""
         self._said = (math.inf, -math.inf)
 
@@ -108,13 +131,14 @@ class Search:
     def incumbent(self) -> float:
         return self.best.objective_s if self.best else math.inf
 
-    def offer(self, plan: CountPlan | None) -> float:
-        """Make plan the incumbent if it is better; its objective (inf if infeasible)."""
+    def offer(self, plan: CountPlan | None, prob: Problem) -> float:
+        """Make plan (of prob's space) the incumbent if it is better; its objective (inf if
+        infeasible)."""
         if plan is None:
             return math.inf
-        plan = evaluate_counts(self.prob, plan)
+        plan = evaluate_counts(prob, plan)
         if math.isfinite(plan.objective_s) and plan.objective_s < self.incumbent * (1 - 1e-12):
-            self.best = plan
+            self.best, self.best_prob = plan, prob
             self.report()
         return plan.objective_s
 
@@ -152,29 +176,60 @@ class Search:
     # ---- per-M set-up -----------------------------------------------------------------------
     def build(self, st: MState) -> None:
         t0 = time.perf_counter()
-        prob, M = self.prob, st.M
+        prob, M = st.prob, st.M
         st.built = True
         timer = StageTimer(prob, prob.global_batch // M)
         t_cap = self.incumbent / M if math.isfinite(self.incumbent) else math.inf
         if prob.interchangeable_blocks:
-            R = replicas_for(prob, M)
-            if R is None:  # not even replica plans have a program of a workable size
-                st.status = "too_large"
-                st.seconds += time.perf_counter() - t0
-                return
-            if R > 1:
-                st.R, st.status = R, "too_large"
-                timer = StageTimer(prob, prob.global_batch // (R * M))
-            shapes = block_shapes(prob, timer, M, t_cap, R)
-            if not shapes:
-                if R == 1:
-                    st.status, st.bound = ("pruned" if math.isfinite(self.incumbent) else "infeasible"), math.inf
+            # The whole cluster (R = 1, unit 1) if its program is of a workable size, else
+            # plans of R identical replicas, device counts in units of 2, 4 or 8 and blocks in
+            # chunks (CHUNKS): the first such restriction whose program is workable and has
+            # a plan.
+            B, K = prob.global_batch, prob.L - 2
+            program = None  # the smallest restriction's shapes, for an integer program
+            for R, unit in ((r, g) for r in range(1, B // M + 1) if (B // M) % r == 0 for g in (1, 2, 4, 8)):
+                b = B // (R * M)
+                budgets = [c.count // R for c in prob.classes]
+                if unit > 1 and (unit > b or min(budgets) < unit):
+                    continue
+                grid = 1
+                for n in budgets:
+                    grid *= min(n, b) // unit + 1
+                if grid > GRID_LIMIT:
+                    continue
+                timer = StageTimer(prob, b)
+                shapes = block_shapes(prob, timer, M, t_cap, R, unit)
+                exact = R == 1 and unit == 1
+                if not shapes:
+                    if exact:
+                        st.status, st.bound = ("pruned" if math.isfinite(self.incumbent) else "infeasible"), math.inf
+                        break
+                    continue
+                if program is None:
+                    program = (R, unit, shapes)
+                for chunk in [g for g in CHUNKS if K % g == 0] if not exact else [1]:
+                    if not exact and min_stages(shapes, K, chunk) * unit > sum(budgets):
+                        continue  # each stage takes a unit: too few for the stages memory needs
+                    table = StageTable.of_shapes(shapes, budgets, prob.L, STATE_LIMIT, unit, chunk)
+                    if table is None:
+                        continue
+                    caps = CapSearch(M, table)
+                    if exact:
+                        st.caps = caps
+                        break
+                    st.root = caps.root()
+                    if st.root is not None:
+                        st.caps, st.R, st.coarse, st.status = caps, R, True, "too_large"
+                        break
+                if st.caps is not None:
+                    break
             else:
-                table = StageTable.of_shapes(shapes, [c.count // R for c in prob.classes], prob.L)
-                if table.states() <= STATE_LIMIT:
-                    st.caps = CapSearch(M, table)
-                else:
-                    st.status = "too_large"
+                # No workable dynamic program: the integer program over the shapes of the
+                # least restricted plan space whose shapes could be built.
+                st.status = "too_large"
+                if program is not None:
+                    st.R, unit, st.shapes = program
+                    st.coarse = st.R > 1 or unit > 1
         else:
             cols = enumerate_columns(prob, timer, 1, M, t_cap, MAX_COLUMNS)
             if cols is None:
@@ -182,8 +237,8 @@ class Search:
             elif not cols:
                 st.status, st.bound = ("pruned" if math.isfinite(self.incumbent) else "infeasible"), math.inf
             else:
-                table = StageTable.of_columns(cols, [c.count for c in prob.classes], prob.L)
-                if table.states() <= STATE_LIMIT:
+                table = StageTable.of_columns(cols, [c.count for c in prob.classes], prob.L, STATE_LIMIT)
+                if table is not None:
                     st.caps = CapSearch(M, table)
                 else:
                     st.cols = cols
@@ -192,7 +247,7 @@ class Search:
     def solve_program(self, st: MState) -> None:
         """An M without a dynamic program: its integer program, within a node budget."""
         t0 = time.perf_counter()
-        prob, M, inc = self.prob, st.M, self.incumbent
+        prob, M, inc = st.prob, st.M, self.incumbent
         share = self.time_limit / max(1, len(self.states))
         limit = max(0.5, min(self.time_limit, self.deadline - time.perf_counter()))
         nodes = max(50, int(NODES_PER_SECOND * share))
@@ -200,18 +255,19 @@ class Search:
         if st.shapes is not None:
             res, chosen = shape_program.solve(prob, st.shapes, M, incumbent=inc, time_limit=limit,
                                               gap=min(self.gap, 1e-9), backend=self.backend, msg=self.msg,
-                                              node_limit=nodes)
+                                              node_limit=nodes, budgets=[c.count // st.R for c in prob.classes])
             if chosen:
-                from .shapes import order_stages
                 seq = order_stages(prob, chosen)
                 if seq is not None:
-                    self.offer(count_plan(prob, seq, M))
+                    self.offer(count_plan(prob, seq, M, st.R), prob)
         else:
             res, plan, _, _ = solve_columns(prob, st.cols, 1, M, incumbent=inc, time_limit=limit,
                                             gap=min(self.gap, 1e-9), backend=self.backend, msg=self.msg)
-            self.offer(plan)
+            self.offer(plan, prob)
         inc = self.incumbent
-        if res is None or res.status == "infeasible":
+        if st.coarse:  # a restricted plan space: plans, no bound for M
+            self.stopped_by_clock |= res is not None and res.time_hit
+        elif res is None or res.status == "infeasible":
             st.status, st.bound = ("pruned" if math.isfinite(inc) else "infeasible"), inc
         elif res.status == "optimal":
             st.status, st.bound = "optimal", min(res.objective, inc)
@@ -219,22 +275,22 @@ class Search:
             st.status, st.bound = "limit", res.bound
             self.stopped_by_clock |= res.time_hit
         st.seconds += time.perf_counter() - t0
-        self.log.append({"M": M, "step": "program", "status": st.status, "bound": st.bound,
+        self.log.append({"M": M, "tp": prob.tp, "step": "program", "status": st.status, "bound": st.bound,
                          "seconds": round(st.seconds, 3)})
 
-    def plan_of(self, seq: list, M: int) -> CountPlan:
-        """The count-level plan of options from the first stage to the last."""
-        R = self.states[M].R
+    def offer_seq(self, st: MState, seq: list) -> float:
+        """Offer the count-level plan of options from the first stage to the last."""
         if isinstance(seq[0], Shape):
-            return count_plan(self.prob, seq, M, R)
-        return CountPlan(R, M, [CountStage(c.i, c.j, c.counts) for c in seq])
+            plan = count_plan(st.prob, seq, st.M, st.R)
+        else:
+            plan = CountPlan(st.R, st.M, [CountStage(c.i, c.j, c.counts, c.recompute) for c in seq])
+        return self.offer(plan, st.prob)
 
     def restricted(self, st: MState) -> None:
         """Plans of st.R identical replicas for an M whose whole-cluster program is too large:
         the same branch and bound within the replicas' budgets, for plans only (its bounds
         hold for replica plans, not for M). Work comes from the same budget."""
-        root = st.caps.root()
-        heap = [] if root is None else [(-math.inf, root)]
+        heap = [(-math.inf, st.root)]
         while heap and self.evals_left > 0 and time.perf_counter() < self.deadline:
             lb, box = heapq.heappop(heap)
             if lb >= self.incumbent * (1 - self.gap):
@@ -243,7 +299,7 @@ class Search:
             t0 = time.perf_counter()
             ev, seq = st.caps.evaluate(box, self.incumbent)
             if seq is not None:
-                self.offer(self.plan_of(seq, st.M))
+                self.offer_seq(st, seq)
             st.seconds += time.perf_counter() - t0
             if ev.lb < self.incumbent * (1 - self.gap) and not ev.single:
                 for child in st.caps.split(ev):
@@ -251,58 +307,58 @@ class Search:
 
     def expand(self, st: MState, box: Box, first: bool = False) -> None:
         """Evaluate a box (offering its plan) and queue its halves if it is still open."""
+        key = (st.k, st.M)
         if first:  # the M's cheap bound stands until its root box is in the queue
-            self.pending[st.M] = max(self.pending.get(st.M, -math.inf), st.bound)
+            self.pending[key] = max(self.pending.get(key, -math.inf), st.bound)
         t0 = time.perf_counter()
         self.evals_left -= 1
         ev, seq = st.caps.evaluate(box, self.incumbent)
         # (no plan: the evaluation was remembered, its plan offered when first found)
-        found = self.offer(self.plan_of(seq, st.M)) if seq is not None else -math.inf
+        found = self.offer_seq(st, seq) if seq is not None else -math.inf
         st.seconds += time.perf_counter() - t0
         if ev.lb < self.incumbent * (1 - self.gap):
             if not ev.single:
                 for child in st.caps.split(ev):
-                    heapq.heappush(self.heap, (ev.lb, 1, child.b - child.a + child.d - child.c, st.M, child))
+                    heapq.heappush(self.heap, (ev.lb, 1, child.b - child.a + child.d - child.c, key, child))
             elif found > ev.lb * (1 + 1e-9):
                 self.unresolved.append(ev.lb)
         self.report()
 
     # ---- the search -------------------------------------------------------------------------
     def run(self) -> SearchResult:
-        prob = self.prob
-        Ms = sorted({M for R, M in prob.candidates() if R == 1})
-        self.states = {M: MState(M) for M in Ms}
-        # Every M gets a cheap bound (allocator.bounds); M values that cannot fit in memory
-        # are done. Then, smallest micro-batches first (their programs are the smallest),
-        # each M is built, its smallest feasible bottleneck found and the plan with the
-        # least stage-time sum at that bottleneck offered (usually close to the best of
-        # that M), M values whose bound reaches the incumbent by then being done; after
-        # that boxes are taken lowest bound first across all M.
-        cheap: dict[int, float] = {}
-        for M in Ms:
-            st = self.states[M]
-            cheap[M] = -math.inf
-            if prob.interchangeable_blocks:
-                t0 = time.perf_counter()
-                cheap[M] = st.bound = block_bound(prob, StageTimer(prob, prob.global_batch // M), M)
-                st.seconds += time.perf_counter() - t0
-                if not math.isfinite(cheap[M]):
-                    st.status = "infeasible"
-        self.pending = {M: cheap[M] for M in Ms if self.states[M].status != "infeasible"}
-        for M in sorted(Ms, key=lambda m: (prob.global_batch // m, m)):
-            st = self.states[M]
+        # Every (space, M) gets a cheap bound (allocator.bounds); M values that cannot fit in
+        # memory are done. Then, smallest micro-batches first (their programs are the
+        # smallest), each (space, M) is built, its smallest feasible bottleneck found and
+        # the plan with the least stage-time sum at that bottleneck offered (usually close
+        # to the best of that M), states whose bound reaches the incumbent by then being
+        # done; after that boxes are taken lowest bound first across all states.
+        cheap: dict[tuple[int, int], float] = {}
+        for k, prob in enumerate(self.probs):
+            for M in sorted({M for R, M in prob.candidates() if R == 1}):
+                st = self.states[(k, M)] = MState(M, k, prob)
+                cheap[(k, M)] = -math.inf
+                if prob.interchangeable_blocks:
+                    t0 = time.perf_counter()
+                    cheap[(k, M)] = st.bound = block_bound(prob, StageTimer(prob, prob.global_batch // M), M)
+                    st.seconds += time.perf_counter() - t0
+                    if not math.isfinite(cheap[(k, M)]):
+                        st.status = "infeasible"
+        self.pending = {key: cheap[key] for key, st in self.states.items() if st.status != "infeasible"}
+        B = self.probs[0].global_batch
+        for key in sorted(self.states, key=lambda km: (B // km[1], km[1], km[0])):
+            st = self.states[key]
             if st.status == "infeasible":
                 continue
-            if cheap[M] >= self.incumbent * (1 - self.gap):
+            if cheap[key] >= self.incumbent * (1 - self.gap):
                 st.status = "pruned"
-                self.pending.pop(M, None)
+                self.pending.pop(key, None)
                 continue
             if time.perf_counter() > self.deadline:
                 self.stopped_by_clock = True
-                heapq.heappush(self.heap, (cheap[M], 0, 0, M, None))
+                heapq.heappush(self.heap, (cheap[key], 0, 0, key, None))
                 continue
             self.build(st)
-            if st.caps is not None and st.R > 1:
+            if st.caps is not None and st.coarse:
                 self.restricted(st)
             elif st.caps is not None:
                 root = st.caps.root()
@@ -311,31 +367,31 @@ class Search:
                 else:
                     _, seq = st.caps.g(root.a, root.d, math.inf)
                     if seq is not None:
-                        self.offer(self.plan_of(seq, M))
+                        self.offer_seq(st, seq)
                     self.expand(st, root, first=True)
             elif st.shapes is not None or st.cols is not None:
                 self.solve_program(st)
-            self.pending.pop(M, None)
+            self.pending.pop(key, None)
             self.report()
         while not self.done():
             if time.perf_counter() > self.deadline:
                 self.stopped_by_clock = True
                 break
-            lb, _, _, M, box = heapq.heappop(self.heap)
-            st = self.states[M]
+            lb, _, _, key, box = heapq.heappop(self.heap)
+            st = self.states[key]
             if box is None:  # left unbuilt by the clock
                 continue
             if self.evals_left <= 0:
-                heapq.heappush(self.heap, (lb, 1, 0, M, box))
+                heapq.heappush(self.heap, (lb, 1, 0, key, box))
                 break
             self.expand(st, box)
         for st in self.states.values():
-            if st.caps is not None and st.R == 1:
+            if st.caps is not None and not st.coarse:
                 st.status = "searched"
         bound = self.bound()
         elapsed = time.perf_counter() - self.t0
         for st in self.states.values():
-            self.log.append({"M": st.M, "step": "summary", "status": st.status,
+            self.log.append({"M": st.M, "tp": st.prob.tp, "step": "summary", "status": st.status,
                              "evaluations": st.caps.evaluations if st.caps else 0, "seconds": round(st.seconds, 3)})
         if self.best is None:
             status = "infeasible" if not math.isfinite(bound) and not self.stopped_by_clock and self.done() \
@@ -343,28 +399,29 @@ class Search:
         else:
             g = (self.best.objective_s - bound) / self.best.objective_s if math.isfinite(bound) else math.inf
             status = "optimal" if g <= self.gap + 1e-12 else "time_limit"
-        res = SearchResult(self.best, bound, status, elapsed, self.log, self.stopped_by_clock)
+        res = SearchResult(self.best, bound, status, elapsed, self.log, self.stopped_by_clock,
+                           self.best_prob or self.probs[0])
         res.unresolved = sorted(self.unresolved)[:5]
         res.evals_left = self.evals_left
         return res
 
 
-def replicas_for(prob: Problem, M: int) -> int | None:
-    """1 when the exact program for M fits (about STATE_LIMIT states), else the fewest
-    replicas R (R M divides the batch) whose per-replica program does."""
-    X = prob.L + 1
-    B = prob.global_batch
-    for R in range(1, B // M + 1):
-        if (B // M) % R:
-            continue
-        nU = 1
-        for c in prob.classes:
-            nU *= c.count // R + 1
-        if nU * X * min(X, 16) <= STATE_LIMIT:
-            return R
-    return None
+def min_stages(shapes: list[Shape], K: int, chunk: int = 1) -> int:
+    """The fewest stages a plan of these shapes can have (memory caps the blocks a stage
+    holds): one stage if a single stage may hold the model, else a first, a last and
+    enough inner stages for the blocks they leave."""
+    shapes = [s for s in shapes if s.blocks % chunk == 0]
+    if any(s.kind == ONLY for s in shapes):
+        return 1
+    most = {k: max((s.blocks for s in shapes if s.kind == k), default=0) for k in (INNER, FIRST, LAST)}
+    rest = K - most[FIRST] - most[LAST]
+    if rest <= 0:
+        return 2
+    return 2 + (math.ceil(rest / most[INNER]) if most[INNER] else 10 ** 9)
 
 
-def search(prob: Problem, *, time_limit: float = 30.0, gap: float = 0.0, backend: str = "highs",
+def search(prob: Problem | list[Problem], *, time_limit: float = 30.0, gap: float = 0.0, backend: str = "highs",
            msg: bool = False, progress: Callable[[str], None] | None = None) -> SearchResult:
-    return Search(prob, time_limit, gap, backend, msg, progress).run()
+    """The best plan of prob's space (or of the union of several spaces) and its proven bound."""
+    probs = prob if isinstance(prob, list) else [prob]
+    return Search(probs, time_limit, gap, backend, msg, progress).run()

@@ -23,10 +23,11 @@ from .shapes import FIRST, INNER, LAST, ONLY, Shape
 
 
 def build(prob: Problem, shapes: list[Shape], M: int, *, tau_lb: float = 0.0, sigma_lb: float = 0.0,
-          relax: bool = False) -> tuple[Milp, list[int]] | None:
-    """The program (or its LP relaxation); None when some kind has no shape at all."""
+          relax: bool = False, budgets: list[int] | None = None) -> tuple[Milp, list[int]] | None:
+    """The program (or its LP relaxation); None when some kind has no shape at all.
+    ``budgets``: devices per class (default the cluster's; one replica's for replica plans)."""
     K, L = prob.L - 2, prob.L
-    N = [c.count for c in prob.classes]
+    N = list(budgets) if budgets is not None else [c.count for c in prob.classes]
     m = Milp()
     tau = m.var("tau", tau_lb, math.inf, obj=M - 1)
     sigma = m.var("sigma", sigma_lb, math.inf, obj=1.0)
@@ -76,9 +77,9 @@ def build(prob: Problem, shapes: list[Shape], M: int, *, tau_lb: float = 0.0, si
 
 def solve(prob: Problem, shapes: list[Shape], M: int, *, tau_lb: float = 0.0, sigma_lb: float = 0.0,
           incumbent: float = math.inf, time_limit: float = 60.0, gap: float = 1e-9, backend: str = "highs",
-          relax: bool = False, msg: bool = False, node_limit: int | None = None
+          relax: bool = False, msg: bool = False, node_limit: int | None = None, budgets: list[int] | None = None
           ) -> tuple[MilpResult | None, list[Shape] | None]:
-    built = build(prob, shapes, M, tau_lb=tau_lb, sigma_lb=sigma_lb, relax=relax)
+    built = build(prob, shapes, M, tau_lb=tau_lb, sigma_lb=sigma_lb, relax=relax, budgets=budgets)
     if built is None:
         return None, None
     m, z = built

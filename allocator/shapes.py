@@ -37,6 +37,7 @@ class Shape:
     tail: float
     amax: int
     """Most stages that may follow it (>= L: any number)."""
+    recompute: str = "none"
 
     @property
     def devices(self) -> int:
@@ -55,9 +56,11 @@ def block_range(prob: Problem, kind: int, blocks: int) -> tuple[int, int]:
     return 1, 1 + blocks
 
 
-def block_shapes(prob: Problem, timer: StageTimer, M: int, t_cap: float, R: int = 1) -> list[Shape]:
+def block_shapes(prob: Problem, timer: StageTimer, M: int, t_cap: float, R: int = 1, unit: int = 1,
+                 chunk: int = 1) -> list[Shape]:
     """Every useful shape (allocator.columns' usefulness rules) running within t_cap, for
-    one of R identical replicas (devices per replica; its micro-batch is timer.b)."""
+    one of R identical replicas (devices per replica; its micro-batch is timer.b), with
+    device counts in multiples of ``unit`` and blocks in multiples of ``chunk``."""
     assert prob.interchangeable_blocks
     K = prob.L - 2
     budget = [c.count // R for c in prob.classes]
@@ -65,9 +68,11 @@ def block_shapes(prob: Problem, timer: StageTimer, M: int, t_cap: float, R: int 
     specs = [(FIRST, l) for l in range(K + 1)] + [(INNER, l) for l in range(1, K + 1)] + \
             [(LAST, l) for l in range(K + 1)] + [(ONLY, K)]
     for kind, l in specs:
+        if l % chunk:
+            continue
         i, j = block_range(prob, kind, l)
-        for col in range_columns(prob, timer, R, M, i, j, t_cap, budget):
-            out.append(Shape(kind, l, col.counts, col.t, col.tail, col.amax))
+        for col in range_columns(prob, timer, R, M, i, j, t_cap, budget, unit):
+            out.append(Shape(kind, l, col.counts, col.t, col.tail, col.amax, col.recompute))
     return out
 
 
@@ -76,7 +81,7 @@ def order_stages(prob: Problem, chosen: list[Shape]) -> list[Shape] | None:
     first, inner stages by how deep they may sit (deepest first), last."""
     firsts = [s for s in chosen if s.kind in (FIRST, ONLY)]
     lasts = [s for s in chosen if s.kind == LAST]
-    inner = sorted((s for s in chosen if s.kind == INNER), key=lambda s: (-s.amax, s.blocks, s.counts))
+    inner = sorted((s for s in chosen if s.kind == INNER), key=lambda s: (-s.amax, s.blocks, s.counts, s.recompute))
     if len(firsts) != 1 or (firsts[0].kind == ONLY) != (not lasts and not inner):
         return None
     seq = firsts + inner + lasts
@@ -91,7 +96,7 @@ def count_plan(prob: Problem, seq: list[Shape], M: int, R: int = 1) -> CountPlan
     stages, i = [], 0
     for s in seq:
         n = s.blocks + (1 if s.kind in (FIRST, ONLY) else 0) + (1 if s.kind in (LAST, ONLY) else 0)
-        stages.append(CountStage(i, i + n, s.counts))
+        stages.append(CountStage(i, i + n, s.counts, s.recompute))
         i += n
     assert i == prob.L, (i, prob.L)
     return CountPlan(R, M, stages)

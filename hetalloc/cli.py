@@ -105,7 +105,8 @@ def cmd_plan(args) -> int:
     plan = make_plan(cluster, cg, args.global_batch, schedule=args.schedule, optimizer=args.optimizer,
                      grad_sync=args.grad_sync, time_limit=args.time_limit, gap=args.gap, backend=args.solver,
                      baseline=args.baseline, compare_baselines=not args.no_compare,
-                     group_identical_nodes=not args.exact_nodes, msg=args.verbose, progress=say)
+                     group_identical_nodes=not args.exact_nodes, msg=args.verbose, progress=say, tp=args.tp,
+                     recompute=args.recompute, optimizer_sharding=args.optimizer_sharding)
     if args.output:
         plan.save(args.output)
     if args.json:
@@ -160,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="MILP back end: HiGHS via highspy (default), or PuLP with HiGHS or CBC")
     pl.add_argument("--baseline", default=None, choices=["even", "proportional", "pipedream"],
                     help="return a baseline plan instead of solving")
+    pl.add_argument("--tp", default="auto", choices=["auto", "1", "2", "4", "8"],
+                    help="largest tensor-parallel group: devices of one type in one node (auto: search each size "
+                         "that splits the nodes differently; 1: none)")
+    pl.add_argument("--recompute", default="auto", choices=["auto", "none", "full"],
+                    help="activation recomputation per stage (auto: each stage chooses)")
+    pl.add_argument("--optimizer-sharding", default="auto", choices=["auto", "none", "zero1"],
+                    help="optimizer state sharded over the devices that hold the same layers (auto: where it helps)")
     pl.add_argument("--no-compare", action="store_true", help="do not score the baselines for comparison")
     pl.add_argument("--exact-nodes", action="store_true",
                     help="one device class per node instead of per group of identical nodes (bigger program)")

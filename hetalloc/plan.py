@@ -288,6 +288,18 @@ def segments(plan: Plan) -> list[tuple[int, int, list[Group]]]:
             for a, b in zip(cuts[:-1], cuts[1:])]
 
 
+def mixed_tp_segments(plan: Plan) -> list[tuple[int, int, list[int]]]:
+    """Layer segments held by tensor-parallel groups of different sizes, with the sizes
+    (the runtime shards optimizer state, zero1 or the parameter server's, only between
+    groups of one size)."""
+    out = []
+    for a, b, holders in segments(plan):
+        sizes = sorted({g.tp for g in holders})
+        if len(sizes) > 1:
+            out.append((a, b, sizes))
+    return out
+
+
 def optimizer_params(plan: Plan, cg: CostGraph) -> dict[str, float]:
     """Parameters whose optimizer state each device keeps (and steps): its tensor-parallel
     share of its stage's layers; with zero1, of every segment divided by the number of

@@ -19,7 +19,7 @@ from typing import Mapping
 
 from hetalloc.cluster import Cluster
 from hetalloc.errors import SpecError
-from hetalloc.plan import Plan, segments
+from hetalloc.plan import Plan, mixed_tp_segments
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,11 +55,9 @@ def check_supported(plan: Plan, source: str = "plan") -> None:
     copies; the prediction and the simulator do handle them)."""
     if plan.optimizer_sharding == "none" and plan.grad_sync != "param_server":
         return
-    for a, b, holders in segments(plan):
-        sizes = sorted({g.tp for g in holders})
-        if len(sizes) > 1:
-            what = "zero1" if plan.optimizer_sharding != "none" else "the parameter server"
-            raise SpecError(source, "replicas", f"layers {a}-{b - 1} are held by tensor-parallel groups of sizes "
+    for a, b, sizes in mixed_tp_segments(plan)[:1]:
+        what = "zero1" if plan.optimizer_sharding != "none" else "the parameter server"
+        raise SpecError(source, "replicas", f"layers {a}-{b - 1} are held by tensor-parallel groups of sizes "
                             f"{', '.join(map(str, sizes))}: the runtime shards their optimizer state ({what}) "
                             "only between groups of one size",
                             "give the groups that hold the same layers one size, or use ring or hierarchical "

@@ -1,6 +1,7 @@
 """Brute-force enumeration of the planner's plan space (reference for the optimality test).
 
-Enumerates every (R, M), every split of the layers into contiguous stages, and every
+Enumerates every tensor-parallel unit size the request allows (one Problem per degree,
+``Problem.tp``), every (R, M), every split of the layers into contiguous stages, and every
 assignment of device counts per class to the stages (depth-first, abandoning a branch
 as soon as a stage cannot hold its layers); scores each complete plan with the model's
 own objective (allocator.problem). Only for tiny instances.
@@ -30,7 +31,11 @@ def brute_force(prob: Problem) -> CountPlan | None:
 
         @lru_cache(maxsize=None)
         def stage(i, j, counts, infl):
-            return best_shares(prob, timer, i, j, counts, infl)
+            # each stage's recomputation choice changes only its own time and memory, and
+            # the objective grows with every stage time: the fastest choice that fits
+            got = [r for rc in prob.recompute_options
+                   if (r := best_shares(prob, timer, i, j, counts, infl, rc, R)) is not None]
+            return min(got, key=lambda r: r[0]) if got else None
 
         @lru_cache(maxsize=None)
         def tail(i, j, counts):
@@ -54,6 +59,8 @@ def brute_force(prob: Problem) -> CountPlan | None:
                 return
             for j in range(i + 1, L + 1):
                 for counts in count_vectors(budget, b):
+                    if prob.zero1_mixes(counts):  # zero1 stages have one tensor-parallel size
+                        continue
                     # in-flight >= 1 everywhere: a stage that cannot take b samples even
                     # then can never be part of a plan
                     if stage(i, j, counts, 1 if prob.schedule == "1f1b" else M) is None:

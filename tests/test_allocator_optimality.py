@@ -78,7 +78,10 @@ def feasible_instance(seed: int, min_types: int = 1, **kw):
 
 @pytest.mark.parametrize("seed", range(30))
 def test_planner_matches_brute_force(seed):
-    prob, ref = feasible_instance(seed)
+    assert_equals_brute_force(*feasible_instance(seed))
+
+
+def assert_equals_brute_force(prob, ref):
     res = search(prob, time_limit=120, gap=1e-9)
     assert res.best is not None, "planner found no plan but brute force did"
     assert res.status == "optimal"
@@ -96,11 +99,7 @@ def test_planner_matches_brute_force_three_or_four_types(seed):
     """3-4 device types spread over 2-4 nodes (several classes per type, links that differ)."""
     prob, ref = feasible_instance(seed, **MANY_TYPES)
     assert len({c.dtype.name for c in prob.classes}) >= 3 and len(prob.cluster.nodes) >= 2
-    res = search(prob, time_limit=120, gap=1e-9)
-    assert res.best is not None and res.status == "optimal"
-    got = evaluate_counts(prob, res.best).objective_s
-    assert abs(got - ref.objective_s) <= 1e-6 * ref.objective_s, (got, ref.objective_s)
-    assert res.bound <= ref.objective_s * (1 + 1e-6)
+    assert_equals_brute_force(prob, ref)
 
 
 def test_instances_exercise_the_plan_space():
@@ -120,3 +119,77 @@ def test_identical_blocks_are_detected():
     assert prob.interchangeable_blocks
     prob, _ = feasible_instance(1)
     assert not prob.interchangeable_blocks
+
+
+# ---- plan space v2: tensor-parallel units and per-stage recomputation ----------------------
+
+def random_v2_instance(seed: int):
+    """Nodes of 2, 4 or 8 devices of one or two types (tensor-parallel units fit them),
+    blocks of a real GPT block scaled (they keep how they split and what recomputation
+    keeps), memory from loose to tight so recomputation matters; one Problem per
+    tensor-parallel degree the seed draws."""
+    rng = random.Random(seed)
+    types = rng.sample(TYPES, 2)
+    nodes = []
+    for k in range(rng.choice([1, 2])):
+        per = rng.choice([2, 4]) if k else rng.choice([2, 4, 8])
+        split = [types[0]] if rng.random() < 0.6 else types
+        gpus = [{"type": t, "count": per // len(split)} for t in split]
+        nodes.append({"name": f"n{k}", "gpus": gpus, "intra_link": rng.choice(LINKS), "nic": rng.choice(NICS)})
+    cluster = cluster_from_dict({"name": f"v2rand{seed}", "nodes": nodes})
+    base = analytic_cost_graph(get_model("gpt2-medium"), 512)
+    scale = rng.choice([1.0, 20.0, 60.0, 120.0])
+    act = rng.choice([1.0, 16.0, 64.0, 128.0])
+    n_blocks = rng.randint(2, 5)
+    blk = base.layers[1]
+    layers = [replace(base.layers[0], params=int(base.layers[0].params * scale / 10))]
+    for i in range(n_blocks):
+        f = 1.0 if seed % 2 == 0 else rng.uniform(0.5, 1.5)
+        layers.append(replace(blk, name=f"block{i}", params=int(blk.params * f * scale),
+                              replicated_params=int(blk.replicated_params * f * scale), fwd_flops=blk.fwd_flops * f,
+                              saved_act_bytes=blk.saved_act_bytes * act, replicated_act_bytes=blk.replicated_act_bytes * act))
+    layers.append(replace(base.layers[-1], params=int(base.layers[-1].params * scale / 10)))
+    cg = replace(base, layers=layers, _cache={})
+    B = rng.choice([4, 8])
+    schedule = rng.choice(["gpipe", "1f1b"])
+    tp = rng.choice([2, 2, 4, 8])
+    sharding = rng.choice(["none", "zero1"])
+    return Problem(cluster, cg, B, schedule=schedule, tp=tp, recompute="auto", optimizer_sharding=sharding)
+
+
+def feasible_v2_instance(seed: int):
+    for attempt in range(40):
+        prob = random_v2_instance(seed * 100 + attempt)
+        if max(c.tp for c in prob.classes) < 2:
+            continue
+        ref = brute_force(prob)
+        if ref is not None:
+            return prob, ref
+    raise AssertionError(f"no feasible instance for seed {seed}")
+
+
+@pytest.mark.parametrize("seed", range(2000, 2032))
+def test_planner_matches_brute_force_with_tp_units_and_recompute(seed):
+    """32 instances whose device classes come in tensor-parallel units of 2-8 devices, whose
+    stages may recompute, with or without zero1: the search equals the brute force (which
+    takes each stage's fastest recomputation choice that fits)."""
+    assert_equals_brute_force(*feasible_v2_instance(seed))
+
+
+def test_v2_instances_use_tp_units_and_recompute():
+    """The v2 instances are not trivial: some optima recompute some stage, and some would
+    not fit without it; every instance's units are tensor-parallel groups; some use zero1,
+    and in some of those it changes the optimum."""
+    recomputing = needs_it = zero1 = zero1_matters = 0
+    for seed in range(2000, 2032):
+        prob, ref = feasible_v2_instance(seed)
+        assert max(c.tp for c in prob.classes) >= 2
+        best = search(prob, time_limit=120, gap=1e-9).best
+        recomputing += any(s.recompute == "full" for s in best.stages)
+        needs_it += brute_force(replace(prob, recompute="none")) is None
+        if prob.zero1:
+            zero1 += 1
+            plain = brute_force(replace(prob, optimizer_sharding="none"))
+            zero1_matters += plain is None or plain.objective_s > ref.objective_s * (1 + 1e-9)
+    assert recomputing >= 5 and needs_it >= 2 and zero1 >= 8 and zero1_matters >= 3, \
+        (recomputing, needs_it, zero1, zero1_matters)
