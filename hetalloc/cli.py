@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     simulator_commands.register(sub)
     workflow_commands.register(sub)
-    run_commands.register(sub)
+    workflow_commands.add_adaptive(run_commands.register(sub))
     profile_commands.register(sub)
     return p
 

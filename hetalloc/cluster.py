@@ -218,7 +218,8 @@ class Cluster:
         nodes = []
         for n in self.nodes:
             nd: dict[str, Any] = {"name": n.name,
-                                  "gpus": [{"type": t, "count": c} for t, c in _ordered_counts(n)],
+                                  "gpus": [{"type": t, "count": c, **({"at": at} if at is not None else {})}
+                                           for t, c, at in _ordered_counts(n)],
                                   "intra_link": n.intra.to_dict()}
             if n.nic is not None:
                 nd["nic"] = n.nic.to_dict()
@@ -306,13 +307,17 @@ class NodeLinks:
                 np.where(same, self.intra_lat[ca], self.pair_lat[ca, cb]))
 
 
-def _ordered_counts(n: Node) -> list[tuple[str, int]]:
-    out: list[tuple[str, int]] = []
+def _ordered_counts(n: Node) -> list[tuple[str, int, int | None]]:
+    """Runs of devices of one type with consecutive local indices: (type, count, local
+    index of the first when the indices skip some (a device gone), else None)."""
+    out: list[tuple[str, int, int | None]] = []
+    nxt = 0
     for d in n.devices:
-        if out and out[-1][0] == d.type:
-            out[-1] = (d.type, out[-1][1] + 1)
+        if out and out[-1][0] == d.type and d.local_index == nxt:
+            out[-1] = (d.type, out[-1][1] + 1, out[-1][2])
         else:
-            out.append((d.type, 1))
+            out.append((d.type, 1, d.local_index if d.local_index != nxt else None))
+        nxt = d.local_index + 1
     return out
 
 
@@ -439,7 +444,7 @@ def _device_types(v: _Checker, raw: Any) -> dict[str, DeviceType]:
     return types
 
 
-def _gpus(v: _Checker, raw: Any, path: str, types: dict[str, DeviceType]) -> list[tuple[str, int]]:
+def _gpus(v: _Checker, raw: Any, path: str, types: dict[str, DeviceType]) -> list[tuple[str, int, int | None]]:
     if raw is None:
         raise v.err(path, "missing", "list the node's GPUs, e.g. 'gpus: [{type: A100-80G, count: 8}]'")
     if isinstance(raw, dict):  # shorthand {A100-80G: 8}
@@ -455,13 +460,17 @@ def _gpus(v: _Checker, raw: Any, path: str, types: dict[str, DeviceType]) -> lis
             if not cnt.isdigit() or not name:
                 raise v.err(p, f"cannot read '{g}'", "write '8xA100-80G' or {type: A100-80G, count: 8}")
             g = {"type": name, "count": int(cnt)}
-        obj = v.keys(g, p, {"type", "count"}, "a GPU entry")
+        obj = v.keys(g, p, {"type", "count", "at"}, "a GPU entry")
         t = obj.get("type")
         if not isinstance(t, str):
             raise v.err(f"{p}.type", "missing", "name a GPU type from the catalog (hetalloc catalog)")
         if t not in types:
             raise v.err(f"{p}.type", f"unknown GPU '{t}'", suggest_device(t, types))
-        out.append((t, v.number(obj, "count", p, integer=True, default=1)))
+        at = obj.get("at")
+        if at is not None and (not isinstance(at, int) or isinstance(at, bool) or at < 0):
+            raise v.err(f"{p}.at", f"expected a local device index >= 0, got {at!r}",
+                        "'at' numbers the entry's first device (written for nodes that lost devices); omit it")
+        out.append((t, v.number(obj, "count", p, integer=True, default=1), at))
     return out
 
 
@@ -520,7 +529,12 @@ def cluster_from_dict(raw: Any, source: str = "<cluster>") -> Cluster:
                 raise v.err(f"{p}.name", f"duplicate node name '{name}'", "give every node a unique name")
             seen.add(name)
             devs, idx = [], 0
-            for t, c in gpus:
+            for j, (t, c, at) in enumerate(gpus):
+                if at is not None:
+                    if at < idx:
+                        raise v.err(f"{p}.gpus[{j}].at", f"index {at} repeats an earlier device's",
+                                    "local indices rise through the node's entries")
+                    idx = at
                 for _ in range(c):
                     devs.append(Device(f"{name}/{idx}", t, name, idx))
                     idx += 1

@@ -14,6 +14,9 @@ Layout (a part is found by its name):
   per tensor-parallel slice, and zero1's reduce-scatter / all-gather;
 - ``stage_state``: a rank's parameters and optimizer state by whole-model name (checkpoints);
 - ``optim``, ``checkpoint``, ``metrics``: optimizers, atomic checkpoints, measurements;
+- ``reshard``: checkpoints by whole-model name, put together for another plan;
+- ``monitor``, ``adaptive``, ``control``: ``--adaptive`` ranks measure themselves against the
+  plan, report stragglers and obey the workflow's commands (new shares, restart);
 - ``launch``, ``commands``: torchrun commands and ``hetalloc run``;
 - ``profile/``: ``hetalloc profile`` and its ranks (``python -m runtime.profile``): layer,
   optimizer and link measurements into a cost graph and cluster spec;
@@ -26,5 +29,5 @@ The runtime imports only hetalloc/ (never the allocator or the simulator: what d
 several subsystems is in workflows/). Importing this package does not import torch
 (``config``, ``launch``, ``commands``, ``plans``, ``rankmap``, ``tokens``,
 ``profile.command``, ``profile.files`` and ``profile.overhead`` are torch-free, so the CLI
-can use them without it).
+can use them without it; so are ``control`` and ``monitor``).
 """

@@ -4,7 +4,8 @@ last checkpoint every rank finished.
 Layout: ``<dir>/step_0000005/rank_0003.pt`` holds one rank's parameters and optimizer
 state by whole-model parameter name, whole (``runtime.stage_state``: tensor-parallel and
 zero1 shards gathered, so the files do not depend on how the plan sharded them), RNG
-states and data position; ``<dir>/latest.json`` is written
+states and data position (the first sample of the next step); rank 0 also writes the
+plan that saved into the step directory (``plan.json``); ``<dir>/latest.json`` is written
 by rank 0 only after all ranks have written theirs (a barrier), so a run killed while
 saving resumes from the previous complete checkpoint. Files appear by rename
 (``hetalloc.fileio``), never half-written; temporaries of a killed writer are deleted at
@@ -13,8 +14,10 @@ the next save, with the step directories of an abandoned timeline (past the step
 Resuming picks the newest checkpoint that every rank can read (``find_resume``): the one
 ``latest.json`` names, or, when that file or a rank's file is damaged or missing, the
 newest complete one before it, with a one-line warning. A checkpoint records the plan's
-key and world size; resuming with another plan is refused (re-sharding is not
-implemented).
+key and world size; a run under another plan (other stage boundaries, shares,
+tensor-parallel widths, optimizer sharding, world size) puts its state together from the
+old ranks' files (``runtime.reshard``, given as find_resume's loader); a checkpoint
+without its plan.json resumes only under the plan that wrote it.
 
 A rank file holds tensors and plain values only (dicts, lists, numbers, strings) and is
 read with ``torch.load(weights_only=True)``: a file that holds anything else (a pickled
@@ -40,8 +43,10 @@ import torch.distributed as dist
 from hetalloc.errors import SpecError
 from hetalloc.fileio import atomic_write_bytes, atomic_write_json, remove_temporaries
 
-from .checkpoint_meta import (LATEST, Latest, check_latest, latest_step, plan_key, rank_file,  # noqa: F401
-                              read_latest, saved_steps, step_dir)
+from hetalloc.plan import Plan
+
+from .checkpoint_meta import (LATEST, PLAN_FILE, Latest, check_latest, latest_step, plan_key,  # noqa: F401
+                              rank_file, read_latest, saved_steps, step_dir)
 from .stage_state import StageState
 
 KEEP_LAST = 2
@@ -74,15 +79,19 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 def rank_state(step: int, rank: int, world_size: int, key: str, stage: StageState,
-               device: torch.device) -> dict[str, Any]:
+               device: torch.device, *, next_sample: int | None = None) -> dict[str, Any]:
     """What one rank saves: tensors and plain values only (every rank calls this: it
-    gathers tensor-parallel and zero1 shards)."""
+    gathers tensor-parallel and zero1 shards). next_sample: the first training sample of
+    the next step (the data position; default: step x global batch, fixed shares)."""
+    data: dict[str, int] = {"next_step": step + 1}
+    if next_sample is not None:
+        data["next_sample"] = next_sample
     return {
         "format": FORMAT, "step": step, "rank": rank, "world_size": world_size, "plan_key": key,
         "params": stage.params(),
         "optimizer": stage.optimizer_state(),
         "rng": _rng_state(device),
-        "data": {"next_step": step + 1},
+        "data": data,
     }
 
 
@@ -113,7 +122,9 @@ def read_rank_file(path: Path) -> dict[str, Any]:
 
 
 def restore(state: dict[str, Any], path: Path, key: str, stage: StageState, device: torch.device) -> int:
-    """Put a rank file's state into this rank's module, optimizer and RNGs; returns its step."""
+    """Put a rank's state (its own file, or one put together by runtime.reshard, which
+    has no RNG state: dropout masks follow the layout anyway) into this rank's module,
+    optimizer and RNGs; returns its step."""
     if state["plan_key"] != key:
         raise SpecError(str(path), "plan_key", "the checkpoint was written for another plan",
                         "resume with the plan that wrote it, or start a new checkpoint directory")
@@ -122,21 +133,26 @@ def restore(state: dict[str, Any], path: Path, key: str, stage: StageState, devi
                         "resume with the plan that wrote it")
     stage.load_params(state["params"])  # in place: parameters are views into gradient buckets
     stage.load_optimizer_state(state["optimizer"])
-    _set_rng_state(state["rng"], device)
+    if state.get("rng") is not None:
+        _set_rng_state(state["rng"], device)
     return int(state["step"])
 
 
 # ---- all ranks together ------------------------------------------------------------------
 
-def save(ckpt_dir: str | Path, step: int, rank: int, key: str, stage: StageState, device: torch.device) -> None:
-    """Every rank calls this at the same step (it contains a barrier)."""
+def save(ckpt_dir: str | Path, step: int, rank: int, key: str, stage: StageState, device: torch.device, *,
+         plan: Plan | None = None, next_sample: int | None = None) -> None:
+    """Every rank calls this at the same step (it contains a barrier). With `plan`, rank 0
+    also writes it into the step directory, so that other plans can reshard from it."""
     world = dist.get_world_size()
     buf = io.BytesIO()
-    torch.save(rank_state(step, rank, world, key, stage, device), buf)
+    torch.save(rank_state(step, rank, world, key, stage, device, next_sample=next_sample), buf)
     path = rank_file(ckpt_dir, step, rank)
     if path.parent.is_dir():
         remove_temporaries(path.parent, path.name)  # this rank's, left by a killed attempt
     atomic_write_bytes(path, buf.getvalue())
+    if rank == 0 and plan is not None:
+        atomic_write_json(path.parent / PLAN_FILE, plan.to_dict())
     dist.barrier()
     if rank == 0:
         atomic_write_json(Path(ckpt_dir) / LATEST, {"step": step, "plan_key": key, "world_size": world})
@@ -179,8 +195,28 @@ class Resume:
     """One line for the user when damage decided the step (a file damaged or missing)."""
 
 
+Load = Callable[[Path, int], tuple[dict[str, Any], Path]]
+"""(checkpoint directory, step) -> this rank's state at that step and the file it names;
+raises Damaged (fall back to an older step) or SpecError (refuse)."""
+
+
+def own_file(rank: int, world_size: int, key: str) -> Load:
+    """The loader of a run under the plan that saved: this rank's own file, which must
+    be of this plan (else refused) and of this world size and step (else damaged)."""
+    def load(ckpt_dir: Path, step: int) -> tuple[dict[str, Any], Path]:
+        path = rank_file(ckpt_dir, step, rank)
+        state = read_rank_file(path)
+        if state["plan_key"] != key:
+            raise SpecError(str(path), "plan_key", "the checkpoint was written for another plan",
+                            "resume with the plan that wrote it, or start a new checkpoint directory")
+        if state.get("world_size", world_size) != world_size or state["step"] != step:
+            raise Damaged(f"{path} belongs to another run (step {state['step']}, {state.get('world_size')} ranks)")
+        return state, path
+    return load
+
+
 def find_resume(ckpt_dir: str | Path, rank: int, world_size: int, key: str,
-                gather: Gather = _all_gather) -> Resume:
+                gather: Gather = _all_gather, load: Load | None = None) -> Resume:
     """The newest checkpoint that every rank can read, agreed by all ranks (every rank
     calls this; `gather` exchanges small values between them). Rank 0's ``latest.json``
     decides the first choice (so node-local checkpoint directories work too); a damaged
@@ -188,12 +224,15 @@ def find_resume(ckpt_dir: str | Path, rank: int, world_size: int, key: str,
     with a warning. Without latest.json and without a complete checkpoint (a run killed
     while writing its first), training starts at step 1. Raises SpecError, the same on
     every rank, for a checkpoint of another plan or world size, a refused file, or a
-    latest.json whose checkpoints are all damaged."""
+    latest.json whose checkpoints are all damaged. With `load` (runtime.reshard.loader),
+    checkpoints of other plans and world sizes are read through it instead of refused."""
     ckpt_dir = Path(ckpt_dir)
     views = gather((read_latest(ckpt_dir), saved_steps(ckpt_dir)))
     latest: Latest = views[0][0]
     where = ckpt_dir / LATEST
-    check_latest(latest, ckpt_dir, key, world_size)
+    if load is None:
+        check_latest(latest, ckpt_dir, key, world_size)
+        load = own_file(rank, world_size, key)
     known = sorted({s for _, steps in views for s in steps}, reverse=True)
     if latest.step is not None:
         candidates = [latest.step] + [s for s in known if s < latest.step]
@@ -207,13 +246,7 @@ def find_resume(ckpt_dir: str | Path, rank: int, world_size: int, key: str,
         state: dict[str, Any] | None = None
         outcome: tuple[str, Any] = ("ok", None)
         try:
-            state = read_rank_file(path)
-            if state["plan_key"] != key:
-                outcome = ("refuse", (str(path), "plan_key", "the checkpoint was written for another plan",
-                                      "resume with the plan that wrote it, or start a new checkpoint directory"))
-            elif state.get("world_size", world_size) != world_size or state["step"] != step:
-                outcome = ("damaged", f"{path} belongs to another run (step {state['step']}, "
-                                      f"{state.get('world_size')} ranks)")
+            state, path = load(ckpt_dir, step)
         except Damaged as e:
             outcome = ("damaged", str(e))
         except SpecError as e:

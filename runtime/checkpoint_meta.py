@@ -17,6 +17,10 @@ from hetalloc.plan import Plan
 
 LATEST = "latest.json"
 
+PLAN_FILE = "plan.json"
+"""In a step directory: the plan that saved it (rank 0 writes it), so that another plan
+can reshard from it (runtime.reshard)."""
+
 
 def plan_key(plan: Plan) -> str:
     """Fingerprint of what decides the training computation and its sharding."""
@@ -79,8 +83,11 @@ def latest_step(ckpt_dir: str | Path) -> int | None:
 
 def check_latest(latest: Latest, ckpt_dir: str | Path, key: str, world_size: int) -> None:
     """Refuse (SpecError) a checkpoint that latest.json says was written for another plan
-    or by another number of ranks: re-sharding is not implemented."""
+    or by another number of ranks, unless its step directory holds the plan that saved it
+    (PLAN_FILE): then the ranks reshard it (runtime.reshard)."""
     where = Path(ckpt_dir) / LATEST
+    if latest.step is not None and (step_dir(ckpt_dir, latest.step) / PLAN_FILE).is_file():
+        return
     if latest.plan_key is not None and latest.plan_key != key:
         raise SpecError(str(where), "plan_key", "the checkpoint was written for another plan",
                         "resume with the plan that wrote it, or start a new checkpoint directory")

@@ -29,9 +29,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "times next to the plan's predictions (also in OUT/summary.json).")
     p.add_argument("plan", help="plan JSON written by 'hetalloc plan'")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps (default 20)")
-    p.add_argument("--slowdown", action="append", metavar="RANK=FACTOR",
+    p.add_argument("--slowdown", action="append", metavar="RANK=FACTOR[@STEP]",
                    help="stretch a rank's (or device id's) compute time by FACTOR >= 1, to emulate a slower "
-                        "device on a homogeneous machine (a test and what-if aid); repeatable")
+                        "device on a homogeneous machine (a test and what-if aid); @STEP: from that step on "
+                        "(a factor of 1 ends it); repeatable")
     p.add_argument("--checkpoint-dir", metavar="D", help="directory for checkpoints")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="K", help="save every K steps")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in D")
@@ -73,13 +74,20 @@ def check_data(args: argparse.Namespace, plan) -> str:
     return args.dataset if args.dataset in NAMED else str(Path(args.dataset).resolve())
 
 
-def handler(args: argparse.Namespace) -> int:
-    plan, rm = load_checked(args.plan)
+def launch_extra(args: argparse.Namespace, plan) -> list[str]:
+    """The runtime arguments of a run beside the plan, steps, files and model: the
+    dataset and evaluation flags (checked first)."""
     dataset = check_data(args, plan)
     extra = ["--dataset", dataset, "--val-fraction", str(args.val_fraction), "--eval-every", str(args.eval_every),
              "--eval-batches", str(args.eval_batches)]
     if args.lr is not None:
         extra += ["--lr", str(args.lr)]
+    return extra
+
+
+def handler(args: argparse.Namespace) -> int:
+    plan, rm = load_checked(args.plan)
+    extra = launch_extra(args, plan)
     if args.nodes_print or len(rm.nodes) > 1:
         check_run(args.plan, steps=args.steps, slowdown=args.slowdown, checkpoint_dir=args.checkpoint_dir,
                   checkpoint_every=args.checkpoint_every, resume=args.resume, model=args.model, here=False)

@@ -56,6 +56,18 @@ class TrainConfig:
     """metrics.jsonl, per-rank metrics and summary.json go here."""
     slowdown: dict[str, float] = field(default_factory=dict)
     """Rank (as a string) or device id -> factor >= 1 stretching that rank's compute."""
+    slowdown_from: dict[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)
+    """Rank or device id -> (first step, factor) changes of its slowdown from a step on
+    (``--slowdown 1=3@20``; a factor of 1 ends it), in step order."""
+    adaptive: bool = False
+    """Monitor every rank against the plan's prediction, report stragglers, and obey the
+    workflow's commands in control_dir (runtime.adaptive)."""
+    control_dir: str | None = None
+    """The control channel of an adaptive run (runtime.control); None: out_dir/control."""
+    straggler_threshold: float = 0.10
+    """Relative departure from the predicted compute time that counts (runtime.monitor)."""
+    straggler_steps: int = 3
+    """Consecutive departing steps before a rank is reported."""
     warmup_steps: int = 1
     """Leading steps left out of the measured averages (shape inference, allocator warm-up)."""
     tensorboard: bool = False
@@ -98,6 +110,13 @@ class TrainConfig:
         for key, factor in self.slowdown.items():
             if factor < 1.0:
                 raise ValueError(f"slowdown factor of {key} must be >= 1, got {factor}.")
+        for key, changes in self.slowdown_from.items():
+            if any(s < 1 or f < 1.0 for s, f in changes):
+                raise ValueError(f"slowdown of {key}: steps must be >= 1 and factors >= 1.")
+        if not 0.0 < self.straggler_threshold < 10.0:
+            raise ValueError("straggler_threshold must be in (0, 10), e.g. 0.1 for 10 %.")
+        if self.straggler_steps < 1:
+            raise ValueError("straggler_steps must be at least 1.")
 
     def learning_rate(self, optimizer: str) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[optimizer]
@@ -118,6 +137,33 @@ def parse_slowdown(items: list[str] | None) -> dict[str, float]:
                             "e.g. --slowdown 1=2 (rank 1 twice as slow)")
         out[key] = factor
     return out
+
+
+def parse_slowdowns(items: list[str] | None) -> tuple[dict[str, float], dict[str, tuple[tuple[int, float], ...]]]:
+    """--slowdown items, with or without a first step: ['1=2', '2=3@20', '2=1@50'] ->
+    ({'1': 2.0}, {'2': ((20, 3.0), (50, 1.0))}): KEY=FACTOR from the start, KEY=FACTOR@STEP
+    from that step on (a factor of 1 ends a slowdown). A malformed item raises SpecError."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for item in items or []:
+        if "@" not in item:
+            continue
+        head, _, step = item.rpartition("@")
+        if not step.isdigit() or int(step) < 1:
+            raise SpecError("--slowdown", item, "expected RANK=FACTOR@STEP with a whole STEP >= 1",
+                            "e.g. --slowdown 1=3@20 (rank 1 three times as slow from step 20 on)")
+        for key, factor in parse_slowdown([head]).items():
+            out.setdefault(key, []).append((int(step), factor))
+    return (parse_slowdown([i for i in items or [] if "@" not in i]),
+            {k: tuple(sorted(v)) for k, v in out.items()})
+
+
+def slowdown_at(base: float, changes: tuple[tuple[int, float], ...], step: int) -> float:
+    """A rank's slowdown factor at a step: the last change at or before it, else base."""
+    factor = base
+    for first, f in changes:
+        if first <= step:
+            factor = f
+    return factor
 
 
 def check_slowdown(slowdown: dict[str, float], world_size: int, device_ids: Collection[str] | None,
@@ -166,7 +212,7 @@ def stretch(t0: float, slowdown: float, cpu0: float | None = None) -> float:
             pass
         return time.perf_counter() - t0
     end = now + (slowdown - 1.0) * (now - t0)
-    if end - now > SPIN_S:
+    if not spin and end - now > SPIN_S:
         time.sleep(end - now - SPIN_S)
     while time.perf_counter() < end:
         pass

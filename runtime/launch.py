@@ -27,7 +27,7 @@ from hetalloc.models import layer_shapes, resolve_model
 from hetalloc.plan import Plan, load_plan, plan_context, validate_plan
 
 from .checkpoint_meta import check_latest, plan_key, read_latest
-from .config import FAMILIES, check_slowdown, parse_slowdown
+from .config import FAMILIES, check_slowdown, parse_slowdowns
 from .rankmap import RankMap, check_supported, rank_map
 
 ENTRY = "runtime.train"
@@ -150,7 +150,8 @@ def check_run(plan_path: str | Path, *, steps: int = 20, slowdown: list[str] | N
     SpecErrors: the plan valid against its cluster and cost graph, its ranks all CPU or all
     GPU, and (here: when it runs on this machine) the GPUs it needs present; --steps,
     --slowdown (syntax, factor, rank or device), --checkpoint-every and --resume with a
-    checkpoint directory whose latest.json is of this plan and world size; the model
+    checkpoint directory whose latest.json is of this plan and world size (or whose step
+    directory holds the plan that saved it: then the ranks reshard it); the model
     buildable by the runtime with the plan's layers and sequence length. Returns what
     load_checked does."""
     source = str(plan_path)
@@ -161,7 +162,8 @@ def check_run(plan_path: str | Path, *, steps: int = 20, slowdown: list[str] | N
     rm = rank_map(plan, cluster)
     if steps < 1:
         raise SpecError("--steps", "", f"must be a whole number >= 1, got {steps}", "train for at least one step")
-    check_slowdown(parse_slowdown(slowdown), rm.world_size, cluster.device_by_id)
+    fixed, changes = parse_slowdowns(slowdown)
+    check_slowdown({**fixed, **{k: 1.0 for k in changes}}, rm.world_size, cluster.device_by_id)
     if checkpoint_every < 0:
         raise SpecError("--checkpoint-every", "", f"must be >= 0, got {checkpoint_every}", "give K to save every K steps")
     for flag, given in (("--checkpoint-every", checkpoint_every > 0), ("--resume", resume)):

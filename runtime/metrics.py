@@ -121,6 +121,13 @@ class MetricsWriter:
             for key, value in extra.items():
                 self.tb.add_scalar(key, value, step)
 
+    def write_record(self, record: dict[str, Any]) -> None:
+        """An event record (``{"event": ...}``: a straggler found, a decision obeyed) into
+        rank 0's metrics.jsonl, between the step records."""
+        if self.main_file is not None:
+            self.main_file.write(json.dumps(record) + "\n")
+            self.main_file.flush()
+
     def close(self) -> None:
         self.rank_file.close()
         if self.main_file is not None:
@@ -131,9 +138,12 @@ class MetricsWriter:
 
 def keep_steps(path: Path, last_step: int) -> list[dict[str, Any]]:
     """Rewrite a metrics file (atomically) to hold steps 1..last_step once each, in order
-    (the last line written for a step wins; torn or foreign lines go); returns the kept
-    records. last_step 0 empties it."""
+    (the last line written for a step wins; torn or foreign lines go), and every event
+    record (``{"event": ...}``: what an adaptive run saw and decided, also past the
+    checkpoint, in the order written); returns the kept step records. last_step 0
+    empties it."""
     kept: dict[int, dict[str, Any]] = {}
+    events: list[dict[str, Any]] = []
     if last_step > 0 and path.exists():
         for line in path.read_text(errors="replace").splitlines():
             try:
@@ -141,10 +151,14 @@ def keep_steps(path: Path, last_step: int) -> list[dict[str, Any]]:
             except ValueError:
                 continue
             step = rec.get("step") if isinstance(rec, dict) else None
-            if isinstance(step, int) and 1 <= step <= last_step:
+            if isinstance(step, int) and "event" in rec:
+                events.append(rec)
+            elif isinstance(step, int) and 1 <= step <= last_step:
                 kept[step] = rec
     records = [kept[s] for s in sorted(kept)]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    ordered = sorted([(r["step"], 0, i, r) for i, r in enumerate(records)]
+                     + [(e["step"], 1, i, e) for i, e in enumerate(events)], key=lambda x: x[:3])
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for *_, r in ordered))
     return records
 
 

@@ -23,8 +23,15 @@ def torchrun(nproc: int, args: list[str], *, script: str | None = None, max_rest
                           cwd=cwd, text=True, capture_output=True, timeout=timeout_s)
 
 
+def records(out_dir: Path, event: str | None = None) -> list[dict]:
+    """metrics.jsonl: the step records, or (event=...) the event records of that kind
+    ('straggler', 'decision')."""
+    recs = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if r.get("event") == event]
+
+
 def losses(out_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records(out_dir)]
 
 
 def checkpoint_params(ckpt_dir: Path, step: int) -> list[dict[str, torch.Tensor]]:

@@ -16,6 +16,11 @@ no store of their own; gloo listens on the interface GLOO_SOCKET_IFNAME names). 
 loopback address on a multi-node run (Debian's ``127.0.1.1``), gets every interface
 with a one-line note. Other ``--rdzv-backend`` choices pass through untouched.
 
+When the environment names a file in ``HETALLOC_FAILURES``, a failed run leaves there
+which ranks failed and how (exit code, or the signal that ended them; JSON): an adaptive
+run (workflows.adaptive) tells a rank that was lost (killed by a signal other than the
+SIGTERM this launcher sends the others) from ranks that merely stopped with it.
+
 Never imported by training code: only this launcher process registers the handler.
 """
 
@@ -23,12 +28,13 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
 import sys
 from datetime import timedelta
 
 from torch.distributed import PrefixStore, Store, TCPStore
-from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.elastic.rendezvous import (RendezvousHandler, RendezvousInfo, RendezvousParameters,
                                                   rendezvous_handler_registry)
 from torch.distributed.elastic.rendezvous.api import RendezvousStoreInfo
@@ -151,10 +157,27 @@ def translate(args):
     return args
 
 
+FAILURES_ENV = "HETALLOC_FAILURES"
+
+
+def write_failures(path: str, error: ChildFailedError) -> None:
+    """Which ranks failed and how, as JSON (module doc)."""
+    from hetalloc.fileio import atomic_write_json
+    atomic_write_json(path, {"failures": [
+        {"rank": rank, "local_rank": f.local_rank, "pid": f.pid, "exitcode": f.exitcode,
+         "signal": f.signal_name() if f.exitcode < 0 else None, "time": f.timestamp}
+        for rank, f in sorted(error.failures.items())]})
+
+
 @record
 def main(argv: list[str] | None = None) -> None:
     rendezvous_handler_registry.register(BACKEND, create_handler)
-    run(translate(parse_args(argv)))
+    try:
+        run(translate(parse_args(argv)))
+    except ChildFailedError as e:
+        if os.environ.get(FAILURES_ENV):
+            write_failures(os.environ[FAILURES_ENV], e)
+        raise
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ from hetalloc.fileio import atomic_write_json
 from hetalloc.models import TransformerShape, resolve_model
 from hetalloc.plan import Plan, load_plan, plan_context, validate_plan
 
-from . import checkpoint, tensor_parallel
-from .config import TrainConfig, check_slowdown, parse_slowdown
+from . import checkpoint, reshard, tensor_parallel
+from .adaptive import AdaptiveRank, switched_executor
+from .config import TrainConfig, check_slowdown, parse_slowdowns, slowdown_at
 from .datasets import TokenDataset, device_samples
 from .grad_sync import GradSync, ProcessGroups
 from .launch import free_port
@@ -109,7 +110,7 @@ def check_model(shape: TransformerShape, plan: Plan, counts: list[int], cg_param
 
 
 def _slowdown_of(cfg: TrainConfig, info: LaunchInfo, cluster: Cluster) -> float:
-    check_slowdown(cfg.slowdown, info.world_size, cluster.device_by_id)
+    check_slowdown({**cfg.slowdown, **{k: 1.0 for k in cfg.slowdown_from}}, info.world_size, cluster.device_by_id)
     return cfg.slowdown.get(str(info.rank), cfg.slowdown.get(info.device, 1.0))
 
 
@@ -141,6 +142,7 @@ class Trainer:
         self.optimizer = build_optimizer(plan.optimizer, self.sync.optimizer_tensors(self.module), cfg)
         self.state = StageState(self.module, self.optimizer, self.sync)
         self.slowdown = _slowdown_of(cfg, rt.info, self.cluster)
+        self.slowdown_changes = cfg.slowdown_from.get(str(self.rank), cfg.slowdown_from.get(rt.info.device, ()))
         self.executor = PipelineExecutor(role, self.module, plan.schedule, plan.num_microbatches,
                                          (plan.seq_len, shape.hidden), dtype, self.device,
                                          loss_scale=1.0 / (plan.global_batch * plan.seq_len), slowdown=self.slowdown)
@@ -149,16 +151,62 @@ class Trainer:
         self.key = checkpoint.plan_key(plan)
         self.done = 0
         """Steps completed before this launch (from a checkpoint)."""
+        self.first_sample = 0
+        """The first training sample of step done + 1 (the data position)."""
+        self.last_saved = 0
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         if cfg.checkpoint_dir and (cfg.resume or restarted):
-            found = checkpoint.find_resume(cfg.checkpoint_dir, self.rank, rt.info.world_size, self.key)
-            if found.warning and self.rank == 0:
-                print(f"warning: {found.warning}", file=sys.stderr, flush=True)
-            if found.state is not None:
-                assert found.path is not None
-                self.done = checkpoint.restore(found.state, found.path, self.key, self.state, self.device)
-            elif self.rank == 0 and not found.warning:
+            self._resume(rt.info.world_size)
+        self.adaptive = AdaptiveRank(self) if cfg.adaptive else None
+
+    def _resume(self, world_size: int) -> None:
+        """Continue from the newest complete checkpoint, saved by this plan or another
+        (runtime.reshard puts this rank's state together from the old ranks' files)."""
+        cfg, role = self.cfg, self.role
+        names = {n for n, _ in self.module.named_model_parameters()}
+        load = reshard.loader(self.rank, self.key, world_size, role.start, role.stop, names)
+        found = checkpoint.find_resume(cfg.checkpoint_dir, self.rank, world_size, self.key, load=load)
+        if found.warning and self.rank == 0:
+            print(f"warning: {found.warning}", file=sys.stderr, flush=True)
+        if found.state is None:
+            if self.rank == 0 and not found.warning:
                 print(f"no checkpoint in {cfg.checkpoint_dir}; starting at step 1")
+            return
+        assert found.path is not None
+        self.done = checkpoint.restore(found.state, found.path, self.key, self.state, self.device)
+        self.first_sample = int(found.state.get("data", {}).get("next_sample", self.done * self.plan.global_batch))
+        self.last_saved = self.done
+        if self.rank == 0 and found.state.get("resharded_from"):
+            print(f"resumed from step {self.done} saved by another plan ({found.state['resharded_from']}): "
+                  f"resharded to this plan's {world_size} ranks, next sample {self.first_sample}", flush=True)
+
+    def save_checkpoint(self, step: int) -> float:
+        """Every rank: save step `step` (with the plan, the optimizer layout and the data
+        position); returns the seconds it took."""
+        if not self.cfg.checkpoint_dir:
+            raise SpecError("--checkpoint-dir", "", "is needed to stop and restart under another plan",
+                            "give a checkpoint directory")
+        t0 = time.perf_counter()
+        checkpoint.save(self.cfg.checkpoint_dir, step, self.rank, self.key, self.state, self.device,
+                        plan=self.plan, next_sample=self.sample_of(step + 1))
+        self.last_saved = step
+        seconds = time.perf_counter() - t0
+        if self.adaptive is not None:
+            self.adaptive.checkpointed(step, seconds)
+        return seconds
+
+    def sample_of(self, step: int) -> int:
+        """The first training sample of step `step` of this launch's plan."""
+        return self.first_sample + (step - self.done - 1) * self.plan.global_batch
+
+    def switch_shares(self, plan: Plan) -> None:
+        """Another plan with the same stages and groups (runtime.control.same_layout)
+        takes over before the next step: this rank's slice, its peers, the predictions."""
+        self.plan = plan
+        self.cluster, self.cg = plan_context(plan)
+        self.role = stage_role(plan, rank_map(plan, self.cluster), self.rank)
+        self.executor = switched_executor(self.executor, self.role)
+        self.key = checkpoint.plan_key(plan)
 
     def _batch(self, base: int, split: str = "train") -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         """This rank's inputs (first stage) and labels (last stage) of every micro-batch of
@@ -182,7 +230,8 @@ class Trainer:
         """One optimizer step (1-based step number); returns the global loss and the times."""
         times = StepTimes()
         t_step = time.perf_counter()
-        inputs, labels = self._batch((step - 1) * self.plan.global_batch)
+        inputs, labels = self._batch(self.sample_of(step))
+        self.executor.slowdown = slowdown_at(self.slowdown, self.slowdown_changes, step)
         times.data_s = time.perf_counter() - t_step
         self.sync.zero_grad()
         with self.loss_context():
@@ -233,6 +282,8 @@ class Trainer:
             for note in self.model_notes:
                 print(f"note: {note}")
         writer = MetricsWriter(cfg.out_dir, rank, resume_after=self.done, tensorboard=cfg.tensorboard)
+        if self.adaptive is not None:
+            self.adaptive.writer = writer
         past = [(int(r.get("launch_first_step", 1)), times_from_record(r)) for r in writer.rank_history]
         past_losses = [(int(r["step"]), float(r["loss"])) for r in writer.main_history if "loss" in r]
         records: list[StepTimes] = []
@@ -255,7 +306,9 @@ class Trainer:
             records.append(times)
             losses.append(loss)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpoint.save(cfg.checkpoint_dir, step, rank, self.key, self.state, self.device)
+                self.save_checkpoint(step)
+            if self.adaptive is not None and self.adaptive.after_step(step, times):
+                break  # a restart under another plan: the workflow relaunches from this step
         writer.close()
         return self.summarize(records, losses, past=past, past_losses=past_losses)
 
@@ -320,8 +373,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=0, help="save every K steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--out", default="out/run", help="directory for metrics.jsonl and summary.json")
-    p.add_argument("--slowdown", action="append", metavar="RANK=FACTOR",
-                   help="stretch a rank's (or device id's) compute by FACTOR >= 1: emulated heterogeneity")
+    p.add_argument("--slowdown", action="append", metavar="RANK=FACTOR[@STEP]",
+                   help="stretch a rank's (or device id's) compute by FACTOR >= 1: emulated heterogeneity; "
+                        "@STEP: from that step on (a factor of 1 ends it)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="monitor ranks against the plan, report stragglers and obey the workflow's commands "
+                        "(hetalloc run --adaptive starts the workflow)")
+    p.add_argument("--control-dir", help="the adaptive run's control directory (default OUT/control)")
+    p.add_argument("--straggler-threshold", type=float, default=0.10,
+                   help="relative departure from the predicted compute time that counts (default 0.10)")
+    p.add_argument("--straggler-steps", type=int, default=3,
+                   help="consecutive departing steps before a rank is reported (default 3)")
     p.add_argument("--warmup-steps", type=int, default=1, help="leading steps left out of the summary")
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
     p.add_argument("--fail-at-step", type=int, default=0, help=argparse.SUPPRESS)
@@ -330,12 +392,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
+    slowdown, slowdown_from = parse_slowdowns(a.slowdown)
     return TrainConfig(steps=a.steps, dataset=a.dataset, val_fraction=a.val_fraction, eval_every=a.eval_every,
                        eval_batches=a.eval_batches, seed=a.seed, lr=a.lr, weight_decay=a.weight_decay,
                        momentum=a.momentum, dropout=a.dropout, dtype=a.dtype, bucket_cap_mb=a.bucket_cap_mb,
                        checkpoint_dir=a.checkpoint_dir, checkpoint_every=a.checkpoint_every, resume=a.resume,
-                       out_dir=a.out, slowdown=parse_slowdown(a.slowdown), warmup_steps=a.warmup_steps,
-                       tensorboard=a.tensorboard, fail_at_step=a.fail_at_step, fail_rank=a.fail_rank)
+                       out_dir=a.out, slowdown=slowdown, slowdown_from=slowdown_from, warmup_steps=a.warmup_steps,
+                       tensorboard=a.tensorboard, fail_at_step=a.fail_at_step, fail_rank=a.fail_rank,
+                       adaptive=a.adaptive, control_dir=a.control_dir, straggler_threshold=a.straggler_threshold,
+                       straggler_steps=a.straggler_steps)
 
 
 ERROR_GRACE_S = 5.0

@@ -79,7 +79,7 @@ def test_rank_files_hold_tensors_and_plain_values_and_resume_exactly(trained, ca
     assert checkpoint.saved_steps(tmp / "ckpt") == [6, 4]
     state = torch.load(checkpoint.rank_file(tmp / "ckpt", 4, 0), weights_only=True)
     assert state["format"] == checkpoint.FORMAT and state["step"] == 4 and state["world_size"] == 1
-    assert isinstance(state["rng"]["python"]["internal"], list) and state["data"] == {"next_step": 5}
+    assert isinstance(state["rng"]["python"]["internal"], list) and state["data"] == {"next_step": 5, "next_sample": 32}
     # Resume from step 4 (as if 6 were never written): steps 5-6 again, bitwise the same.
     shutil.rmtree(checkpoint.step_dir(tmp / "ckpt", 6))
     atomic_write_json(tmp / "ckpt" / "latest.json", {"step": 4, "plan_key": state["plan_key"], "world_size": 1})
@@ -155,17 +155,25 @@ def test_latest_json_naming_a_missing_step_says_so(trained, capsys):
                             "checkpoint directory to train from step 1")
 
 
-def test_a_checkpoint_of_another_world_size_or_plan_is_refused(trained):
-    tmp, _ = trained
-    latest = tmp / "ckpt" / "latest.json"
-    d = json.loads(latest.read_text())
-    atomic_write_json(latest, d | {"world_size": 3})
-    with pytest.raises(SpecError, match=r"latest.json: world_size: the checkpoint was written by 3 ranks, this run "
-                                        r"has 1 — resume with the plan that wrote it$"):
-        resume(tmp)
-    atomic_write_json(latest, d | {"plan_key": "0123456789abcdef"})
-    with pytest.raises(SpecError, match="plan_key: the checkpoint was written for another plan"):
-        resume(tmp)
+def other_plan():
+    """The same device and global batch in 4 micro-batches of 2: another plan key."""
+    cluster = load_cluster(ROOT / "examples" / "cpu-4.yaml")
+    return hand_plan(cluster, cpu_cost_graph("gpt2-tiny", 16), [[((0, 6), [("host/2", 2)])]], num_microbatches=4)
+
+
+def test_another_plan_reshards_from_a_checkpoint_that_carries_its_plan_and_refuses_one_that_does_not(trained,
+                                                                                                   capsys):
+    tmp, final = trained
+    t = Trainer(other_plan(), cfg(tmp, 6, resume=True))
+    assert t.done == 6 and all(torch.equal(a, final[n]) for n, a in params(t).items())
+    assert "resharded to this plan's 1 ranks, next sample 48" in capsys.readouterr().out
+    for s in (4, 6):  # as written before checkpoints carried their plan
+        (checkpoint.step_dir(tmp / "ckpt", s) / "plan.json").unlink()
+    dist.destroy_process_group()
+    with pytest.raises(SpecError) as e:
+        Trainer(other_plan(), cfg(tmp, 6, resume=True))
+    assert str(e.value) == (f"{checkpoint.rank_file(tmp / 'ckpt', 6, 0)}: plan_key: the checkpoint was written for "
+                            "another plan — resume with the plan that wrote it, or start a new checkpoint directory")
 
 
 def test_a_run_killed_while_writing_its_first_checkpoint_starts_over(tmp_path, one_rank, capsys):

@@ -9,7 +9,11 @@ shipped text and a uint16 .bin token file. Plan schema 2: tensor-parallel groups
 (a device tuple), recomputation per stage, zero1. Configurations in RESUMED are also
 trained a second time in the same launch, stopped after step 3 (checkpoint at step 2)
 and resumed by a new Trainer from that checkpoint: their step-5 checkpoint and losses
-must equal the uninterrupted run's bit for bit. The checks after 5 steps:
+must equal the uninterrupted run's bit for bit. Configurations in RESHARDED are another
+plan of the same model and batch (other stage boundaries, tensor-parallel degrees, zero1
+groups) that resumes from a configuration's step-5 checkpoint (runtime.reshard) and saves
+it again at once: every parameter and every optimizer state tensor must come back
+bitwise, cut into this plan's shards and gathered again. The checks after 5 steps:
 - float64 runs (the exactness check): every step's loss, every validation loss and
   every copy of every parameter within 1e-9 relative of the reference;
 - float32 SGD: the same per-tensor bound;
@@ -118,6 +122,18 @@ RESUMED = {"llama_tp2_x_2replicas_zero1", "llama_tp2_stage_plus_tp1_stage", "lla
            "gpt2_tp2_group_next_to_one_device"}
 RESUME_AT = 2
 
+# name -> (the configuration whose step-5 checkpoint it resumes from, replicas, plan options)
+RESHARDED: dict[int, dict[str, tuple]] = {
+    # TP 2 x 2 replicas with zero1 -> two stages: zero1 over two single devices, then TP 2.
+    4: {"reshard_to_2stages_zero1_then_tp2": ("llama_tp2_x_2replicas_zero1",
+                                              [[((0, 2), [(H0, 2), (H1, 1)]), ((2, 6), [(TP23, 3)])]],
+                                              dict(num_microbatches=2, optimizer_sharding="zero1"))},
+    # TP on the first stage -> TP on the second, at another cut.
+    3: {"reshard_to_tp_on_the_other_stage": ("llama_tp2_stage_plus_tp1_stage",
+                                             [[((0, 4), [(H2, 2)]), ((4, 6), [(TP01, 2)])]],
+                                             dict(num_microbatches=3, schedule="1f1b"))},
+}
+
 
 def _config(name: str, workdir: Path, world: int) -> tuple:
     model, seq, replicas, plan_kw, cfg_kw = CONFIGS[world][name]
@@ -141,6 +157,13 @@ def _resumed_configs(cfg: TrainConfig) -> tuple[TrainConfig, TrainConfig]:
     return first, second
 
 
+def _resharded(name: str, workdir: Path, world: int):
+    source, replicas, plan_kw = RESHARDED[world][name]
+    model, seq = CONFIGS[world][source][:2]
+    cluster = load_cluster(ROOT / "examples" / "cpu-4.yaml")
+    return source, hand_plan(cluster, cpu_cost_graph(model, seq), replicas, name=name, **plan_kw)
+
+
 def worker(world: int, workdir: Path) -> None:
     """Runs under torchrun: train every configuration of this world size in turn (those
     in RESUMED also stopped and resumed)."""
@@ -154,6 +177,14 @@ def worker(world: int, workdir: Path) -> None:
         if name in RESUMED:
             for part in _resumed_configs(cfg):
                 train(plan, part)
+    from runtime import checkpoint
+    from runtime.train import Trainer
+    for name in RESHARDED.get(world, {}):
+        source, plan = _resharded(name, workdir, world)
+        t = Trainer(plan, TrainConfig(steps=STEPS, dtype="float64", out_dir=str(workdir / name / "out"),
+                                      checkpoint_dir=str(workdir / source / "ckpt"), resume=True))
+        assert t.done == STEPS
+        checkpoint.save(workdir / name / "ckpt", STEPS, t.rank, t.key, t.state, t.device, plan=plan)
     dist.destroy_process_group()
 
 
@@ -227,6 +258,26 @@ def test_every_configuration_matches_single_process(launch):
             assert r["tensor"] <= 1e-5, (name, r["worst"])
         else:  # fp32 AdamW: bounded by the round-off floor described in the module doc
             assert r["tensor"] <= 5e-3, (name, r["worst"])
+    for name, (source, _, _) in RESHARDED.get(world, {}).items():
+        _check_resharded(workdir / source / "ckpt", workdir / name / "ckpt", name)
+
+
+def _check_resharded(saved: Path, again: Path, name: str) -> None:
+    """Every parameter and optimizer state tensor of the plan that resumed, gathered from
+    its shards again, equals the saved one bitwise (every copy of it)."""
+    params_a, params_b = checkpoint_params(saved, STEPS), checkpoint_params(again, STEPS)
+    opt_a, opt_b = checkpoint_optimizer(saved, STEPS), checkpoint_optimizer(again, STEPS)
+    truth = {n: (t, opt[n]) for ps, opt in zip(params_a, opt_a) for n, t in ps.items()}
+    assert {n for ps in params_b for n in ps} == set(truth), name
+    compared = 0
+    for ps, opt in zip(params_b, opt_b):
+        for n, t in ps.items():
+            assert torch.equal(t, truth[n][0]), (name, n)
+            assert opt[n].keys() == truth[n][1].keys() == {"step", "exp_avg", "exp_avg_sq"}, (name, n)
+            for k, v in opt[n].items():
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(truth[n][1][k])), (name, n, k)
+            compared += 1
+    print(f"{name}: {compared} parameters with their AdamW state bitwise as saved")
 
 
 if __name__ == "__main__":

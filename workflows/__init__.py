@@ -13,6 +13,10 @@ between packages only point down:
   scenario (simulator.scenarios), both simulated, with prices; ``commands``: the
   ``hetalloc whatif`` subcommand. The simulator does not call the allocator (why: the
   module doc of ``whatif``);
+- ``adaptive``: ``hetalloc run --adaptive``: decide on the runtime's reports (re-balance
+  shares, re-plan when it pays, plan around a lost rank) and relaunch; ``rebalance``:
+  shares for measured speeds; ``episode``: the same decisions over simulated steps
+  (``hetalloc whatif --straggler``);
 - ``examples``: the example instances (cluster, model, batch; planner and baseline plans)
   that the simulator's agreement test and benchmark share.
 

@@ -9,6 +9,7 @@ Never: compute anything here that a user could not also get from the library API
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import Any
@@ -19,7 +20,70 @@ from simulator.commands import console, context_args, load_context, sim_options
 from simulator.plots import scenario_bars, sweep_lines
 from simulator.scenarios import KINDS, Case, Scenario, scenario, sweep_scenarios, with_prices
 
+from simulator.episode import IterationCache, SpeedTrace, parse_failure, parse_straggler
+
+from .adaptive import POLICIES, AdaptOptions, run_adaptive
+from .episode import EpisodeOptions, run_episode
 from .whatif import WhatIfOptions, check_scenarios, cheapest_meeting, run_scenarios
+
+ADAPTIVE_HELP = ("watch the run and move the work when a rank slows down or is lost: re-balance shares between "
+                 "two steps, re-plan (checkpoint, restart, resume) when the simulator predicts that it pays, and "
+                 "go on without a lost rank from the last checkpoint; every decision is a log line and a record "
+                 "in OUT/metrics.jsonl")
+
+
+def add_adaptive(run: argparse.ArgumentParser) -> None:
+    """``hetalloc run --adaptive`` and its options, on the runtime's ``run`` parser: the
+    run is then driven by workflows.adaptive (the runtime alone cannot re-plan)."""
+    g = run.add_argument_group("adaptive runs (--adaptive)")
+    g.add_argument("--adaptive", action="store_true", help=ADAPTIVE_HELP)
+    g.add_argument("--policy", default="replan", choices=POLICIES,
+                   help="none: report only; shares: re-balance micro-batch shares; replan: also re-plan when the "
+                        "predicted gain over the horizon exceeds the switch cost (default)")
+    g.add_argument("--horizon", type=int, default=200, metavar="STEPS",
+                   help="steps over which a re-plan must pay for its switch (default 200; at most the steps left)")
+    g.add_argument("--switch-cost", type=float, metavar="SECONDS",
+                   help="cost of a restart under another plan, seconds (default: measured: start-up, warm-up, "
+                        "checkpoint save and load)")
+    g.add_argument("--min-gain", type=float, default=0.05, metavar="F",
+                   help="re-balance shares when predicted to shorten the step by this fraction (default 0.05)")
+    g.add_argument("--straggler-threshold", type=float, default=0.10, metavar="F",
+                   help="a rank departing from its predicted compute time by this fraction (or by twice the "
+                        "measured step-to-step scatter, if larger) is a straggler (default 0.10)")
+    g.add_argument("--straggler-steps", type=int, default=3, metavar="K",
+                   help="consecutive departing steps before a rank is reported (default 3)")
+    g.add_argument("--replan-time-limit", type=float, default=10.0, metavar="SECONDS",
+                   help="planner time limit per re-plan (default 10)")
+    g.add_argument("--stall-timeout", type=float, metavar="SECONDS",
+                   help="no step for this long is a stall: a rank whose process is stopped or gone is lost "
+                        "(default: 30 median steps, at least 60 s)")
+    plain = run.get_default("func")
+    run.set_defaults(func=lambda args: cmd_run_adaptive(args) if args.adaptive else plain(args))
+
+
+def cmd_run_adaptive(args) -> int:
+    from runtime.commands import launch_extra
+    from runtime.launch import load_checked
+    plan, rm = load_checked(args.plan)  # run_adaptive checks the rest as check_run does
+    if args.nodes_print or len(rm.nodes) > 1:
+        raise SpecError("--adaptive", "", "an adaptive run starts every rank on this machine",
+                        "run a single-node plan, or drop --adaptive to print per-node commands")
+    if args.max_restarts:
+        raise SpecError("--max-restarts", "", "does not go with --adaptive (a lost rank is re-planned around)",
+                        "drop --max-restarts")
+    try:
+        opts = AdaptOptions(policy=args.policy, horizon_steps=args.horizon, min_gain=args.min_gain,
+                            switch_cost_s=args.switch_cost, time_limit_s=args.replan_time_limit,
+                            straggler_threshold=args.straggler_threshold, straggler_steps=args.straggler_steps,
+                            stall_timeout_s=args.stall_timeout)
+    except ValueError as e:
+        raise SpecError("hetalloc run --adaptive", "", str(e)) from None
+    summary = run_adaptive(args.plan, steps=args.steps, out_dir=args.out, checkpoint_dir=args.checkpoint_dir,
+                           checkpoint_every=args.checkpoint_every, resume=args.resume, slowdown=args.slowdown,
+                           model=args.model, extra=launch_extra(args, plan), opts=opts)
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "output"}, indent=2))
+    return 0
 
 
 def register(subparsers) -> None:
@@ -47,6 +111,22 @@ def register(subparsers) -> None:
                    help="the old plan with activation recomputation off or on in every stage")
     w.add_argument("--optimizer-sharding", action="append", default=[], metavar="none|zero1",
                    help="the old plan with its optimizer state sharded (zero1) or not")
+    w.add_argument("--straggler", action="append", default=[], metavar="DEV=FACTOR@T",
+                   help="an episode of --steps steps in which DEV computes FACTOR times as long from T on (T: a "
+                        "step, @300, or a time, @90s/@15m/@2h; FACTOR 1 ends it), played with each --policy")
+    w.add_argument("--lose", action="append", default=[], metavar="DEV@T",
+                   help="an episode in which DEV is lost at T (a step or a time, as for --straggler)")
+    w.add_argument("--policy", action="append", default=[], choices=POLICIES,
+                   help="episode policy: none (no reaction; a lost device ends the run), shares (re-balance "
+                        "shares), replan (also re-plan when it pays); repeatable (default: all three)")
+    w.add_argument("--switch-cost", type=float, default=60.0, metavar="SECONDS",
+                   help="episodes: seconds a restart under another plan costs (checkpoint, restart, warm-up; "
+                        "default 60)")
+    w.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
+                   help="episodes: steps between checkpoints; a lost device sends the run back to the last "
+                        "(default 100)")
+    w.add_argument("--horizon", type=int, default=200, metavar="STEPS",
+                   help="episodes: steps over which a re-plan must pay for its switch (default 200)")
     w.add_argument("--combine", action="store_true", help="apply all given transformations as one scenario")
     w.add_argument("--sweep", metavar="KNOB=VALUES",
                    help="grid over one knob: nic=10..400Gb/s:6 (log-spaced), intra=..., fabric=1,2,4, "
@@ -75,6 +155,8 @@ def _scenarios(args) -> list[Scenario]:
 
 def cmd_whatif(args) -> int:
     plan, cluster, cg = load_context(args)
+    if args.straggler or args.lose:
+        return cmd_episodes(args, plan, cluster, cg)
     prices = {}
     for item in args.price:
         t, sep, usd = item.partition("=")
@@ -124,6 +206,48 @@ def cmd_whatif(args) -> int:
     for label, path in (("chart", args.chart), ("plot", args.plot if sweep else None)):
         if path:
             print(f"wrote {label}: {path}")
+    return 0
+
+
+def cmd_episodes(args, plan, cluster, cg) -> int:
+    """``whatif --straggler/--lose``: one simulated episode per policy (workflows.episode)."""
+    trace = SpeedTrace([parse_straggler(s) for s in args.straggler] + [parse_failure(s) for s in args.lose])
+    trace.check(cluster)
+    steps = args.steps or 1000
+    try:
+        opts = EpisodeOptions(steps=steps, switch_cost_s=args.switch_cost, checkpoint_every=args.checkpoint_every)
+        adapt = AdaptOptions(horizon_steps=args.horizon, time_limit_s=args.time_limit,
+                             planner=args.planner)
+    except ValueError as e:
+        raise SpecError("whatif", "", str(e)) from None
+    cache = IterationCache(cluster, cg, sim_options(args))
+    rows = [run_episode(plan, cluster, cg, trace, pol, opts, adapt, cache) for pol in (args.policy or POLICIES)]
+    base = next((r for r in rows if r["policy"] == "none"), None)
+    for r in rows:
+        r["speedup_vs_none"] = (r["samples_per_s"] / base["samples_per_s"]  # a run that ended is not a base
+                                if base and not base["ended"] and base["samples_per_s"] and r["samples_per_s"]
+                                else None)
+    if args.json:
+        json.dump({"schema_version": 1, "kind": "whatif_episodes", "steps": steps,
+                   "trace": [c.label() for c in trace.changes], "rows": rows}, sys.stdout, indent=2)
+        print()
+        return 0
+    from rich.table import Table
+    con = console()
+    t = Table(title=f"Episodes of {steps:,} steps: {', '.join(c.label() for c in trace.changes)} "
+                    f"(simulated; restart {args.switch_cost:g} s)")
+    for c in ("policy", "steps done", "time s", "samples/s", "vs none", "share switches", "restarts",
+              "steps redone", "ended"):
+        t.add_column(c, justify="left" if c in ("policy", "ended") else "right")
+    for r in rows:
+        t.add_row(r["policy"], f"{r['steps_done']:,}", f"{r['total_s']:,.4g}", f"{r['samples_per_s']:,.4g}",
+                  _fmt(r["speedup_vs_none"], ".2f") + ("x" if r["speedup_vs_none"] else ""),
+                  str(r["shares_switches"]), str(r["restarts"]), str(r["steps_redone"]), r["ended"] or "—")
+    con.print(t)
+    for r in rows:
+        for d in r["decisions"]:
+            con.print(f"{r['policy']}: step {d['step']}: {d['trigger']} -> {d['action']}: {d['why']}",
+                      highlight=False)
     return 0
 
 

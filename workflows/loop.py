@@ -145,7 +145,7 @@ def measure(plan: Plan, prof: Profiled, out_dir: str | Path, *, steps: int = 12,
 
 
 def _step_times(run_dir: Path) -> list[float]:
-    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
     return [r["step_time_s"] for r in recs[RUN_WARMUP_STEPS:]]
 
 

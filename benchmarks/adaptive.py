@@ -1,0 +1,186 @@
+"""Adapting to stragglers, measured and simulated (issue 11).
+
+    python benchmarks/adaptive.py [--steps 80] [--repeats 2] [--reuse-profile] [--out DIR]
+
+This machine is profiled (hetalloc profile, GPT-2 tiny, seq 64: 3 ranks, and 2 ranks),
+the planner plans from each profile, and each scenario is run for real (torchrun, gloo)
+``--repeats`` times without adaptation (``runtime.train --slowdown``) and with it
+(``hetalloc run --adaptive``'s workflows.adaptive.run_adaptive), alternately, and
+simulated (workflows.episode: the same speed trace, the same monitor, the same
+decisions, on the profiled cluster and cost graph):
+
+- ``stays``: 3 ranks, rank 1 3x slower from step 20 of 80 (the issue's must-show):
+  when the monitor reported it, what was decided, and the throughput over the last 20
+  steps with and without adaptation (target: >= 1.3x);
+- ``comes-and-goes-3`` / ``-2``: rank 1 3x slower from step 20 to step 50 of 80, on 3
+  ranks (time-sharing 2 cores) and on 2 ranks (a core each): throughput over steps 3-80,
+  simulated against measured, with and without adaptation (target: within 10 %).
+
+The slowdown is emulated in CPU time (runtime.config.stretch on CPU ranks): the slowed
+rank spins until it has used FACTOR x the CPU time of its compute, as a slower core
+would; 3 ranks share 2 cores here, and a rank that slept through its slowdown would hand
+its core to the others, which would then run faster than the profile measured them.
+Measured figures are the median over the repeats. The simulation is compared as it is
+and *calibrated*: divided by the ratio of the run's measured to simulated step time
+over steps 3-19 (before the straggler; the median over the runs), which takes out how
+much slower the whole host is during the runs than during the profile, and leaves what
+the simulation says about the straggler and the adaptation. The load average is printed
+before every run. Writes OUT/adaptive.json (default OUT: benchmarks/out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from allocator import make_plan
+from hetalloc.fileio import atomic_write_json
+from runtime.launch import local_command, local_env, train_args
+from runtime.plans import describe
+from simulator.episode import SpeedTrace, parse_straggler
+from workflows.adaptive import AdaptOptions, run_adaptive
+from workflows.episode import EpisodeOptions, run_episode
+from workflows.loop import profile_machine
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQ = 64
+BATCH = {3: 24, 2: 16}
+WARMUP = 2
+
+
+def load() -> str:
+    a, b, c = os.getloadavg()
+    return f"{a:.2f} {b:.2f} {c:.2f}"
+
+
+def step_times(out: Path) -> dict[int, float]:
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["step_time_s"] for r in recs if "event" not in r}
+
+
+def throughput(times: dict[int, float], first: int, last: int, batch: int) -> float:
+    steps = [times[s] for s in range(first, last + 1)]
+    return len(steps) * batch / sum(steps)
+
+
+EXTRA = ["--warmup-steps", str(WARMUP)]
+
+
+def plain_run(plan_path: Path, nproc: int, out: Path, steps: int, slowdown: list[str]) -> dict[int, float]:
+    """The same plan and slowdown without adaptation: runtime.train under torchrun."""
+    argv = local_command(nproc, train_args(plan_path, steps=steps, slowdown=slowdown, out_dir=out, extra=EXTRA))
+    proc = subprocess.run(argv, env=local_env(nproc), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed: {proc.stderr[-2000:]}")
+    return step_times(out)
+
+
+def run_pair(plan_path: Path, nproc: int, d: Path, steps: int, slowdown: list[str], k: int) -> dict:
+    """One run without and one with adaptation (in that order), with the load before each."""
+    row: dict = {}
+    row["load_none"] = load()
+    row["none"] = plain_run(plan_path, nproc, d / f"none-{k}", steps, slowdown)
+    row["load_adaptive"] = load()
+    summary = run_adaptive(plan_path, steps=steps, out_dir=d / f"adaptive-{k}", checkpoint_every=20,
+                           slowdown=slowdown, extra=EXTRA, opts=AdaptOptions(),
+                           capture=True)
+    row["adaptive"] = step_times(d / f"adaptive-{k}")
+    row["decisions"] = summary["decisions"]
+    row["launches"] = summary["launches"]
+    recs = [json.loads(l) for l in (d / f"adaptive-{k}" / "metrics.jsonl").read_text().splitlines()]
+    row["reports"] = [r for r in recs if r.get("event") == "straggler"]
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each kind per scenario, alternating (median)")
+    ap.add_argument("--reuse-profile", action="store_true", help="reuse profiles already under the output folder")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"), metavar="DIR")
+    ap.add_argument("--only", nargs="*", choices=("stays", "comes-and-goes-3", "comes-and-goes-2"))
+    args = ap.parse_args(argv)
+    con = Console(width=150)
+    base = Path(args.out) / "adaptive"
+    steps = args.steps
+    result: dict = {"steps": steps, "repeats": args.repeats, "slowdown": "cpu-time", "python": sys.version.split()[0], "cpus": os.cpu_count(),
+                    "runs": {}}
+    scenarios = [("stays", 3, ["1=3@20"], 20), ("comes-and-goes-3", 3, ["1=3@20", "1=1@50"], 0),
+                 ("comes-and-goes-2", 2, ["1=3@20", "1=1@50"], 0)]
+    for name, nproc, slowdown, last in scenarios:
+        if args.only and name not in args.only:
+            continue
+        con.print(f"[bold]{name}[/bold]: profiling {nproc} ranks (load {load()}) ...")
+        prof = profile_machine(base / f"profile-{nproc}", nproc=nproc, model="gpt2-tiny", seq=SEQ,
+                               reuse=args.reuse_profile)
+        plan = make_plan(prof.cluster, prof.cost_graph, BATCH[nproc], time_limit=20)
+        d = base / name
+        d.mkdir(parents=True, exist_ok=True)
+        plan.save(d / "plan.json")
+        devices = [x.id for x in prof.cluster.devices]
+        trace = SpeedTrace([parse_straggler(f"{devices[int(s.split('=')[0])]}={s.split('=')[1]}") for s in slowdown])
+        con.print(f"  plan {describe(plan)}; {args.repeats} x (without, with --adaptive) ...")
+        pairs = [run_pair(d / "plan.json", nproc, d, steps, slowdown, k) for k in range(args.repeats)]
+        sim = {pol: run_episode(plan, prof.cluster, prof.cost_graph, trace, pol,
+                                EpisodeOptions(steps=steps, switch_cost_s=10.0, checkpoint_every=20))
+               for pol in ("none", "replan")}
+        B = plan.global_batch
+        first = steps - last + 1 if last else WARMUP + 1
+        before = range(WARMUP + 1, 20)  # steps before the straggler: calibrates the simulation to this run
+
+        def sim_tp(pol: str) -> float:
+            return B * (steps - first + 1) / sum(sim[pol]["step_times_s"][first - 1:steps])
+
+        measured = {kind: statistics.median(throughput(p[kind], first, steps, B) for p in pairs)
+                    for kind in ("none", "adaptive")}
+        scale = statistics.median(
+            statistics.fmean(p[kind][s] for s in before) / statistics.fmean(sim["none"]["step_times_s"][s - 1]
+                                                                             for s in before)
+            for p in pairs for kind in ("none", "adaptive"))
+        simulated = {"none": sim_tp("none"), "adaptive": sim_tp("replan")}
+        row = {
+            "ranks": nproc, "plan": describe(plan), "slowdown": slowdown, "window": [first, steps],
+            "loads": [(p["load_none"], p["load_adaptive"]) for p in pairs],
+            "reported_at_step": [next((r["step"] for r in p["reports"] if r["device"] == devices[1]
+                                       and r["direction"] == "slower" and r["step"] >= 20), None) for p in pairs],
+            "decisions": [[(x.get("decided_at_step", x.get("step")), x["action"], x["why"]) for x in p["decisions"]]
+                          for p in pairs],
+            "restarts": [len(p["launches"]) - 1 for p in pairs],
+            "measured_runs": [{k: throughput(p[k], first, steps, B) for k in ("none", "adaptive")} for p in pairs],
+            "measured_samples_per_s": measured, "simulated_samples_per_s": simulated,
+            "calibration_scale": scale,
+            "simulated_decisions": {pol: [(x["step"], x["action"]) for x in r["decisions"]] for pol, r in sim.items()},
+        }
+        row["speedup_measured"] = measured["adaptive"] / measured["none"]
+        row["speedup_simulated"] = simulated["adaptive"] / simulated["none"]
+        row["error"] = {k: simulated[k] / measured[k] - 1 for k in measured}
+        row["error_calibrated"] = {k: simulated[k] / scale / measured[k] - 1 for k in measured}
+        result["runs"][name] = row
+        t = Table(title=f"{name}: {nproc} ranks, {B} samples/step, rank 1 {' '.join(slowdown)}; samples/s over "
+                        f"steps {first}-{steps} (median of {args.repeats})")
+        for c in ("", "measured", "simulated", "error", "simulated, calibrated", "error"):
+            t.add_column(c, justify="right")
+        for k, label in (("none", "without adaptation"), ("adaptive", "--adaptive")):
+            t.add_row(label, f"{measured[k]:.1f}", f"{simulated[k]:.1f}", f"{100 * row['error'][k]:+.1f}%",
+                      f"{simulated[k] / scale:.1f}", f"{100 * row['error_calibrated'][k]:+.1f}%")
+        t.add_row("speed-up", f"{row['speedup_measured']:.2f}x", f"{row['speedup_simulated']:.2f}x", "", "", "")
+        con.print(t)
+        con.print(f"  runs: {[{k: round(v, 1) for k, v in r.items()} for r in row['measured_runs']]}; straggler "
+                  f"reported at step {row['reported_at_step']}; restarts {row['restarts']}; loads (1-min average "
+                  f"before each run) {row['loads']}; calibration scale (measured / simulated step, steps "
+                  f"{before.start}-{before.stop - 1}) {scale:.2f}", highlight=False)
+    atomic_write_json(base.parent / "adaptive.json", result)
+    con.print(f"wrote {base.parent / 'adaptive.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
