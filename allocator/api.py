@@ -192,7 +192,17 @@ def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: s
     prob = res.prob
     best = res.best
     if best is None and res.status != "infeasible":
-        best = fallback_plan(prob)  # a plan the heuristics can build is always returned
+        best = fallback_plan(prob, time_limit)  # a plan the heuristics can build within its budget
+    if best is None and res.status != "infeasible" and compare_baselines:
+        notes, best_base = score_baselines(cluster, cg, global_batch, schedule, optimizer, sync, time_limit, started,
+                                           None)
+        if best_base is not None:  # the search found no plan in time: the fastest baseline, saying so
+            best_base.solver = {"status": "time_limit", "objective_s": None, "bound_s": res.bound, "gap": None,
+                                "seconds": res.seconds, "backend": "none", "stopped_by_clock": res.stopped_by_clock}
+            plan = _finish(best_base, cluster, cg, grad_sync)
+            plan.notes.extend([f"the search found no plan within --time-limit {time_limit:g} s; returning the "
+                               f"fastest baseline ({best_base.planner})"] + notes)
+            return plan
     if best is None:
         if res.status == "infeasible":
             raise InfeasibleError(memory_shortfall(cluster, cg, optimizer) + fit_suggestions(
@@ -219,24 +229,8 @@ def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: s
                           f"{', '.join(map(str, degrees))} devices; optimizer sharding {optimizer_sharding}); the "
                           f"plan's: units up to {prob.tp}, optimizer sharding {prob.optimizer_sharding}")
     if compare_baselines:
-        notes, best_base = [], None
-        work, deadline = limits_for(time_limit, started)
-        for name in BASELINES:
-            try:
-                bp = baseline_plan(name, cluster, cg, global_batch, schedule=schedule, optimizer=optimizer,
-                                   grad_sync=sync, work=work, deadline=deadline)
-            except InfeasibleError as e:
-                notes.append(f"baseline {name}: not scored — {e}")
-                continue
-            except BaselineStopped:
-                notes.append(f"baseline {name}: not scored — it did not finish within the time limit")
-                continue
-            t = bp.predicted["iteration_time_s"]
-            notes.append(f"baseline {name}: {t:.4g} s/iteration "
-                         f"({t / plan.predicted['iteration_time_s']:.2f}x this plan's time)"
-                         + ("; its search stopped at its work bound" if any("work bound" in n for n in bp.notes) else ""))
-            if best_base is None or t < best_base.predicted["iteration_time_s"]:
-                best_base = bp
+        notes, best_base = score_baselines(cluster, cg, global_batch, schedule, optimizer, sync, time_limit, started,
+                                           plan.predicted["iteration_time_s"])
         if best_base is not None and best_base.predicted["iteration_time_s"] < plan.predicted["iteration_time_s"]:
             notes.append(f"the {best_base.planner} baseline predicts faster than the planner's model optimum "
                          "(the model's link assumptions differ from the placed plan's); returning it")
@@ -246,18 +240,57 @@ def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: s
     return plan
 
 
+def score_baselines(cluster: Cluster, cg: CostGraph, global_batch: int, schedule: str, optimizer: str, sync: str,
+                    time_limit: float, started: float, reference: float | None) -> tuple[list[str], Plan | None]:
+    """Every baseline's plan scored by the prediction, within its work bound: a note each
+    (against ``reference`` seconds when given) and the fastest."""
+    notes, best_base = [], None
+    work, deadline = limits_for(time_limit, started)
+    for name in BASELINES:
+        try:
+            bp = baseline_plan(name, cluster, cg, global_batch, schedule=schedule, optimizer=optimizer,
+                               grad_sync=sync, work=work, deadline=deadline)
+        except InfeasibleError as e:
+            notes.append(f"baseline {name}: not scored — {e}")
+            continue
+        except BaselineStopped:
+            notes.append(f"baseline {name}: not scored — it did not finish within the time limit")
+            continue
+        t = bp.predicted["iteration_time_s"]
+        notes.append(f"baseline {name}: {t:.4g} s/iteration"
+                     + (f" ({t / reference:.2f}x this plan's time)" if reference else "")
+                     + ("; its search stopped at its work bound" if any("work bound" in n for n in bp.notes) else ""))
+        if best_base is None or t < best_base.predicted["iteration_time_s"]:
+            best_base = bp
+    return notes, best_base
+
+
 SEARCH_SHARE = 0.8
 """Share of --time-limit the search may use; the rest is for placing, predicting and the
 baselines, so the whole command ends within the limit."""
 
 
-def fallback_plan(prob: Problem):
+FALLBACK_EVALS_PER_SECOND = 10_000
+"""Stage-time evaluations the fallback heuristics may spend per second of --time-limit
+(~55,000 per second here: about a fifth of the limit). A work budget, not a clock."""
+
+
+FALLBACK_MAX_M = 1024
+
+
+def fallback_plan(prob: Problem, time_limit: float):
     """The best of the dealing heuristic's plans (allocator.heuristic) for a few replica and
-    micro-batch counts, for when the search ended without a plan."""
-    from .heuristic import heuristic_plan
+    micro-batch counts, for when the search ended without a plan, within a work budget."""
+    from .heuristic import Work, heuristic_plan
+    work = Work(max(1000, int(FALLBACK_EVALS_PER_SECOND * time_limit)))
     best = None
-    for R, M in sorted(prob.candidates(), key=lambda rm: (prob.global_batch // (rm[0] * rm[1]), rm))[:24]:
-        h = heuristic_plan(prob, R, M, max_stages=8)
+    # smallest micro-batches first, among at most FALLBACK_MAX_M of them (a schedule of
+    # millions of micro-batches is neither a good plan nor one the prediction can time)
+    order = sorted(prob.candidates(), key=lambda rm: (rm[1] > FALLBACK_MAX_M, prob.global_batch // (rm[0] * rm[1]), rm))
+    for R, M in order[:24]:
+        if work.left <= 0:
+            break
+        h = heuristic_plan(prob, R, M, max_stages=8, work=work)
         if h is not None and (best is None or h.objective_s < best.objective_s):
             best = h
     return best
@@ -267,11 +300,15 @@ def _finish(plan: Plan, cluster: Cluster, cg: CostGraph, grad_sync: str) -> Plan
     """Pick the gradient sync algorithm (auto: fastest predicted), validate, predict."""
     attach_context(plan, cluster, cg)
     validate_plan(plan, cluster, cg)
+    pred = predict(plan, cluster, cg)
     if grad_sync == "auto":
-        times = predict(plan, cluster, cg).sync_by_algorithm
+        times = pred.sync_by_algorithm
         if mixed_tp_segments(plan):  # the parameter server shards only between groups of one size
             times.pop("param_server", None)
-        plan.grad_sync = min(times, key=lambda a: (times[a], a != "ring"))
-    plan.predicted = predict(plan, cluster, cg).to_dict()
+        chosen = min(times, key=lambda a: (times[a], a != "ring"))
+        if chosen != plan.grad_sync:
+            plan.grad_sync = chosen
+            pred = predict(plan, cluster, cg)
+    plan.predicted = pred.to_dict()
     return plan
 

@@ -15,7 +15,6 @@ with an idle-able device is dominated (same time, more devices, larger all-reduc
 
 from __future__ import annotations
 
-import bisect
 import math
 from dataclasses import dataclass
 
@@ -254,15 +253,51 @@ def full_budget_times(prob: Problem, timer: StageTimer, M: int, t_cap: float) ->
 def whole_budget_time(prob: Problem, timer: StageTimer, M: int, i: int, j: int, t_cap: float,
                       budget: list[int]) -> float:
     """Least time of range [i, j) served by the whole budget, over its recomputation
-    choices (inf if none can take the micro-batch)."""
+    choices (inf if none can take the micro-batch): the smallest device time at which the
+    devices' shares reach b. Found by binary searches over the shares (times grow with
+    the share), so a micro-batch of millions costs a few hundred time evaluations."""
     gpipe = prob.schedule == "gpipe"
+    infl = M if gpipe else 1
+    b = timer.b
     best = math.inf
     for rc in prob.recompute_options:
-        rt = RangeTimes(prob, timer, i, j, min(t_cap, best), budget, M if gpipe else 1, rc,
-                        prob.most_units(budget) if prob.zero1 else 1)
-        levels = sorted({t for ts in rt.ts.values() for t in ts})
-        for th in levels:
-            if sum(budget[ci] * bisect.bisect_right(ts, th * (1 + 1e-12)) for ci, ts in rt.ts.items()) >= timer.b:
-                best = min(best, th)
-                break
+        dp = prob.most_units(budget) if prob.zero1 else 1
+        caps = {}
+        for c in prob.classes:
+            if budget[c.index] > 0:
+                km = min(b, prob.kmem(c, i, j, infl, rc, dp))
+                if km >= 1:
+                    caps[c.index] = km
+
+        def time_of(ci: int, k: int) -> float:
+            return timer.time(prob.classes[ci], i, j, k, rc)
+
+        def most(ci: int, t: float) -> int:
+            """Largest share k <= cap of class ci running within t (0 if none)."""
+            lo, hi = 0, caps[ci]
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if time_of(ci, mid) <= t * (1 + 1e-12):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            return lo
+
+        def enough(t: float) -> bool:
+            return sum(budget[ci] * most(ci, t) for ci in caps) >= b
+
+        limit = min(t_cap, best)
+        for ci in caps:  # the least level time_of(ci, k) at which the budget takes b
+            lo, hi = 1, caps[ci]
+            if not enough(time_of(ci, hi)):
+                continue
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if enough(time_of(ci, mid)):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            t = time_of(ci, lo)
+            if t <= limit:
+                best = limit = t
     return best

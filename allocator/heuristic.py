@@ -36,8 +36,18 @@ def deal_devices(prob: Problem, R: int, S: int) -> list[tuple[int, ...]] | None:
     return [tuple(g) for g in groups]
 
 
-def split_layers(prob: Problem, timer: StageTimer, groups: list[tuple[int, ...]], M: int) -> list[CountStage] | None:
-    """Layer split minimising the slowest stage for fixed device groups (DP, O(S L^2))."""
+class Work:
+    """A budget of stage-time evaluations (counted, so the result does not depend on the
+    machine's speed)."""
+
+    def __init__(self, left: int):
+        self.left = left
+
+
+def split_layers(prob: Problem, timer: StageTimer, groups: list[tuple[int, ...]], M: int,
+                 work: Work | None = None) -> list[CountStage] | None:
+    """Layer split minimising the slowest stage for fixed device groups (DP, O(S L^2));
+    None when it has none or ``work`` runs out."""
     L, S = prob.L, len(groups)
     if S > L:
         return None
@@ -50,11 +60,15 @@ def split_layers(prob: Problem, timer: StageTimer, groups: list[tuple[int, ...]]
     def stage_time(s, i, j):
         key = (s, i, j)
         if key not in memo:
+            if work is not None:
+                work.left -= 1
             r = best_shares(prob, timer, i, j, groups[s], in_flight(prob, s, S, M))
             memo[key] = INF if r is None else r[0]
         return memo[key]
 
     for s in range(S):
+        if work is not None and work.left <= 0:
+            return None
         for j in range(s + 1, L - (S - s - 1) + 1):
             for i in range(s, j):
                 if best[s][i] == INF:
@@ -72,17 +86,20 @@ def split_layers(prob: Problem, timer: StageTimer, groups: list[tuple[int, ...]]
     return stages[::-1]
 
 
-def heuristic_plan(prob: Problem, R: int, M: int, max_stages: int = 16) -> CountPlan | None:
+def heuristic_plan(prob: Problem, R: int, M: int, max_stages: int = 16, work: Work | None = None
+                   ) -> CountPlan | None:
     b = prob.global_batch // (R * M)
     timer = StageTimer(prob, b)
     best: CountPlan | None = None
     for S in range(1, min(max_stages, prob.L) + 1):
+        if work is not None and work.left <= 0:
+            break
         groups = deal_devices(prob, R, S)
         if groups is None:
             break
         # a stage cannot use more devices than samples in a micro-batch
         groups = [tuple(min(n, b) for n in g) for g in groups]
-        stages = split_layers(prob, timer, groups, M)
+        stages = split_layers(prob, timer, groups, M, work)
         if stages is None:
             continue
         plan = evaluate_counts(prob, CountPlan(R, M, stages), timer)

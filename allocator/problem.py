@@ -81,7 +81,7 @@ class DeviceClass:
     def count(self) -> int:
         return len(self.devices) // self.tp
 
-    @property
+    @cached_property
     def units(self) -> list[tuple[str, ...]]:
         """The tensor-parallel groups, consecutive devices of one node each."""
         t = self.tp
@@ -96,6 +96,19 @@ def tp_priced(cg: CostGraph, type_name: str) -> bool:
     """Can the cost graph price a layer of this type split over several devices? Analytic
     types yes; measured ones only with a measured (or given) ``tp_efficiency``."""
     return type_name not in cg.tables or type_name in cg.tp_efficiency or "*" in cg.tp_efficiency
+
+
+def divisors(n: int) -> list[int]:
+    """The divisors of n in increasing order (trial division up to sqrt(n))."""
+    small, large = [], []
+    d = 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d * d != n:
+                large.append(n // d)
+        d += 1
+    return small + large[::-1]
 
 
 def unit_degree(per_node: int, tp: int) -> int:
@@ -223,20 +236,24 @@ class Problem:
 
     def candidates(self) -> list[tuple[int, int]]:
         """(R, M) pairs: R identical replicas, M micro-batches, R * M divides B."""
+        return list(self._candidates)
+
+    @cached_property
+    def _candidates(self) -> tuple[tuple[int, int], ...]:
         B = self.global_batch
         total = sum(c.count for c in self.classes)
+        divs = divisors(B)
         out = []
-        for R in range(1, min(B, total) + 1):
-            if B % R or (self.max_replicas and R > self.max_replicas):
-                continue
+        for R in divs:
+            if R > total or (self.max_replicas and R > self.max_replicas):
+                break
             if self.replica_counts and R not in self.replica_counts:
                 continue
             if not any(c.count // R for c in self.classes):
                 continue
-            for M in range(1, B // R + 1):
-                if (B // R) % M == 0 and (not self.microbatch_counts or M in self.microbatch_counts):
-                    out.append((R, M))
-        return out
+            out.extend((R, M) for M in divs if (B // R) % M == 0 and M <= B // R
+                       and (not self.microbatch_counts or M in self.microbatch_counts))
+        return tuple(out)
 
     # ---- per-layer sizes (prefix sums) -----------------------------------------------------
     @cached_property

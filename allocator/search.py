@@ -345,7 +345,7 @@ class Search:
             for M in sorted({M for R, M in prob.candidates() if R == 1}):
                 st = self.states[(k, M)] = MState(M, k, prob)
                 cheap[(k, M)] = -math.inf
-                if prob.interchangeable_blocks:
+                if prob.interchangeable_blocks and time.perf_counter() < self.deadline:
                     t0 = time.perf_counter()
                     cheap[(k, M)] = st.bound = block_bound(prob, StageTimer(prob, prob.global_batch // M), M)
                     st.seconds += time.perf_counter() - t0

@@ -108,11 +108,14 @@ def summary_lines(plan: Plan, cluster: Cluster) -> list[str]:
         lines.append(f"optimizer   state sharded ({plan.optimizer_sharding}) over each stage's data-parallel devices")
     s = plan.solver
     if s:
-        gap = s.get("gap", math.inf)
-        gap_s = f"{gap:.2%}" if math.isfinite(gap) else "unknown"
-        bound = s.get("bound_s", -math.inf)
-        bound_s = f"{bound:.4f} s" if math.isfinite(bound) else "none"
-        lines.append(f"solver      {s.get('status')}  objective {s.get('objective_s', math.nan):.4f} s  "
+        def known(v) -> bool:
+            return isinstance(v, (int, float)) and math.isfinite(v)
+
+        gap, bound, obj = s.get("gap"), s.get("bound_s"), s.get("objective_s")
+        gap_s = f"{gap:.2%}" if known(gap) else "unknown"
+        bound_s = f"{bound:.4f} s" if known(bound) else "none"
+        obj_s = f"{obj:.4f} s" if known(obj) else "none (the search found no plan)"
+        lines.append(f"solver      {s.get('status')}  objective {obj_s}  "
                      f"bound {bound_s}  gap {gap_s}  {s.get('seconds', 0.0):.1f} s ({s.get('backend', '')})")
     elif plan.planner:
         lines.append(f"planner     {plan.planner} baseline")
