@@ -36,5 +36,7 @@ def place(prob: Problem, cp: CountPlan, *, grad_sync: str = "ring", planner: str
         num_microbatches=cp.M, schedule=prob.schedule, grad_sync=grad_sync, replicas=replicas,
         optimizer=prob.optimizer, precision=prob.cg.precision, cluster_name=prob.cluster.name,
         cluster_fingerprint=prob.cluster.fingerprint(), cost_graph_fingerprint=prob.cg.fingerprint(),
-        planner=planner, optimizer_sharding=prob.optimizer_sharding,
+        planner=planner,
+        # zero1 where some stage has data-parallel peers to shard over (else it changes nothing)
+        optimizer_sharding=prob.optimizer_sharding if any(cp.R * sum(s.counts) > 1 for s in cp.stages) else "none",
     )

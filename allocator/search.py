@@ -29,7 +29,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from .bounds import block_bound
@@ -108,7 +108,7 @@ class Search:
     one incumbent and one work budget."""
 
     def __init__(self, probs: list[Problem], time_limit: float, gap: float, backend: str, msg: bool,
-                 progress: Callable[[str], None] | None):
+                 progress: Callable[[str], None] | None, seed: tuple[CountPlan, Problem] | None = None):
         self.probs, self.gap, self.backend, self.msg = probs, gap, backend, msg
         self.best_prob: Problem | None = None
         self.time_limit = time_limit
@@ -125,6 +125,8 @@ class Search:
         self.pending: dict[tuple[int, int], float] = {}
         """M values not built yet, with their cheap bounds."""
         self._said = (math.inf, -math.inf)
+        if seed is not None:  # a plan known before the search (of one of its spaces)
+            self.offer(CountPlan(seed[0].R, seed[0].M, list(seed[0].stages)), seed[1])
 
     # ---- bookkeeping ----------------------------------------------------------------------
     @property
@@ -428,8 +430,30 @@ def min_stages(shapes: list[Shape], K: int, chunk: int = 1) -> int:
     return 2 + (math.ceil(rest / most[INNER]) if most[INNER] else 10 ** 9)
 
 
+PLAIN_SHARE = 0.4
+"""Share of the time limit (so of the work budget) for the first pass (single devices, no
+recomputation) where stages may recompute (``search``)."""
+
+
 def search(prob: Problem | list[Problem], *, time_limit: float = 30.0, gap: float = 0.0, backend: str = "highs",
            msg: bool = False, progress: Callable[[str], None] | None = None) -> SearchResult:
-    """The best plan of prob's space (or of the union of several spaces) and its proven bound."""
+    """The best plan of prob's space (or of the union of several spaces) and its proven bound.
+
+    Where stages may recompute, recomputation makes small micro-batch counts fit whose
+    bounds are weak and whose programs are large; so a first pass searches the smallest
+    space (single devices, zero1 if offered) without recomputation, with PLAIN_SHARE of
+    the budget, and its plan seeds the search of the whole union, which proves the bound."""
     probs = prob if isinstance(prob, list) else [prob]
-    return Search(probs, time_limit, gap, backend, msg, progress).run()
+    if not any("full" in p.recompute_options and len(p.recompute_options) > 1 for p in probs):
+        return Search(probs, time_limit, gap, backend, msg, progress).run()
+    # the first pass: single devices (the smallest space, the fastest to search)
+    k0 = min(range(len(probs)), key=lambda k: (probs[k].tp, probs[k].optimizer_sharding != "zero1"))
+    t0 = time.perf_counter()
+    first = Search([replace(probs[k0], recompute="none")], PLAIN_SHARE * time_limit, gap, backend, msg,
+                   progress).run()
+    seed = (first.best, probs[k0]) if first.best is not None else None
+    rest = max(0.0, time_limit - (time.perf_counter() - t0))
+    res = Search(probs, rest, gap, backend, msg, progress, seed=seed).run()
+    res.solves = first.solves + res.solves
+    res.seconds += first.seconds
+    return res
