@@ -190,6 +190,10 @@ class Search:
             B, K = prob.global_batch, prob.L - 2
             program = None  # the smallest restriction's shapes, for an integer program
             for R, unit in ((r, g) for r in range(1, B // M + 1) if (B // M) % r == 0 for g in (1, 2, 4, 8)):
+                if not (R == 1 and unit == 1) and time.perf_counter() > self.deadline:
+                    self.stopped_by_clock = True  # the restricted spaces are for plans: not past the limit
+                    st.status = "too_large"  # its cheap bound stands
+                    break
                 b = B // (R * M)
                 budgets = [c.count // R for c in prob.classes]
                 if unit > 1 and (unit > b or min(budgets) < unit):
