@@ -159,11 +159,11 @@ class Search:
         return low
 
     def report(self) -> None:
-        """One line per improvement: a better plan, or a bound that closed the gap by a
-        hundredth of a percent or more."""
+        """One line per improvement: a better plan, or a bound that closed the gap by half a
+        percent or more (or closed it)."""
         inc, low = self.incumbent, self.bound()
         said_inc, said_low = self._said
-        if inc == said_inc and not (math.isfinite(inc) and low - said_low >= 1e-4 * inc) and \
+        if inc == said_inc and not (math.isfinite(inc) and low - said_low >= 5e-3 * inc) and \
                 not (low == inc and said_low != low):
             return
         self._said = (inc, low)

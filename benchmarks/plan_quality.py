@@ -40,14 +40,16 @@ from hetalloc.fileio import atomic_write_json
 from hetalloc.models import get_model
 
 ROOT = Path(__file__).resolve().parent.parent
-HETERO = {"mix-64", "fleet-1024"}
+HETERO = {"mix-64", "fleet-1024", "consumer-24"}
 
 # (cluster file, global batch, [(model, seq)])
 INSTANCES = [
     ("lab-16.yaml", 64, [("gpt2-medium", 1024), ("gpt2-xl", 1024), ("bert-large", 512), ("gpt3-1.3b", 1024)]),
-    ("mix-64.yaml", 512, [("gpt2-xl", 1024), ("gpt3-1.3b", 2048), ("gpt3-2.7b", 1024), ("llama2-7b", 1024)]),
+    ("mix-64.yaml", 512, [("gpt2-xl", 1024), ("gpt3-1.3b", 2048), ("gpt3-2.7b", 1024), ("llama2-7b", 1024),
+                          ("llama2-70b", 1024), ("gpt3-175b", 2048)]),
     ("fleet-1024.yaml", 2048, [("gpt3-6.7b", 2048), ("gpt3-13b", 2048), ("llama2-13b", 2048),
-                               ("llama2-70b", 1024)]),
+                               ("llama2-70b", 1024), ("gpt3-175b", 2048)]),
+    ("consumer-24.yaml", 64, [("llama2-7b", 4096)]),
 ]
 
 
