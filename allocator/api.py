@@ -17,7 +17,7 @@ from hetalloc.plan import Plan, attach_context, mixed_tp_segments, validate_plan
 from .baselines import BASELINES, BaselineStopped, baseline_plan, limits_for
 from .milp import available_backends
 from .placement import place
-from .problem import Problem, tp_priced, unit_degree
+from .problem import Problem, total_state_bytes, total_usable_memory, tp_priced, unit_degree
 from .search import search
 
 
@@ -135,8 +135,8 @@ def memory_shortfall(cluster: Cluster, cg: CostGraph, optimizer: str) -> str:
                 f"{optimizer} state, one sample of activations); the largest device ({biggest.name}) has "
                 f"{cap / 2**30:.2f} GiB usable — use devices with at least "
                 f"{need_layer / 2**30 / 0.9:.1f} GiB, a shorter --seq, or another optimizer")
-    total_state = cg.total_params * pb.total
-    total_cap = sum(usable_memory(cluster.device_types[d.type]) for d in cluster.devices)
+    total_state = total_state_bytes(cg, optimizer)
+    total_cap = total_usable_memory(cluster)
     if total_state > total_cap:
         return (f"the model's weights, gradients and {optimizer} state need {total_state / 2**30:.1f} GiB; the "
                 f"cluster has {total_cap / 2**30:.1f} GiB usable in all — add devices")

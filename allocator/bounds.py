@@ -51,6 +51,8 @@ def block_bound(prob, timer, M: int) -> float:
     from .columns import whole_budget_time
     from .shapes import FIRST, INNER, LAST, ONLY, block_range
 
+    if not prob.state_fits:
+        return math.inf
     L, K, b = prob.L, prob.L - 2, timer.b
     gpipe = prob.schedule == "gpipe"
     infl = M if gpipe else 1

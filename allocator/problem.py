@@ -40,7 +40,8 @@ from hetalloc.catalog import DeviceType
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
 from hetalloc.schedule import flow_shop_time
-from hetalloc.costs import (TP_DEGREES, grad_bytes_per_param, in_flight_microbatches, max_share_for_memory,
+from hetalloc.costs import (TP_DEGREES, grad_bytes_per_param, in_flight_microbatches, max_share_for_memory, param_bytes,
+                            usable_memory,
                             optimizer_time, ring_allreduce_time, tp_comm_time, zero1_halves, zero1_params)
 
 
@@ -90,6 +91,15 @@ class DeviceClass:
     @property
     def name(self) -> str:
         return f"{self.dtype.name}@g{self.group}" + (f"x{self.tp}" if self.tp > 1 else "")
+
+
+def total_state_bytes(cg: CostGraph, optimizer: str) -> float:
+    """Bytes of one copy of the model's weights, gradients and optimizer state."""
+    return cg.total_params * param_bytes(cg.precision, optimizer).total
+
+
+def total_usable_memory(cluster: Cluster) -> float:
+    return sum(usable_memory(cluster.device_types[d.type]) for d in cluster.devices)
 
 
 def tp_priced(cg: CostGraph, type_name: str) -> bool:
@@ -271,6 +281,13 @@ class Problem:
     def out_bytes(self, j: int) -> float:
         """Activation bytes per sample leaving layer j-1 (the boundary at j)."""
         return self.cg.layers[j - 1].out_act_bytes
+
+    @cached_property
+    def state_fits(self) -> bool:
+        """Can the cluster hold the model's weights, gradients and optimizer state at all?
+        Every parameter keeps them on some device in every plan (tensor parallelism and
+        zero1 split them, never below one copy), activations aside."""
+        return total_state_bytes(self.cg, self.optimizer) <= total_usable_memory(self.cluster)
 
     @property
     def zero1(self) -> bool:
