@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .problem import Problem, StageTimer, stage_tail
+from .problem import Problem, StageTimer, least_time, stage_tail
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,35 +269,9 @@ def whole_budget_time(prob: Problem, timer: StageTimer, M: int, i: int, j: int, 
                 if km >= 1:
                     caps[c.index] = km
 
-        def time_of(ci: int, k: int) -> float:
+        def time_of(ci: int, k: int, rc: str = rc) -> float:
             return timer.time(prob.classes[ci], i, j, k, rc)
 
-        def most(ci: int, t: float) -> int:
-            """Largest share k <= cap of class ci running within t (0 if none)."""
-            lo, hi = 0, caps[ci]
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if time_of(ci, mid) <= t * (1 + 1e-12):
-                    lo = mid
-                else:
-                    hi = mid - 1
-            return lo
-
-        def enough(t: float) -> bool:
-            return sum(budget[ci] * most(ci, t) for ci in caps) >= b
-
-        limit = min(t_cap, best)
-        for ci in caps:  # the least level time_of(ci, k) at which the budget takes b
-            lo, hi = 1, caps[ci]
-            if not enough(time_of(ci, hi)):
-                continue
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if enough(time_of(ci, mid)):
-                    hi = mid
-                else:
-                    lo = mid + 1
-            t = time_of(ci, lo)
-            if t <= limit:
-                best = limit = t
+        t = least_time(time_of, {ci: (1, cap, budget[ci]) for ci, cap in caps.items()}, b, min(t_cap, best))
+        best = min(best, t)
     return best

@@ -472,6 +472,48 @@ def _greedy_shares(timer: StageTimer, classes: list[DeviceClass], i: int, j: int
     return shares
 
 
+def within(time_of: Callable[[int, int], float], ci: int, first: int, cap: int, t: float,
+           strict: bool = False) -> int:
+    """How many shares k in first..cap of class ci run within t (< t if strict); the times
+    time_of(ci, k) do not fall as k grows (binary search)."""
+    lo, hi = first, cap
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        v = time_of(ci, mid)
+        if v < t or (not strict and v == t):
+            lo = mid + 1
+        else:
+            hi = mid - 1
+    return lo - first
+
+
+def least_time(time_of: Callable[[int, int], float], classes: dict[int, tuple[int, int, int]], need: int,
+               limit: float = math.inf) -> float:
+    """The smallest time t = time_of(ci, k) at which the units can take ``need`` samples:
+    sum over classes of (units) x (shares k in first..cap running within t) >= need.
+    ``classes``: ci -> (first, cap, units). inf if none is at most ``limit``. Binary
+    searches over the shares: a few hundred time evaluations for millions of samples."""
+
+    def enough(t: float) -> bool:
+        return sum(n * within(time_of, ci, first, cap, t) for ci, (first, cap, n) in classes.items()) >= need
+
+    best = math.inf
+    for ci, (first, cap, _) in classes.items():  # each class's least entry that suffices; t is the least
+        if cap < first or not enough(time_of(ci, cap)):
+            continue
+        lo, hi = first, cap
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if enough(time_of(ci, mid)):
+                hi = mid
+            else:
+                lo = mid + 1
+        t = time_of(ci, lo)
+        if t <= min(limit, best):
+            best = t
+    return best
+
+
 def _threshold_shares(timer: StageTimer, classes: list[DeviceClass], i: int, j: int, counts: tuple[int, ...],
                       caps: dict[int, int], left: int, recompute: str = "none") -> dict[int, list[int]]:
     """The greedy's result without its steps. The greedy takes, in (time, class, device)
@@ -480,32 +522,14 @@ def _threshold_shares(timer: StageTimer, classes: list[DeviceClass], i: int, j: 
     cost <= t* (binary searches over k, times non-decreasing in k), give every device the
     entries cheaper than t*, and hand the rest out at t* in class, then device, order."""
 
+    def time_of(ci: int, k: int) -> float:
+        return timer.time(classes[ci], i, j, k, recompute)
+
+    t_star = least_time(time_of, {ci: (2, caps[ci], counts[ci]) for ci in caps}, left)
+
     def upto(ci: int, t: float, strict: bool) -> int:
-        """Entries k in 2..cap of a device of class ci costing <= t (< t if strict)."""
-        c, lo, hi = classes[ci], 2, caps[ci]
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            v = timer.time(c, i, j, mid, recompute)
-            if v < t or (not strict and v == t):
-                lo = mid + 1
-            else:
-                hi = mid - 1
-        return lo - 2
+        return within(time_of, ci, 2, caps[ci], t, strict)
 
-    def enough(t: float) -> bool:
-        return sum(counts[ci] * upto(ci, t, False) for ci in caps) >= left
-
-    t_star = math.inf
-    for ci in caps:  # smallest feasible entry time of each class; t* is the least of them
-        c, lo, hi = classes[ci], 2, caps[ci]
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            if enough(timer.time(c, i, j, mid, recompute)):
-                hi = mid - 1
-            else:
-                lo = mid + 1
-        if lo <= caps[ci]:
-            t_star = min(t_star, timer.time(c, i, j, lo, recompute))
     shares = {}
     rest = left
     for ci in caps:
