@@ -19,6 +19,7 @@ from .milp import available_backends
 from .placement import place
 from .problem import Problem, total_state_bytes, total_usable_memory, tp_priced, unit_degree
 from .search import search
+from .seeds import seeds_of
 
 
 def check_request(cluster: Cluster, cg: CostGraph, global_batch: int, schedule: str, optimizer: str,
@@ -188,49 +189,65 @@ def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: s
     probs = plan_spaces(cluster, cg, global_batch, degrees, optimizer_sharding, auto_tp=str(tp) == "auto",
                         schedule=schedule, optimizer=optimizer, group_identical_nodes=group_identical_nodes,
                         recompute=recompute)
-    res = search(probs, time_limit=SEARCH_SHARE * time_limit, gap=gap, backend=backend, msg=msg, progress=progress)
+    # The baselines first (each within its work bound): those in a searched space are the
+    # search's first incumbents, so its plan is never worse than theirs in its model.
+    scored = run_baselines(cluster, cg, global_batch, schedule, optimizer, sync, time_limit, started) \
+        if compare_baselines else []
+    seeds = seeds_of([bp for _, bp in scored if isinstance(bp, Plan)], probs)
+    res = search(probs, time_limit=SEARCH_SHARE * time_limit, gap=gap, backend=backend, msg=msg, progress=progress,
+                 seeds=seeds, deadline=started + DEADLINE_SHARE * time_limit)
     prob = res.prob
     best = res.best
     if best is None and res.status != "infeasible":
         best = fallback_plan(prob, time_limit)  # a plan the heuristics can build within its budget
-    if best is None and res.status != "infeasible" and compare_baselines:
-        notes, best_base = score_baselines(cluster, cg, global_batch, schedule, optimizer, sync, time_limit, started,
-                                           None)
-        if best_base is not None:  # the search found no plan in time: the fastest baseline, saying so
-            best_base.solver = {"status": "time_limit", "objective_s": None, "bound_s": res.bound, "gap": None,
-                                "seconds": res.seconds, "backend": "none", "stopped_by_clock": res.stopped_by_clock}
-            plan = _finish(best_base, cluster, cg, grad_sync)
-            plan.notes.extend([f"the search found no plan within --time-limit {time_limit:g} s; returning the "
-                               f"fastest baseline ({best_base.planner})"] + notes)
-            return plan
+    best_base = fastest(scored)
+    if best is None and res.status != "infeasible" and best_base is not None:
+        # the search found no plan in time (the baseline is in none of its spaces): the
+        # fastest baseline, saying so
+        best_base.solver = {"status": "time_limit", "objective_s": None, "bound_s": res.bound, "gap": None,
+                            "seconds": res.seconds, "backend": "none", "stopped_by_clock": res.stopped_by_clock}
+        plan = _finish(best_base, cluster, cg, grad_sync)
+        plan.notes.extend([f"the search found no plan within --time-limit {time_limit:g} s; returning the "
+                           f"fastest baseline ({best_base.planner})"] + baseline_notes(scored, None))
+        return plan
     if best is None:
         if res.status == "infeasible":
             raise InfeasibleError(memory_shortfall(cluster, cg, optimizer) + fit_suggestions(
                 cluster, cg, global_batch, schedule=schedule, optimizer=optimizer, tp=tp, recompute=recompute,
                 optimizer_sharding=optimizer_sharding, group_identical_nodes=group_identical_nodes))
         raise InfeasibleError(f"no plan found within --time-limit {time_limit:g} s — raise the limit")
-    gap_ = max(0.0, (best.objective_s - res.bound) / best.objective_s) if math.isfinite(res.bound) else math.inf
-    plan = place(prob, best, grad_sync=sync)
+    plan, chosen, prob, rank = placed_best(res.pool if best is res.best else [(best, prob)], cluster, cg, sync,
+                                           grad_sync)
+    gap_ = max(0.0, (chosen.objective_s - res.bound) / chosen.objective_s) if math.isfinite(res.bound) else math.inf
+    status = res.status if best is res.best else "time_limit"
+    if chosen is not best and status == "optimal":
+        status = "feasible"  # the model's optimum is proven; the plan returned predicts faster than it
     plan.solver = {
-        "status": res.status if best is res.best else "time_limit",
-        "objective_s": best.objective_s,
+        "status": status,
+        "objective_s": chosen.objective_s,
+        "model_optimum_s": best.objective_s,
         "bound_s": res.bound,
         "gap": gap_,
         "seconds": res.seconds,
         "backend": "dp" if prob.interchangeable_blocks or not res.solves else backend,
-        "replicas": best.R,
+        "replicas": chosen.R,
         "stopped_by_clock": res.stopped_by_clock,
+        "seeded_by_baselines": len(seeds),
         "model": "planner model (allocator/problem.py): flow shop of the stage times + largest gradient "
                  "sync and optimizer step; 'predicted' is the placed plan's schedule-exact estimate",
     }
-    plan = _finish(plan, cluster, cg, grad_sync)
+    if chosen is not best:
+        plan.notes.append(
+            f"returned the plan that predicts fastest among the {len(res.pool)} best plans of the planner's "
+            f"model (its rank {rank + 1}): model objective {chosen.objective_s:.4g} s against the model optimum "
+            f"{best.objective_s:.4g} s; the model's pipeline sends cross the sender's NIC, the prediction uses "
+            "the placed devices' links")
     if len(probs) > 1:
         plan.notes.append(f"searched {len(probs)} plan spaces together (tensor-parallel units up to "
                           f"{', '.join(map(str, degrees))} devices; optimizer sharding {optimizer_sharding}); the "
                           f"plan's: units up to {prob.tp}, optimizer sharding {prob.optimizer_sharding}")
     if compare_baselines:
-        notes, best_base = score_baselines(cluster, cg, global_batch, schedule, optimizer, sync, time_limit, started,
-                                           plan.predicted["iteration_time_s"])
+        notes = baseline_notes(scored, plan.predicted["iteration_time_s"])
         if best_base is not None and best_base.predicted["iteration_time_s"] < plan.predicted["iteration_time_s"]:
             notes.append(f"the {best_base.planner} baseline predicts faster than the planner's model optimum "
                          "(the model's link assumptions differ from the placed plan's); returning it")
@@ -240,34 +257,63 @@ def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: s
     return plan
 
 
-def score_baselines(cluster: Cluster, cg: CostGraph, global_batch: int, schedule: str, optimizer: str, sync: str,
-                    time_limit: float, started: float, reference: float | None) -> tuple[list[str], Plan | None]:
-    """Every baseline's plan scored by the prediction, within its work bound: a note each
-    (against ``reference`` seconds when given) and the fastest."""
-    notes, best_base = [], None
+def placed_best(pool: list, cluster: Cluster, cg: CostGraph, sync: str, grad_sync: str):
+    """The plans of ``pool`` (count-level plans with their spaces, best model objective
+    first) placed and predicted: (the plan that predicts fastest, its count-level plan, its
+    space, its rank in the pool). Ties go to the better model objective."""
+    out = None
+    for rank, (cp, q) in enumerate(pool):
+        plan = place(q, cp, grad_sync=sync)
+        plan.solver = {}
+        plan = _finish(plan, cluster, cg, grad_sync)
+        t = plan.predicted["iteration_time_s"]
+        if out is None or t < out[0] * (1 - 1e-12):
+            out = (t, plan, cp, q, rank)
+    return out[1:]
+
+
+def run_baselines(cluster: Cluster, cg: CostGraph, global_batch: int, schedule: str, optimizer: str, sync: str,
+                  time_limit: float, started: float) -> list[tuple[str, Plan | str]]:
+    """Every baseline's plan, within its work bound: (name, plan or why it has none)."""
+    out: list[tuple[str, Plan | str]] = []
     work, deadline = limits_for(time_limit, started)
     for name in BASELINES:
         try:
-            bp = baseline_plan(name, cluster, cg, global_batch, schedule=schedule, optimizer=optimizer,
-                               grad_sync=sync, work=work, deadline=deadline)
+            out.append((name, baseline_plan(name, cluster, cg, global_batch, schedule=schedule, optimizer=optimizer,
+                                            grad_sync=sync, work=work, deadline=deadline)))
         except InfeasibleError as e:
-            notes.append(f"baseline {name}: not scored — {e}")
-            continue
+            out.append((name, f"not scored — {e}"))
         except BaselineStopped:
-            notes.append(f"baseline {name}: not scored — it did not finish within the time limit")
+            out.append((name, "not scored — it did not finish within the time limit"))
+    return out
+
+
+def fastest(scored: list[tuple[str, Plan | str]]) -> Plan | None:
+    plans = [bp for _, bp in scored if isinstance(bp, Plan)]
+    return min(plans, key=lambda p: p.predicted["iteration_time_s"], default=None)
+
+
+def baseline_notes(scored: list[tuple[str, Plan | str]], reference: float | None) -> list[str]:
+    """A note per baseline: its predicted time (against ``reference`` seconds when given)."""
+    notes = []
+    for name, bp in scored:
+        if not isinstance(bp, Plan):
+            notes.append(f"baseline {name}: {bp}")
             continue
         t = bp.predicted["iteration_time_s"]
         notes.append(f"baseline {name}: {t:.4g} s/iteration"
                      + (f" ({t / reference:.2f}x this plan's time)" if reference else "")
                      + ("; its search stopped at its work bound" if any("work bound" in n for n in bp.notes) else ""))
-        if best_base is None or t < best_base.predicted["iteration_time_s"]:
-            best_base = bp
-    return notes, best_base
+    return notes
 
 
 SEARCH_SHARE = 0.8
-"""Share of --time-limit the search may use; the rest is for placing, predicting and the
-baselines, so the whole command ends within the limit."""
+"""Share of --time-limit the search's work budget is sized for; the rest is for the
+baselines, placing and predicting, so the whole command ends within the limit."""
+
+DEADLINE_SHARE = 0.9
+"""Share of --time-limit after which the wall clock stops the search (a last resort: its
+work budget normally stops it first)."""
 
 
 FALLBACK_EVALS_PER_SECOND = 10_000

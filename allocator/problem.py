@@ -297,6 +297,17 @@ class Problem:
         """Largest share a unit of class c can take holding layers [i, j) (hetalloc.costs,
         as hetalloc.plan.device_memory computes it for a placed plan); ``dp``: units that
         hold the layers (all replicas), which shard the optimizer state under zero1."""
+        key = (c.index, i, j, in_flight, recompute, dp if self.zero1 else 1)
+        k = self._kmem_memo.get(key)
+        if k is None:
+            k = self._kmem_memo[key] = self._kmem(c, i, j, in_flight, recompute, dp)
+        return k
+
+    @cached_property
+    def _kmem_memo(self) -> dict[tuple, int]:
+        return {}
+
+    def _kmem(self, c: DeviceClass, i: int, j: int, in_flight: int, recompute: str, dp: int) -> int:
         params = self.rank_params(i, j, c.tp)
         opt = zero1_params(params, dp) if self.zero1 else None
         if c.tp == 1 and recompute == "none":
@@ -383,6 +394,19 @@ class StageTimer:
         if i > 0:
             t += c.p2p_lat + k * self._out[i] / c.p2p_bw
         return t
+
+    def times(self, c: DeviceClass, I: np.ndarray, J: np.ndarray, k: int, recompute: str = "none") -> np.ndarray:
+        """``time`` of many ranges [I, J) at once (the same terms, vectorised)."""
+        px = self._prefix(c, k, recompute)
+        t = px[J] - px[I] + 2 * c.dtype.op_overhead_s
+        if c.tp > 1:
+            nf, bf, nb, bb = self._tp[recompute]
+            for n, by in ((nf, bf), (nb, bb)):
+                counts = np.rint(n[J] - n[I]).astype(np.int64)
+                t = t + np.array([tp_comm_time(int(q), float(v) * k, c.tp, c.tp_bw, c.tp_lat)
+                                  for q, v in zip(counts, by[J] - by[I])])
+        t = t + np.where(J < self.L, c.p2p_lat + k * self._out[np.minimum(J, self.L)] / c.p2p_bw, 0.0)
+        return t + np.where(I > 0, c.p2p_lat + k * self._out[I] / c.p2p_bw, 0.0)
 
 
 

@@ -34,6 +34,7 @@ from typing import Callable
 
 from .bounds import block_bound
 from .caps import Box, CapSearch
+from .lagrange import lagrange_bound
 from .columns import Column, enumerate_columns
 from .dp import STATE_LIMIT, StageTable
 from .ilp_columns import solve_columns
@@ -61,6 +62,10 @@ NODES_PER_SECOND = 150
 limit (HiGHS explores ~150-400 nodes/s on these programs here)."""
 
 
+POOL = 8
+"""Plans the search keeps besides its best: the placed prediction chooses among them."""
+
+
 @dataclass
 class MState:
     """What is known about one value of M of one plan space (``Search.probs[k]``)."""
@@ -82,6 +87,8 @@ class MState:
     """Only a part of the plan space is searched (replicas, device counts in units): its
     boxes give plans, not bounds."""
     root: Box | None = None
+    restrictions: list = field(default_factory=list)
+    """(CapSearch, R, root box) of each restricted plan space searched for plans."""
 
 
 @dataclass
@@ -94,6 +101,9 @@ class SearchResult:
     stopped_by_clock: bool = False
     prob: Problem | None = None
     """The plan space the best plan belongs to (its Problem: tensor-parallel units)."""
+    pool: list[tuple[CountPlan, Problem]] = field(default_factory=list)
+    """The best distinct plans found (at most POOL, best first, the best included), each
+    with its space."""
 
     @property
     def gap(self) -> float:
@@ -108,12 +118,14 @@ class Search:
     one incumbent and one work budget."""
 
     def __init__(self, probs: list[Problem], time_limit: float, gap: float, backend: str, msg: bool,
-                 progress: Callable[[str], None] | None, seed: tuple[CountPlan, Problem] | None = None):
+                 progress: Callable[[str], None] | None, seeds: list[tuple[CountPlan, Problem]] = (),
+                 deadline: float | None = None):
         self.probs, self.gap, self.backend, self.msg = probs, gap, backend, msg
         self.best_prob: Problem | None = None
         self.time_limit = time_limit
         self.t0 = time.perf_counter()
-        self.deadline = self.t0 + time_limit
+        self.deadline = self.t0 + time_limit if deadline is None else min(deadline, self.t0 + time_limit)
+        """The wall clock's last-resort stop (the work budget below is what normally stops it)."""
         self.say = progress or (lambda s: None)
         self.best: CountPlan | None = None
         self.log: list[dict] = []
@@ -125,8 +137,10 @@ class Search:
         self.pending: dict[tuple[int, int], float] = {}
         """M values not built yet, with their cheap bounds."""
         self._said = (math.inf, -math.inf)
-        if seed is not None:  # a plan known before the search (of one of its spaces)
-            self.offer(CountPlan(seed[0].R, seed[0].M, list(seed[0].stages)), seed[1])
+        self.pool: list[tuple] = []
+        self.pool_keys: set[tuple] = set()
+        for plan, p in seeds:  # plans known before the search (of one of its spaces)
+            self.offer(CountPlan(plan.R, plan.M, list(plan.stages)), p)
 
     # ---- bookkeeping ----------------------------------------------------------------------
     @property
@@ -139,10 +153,26 @@ class Search:
         if plan is None:
             return math.inf
         plan = evaluate_counts(prob, plan)
+        if math.isfinite(plan.objective_s):
+            self.keep(plan, prob)
         if math.isfinite(plan.objective_s) and plan.objective_s < self.incumbent * (1 - 1e-12):
             self.best, self.best_prob = plan, prob
             self.report()
         return plan.objective_s
+
+    def keep(self, plan: CountPlan, prob: Problem) -> None:
+        """Remember the POOL best distinct plans offered (for the placed prediction to choose
+        among, allocator.api)."""
+        key = (id(prob), plan.M, tuple((s.start, s.stop, s.counts, s.recompute) for s in plan.stages))
+        if key in self.pool_keys:
+            return
+        if len(self.pool) >= POOL and plan.objective_s >= self.pool[-1][0]:
+            return
+        self.pool.append((plan.objective_s, len(self.pool_keys), plan, prob, key))
+        self.pool_keys.add(key)
+        self.pool.sort(key=lambda e: (e[0], e[1]))
+        if len(self.pool) > POOL:
+            self.pool_keys.discard(self.pool.pop()[4])
 
     def bound(self) -> float:
         """The proven lower bound: the best plan, or the lowest open box or M."""
@@ -189,7 +219,17 @@ class Search:
             # a plan.
             B, K = prob.global_batch, prob.L - 2
             program = None  # the smallest restriction's shapes, for an integer program
+            bounded = False
             for R, unit in ((r, g) for r in range(1, B // M + 1) if (B // M) % r == 0 for g in (1, 2, 4, 8)):
+                if not (R == 1 and unit == 1) and not bounded:
+                    # no exact program for M: its bound is the Lagrangian one (allocator.lagrange),
+                    # and the restricted spaces are searched only if it leaves M open
+                    bounded = True
+                    target = self.incumbent * (1 - self.gap)
+                    st.bound = max(st.bound, lagrange_bound(prob, timer, M, stop_at=target))
+                    if st.bound >= target:
+                        st.status = "pruned" if math.isfinite(self.incumbent) else "infeasible"
+                        break
                 if not (R == 1 and unit == 1) and time.perf_counter() > self.deadline:
                     self.stopped_by_clock = True  # the restricted spaces are for plans: not past the limit
                     st.status = "too_large"  # its cheap bound stands
@@ -223,11 +263,15 @@ class Search:
                     if exact:
                         st.caps = caps
                         break
-                    st.root = self.root_of(caps)
-                    if st.root is not None:
-                        st.caps, st.R, st.coarse, st.status = caps, R, True, "too_large"
+                    root = self.root_of(caps)
+                    if root is not None:
+                        st.restrictions.append((caps, R, root))
+                        st.caps, st.R, st.root, st.coarse, st.status = caps, R, root, True, "too_large"
                         break
-                if st.caps is not None:
+                # the first restriction of each kind: replicas (R > 1, single units: each
+                # replica's program exact) and units of several devices (R = 1)
+                if st.caps is not None and (exact or {r > 1 for _, r, _ in st.restrictions} == {True, False}
+                                            or len(st.restrictions) >= 2):
                     break
             else:
                 # No workable dynamic program: the integer program over the shapes of the
@@ -292,32 +336,38 @@ class Search:
         self.evals_left -= caps.evaluations - before
         return root
 
-    def offer_seq(self, st: MState, seq: list) -> float:
-        """Offer the count-level plan of options from the first stage to the last."""
+    def offer_seq(self, st: MState, seq: list, R: int | None = None) -> float:
+        """Offer the count-level plan of options from the first stage to the last (of R
+        replicas; default st.R)."""
+        R = st.R if R is None else R
         if isinstance(seq[0], Shape):
-            plan = count_plan(st.prob, seq, st.M, st.R)
+            plan = count_plan(st.prob, seq, st.M, R)
         else:
-            plan = CountPlan(st.R, st.M, [CountStage(c.i, c.j, c.counts, c.recompute) for c in seq])
+            plan = CountPlan(R, st.M, [CountStage(c.i, c.j, c.counts, c.recompute) for c in seq])
         return self.offer(plan, st.prob)
 
     def restricted(self, st: MState) -> None:
-        """Plans of st.R identical replicas for an M whose whole-cluster program is too large:
-        the same branch and bound within the replicas' budgets, for plans only (its bounds
-        hold for replica plans, not for M). Work comes from the same budget."""
-        heap = [(-math.inf, st.root)]
-        while heap and self.evals_left > 0 and time.perf_counter() < self.deadline:
-            lb, box = heapq.heappop(heap)
-            if lb >= self.incumbent * (1 - self.gap):
-                break
-            self.evals_left -= 1
-            t0 = time.perf_counter()
-            ev, seq = st.caps.evaluate(box, self.incumbent)
-            if seq is not None:
-                self.offer_seq(st, seq)
-            st.seconds += time.perf_counter() - t0
-            if ev.lb < self.incumbent * (1 - self.gap) and not ev.single:
-                for child in st.caps.split(ev):
-                    heapq.heappush(heap, (ev.lb, child))
+        """Plans of R identical replicas, or of units of several devices, for an M whose
+        whole-cluster program is too large: the same branch and bound within each
+        restriction (st.restrictions), for plans only (its bounds hold for the restricted
+        plans, not for M). Work comes from the same budget, shared between them."""
+        for n, (caps, R, root) in enumerate(st.restrictions):
+            share = self.evals_left // (len(st.restrictions) - n)
+            stop = self.evals_left - share
+            heap = [(-math.inf, root)]
+            while heap and self.evals_left > stop and time.perf_counter() < self.deadline:
+                lb, box = heapq.heappop(heap)
+                if lb >= self.incumbent * (1 - self.gap):
+                    break
+                self.evals_left -= 1
+                t0 = time.perf_counter()
+                ev, seq = caps.evaluate(box, self.incumbent)
+                if seq is not None:
+                    self.offer_seq(st, seq, R)
+                st.seconds += time.perf_counter() - t0
+                if ev.lb < self.incumbent * (1 - self.gap) and not ev.single:
+                    for child in caps.split(ev):
+                        heapq.heappush(heap, (ev.lb, child))
 
     def expand(self, st: MState, box: Box, first: bool = False) -> None:
         """Evaluate a box (offering its plan) and queue its halves if it is still open."""
@@ -353,7 +403,13 @@ class Search:
                 cheap[(k, M)] = -math.inf
                 if prob.interchangeable_blocks and time.perf_counter() < self.deadline:
                     t0 = time.perf_counter()
-                    cheap[(k, M)] = st.bound = block_bound(prob, StageTimer(prob, prob.global_batch // M), M)
+                    timer = StageTimer(prob, prob.global_batch // M)
+                    cheap[(k, M)] = st.bound = block_bound(prob, timer, M)
+                    if math.isfinite(st.bound) and not exact_fits(prob, M):
+                        # no exact program for M: the Lagrangian bound now, before any
+                        # search spends the budget (allocator.lagrange)
+                        target = self.incumbent * (1 - self.gap)
+                        cheap[(k, M)] = st.bound = max(st.bound, lagrange_bound(prob, timer, M, stop_at=target))
                     st.seconds += time.perf_counter() - t0
                     if not math.isfinite(cheap[(k, M)]):
                         st.status = "infeasible"
@@ -415,9 +471,19 @@ class Search:
             status = "optimal" if g <= self.gap + 1e-12 else "time_limit"
         res = SearchResult(self.best, bound, status, elapsed, self.log, self.stopped_by_clock,
                            self.best_prob or self.probs[0])
+        res.pool = [(e[2], e[3]) for e in self.pool]
         res.unresolved = sorted(self.unresolved)[:5]
         res.evals_left = self.evals_left
         return res
+
+
+def exact_fits(prob: Problem, M: int) -> bool:
+    """Can M's exact program (the whole cluster, single units) be of a workable size? (its
+    device-vector grid within GRID_LIMIT; the state count is only known once it is built)"""
+    b, grid = prob.global_batch // M, 1
+    for c in prob.classes:
+        grid *= min(c.count, b) + 1
+    return grid <= GRID_LIMIT
 
 
 def min_stages(shapes: list[Shape], K: int, chunk: int = 1) -> int:
@@ -440,8 +506,12 @@ recomputation) where stages may recompute (``search``)."""
 
 
 def search(prob: Problem | list[Problem], *, time_limit: float = 30.0, gap: float = 0.0, backend: str = "highs",
-           msg: bool = False, progress: Callable[[str], None] | None = None) -> SearchResult:
+           msg: bool = False, progress: Callable[[str], None] | None = None,
+           seeds: list[tuple[CountPlan, Problem]] = (), deadline: float | None = None) -> SearchResult:
     """The best plan of prob's space (or of the union of several spaces) and its proven bound.
+
+    seeds: count-level plans known beforehand (each with its space), the first incumbents;
+    deadline: a ``time.perf_counter()`` value at which the wall clock stops it (last resort).
 
     Where stages may recompute, recomputation makes small micro-batch counts fit whose
     bounds are weak and whose programs are large; so a first pass searches the smallest
@@ -449,15 +519,21 @@ def search(prob: Problem | list[Problem], *, time_limit: float = 30.0, gap: floa
     the budget, and its plan seeds the search of the whole union, which proves the bound."""
     probs = prob if isinstance(prob, list) else [prob]
     if not any("full" in p.recompute_options and len(p.recompute_options) > 1 for p in probs):
-        return Search(probs, time_limit, gap, backend, msg, progress).run()
+        return Search(probs, time_limit, gap, backend, msg, progress, seeds, deadline).run()
     # the first pass: single devices (the smallest space, the fastest to search)
     k0 = min(range(len(probs)), key=lambda k: (probs[k].tp, probs[k].optimizer_sharding != "zero1"))
-    t0 = time.perf_counter()
-    first = Search([replace(probs[k0], recompute="none")], PLAIN_SHARE * time_limit, gap, backend, msg,
-                   progress).run()
-    seed = (first.best, probs[k0]) if first.best is not None else None
-    rest = max(0.0, time_limit - (time.perf_counter() - t0))
-    res = Search(probs, rest, gap, backend, msg, progress, seed=seed).run()
+    plain = replace(probs[k0], recompute="none")
+    end = time.perf_counter() + time_limit if deadline is None else deadline
+    first = Search([plain], PLAIN_SHARE * time_limit, gap, backend, msg, progress, seeds, end).run()
+    if first.best is not None:
+        seeds = list(seeds) + [(first.best, probs[k0] if first.prob is plain else first.prob)]
+    # the second pass's budget: the rest of the work budget (what the first pass left
+    # unspent included), counted in work, not read off the clock (determinism)
+    rest = (1 - PLAIN_SHARE) * time_limit + max(0, first.evals_left) / EVALS_PER_SECOND
+    res = Search(probs, rest, gap, backend, msg, progress, seeds, end).run()
     res.solves = first.solves + res.solves
     res.seconds += first.seconds
+    key = lambda p, q: (id(q), p.M, tuple((s.start, s.stop, s.counts, s.recompute) for s in p.stages))  # noqa: E731
+    pool = {key(p, q): (p, q) for p, q in [(p, probs[k0] if q is plain else q) for p, q in first.pool] + res.pool}
+    res.pool = sorted(pool.values(), key=lambda e: e[0].objective_s)[:POOL]
     return res
