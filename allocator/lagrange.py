@@ -17,6 +17,10 @@ exact share split of allocator.problem), so sum_c n_c k_c(t) >= b, and the cheap
 n is a fractional knapsack. With lam = 0 this is the partition bound of
 allocator.bounds; the multipliers price the devices a stage takes from the others, which
 is what makes a split into many stages, or a small M, pay for its stages' devices.
+Memory follows the stage's depth: in 1F1B a stage with d stages behind it holds
+min(M, d + 1) micro-batches, so the split is built from the last stage forward with the
+depth in its state; depths are grouped into buckets of powers of two, each priced at its
+smallest in-flight count (the least memory: still a relaxation).
 
 Times and shares are put on geometric grids, each rounded in the bound's favour (a
 time in [t_g, t_g+1) counts as t_g with the capacity of t_g+1; a share between two grid
@@ -49,6 +53,9 @@ K_RATIO = 1.01
 SCAN = 12
 """Multiplier scales tried along the first direction (halving from 4x the objective's scale)."""
 
+BLOCK = 16
+"""Bottleneck intervals resolved together where their common bound is high enough."""
+
 STEPS = 15
 """Subgradient steps on the interval with the lowest bound."""
 
@@ -68,51 +75,73 @@ def stage_specs(prob: Problem) -> list[tuple[int, int]]:
         [(LAST, l) for l in range(K + 1)] + [(ONLY, K)]
 
 
-def unit_times(prob: Problem, timer: StageTimer, M: int, budget: list[int], ks: np.ndarray) -> np.ndarray:
-    """T[s, c, g]: seconds for one unit of class c to run spec s's range on ks[g] samples
-    (the faster recomputation choice that fits memory; inf where none fits), running
-    maxima over g so that it grows with the share."""
+def inflight_buckets(prob: Problem, M: int, K: int) -> tuple[np.ndarray, np.ndarray]:
+    """(in-flight micro-batches of each bucket, bucket of each depth). A stage with d stages
+    behind it holds min(M, d + 1) micro-batches in 1F1B (M in GPipe); depths are grouped
+    into buckets of powers of two, each counted at its smallest in-flight (the least memory:
+    a valid relaxation)."""
+    D = min(M, K + 1) + 1  # the last depth row stands for every deeper stage (all hold M)
+    if prob.schedule == "gpipe":
+        return np.array([M]), np.zeros(D, dtype=np.int64)
+    infls = sorted({min(M, 1 << q) for q in range(0, max(1, M).bit_length() + 1)} | {min(M, D)})
+    of = np.array([max(b for b, f in enumerate(infls) if f <= min(M, d + 1)) for d in range(D)], dtype=np.int64)
+    return np.array(infls), of
+
+
+
+def unit_tables(prob: Problem, timer: StageTimer, M: int, budget: list[int], ks: np.ndarray,
+                infls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(T[r, s, c, g]: seconds for one unit of class c to run spec s's range on ks[g]
+    samples with recomputation choice r, memory aside, as running maxima over g (times grow
+    with the share); KM[r, s, c, q]: the largest share that fits at in-flight infls[q])."""
     specs = stage_specs(prob)
     ranges = [block_range(prob, kind, l) for kind, l in specs]
     I = np.array([i for i, _ in ranges])
     J = np.array([j for _, j in ranges])
-    infl = M if prob.schedule == "gpipe" else 1
     dp = prob.most_units(budget) if prob.zero1 else 1
-    T = np.full((len(specs), len(prob.classes), len(ks)), np.inf)
+    R = prob.recompute_options
+    T = np.full((len(R), len(specs), len(prob.classes), len(ks)), np.inf)
+    KM = np.full((len(R), len(specs), len(prob.classes), len(infls)), -1, dtype=np.int64)
     for c in prob.classes:
         if budget[c.index] <= 0:
             continue
-        for rc in prob.recompute_options:
-            km = np.array([prob.kmem(c, i, j, infl, rc, dp) for i, j in ranges])
+        for r, rc in enumerate(R):
+            for q, f in enumerate(infls):
+                KM[r, :, c.index, q] = [prob.kmem(c, i, j, int(f), rc, dp) for i, j in ranges]
+            if KM[r, :, c.index, 0].max() < 1:
+                continue
             for g, k in enumerate(ks):
-                ok = km >= k
-                if not ok.any():
-                    break
-                t = timer.times(c, I, J, int(k), rc)
-                T[:, c.index, g] = np.where(ok, np.minimum(T[:, c.index, g], t), T[:, c.index, g])
-    return np.maximum.accumulate(T, axis=2)
+                T[r, :, c.index, g] = timer.times(c, I, J, int(k), rc)
+    return np.maximum.accumulate(T, axis=3), KM
 
 
 @njit(cache=True)
-def _capacities(T, ks, tg, b):
-    """cap[s, c, g]: most samples a unit of class c runs of spec s within tg[g], rounded up
-    to just below the next grid share (valid when times grow with the share, as the
-    planner's model assumes); the last column: within any time (memory's cap)."""
-    S, C, G = T.shape[0], T.shape[1], tg.shape[0]
-    cap = np.zeros((S, C, G + 1))
-    nk = ks.shape[0]
-    for s in range(S):
-        for c in range(C):
-            p = 0
-            for g in range(G + 1):
-                while p < nk and (g == G and np.isfinite(T[s, c, p]) or g < G and T[s, c, p] <= tg[g]):
-                    p += 1
-                if p == 0:
-                    cap[s, c, g] = 0.0
-                elif p == nk:
-                    cap[s, c, g] = ks[nk - 1]
-                else:
-                    cap[s, c, g] = min(b, ks[p] - 1)
+def _capacities(T, KM, ks, tg, b):
+    """cap[s, c, g, q]: most samples a unit of class c runs of spec s within tg[g] at
+    in-flight bucket q, over the recomputation choices: the share grid rounded up to just
+    below the next grid share (valid when times grow with the share, as the planner's model
+    assumes), capped by memory; column g = G: within any time."""
+    Rn, S, C, nk = T.shape
+    G = tg.shape[0]
+    Q = KM.shape[3]
+    cap = np.zeros((S, C, G + 1, Q))
+    for r in range(Rn):
+        for s in range(S):
+            for c in range(C):
+                p = 0
+                for g in range(G + 1):
+                    while p < nk and (g == G and np.isfinite(T[r, s, c, p]) or g < G and T[r, s, c, p] <= tg[g]):
+                        p += 1
+                    if p == 0:
+                        k = 0
+                    elif p == nk:
+                        k = ks[nk - 1]
+                    else:
+                        k = min(b, ks[p] - 1)
+                    for q in range(Q):
+                        v = min(k, KM[r, s, c, q])
+                        if v > cap[s, c, g, q]:
+                            cap[s, c, g, q] = v
     return cap
 
 
@@ -145,142 +174,174 @@ def _knap(caps, lam, N, b, counts):
 
 @njit(cache=True)
 def _prices(cap, tg, lam, N, b):
-    """P[s, h] (h = 1..G): least t + lam . n of spec s over stage times t < tg[h] (t in
-    [tg[g], tg[g+1]) counted as tg[g] with the capacity of tg[g+1]); column G: any time."""
-    S, C, G1 = cap.shape
+    """P[s, h, q] (h = 1..G): least t + lam . n of spec s at in-flight bucket q over stage
+    times t < tg[h] (t in [tg[g], tg[g+1]) counted as tg[g] with the capacity of tg[g+1]);
+    column G: any time."""
+    S, C, G1, Q = cap.shape
     G = G1 - 1
-    P = np.full((S, G + 1), np.inf)
+    P = np.full((S, G + 1, Q), np.inf)
     counts = np.zeros(C)
-    for s in range(S):
-        run = np.inf
-        for g in range(G):
-            if g >= 1:
-                P[s, g] = run
-            v = tg[g] + _knap(cap[s, :, g + 1], lam, N, b, counts)
-            if v < run:
-                run = v
-        P[s, G] = run
+    for q in range(Q):
+        for s in range(S):
+            run = np.inf
+            for g in range(G):
+                if g >= 1:
+                    P[s, g, q] = run
+                v = tg[g] + _knap(cap[s, :, g + 1, q], lam, N, b, counts)
+                if v < run:
+                    run = v
+            P[s, G, q] = run
     return P
 
 
 @njit(cache=True)
-def _split(P, h, K):
-    """Least sum of prices (column h) over the ways to split K blocks into stages, and the
-    specs of its stages (-1 padded)."""
-    inner = np.full(K + 1, np.inf)
-    arg = np.full(K + 1, -1, dtype=np.int64)
-    inner[0] = 0.0
-    for x in range(1, K + 1):
-        for l in range(1, x + 1):
-            v = P[K + l, h] + inner[x - l]  # INNER l is spec K + l (FIRST 0..K come first)
-            if v < inner[x]:
-                inner[x] = v
-                arg[x] = l
-    best = P[3 * K + 2, h]  # ONLY
-    ba, bc = -1, -1
-    for a in range(K + 1):
-        pa = P[a, h]
-        if not np.isfinite(pa):
-            continue
-        for c in range(K + 1 - a):
-            v = pa + P[2 * K + 1 + c, h] + inner[K - a - c]
+def _split(P, h, K, of):
+    """Least sum of prices (column h) over the ways to split K blocks into stages, each
+    priced at its depth's in-flight bucket (``of``: bucket of each depth; the last depth
+    absorbs every deeper one when it saturates), and its stages front to back as (spec,
+    depth) (-1 padded)."""
+    D = of.shape[0]
+    E = np.full((D, K + 1), np.inf)
+    A = np.full((D, K + 1), -1, dtype=np.int64)  # blocks of the inner stage placed last
+    F = np.full((D, K + 1), -1, dtype=np.int64)  # the depth it came from
+    for c in range(K + 1):  # the last stage, depth 0
+        E[0, c] = P[2 * K + 1 + c, h, of[0]]
+    for d in range(1, D):
+        q = of[d]
+        for x in range(1, K + 1):
+            for l in range(1, x + 1):
+                pr = P[K + l, h, q]
+                v = E[d - 1, x - l] + pr
+                if v < E[d, x]:
+                    E[d, x], A[d, x], F[d, x] = v, l, d - 1
+                if d == D - 1:  # deeper stages hold as many: the same depth again
+                    v = E[d, x - l] + pr
+                    if v < E[d, x]:
+                        E[d, x], A[d, x], F[d, x] = v, l, d
+    best = P[3 * K + 2, h, of[0]]  # one stage
+    bd, bx = -1, -1
+    for d in range(D):
+        qf = of[min(d + 1, D - 1)]
+        for x in range(K + 1):
+            if not np.isfinite(E[d, x]):
+                continue
+            v = E[d, x] + P[K - x, h, qf]  # the first stage: FIRST K - x is spec K - x
             if v < best:
-                best, ba, bc = v, a, c
-    chosen = np.full(K + 2, -1, dtype=np.int64)
-    if ba < 0:
+                best, bd, bx = v, d, x
+    out = np.full((K + 2, 2), -1, dtype=np.int64)
+    if bd < 0:
         if np.isfinite(best):
-            chosen[0] = 3 * K + 2
-        return best, chosen
-    chosen[0] = ba
-    chosen[1] = 2 * K + 1 + bc
-    x, q = K - ba - bc, 2
-    while x > 0:
-        l = arg[x]
-        chosen[q] = K + l
-        q += 1
+            out[0, 0], out[0, 1] = 3 * K + 2, 0
+        return best, out
+    out[0, 0], out[0, 1] = K - bx, min(bd + 1, D - 1)
+    n, d, x = 1, bd, bx
+    while True:
+        if A[d, x] < 0:  # the last stage
+            out[n, 0], out[n, 1] = 2 * K + 1 + x, 0
+            n += 1
+            break
+        l = A[d, x]
+        out[n, 0], out[n, 1] = K + l, d
+        n += 1
+        d2 = F[d, x]
         x -= l
-    return best, chosen
+        d = d2
+    return best, out
 
 
 @njit(cache=True)
-def _pass(cap, tg, lam, N, b, K, M, h0):
-    """The bound of every tau interval h >= h0 for one multiplier vector (interval h < G:
-    tau in [tg[h-1], tg[h]]; h = G: tau >= tg[G-1])."""
+def _pass(cap, tg, lam, N, b, K, M, of):
+    """The bound of every tau interval for one multiplier vector (interval h < G: tau in
+    [tg[h-1], tg[h]]; h = G: tau >= tg[G-1]): objective >= (M - 1) tau + sum_s t_s, and
+    >= M tau (a stage takes tau)."""
     P = _prices(cap, tg, lam, N, b)
     G = tg.shape[0]
     lamN = 0.0
     for c in range(lam.shape[0]):
         lamN += lam[c] * N[c]
     out = np.full(G + 1, np.inf)
-    loosest, _ = _split(P, G, K)  # no interval's split is cheaper than the loosest cap's
-    out[G] = loosest + (M - 1) * tg[G - 1] - lamN
+    loosest, _ = _split(P, G, K, of)  # no interval's split is cheaper than the loosest cap's
+    out[G] = max(loosest + (M - 1) * tg[G - 1] - lamN, M * tg[G - 1])
     low = out[G]
-    for h in range(max(1, h0), G):
-        floor = loosest + (M - 1) * tg[h - 1] - lamN
-        if floor >= low:
-            break  # this interval and every later one are no lower than the lowest so far
-        v, _ = _split(P, h, K)
-        out[h] = v + (M - 1) * tg[h - 1] - lamN
-        if out[h] < low:
-            low = out[h]
-    for h in range(max(1, h0), G):  # intervals skipped above: at least their floor
-        if not np.isfinite(out[h]) or out[h] == np.inf:
-            floor = loosest + (M - 1) * tg[h - 1] - lamN
-            if floor >= low:
-                out[h] = floor
+    # blocks of BLOCK intervals: a block's lowest tau with its loosest cap bounds all of
+    # them; only blocks whose bound is below the lowest value so far are resolved
+    h = 1
+    while h < G:
+        top = min(G - 1, h + BLOCK - 1)
+        floor = max(loosest + (M - 1) * tg[h - 1] - lamN, M * tg[h - 1])
+        if floor >= low:  # this block and every later one are no lower than the lowest so far
+            for q in range(h, G):
+                out[q] = max(loosest + (M - 1) * tg[q - 1] - lamN, M * tg[q - 1])
+            break
+        v, _ = _split(P, top, K, of)
+        block = max(v + (M - 1) * tg[h - 1] - lamN, M * tg[h - 1])
+        if block >= low:
+            for q in range(h, top + 1):
+                out[q] = block
+        else:
+            for q in range(h, top + 1):
+                v, _ = _split(P, q, K, of)
+                out[q] = max(v + (M - 1) * tg[q - 1] - lamN, M * tg[q - 1])
+                if out[q] < low:
+                    low = out[q]
+        h = top + 1
     return out
 
 
 @njit(cache=True)
-def _used(cap, tg, lam, N, b, K, h):
-    """Units per class that the cheapest split of interval h takes at these multipliers."""
+def _used(cap, tg, lam, N, b, K, h, of):
+    """The cheapest split of interval h at these multipliers: its stages front to back as
+    (spec, depth) (-1 padded) and the (fractional) units per class of each."""
     P = _prices(cap, tg, lam, N, b)
-    _, chosen = _split(P, h, K)
+    _, chosen = _split(P, h, K, of)
     C = cap.shape[1]
     G = tg.shape[0]
-    tot = np.zeros(C)
+    per = np.zeros((chosen.shape[0], C))
     counts = np.zeros(C)
-    for q in range(chosen.shape[0]):
-        s = chosen[q]
+    for n in range(chosen.shape[0]):
+        s, d = chosen[n, 0], chosen[n, 1]
         if s < 0:
             break
+        q = of[d]
         run, gbest = np.inf, -1
         for g in range(min(h, G)):
-            v = tg[g] + _knap(cap[s, :, g + 1], lam, N, b, counts)
+            v = tg[g] + _knap(cap[s, :, g + 1, q], lam, N, b, counts)
             if v < run:
                 run, gbest = v, g
         if gbest >= 0:
-            _knap(cap[s, :, gbest + 1], lam, N, b, counts)
-            tot += counts
-    return tot
+            _knap(cap[s, :, gbest + 1, q], lam, N, b, counts)
+            per[n] = counts
+    return chosen, per
 
 
-def lagrange_bound(prob: Problem, timer: StageTimer, M: int, stop_at: float = math.inf) -> float:
+def lagrange_bound(prob: Problem, timer: StageTimer, M: int, stop_at: float = math.inf,
+                   quick: bool = False) -> float:
     """The bound of the module doc for plans at M of a model of identical blocks (inf if
-    no split can take the micro-batch). ``stop_at``: return as soon as the bound reaches it."""
+    no split can take the micro-batch). ``stop_at``: return as soon as the bound reaches it;
+    ``quick``: only the scan along the first direction (a pruning test, not the best bound)."""
     b = timer.b
     budget = [c.count for c in prob.classes]
     K = prob.L - 2
     ks = share_grid(b)
-    T = unit_times(prob, timer, M, budget, ks)
-    finite = T[np.isfinite(T)]
-    if finite.size == 0:
+    infls, of = inflight_buckets(prob, M, K)
+    T, KM = unit_tables(prob, timer, M, budget, ks, infls)
+    fits = np.isfinite(T) & (KM[..., :1] >= ks[None, None, None, :])
+    if not fits.any():
         return math.inf
-    lo, hi = float(finite.min()), float(finite.max())
-    if M > 1 and math.isfinite(stop_at):
-        hi = min(hi, stop_at / (M - 1))
+    lo, hi = float(T[fits].min()), float(T[fits].max())
+    if math.isfinite(stop_at):  # objective >= M tau (some stage takes tau): larger tau are done
+        hi = min(hi, stop_at / M)
     hi = max(hi, lo)
     n = int(math.ceil(math.log(hi / lo) / math.log(T_RATIO))) + 2 if hi > lo else 2
     tg = lo * T_RATIO ** np.arange(n)
-    cap = _capacities(T, ks, tg, b)
+    cap = _capacities(T, KM, ks, tg, b)
     N = np.array(budget, dtype=np.float64)
-    h0 = n if M == 1 else 1  # one micro-batch: no bottleneck term, the loosest interval is the lowest
     best = np.full(n + 1, -np.inf)
-    best[:h0] = np.inf
+    best[0] = np.inf
     arg: list = [None] * (n + 1)
 
     def fold(lam: np.ndarray) -> None:
-        vals = _pass(cap, tg, lam, N, b, K, M, h0)
+        vals = _pass(cap, tg, lam, N, b, K, M, of)
         better = vals > best
         best[better] = vals[better]
         for h in np.nonzero(better)[0]:
@@ -291,14 +352,14 @@ def lagrange_bound(prob: Problem, timer: StageTimer, M: int, stop_at: float = ma
     mid = K + max(1, K // 4)
     speed = np.zeros(len(budget))
     for c in range(len(budget)):
-        ok = np.nonzero(np.isfinite(T[mid, c]))[0]
+        ok = np.nonzero(fits[0, mid, c])[0]
         if ok.size:
-            speed[c] = ks[ok[-1]] / T[mid, c, ok[-1]]
+            speed[c] = ks[ok[-1]] / T[0, mid, c, ok[-1]]
     if not (speed > 0).any():
         speed = np.ones(len(budget))
     speed = np.maximum(speed, 1e-3 * speed.max())
     direction = speed / max(1e-30, float((speed * N).sum()))  # lam . N = 1
-    fold(direction * 0.0)  # the partition bound (allocator.bounds)
+    fold(direction * 0.0)  # the partition bound (allocator.bounds), with in-flight memory
     # lam . N of the objective's order: from 4x the incumbent (or 16x the partition bound) down
     scale = 4 * stop_at if math.isfinite(stop_at) else 16 * max(float(best.min()), lo)
     for q in range(SCAN):
@@ -306,13 +367,14 @@ def lagrange_bound(prob: Problem, timer: StageTimer, M: int, stop_at: float = ma
         if best.min() >= stop_at:
             return float(best.min())
     step = 0.5
-    for _ in range(STEPS):  # subgradient steps on the interval with the lowest bound
+    for _ in range(0 if quick else STEPS):  # subgradient steps on the interval with the lowest bound
         low = float(best.min())
         if low >= stop_at or not math.isfinite(low):
             break
         h = int(np.argmin(best))
         lam = arg[h] if arg[h] is not None else direction * scale
-        g = (_used(cap, tg, lam, N, b, K, h) - N) / np.maximum(N, 1.0)
+        _, per = _used(cap, tg, lam, N, b, K, h, of)
+        g = (per.sum(axis=0) - N) / np.maximum(N, 1.0)
         if float(np.abs(g).max()) <= 1e-9:
             break
         fold(lam * np.exp(step * np.clip(g, -1.0, 1.0)))  # the over-used classes dearer

@@ -87,6 +87,9 @@ class MState:
     """Only a part of the plan space is searched (replicas, device counts in units): its
     boxes give plans, not bounds."""
     root: Box | None = None
+    lagged: float | None = None
+    """The incumbent target its Lagrangian bound (in ``bound``) was computed for, if it was
+    (allocator.lagrange)."""
     restrictions: list = field(default_factory=list)
     """(CapSearch, R, root box) of each restricted plan space searched for plans."""
 
@@ -226,7 +229,9 @@ class Search:
                     # and the restricted spaces are searched only if it leaves M open
                     bounded = True
                     target = self.incumbent * (1 - self.gap)
-                    st.bound = max(st.bound, lagrange_bound(prob, timer, M, stop_at=target))
+                    if st.lagged is None or target < st.lagged * (1 - 1e-3):  # (again: its multipliers'
+                        # scale follows the incumbent, now better)
+                        st.bound = max(st.bound, lagrange_bound(prob, timer, M, stop_at=target))
                     if st.bound >= target:
                         st.status = "pruned" if math.isfinite(self.incumbent) else "infeasible"
                         break
@@ -410,6 +415,7 @@ class Search:
                         # search spends the budget (allocator.lagrange)
                         target = self.incumbent * (1 - self.gap)
                         cheap[(k, M)] = st.bound = max(st.bound, lagrange_bound(prob, timer, M, stop_at=target))
+                        st.lagged = target
                     st.seconds += time.perf_counter() - t0
                     if not math.isfinite(cheap[(k, M)]):
                         st.status = "infeasible"
