@@ -128,13 +128,25 @@ def memory_shortfall(cluster: Cluster, cg: CostGraph, optimizer: str) -> str:
     """A sentence saying why the model cannot fit, with the smallest memory that would."""
     pb = param_bytes(cg.precision, optimizer)
     biggest = max((cluster.device_types[t] for t in cluster.type_counts()), key=lambda t: t.memory_bytes)
-    need_layer = max(l.params * pb.total + l.saved_act_bytes + 2 * l.out_act_bytes for l in cg.layers)
-    worst = max(cg.layers, key=lambda l: l.params * pb.total + l.saved_act_bytes + 2 * l.out_act_bytes)
+    # the least a layer can need on one device: split over the largest tensor-parallel group
+    # of the biggest type one node holds, recomputing where that keeps less
+    per_node = max(n.type_counts().get(biggest.name, 0) for n in cluster.nodes)
+    degrees = [t for t in TP_DEGREES if t <= per_node] if cg.supports_tp else [1]
+    t_max = max(degrees, default=1)
+
+    def need(i: int) -> float:
+        l = cg.layers[i]
+        return min(cg.range_params(i, i + 1, t_max) * pb.total + cg.range_saved_bytes(i, i + 1, t_max, rc)
+                   + cg.range_working_bytes(i, i + 1, t_max, rc) + 2 * l.out_act_bytes for rc in RECOMPUTE)
+
+    worst_i = max(range(cg.num_layers), key=need)
+    need_layer, worst = need(worst_i), cg.layers[worst_i]
     cap = usable_memory(biggest)
     if need_layer > cap:
-        return (f"layer '{worst.name}' alone needs {need_layer / 2**30:.2f} GiB (weights, gradients and "
-                f"{optimizer} state, one sample of activations); the largest device ({biggest.name}) has "
-                f"{cap / 2**30:.2f} GiB usable — use devices with at least "
+        split = f" even split over {t_max} {biggest.name} devices" if t_max > 1 else ""
+        return (f"layer '{worst.name}' alone needs {need_layer / 2**30:.2f} GiB per device{split} (weights, "
+                f"gradients and {optimizer} state, one sample of activations); the largest device "
+                f"({biggest.name}) has {cap / 2**30:.2f} GiB usable — use devices with at least "
                 f"{need_layer / 2**30 / 0.9:.1f} GiB, a shorter --seq, or another optimizer")
     total_state = total_state_bytes(cg, optimizer)
     total_cap = total_usable_memory(cluster)

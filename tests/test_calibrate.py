@@ -93,7 +93,7 @@ def test_fitted_factors_round_trip_and_plan_an_unmeasured_model_and_cluster(tmp_
     i = cg.layers.index(block)
     assert f[i] == pytest.approx(100e-6 + block.fwd_flops * 4 / (CPU.peak_flops * 0.5), rel=1e-9)
     plan = make_plan(cluster, cg, 24, time_limit=10)
-    assert plan.solver["status"] in ("optimal", "time_limit") and plan.predicted["iteration_time_s"] > 0
+    assert plan.solver["status"] in ("optimal", "feasible", "time_limit") and plan.predicted["iteration_time_s"] > 0
 
 
 def test_a_kind_whose_times_do_not_grow_gets_its_fixed_cost_only():
