@@ -76,17 +76,21 @@ def stage_specs(prob: Problem) -> list[tuple[int, int]]:
 
 
 def inflight_buckets(prob: Problem, M: int, K: int) -> tuple[np.ndarray, np.ndarray]:
-    """(in-flight micro-batches of each bucket, bucket of each depth). A stage with d stages
-    behind it holds min(M, d + 1) micro-batches in 1F1B (M in GPipe); depths are grouped
-    into buckets of powers of two, each counted at its smallest in-flight (the least memory:
-    a valid relaxation)."""
-    D = min(M, K + 1) + 1  # the last depth row stands for every deeper stage (all hold M)
-    if prob.schedule == "gpipe":
-        return np.array([M]), np.zeros(D, dtype=np.int64)
-    infls = sorted({min(M, 1 << q) for q in range(0, max(1, M).bit_length() + 1)} | {min(M, D)})
+    """(in-flight micro-batches of each bucket, bucket of each depth row). A stage with d
+    stages behind it holds min(M, d + 1) micro-batches in 1F1B (M in GPipe). Rows are the
+    depths 0 .. DEPTHS - 1, the last one standing for every deeper stage too; rows are
+    grouped into buckets of powers of two; each bucket is counted at its smallest in-flight
+    count (the least memory: a valid relaxation)."""
+    if prob.schedule == "gpipe":  # every stage holds M: the last stage and all the others
+        return np.array([M]), np.zeros(2, dtype=np.int64)
+    D = min(M, K + 1, DEPTHS) + 1
+    infls = sorted({min(M, 1 << q) for q in range(D.bit_length() + 1) if 1 << q <= D} | {min(M, D)})
     of = np.array([max(b for b, f in enumerate(infls) if f <= min(M, d + 1)) for d in range(D)], dtype=np.int64)
     return np.array(infls), of
 
+
+DEPTHS = 8
+"""Pipeline depths told apart by the bound's memory (deeper stages count as this deep)."""
 
 
 def unit_tables(prob: Problem, timer: StageTimer, M: int, budget: list[int], ks: np.ndarray,
@@ -195,6 +199,24 @@ def _prices(cap, tg, lam, N, b):
 
 
 @njit(cache=True)
+def _prices_at(cap, tg, lam, N, b, h):
+    """Column h of ``_prices`` alone (the others left infinite)."""
+    S, C, G1, Q = cap.shape
+    G = G1 - 1
+    P = np.full((S, G + 1, Q), np.inf)
+    counts = np.zeros(C)
+    for q in range(Q):
+        for s in range(S):
+            run = np.inf
+            for g in range(min(h, G)):
+                v = tg[g] + _knap(cap[s, :, g + 1, q], lam, N, b, counts)
+                if v < run:
+                    run = v
+            P[s, h, q] = run
+    return P
+
+
+@njit(cache=True)
 def _split(P, h, K, of):
     """Least sum of prices (column h) over the ways to split K blocks into stages, each
     priced at its depth's in-flight bucket (``of``: bucket of each depth; the last depth
@@ -292,7 +314,7 @@ def _pass(cap, tg, lam, N, b, K, M, of):
 def _used(cap, tg, lam, N, b, K, h, of):
     """The cheapest split of interval h at these multipliers: its stages front to back as
     (spec, depth) (-1 padded) and the (fractional) units per class of each."""
-    P = _prices(cap, tg, lam, N, b)
+    P = _prices_at(cap, tg, lam, N, b, h)
     _, chosen = _split(P, h, K, of)
     C = cap.shape[1]
     G = tg.shape[0]
