@@ -337,16 +337,20 @@ def _used(cap, tg, lam, N, b, K, h, of):
 
 
 def lagrange_bound(prob: Problem, timer: StageTimer, M: int, stop_at: float = math.inf,
-                   quick: bool = False) -> float:
+                   quick: bool = False, meter: list[int] | None = None) -> float:
     """The bound of the module doc for plans at M of a model of identical blocks (inf if
     no split can take the micro-batch). ``stop_at``: return as soon as the bound reaches it;
-    ``quick``: only the scan along the first direction (a pruning test, not the best bound)."""
+    ``quick``: only the scan along the first direction (a pruning test, not the best bound);
+    ``meter``: its work is added to meter[0] (unit times tabled, knapsacks priced), a count
+    the caller can charge to a work budget."""
+    meter = meter if meter is not None else [0]
     b = timer.b
     budget = [c.count for c in prob.classes]
     K = prob.L - 2
     ks = share_grid(b)
     infls, of = inflight_buckets(prob, M, K)
     T, KM = unit_tables(prob, timer, M, budget, ks, infls)
+    meter[0] += T.size
     fits = np.isfinite(T) & (KM[..., :1] >= ks[None, None, None, :])
     if not fits.any():
         return math.inf
@@ -363,6 +367,7 @@ def lagrange_bound(prob: Problem, timer: StageTimer, M: int, stop_at: float = ma
     arg: list = [None] * (n + 1)
 
     def fold(lam: np.ndarray) -> None:
+        meter[0] += cap.shape[0] * cap.shape[2] * cap.shape[3]  # knapsacks priced per pass
         vals = _pass(cap, tg, lam, N, b, K, M, of)
         better = vals > best
         best[better] = vals[better]

@@ -343,10 +343,12 @@ class Search:
         self.log.append({"M": M, "tp": prob.tp, "step": "program", "status": st.status, "bound": st.bound,
                          "seconds": round(st.seconds, 3)})
 
-    def lagrangian(self, prob: Problem, timer: StageTimer, M: int, target: float) -> float:
-        """M's Lagrangian bound (allocator.lagrange), charged to the work budget."""
-        self.evals_left -= LAGRANGE_EVALS
-        return lagrange_bound(prob, timer, M, stop_at=target)
+    def lagrangian(self, prob: Problem, timer: StageTimer, M: int, target: float, quick: bool = False) -> float:
+        """M's Lagrangian bound (allocator.lagrange), its counted work charged to the budget."""
+        meter = [0]
+        bound = lagrange_bound(prob, timer, M, stop_at=target, quick=quick, meter=meter)
+        self.evals_left -= 1 + meter[0] // LAGRANGE_WORK_PER_EVAL
+        return bound
 
     def root_of(self, caps: CapSearch) -> Box | None:
         """caps.root() within the incumbent; its evaluations come from the work budget."""
@@ -425,15 +427,28 @@ class Search:
                     t0 = time.perf_counter()
                     timer = StageTimer(prob, prob.global_batch // M)
                     cheap[(k, M)] = st.bound = block_bound(prob, timer, M)
-                    if math.isfinite(st.bound) and not exact_fits(prob, M):
-                        # no exact program for M: the Lagrangian bound now, before any
-                        # search spends the budget (allocator.lagrange)
-                        target = self.incumbent * (1 - self.gap)
-                        cheap[(k, M)] = st.bound = max(st.bound, self.lagrangian(prob, timer, M, target))
-                        st.lagged = target
                     st.seconds += time.perf_counter() - t0
                     if not math.isfinite(cheap[(k, M)]):
                         st.status = "infeasible"
+        # The M values without an exact program: their Lagrangian bounds now, before any
+        # search spends the budget (allocator.lagrange), the fewest micro-batches first
+        # (their block bounds are the weakest), within LAGRANGE_SHARE of the work budget.
+        floor = self.evals_left * (1 - LAGRANGE_SHARE)
+        for key in sorted(self.states, key=lambda km: (km[1], km[0])):
+            st = self.states[key]
+            if st.status == "infeasible" or exact_fits(st.prob, st.M) or not st.prob.interchangeable_blocks:
+                continue
+            if self.evals_left <= floor or time.perf_counter() > self.deadline:
+                break
+            t0 = time.perf_counter()
+            target = self.incumbent * (1 - self.gap)
+            timer = StageTimer(st.prob, st.prob.global_batch // st.M)
+            cheap[key] = st.bound = max(st.bound, self.lagrangian(st.prob, timer, st.M, target,
+                                                                  quick=not math.isfinite(target)))
+            st.lagged = target
+            st.seconds += time.perf_counter() - t0
+            if not math.isfinite(cheap[key]):
+                st.status = "infeasible"
         self.pending = {key: cheap[key] for key, st in self.states.items() if st.status != "infeasible"}
         B = self.probs[0].global_batch
         for key in sorted(self.states, key=lambda km: (B // km[1], km[1], km[0])):
@@ -498,9 +513,13 @@ class Search:
         return res
 
 
-LAGRANGE_EVALS = 30
-"""Dynamic-program evaluations one Lagrangian bound is charged as (it takes ~0.2-1.5 s
-here, 12-90 evaluations' worth at EVALS_PER_SECOND)."""
+LAGRANGE_WORK_PER_EVAL = 200_000
+"""Units of a Lagrangian bound's counted work (allocator.lagrange: knapsacks priced, unit
+times tabled) charged as one dynamic-program evaluation (~60 per second here, as the
+knapsacks run: ~12 million per second)."""
+
+LAGRANGE_SHARE = 0.3
+"""Share of the work budget the up-front Lagrangian bounds (before any build) may use."""
 
 LAGRANGE_FROM = 2_000_000
 """Estimated exact-program states (``exact_states``) from which an M is bounded by the
