@@ -137,6 +137,7 @@ class Search:
         self.states: dict[tuple[int, int], MState] = {}
         self.unresolved: list[float] = []
         self.heap: list[tuple] = []
+        self.use_lagrange = True
         self.pending: dict[tuple[int, int], float] = {}
         """M values not built yet, with their cheap bounds."""
         self._said = (math.inf, -math.inf)
@@ -224,7 +225,7 @@ class Search:
             program = None  # the smallest restriction's shapes, for an integer program
             bounded = False
             target = self.incumbent * (1 - self.gap)
-            if math.isfinite(target) and st.lagged is None and exact_fits(prob, M) and \
+            if self.use_lagrange and math.isfinite(target) and st.lagged is None and exact_fits(prob, M) and \
                     exact_states(prob, M) > LAGRANGE_FROM:
                 # a costly exact program: first the Lagrangian bound, which may settle M
                 st.bound = max(st.bound, self.lagrangian(prob, timer, M, target))
@@ -234,7 +235,7 @@ class Search:
                     st.seconds += time.perf_counter() - t0
                     return
             for R, unit in ((r, g) for r in range(1, B // M + 1) if (B // M) % r == 0 for g in (1, 2, 4, 8)):
-                if not (R == 1 and unit == 1) and not bounded:
+                if not (R == 1 and unit == 1) and not bounded and self.use_lagrange:
                     # no exact program for M: its bound is the Lagrangian one (allocator.lagrange),
                     # and the restricted spaces are searched only if it leaves M open
                     bounded = True
@@ -433,11 +434,14 @@ class Search:
         # The M values without an exact program: their Lagrangian bounds now, before any
         # search spends the budget (allocator.lagrange), the fewest micro-batches first
         # (their block bounds are the weakest), within LAGRANGE_SHARE of the work budget.
+        # Only where they can cover every such M (LAGRANGE_STATES): the bound is the lowest
+        # over all M, so a few bounded ones do not move it, and their work is the plans'.
         floor = self.evals_left * (1 - LAGRANGE_SHARE)
-        for key in sorted(self.states, key=lambda km: (km[1], km[0])):
+        large = [key for key, st in self.states.items() if st.status != "infeasible" and
+                 st.prob.interchangeable_blocks and not exact_fits(st.prob, st.M)]
+        self.use_lagrange = len(large) <= LAGRANGE_STATES
+        for key in sorted(large if self.use_lagrange else [], key=lambda km: (km[1], km[0])):
             st = self.states[key]
-            if st.status == "infeasible" or exact_fits(st.prob, st.M) or not st.prob.interchangeable_blocks:
-                continue
             if self.evals_left <= floor or time.perf_counter() > self.deadline:
                 break
             t0 = time.perf_counter()
@@ -517,6 +521,9 @@ LAGRANGE_WORK_PER_EVAL = 200_000
 """Units of a Lagrangian bound's counted work (allocator.lagrange: knapsacks priced, unit
 times tabled) charged as one dynamic-program evaluation (~60 per second here, as the
 knapsacks run: ~12 million per second)."""
+
+LAGRANGE_STATES = 16
+"""Most (space, M) states without an exact program for which Lagrangian bounds are used."""
 
 LAGRANGE_SHARE = 0.3
 """Share of the work budget the up-front Lagrangian bounds (before any build) may use."""
