@@ -205,7 +205,13 @@ def make_plan(cluster: Cluster, cg: CostGraph, global_batch: int, *, schedule: s
     # search's first incumbents, so its plan is never worse than theirs in its model.
     scored = run_baselines(cluster, cg, global_batch, schedule, optimizer, sync, time_limit, started) \
         if compare_baselines else []
-    seeds = seeds_of([bp for _, bp in scored if isinstance(bp, Plan)], probs)
+    # (not plans of more than FALLBACK_MAX_M micro-batches: neither good starting points nor
+    # cheap to time exactly)
+    # Not on clusters of more than SEED_DEVICES: on 100,000 GPUs at a batch of 1e8 a seed
+    # led the search to an 87.07 s/iteration plan where it finds 66.63 s without (not
+    # understood yet; benchmarks/RESULTS.md).
+    seeds = [(cp, q) for cp, q in seeds_of([bp for _, bp in scored if isinstance(bp, Plan)], probs)
+             if cp.M <= FALLBACK_MAX_M] if cluster.num_devices <= SEED_DEVICES else []
     res = search(probs, time_limit=SEARCH_SHARE * time_limit, gap=gap, backend=backend, msg=msg, progress=progress,
                  seeds=seeds, deadline=started + DEADLINE_SHARE * time_limit)
     prob = res.prob
@@ -274,7 +280,14 @@ def placed_best(pool: list, cluster: Cluster, cg: CostGraph, sync: str, grad_syn
     first) placed and predicted: (the plan that predicts fastest, its count-level plan, its
     space, its rank in the pool). Ties go to the better model objective."""
     out = None
+    if cluster.num_devices > POOL_PLACEMENTS:
+        pool = pool[:1]  # placing and predicting cost per device: the best plan only
+    cp0, q0 = pool[0]
+    devices = sum(cp0.R * n * q0.classes[c].tp for st in cp0.stages for c, n in enumerate(st.counts))
+    pool = pool[:max(1, POOL_PLACEMENTS // max(1, devices))]
     for rank, (cp, q) in enumerate(pool):
+        if rank and cp.M * sum(sum(st.counts) for st in cp.stages) > POOL_TIMING_OPS:
+            continue  # the exact schedule timing of millions of micro-batches: only for the best
         plan = place(q, cp, grad_sync=sync)
         plan.solver = {}
         plan = _finish(plan, cluster, cg, grad_sync)
@@ -282,6 +295,19 @@ def placed_best(pool: list, cluster: Cluster, cg: CostGraph, sync: str, grad_syn
         if out is None or t < out[0] * (1 - 1e-12):
             out = (t, plan, cp, q, rank)
     return out[1:]
+
+
+SEED_DEVICES = 20_000
+"""Largest cluster whose search starts from the baselines' plans."""
+
+POOL_PLACEMENTS = 20_000
+"""Devices placed and predicted, in all, when choosing among the search's best plans (a
+10,000-device plan is placed twice, a 25,000-device one once)."""
+
+
+POOL_TIMING_OPS = 1_000_000
+"""Largest micro-batches x units of one replica a plan of the pool other than the best may
+have to be placed and predicted (the schedule's exact timing is as long)."""
 
 
 def run_baselines(cluster: Cluster, cg: CostGraph, global_batch: int, schedule: str, optimizer: str, sync: str,
