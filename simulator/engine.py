@@ -41,6 +41,8 @@ from hetalloc) and from the network; this module only orders them in time.
 
 from __future__ import annotations
 
+import math
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -85,6 +87,16 @@ class SimOptions:
     interference: bool | None = None
     """Compute and communication slow each other by the device types' measured
     interference figures (simulator.compute); None: as ``contention``."""
+    noise: bool | None = None
+    """Draw each simulated group's compute of each iteration from its device type's
+    measured step-to-step spread (``DeviceType.compute_noise``: a log-normal factor of
+    median 1 on all its forward and backward ops of that iteration), so that what waits
+    for every rank (the loss and gradient all-reduces, a pipeline's receives) waits for
+    the late ones as in a run; the report's iteration time is then the median over the
+    iterations. None: as ``contention``, where more than one iteration is simulated.
+    Replicas are not folded while it is on (each draws its own)."""
+    seed: int = 0
+    """Seed of the noise draws (the same seed, the same simulation)."""
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -174,6 +186,8 @@ class SimResult:
     """Per simulated group and iteration: start, pipe_end (last op done and its sends
     gone), opt_start, opt_end, end (the loss all-reduce done)."""
     loss_time_s: float = 0.0
+    noisy: bool = False
+    """Whether compute was drawn from the measured noise (SimOptions.noise)."""
 
 
 class Simulation:
@@ -192,7 +206,10 @@ class Simulation:
         interference = self.opts.contention if self.opts.interference is None else self.opts.interference
         self.compute = ComputeModel(self.env, cluster, shared=shared, interference=interference)
         # Shared compute couples the devices of a node, whichever replica they serve.
-        fold = self.opts.fold and not any(self.compute.nodes[n.name].share_slots for n in cluster.nodes)
+        noise = (self.opts.contention and self.opts.iterations > 1) if self.opts.noise is None else self.opts.noise
+        self.noisy = noise and any(cluster.device_types[d.type].compute_noise > 0 for d in cluster.devices)
+        fold = (self.opts.fold and not self.noisy
+                and not any(self.compute.nodes[n.name].share_slots for n in cluster.nodes))
         self.groups = [g for g in sync_groups(plan, cluster, cg) if len(g.devices) > 1]
         build = STEP_BUILDERS[plan.grad_sync]
         self.parts = ("rs", "ag") if plan.optimizer_sharding == "zero1" else ("all",)
@@ -246,6 +263,14 @@ class Simulation:
         self.loss_time = loss_reduction_time(cluster, list(placement))
         self._last_send: dict[tuple[int, str], simpy.Event] = {}
         self._measured: dict[tuple, tuple[float, float, float] | None] = {}
+        self.factor: dict[tuple[int, str], float] = {}
+        """(iteration, simulated group) -> its compute factor (noise; 1 where absent)."""
+        if self.noisy:
+            rng = random.Random(self.opts.seed)
+            for it in range(self.opts.iterations):
+                for d in sorted(self.work):
+                    sigma = self.work[d].dtype.compute_noise
+                    self.factor[(it, d)] = math.exp(sigma * rng.gauss(0.0, 1.0)) if sigma > 0 else 1.0
 
     # ---- bookkeeping ------------------------------------------------------------------
     # Events carry (activity index, time): the activity whose end released the waiter.
@@ -377,11 +402,12 @@ class Simulation:
                 op = self._begin(w.id, "compute", kind, f"{kind} mb{m} L{w.start}-{w.stop - 1}",
                                  self._latest(prev, *(d.value for d in deps)), it)
                 marks = None
+                f = self.factor.get((it, w.id), 1.0)
                 if kind == "F":
                     self.mem[w.id].append((env.now, w.act_bytes_per_mb))
                 elif pos == last_b and overlap:
-                    marks = self._ready_marks(w, it, op)
-                yield self.compute.run(w.id, w.fwd_s if kind == "F" else w.bwd_s, marks)
+                    marks = self._ready_marks(w, it, op, f)
+                yield self.compute.run(w.id, f * (w.fwd_s if kind == "F" else w.bwd_s), marks)
                 prev = self._end(op)
                 if kind == "B":
                     self.mem[w.id].append((env.now, -w.act_bytes_per_mb))
@@ -495,15 +521,16 @@ class Simulation:
             prev = self._end(i)
             self._event(("arrive", it, kind, m, device, s.dst)).succeed(prev)
 
-    def _ready_marks(self, w: DeviceWork, it: int, op: int) -> list:
-        """For the device's last backward: after how much of its work each of its buckets
-        is ready (the backward runs from the stage's last layer down to its first)."""
+    def _ready_marks(self, w: DeviceWork, it: int, op: int, factor: float = 1.0) -> list:
+        """For the device's last backward: after how much of its work (its layers' times
+        x `factor`, the iteration's noise) each of its buckets is ready (the backward
+        runs from the stage's last layer down to its first)."""
         marks = []
         for r in w.ranks:
             for c in self.lane_colls.get((it, r), []):
                 if c.part == "ag":
                     continue
-                done = sum(w.bwd_layer_s[c.bucket.start - w.start:])
+                done = factor * sum(w.bwd_layer_s[c.bucket.start - w.start:])
                 ev = self._event(("ready", c.key, r))
                 marks.append((done, lambda ev=ev: ev.succeed((op, self.env.now))))
         return marks
@@ -607,4 +634,4 @@ class Simulation:
             activities=self.acts, memory_events=self.mem, iteration_ends_s=self.iteration_ends, groups=self.groups,
             collective_steps=self.steps, collectives=self.collectives, num_events=env.num_events,
             wall_s=time.perf_counter() - t_wall, network_solves=self.net.solves if self.net else 0,
-            marks=self.marks, loss_time_s=self.loss_time)
+            marks=self.marks, loss_time_s=self.loss_time, noisy=self.noisy)

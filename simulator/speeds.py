@@ -61,7 +61,8 @@ def speed_case(cluster: Cluster, cg: CostGraph, factors: dict[str, float],
             if name not in types:
                 types[name] = dataclasses.replace(
                     base, name=name, peak_tflops=base.peak_tflops / f, mem_bandwidth_gbps=base.mem_bandwidth_gbps / f,
-                    op_overhead_us=base.op_overhead_us * f, source=f"{base.name}, measured {f:g}x slower")
+                    op_overhead_us=base.op_overhead_us * f, op_compute_us=base.op_compute_us * f,
+                    source=f"{base.name}, measured {f:g}x slower")
                 if base.name in cg.tables:
                     t = cg.tables[base.name]
                     tables[name] = TimeTable(list(t.batch_sizes), [[x * f for x in row] for row in t.fwd_s],

@@ -39,6 +39,10 @@ from simulator import simulate
 
 RUN_WARMUP_STEPS = 2
 """Leading steps of a run left out (shape inference, allocator and gloo warm-up)."""
+SIM_ITERATIONS = 30
+"""Iterations simulated per prediction: where the profile measured how a rank's compute
+varies from step to step, the prediction is the median iteration of a noisy simulation
+(simulator.engine.SimOptions.noise), as the measurement is the median step."""
 MEASURED_KIND = {"compute": "compute_s", "p2p": "p2p_wait_s", "allreduce": "grad_sync_s", "optimizer": "optimizer_s",
                  "loss": "loss_sync_s", "other": "other_s"}
 """The runtime's measured category (runtime.metrics.StepTimes) of each kind of simulated
@@ -94,7 +98,7 @@ def measure(plan: Plan, prof: Profiled, out_dir: str | Path, *, steps: int = 12,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / "plan.json")
-    sim = simulate(plan, prof.cluster, prof.cost_graph)
+    sim = simulate(plan, prof.cluster, prof.cost_graph, iterations=SIM_ITERATIONS)
     summary = run_local(out / "plan.json", steps=steps, slowdown=slowdown_args(prof, plan), out_dir=out / "run",
                         capture=True, extra=["--warmup-steps", str(RUN_WARMUP_STEPS)])
     summary.pop("output", None)
@@ -116,7 +120,7 @@ def measure(plan: Plan, prof: Profiled, out_dir: str | Path, *, steps: int = 12,
                           "grad_sync_s": r["predicted"]["grad_sync_s"], "p2p_s": r["predicted"]["p2p_s"],
                           "busy_s": sd["busy_s"],
                           # the runtime's own time the formulas add (in compute_s and optimizer_s)
-                          "op_overhead_s": 2 * plan.num_microbatches * dtype.op_overhead_s,
+                          "op_overhead_s": 2 * plan.num_microbatches * dtype.op_runtime_s,
                           "step_overhead_s": dtype.step_overhead_s},
             "measured": {k: m[k] for k in ("compute_s", "optimizer_s", "grad_sync_s", "p2p_wait_s", "loss_sync_s",
                                            "other_s", "step_s")},

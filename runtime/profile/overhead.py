@@ -12,7 +12,13 @@ evenly, 1F1B) with 2 and with 8 micro-batches of SHARE samples, STEPS steps each
     other(M) = step_overhead + 2 M op_overhead
 
 and the two runs give both figures; a device type gets the median over its ranks
-(negative fits clamp to 0). Where a host has more ranks than compute slots, the runs
+(negative fits clamp to 0). The same runs give two figures about compute: what a
+rank's ops compute beyond the profiled layer times (measured minus profiled compute,
+per op over both runs: ``op_compute_us``; booked as compute, not as the runtime's own
+time), and how much a rank's compute varies from step to step (``compute_noise``: the
+spread of log(step compute / the run's median), IQR / 1.349, the standard deviation of
+a normal with that IQR, so that rare stalls do not set it; pooled over the type's
+ranks and both runs), which the simulator draws from. Where a host has more ranks than compute slots, the runs
 take its ranks in the profile's turns (as many at a time as it has slots), so that each
 figure is the rank's own time and not its wait for a shared core (the simulator shares
 the cores). They are written into the profile's cluster.yaml as
@@ -25,6 +31,7 @@ Never imports torch (the runs are torchrun subprocesses).
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -56,11 +63,36 @@ def calibration_plan(cluster: Cluster, cg: CostGraph, num_microbatches: int,
                      name=f"overhead-m{num_microbatches}-{len(devices)}")
 
 
+def _records(path: Path) -> list[dict[str, Any]]:
+    """A rank's per-step records after warm-up."""
+    return [json.loads(line) for line in path.read_text().splitlines()][WARMUP_STEPS:]
+
+
 def _median_other(path: Path) -> float:
     """Median 'other' seconds over the steps after warm-up (a step now and then loses a
     few milliseconds to the operating system; the median step is what runs are judged by)."""
-    recs = [json.loads(line) for line in path.read_text().splitlines()]
-    return statistics.median(r["other_s"] for r in recs[WARMUP_STEPS:])
+    return statistics.median(r["other_s"] for r in _records(path))
+
+
+def log_spread(xs: list[float]) -> float:
+    """IQR / 1.349 of log(x / median(x)): the standard deviation of a log-normal step
+    time with the same interquartile range (0 for fewer than 4 positive values)."""
+    xs = [x for x in xs if x > 0]
+    if len(xs) < 4:
+        return 0.0
+    med = statistics.median(xs)
+    q = statistics.quantiles([math.log(x / med) for x in xs], n=4, method="inclusive")
+    return (q[2] - q[0]) / 1.349
+
+
+def fit_compute(runs: list[tuple[int, float, list[float]]]) -> tuple[float, list[float]]:
+    """runs: (ops per step, profiled compute seconds per step, measured per-step compute
+    seconds) of one rank -> (compute per op beyond the profile, clamped at 0; the log
+    ratios of each step's compute to its run's median)."""
+    extra = sum(statistics.median(xs) - pred for _, pred, xs in runs)
+    ops = sum(n for n, _, _ in runs)
+    logs = [math.log(x / statistics.median(xs)) for _, _, xs in runs for x in xs if x > 0]
+    return max(0.0, extra / ops) if ops else 0.0, logs
 
 
 def fit_overheads(others: dict[int, dict[str, float]]) -> dict[str, tuple[float, float]]:
@@ -83,6 +115,7 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
     ids = [d.id for d in cluster.devices]
     groups = [[ids[r] for r in t] for t in (turns or [list(range(len(ids)))])]
     others: dict[int, dict[str, float]] = {M: {} for M in MICROBATCHES}
+    compute: dict[str, list[tuple[int, float, list[float]]]] = {}
     for g, devices in enumerate(groups):
         for M in MICROBATCHES:
             plan = calibration_plan(cluster, cg, M, devices)
@@ -95,15 +128,28 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
                                 extra=["--warmup-steps", str(WARMUP_STEPS)])
             others[M].update({r["device"]: _median_other(run_dir / f"metrics.rank{r['rank']}.jsonl")
                               for r in summary["ranks"]})
+            for r in summary["ranks"]:
+                stage = plan.replicas[0].stages[r["stage"]]
+                dt = cluster.dtype(r["device"])
+                f, b = cg.range_time(stage.start, stage.stop, dt, SHARE)
+                profiled = M * (f + b - 2 * dt.op_overhead_s)
+                steps = [x["compute_s"] for x in _records(run_dir / f"metrics.rank{r['rank']}.jsonl")]
+                compute.setdefault(r["device"], []).append((2 * M, profiled, steps))
     per_device = fit_overheads(others)
+    fits = {d: fit_compute(runs) for d, runs in compute.items()}
     per_type: dict[str, dict[str, float]] = {}
     for t in sorted({cluster.device(d).type for d in per_device}):
-        mine = [per_device[d] for d in per_device if cluster.device(d).type == t]
-        per_type[t] = {"op_overhead_us": 1e6 * statistics.median(o for o, _ in mine),
-                       "step_overhead_us": 1e6 * statistics.median(s for _, s in mine)}
+        mine = [d for d in per_device if cluster.device(d).type == t]
+        logs = [x for d in mine if d in fits for x in fits[d][1]]
+        per_type[t] = {"op_overhead_us": 1e6 * statistics.median(per_device[d][0] for d in mine),
+                       "step_overhead_us": 1e6 * statistics.median(per_device[d][1] for d in mine),
+                       "op_compute_us": 1e6 * statistics.median(fits[d][0] for d in mine if d in fits)
+                       if any(d in fits for d in mine) else 0.0,
+                       "compute_noise": log_spread([math.exp(x) for x in logs])}
     return {"microbatches": list(MICROBATCHES), "share": SHARE, "steps": STEPS, "groups": groups,
             "other_s": {str(M): v for M, v in others.items()},
-            "per_device": {d: {"op_overhead_us": 1e6 * o, "step_overhead_us": 1e6 * s}
+            "per_device": {d: {"op_overhead_us": 1e6 * o, "step_overhead_us": 1e6 * s,
+                               "op_compute_us": 1e6 * fits[d][0] if d in fits else 0.0}
                            for d, (o, s) in per_device.items()},
             "per_type": per_type}
 
@@ -113,5 +159,7 @@ def with_overheads(cluster: Cluster, per_type: dict[str, dict[str, float]]) -> C
     types = dict(cluster.device_types)
     for t, f in per_type.items():
         types[t] = replace(types[t], op_overhead_us=round(f["op_overhead_us"], 1),
-                           step_overhead_us=round(f["step_overhead_us"], 1))
+                           step_overhead_us=round(f["step_overhead_us"], 1),
+                           op_compute_us=round(f.get("op_compute_us", 0.0), 1),
+                           compute_noise=round(f.get("compute_noise", 0.0), 4))
     return replace(cluster, device_types=types, _path_cache={})
