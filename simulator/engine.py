@@ -62,6 +62,15 @@ from .pipeline import DeviceWork, ReplicaClass, Send, fold_replicas, optimizer_w
 
 DDP_BUCKET_BYTES = 25 * 2**20
 """PyTorch DDP's default bucket_cap_mb (25 MiB)."""
+NOISE_ITERATIONS = 30
+"""Iterations a prediction simulates where the cluster has measured compute noise
+(SimOptions.noise): its median iteration is what a run's median step is compared with."""
+
+
+def prediction_iterations(cluster: Cluster) -> int:
+    """Iterations to simulate for a prediction on `cluster`: NOISE_ITERATIONS where some
+    device type has measured compute noise, else 1 (every iteration is the same)."""
+    return NOISE_ITERATIONS if any(t.compute_noise > 0 for t in cluster.device_types.values()) else 1
 
 
 @dataclass(kw_only=True, slots=True)

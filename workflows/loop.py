@@ -36,13 +36,10 @@ from runtime.plans import describe
 from runtime.profile.command import run_profile
 from runtime.profile.files import report_lines
 from simulator import simulate
+from simulator.engine import prediction_iterations
 
 RUN_WARMUP_STEPS = 2
 """Leading steps of a run left out (shape inference, allocator and gloo warm-up)."""
-SIM_ITERATIONS = 30
-"""Iterations simulated per prediction: where the profile measured how a rank's compute
-varies from step to step, the prediction is the median iteration of a noisy simulation
-(simulator.engine.SimOptions.noise), as the measurement is the median step."""
 MEASURED_KIND = {"compute": "compute_s", "p2p": "p2p_wait_s", "allreduce": "grad_sync_s", "optimizer": "optimizer_s",
                  "loss": "loss_sync_s", "other": "other_s"}
 """The runtime's measured category (runtime.metrics.StepTimes) of each kind of simulated
@@ -98,7 +95,9 @@ def measure(plan: Plan, prof: Profiled, out_dir: str | Path, *, steps: int = 12,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / "plan.json")
-    sim = simulate(plan, prof.cluster, prof.cost_graph, iterations=SIM_ITERATIONS)
+    # where the profile measured how a rank's compute varies from step to step, the
+    # prediction is the median iteration of a noisy simulation, as the measurement is the median step
+    sim = simulate(plan, prof.cluster, prof.cost_graph, iterations=prediction_iterations(prof.cluster))
     summary = run_local(out / "plan.json", steps=steps, slowdown=slowdown_args(prof, plan), out_dir=out / "run",
                         capture=True, extra=["--warmup-steps", str(RUN_WARMUP_STEPS)])
     summary.pop("output", None)
