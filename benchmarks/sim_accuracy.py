@@ -6,7 +6,13 @@ the steps after warm-up), and each kind of work (compute, p2p waits, gradient
 all-reduce, optimizer, loss reduction, the runtime's own time; per step, summed over the
 ranks) simulated with measured.
 
-RESULTS.md's run (options: --only NAME ..., --reuse-profiles, --out DIR):
+The host's other load is measured around every profile and run (workflows.hostload:
+the share of the CPU that processes other than the benchmark's took): a profile or run
+that other processes disturbed (more than 10 % of the host) is repeated up to --retries
+times and the least disturbed one is kept; the tables show each configuration's share,
+and the summary says which remain disturbed.
+
+RESULTS.md's run (options: --only NAME ..., --reuse-profiles, --retries N, --out DIR):
 
     python benchmarks/sim_accuracy.py --steps 12
 
@@ -38,6 +44,7 @@ from rich.table import Table
 from allocator import make_plan
 from hetalloc.fileio import atomic_write_json
 from runtime.plans import hand_plan
+from workflows.hostload import DISTURBED
 from workflows.loop import Profiled, measure, profile_machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,11 +120,13 @@ def plan_for(cfg: Config, prof: Profiled):
 
 def table(rows: list[dict]) -> Table:
     t = Table(title="simulated (predicted) vs measured step time")
-    for c in ("configuration", "layout", "sched", "pred ms", "meas ms", "spread", "error"):
+    for c in ("configuration", "layout", "sched", "pred ms", "meas ms", "spread", "other load", "error"):
         t.add_column(c, justify="left" if c in ("configuration", "layout", "sched") else "right")
     for r in rows:
+        share = r.get("foreign_cpu_share")
         t.add_row(r["name"], r["layout"], r["schedule"], f"{r['predicted_s'] * 1e3:.1f}",
-                  f"{r['measured_s'] * 1e3:.1f}", f"{100 * r['measured_iqr_rel']:.1f}%", f"{100 * r['error']:+.1f}%")
+                  f"{r['measured_s'] * 1e3:.1f}", f"{100 * r['measured_iqr_rel']:.1f}%",
+                  "n/a" if share is None else f"{100 * share:.0f}%", f"{100 * r['error']:+.1f}%")
     return t
 
 
@@ -179,10 +188,26 @@ def kinds_check(rows: list[dict], limit: float = 0.10) -> dict:
     for k in KINDS:
         sim = sum(r["work_simulated_s"][k] for r in rows)
         meas = sum(r["work_measured_s"][k] for r in rows)
-        rel = (sim - meas) / meas if meas > 1e-6 else 0.0
+        # a kind of work the configurations barely have (under 0.2 ms per step, as the table) has no ratio
+        rel = (sim - meas) / meas if meas > 0.2e-3 else 0.0
         out[k] = {"simulated_s": sim, "measured_s": meas, "relative": rel,
-                  "within": abs(rel) <= limit or abs(sim - meas) < 1e-6}
+                  "within": abs(rel) <= limit if meas > 0.2e-3 else abs(sim - meas) < 0.2e-3}
     return out
+
+
+def least_disturbed(attempt, retries: int, what: str):
+    """Call attempt(k) (k = 0, 1, ...) until its result is not disturbed by other
+    processes or `retries` repeats are spent; the least disturbed result."""
+    best = None
+    for k in range(retries + 1):
+        res, share = attempt(k)
+        if best is None or (share is not None and (best[1] is None or share < best[1])):
+            best = (res, share)
+        if share is None or share <= DISTURBED:
+            break
+        print(f"  {what}: other processes took {100 * share:.0f}% of the host's CPU"
+              + (f"; again ({k + 1}/{retries})" if k < retries else "; keeping the least disturbed"), flush=True)
+    return best[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=12, help="steps per run (the first 2 are warm-up)")
     ap.add_argument("--only", nargs="*", help="configuration names to run (default: all)")
     ap.add_argument("--reuse-profiles", action="store_true", help="reuse profiles already under the output folder")
+    ap.add_argument("--retries", type=int, default=2,
+                    help="repeats of a profile or run that other processes disturbed (default 2)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"), metavar="DIR",
                     help="output directory (default benchmarks/out)")
     a = ap.parse_args(argv)
@@ -203,20 +230,31 @@ def main(argv: list[str] | None = None) -> int:
         if spec.name not in profiles:
             print(f"profiling {spec.name} ({spec.model}, {spec.nproc} ranks, slowdown {dict(spec.slowdown) or 'none'}) ...",
                   flush=True)
-            profiles[spec.name] = profile_machine(runs / "profiles" / spec.name, nproc=spec.nproc, model=spec.model,
-                                                  seq=SEQ, slowdown=dict(spec.slowdown), reuse=a.reuse_profiles)
+            def profile(k, spec=spec):
+                where = runs / "profiles" / (spec.name if k == 0 else f"{spec.name}-try{k}")
+                p = profile_machine(where, nproc=spec.nproc, model=spec.model, seq=SEQ,
+                                    slowdown=dict(spec.slowdown), reuse=a.reuse_profiles and k == 0)
+                return p, p.report.get("foreign_cpu_share")
+            profiles[spec.name] = least_disturbed(profile, a.retries, f"profile {spec.name}")
         prof = profiles[spec.name]
         plan = plan_for(cfg, prof)
         print(f"{cfg.name}: simulating and running {a.steps} steps ...", flush=True)
-        row = measure(plan, prof, runs / cfg.name, steps=a.steps, name=cfg.name)
+
+        def attempt(k, plan=plan, prof=prof, cfg=cfg):
+            r = measure(plan, prof, runs / cfg.name / f"try{k}", steps=a.steps, name=cfg.name)
+            return r, r["foreign_cpu_share"]
+        row = least_disturbed(attempt, a.retries, cfg.name)
         q = statistics.quantiles(row["measured_step_times_s"], n=4, method="inclusive")
         row["measured_iqr_rel"] = (q[2] - q[0]) / row["measured_s"]
         row["profile"] = spec.name
+        row["profile_foreign_cpu_share"] = prof.report.get("foreign_cpu_share")
         row["error_breakdown"] = error_breakdown(row)
         row["load_average"] = os.getloadavg()[0]
         rows.append(row)
+        share = row["foreign_cpu_share"]
         print(f"  predicted {row['predicted_s'] * 1e3:.1f} ms, measured {row['measured_s'] * 1e3:.1f} ms, "
-              f"error {100 * row['error']:+.1f}%", flush=True)
+              f"error {100 * row['error']:+.1f}%" + ("" if share is None else f" (other processes: {100 * share:.0f}% "
+                                                     "of the host during the run)"), flush=True)
     con = Console(width=220)
     con.print(table(rows))
     con.print(kinds_table(rows))
@@ -247,6 +285,16 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{k} {v['simulated_s'] * 1e3:.1f}/{v['measured_s'] * 1e3:.1f} "
                           f"({100 * v['relative']:+.0f}%{'' if v['within'] else ' NOT within 10%'})"
                           for k, v in kinds.items()))
+    disturbed = [r["name"] for r in rows if r.get("disturbed") or (r.get("profile_foreign_cpu_share") or 0) > DISTURBED]
+    quiet = [r for r in rows if r["name"] not in disturbed]
+    if disturbed:
+        qf = [abs(r["error"]) for r in quiet if r["ranks"] <= cpus]
+        qs = [abs(r["error"]) for r in quiet if r["ranks"] > cpus]
+        print(f"disturbed by other processes (run or profile, > {100 * DISTURBED:.0f}% of the host): "
+              f"{', '.join(disturbed)}; over the {len(quiet)} others: "
+              + (f"MAPE {100 * statistics.fmean(qf):.1f}% ({len(qf)} with a core per rank)" if qf else "")
+              + (f", {100 * statistics.fmean(qs):.1f}% ({len(qs)} shared)" if qs else "")
+              + (f", mean signed {100 * statistics.fmean(r['error'] for r in quiet):+.1f}%" if quiet else ""))
     untrusted = sorted({r["profile"] for r in rows if r.get("profile_trusted") is False})
     load = os.getloadavg()
     print(f"load average at the end: {load[0]:.2f} (1 min), {load[1]:.2f} (5 min)"
@@ -257,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
               "configs_core_per_rank": [r["name"] for r in fit], "beyond_10pct_core_per_rank": beyond,
               "mape_shared_cores": mape_shared, "configs_shared_cores": [r["name"] for r in shared],
               "mean_signed_error": signed, "kinds_two_ranks": kinds, "load_average_end": list(load),
-              "untrusted_profiles": untrusted,
+              "untrusted_profiles": untrusted, "disturbed": disturbed, "retries": a.retries,
               "worst": worst["name"], "rows": rows, "seconds": time.perf_counter() - t0}
     by = {r["name"]: r for r in rows}
     if "planner-slow" in by and "even-slow" in by:

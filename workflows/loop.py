@@ -19,7 +19,9 @@ depends on another. Never imports torch (the profile and the run are torchrun su
 from __future__ import annotations
 
 import json
+import os
 import statistics
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,8 @@ from runtime.profile.command import run_profile
 from runtime.profile.files import report_lines
 from simulator import simulate
 from simulator.engine import prediction_iterations
+
+from .hostload import ForeignCpu
 
 RUN_WARMUP_STEPS = 2
 """Leading steps of a run left out (shape inference, allocator and gloo warm-up)."""
@@ -78,8 +82,10 @@ def profile_machine(out_dir: str | Path, *, nproc: int = 2, model: str = "gpt2-t
         if all(old.get(k) == v for k, v in want.items()):
             report = old
     if report is None:
-        report = run_profile(out, nproc=nproc, model=model, seq=seq, batch_sizes=batch_sizes, repeats=repeats,
-                             slowdown=[f"{k}={v:g}" for k, v in sorted(slowdown.items())])
+        with ForeignCpu() as host:
+            report = run_profile(out, nproc=nproc, model=model, seq=seq, batch_sizes=batch_sizes, repeats=repeats,
+                                 slowdown=[f"{k}={v:g}" for k, v in sorted(slowdown.items())])
+        report = {**report, "foreign_cpu_share": host.share}
     return Profiled(out, load_cost_graph(out / "cost_graph.json"), load_cluster(out / "cluster.yaml"), report,
                     slowdown)
 
@@ -98,8 +104,9 @@ def measure(plan: Plan, prof: Profiled, out_dir: str | Path, *, steps: int = 12,
     # where the profile measured how a rank's compute varies from step to step, the
     # prediction is the median iteration of a noisy simulation, as the measurement is the median step
     sim = simulate(plan, prof.cluster, prof.cost_graph, iterations=prediction_iterations(prof.cluster))
-    summary = run_local(out / "plan.json", steps=steps, slowdown=slowdown_args(prof, plan), out_dir=out / "run",
-                        capture=True, extra=["--warmup-steps", str(RUN_WARMUP_STEPS)])
+    with profiled_threads(prof), ForeignCpu() as host:
+        summary = run_local(out / "plan.json", steps=steps, slowdown=slowdown_args(prof, plan), out_dir=out / "run",
+                            capture=True, extra=["--warmup-steps", str(RUN_WARMUP_STEPS)])
     summary.pop("output", None)
     measured = summary["measured"]["step_time_median_s"]
     predicted = sim.iteration_time_s
@@ -142,9 +149,31 @@ def measure(plan: Plan, prof: Profiled, out_dir: str | Path, *, steps: int = 12,
         "work_simulated_s": work_sim, "work_measured_s": work_meas,
         "cluster_shares_compute": any(n.shares_compute for n in prof.cluster.nodes),
         "profile_trusted": (prof.report.get("noise_check") or {}).get("trusted"),
+        # what other processes took of the host's CPU during the run (workflows.hostload)
+        "foreign_cpu_share": host.share, "disturbed": host.disturbed,
     }
     atomic_write_json(out / "comparison.json", row)
     return row
+
+
+@contextmanager
+def profiled_threads(prof: Profiled):
+    """Run ranks with the intra-op threads per rank the profile measured them with (a
+    plan that uses fewer devices than were profiled would otherwise get more threads per
+    rank: another device than the one profiled)."""
+    threads = {r.get("threads") for r in prof.report.get("ranks", [])}
+    if len(threads) != 1 or None in threads:
+        yield
+        return
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads.pop())
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
 
 
 def _step_times(run_dir: Path) -> list[float]:
