@@ -28,6 +28,12 @@ Two switches, both on by default:
 - ``shared_compute`` and ``interference`` (default: as ``contention``): devices on a node
   with fewer compute slots than devices share them; compute and communication slow each
   other by the device types' measured interference figures (``simulator.compute``).
+- ``noise`` (default: as ``contention``, when more than one iteration is simulated):
+  each group's compute of each iteration is drawn from its device type's measured
+  step-to-step spread (``DeviceType.compute_noise``), seeded; the report then gives the
+  median iteration (a run is judged by its median step), and every collective that needs
+  all ranks (the loss and gradient all-reduces) or a pipeline receive waits for the late
+  rank of that iteration, as in a run. Without measured figures nothing changes.
 Collectives are timed by the cluster's measured tables where it has them
 (``hetalloc.evaluate.allreduce_time``); over the links, a measured collective alone
 takes exactly its measured time (its steps get the difference as latency, or move

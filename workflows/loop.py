@@ -19,9 +19,7 @@ depends on another. Never imports torch (the profile and the run are torchrun su
 from __future__ import annotations
 
 import json
-import os
 import statistics
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,9 +102,10 @@ def measure(plan: Plan, prof: Profiled, out_dir: str | Path, *, steps: int = 12,
     # where the profile measured how a rank's compute varies from step to step, the
     # prediction is the median iteration of a noisy simulation, as the measurement is the median step
     sim = simulate(plan, prof.cluster, prof.cost_graph, iterations=prediction_iterations(prof.cluster))
-    with profiled_threads(prof), ForeignCpu() as host:
+    with ForeignCpu() as host:
         summary = run_local(out / "plan.json", steps=steps, slowdown=slowdown_args(prof, plan), out_dir=out / "run",
-                            capture=True, extra=["--warmup-steps", str(RUN_WARMUP_STEPS)])
+                            capture=True, extra=["--warmup-steps", str(RUN_WARMUP_STEPS)],
+                            threads=profiled_threads(prof))
     summary.pop("output", None)
     measured = summary["measured"]["step_time_median_s"]
     predicted = sim.iteration_time_s
@@ -156,24 +155,12 @@ def measure(plan: Plan, prof: Profiled, out_dir: str | Path, *, steps: int = 12,
     return row
 
 
-@contextmanager
-def profiled_threads(prof: Profiled):
-    """Run ranks with the intra-op threads per rank the profile measured them with (a
-    plan that uses fewer devices than were profiled would otherwise get more threads per
-    rank: another device than the one profiled)."""
+def profiled_threads(prof: Profiled) -> int | None:
+    """The intra-op threads per rank the profile measured with: a run of a plan that uses
+    fewer devices than were profiled would otherwise get more threads per rank (another
+    device than the one profiled). None when the profile does not say."""
     threads = {r.get("threads") for r in prof.report.get("ranks", [])}
-    if len(threads) != 1 or None in threads:
-        yield
-        return
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(threads.pop())
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["OMP_NUM_THREADS"]
-        else:
-            os.environ["OMP_NUM_THREADS"] = old
+    return threads.pop() if len(threads) == 1 and None not in threads else None
 
 
 def _step_times(run_dir: Path) -> list[float]:

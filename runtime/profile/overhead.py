@@ -106,10 +106,12 @@ def fit_overheads(others: dict[int, dict[str, float]]) -> dict[str, tuple[float,
 
 
 def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
-                      slowdown: dict[int, float] | None = None, turns: list[list[int]] | None = None) -> dict[str, Any]:
+                      slowdown: dict[int, float] | None = None, turns: list[list[int]] | None = None,
+                      threads: int | None = None) -> dict[str, Any]:
     """Run the calibration plans; returns per-device and per-type figures (see module doc).
     turns: the profile's groups of ranks (device k is rank k) that run at one time
-    (None: all at once)."""
+    (None: all at once); threads: the intra-op threads per rank the profile measured
+    with (a turn of fewer ranks would otherwise get more threads per rank)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ids = [d.id for d in cluster.devices]
@@ -125,7 +127,7 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
             slow = slowdown_for_plan(ids, slowdown or {}, set(plan.device_ids()))
             run_dir = out / f"run-{tag}"
             summary = run_local(path, steps=WARMUP_STEPS + STEPS, slowdown=slow, out_dir=run_dir, capture=True,
-                                extra=["--warmup-steps", str(WARMUP_STEPS)])
+                                extra=["--warmup-steps", str(WARMUP_STEPS)], threads=threads)
             others[M].update({r["device"]: _median_other(run_dir / f"metrics.rank{r['rank']}.jsonl")
                               for r in summary["ranks"]})
             for r in summary["ranks"]:
