@@ -18,8 +18,8 @@ per op over both runs: ``op_compute_us``; booked as compute, not as the runtime'
 time), and how much a rank's compute varies from step to step (``compute_noise``: the
 spread of log(step compute / the run's median), IQR / 1.349, the standard deviation of
 a normal with that IQR, so that rare stalls do not set it; pooled over the type's
-ranks and both runs), which the simulator draws from. Where a host has more ranks than compute slots, the runs
-take its ranks in the profile's turns (as many at a time as it has slots), so that each
+ranks and both runs), which the simulator draws from. Where a host has more ranks
+than compute slots, the runs take its ranks in the profile's turns (as many at a time as it has slots), so that each
 figure is the rank's own time and not its wait for a shared core (the simulator shares
 the cores). They are written into the profile's cluster.yaml as
 ``op_overhead_us`` and ``step_overhead_us`` of the device types, where the shared cost
