@@ -215,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=12, help="steps per run (the first 2 are warm-up)")
     ap.add_argument("--only", nargs="*", help="configuration names to run (default: all)")
     ap.add_argument("--reuse-profiles", action="store_true", help="reuse profiles already under the output folder")
-    ap.add_argument("--retries", type=int, default=2,
-                    help="repeats of a profile or run that other processes disturbed (default 2)")
+    ap.add_argument("--retries", type=int, default=1,
+                    help="repeats of a profile or run that other processes disturbed (default 1)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"), metavar="DIR",
                     help="output directory (default benchmarks/out)")
     a = ap.parse_args(argv)
