@@ -50,6 +50,13 @@ class DeviceType:
     each step from it, so that the collectives that wait for every rank (the loss and
     gradient all-reduces, a pipeline's receives) wait for the late ones as in a run.
     0 for catalog devices (deterministic)."""
+    collective_extra_us: float = 0.0
+    """Mean time a collective of the device takes in a training run beyond its measured
+    table time (threads woken from idle, not a hot loop of calls): the end-of-step loss
+    all-reduce's own time in the profile's training runs (per step, the rank that came
+    last) minus the table's, averaged over the steps, measured by ``hetalloc profile``.
+    The simulator's noise draws each collective's extra from an exponential distribution
+    of this mean. 0 for catalog devices."""
     step_overhead_us: float = 0.0
     """The runtime's own time per training step on the device besides its ops and the
     optimizer: inputs, gradient zeroing, the end-of-step loss reduction. Measured by

@@ -75,8 +75,10 @@ NOISE_ITERATIONS = 30
 
 def prediction_iterations(cluster: Cluster) -> int:
     """Iterations to simulate for a prediction on `cluster`: NOISE_ITERATIONS where some
-    device type has measured compute noise, else 1 (every iteration is the same)."""
-    return NOISE_ITERATIONS if any(t.compute_noise > 0 for t in cluster.device_types.values()) else 1
+    device type has measured noise (compute, collectives), else 1 (every iteration is
+    the same)."""
+    return NOISE_ITERATIONS if any(t.compute_noise > 0 or t.collective_extra_us > 0
+                                   for t in cluster.device_types.values()) else 1
 
 
 @dataclass(kw_only=True, slots=True)
@@ -109,7 +111,10 @@ class SimOptions:
     for every rank (the loss and gradient all-reduces, a pipeline's receives) waits for
     the late ones as in a run; the report's iteration time is then the median over the
     iterations. None: as ``contention``, where more than one iteration is simulated.
-    Replicas are not folded while it is on (each draws its own)."""
+    Each collective (gradient buckets, the loss all-reduce) also takes an extra drawn
+    from an exponential distribution of its devices' ``collective_extra_us`` (what a
+    collective takes in a run beyond its measured table). Replicas are not folded while
+    it is on (each draws its own)."""
     seed: int = 0
     """Seed of the noise draws (the same seed, the same simulation)."""
 
@@ -222,7 +227,8 @@ class Simulation:
         self.compute = ComputeModel(self.env, cluster, shared=shared, interference=interference)
         # Shared compute couples the devices of a node, whichever replica they serve.
         noise = (self.opts.contention and self.opts.iterations > 1) if self.opts.noise is None else self.opts.noise
-        self.noisy = noise and any(cluster.device_types[d.type].compute_noise > 0 for d in cluster.devices)
+        self.noisy = noise and any(cluster.device_types[d.type].compute_noise > 0
+                                   or cluster.device_types[d.type].collective_extra_us > 0 for d in cluster.devices)
         fold = (self.opts.fold and not self.noisy
                 and not any(self.compute.nodes[n.name].share_slots for n in cluster.nodes))
         self.groups = [g for g in sync_groups(plan, cluster, cg) if len(g.devices) > 1]
@@ -487,6 +493,18 @@ class Simulation:
                 self.marks[w.id][it + 1]["start"] = env.now
         self._finished.add(w.id)
 
+    def _collective_extra(self, key: tuple, devices) -> float:
+        """With noise: the seconds a collective (`key`: which one, of which iteration)
+        takes beyond its time, drawn from an exponential distribution of its members'
+        largest measured mean (``DeviceType.collective_extra_us``); 0 without."""
+        if not self.noisy:
+            return 0.0
+        mean = max((self.cluster.device_types[self.cluster.device(d).type].collective_extra_us for d in devices),
+                   default=0.0) * 1e-6
+        if mean <= 0:
+            return 0.0
+        return random.Random(f"{self.opts.seed}:{key}").expovariate(1.0 / mean)
+
     def _loss(self, it: int) -> simpy.Event:
         """Fires when iteration `it`'s loss all-reduce over every device has ended: it
         starts when the last device has stepped (hetalloc.evaluate.loss_reduction_time)."""
@@ -505,7 +523,7 @@ class Simulation:
                             cause, it) for d in self.work]
         devices = list(self.work)
         self.compute.comm_begin(devices, "collective")
-        yield self.env.timeout(self.loss_time)
+        yield self.env.timeout(self.loss_time + self._collective_extra(("loss", it), self.plan.device_ids()))
         self.compute.comm_end(devices, "collective")
         for i in acts:
             self._end(i)
@@ -592,6 +610,10 @@ class Simulation:
                     self.log.record(u, t0, env.now, f * nbytes)
         if busy:
             extra = self.compute.comm_extra(who, "collective", busy)
+            if extra > 0:
+                yield env.timeout(extra)
+        if nbytes > 0:
+            extra = self._collective_extra(c.key, c.devices)
             if extra > 0:
                 yield env.timeout(extra)
         self.compute.comm_end(who, "collective")

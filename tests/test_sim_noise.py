@@ -5,24 +5,26 @@ comments from the engine's own draws."""
 
 from __future__ import annotations
 
+import itertools
 import math
+import random
 import statistics
 
 import pytest
 
 from hetalloc.cluster import cluster_from_dict
-from runtime.profile.overhead import fit_compute, log_spread
+from runtime.profile.overhead import collective_extra, fit_compute, log_spread
 from simulator import simulate
 from simulator.engine import SimOptions, Simulation
 
 from test_sim_compute import LOSS_2, graph, plan
 
 
-def cluster(noise: float = 0.0, op_compute_us: float = 0.0, op_overhead_us: float = 0.0):
+def cluster(noise: float = 0.0, op_compute_us: float = 0.0, op_overhead_us: float = 0.0, extra_us: float = 0.0):
     """Two devices of type X on one node, links of 1 GB/s without latency."""
     return cluster_from_dict({"name": "toy", "device_types": [
         {"name": "X", "peak_tflops": 1, "memory_gib": 100, "mem_bandwidth_gbps": 32, "compute_noise": noise,
-         "op_compute_us": op_compute_us, "op_overhead_us": op_overhead_us}],
+         "op_compute_us": op_compute_us, "op_overhead_us": op_overhead_us, "collective_extra_us": extra_us}],
         "nodes": [{"name": "n", "gpus": [{"type": "X", "count": 2}],
                    "intra_link": {"bandwidth_gbps": 1.0, "latency_us": 0.0}}]})
 
@@ -55,6 +57,21 @@ def test_each_iteration_waits_for_the_late_rank():
     # the same seed, the same draws; another seed, others
     assert simulate(DP2, c, cg, iterations=9).iteration_ends_s == rep.iteration_ends_s
     assert simulate(DP2, c, cg, iterations=9, seed=1).iteration_ends_s != rep.iteration_ends_s
+
+
+def test_collectives_take_their_measured_extra_in_a_run():
+    # No compute noise; collectives take 1 ms more on average: iteration k's loss
+    # all-reduce takes LOSS_2 + an exponential draw of mean 1 ms, seeded by (seed, which
+    # collective). The gradient all-reduce of no bytes (no parameters) takes nothing.
+    c, cg = cluster(extra_us=1000.0), graph()
+    rep = simulate(DP2, c, cg, iterations=5)
+    draws = [random.Random(f"0:{('loss', k)}").expovariate(1e3) for k in range(5)]
+    assert rep.iteration_ends_s == pytest.approx(list(itertools.accumulate(3 + LOSS_2 + d for d in draws)))
+    assert rep.devices["n/0"]["work_s"]["loss"] == pytest.approx(LOSS_2 + statistics.fmean(draws))
+    assert rep.iteration_time_s == pytest.approx(3 + LOSS_2 + statistics.median(draws))
+    # the profile's figure: per step, the rank that came last to the loss all-reduce
+    # waited for no one; its time beyond the table's 0.25 ms, averaged
+    assert collective_extra([[0.3e-3, 0.5e-3, 2e-3], [0.4e-3, 0.3e-3, 0.2e-3]], 0.25e-3) == pytest.approx(0.1e-3 / 3)
 
 
 def test_noise_is_off_without_figures_contention_or_repeats():

@@ -18,7 +18,11 @@ per op over both runs: ``op_compute_us``; booked as compute, not as the runtime'
 time), and how much a rank's compute varies from step to step (``compute_noise``: the
 spread of log(step compute / the run's median), IQR / 1.349, the standard deviation of
 a normal with that IQR, so that rare stalls do not set it; pooled over the type's
-ranks and both runs), which the simulator draws from. Where a host has more ranks
+ranks and both runs), which the simulator draws from; and what a collective takes in
+a run beyond its measured table (``collective_extra_us``: per step the end-of-step loss
+all-reduce's time on the rank that came to it last, which waited for no one, minus the
+table's time, averaged over the steps: threads woken from idle, now and then a stall
+of milliseconds). Where a host has more ranks
 than compute slots, the runs take its ranks in the profile's turns (as many at a time as it has slots), so that each
 figure is the rank's own time and not its wait for a shared core (the simulator shares
 the cores). They are written into the profile's cluster.yaml as
@@ -39,6 +43,7 @@ from typing import Any
 
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
+from hetalloc.evaluate import loss_reduction_time
 from hetalloc.plan import Plan
 
 from ..config import slowdown_for_plan
@@ -95,6 +100,14 @@ def fit_compute(runs: list[tuple[int, float, list[float]]]) -> tuple[float, list
     return max(0.0, extra / ops) if ops else 0.0, logs
 
 
+def collective_extra(loss_sync_s: list[list[float]], table_s: float) -> float:
+    """loss_sync_s[rank][step]: the ranks' end-of-step loss all-reduce times -> the mean
+    over the steps of what the rank that came last (the least time: it waited for no
+    one) spent in it beyond the table's `table_s` (at least 0)."""
+    last = [min(col) for col in zip(*loss_sync_s)]
+    return statistics.fmean(max(0.0, x - table_s) for x in last) if last else 0.0
+
+
 def fit_overheads(others: dict[int, dict[str, float]]) -> dict[str, tuple[float, float]]:
     """others[M][device] = median 'other' seconds per step -> device -> (op, step) seconds."""
     m1, m2 = sorted(others)
@@ -118,6 +131,7 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
     groups = [[ids[r] for r in t] for t in (turns or [list(range(len(ids)))])]
     others: dict[int, dict[str, float]] = {M: {} for M in MICROBATCHES}
     compute: dict[str, list[tuple[int, float, list[float]]]] = {}
+    extra: dict[str, list[float]] = {}
     for g, devices in enumerate(groups):
         for M in MICROBATCHES:
             plan = calibration_plan(cluster, cg, M, devices)
@@ -137,6 +151,13 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
                 profiled = M * (f + b - 2 * dt.op_overhead_s)
                 steps = [x["compute_s"] for x in _records(run_dir / f"metrics.rank{r['rank']}.jsonl")]
                 compute.setdefault(r["device"], []).append((2 * M, profiled, steps))
+            if len(summary["ranks"]) > 1:
+                table = loss_reduction_time(cluster, list(plan.device_ids()))
+                loss = [[x["loss_sync_s"] for x in _records(run_dir / f"metrics.rank{r['rank']}.jsonl")]
+                        for r in summary["ranks"]]
+                own = collective_extra(loss, table)
+                for r in summary["ranks"]:
+                    extra.setdefault(r["device"], []).append(own)
     per_device = fit_overheads(others)
     fits = {d: fit_compute(runs) for d, runs in compute.items()}
     per_type: dict[str, dict[str, float]] = {}
@@ -147,7 +168,9 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
                        "step_overhead_us": 1e6 * statistics.median(per_device[d][1] for d in mine),
                        "op_compute_us": 1e6 * statistics.median(fits[d][0] for d in mine if d in fits)
                        if any(d in fits for d in mine) else 0.0,
-                       "compute_noise": log_spread([math.exp(x) for x in logs])}
+                       "compute_noise": log_spread([math.exp(x) for x in logs]),
+                       "collective_extra_us": 1e6 * statistics.median(x for d in mine for x in extra.get(d, []))
+                       if any(d in extra for d in mine) else 0.0}
     return {"microbatches": list(MICROBATCHES), "share": SHARE, "steps": STEPS, "groups": groups,
             "other_s": {str(M): v for M, v in others.items()},
             "per_device": {d: {"op_overhead_us": 1e6 * o, "step_overhead_us": 1e6 * s,
@@ -163,5 +186,6 @@ def with_overheads(cluster: Cluster, per_type: dict[str, dict[str, float]]) -> C
         types[t] = replace(types[t], op_overhead_us=round(f["op_overhead_us"], 1),
                            step_overhead_us=round(f["step_overhead_us"], 1),
                            op_compute_us=round(f.get("op_compute_us", 0.0), 1),
-                           compute_noise=round(f.get("compute_noise", 0.0), 4))
+                           compute_noise=round(f.get("compute_noise", 0.0), 4),
+                           collective_extra_us=round(f.get("collective_extra_us", 0.0), 1))
     return replace(cluster, device_types=types, _path_cache={})
