@@ -325,8 +325,8 @@ def _ordered_counts(n: Node) -> list[tuple[str, int, int | None]]:
 
 _TOP_KEYS = {"name", "nodes", "fabric", "device_types", "prices", "collectives"}
 _NODE_KEYS = {"name", "count", "gpus", "intra_link", "nic", "nics", "compute_slots"}
-MEASURED_TYPE_FIELDS = ("op_overhead_us", "op_compute_us", "compute_noise", "collective_extra_us", "step_overhead_us", "interference_collective", "interference_p2p",
-                        "comm_slowdown_collective", "comm_slowdown_p2p")
+MEASURED_TYPE_FIELDS = ("op_overhead_us", "op_compute_us", "compute_noise", "collective_extra_us", "step_overhead_us",
+                        "interference_collective", "interference_p2p", "comm_slowdown_collective", "comm_slowdown_p2p")
 """Device-type figures only a profile measures (written when non-zero)."""
 _LINK_KEYS = {"name", "bandwidth_gbps", "latency_us", "like"}
 _DTYPE_KEYS = {"name", "vendor", "peak_tflops", "memory_gib", "mem_bandwidth_gbps",

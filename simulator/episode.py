@@ -143,7 +143,7 @@ class IterationCache:
     """Simulated iterations of plans on a base (cluster, cost graph) at given speeds."""
 
     def __init__(self, cluster: Cluster, cg: CostGraph, sim: dict[str, Any] | None = None):
-        # where the profile measured compute noise, an iteration is the median of a noisy run of them
+        # where the profile measured noise, an iteration is the median of a noisy run of them
         self.cluster, self.cg, self.sim = cluster, cg, {"iterations": prediction_iterations(cluster), **(sim or {})}
         self._hits: dict[tuple, Iteration] = {}
         self.simulations = 0
