@@ -13,7 +13,7 @@ import statistics
 import pytest
 
 from hetalloc.cluster import cluster_from_dict
-from runtime.profile.overhead import collective_extra, fit_compute, log_spread
+from runtime.profile.overhead import collective_extra, fit_compute, log_spread, own_variation
 from simulator import simulate
 from simulator.engine import SimOptions, Simulation
 
@@ -101,11 +101,16 @@ def test_op_compute_is_compute_not_runtime_time():
 def test_profile_fits_of_compute():
     # Two runs of a rank: 4 ops profiled at 10 ms, measured steps at 12 ms (median); 16 ops
     # profiled at 40 ms, measured at 44 ms: (2 + 4) ms over 20 ops = 0.3 ms per op.
-    per_op, logs = fit_compute([(4, 0.010, [0.011, 0.012, 0.013]), (16, 0.040, [0.044, 0.043, 0.045])])
-    assert per_op == pytest.approx(0.3e-3)
-    assert logs[1] == 0.0 and logs[0] == pytest.approx(math.log(11 / 12))
+    assert fit_compute([(4, 0.010, [0.011, 0.012, 0.013]), (16, 0.040, [0.044, 0.043, 0.045])]) == pytest.approx(0.3e-3)
     # compute faster than profiled clamps at 0
-    assert fit_compute([(4, 0.010, [0.009] * 3)])[0] == 0.0
+    assert fit_compute([(4, 0.010, [0.009] * 3)]) == 0.0
+    # own variation: step 2 is 10 % slower on both ranks (the host): nothing of it is a
+    # rank's own; step 3 is 10 % slower on rank 0 only: half of log 1.1 is shared,
+    # the other half is rank 0's own (+) and rank 1's (-), scaled by 1 / sqrt(1 - 1/2)
+    own = own_variation([[1.0, 1.1, 1.1, 1.0, 1.0], [1.0, 1.1, 1.0, 1.0, 1.0]])
+    h = math.log(1.1) / 2 * math.sqrt(2)
+    assert own[0] == pytest.approx([0.0, 0.0, h, 0.0, 0.0]) and own[1] == pytest.approx([0.0, 0.0, -h, 0.0, 0.0])
+    assert own_variation([[1.0, 2.0, 4.0]]) == [[math.log(0.5), 0.0, math.log(2.0)]]  # one rank: as it is
     # log spread: IQR / 1.349 of log(x / median); a rare stall does not move it
     xs = [1.0, 1.0, 1.0, 1.1, 1.1, 1.1, 1.1, 1.2, 1.2, 1.2, 1.2]
     q = statistics.quantiles([math.log(x / 1.1) for x in xs], n=4, method="inclusive")

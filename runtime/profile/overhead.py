@@ -15,10 +15,11 @@ and the two runs give both figures; a device type gets the median over its ranks
 (negative fits clamp to 0). The same runs give two figures about compute: what a
 rank's ops compute beyond the profiled layer times (measured minus profiled compute,
 per op over both runs: ``op_compute_us``; booked as compute, not as the runtime's own
-time), and how much a rank's compute varies from step to step (``compute_noise``: the
-spread of log(step compute / the run's median), IQR / 1.349, the standard deviation of
-a normal with that IQR, so that rare stalls do not set it; pooled over the type's
-ranks and both runs), which the simulator draws from; and what a collective takes in
+time), and how much a rank's compute varies from step to step on its own
+(``compute_noise``: the spread of log(step compute / the rank's median) once what all
+ranks shared in that step is taken out, IQR / 1.349, the standard deviation of a normal
+with that IQR, so that rare stalls do not set it; pooled over the type's ranks and
+both runs), which the simulator draws from; and what a collective takes in
 a run beyond its measured table (``collective_extra_us``: per step the end-of-step loss
 all-reduce's time on the rank that came to it last, which waited for no one, minus the
 table's time, averaged over the steps: threads woken from idle, now and then a stall
@@ -90,14 +91,28 @@ def log_spread(xs: list[float]) -> float:
     return (q[2] - q[0]) / 1.349
 
 
-def fit_compute(runs: list[tuple[int, float, list[float]]]) -> tuple[float, list[float]]:
+def fit_compute(runs: list[tuple[int, float, list[float]]]) -> float:
     """runs: (ops per step, profiled compute seconds per step, measured per-step compute
-    seconds) of one rank -> (compute per op beyond the profile, clamped at 0; the log
-    ratios of each step's compute to its run's median)."""
+    seconds) of one rank -> its compute per op beyond the profile (clamped at 0)."""
     extra = sum(statistics.median(xs) - pred for _, pred, xs in runs)
     ops = sum(n for n, _, _ in runs)
-    logs = [math.log(x / statistics.median(xs)) for _, _, xs in runs for x in xs if x > 0]
-    return max(0.0, extra / ops) if ops else 0.0, logs
+    return max(0.0, extra / ops) if ops else 0.0
+
+
+def own_variation(steps: list[list[float]]) -> list[list[float]]:
+    """steps[rank][k]: the ranks' compute in step k of one run -> per rank, the log ratio
+    of each step's compute to the rank's median with what all ranks shared in that step
+    taken out (the mean over the ranks of their log ratios: the host slowing everyone
+    down at once, which makes no rank wait for another), scaled by 1 / sqrt(1 - 1/n) so
+    that its spread is that of one rank's own variation. A run of one rank keeps its
+    log ratios as they are (nothing to tell apart)."""
+    logs = [[math.log(x / statistics.median(xs)) for x in xs] for xs in steps]
+    n = len(logs)
+    if n < 2:
+        return logs
+    shared = [statistics.fmean(col) for col in zip(*logs)]
+    scale = 1.0 / math.sqrt(1.0 - 1.0 / n)
+    return [[scale * (x - c) for x, c in zip(row, shared)] for row in logs]
 
 
 def collective_extra(loss_sync_s: list[list[float]], table_s: float) -> float:
@@ -132,6 +147,7 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
     others: dict[int, dict[str, float]] = {M: {} for M in MICROBATCHES}
     compute: dict[str, list[tuple[int, float, list[float]]]] = {}
     extra: dict[str, list[float]] = {}
+    noise: dict[str, list[float]] = {}
     for g, devices in enumerate(groups):
         for M in MICROBATCHES:
             plan = calibration_plan(cluster, cg, M, devices)
@@ -144,13 +160,17 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
                                 extra=["--warmup-steps", str(WARMUP_STEPS)], threads=threads)
             others[M].update({r["device"]: _median_other(run_dir / f"metrics.rank{r['rank']}.jsonl")
                               for r in summary["ranks"]})
+            series = []
             for r in summary["ranks"]:
                 stage = plan.replicas[0].stages[r["stage"]]
                 dt = cluster.dtype(r["device"])
                 f, b = cg.range_time(stage.start, stage.stop, dt, SHARE)
                 profiled = M * (f + b - 2 * dt.op_overhead_s)
-                steps = [x["compute_s"] for x in _records(run_dir / f"metrics.rank{r['rank']}.jsonl")]
+                steps = [max(x["compute_s"], 1e-9) for x in _records(run_dir / f"metrics.rank{r['rank']}.jsonl")]
                 compute.setdefault(r["device"], []).append((2 * M, profiled, steps))
+                series.append(steps)
+            for r, logs in zip(summary["ranks"], own_variation(series)):
+                noise.setdefault(r["device"], []).extend(logs)
             if len(summary["ranks"]) > 1:
                 table = loss_reduction_time(cluster, list(plan.device_ids()))
                 loss = [[x["loss_sync_s"] for x in _records(run_dir / f"metrics.rank{r['rank']}.jsonl")]
@@ -163,10 +183,10 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
     per_type: dict[str, dict[str, float]] = {}
     for t in sorted({cluster.device(d).type for d in per_device}):
         mine = [d for d in per_device if cluster.device(d).type == t]
-        logs = [x for d in mine if d in fits for x in fits[d][1]]
+        logs = [x for d in mine for x in noise.get(d, [])]
         per_type[t] = {"op_overhead_us": 1e6 * statistics.median(per_device[d][0] for d in mine),
                        "step_overhead_us": 1e6 * statistics.median(per_device[d][1] for d in mine),
-                       "op_compute_us": 1e6 * statistics.median(fits[d][0] for d in mine if d in fits)
+                       "op_compute_us": 1e6 * statistics.median(fits[d] for d in mine if d in fits)
                        if any(d in fits for d in mine) else 0.0,
                        "compute_noise": log_spread([math.exp(x) for x in logs]),
                        "collective_extra_us": 1e6 * statistics.median(x for d in mine for x in extra.get(d, []))
@@ -174,7 +194,7 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
     return {"microbatches": list(MICROBATCHES), "share": SHARE, "steps": STEPS, "groups": groups,
             "other_s": {str(M): v for M, v in others.items()},
             "per_device": {d: {"op_overhead_us": 1e6 * o, "step_overhead_us": 1e6 * s,
-                               "op_compute_us": 1e6 * fits[d][0] if d in fits else 0.0}
+                               "op_compute_us": 1e6 * fits[d] if d in fits else 0.0}
                            for d, (o, s) in per_device.items()},
             "per_type": per_type}
 
