@@ -13,6 +13,11 @@ that other processes disturbed (more than 10 % of the host) is repeated up to --
 times and the least disturbed one is kept; the tables show each configuration's share,
 and the summary says which remain disturbed.
 
+``--resimulate DIR`` measures nothing: it simulates the configurations an earlier run
+measured (their plans, on their profiles) with the current simulator and compares
+with those measurements, so that a change of the model can be judged on the same runs
+while the host is too busy to measure.
+
 RESULTS.md's run (options: --only NAME ..., --reuse-profiles, --retries N, --out DIR):
 
     python benchmarks/sim_accuracy.py --steps 12
@@ -31,6 +36,7 @@ runs under OUT/sim_accuracy/ (OUT: --out, default benchmarks/out).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -43,6 +49,8 @@ from rich.console import Console
 from rich.table import Table
 
 from allocator import make_plan
+from hetalloc.cluster import load_cluster
+from hetalloc.costgraph import load_cost_graph
 from hetalloc.fileio import atomic_write_json
 from runtime.plans import hand_plan
 from workflows.hostload import DISTURBED
@@ -196,6 +204,38 @@ def kinds_check(rows: list[dict], limit: float = 0.10) -> dict:
     return out
 
 
+def resimulate(folder: Path) -> int:
+    """Simulate again the configurations measured in `folder` (an earlier --out): the
+    earlier prediction, the current one, the measurement."""
+    from hetalloc.plan import load_plan
+    from simulator import simulate
+    from simulator.engine import prediction_iterations
+    old = json.loads((folder / "sim_accuracy.json").read_text())
+    cpus = old["machine"]["cpus"]
+    rows = []
+    for r in old["rows"]:
+        if "run_dir" not in r:
+            print(f"{r['name']}: measured before runs recorded their folders; skipped")
+            continue
+        prof = Path(r["profile_dir"])
+        cluster, cg = load_cluster(prof / "cluster.yaml"), load_cost_graph(prof / "cost_graph.json")
+        rep = simulate(load_plan(Path(r["run_dir"]) / "plan.json"), cluster, cg,
+                       iterations=prediction_iterations(cluster))
+        rows.append((r, rep.iteration_time_s))
+        print(f"{r['name']:24s} measured {r['measured_s'] * 1e3:7.1f} ms  earlier {r['predicted_s'] * 1e3:7.1f} "
+              f"({100 * r['error']:+6.1f}%)  now {rep.iteration_time_s * 1e3:7.1f} "
+              f"({100 * (rep.iteration_time_s / r['measured_s'] - 1):+6.1f}%)")
+    for label, sel in (("a core per rank", lambda r: r["ranks"] <= cpus), ("more ranks than cores", lambda r: r["ranks"] > cpus)):
+        errs = [(p / r["measured_s"] - 1, r["error"]) for r, p in rows if sel(r)]
+        if errs:
+            print(f"MAPE over the {len(errs)} with {label}: earlier {100 * statistics.fmean(abs(e) for _, e in errs):.1f}%, "
+                  f"now {100 * statistics.fmean(abs(e) for e, _ in errs):.1f}%")
+    if rows:
+        print(f"mean signed error: earlier {100 * statistics.fmean(r['error'] for r, _ in rows):+.1f}%, now "
+              f"{100 * statistics.fmean(p / r['measured_s'] - 1 for r, p in rows):+.1f}%")
+    return 0
+
+
 def least_disturbed(attempt, retries: int, what: str):
     """Call attempt(k) (k = 0, 1, ...) until its result is not disturbed by other
     processes or `retries` repeats are spent; the least disturbed result."""
@@ -224,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="repeats of a profile or run that other processes disturbed (default 1)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"), metavar="DIR",
                     help="output directory (default benchmarks/out)")
+    ap.add_argument("--resimulate", metavar="DIR", help="measure nothing: simulate the configurations an earlier "
+                    "run (its --out) measured with the current simulator and compare")
     a = ap.parse_args(argv)
+    if a.resimulate:
+        return resimulate(Path(a.resimulate))
     if a.nice:
         try:
             os.nice(a.nice)  # the profiles' and runs' torchrun processes inherit it
