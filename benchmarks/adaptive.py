@@ -48,6 +48,7 @@ from runtime.plans import describe
 from simulator.episode import SpeedTrace, parse_straggler
 from workflows.adaptive import AdaptOptions, run_adaptive
 from workflows.episode import EpisodeOptions, run_episode
+from workflows.hostload import ForeignCpu
 from workflows.loop import profile_machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,11 +88,15 @@ def run_pair(plan_path: Path, nproc: int, d: Path, steps: int, slowdown: list[st
     """One run without and one with adaptation (in that order), with the load before each."""
     row: dict = {}
     row["load_none"] = load()
-    row["none"] = plain_run(plan_path, nproc, d / f"none-{k}", steps, slowdown)
+    with ForeignCpu() as host:
+        row["none"] = plain_run(plan_path, nproc, d / f"none-{k}", steps, slowdown)
+    row["other_load_none"] = host.share
     row["load_adaptive"] = load()
-    summary = run_adaptive(plan_path, steps=steps, out_dir=d / f"adaptive-{k}", checkpoint_every=20,
-                           slowdown=slowdown, extra=EXTRA, opts=AdaptOptions(),
-                           capture=True)
+    with ForeignCpu() as host:
+        summary = run_adaptive(plan_path, steps=steps, out_dir=d / f"adaptive-{k}", checkpoint_every=20,
+                               slowdown=slowdown, extra=EXTRA, opts=AdaptOptions(),
+                               capture=True)
+    row["other_load_adaptive"] = host.share
     row["adaptive"] = step_times(d / f"adaptive-{k}")
     row["decisions"] = summary["decisions"]
     row["launches"] = summary["launches"]
@@ -149,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         row = {
             "ranks": nproc, "plan": describe(plan), "slowdown": slowdown, "window": [first, steps],
             "loads": [(p["load_none"], p["load_adaptive"]) for p in pairs],
+            # other processes' share of the host's CPU during each run (workflows.hostload)
+            "other_load": [(p["other_load_none"], p["other_load_adaptive"]) for p in pairs],
             "reported_at_step": [next((r["step"] for r in p["reports"] if r["device"] == devices[1]
                                        and r["direction"] == "slower" and r["step"] >= 20), None) for p in pairs],
             "decisions": [[(x.get("decided_at_step", x.get("step")), x["action"], x["why"]) for x in p["decisions"]]
@@ -175,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         con.print(t)
         con.print(f"  runs: {[{k: round(v, 1) for k, v in r.items()} for r in row['measured_runs']]}; straggler "
                   f"reported at step {row['reported_at_step']}; restarts {row['restarts']}; loads (1-min average "
-                  f"before each run) {row['loads']}; calibration scale (measured / simulated step, steps "
+                  f"before each run) {row['loads']}; other processes' share of the CPU during each run "
+                  f"{[tuple(None if x is None else round(x, 2) for x in o) for o in row['other_load']]}; calibration scale (measured / simulated step, steps "
                   f"{before.start}-{before.stop - 1}) {scale:.2f}", highlight=False)
     atomic_write_json(base.parent / "adaptive.json", result)
     con.print(f"wrote {base.parent / 'adaptive.json'}")

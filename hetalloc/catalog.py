@@ -37,6 +37,26 @@ class DeviceType:
     """The runtime's own time per pipeline op (one forward or one backward of a stage)
     besides the layers' compute: dispatch, posting transfers, bookkeeping. Measured by
     ``hetalloc profile`` (running the runtime); 0 for catalog devices (not measured)."""
+    op_compute_us: float = 0.0
+    """Compute a pipeline op of the runtime takes beyond the sum of its layers' times as
+    the profile measured them one pass at a time (starting a stage's forward and its
+    autograd backward, caches as a schedule leaves them), per op, measured by
+    ``hetalloc profile`` (its two short training runs: measured minus profiled compute
+    per op); booked as compute. 0 for catalog devices."""
+    compute_noise: float = 0.0
+    """Step-to-step spread of a rank's compute in a training run on the device: the
+    standard deviation of log(step compute / its median), measured by ``hetalloc
+    profile`` (its two short training runs). The simulator draws each rank's compute of
+    each step from it, so that the collectives that wait for every rank (the loss and
+    gradient all-reduces, a pipeline's receives) wait for the late ones as in a run.
+    0 for catalog devices (deterministic)."""
+    collective_extra_us: float = 0.0
+    """Mean time a collective of the device takes in a training run beyond its measured
+    table time (threads woken from idle, not a hot loop of calls): the end-of-step loss
+    all-reduce's own time in the profile's training runs (per step, the rank that came
+    last) minus the table's, averaged over the steps, measured by ``hetalloc profile``.
+    The simulator's noise draws each collective's extra from an exponential distribution
+    of this mean. 0 for catalog devices."""
     step_overhead_us: float = 0.0
     """The runtime's own time per training step on the device besides its ops and the
     optimizer: inputs, gradient zeroing, the end-of-step loss reduction. Measured by
@@ -69,6 +89,14 @@ class DeviceType:
 
     @property
     def op_overhead_s(self) -> float:
+        """Seconds every pipeline op takes beyond its layers' profiled times (what the
+        formulas add per op: ``CostGraph.range_time``): the runtime's own time and the
+        op's extra compute."""
+        return (self.op_overhead_us + self.op_compute_us) * 1e-6
+
+    @property
+    def op_runtime_s(self) -> float:
+        """Of ``op_overhead_s``, the runtime's own time (booked as 'other', not compute)."""
         return self.op_overhead_us * 1e-6
 
     @property

@@ -325,8 +325,8 @@ def _ordered_counts(n: Node) -> list[tuple[str, int, int | None]]:
 
 _TOP_KEYS = {"name", "nodes", "fabric", "device_types", "prices", "collectives"}
 _NODE_KEYS = {"name", "count", "gpus", "intra_link", "nic", "nics", "compute_slots"}
-MEASURED_TYPE_FIELDS = ("op_overhead_us", "step_overhead_us", "interference_collective", "interference_p2p",
-                        "comm_slowdown_collective", "comm_slowdown_p2p")
+MEASURED_TYPE_FIELDS = ("op_overhead_us", "op_compute_us", "compute_noise", "collective_extra_us", "step_overhead_us",
+                        "interference_collective", "interference_p2p", "comm_slowdown_collective", "comm_slowdown_p2p")
 """Device-type figures only a profile measures (written when non-zero)."""
 _LINK_KEYS = {"name", "bandwidth_gbps", "latency_us", "like"}
 _DTYPE_KEYS = {"name", "vendor", "peak_tflops", "memory_gib", "mem_bandwidth_gbps",
@@ -426,6 +426,13 @@ def _device_types(v: _Checker, raw: Any) -> dict[str, DeviceType]:
             source="declared in cluster file",
             op_overhead_us=v.number(obj, "op_overhead_us", p, positive=False, unit="µs",
                                     default=base.op_overhead_us if base else 0.0),
+            op_compute_us=v.number(obj, "op_compute_us", p, positive=False, unit="µs",
+                                   default=base.op_compute_us if base else 0.0),
+            compute_noise=v.number(obj, "compute_noise", p, positive=False,
+                                   unit="standard deviation of log(step compute / median)",
+                                   default=base.compute_noise if base else 0.0),
+            collective_extra_us=v.number(obj, "collective_extra_us", p, positive=False, unit="µs",
+                                         default=base.collective_extra_us if base else 0.0),
             step_overhead_us=v.number(obj, "step_overhead_us", p, positive=False, unit="µs",
                                       default=base.step_overhead_us if base else 0.0),
             interference_collective=v.number(obj, "interference_collective", p, positive=False,

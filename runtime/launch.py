@@ -62,12 +62,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def local_env(nproc: int, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for ranks on this machine: gloo on loopback, threads split over ranks."""
+def local_env(nproc: int, base: dict[str, str] | None = None, threads: int | None = None) -> dict[str, str]:
+    """Environment for ranks on this machine: gloo on loopback, threads split over ranks
+    (or `threads` per rank: a run that must compute as a profile measured it)."""
     env = dict(os.environ if base is None else base)
     for k, v in LAUNCH_ENV.items():
         env.setdefault(k, v)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
@@ -206,13 +209,14 @@ def run_local(plan_path: str | Path, *, steps: int = 20, slowdown: list[str] | N
               out_dir: str | Path = "out/run", checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
               resume: bool = False, max_restarts: int = 0, model: str | None = None,
               extra: list[str] | None = None, capture: bool = False,
-              timeout_s: float | None = None) -> dict[str, Any]:
+              timeout_s: float | None = None, threads: int | None = None) -> dict[str, Any]:
     """Train a single-node plan on this machine with torchrun; returns summary.json's
     content (measured and predicted step time, per-rank times) plus the command and the
     captured output (when capture). Checks everything check_run does first (SpecError,
     nothing launched). Raises RunFailed when training fails: with the ranks' one-line
     error when they said one (torchrun's failure report is then left out), else with the
-    output shown (capture=False) or its tail (capture=True)."""
+    output shown (capture=False) or its tail (capture=True). threads: intra-op threads
+    per rank (default: the cores split over the ranks)."""
     plan, rm = check_run(plan_path, steps=steps, slowdown=slowdown, checkpoint_dir=checkpoint_dir,
                          checkpoint_every=checkpoint_every, resume=resume, model=model)
     if len(rm.nodes) > 1:
@@ -229,7 +233,7 @@ def run_local(plan_path: str | Path, *, steps: int = 20, slowdown: list[str] | N
     args = train_args(plan_path, steps=steps, slowdown=slowdown, out_dir=out, checkpoint_dir=checkpoint_dir,
                       checkpoint_every=checkpoint_every, resume=resume, extra=extra)
     argv = local_command(rm.world_size, args, max_restarts=max_restarts)
-    env = local_env(rm.world_size)
+    env = local_env(rm.world_size, threads=threads)
     if capture:
         proc = subprocess.run(argv, env=env, text=True, timeout=timeout_s, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT)

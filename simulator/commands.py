@@ -21,7 +21,7 @@ from hetalloc.plan import Plan, load_plan, plan_context, validate_plan
 from hetalloc.plan_view import compact_ranges
 
 from .api import simulate
-from .engine import DDP_BUCKET_BYTES
+from .engine import DDP_BUCKET_BYTES, prediction_iterations
 from .report import SimReport
 
 
@@ -33,7 +33,9 @@ def register(subparsers) -> None:
                     "bandwidths in bytes/s, memory in bytes (GiB in tables).")
     p.add_argument("plan", help="plan.json written by 'hetalloc plan' (carries its cluster and cost graph)")
     context_args(p)
-    p.add_argument("--iterations", type=int, default=1, help="iterations to simulate back to back (default 1)")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="iterations to simulate back to back (default 1; 30 where the cluster's device types carry "
+                        "measured compute noise from 'hetalloc profile': the report gives the median iteration)")
     p.add_argument("--trace", metavar="OUT.json", help="write a Chrome trace (open in ui.perfetto.dev)")
     p.add_argument("--gantt", metavar="OUT.png", help="write a Gantt chart of the schedule")
     p.add_argument("--utilisation", metavar="OUT.png", help="write a per-device utilisation bar chart")
@@ -70,7 +72,8 @@ def sim_options(args) -> dict[str, Any]:
 
 def cmd_simulate(args) -> int:
     plan, cluster, cg = load_context(args)
-    rep = simulate(plan, cluster, cg, iterations=args.iterations, explain=True, **sim_options(args))
+    iterations = args.iterations if args.iterations is not None else prediction_iterations(cluster)
+    rep = simulate(plan, cluster, cg, iterations=iterations, explain=True, **sim_options(args))
     for path, write in ((args.trace, rep.write_trace), (args.gantt, rep.write_gantt),
                         (args.utilisation, rep.write_utilisation), (args.report, rep.save)):
         if path:

@@ -9,9 +9,11 @@ graph says it takes alone). It advances at a rate that two effects lower:
 - **interference**: while a collective (or a point-to-point transfer) of the device runs
   beside its compute, the compute advances 1 / (1 + f) as fast, f the device type's
   ``interference_collective`` (``interference_p2p``), measured by ``hetalloc profile``;
-  and the other way round, a transfer or collective takes c x (the time it ran beside
-  compute) longer, c the type's ``comm_slowdown_collective`` (``comm_slowdown_p2p``):
-  ``comm_extra`` (the largest over its devices, once, at its end).
+  and the other way round, a transfer or collective progresses 1 / (1 + c) as fast
+  while it runs beside compute, c the type's ``comm_slowdown_collective``
+  (``comm_slowdown_p2p``): what it left undone is done at its end, at that pace while
+  compute goes on and at full speed once it stops (``comm_extra``: the largest over its
+  devices, once, at its end; beside compute all along, it takes c x that time longer).
 Where interference happens depends on what the communication needs. On a node that
 declares compute slots (CPU ranks: the profile writes the host's cores) communication is
 done by the ranks' threads on the same cores, so it meets compute only while every slot
@@ -232,7 +234,31 @@ class ComputeModel:
         """For each device with communication slowdown figures: ``_beside_s`` now."""
         return {d: self._beside_s(d) for d in devices if d in self.comm_factor}
 
+    def _meeting_left_s(self, device: str) -> float:
+        """How long the device's communication goes on meeting compute from now if
+        nothing new starts: until the running op ends (or, on a node with cores, until
+        the first op ends and a core frees); 0 if it does not meet compute now."""
+        if not self._meets(device):
+            return 0.0
+        node = self.node_of[device]
+        now = self.env.now
+        jobs = node.jobs if node.cores else [self.job_of[device]]
+        return min(max(0.0, j.remaining - j.rate * (now - j.since)) / j.rate for j in jobs)
+
     def comm_extra(self, devices, kind: str, marks: dict[str, float]) -> float:
         """Seconds a transfer or collective of `kind` that began at `marks` (busy_marks)
-        takes beyond its own time because it ran beside compute (module doc)."""
-        return max((self.comm_factor[d][kind] * (self._beside_s(d) - m) for d, m in marks.items()), default=0.0)
+        takes beyond its own time because it ran beside compute (module doc): beside
+        compute it progresses 1 / (1 + c) as fast, so its time beside compute, o, leaves
+        o c / (1 + c) of its work undone at its own end; that is done at the slow pace
+        while compute goes on, at full speed once it has stopped (a transfer that ran
+        beside compute all along takes c x o longer; c = the type's comm slowdown)."""
+        out = 0.0
+        for d, m in marks.items():
+            c = self.comm_factor[d][kind]
+            left = (self._beside_s(d) - m) * c / (1.0 + c)  # seconds of full-speed work undone
+            if left <= 0:
+                continue
+            slow = self._meeting_left_s(d)
+            extra = left * (1.0 + c) if left * (1.0 + c) <= slow else slow + (left - slow / (1.0 + c))
+            out = max(out, extra)
+        return out

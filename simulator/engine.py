@@ -28,6 +28,12 @@ Two switches, both on by default:
 - ``shared_compute`` and ``interference`` (default: as ``contention``): devices on a node
   with fewer compute slots than devices share them; compute and communication slow each
   other by the device types' measured interference figures (``simulator.compute``).
+- ``noise`` (default: as ``contention``, when more than one iteration is simulated):
+  each group's compute of each iteration is drawn from its device type's measured
+  step-to-step spread (``DeviceType.compute_noise``), seeded; the report then gives the
+  median iteration (a run is judged by its median step), and every collective that needs
+  all ranks (the loss and gradient all-reduces) or a pipeline receive waits for the late
+  rank of that iteration, as in a run. Without measured figures nothing changes.
 Collectives are timed by the cluster's measured tables where it has them
 (``hetalloc.evaluate.allreduce_time``); over the links, a measured collective alone
 takes exactly its measured time (its steps get the difference as latency, or move
@@ -41,6 +47,8 @@ from hetalloc) and from the network; this module only orders them in time.
 
 from __future__ import annotations
 
+import math
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -60,6 +68,17 @@ from .pipeline import DeviceWork, ReplicaClass, Send, fold_replicas, optimizer_w
 
 DDP_BUCKET_BYTES = 25 * 2**20
 """PyTorch DDP's default bucket_cap_mb (25 MiB)."""
+NOISE_ITERATIONS = 30
+"""Iterations a prediction simulates where the cluster has measured compute noise
+(SimOptions.noise): its median iteration is what a run's median step is compared with."""
+
+
+def prediction_iterations(cluster: Cluster) -> int:
+    """Iterations to simulate for a prediction on `cluster`: NOISE_ITERATIONS where some
+    device type has measured noise (compute, collectives), else 1 (every iteration is
+    the same)."""
+    return NOISE_ITERATIONS if any(t.compute_noise > 0 or t.collective_extra_us > 0
+                                   for t in cluster.device_types.values()) else 1
 
 
 @dataclass(kw_only=True, slots=True)
@@ -85,6 +104,19 @@ class SimOptions:
     interference: bool | None = None
     """Compute and communication slow each other by the device types' measured
     interference figures (simulator.compute); None: as ``contention``."""
+    noise: bool | None = None
+    """Draw each simulated group's compute of each iteration from its device type's
+    measured step-to-step spread (``DeviceType.compute_noise``: a log-normal factor of
+    median 1 on all its forward and backward ops of that iteration), so that what waits
+    for every rank (the loss and gradient all-reduces, a pipeline's receives) waits for
+    the late ones as in a run; the report's iteration time is then the median over the
+    iterations. None: as ``contention``, where more than one iteration is simulated.
+    Each collective (gradient buckets, the loss all-reduce) also takes an extra drawn
+    from an exponential distribution of its devices' ``collective_extra_us`` (what a
+    collective takes in a run beyond its measured table). Replicas are not folded while
+    it is on (each draws its own)."""
+    seed: int = 0
+    """Seed of the noise draws (the same seed, the same simulation)."""
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -174,6 +206,8 @@ class SimResult:
     """Per simulated group and iteration: start, pipe_end (last op done and its sends
     gone), opt_start, opt_end, end (the loss all-reduce done)."""
     loss_time_s: float = 0.0
+    noisy: bool = False
+    """Whether compute was drawn from the measured noise (SimOptions.noise)."""
 
 
 class Simulation:
@@ -192,7 +226,11 @@ class Simulation:
         interference = self.opts.contention if self.opts.interference is None else self.opts.interference
         self.compute = ComputeModel(self.env, cluster, shared=shared, interference=interference)
         # Shared compute couples the devices of a node, whichever replica they serve.
-        fold = self.opts.fold and not any(self.compute.nodes[n.name].share_slots for n in cluster.nodes)
+        noise = (self.opts.contention and self.opts.iterations > 1) if self.opts.noise is None else self.opts.noise
+        self.noisy = noise and any(cluster.device_types[d.type].compute_noise > 0
+                                   or cluster.device_types[d.type].collective_extra_us > 0 for d in cluster.devices)
+        fold = (self.opts.fold and not self.noisy
+                and not any(self.compute.nodes[n.name].share_slots for n in cluster.nodes))
         self.groups = [g for g in sync_groups(plan, cluster, cg) if len(g.devices) > 1]
         build = STEP_BUILDERS[plan.grad_sync]
         self.parts = ("rs", "ag") if plan.optimizer_sharding == "zero1" else ("all",)
@@ -246,6 +284,14 @@ class Simulation:
         self.loss_time = loss_reduction_time(cluster, list(placement))
         self._last_send: dict[tuple[int, str], simpy.Event] = {}
         self._measured: dict[tuple, tuple[float, float, float] | None] = {}
+        self.factor: dict[tuple[int, str], float] = {}
+        """(iteration, simulated group) -> its compute factor (noise; 1 where absent)."""
+        if self.noisy:
+            rng = random.Random(self.opts.seed)
+            for it in range(self.opts.iterations):
+                for d in sorted(self.work):
+                    sigma = self.work[d].dtype.compute_noise
+                    self.factor[(it, d)] = math.exp(sigma * rng.gauss(0.0, 1.0)) if sigma > 0 else 1.0
 
     # ---- bookkeeping ------------------------------------------------------------------
     # Events carry (activity index, time): the activity whose end released the waiter.
@@ -377,11 +423,12 @@ class Simulation:
                 op = self._begin(w.id, "compute", kind, f"{kind} mb{m} L{w.start}-{w.stop - 1}",
                                  self._latest(prev, *(d.value for d in deps)), it)
                 marks = None
+                f = self.factor.get((it, w.id), 1.0)
                 if kind == "F":
                     self.mem[w.id].append((env.now, w.act_bytes_per_mb))
                 elif pos == last_b and overlap:
-                    marks = self._ready_marks(w, it, op)
-                yield self.compute.run(w.id, w.fwd_s if kind == "F" else w.bwd_s, marks)
+                    marks = self._ready_marks(w, it, op, f)
+                yield self.compute.run(w.id, f * (w.fwd_s if kind == "F" else w.bwd_s), marks)
                 prev = self._end(op)
                 if kind == "B":
                     self.mem[w.id].append((env.now, -w.act_bytes_per_mb))
@@ -446,6 +493,18 @@ class Simulation:
                 self.marks[w.id][it + 1]["start"] = env.now
         self._finished.add(w.id)
 
+    def _collective_extra(self, key: tuple, devices) -> float:
+        """With noise: the seconds a collective (`key`: which one, of which iteration)
+        takes beyond its time, drawn from an exponential distribution of its members'
+        largest measured mean (``DeviceType.collective_extra_us``); 0 without."""
+        if not self.noisy:
+            return 0.0
+        mean = max((self.cluster.device_types[self.cluster.device(d).type].collective_extra_us for d in devices),
+                   default=0.0) * 1e-6
+        if mean <= 0:
+            return 0.0
+        return random.Random(f"{self.opts.seed}:{key}").expovariate(1.0 / mean)
+
     def _loss(self, it: int) -> simpy.Event:
         """Fires when iteration `it`'s loss all-reduce over every device has ended: it
         starts when the last device has stepped (hetalloc.evaluate.loss_reduction_time)."""
@@ -464,7 +523,7 @@ class Simulation:
                             cause, it) for d in self.work]
         devices = list(self.work)
         self.compute.comm_begin(devices, "collective")
-        yield self.env.timeout(self.loss_time)
+        yield self.env.timeout(self.loss_time + self._collective_extra(("loss", it), self.plan.device_ids()))
         self.compute.comm_end(devices, "collective")
         for i in acts:
             self._end(i)
@@ -495,15 +554,16 @@ class Simulation:
             prev = self._end(i)
             self._event(("arrive", it, kind, m, device, s.dst)).succeed(prev)
 
-    def _ready_marks(self, w: DeviceWork, it: int, op: int) -> list:
-        """For the device's last backward: after how much of its work each of its buckets
-        is ready (the backward runs from the stage's last layer down to its first)."""
+    def _ready_marks(self, w: DeviceWork, it: int, op: int, factor: float = 1.0) -> list:
+        """For the device's last backward: after how much of its work (its layers' times
+        x `factor`, the iteration's noise) each of its buckets is ready (the backward
+        runs from the stage's last layer down to its first)."""
         marks = []
         for r in w.ranks:
             for c in self.lane_colls.get((it, r), []):
                 if c.part == "ag":
                     continue
-                done = sum(w.bwd_layer_s[c.bucket.start - w.start:])
+                done = factor * sum(w.bwd_layer_s[c.bucket.start - w.start:])
                 ev = self._event(("ready", c.key, r))
                 marks.append((done, lambda ev=ev: ev.succeed((op, self.env.now))))
         return marks
@@ -550,6 +610,10 @@ class Simulation:
                     self.log.record(u, t0, env.now, f * nbytes)
         if busy:
             extra = self.compute.comm_extra(who, "collective", busy)
+            if extra > 0:
+                yield env.timeout(extra)
+        if nbytes > 0:
+            extra = self._collective_extra(c.key, c.devices)
             if extra > 0:
                 yield env.timeout(extra)
         self.compute.comm_end(who, "collective")
@@ -607,4 +671,4 @@ class Simulation:
             activities=self.acts, memory_events=self.mem, iteration_ends_s=self.iteration_ends, groups=self.groups,
             collective_steps=self.steps, collectives=self.collectives, num_events=env.num_events,
             wall_s=time.perf_counter() - t_wall, network_solves=self.net.solves if self.net else 0,
-            marks=self.marks, loss_time_s=self.loss_time)
+            marks=self.marks, loss_time_s=self.loss_time, noisy=self.noisy)

@@ -29,6 +29,7 @@ from hetalloc.errors import SpecError
 from hetalloc.plan import Plan
 
 from .api import simulate
+from .engine import prediction_iterations
 from .speeds import SAME, in_context, rounded, speed_case
 
 _UNITS = {"": None, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
@@ -142,7 +143,8 @@ class IterationCache:
     """Simulated iterations of plans on a base (cluster, cost graph) at given speeds."""
 
     def __init__(self, cluster: Cluster, cg: CostGraph, sim: dict[str, Any] | None = None):
-        self.cluster, self.cg, self.sim = cluster, cg, dict(sim or {})
+        # where the profile measured noise, an iteration is the median of a noisy run of them
+        self.cluster, self.cg, self.sim = cluster, cg, {"iterations": prediction_iterations(cluster), **(sim or {})}
         self._hits: dict[tuple, Iteration] = {}
         self.simulations = 0
 

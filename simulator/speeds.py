@@ -6,7 +6,8 @@ derived type ``<type>@x<f>`` whose every forward and backward takes f times as l
 measured type's time table times f; an analytic type's peak FLOP/s and memory bandwidth
 divided by f and its fixed costs (per layer, per op) times f, so the analytic model
 gives exactly f times. Devices keep their ids (a node that lost one keeps the others'
-local indices); lost devices are removed. ``in_context`` puts a plan on such a case, so
+local indices); lost devices are removed; the nodes' compute slots and the cluster's
+measured collectives stay as they were. ``in_context`` puts a plan on such a case, so
 that its predictions embed the speeds.
 
 Used by the multi-iteration episodes (simulator.episode) and by adaptive runs
@@ -61,7 +62,8 @@ def speed_case(cluster: Cluster, cg: CostGraph, factors: dict[str, float],
             if name not in types:
                 types[name] = dataclasses.replace(
                     base, name=name, peak_tflops=base.peak_tflops / f, mem_bandwidth_gbps=base.mem_bandwidth_gbps / f,
-                    op_overhead_us=base.op_overhead_us * f, source=f"{base.name}, measured {f:g}x slower")
+                    op_overhead_us=base.op_overhead_us * f, op_compute_us=base.op_compute_us * f,
+                    source=f"{base.name}, measured {f:g}x slower")
                 if base.name in cg.tables:
                     t = cg.tables[base.name]
                     tables[name] = TimeTable(list(t.batch_sizes), [[x * f for x in row] for row in t.fwd_s],
@@ -73,10 +75,12 @@ def speed_case(cluster: Cluster, cg: CostGraph, factors: dict[str, float],
                         tp_eff[name] = dict(cg.tp_efficiency[base.name])
             devs.append(Device(d.id, name, d.node, d.local_index))
         if devs:
-            nodes.append(Node(n.name, devs, n.intra, n.nic))
+            nodes.append(Node(n.name, devs, n.intra, n.nic, n.compute_slots))
     if not nodes:
         raise InfeasibleError("no device is left")
-    out = Cluster(cluster.name, nodes, types, cluster.fabric_oversubscription, cluster.source)
+    # the measured parts of the cluster stay: its compute slots and collective tables
+    out = Cluster(cluster.name, nodes, types, cluster.fabric_oversubscription, cluster.source,
+                  collectives=cluster.collectives)
     g = cg
     if tables:
         g = g.with_tables(tables)

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from hetalloc.cli import main
 from hetalloc.cluster import cluster_from_dict, load_cluster
+from hetalloc.collectives import MeasuredCollective
 from hetalloc.costgraph import Efficiency, cost_graph_from_dict
 from hetalloc.plan import Plan, plan_context
 from runtime.control import same_layout
@@ -54,6 +56,20 @@ def test_speed_case_scales_every_time_exactly_and_round_trips_through_a_plan():
     d = p.to_dict()
     assert cluster_from_dict(d["cluster"]["spec"]).fingerprint() == mc.fingerprint()
     assert cost_graph_from_dict(d["cost_graph"]["spec"]).fingerprint() == mg.fingerprint()
+
+
+def test_speed_case_keeps_the_measured_parts_of_the_cluster():
+    # a profiled host: 3 ranks on 2 cores, a measured all-reduce table; an episode's speed
+    # case (a straggler, a lost device) must keep both, or its simulation runs the ranks
+    # on cores of their own with the formulas' collectives (sim 1.6x faster than the run)
+    cluster, cg = linear_cpu()
+    table = MeasuredCollective("allreduce", "intra", 3, (8.0, 1e6), (1e-4, 1e-3), 50.0, 1.0, link="cpu-4-intra")
+    nodes = [replace(n, compute_slots=2) for n in cluster.nodes]
+    measured = replace(cluster, nodes=nodes, collectives=(table,), _path_cache={})
+    mc, _ = speed_case(measured, cg, {"host/1": 3.0})
+    assert [n.compute_slots for n in mc.nodes] == [2] * len(nodes) and mc.collectives == (table,)
+    mc, _ = speed_case(measured, cg, {}, lost={"host/2"})
+    assert mc.collectives == (table,) and all(n.compute_slots == 2 for n in mc.nodes)
 
 
 def test_rebalanced_shares_minimise_the_slowest_group_as_brute_force_does():

@@ -125,18 +125,20 @@ def test_sends_slow_the_compute_beside_them():
 
 def test_communication_slows_beside_compute():
     # The data-parallel case above with the effect the other way round: compute at full
-    # speed, but a collective takes 0.5 s longer per second its devices computed beside
-    # it. Bucket L1 [3,7] runs beside the backward of layer 0 [3,5]: 2 s -> ends at 8.
-    # Bucket L0 (ready at 5) waits for the lane, [8,12], beside nothing; optimizer
-    # [12,14]; the loss all-reduce.
+    # speed, but a collective beside compute progresses 1 / (1 + 0.5) as fast. Bucket L1
+    # (4 s of work) from 3 runs beside the backward of layer 0 [3,5]: 2 s at 2/3 pace
+    # (4/3 s of work), then alone: the 8/3 s left end at 5 + 8/3 = 23/3. Bucket L0 (ready
+    # at 5) waits for the lane, [23/3, 35/3], beside nothing; optimizer [35/3, 41/3];
+    # the loss all-reduce.
     c, cg = cluster(2, comm_collective=0.5), graph(num_layers=2, fwd_s=0.5, bwd_s=2.0, params=10**9)
     p = plan([[(0, 2, [("n/0", 1)])], [(0, 2, [("n/1", 1)])]], 1)
     res = Simulation(p, c, cg, SimOptions(bucket_bytes=4e9)).run()
-    assert sorted({(a.t0, a.t1) for a in res.activities if a.kind == "allreduce"}) == [(3.0, 8.0), (8.0, 12.0)]
-    assert res.iteration_ends_s == [pytest.approx(14.0 + LOSS_2)]
+    assert sorted({(a.t0, a.t1) for a in res.activities if a.kind == "allreduce"}) == [
+        (3.0, pytest.approx(23 / 3)), (pytest.approx(23 / 3), pytest.approx(35 / 3))]
+    assert res.iteration_ends_s == [pytest.approx(41 / 3 + LOSS_2)]
     # A send beside its sender's next forward: two stages, two micro-batches, p2p 1.0.
-    # F0's send [1,1.5] runs beside F1 [1,2] for 0.5 s -> 0.5 s more: it arrives at 2, and
-    # stage 1's F0 runs [2,3].
+    # F0's send (0.5 s of work) from 1 runs beside F1 [1,2] all along, at half pace: it
+    # arrives at 2 (c x 0.5 s later), and stage 1's F0 runs [2,3].
     c, cg = cluster(2, comm_p2p=1.0), graph(num_layers=2)
     p = plan([[(0, 1, [("n/0", 1)]), (1, 2, [("n/1", 1)])]], 2)
     res = Simulation(p, c, cg, SimOptions()).run()
@@ -147,13 +149,14 @@ def test_on_cpu_nodes_communication_meets_compute_only_when_every_core_computes(
     # The same send with the node's 2 cores declared (CPU ranks: communication runs on the
     # cores, a free core serves it untouched). Three micro-batches, GPipe. F0's send
     # [1,1.5] runs beside stage 0's F1 while stage 1 idles: a free core, no extra; stage
-    # 1's F0 [1.5,2.5]. F1's send [2,2.5] runs while stage 0 computes F2 [2,3] and stage
-    # 1 computes F0: both cores busy for all 0.5 s -> 0.5 s more, it arrives at 3.0, and
-    # stage 1's F1 runs [3,4].
+    # 1's F0 [1.5,2.5]. F1's send (0.5 s of work) from 2 runs while stage 0 computes F2
+    # [2,3] and stage 1 computes F0 [1.5,2.5]: both cores busy until 2.5, at half pace
+    # (0.25 s of work); then stage 1's F0 ends, a core is free, and the 0.25 s left run
+    # at full speed: it arrives at 2.75, and stage 1's F1 runs [2.75,3.75].
     c, cg = cluster(2, slots=2, comm_p2p=1.0), graph(num_layers=2)
     p = plan([[(0, 1, [("n/0", 1)]), (1, 2, [("n/1", 1)])]], 3)
     got = ops(Simulation(p, c, cg, SimOptions()).run())
-    assert ("n/1", "F mb0 L1-1", 1.5, 2.5) in got and ("n/1", "F mb1 L1-1", 3.0, 4.0) in got
+    assert ("n/1", "F mb0 L1-1", 1.5, 2.5) in got and ("n/1", "F mb1 L1-1", 2.75, 3.75) in got
 
 
 def test_the_step_splits_into_the_kinds_the_runtime_measures():

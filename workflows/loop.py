@@ -36,6 +36,9 @@ from runtime.plans import describe
 from runtime.profile.command import run_profile
 from runtime.profile.files import report_lines
 from simulator import simulate
+from simulator.engine import prediction_iterations
+
+from .hostload import ForeignCpu
 
 RUN_WARMUP_STEPS = 2
 """Leading steps of a run left out (shape inference, allocator and gloo warm-up)."""
@@ -77,8 +80,10 @@ def profile_machine(out_dir: str | Path, *, nproc: int = 2, model: str = "gpt2-t
         if all(old.get(k) == v for k, v in want.items()):
             report = old
     if report is None:
-        report = run_profile(out, nproc=nproc, model=model, seq=seq, batch_sizes=batch_sizes, repeats=repeats,
-                             slowdown=[f"{k}={v:g}" for k, v in sorted(slowdown.items())])
+        with ForeignCpu() as host:
+            report = run_profile(out, nproc=nproc, model=model, seq=seq, batch_sizes=batch_sizes, repeats=repeats,
+                                 slowdown=[f"{k}={v:g}" for k, v in sorted(slowdown.items())])
+        report = {**report, "foreign_cpu_share": host.share}
     return Profiled(out, load_cost_graph(out / "cost_graph.json"), load_cluster(out / "cluster.yaml"), report,
                     slowdown)
 
@@ -94,9 +99,13 @@ def measure(plan: Plan, prof: Profiled, out_dir: str | Path, *, steps: int = 12,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / "plan.json")
-    sim = simulate(plan, prof.cluster, prof.cost_graph)
-    summary = run_local(out / "plan.json", steps=steps, slowdown=slowdown_args(prof, plan), out_dir=out / "run",
-                        capture=True, extra=["--warmup-steps", str(RUN_WARMUP_STEPS)])
+    # where the profile measured how a rank's compute varies from step to step, the
+    # prediction is the median iteration of a noisy simulation, as the measurement is the median step
+    sim = simulate(plan, prof.cluster, prof.cost_graph, iterations=prediction_iterations(prof.cluster))
+    with ForeignCpu() as host:
+        summary = run_local(out / "plan.json", steps=steps, slowdown=slowdown_args(prof, plan), out_dir=out / "run",
+                            capture=True, extra=["--warmup-steps", str(RUN_WARMUP_STEPS)],
+                            threads=profiled_threads(prof))
     summary.pop("output", None)
     measured = summary["measured"]["step_time_median_s"]
     predicted = sim.iteration_time_s
@@ -116,7 +125,7 @@ def measure(plan: Plan, prof: Profiled, out_dir: str | Path, *, steps: int = 12,
                           "grad_sync_s": r["predicted"]["grad_sync_s"], "p2p_s": r["predicted"]["p2p_s"],
                           "busy_s": sd["busy_s"],
                           # the runtime's own time the formulas add (in compute_s and optimizer_s)
-                          "op_overhead_s": 2 * plan.num_microbatches * dtype.op_overhead_s,
+                          "op_overhead_s": 2 * plan.num_microbatches * dtype.op_runtime_s,
                           "step_overhead_s": dtype.step_overhead_s},
             "measured": {k: m[k] for k in ("compute_s", "optimizer_s", "grad_sync_s", "p2p_wait_s", "loss_sync_s",
                                            "other_s", "step_s")},
@@ -135,13 +144,23 @@ def measure(plan: Plan, prof: Profiled, out_dir: str | Path, *, steps: int = 12,
         "measured_mean_s": summary["measured"]["step_time_s"],
         "measured_step_times_s": _step_times(out / "run"),
         "error": (predicted - measured) / measured, "per_stage": stages, "steps": steps,
-        "warmup_steps": RUN_WARMUP_STEPS,
+        "warmup_steps": RUN_WARMUP_STEPS, "run_dir": str(out), "profile_dir": str(prof.out_dir),
         "work_simulated_s": work_sim, "work_measured_s": work_meas,
         "cluster_shares_compute": any(n.shares_compute for n in prof.cluster.nodes),
         "profile_trusted": (prof.report.get("noise_check") or {}).get("trusted"),
+        # what other processes took of the host's CPU during the run (workflows.hostload)
+        "foreign_cpu_share": host.share, "disturbed": host.disturbed,
     }
     atomic_write_json(out / "comparison.json", row)
     return row
+
+
+def profiled_threads(prof: Profiled) -> int | None:
+    """The intra-op threads per rank the profile measured with: a run of a plan that uses
+    fewer devices than were profiled would otherwise get more threads per rank (another
+    device than the one profiled). None when the profile does not say."""
+    threads = {r.get("threads") for r in prof.report.get("ranks", [])}
+    return threads.pop() if len(threads) == 1 and None not in threads else None
 
 
 def _step_times(run_dir: Path) -> list[float]:

@@ -144,8 +144,10 @@ def add_runtime_overhead(out_dir: str | Path, slowdown: list[str] | None) -> dic
     cluster = load_cluster(out / "cluster.yaml")
     cg = load_cost_graph(out / "cost_graph.json")
     by_rank = {int(k): f for k, f in parse_slowdown(slowdown).items() if k.isdigit()}
-    turns = json.loads((out / "report.json").read_text()).get("turns") if (out / "report.json").exists() else None
-    result = measure_overheads(out / "overhead", cluster, cg, by_rank, turns)
+    report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
+    threads = {r.get("threads") for r in report.get("ranks", [])}
+    result = measure_overheads(out / "overhead", cluster, cg, by_rank, report.get("turns"),
+                               threads=threads.pop() if len(threads) == 1 and None not in threads else None)
     write_cluster(out, with_overheads(cluster, result["per_type"]))
     return result
 

@@ -12,8 +12,19 @@ evenly, 1F1B) with 2 and with 8 micro-batches of SHARE samples, STEPS steps each
     other(M) = step_overhead + 2 M op_overhead
 
 and the two runs give both figures; a device type gets the median over its ranks
-(negative fits clamp to 0). Where a host has more ranks than compute slots, the runs
-take its ranks in the profile's turns (as many at a time as it has slots), so that each
+(negative fits clamp to 0). The same runs give two figures about compute: what a
+rank's ops compute beyond the profiled layer times (measured minus profiled compute,
+per op over both runs: ``op_compute_us``; booked as compute, not as the runtime's own
+time), and how much a rank's compute varies from step to step on its own
+(``compute_noise``: the spread of log(step compute / the rank's median) once what all
+ranks shared in that step is taken out, IQR / 1.349, the standard deviation of a normal
+with that IQR, so that rare stalls do not set it; pooled over the type's ranks and
+both runs), which the simulator draws from; and what a collective takes in
+a run beyond its measured table (``collective_extra_us``: per step the end-of-step loss
+all-reduce's time on the rank that came to it last, which waited for no one, minus the
+table's time, averaged over the steps: threads woken from idle, now and then a stall
+of milliseconds). Where a host has more ranks
+than compute slots, the runs take its ranks in the profile's turns (as many at a time as it has slots), so that each
 figure is the rank's own time and not its wait for a shared core (the simulator shares
 the cores). They are written into the profile's cluster.yaml as
 ``op_overhead_us`` and ``step_overhead_us`` of the device types, where the shared cost
@@ -25,6 +36,7 @@ Never imports torch (the runs are torchrun subprocesses).
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +44,7 @@ from typing import Any
 
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
+from hetalloc.evaluate import loss_reduction_time
 from hetalloc.plan import Plan
 
 from ..config import slowdown_for_plan
@@ -56,11 +69,58 @@ def calibration_plan(cluster: Cluster, cg: CostGraph, num_microbatches: int,
                      name=f"overhead-m{num_microbatches}-{len(devices)}")
 
 
+def _records(path: Path) -> list[dict[str, Any]]:
+    """A rank's per-step records after warm-up."""
+    return [json.loads(line) for line in path.read_text().splitlines()][WARMUP_STEPS:]
+
+
 def _median_other(path: Path) -> float:
     """Median 'other' seconds over the steps after warm-up (a step now and then loses a
     few milliseconds to the operating system; the median step is what runs are judged by)."""
-    recs = [json.loads(line) for line in path.read_text().splitlines()]
-    return statistics.median(r["other_s"] for r in recs[WARMUP_STEPS:])
+    return statistics.median(r["other_s"] for r in _records(path))
+
+
+def log_spread(xs: list[float]) -> float:
+    """IQR / 1.349 of log(x / median(x)): the standard deviation of a log-normal step
+    time with the same interquartile range (0 for fewer than 4 positive values)."""
+    xs = [x for x in xs if x > 0]
+    if len(xs) < 4:
+        return 0.0
+    med = statistics.median(xs)
+    q = statistics.quantiles([math.log(x / med) for x in xs], n=4, method="inclusive")
+    return (q[2] - q[0]) / 1.349
+
+
+def fit_compute(runs: list[tuple[int, float, list[float]]]) -> float:
+    """runs: (ops per step, profiled compute seconds per step, measured per-step compute
+    seconds) of one rank -> its compute per op beyond the profile (clamped at 0)."""
+    extra = sum(statistics.median(xs) - pred for _, pred, xs in runs)
+    ops = sum(n for n, _, _ in runs)
+    return max(0.0, extra / ops) if ops else 0.0
+
+
+def own_variation(steps: list[list[float]]) -> list[list[float]]:
+    """steps[rank][k]: the ranks' compute in step k of one run -> per rank, the log ratio
+    of each step's compute to the rank's median with what all ranks shared in that step
+    taken out (the mean over the ranks of their log ratios: the host slowing everyone
+    down at once, which makes no rank wait for another), scaled by 1 / sqrt(1 - 1/n) so
+    that its spread is that of one rank's own variation. A run of one rank keeps its
+    log ratios as they are (nothing to tell apart)."""
+    logs = [[math.log(x / statistics.median(xs)) for x in xs] for xs in steps]
+    n = len(logs)
+    if n < 2:
+        return logs
+    shared = [statistics.fmean(col) for col in zip(*logs)]
+    scale = 1.0 / math.sqrt(1.0 - 1.0 / n)
+    return [[scale * (x - c) for x, c in zip(row, shared)] for row in logs]
+
+
+def collective_extra(loss_sync_s: list[list[float]], table_s: float) -> float:
+    """loss_sync_s[rank][step]: the ranks' end-of-step loss all-reduce times -> the mean
+    over the steps of what the rank that came last (the least time: it waited for no
+    one) spent in it beyond the table's `table_s` (at least 0)."""
+    last = [min(col) for col in zip(*loss_sync_s)]
+    return statistics.fmean(max(0.0, x - table_s) for x in last) if last else 0.0
 
 
 def fit_overheads(others: dict[int, dict[str, float]]) -> dict[str, tuple[float, float]]:
@@ -74,15 +134,20 @@ def fit_overheads(others: dict[int, dict[str, float]]) -> dict[str, tuple[float,
 
 
 def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
-                      slowdown: dict[int, float] | None = None, turns: list[list[int]] | None = None) -> dict[str, Any]:
+                      slowdown: dict[int, float] | None = None, turns: list[list[int]] | None = None,
+                      threads: int | None = None) -> dict[str, Any]:
     """Run the calibration plans; returns per-device and per-type figures (see module doc).
     turns: the profile's groups of ranks (device k is rank k) that run at one time
-    (None: all at once)."""
+    (None: all at once); threads: the intra-op threads per rank the profile measured
+    with (a turn of fewer ranks would otherwise get more threads per rank)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ids = [d.id for d in cluster.devices]
     groups = [[ids[r] for r in t] for t in (turns or [list(range(len(ids)))])]
     others: dict[int, dict[str, float]] = {M: {} for M in MICROBATCHES}
+    compute: dict[str, list[tuple[int, float, list[float]]]] = {}
+    extra: dict[str, list[float]] = {}
+    noise: dict[str, list[float]] = {}
     for g, devices in enumerate(groups):
         for M in MICROBATCHES:
             plan = calibration_plan(cluster, cg, M, devices)
@@ -92,18 +157,44 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
             slow = slowdown_for_plan(ids, slowdown or {}, set(plan.device_ids()))
             run_dir = out / f"run-{tag}"
             summary = run_local(path, steps=WARMUP_STEPS + STEPS, slowdown=slow, out_dir=run_dir, capture=True,
-                                extra=["--warmup-steps", str(WARMUP_STEPS)])
+                                extra=["--warmup-steps", str(WARMUP_STEPS)], threads=threads)
             others[M].update({r["device"]: _median_other(run_dir / f"metrics.rank{r['rank']}.jsonl")
                               for r in summary["ranks"]})
+            series = []
+            for r in summary["ranks"]:
+                stage = plan.replicas[0].stages[r["stage"]]
+                dt = cluster.dtype(r["device"])
+                f, b = cg.range_time(stage.start, stage.stop, dt, SHARE)
+                profiled = M * (f + b - 2 * dt.op_overhead_s)
+                steps = [max(x["compute_s"], 1e-9) for x in _records(run_dir / f"metrics.rank{r['rank']}.jsonl")]
+                compute.setdefault(r["device"], []).append((2 * M, profiled, steps))
+                series.append(steps)
+            for r, logs in zip(summary["ranks"], own_variation(series)):
+                noise.setdefault(r["device"], []).extend(logs)
+            if len(summary["ranks"]) > 1:
+                table = loss_reduction_time(cluster, list(plan.device_ids()))
+                loss = [[x["loss_sync_s"] for x in _records(run_dir / f"metrics.rank{r['rank']}.jsonl")]
+                        for r in summary["ranks"]]
+                own = collective_extra(loss, table)
+                for r in summary["ranks"]:
+                    extra.setdefault(r["device"], []).append(own)
     per_device = fit_overheads(others)
+    fits = {d: fit_compute(runs) for d, runs in compute.items()}
     per_type: dict[str, dict[str, float]] = {}
     for t in sorted({cluster.device(d).type for d in per_device}):
-        mine = [per_device[d] for d in per_device if cluster.device(d).type == t]
-        per_type[t] = {"op_overhead_us": 1e6 * statistics.median(o for o, _ in mine),
-                       "step_overhead_us": 1e6 * statistics.median(s for _, s in mine)}
+        mine = [d for d in per_device if cluster.device(d).type == t]
+        logs = [x for d in mine for x in noise.get(d, [])]
+        per_type[t] = {"op_overhead_us": 1e6 * statistics.median(per_device[d][0] for d in mine),
+                       "step_overhead_us": 1e6 * statistics.median(per_device[d][1] for d in mine),
+                       "op_compute_us": 1e6 * statistics.median(fits[d] for d in mine if d in fits)
+                       if any(d in fits for d in mine) else 0.0,
+                       "compute_noise": log_spread([math.exp(x) for x in logs]),
+                       "collective_extra_us": 1e6 * statistics.median(x for d in mine for x in extra.get(d, []))
+                       if any(d in extra for d in mine) else 0.0}
     return {"microbatches": list(MICROBATCHES), "share": SHARE, "steps": STEPS, "groups": groups,
             "other_s": {str(M): v for M, v in others.items()},
-            "per_device": {d: {"op_overhead_us": 1e6 * o, "step_overhead_us": 1e6 * s}
+            "per_device": {d: {"op_overhead_us": 1e6 * o, "step_overhead_us": 1e6 * s,
+                               "op_compute_us": 1e6 * fits[d] if d in fits else 0.0}
                            for d, (o, s) in per_device.items()},
             "per_type": per_type}
 
@@ -113,5 +204,8 @@ def with_overheads(cluster: Cluster, per_type: dict[str, dict[str, float]]) -> C
     types = dict(cluster.device_types)
     for t, f in per_type.items():
         types[t] = replace(types[t], op_overhead_us=round(f["op_overhead_us"], 1),
-                           step_overhead_us=round(f["step_overhead_us"], 1))
+                           step_overhead_us=round(f["step_overhead_us"], 1),
+                           op_compute_us=round(f.get("op_compute_us", 0.0), 1),
+                           compute_noise=round(f.get("compute_noise", 0.0), 4),
+                           collective_extra_us=round(f.get("collective_extra_us", 0.0), 1))
     return replace(cluster, device_types=types, _path_cache={})
