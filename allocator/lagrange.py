@@ -177,10 +177,10 @@ def _knap(caps, lam, N, b, counts):
 
 
 @njit(cache=True)
-def _prices(cap, tg, lam, N, b):
+def _prices(cap, tg, lam, N, b, upto):
     """P[s, h, q] (h = 1..G): least t + lam . n of spec s at in-flight bucket q over stage
     times t < tg[h] (t in [tg[g], tg[g+1]) counted as tg[g] with the capacity of tg[g+1]);
-    column G: any time."""
+    column G: any time. Only the columns up to ``upto`` are priced (G: all)."""
     S, C, G1, Q = cap.shape
     G = G1 - 1
     P = np.full((S, G + 1, Q), np.inf)
@@ -188,31 +188,13 @@ def _prices(cap, tg, lam, N, b):
     for q in range(Q):
         for s in range(S):
             run = np.inf
-            for g in range(G):
+            for g in range(min(upto, G)):
                 if g >= 1:
                     P[s, g, q] = run
                 v = tg[g] + _knap(cap[s, :, g + 1, q], lam, N, b, counts)
                 if v < run:
                     run = v
-            P[s, G, q] = run
-    return P
-
-
-@njit(cache=True)
-def _prices_at(cap, tg, lam, N, b, h):
-    """Column h of ``_prices`` alone (the others left infinite)."""
-    S, C, G1, Q = cap.shape
-    G = G1 - 1
-    P = np.full((S, G + 1, Q), np.inf)
-    counts = np.zeros(C)
-    for q in range(Q):
-        for s in range(S):
-            run = np.inf
-            for g in range(min(h, G)):
-                v = tg[g] + _knap(cap[s, :, g + 1, q], lam, N, b, counts)
-                if v < run:
-                    run = v
-            P[s, h, q] = run
+            P[s, upto, q] = run
     return P
 
 
@@ -276,7 +258,7 @@ def _pass(cap, tg, lam, N, b, K, M, of):
     """The bound of every tau interval for one multiplier vector (interval h < G: tau in
     [tg[h-1], tg[h]]; h = G: tau >= tg[G-1]): objective >= (M - 1) tau + sum_s t_s, and
     >= M tau (a stage takes tau)."""
-    P = _prices(cap, tg, lam, N, b)
+    P = _prices(cap, tg, lam, N, b, tg.shape[0])
     G = tg.shape[0]
     lamN = 0.0
     for c in range(lam.shape[0]):
@@ -314,7 +296,7 @@ def _pass(cap, tg, lam, N, b, K, M, of):
 def _used(cap, tg, lam, N, b, K, h, of):
     """The cheapest split of interval h at these multipliers: its stages front to back as
     (spec, depth) (-1 padded) and the (fractional) units per class of each."""
-    P = _prices_at(cap, tg, lam, N, b, h)
+    P = _prices(cap, tg, lam, N, b, h)
     _, chosen = _split(P, h, K, of)
     C = cap.shape[1]
     G = tg.shape[0]
