@@ -48,12 +48,9 @@ class RangeTimes:
             km = min(self.b, prob.kmem(c, i, j, in_flight, recompute, dp))
             if km < 1:
                 continue
-            ts = []
-            for k in range(1, km + 1):
-                t = timer.time(c, i, j, k, recompute)
-                if t > t_cap:
-                    break
-                ts.append(t)
+            t = timer.share_times(c, i, j, km, recompute)
+            over = t > t_cap
+            ts = (t[:int(np.argmax(over))] if over.any() else t).tolist()  # up to the first beyond the cap
             if ts:
                 self.ts[c.index] = ts
 
@@ -135,17 +132,29 @@ def _range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: 
     prev = caps_at(M if gpipe else 1, full) if zero1 else full
     tier_caps, tier_depth = [prev], [0]
     if not gpipe and j < L:
-        for a in range(1, min(M - 1, L - j) + 1):
-            caps = caps_at(min(M, 1 + a), prev)
-            if caps != prev:
-                tier_caps.append(caps)
-                tier_depth.append(a)
-                prev = caps
+        # the depths at which some cap falls: caps only fall as the in-flight count grows
+        # (max_share_for_memory), so equal caps at both ends of a depth interval hold
+        # throughout it, and bisection finds the changes
+        def scan(lo: int, c_lo: dict, hi: int, c_hi: dict) -> None:
+            if c_lo == c_hi:
+                return
+            if hi == lo + 1:
+                tier_caps.append(c_hi)
+                tier_depth.append(hi)
+                return
+            mid = (lo + hi) // 2
+            c_mid = caps_at(min(M, 1 + mid), full)
+            scan(lo, c_lo, mid, c_mid)
+            scan(mid, c_mid, hi, c_hi)
+
+        A = min(M - 1, L - j)
+        if A >= 1:
+            scan(0, prev, A, caps_at(min(M, 1 + A), full))
     rows_of = {n: np.nonzero(n_dev == n)[0] for n in sizes} if zero1 else {}
     if zero1:  # a zero1 stage's units have one tensor-parallel size
         tps = np.array([prob.classes[c].tp for c in range(C)])
-        used = grid > 0
-        one_size = np.array([len(set(tps[u])) <= 1 for u in used])
+        sizes_used = sum((grid[:, tps == v] > 0).any(axis=1).astype(np.int64) for v in np.unique(tps))
+        one_size = sizes_used <= 1
     else:
         one_size = np.ones(len(grid), dtype=bool)
 
@@ -153,8 +162,12 @@ def _range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: 
         if not zero1:
             return _stage_times(rt.ts, caps[None], grid, b)
         out = np.full(len(grid), np.inf)
+        alike: dict[tuple, list] = {}  # device counts whose caps are the same: one table
         for n, rows in rows_of.items():
-            out[rows] = _stage_times(rt.ts, caps[n], grid[rows], b)
+            alike.setdefault(tuple(sorted(caps[n].items())), []).append(rows)
+        for key, parts in alike.items():
+            rows = np.concatenate(parts)
+            out[rows] = _stage_times(rt.ts, dict(key), grid[rows], b)
         return out
 
     # A vector is useful if at some tier it runs within the cap and every device matters
@@ -269,9 +282,31 @@ def whole_budget_time(prob: Problem, timer: StageTimer, M: int, i: int, j: int, 
                 if km >= 1:
                     caps[c.index] = km
 
-        def time_of(ci: int, k: int, rc: str = rc) -> float:
-            return timer.time(prob.classes[ci], i, j, k, rc)
+        if caps and max(caps.values()) <= VECTOR_SHARES:
+            t = _least_time_tabled({ci: timer.share_times(prob.classes[ci], i, j, cap, rc) for ci, cap in caps.items()},
+                                   budget, b, min(t_cap, best))
+        else:
+            def time_of(ci: int, k: int, rc: str = rc) -> float:
+                return timer.time(prob.classes[ci], i, j, k, rc)
 
-        t = least_time(time_of, {ci: (1, cap, budget[ci]) for ci, cap in caps.items()}, b, min(t_cap, best))
+            t = least_time(time_of, {ci: (1, cap, budget[ci]) for ci, cap in caps.items()}, b, min(t_cap, best))
         best = min(best, t)
     return best
+
+
+VECTOR_SHARES = 4096
+"""Largest share whose times whole_budget_time tables at once (beyond: binary searches)."""
+
+
+def _least_time_tabled(ts: dict[int, np.ndarray], budget: list[int], need: int, limit: float) -> float:
+    """allocator.problem.least_time on tabled times (ts[ci][k - 1]: share k, not falling
+    with k): the least time t among the entries at which the units' shares running within
+    t reach ``need`` (inf if none is at most ``limit``)."""
+    levels = np.unique(np.concatenate(list(ts.values())))
+    cap = np.zeros(len(levels))
+    for ci, t in ts.items():
+        cap += budget[ci] * np.searchsorted(t, levels, side="right")
+    ok = np.nonzero(cap >= need)[0]
+    if not len(ok) or levels[ok[0]] > limit:
+        return math.inf
+    return float(levels[ok[0]])

@@ -155,14 +155,16 @@ class StageTable:
         np.minimum.at(W, (xs, ys), t[fixed])
         # anywhere-options (shapes): every start that keeps the cover within X
         free = ~fixed
-        for tt, sp, fi in zip(t[free], span[free], first[free]):
-            if fi:
-                x = X - sp
-                if x >= 0 and tt < W[x, X + 1]:
-                    W[x, X + 1] = tt
-            else:
-                idx = np.arange(0, X - sp + 1)
-                W[idx, idx + sp] = np.minimum(W[idx, idx + sp], tt)
+        fs = free & first  # a first stage of span sp closes the cover from X - sp
+        xs = X - span[fs]
+        ok = xs >= 0
+        np.minimum.at(W, (xs[ok], np.full(int(ok.sum()), X + 1)), t[fs][ok])
+        m = np.full(X + 1, inf)  # the fastest inner option of each span, at every start
+        fi = free & ~first
+        np.minimum.at(m, span[fi], t[fi])
+        for sp in np.nonzero(np.isfinite(m))[0]:
+            idx = np.arange(0, X - sp + 1)
+            W[idx, idx + sp] = np.minimum(W[idx, idx + sp], m[sp])
         rem = np.full(X + 2, inf)
         rem[X + 1] = 0.0
         for x in range(X, -1, -1):

@@ -308,16 +308,32 @@ class Problem:
         return {}
 
     def _kmem(self, c: DeviceClass, i: int, j: int, in_flight: int, recompute: str, dp: int) -> int:
-        params = self.rank_params(i, j, c.tp)
+        params, saved, working = self._range_bytes(i, j, c.tp, recompute)
         opt = zero1_params(params, dp) if self.zero1 else None
         if c.tp == 1 and recompute == "none":
-            return max_share_for_memory(params, self.saved(i, j), self.out_bytes(j), in_flight,
+            return max_share_for_memory(params, saved, self.out_bytes(j), in_flight,
                                         self.precision, self.optimizer, c.dtype, optimizer_params=opt)
-        cg = self.cg
-        return max_share_for_memory(params, cg.range_saved_bytes(i, j, c.tp, recompute),
-                                    self.out_bytes(j), in_flight, self.precision, self.optimizer, c.dtype,
-                                    optimizer_params=opt,
-                                    working_act_bytes_per_sample=cg.range_working_bytes(i, j, c.tp, recompute))
+        return max_share_for_memory(params, saved, self.out_bytes(j), in_flight, self.precision, self.optimizer,
+                                    c.dtype, optimizer_params=opt, working_act_bytes_per_sample=working)
+
+    def _range_bytes(self, i: int, j: int, tp: int, recompute: str) -> tuple[float, float, float]:
+        """(parameters of one rank, saved bytes per sample, working bytes per sample) of
+        layers [i, j) split tp ways (the cost graph's sums, remembered per range)."""
+        key = (i, j, tp, recompute)
+        hit = self._bytes_memo.get(key)
+        if hit is None:
+            if tp == 1 and recompute == "none":
+                hit = (self.params(i, j), self.saved(i, j), 0.0)
+            else:
+                cg = self.cg
+                hit = (self.rank_params(i, j, tp), cg.range_saved_bytes(i, j, tp, recompute),
+                       cg.range_working_bytes(i, j, tp, recompute))
+            self._bytes_memo[key] = hit
+        return hit
+
+    @cached_property
+    def _bytes_memo(self) -> dict[tuple, tuple[float, float, float]]:
+        return {}
 
     def most_units(self, budget: list[int], R: int = 1) -> int:
         """The most units (all replicas) that can hold one range: the largest zero1 degree."""
@@ -341,7 +357,22 @@ class Problem:
         return self.zero1 and len({c.tp for c in self.classes if counts[c.index]}) > 1
 
     def rank_params(self, i: int, j: int, tp: int) -> float:
-        return self.params(i, j) if tp == 1 else self.cg.range_params(i, j, tp)
+        if tp == 1:
+            return self.params(i, j)
+        key = (i, j, tp)
+        hit = self._params_memo.get(key)
+        if hit is None:
+            hit = self._params_memo[key] = self.cg.range_params(i, j, tp)
+        return hit
+
+    @cached_property
+    def _tail_memo(self) -> dict[tuple, float]:
+        """allocator.problem.stage_tail's values, per (range, units in all, classes used)."""
+        return {}
+
+    @cached_property
+    def _params_memo(self) -> dict[tuple[int, int, int], float]:
+        return {}
 
     def grad_bytes(self, i: int, j: int, tp: int = 1) -> float:
         """Gradient bytes of one parameter slice of layers [i, j) (1/tp of the split ones)."""
@@ -356,6 +387,7 @@ class StageTimer:
         L = prob.L
         # prefix arrays (L+1) of fwd+bwd compute at share k, per (class, k, recompute)
         self._px: dict[tuple[int, int, str], np.ndarray] = {}
+        self._rows: dict[tuple[int, str], np.ndarray] = {}  # per (class, recompute): _prefix of k = 1.. as rows
         self._out = np.array([0.0] + [l.out_act_bytes for l in prob.cg.layers])  # out_bytes at boundary j = _out[j]
         self.L = L
         layers = prob.cg.layers
@@ -393,6 +425,31 @@ class StageTimer:
             t += c.p2p_lat + k * self._out[j] / c.p2p_bw
         if i > 0:
             t += c.p2p_lat + k * self._out[i] / c.p2p_bw
+        return t
+
+    def share_times(self, c: DeviceClass, i: int, j: int, kmax: int, recompute: str = "none") -> np.ndarray:
+        """``time`` of range [i, j) at every share k = 1..kmax at once (the same terms in
+        the same order, vectorised over k: equal to the last bit)."""
+        if kmax < 1:
+            return np.zeros(0)
+        rows = self._rows.get((c.index, recompute))
+        if rows is None or len(rows) < kmax:
+            start = 0 if rows is None else len(rows)
+            more = [self._prefix(c, k, recompute) for k in range(start + 1, max(kmax, min(2 * start, self.b)) + 1)]
+            rows = np.vstack(([rows] if rows is not None else []) + [np.array(more)])
+            self._rows[(c.index, recompute)] = rows
+        k = np.arange(1, kmax + 1, dtype=np.float64)
+        t = (rows[:kmax, j] - rows[:kmax, i]) + 2 * c.dtype.op_overhead_s
+        if c.tp > 1:
+            nf, bf, nb, bb = self._tp[recompute]
+            for n, by in ((nf, bf), (nb, bb)):
+                q, v = int(round(n[j] - n[i])), float(by[j] - by[i])
+                if q > 0 and v > 0:  # tp_comm_time's terms (zero without all-reduces or bytes)
+                    t = t + (2.0 * (c.tp - 1) / c.tp * (v * k) / c.tp_bw + q * 2.0 * (c.tp - 1) * c.tp_lat)
+        if j < self.L:
+            t = t + (c.p2p_lat + k * self._out[j] / c.p2p_bw)
+        if i > 0:
+            t = t + (c.p2p_lat + k * self._out[i] / c.p2p_bw)
         return t
 
     def times(self, c: DeviceClass, I: np.ndarray, J: np.ndarray, k: int, recompute: str = "none") -> np.ndarray:
@@ -573,8 +630,17 @@ def _threshold_shares(timer: StageTimer, classes: list[DeviceClass], i: int, j: 
 
 def stage_tail(prob: Problem, R: int, i: int, j: int, counts: tuple[int, ...]) -> float:
     """Gradient all-reduce of the stage's group plus the slowest optimizer step in it."""
-    used = [c for c in prob.classes if counts[c.index]]
     n = R * sum(counts)  # one member per unit in each parameter slice's group (hetalloc.evaluate.sync_groups)
+    # (it depends on which classes serve the stage and how many units in all: remembered)
+    key = (i, j, n, tuple(x > 0 for x in counts))
+    hit = prob._tail_memo.get(key)
+    if hit is None:
+        hit = prob._tail_memo[key] = _stage_tail(prob, n, i, j, counts)
+    return hit
+
+
+def _stage_tail(prob: Problem, n: int, i: int, j: int, counts: tuple[int, ...]) -> float:
+    used = [c for c in prob.classes if counts[c.index]]
     slices = max(c.tp for c in used)
     groups = {c.group for c in used}
     if len(groups) == 1 and prob.groups[next(iter(groups))].single_node:
