@@ -224,16 +224,6 @@ class Search:
             B, K = prob.global_batch, prob.L - 2
             program = None  # the smallest restriction's shapes, for an integer program
             bounded = False
-            target = self.incumbent * (1 - self.gap)
-            if self.use_lagrange and math.isfinite(target) and st.lagged is None and exact_fits(prob, M) and \
-                    exact_states(prob, M) > LAGRANGE_FROM:
-                # a costly exact program: first the Lagrangian bound, which may settle M
-                st.bound = max(st.bound, self.lagrangian(prob, timer, M, target))
-                st.lagged = target
-                if st.bound >= target:
-                    st.status = "pruned"
-                    st.seconds += time.perf_counter() - t0
-                    return
             for R, unit in ((r, g) for r in range(1, B // M + 1) if (B // M) % r == 0 for g in (1, 2, 4, 8)):
                 if not (R == 1 and unit == 1) and not bounded and self.use_lagrange:
                     # no exact program for M: its bound is the Lagrangian one (allocator.lagrange),
@@ -502,7 +492,8 @@ class Search:
         elapsed = time.perf_counter() - self.t0
         for st in self.states.values():
             self.log.append({"M": st.M, "tp": st.prob.tp, "step": "summary", "status": st.status,
-                             "evaluations": st.caps.evaluations if st.caps else 0, "seconds": round(st.seconds, 3)})
+                             "bound": st.bound, "evaluations": st.caps.evaluations if st.caps else 0,
+                             "seconds": round(st.seconds, 3)})
         if self.best is None:
             status = "infeasible" if not math.isfinite(bound) and not self.stopped_by_clock and self.done() \
                 else "time_limit"
@@ -527,20 +518,6 @@ LAGRANGE_STATES = 16
 
 LAGRANGE_SHARE = 0.3
 """Share of the work budget the up-front Lagrangian bounds (before any build) may use."""
-
-LAGRANGE_FROM = 2_000_000
-"""Estimated exact-program states (``exact_states``) from which an M is bounded by the
-Lagrangian relaxation before its program is built."""
-
-
-def exact_states(prob: Problem, M: int) -> int:
-    """A rough size of M's exact program: device vectors x block positions x depths."""
-    b, grid = prob.global_batch // M, 1
-    for c in prob.classes:
-        grid *= min(c.count, b) + 1
-    K = prob.L - 2
-    return grid * (K + 1) * (min(M, K + 1) + 1)
-
 
 def exact_fits(prob: Problem, M: int) -> bool:
     """Can M's exact program (the whole cluster, single units) be of a workable size? (its
