@@ -74,14 +74,45 @@ def _stage_times(ts: dict[int, list[float]], caps: dict[int, int], V: np.ndarray
     live = np.nonzero((V @ K[-1] >= b) & (V.sum(axis=1) <= b))[0]
     if not len(live):
         return out
-    W = V[live]
-    cap = W @ K.T  # (vectors, levels)
+    W = V[live].astype(np.float64)
     used = W > 0
     floor = np.where(used, first[None, :], 0.0).max(axis=1)  # every device takes one sample
-    ok = (cap >= b) & (levels[None, :] >= floor[:, None])
-    idx = ok.argmax(axis=1)
-    out[live] = np.where(ok.any(axis=1), levels[idx], np.inf)
+    # the first level at or above the floor whose capacity reaches b: capacity grows with
+    # the level, so a bisection per vector (all vectors at once) finds it
+    lo = np.searchsorted(levels, floor, side="left")
+    hi = np.full(len(W), len(levels) - 1)
+    while True:
+        open_ = lo < hi
+        if not open_.any():
+            break
+        mid = (lo + hi) // 2
+        ok = (W * K[mid]).sum(axis=1) >= b
+        hi = np.where(open_ & ok, mid, hi)
+        lo = np.where(open_ & ~ok, mid + 1, lo)
+    out[live] = np.where(lo < len(levels), levels[np.minimum(lo, len(levels) - 1)], np.inf)
     return out
+
+
+def _steps(f, lo: int, hi: int) -> list:
+    """f over the integers lo..hi as its steps [(first index, value), ...], for an f whose
+    every component is monotone (so equal values at two indices hold between them)."""
+    changes: dict[int, object] = {}
+
+    def rec(a: int, fa, b: int, fb) -> None:
+        if fa == fb:
+            return
+        if b == a + 1:
+            changes[b] = fb
+            return
+        m = (a + b) // 2
+        fm = f(m)
+        rec(a, fa, m, fm)
+        rec(m, fm, b, fb)
+
+    first = f(lo)
+    if hi > lo:
+        rec(lo, first, hi, f(hi))
+    return [(lo, first)] + sorted(changes.items())
 
 
 def range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: int, t_cap: float,
@@ -122,20 +153,35 @@ def _range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: 
     # so memory may cap the shares and the time may grow. zero1: the caps also depend on
     # how many units hold the stage (n per replica: R n shard the optimizer state). Tiers:
     # the depths at which some cap changes; a tier's caps per n (None: any n).
-    sizes = sorted({int(n) for n in n_dev if 0 < n <= b}) if zero1 else [None]
+    # Caps are step functions of the stage's unit count n (zero1: more units shard more,
+    # so caps only grow with n) and of the depth (more in flight: caps only fall). Each is
+    # kept as its steps over the sorted unit counts (``_steps``: bisection), so the work
+    # grows with the steps, not with the counts.
+    cis = sorted(rt.ts)
+    fullc = [len(rt.ts[ci]) for ci in cis]
+    sizes = np.unique(n_dev[(n_dev > 0) & (n_dev <= b)]) if zero1 else np.zeros(1, dtype=np.int64)
 
-    def caps_at(infl: int, prev: dict) -> dict:
-        return {n: {ci: max(0, min(prev[n][ci], prob.kmem(prob.classes[ci], i, j, infl, rc, R * (n or 1))))
-                    for ci in rt.ts} for n in sizes}
+    def one(infl: int, n: int) -> tuple:
+        dp = R * max(1, int(n))
+        return tuple(max(0, min(f, prob.kmem(prob.classes[ci], i, j, infl, rc, dp))) for ci, f in zip(cis, fullc))
 
-    full = {n: {ci: len(rt.ts[ci]) for ci in rt.ts} for n in sizes}
-    prev = caps_at(M if gpipe else 1, full) if zero1 else full
+    def caps_at(infl: int) -> list:
+        if not zero1:
+            return [(0, tuple(fullc))]  # (RangeTimes capped the times at one in flight already)
+        return _steps(lambda k: one(infl, sizes[k]), 0, len(sizes) - 1) if len(sizes) else []
+
+    prev = caps_at(M if gpipe else 1)
     tier_caps, tier_depth = [prev], [0]
     if not gpipe and j < L:
         # the depths at which some cap falls: caps only fall as the in-flight count grows
         # (max_share_for_memory), so equal caps at both ends of a depth interval hold
         # throughout it, and bisection finds the changes
-        def scan(lo: int, c_lo: dict, hi: int, c_hi: dict) -> None:
+        def depth_caps(a: int) -> list:
+            if not zero1:
+                return [(0, one(min(M, 1 + a), 0))]
+            return caps_at(min(M, 1 + a))
+
+        def scan(lo: int, c_lo: list, hi: int, c_hi: list) -> None:
             if c_lo == c_hi:
                 return
             if hi == lo + 1:
@@ -143,14 +189,15 @@ def _range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: 
                 tier_depth.append(hi)
                 return
             mid = (lo + hi) // 2
-            c_mid = caps_at(min(M, 1 + mid), full)
+            c_mid = depth_caps(mid)
             scan(lo, c_lo, mid, c_mid)
             scan(mid, c_mid, hi, c_hi)
 
         A = min(M - 1, L - j)
         if A >= 1:
-            scan(0, prev, A, caps_at(min(M, 1 + A), full))
-    rows_of = {n: np.nonzero(n_dev == n)[0] for n in sizes} if zero1 else {}
+            scan(0, prev, A, depth_caps(A))
+    by_n = np.argsort(n_dev, kind="stable")
+    sorted_n = n_dev[by_n]
     if zero1:  # a zero1 stage's units have one tensor-parallel size
         tps = np.array([prob.classes[c].tp for c in range(C)])
         sizes_used = sum((grid[:, tps == v] > 0).any(axis=1).astype(np.int64) for v in np.unique(tps))
@@ -158,16 +205,17 @@ def _range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: 
     else:
         one_size = np.ones(len(grid), dtype=bool)
 
-    def times(caps: dict) -> np.ndarray:
+    def times(caps: list) -> np.ndarray:
         if not zero1:
-            return _stage_times(rt.ts, caps[None], grid, b)
+            return _stage_times(rt.ts, dict(zip(cis, caps[0][1])), grid, b)
         out = np.full(len(grid), np.inf)
-        alike: dict[tuple, list] = {}  # device counts whose caps are the same: one table
-        for n, rows in rows_of.items():
-            alike.setdefault(tuple(sorted(caps[n].items())), []).append(rows)
-        for key, parts in alike.items():
-            rows = np.concatenate(parts)
-            out[rows] = _stage_times(rt.ts, dict(key), grid[rows], b)
+        for q, (k0, cap) in enumerate(caps):  # the rows whose unit count falls in this step
+            lo = int(np.searchsorted(sorted_n, sizes[k0], side="left"))
+            hi = int(np.searchsorted(sorted_n, sizes[caps[q + 1][0]] if q + 1 < len(caps) else sizes[-1],
+                                     side="left" if q + 1 < len(caps) else "right"))
+            rows = by_n[lo:hi]
+            if len(rows):
+                out[rows] = _stage_times(rt.ts, dict(zip(cis, cap)), grid[rows], b)
         return out
 
     # A vector is useful if at some tier it runs within the cap and every device matters

@@ -57,6 +57,13 @@ EVALS_PER_SECOND = 60
 (measured on the 2-core development machine: 40-200 per second on 16-64 GPUs). A work
 budget, not a clock."""
 
+BUILD_CELLS_PER_SECOND = 1_500_000
+"""Count vectors x stage kinds of shapes the search may build per second of its time
+limit (measured on the 2-core development machine: ~1.5 million per second building the
+shapes of 100,000 A100s at 500,000 samples per micro-batch). A work budget, not a clock:
+a build that would exceed what is left is not made (its micro-batch count keeps its
+cheap bound and its restricted spaces are searched instead)."""
+
 NODES_PER_SECOND = 150
 """Branch-and-bound nodes an integer program may use per second of its share of the time
 limit (HiGHS explores ~150-400 nodes/s on these programs here)."""
@@ -134,6 +141,8 @@ class Search:
         self.log: list[dict] = []
         self.stopped_by_clock = False
         self.evals_left = max(20, int(EVALS_PER_SECOND * time_limit))
+        self.cells_left = BUILD_CELLS_PER_SECOND * max(1.0, time_limit)
+        """Work budget for building shapes: count vectors x stage kinds (allocator.columns)."""
         self.states: dict[tuple[int, int], MState] = {}
         self.unresolved: list[float] = []
         self.heap: list[tuple] = []
@@ -209,6 +218,17 @@ class Search:
         inc = self.incumbent
         return not self.heap or self.heap[0][0] >= inc * (1 - self.gap) - 1e-15 * abs(inc)
 
+    def build_order(self, cheap: dict) -> Callable:
+        """The order states are built in: those with an exact program smallest micro-batch
+        first (their programs are the smallest, and the incumbent they give caps the
+        larger ones'), then the others lowest cheap bound first (on clusters of thousands
+        of devices the smallest micro-batches make plans of millions of micro-batches, the
+        worst there are)."""
+        B = self.probs[0].global_batch
+        if BUILD_ORDER == "b":
+            return lambda km: (B // km[1], km[1], km[0])
+        return lambda km: (cheap[km], B // km[1], km[1], km[0])
+
     # ---- per-M set-up -----------------------------------------------------------------------
     def build(self, st: MState) -> None:
         t0 = time.perf_counter()
@@ -224,7 +244,7 @@ class Search:
             B, K = prob.global_batch, prob.L - 2
             program = None  # the smallest restriction's shapes, for an integer program
             bounded = False
-            for R, unit in ((r, g) for r in range(1, B // M + 1) if (B // M) % r == 0 for g in (1, 2, 4, 8)):
+            for R, unit in ((r, g) for r in divisors(B // M) for g in (1, 2, 4, 8)):
                 if not (R == 1 and unit == 1) and not bounded and self.use_lagrange:
                     # no exact program for M: its bound is the Lagrangian one (allocator.lagrange),
                     # and the restricted spaces are searched only if it leaves M open
@@ -249,6 +269,10 @@ class Search:
                     grid *= min(n, b) // unit + 1
                 if grid > GRID_LIMIT:
                     continue
+                cells = grid * (3 * K + 3) * len(prob.recompute_options)  # count vectors x stage kinds
+                if cells > self.cells_left:
+                    continue  # its shapes would take more than the work budget left for building
+                self.cells_left -= cells
                 timer = StageTimer(prob, b)
                 shapes = block_shapes(prob, timer, M, t_cap, R, unit)
                 exact = R == 1 and unit == 1
@@ -445,7 +469,7 @@ class Search:
                 st.status = "infeasible"
         self.pending = {key: cheap[key] for key, st in self.states.items() if st.status != "infeasible"}
         B = self.probs[0].global_batch
-        for key in sorted(self.states, key=lambda km: (B // km[1], km[1], km[0])):
+        for key in sorted(self.states, key=self.build_order(cheap)):
             st = self.states[key]
             if st.status == "infeasible":
                 continue
@@ -513,6 +537,8 @@ LAGRANGE_WORK_PER_EVAL = 200_000
 times tabled) charged as one dynamic-program evaluation (~60 per second here, as the
 knapsacks run: ~12 million per second)."""
 
+BUILD_ORDER = "bound"
+
 LAGRANGE_STATES = 16
 """Most (space, M) states without an exact program for which Lagrangian bounds are used."""
 
@@ -526,6 +552,19 @@ def exact_fits(prob: Problem, M: int) -> bool:
     for c in prob.classes:
         grid *= min(c.count, b) + 1
     return grid <= GRID_LIMIT
+
+
+def divisors(n: int) -> list[int]:
+    """The divisors of n, smallest first (trial division up to its square root)."""
+    small, large = [], []
+    d = 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d * d != n:
+                large.append(n // d)
+        d += 1
+    return small + large[::-1]
 
 
 def min_stages(shapes: list[Shape], K: int, chunk: int = 1) -> int:

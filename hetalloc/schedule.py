@@ -58,7 +58,87 @@ class PipeTiming:
 def pipeline_timing(devices: list[PipeDevice], num_stages: int, num_microbatches: int, schedule: str,
                     record: bool = False) -> PipeTiming:
     """Exact start/end of every op: an op starts when its device is free and its inputs
-    (forward: all senders' forward; backward: all receivers' backward) have ended."""
+    (forward: all senders' forward; backward: all receivers' backward) have ended.
+
+    Without ``record``, devices that time identically are timed once (``timing_classes``:
+    exact), and a schedule of more than LONG_SCHEDULE ops is timed at a few shorter
+    micro-batch counts and extended along its steady state where that is seen to have
+    set in (``_steady_extension``; within rounding of the full recurrence)."""
+    if record or not devices:
+        return _timing(devices, num_stages, num_microbatches, schedule, record)
+    cls, reps = timing_classes(devices)
+    if len(reps) < len(devices):
+        small = [PipeDevice(devices[d].name, devices[d].stage, devices[d].fwd_s, devices[d].bwd_s,
+                            sorted({cls[j] for j in devices[d].inputs}),
+                            sorted({cls[j] for j in devices[d].outputs})) for d in reps]
+        t = pipeline_timing(small, num_stages, num_microbatches, schedule)
+        return PipeTiming(t.makespan_s, [t.finish_s[c] for c in cls], [t.busy_s[c] for c in cls], None)
+    if num_microbatches * len(devices) > LONG_SCHEDULE:
+        t = _steady_extension(devices, num_stages, num_microbatches, schedule)
+        if t is not None:
+            return t
+    return _timing(devices, num_stages, num_microbatches, schedule, False)
+
+
+LONG_SCHEDULE = 200_000
+"""Ops (micro-batches x devices) beyond which a schedule is extended along its steady state."""
+
+
+def timing_classes(devices: list[PipeDevice]) -> tuple[list[int], list[int]]:
+    """(class of each device, a representative device of each class): devices whose ops
+    start and end at the same times in every schedule — same stage and durations, and
+    inputs and outputs from the same classes (partition refinement until stable; by
+    induction over the ops, such devices time identically)."""
+    key = [(d.stage, d.fwd_s, d.bwd_s) for d in devices]
+    ids: dict = {}
+    cls = [ids.setdefault(k, len(ids)) for k in key]
+    while True:
+        ids = {}
+        new = [ids.setdefault((cls[i], tuple(sorted({cls[j] for j in d.inputs})),
+                               tuple(sorted({cls[j] for j in d.outputs}))), len(ids))
+               for i, d in enumerate(devices)]
+        if len(ids) == len(set(cls)):
+            break
+        cls = new
+    reps: dict[int, int] = {}
+    for i, c in enumerate(cls):
+        reps.setdefault(c, i)
+    order = sorted(reps.values())
+    renum = {cls[i]: k for k, i in enumerate(order)}
+    return [renum[c] for c in cls], order
+
+
+STEADY_FROM = 64
+"""Micro-batch counts (at least, and at least 4 per stage) timed in full before a long
+schedule is extended."""
+
+STEADY_WINDOW = 6
+
+
+def _steady_extension(devices: list[PipeDevice], S: int, M: int, schedule: str) -> PipeTiming | None:
+    """A long schedule's timing from shorter ones: once the pipeline is in its steady
+    state, one more micro-batch moves every device's finish by the same step (a max-plus
+    recurrence with a repeating op pattern). The counts M0 .. M0 + STEADY_WINDOW are timed
+    in full; if every device's step is the same across them, the finish times are
+    extended to M; else None (time it in full)."""
+    M0 = max(STEADY_FROM, 4 * S)
+    while 2 * (M0 + STEADY_WINDOW) <= M:  # (the short runs cost well below the full one)
+        runs = [_timing(devices, S, m, schedule, False) for m in range(M0, M0 + STEADY_WINDOW + 1)]
+        steps = [[b.finish_s[i] - a.finish_s[i] for i in range(len(devices))] for a, b in zip(runs, runs[1:])]
+        scale = max(1e-300, max(runs[-1].finish_s))
+        if all(abs(x - y) <= 1e-12 * scale for row in steps[1:] for x, y in zip(row, steps[0])):
+            last = runs[-1]
+            k = M - (M0 + STEADY_WINDOW)
+            finish = [f + k * st for f, st in zip(last.finish_s, steps[-1])]
+            busy = [M * d.fwd_s + M * d.bwd_s for d in devices]
+            return PipeTiming(max(finish), finish, busy, None)
+        M0 *= 2
+    return None
+
+
+def _timing(devices: list[PipeDevice], num_stages: int, num_microbatches: int, schedule: str,
+            record: bool) -> PipeTiming:
+    """The recurrence of ``pipeline_timing``, op by op."""
     orders = [stage_op_order(schedule, d.stage, num_stages, num_microbatches) for d in devices]
     n = len(devices)
     end_f = [[-1.0] * num_microbatches for _ in range(n)]

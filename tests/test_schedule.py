@@ -32,3 +32,56 @@ def test_1f1b_faster_than_flow_shop_bound_when_unbalanced():
     o = pipeline_timing(devs, 2, 4, "1f1b").makespan_s
     assert g == pytest.approx(flow_shop_time([3.0, 6.0], 4))
     assert o <= g
+
+
+def _random_pipe(rng, S, per_stage, copies):
+    """A pipeline of S stages whose devices come in groups of identical copies (same
+    durations, wired to the same kinds of neighbours)."""
+    devs, first = [], []
+    for s in range(S):
+        first.append(len(devs))
+        for k in range(per_stage):
+            f, b = rng.uniform(0.5, 2.0), rng.uniform(1.0, 4.0)
+            for _ in range(copies):
+                devs.append(PipeDevice(f"s{s}k{k}", s, f, b, [], []))
+    n = per_stage * copies
+    for s in range(S - 1):
+        for i in range(n):  # device i sends to i and i+1 of the next stage (mod n)
+            a = first[s] + i
+            for j in {i, (i + 1) % n}:
+                devs[a].outputs.append(first[s + 1] + j)
+                devs[first[s + 1] + j].inputs.append(a)
+    return devs
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_identical_devices_timed_once_exactly(schedule):
+    import random
+
+    from hetalloc.schedule import _timing, timing_classes
+    rng = random.Random(3)
+    for S, per, copies, M in [(3, 1, 4, 7), (4, 2, 3, 9), (2, 3, 5, 5)]:
+        devs = _random_pipe(rng, S, per, copies)
+        full = _timing(devs, S, M, schedule, False)
+        fast = pipeline_timing(devs, S, M, schedule)
+        assert fast.makespan_s == full.makespan_s and fast.finish_s == full.finish_s and fast.busy_s == full.busy_s
+    # identical copies wired alike are one class; different durations are not
+    devs = _random_pipe(rng, 2, 1, 4)
+    assert len(timing_classes(devs)[1]) == 2
+    devs[0].fwd_s += 1.0
+    assert len(timing_classes(devs)[1]) > 2
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_long_schedule_extended_along_its_steady_state(schedule):
+    import random
+
+    from hetalloc.schedule import LONG_SCHEDULE, _timing
+    rng = random.Random(5)
+    devs = _random_pipe(rng, 4, 1, 1)  # four distinct stages
+    M = LONG_SCHEDULE // len(devs) + 1000
+    full = _timing(devs, 4, M, schedule, False)
+    fast = pipeline_timing(devs, 4, M, schedule)
+    assert fast.makespan_s == pytest.approx(full.makespan_s, rel=1e-9)
+    assert fast.finish_s == pytest.approx(full.finish_s, rel=1e-9)
+    assert fast.busy_s == pytest.approx(full.busy_s, rel=1e-9)
