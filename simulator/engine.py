@@ -33,7 +33,10 @@ Two switches, both on by default:
   step-to-step spread (``DeviceType.compute_noise``), seeded; the report then gives the
   median iteration (a run is judged by its median step), and every collective that needs
   all ranks (the loss and gradient all-reduces) or a pipeline receive waits for the late
-  rank of that iteration, as in a run. Without measured figures nothing changes.
+  rank of that iteration, as in a run. A rank that blocked on a receive starts its op a
+  draw of the same ``collective_extra_us`` after the data came (a thread woken from idle:
+  what the profile measured of the loss all-reduce's late rank, whose partner had idled).
+  Without measured figures nothing changes.
 Collectives are timed by the cluster's measured tables where it has them
 (``hetalloc.evaluate.allreduce_time``); over the links, a measured collective alone
 takes exactly its measured time (its steps get the difference as latency, or move
@@ -113,8 +116,9 @@ class SimOptions:
     iterations. None: as ``contention``, where more than one iteration is simulated.
     Each collective (gradient buckets, the loss all-reduce) also takes an extra drawn
     from an exponential distribution of its devices' ``collective_extra_us`` (what a
-    collective takes in a run beyond its measured table). Replicas are not folded while
-    it is on (each draws its own)."""
+    collective takes in a run beyond its measured table), and so does a rank's op that
+    blocked on its receive (woken from idle). Replicas are not folded while it is on
+    (each draws its own)."""
     seed: int = 0
     """Seed of the noise draws (the same seed, the same simulation)."""
 
@@ -419,7 +423,12 @@ class Simulation:
                 pairs = w.recv_fwd if kind == "F" else w.recv_bwd
                 deps = [self._event(("arrive", it, kind, m, src, dst)) for src, dst in pairs]
                 if deps:
+                    t_wait = env.now
                     yield self._wait(deps)
+                    if env.now > t_wait:  # it blocked on the receive: it wakes up later than the data comes
+                        wake = self._collective_extra(("wake", it, kind, m, w.id), w.ranks)
+                        if wake > 0:
+                            yield env.timeout(wake)
                 op = self._begin(w.id, "compute", kind, f"{kind} mb{m} L{w.start}-{w.stop - 1}",
                                  self._latest(prev, *(d.value for d in deps)), it)
                 marks = None
