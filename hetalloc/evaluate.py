@@ -286,7 +286,7 @@ def replica_pipe(r: Replica, cluster: Cluster, cg: CostGraph) -> ReplicaPipe:
             groups.append(g)
             stage_of.append(si)
     n = len(groups)
-    cf, cb, tf, tb, sf, sb = ([0.0] * n for _ in range(6))
+    cf, cb, cbc, tf, tb, sf, sb = ([0.0] * n for _ in range(7))
     ins: list[list[int]] = [[] for _ in range(n)]
     outs: list[list[int]] = [[] for _ in range(n)]
     for si, s in enumerate(r.stages):
@@ -294,6 +294,8 @@ def replica_pipe(r: Replica, cluster: Cluster, cg: CostGraph) -> ReplicaPipe:
         for k, g in enumerate(s.groups):
             cf[base + k], cb[base + k] = cg.range_time(s.start, s.stop, cluster.dtype(g.lead), g.share, g.tp,
                                                        s.recompute)
+            cbc[base + k] = cg.range_time(s.start, s.stop, cluster.dtype(g.lead), g.share, g.tp, s.recompute,
+                                          cold=True)[1]
             tf[base + k], tb[base + k] = group_tp_times(cluster, cg, g, s.start, s.stop, s.recompute)
         if si + 1 < len(r.stages):
             nxt = r.stages[si + 1]
@@ -318,7 +320,8 @@ def replica_pipe(r: Replica, cluster: Cluster, cg: CostGraph) -> ReplicaPipe:
                 sf[base + k] = max(rank_f.get(d, 0.0) for d in g.devices)
             for k, g in enumerate(nxt.groups):
                 sb[nbase + k] = max(rank_b.get(d, 0.0) for d in g.devices)
-    devs = [PipeDevice(groups[i].lead, stage_of[i], cf[i] + tf[i] + sf[i], cb[i] + tb[i] + sb[i], ins[i], outs[i])
+    devs = [PipeDevice(groups[i].lead, stage_of[i], cf[i] + tf[i] + sf[i], cb[i] + tb[i] + sb[i], ins[i], outs[i],
+                       cbc[i] + tb[i] + sb[i] if cbc[i] != cb[i] else None)
             for i in range(n)]
     return ReplicaPipe(devs, groups, cf, cb, tf, tb, sf, sb)
 
@@ -355,7 +358,7 @@ def replica_key(r: Replica, cluster: Cluster) -> tuple:
 
 def timing_key(pipe: ReplicaPipe) -> tuple:
     """What ``pipeline_timing`` depends on besides the schedule: op durations and wiring."""
-    return tuple((d.stage, d.fwd_s, d.bwd_s, tuple(d.inputs), tuple(d.outputs)) for d in pipe.devices)
+    return tuple((d.stage, d.fwd_s, d.bwd_s, d.bwd_cold_s, tuple(d.inputs), tuple(d.outputs)) for d in pipe.devices)
 
 
 @dataclass

@@ -32,6 +32,16 @@ def stage_op_order(schedule: str, stage: int, num_stages: int, num_microbatches:
     raise ValueError(f"unknown schedule '{schedule}'")
 
 
+def warm_backward(order: list[Op], pos: int) -> bool:
+    """Whether the backward at order[pos] runs right after its own micro-batch's forward
+    (nothing else ran between them on the device), its saved activations still in the
+    caches as the profile times a backward; otherwise it reads them back from memory
+    (``TimeTable.bwd_cold_s``: the 1F1B warm-up and GPipe's backwards, all but a last
+    stage's in 1F1B)."""
+    kind, m = order[pos]
+    return kind == "B" and pos > 0 and order[pos - 1] == ("F", m)
+
+
 @dataclass(slots=True)
 class PipeDevice:
     """One device of one pipeline for timing: durations include blocking sends."""
@@ -44,6 +54,8 @@ class PipeDevice:
     """Indices (into the device list) of the previous stage's devices it receives from."""
     outputs: list[int]
     """Indices of the next stage's devices it sends to."""
+    bwd_cold_s: float | None = None
+    """A backward that does not follow its own forward (``warm_backward``); None: bwd_s."""
 
 
 @dataclass(slots=True)
@@ -79,7 +91,7 @@ def pipeline_timing(devices: list[PipeDevice], num_stages: int, num_microbatches
                     dur = d.fwd_s
                 else:
                     deps = [end_b[j][m] for j in d.outputs] if d.outputs else [end_f[i][m]]
-                    dur = d.bwd_s
+                    dur = d.bwd_s if d.bwd_cold_s is None or warm_backward(order, pos[i]) else d.bwd_cold_s
                 if any(t < 0 for t in deps):
                     break
                 start = max([clock[i], *deps])

@@ -435,9 +435,12 @@ class Simulation:
                 f = self.factor.get((it, w.id), 1.0)
                 if kind == "F":
                     self.mem[w.id].append((env.now, w.act_bytes_per_mb))
-                elif pos == last_b and overlap:
-                    marks = self._ready_marks(w, it, op, f)
-                yield self.compute.run(w.id, f * (w.fwd_s if kind == "F" else w.bwd_s), marks)
+                    work, layers = w.fwd_s, []
+                else:
+                    work, layers = w.backward(pos)
+                    if pos == last_b and overlap:
+                        marks = self._ready_marks(w, it, op, f, layers)
+                yield self.compute.run(w.id, f * work, marks)
                 prev = self._end(op)
                 if kind == "B":
                     self.mem[w.id].append((env.now, -w.act_bytes_per_mb))
@@ -563,16 +566,18 @@ class Simulation:
             prev = self._end(i)
             self._event(("arrive", it, kind, m, device, s.dst)).succeed(prev)
 
-    def _ready_marks(self, w: DeviceWork, it: int, op: int, factor: float = 1.0) -> list:
+    def _ready_marks(self, w: DeviceWork, it: int, op: int, factor: float = 1.0,
+                     layers: list[float] | None = None) -> list:
         """For the device's last backward: after how much of its work (its layers' times
-        x `factor`, the iteration's noise) each of its buckets is ready (the backward
-        runs from the stage's last layer down to its first)."""
+        `layers`, default the warm ones, x `factor`, the iteration's noise) each of its
+        buckets is ready (the backward runs from the stage's last layer down to its first)."""
+        layers = layers or w.bwd_layer_s
         marks = []
         for r in w.ranks:
             for c in self.lane_colls.get((it, r), []):
                 if c.part == "ag":
                     continue
-                done = factor * sum(w.bwd_layer_s[c.bucket.start - w.start:])
+                done = factor * sum(layers[c.bucket.start - w.start:])
                 ev = self._event(("ready", c.key, r))
                 marks.append((done, lambda ev=ev: ev.succeed((op, self.env.now))))
         return marks

@@ -105,7 +105,8 @@ def time_table(ranks: list[dict[str, Any]], pa: ProfileArgs) -> TimeTable:
             "repeats": pa.repeats, "ranks": [r["rank"] for r in ranks], "slowdown": ranks[0]["slowdown"],
             "threads": ranks[0]["threads"], "dtype": pa.dtype, "torch": pa.torch_version,
             "fwd_iqr_rel": avg("fwd", "iqr_rel"), "bwd_iqr_rel": avg("bwd", "iqr_rel")}
-    return TimeTable(list(pa.batch_sizes), avg("fwd", "median"), avg("bwd", "median"), "measured", meta)
+    cold = avg("bwd_cold", "median") if all(r["layers"].get("bwd_cold") for r in ranks) else None
+    return TimeTable(list(pa.batch_sizes), avg("fwd", "median"), avg("bwd", "median"), "measured", meta, cold)
 
 
 def measured_layers(ranks: list[dict[str, Any]], pa: ProfileArgs) -> list[LayerShape]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -26,6 +27,12 @@ MIN_TIMED_S = 0.5
 """Small micro-batches get more than --repeats passes: at least this many seconds of them
 (up to MAX_LAYER_REPEATS), so that layers of tens of microseconds get a stable median."""
 MAX_LAYER_REPEATS = 200
+COLD_CACHE_FACTOR = 2
+"""The cold backward is timed after writing this many times the last-level cache."""
+COLD_CACHE_DEFAULT_BYTES = 32 << 20
+"""The last-level cache assumed where the device does not say."""
+COLD_REPEATS_MIN = 5
+"""Cold passes per batch size: half of --repeats, at least this many."""
 
 
 def _batch(shape: TransformerShape, seq: int, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,9 +42,40 @@ def _batch(shape: TransformerShape, seq: int, b: int, device: torch.device) -> t
     return ids.to(device), torch.randint(classes, (b, seq), generator=g).to(device)
 
 
+def cache_bytes(device: torch.device) -> int:
+    """The device's last-level cache (CPUs: the largest cache sysfs lists for cpu0; GPUs:
+    L2), COLD_CACHE_DEFAULT_BYTES where it cannot be read."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) or COLD_CACHE_DEFAULT_BYTES
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+        digits = text[:-1] if unit != 1 else text
+        if digits.isdigit():
+            best = max(best, int(digits) * unit)
+    return best or COLD_CACHE_DEFAULT_BYTES
+
+
+def flusher(device: torch.device) -> Callable[[], None]:
+    """Writes COLD_CACHE_FACTOR x the last-level cache: what a pass's saved activations
+    meet when other work runs between its forward and its backward."""
+    buf = torch.empty(COLD_CACHE_FACTOR * cache_bytes(device) // 4, dtype=torch.float32, device=device)
+
+    def flush() -> None:
+        buf.add_(1.0)
+        sync(device)
+    return flush
+
+
 def time_pass(layers: list[torch.nn.Module], ids: torch.Tensor, labels: torch.Tensor, loss_scale: float,
-              slowdown: float, device: torch.device) -> tuple[list[float], list[float]]:
-    """One forward and one backward of the whole model; per-layer seconds (module doc)."""
+              slowdown: float, device: torch.device,
+              between: Callable[[], None] | None = None) -> tuple[list[float], list[float]]:
+    """One forward and one backward of the whole model; per-layer seconds (module doc).
+    between: run (untimed) after the forward, before the backward (a cache flush)."""
     L = len(layers)
     stamps = [time.perf_counter()]
     cpu0 = cpu_clock(device)
@@ -63,6 +101,8 @@ def time_pass(layers: list[torch.nn.Module], ids: torch.Tensor, labels: torch.Te
 
     for i, a in enumerate(acts):
         a.register_hook(mark(i))
+    if between is not None:
+        between()
     t0 = time.perf_counter()
     cpu0 = cpu_clock(device)
     torch.autograd.backward(loss)
@@ -147,6 +187,8 @@ def measure_layers(built: BuiltModel, seq: int, batches: list[int], warmup: int,
     fwd_stats, bwd_stats, peaks, passes = [], [], {}, []
     turns = turns or [[rank]]
     mine = next((k for k, t in enumerate(turns) if rank in t), 0)
+    flush = flusher(device)
+    cold_stats = []
     for b in sorted(batches):
         ids, labels = _batch(built.shape, seq, b, device)
         scale = 1.0 / (b * seq)
@@ -157,9 +199,9 @@ def measure_layers(built: BuiltModel, seq: int, batches: list[int], warmup: int,
             torch.cuda.reset_peak_memory_stats(device)
         runs_f, runs_b = [], []
 
-        def one_pass() -> tuple[list[float], list[float]]:
+        def one_pass(between: Callable[[], None] | None = None) -> tuple[list[float], list[float]]:
             gflat.zero_()
-            times = time_pass(built.layers, ids, labels, scale, slowdown, device)
+            times = time_pass(built.layers, ids, labels, scale, slowdown, device, between)
             opt.step()
             return times
 
@@ -167,10 +209,17 @@ def measure_layers(built: BuiltModel, seq: int, batches: list[int], warmup: int,
         for _ in range(warmup):
             one_pass()
         per_pass = (time.perf_counter() - t_warm) / warmup if warmup else math.inf
-        for _ in range(max(repeats, min(MAX_LAYER_REPEATS, math.ceil(MIN_TIMED_S / per_pass)))):
-            f, bw = one_pass()
-            runs_f.append(f)
-            runs_b.append(bw)
+        n = max(repeats, min(MAX_LAYER_REPEATS, math.ceil(MIN_TIMED_S / per_pass)))
+        runs_c = []
+        for k in range(n + max(COLD_REPEATS_MIN, repeats // 2)):
+            # warm passes (the backward right after its forward), then cold ones: the
+            # forward, a flush of the last-level cache, the backward
+            f, bw = one_pass(flush if k >= n else None)
+            if k < n:
+                runs_f.append(f)
+                runs_b.append(bw)
+            else:
+                runs_c.append(bw)
         if device.type == "cuda":
             peaks[str(b)] = torch.cuda.max_memory_allocated(device)
         for k in range(mine + 1, len(turns)):  # then wait for the later turns
@@ -178,11 +227,13 @@ def measure_layers(built: BuiltModel, seq: int, batches: list[int], warmup: int,
         L = len(built.layers)
         fwd_stats.append([stats([r[i] for r in runs_f]) for i in range(L)])
         bwd_stats.append([stats([r[i] for r in runs_b]) for i in range(L)])
+        cold_stats.append([stats([r[i] for r in runs_c]) for i in range(L)])
         whole = [sum(f) + sum(bw) for f, bw in zip(runs_f, runs_b)]
         half = len(whole) // 2
         drift = (statistics.median(whole[half:]) / statistics.median(whole[:half]) - 1.0) if half else 0.0
         passes.append({"batch_size": b, **stats(whole), "drift_rel": drift, "repeats": len(whole)})
-    return {"batch_sizes": sorted(batches), "fwd": fwd_stats, "bwd": bwd_stats, "peak_memory_bytes": peaks or None,
+    return {"batch_sizes": sorted(batches), "fwd": fwd_stats, "bwd": bwd_stats, "bwd_cold": cold_stats,
+            "cache_flush_bytes": COLD_CACHE_FACTOR * cache_bytes(device), "peak_memory_bytes": peaks or None,
             "passes": passes, "turns": turns}
 
 

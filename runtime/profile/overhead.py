@@ -14,6 +14,7 @@ evenly, 1F1B) with 2 and with 8 micro-batches of SHARE samples, STEPS steps each
 and the two runs give both figures; a device type gets the median over its ranks
 (negative fits clamp to 0). The same runs give two figures about compute: what a
 rank's ops compute beyond the profiled layer times (measured minus profiled compute,
+each backward warm or cold as its place in the schedule says, ``profiled_compute``;
 per op over both runs: ``op_compute_us``; booked as compute, not as the runtime's own
 time), and how much a rank's compute varies from step to step on its own
 (``compute_noise``: the spread of log(step compute / the rank's median) once what all
@@ -46,6 +47,7 @@ from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
 from hetalloc.evaluate import loss_reduction_time
 from hetalloc.plan import Plan
+from hetalloc.schedule import stage_op_order, warm_backward
 
 from ..config import slowdown_for_plan
 from ..launch import run_local
@@ -123,6 +125,19 @@ def collective_extra(loss_sync_s: list[list[float]], table_s: float) -> float:
     return statistics.fmean(max(0.0, x - table_s) for x in last) if last else 0.0
 
 
+def profiled_compute(cg: CostGraph, plan: Plan, stage_index: int, dtype) -> float:
+    """The layer times of one step of a calibration plan's stage (its single group) as
+    the profile measured them, without any per-op figure: every forward, and every
+    backward warm or cold as it follows its forward or not (hetalloc.schedule)."""
+    s = plan.replicas[0].stages[stage_index]
+    share = s.groups[0].share
+    f, b = cg.range_time(s.start, s.stop, dtype, share)
+    bc = cg.range_time(s.start, s.stop, dtype, share, cold=True)[1]
+    order = stage_op_order(plan.schedule, stage_index, len(plan.replicas[0].stages), plan.num_microbatches)
+    total = sum(f if kind == "F" else (b if warm_backward(order, k) else bc) for k, (kind, _) in enumerate(order))
+    return total - len(order) * dtype.op_overhead_s
+
+
 def fit_overheads(others: dict[int, dict[str, float]]) -> dict[str, tuple[float, float]]:
     """others[M][device] = median 'other' seconds per step -> device -> (op, step) seconds."""
     m1, m2 = sorted(others)
@@ -164,8 +179,7 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
             for r in summary["ranks"]:
                 stage = plan.replicas[0].stages[r["stage"]]
                 dt = cluster.dtype(r["device"])
-                f, b = cg.range_time(stage.start, stage.stop, dt, SHARE)
-                profiled = M * (f + b - 2 * dt.op_overhead_s)
+                profiled = profiled_compute(cg, plan, r["stage"], dt)
                 steps = [max(x["compute_s"], 1e-9) for x in _records(run_dir / f"metrics.rank{r['rank']}.jsonl")]
                 compute.setdefault(r["device"], []).append((2 * M, profiled, steps))
                 series.append(steps)
