@@ -55,7 +55,7 @@ from ..plans import hand_plan
 
 MICROBATCHES = (2, 8)
 SHARE = 2
-STEPS = 16
+STEPS = 40
 WARMUP_STEPS = 2
 
 
