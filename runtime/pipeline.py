@@ -160,7 +160,7 @@ class PipelineExecutor:
     def hold(self) -> None:
         """Inside an op (a gradient bucket ready): hold the emulated slowdown up to here
         (runtime.config.Pace); nothing outside an op or without a slowdown."""
-        if self._pace is not None:
+        if self._pace is not None and self._pace.slowdown > 1.0:  # else nothing to hold (and no sync on GPUs)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self._pace.hold()
