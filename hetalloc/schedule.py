@@ -56,6 +56,9 @@ class PipeDevice:
     """Indices of the next stage's devices it sends to."""
     bwd_cold_s: float | None = None
     """A backward that does not follow its own forward (``warm_backward``); None: bwd_s."""
+    start_s: float = 0.0
+    """When its first op can start: after building its inputs or labels
+    (``hetalloc.costs.input_time``; first and last stages)."""
 
 
 @dataclass(slots=True)
@@ -75,7 +78,7 @@ def pipeline_timing(devices: list[PipeDevice], num_stages: int, num_microbatches
     n = len(devices)
     end_f = [[-1.0] * num_microbatches for _ in range(n)]
     end_b = [[-1.0] * num_microbatches for _ in range(n)]
-    clock = [0.0] * n
+    clock = [d.start_s for d in devices]
     busy = [0.0] * n
     pos = [0] * n
     events = [] if record else None

@@ -149,7 +149,7 @@ class Activity:
     lane: str
     """compute | tp | p2p | collective"""
     kind: str
-    """F | B | optimizer | tp | send | allreduce | reducescatter | allgather | loss"""
+    """F | B | data | optimizer | tp | send | allreduce | reducescatter | allgather | loss"""
     name: str
     t0: float
     t1: float
@@ -419,6 +419,10 @@ class Simulation:
         last_b = max(i for i, (k, _) in enumerate(w.order) if k == "B")
         has_tp = len(w.ranks) > 1 and (w.tp_allreduces[0] or w.tp_allreduces[2])
         for it in range(self.opts.iterations):
+            if w.data_s > 0:  # its inputs or labels, built before its first op
+                i = self._begin(w.id, "compute", "data", "inputs", prev[0], it)
+                yield env.timeout(w.data_s)
+                prev = self._end(i)
             for pos, (kind, m) in enumerate(w.order):
                 pairs = w.recv_fwd if kind == "F" else w.recv_bwd
                 deps = [self._event(("arrive", it, kind, m, src, dst)) for src, dst in pairs]

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from hetalloc.catalog import DeviceType
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
-from hetalloc.costs import p2p_time, stage_memory
+from hetalloc.costs import input_time, p2p_time, stage_memory
 from hetalloc.evaluate import group_tp_times, optimizer_times, rank_pairs, slice_overlaps
 from hetalloc.plan import Plan, Replica, Stage, optimizer_params
 from hetalloc.schedule import Op, stage_op_order, warm_backward
@@ -99,6 +99,9 @@ class DeviceWork:
     from cold caches where the profile measured it; None: bwd_s."""
     bwd_cold_layer_s: list[float] | None = None
     """bwd_layer_s of such a backward."""
+    data_s: float = 0.0
+    """At the start of each step, before its first op: building its inputs or labels
+    (``hetalloc.costs.input_time``; first and last stages)."""
 
     def backward(self, pos: int) -> tuple[float, list[float]]:
         """Seconds of the backward at order[pos], and its layers' (bucket readiness)."""
@@ -146,7 +149,8 @@ def replica_work(plan: Plan, ri: int, cluster: Cluster, cg: CostGraph, topo: Top
                 static_bytes=static.total, act_bytes_per_mb=saved * g.share, ranks=list(g.devices),
                 tp_allreduces=(nf, bf * g.share, nb, bb * g.share), tp_fwd_s=tf, tp_bwd_s=tb,
                 mates=list(g.devices), bwd_cold_s=bc if bc != b else None,
-                bwd_cold_layer_s=cold_layers if bc != b else None)
+                bwd_cold_layer_s=cold_layers if bc != b else None,
+                data_s=input_time(g.share * M, dt) if si in (0, S - 1) else 0.0)
             row.append(w)
             out.append(w)
         by_stage.append(row)

@@ -11,6 +11,11 @@ evenly, 1F1B) with 2 and with 8 micro-batches of SHARE samples, STEPS steps each
 
     other(M) = step_overhead + 2 M op_overhead
 
+(``other`` without the time the rank spent building its inputs, which the runtime
+records as ``data_s``: a first or last stage's rank builds SHARE x M samples a step, and
+the two runs give a line through them, ``data_us`` per step and ``data_sample_us`` per
+sample, ``fit_data``)
+
 and the two runs give both figures; a device type gets the median over its ranks
 (negative fits clamp to 0). The same runs give two figures about compute: what a
 rank's ops compute beyond the profiled layer times (measured minus profiled compute,
@@ -78,8 +83,20 @@ def _records(path: Path) -> list[dict[str, Any]]:
 
 def _median_other(path: Path) -> float:
     """Median 'other' seconds over the steps after warm-up (a step now and then loses a
-    few milliseconds to the operating system; the median step is what runs are judged by)."""
-    return statistics.median(r["other_s"] for r in _records(path))
+    few milliseconds to the operating system; the median step is what runs are judged by),
+    without the inputs the rank built (``data_s``: priced by ``fit_data``)."""
+    return statistics.median(r["other_s"] - r.get("data_s", 0.0) for r in _records(path))
+
+
+def fit_data(data: dict[int, float]) -> tuple[float, float]:
+    """data[samples] = a first or last stage rank's median seconds building its inputs per
+    step, at two sample counts -> (seconds per step, seconds per sample), the line
+    through them (clamped at 0): ``hetalloc.costs.input_time``'s two figures. (In the
+    quiet host's runs a step's inputs took 0.37-1.03 ms for 8-32 samples, along one line
+    whatever the number of micro-batches.)"""
+    (n1, d1), (n2, d2) = sorted(data.items())[0], sorted(data.items())[-1]
+    per = max(0.0, (d2 - d1) / (n2 - n1)) if n2 > n1 else 0.0
+    return max(0.0, d1 - n1 * per), per
 
 
 def log_spread(xs: list[float]) -> float:
@@ -163,6 +180,7 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
     compute: dict[str, list[tuple[int, float, list[float]]]] = {}
     extra: dict[str, list[float]] = {}
     noise: dict[str, list[float]] = {}
+    inputs: dict[str, dict[int, float]] = {}
     for g, devices in enumerate(groups):
         for M in MICROBATCHES:
             plan = calibration_plan(cluster, cg, M, devices)
@@ -176,8 +194,11 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
             others[M].update({r["device"]: _median_other(run_dir / f"metrics.rank{r['rank']}.jsonl")
                               for r in summary["ranks"]})
             series = []
+            last = len(plan.replicas[0].stages) - 1
             for r in summary["ranks"]:
-                stage = plan.replicas[0].stages[r["stage"]]
+                if r["stage"] in (0, last):  # they build inputs (labels), SHARE x M samples a step
+                    recs = _records(run_dir / f"metrics.rank{r['rank']}.jsonl")
+                    inputs.setdefault(r["device"], {})[SHARE * M] = statistics.median(x.get("data_s", 0.0) for x in recs)
                 dt = cluster.dtype(r["device"])
                 profiled = profiled_compute(cg, plan, r["stage"], dt)
                 steps = [max(x["compute_s"], 1e-9) for x in _records(run_dir / f"metrics.rank{r['rank']}.jsonl")]
@@ -194,17 +215,24 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
                     extra.setdefault(r["device"], []).append(own)
     per_device = fit_overheads(others)
     fits = {d: fit_compute(runs) for d, runs in compute.items()}
+    data_fits = {d: fit_data(v) for d, v in inputs.items() if len(v) > 1}
     per_type: dict[str, dict[str, float]] = {}
     for t in sorted({cluster.device(d).type for d in per_device}):
         mine = [d for d in per_device if cluster.device(d).type == t]
         logs = [x for d in mine for x in noise.get(d, [])]
+        # building inputs is the host's work (not stretched by a slowdown): a type whose
+        # devices only served middle stages takes the host's other devices' figures
+        with_data = [d for d in mine if d in data_fits] or list(data_fits)
         per_type[t] = {"op_overhead_us": 1e6 * statistics.median(per_device[d][0] for d in mine),
                        "step_overhead_us": 1e6 * statistics.median(per_device[d][1] for d in mine),
                        "op_compute_us": 1e6 * statistics.median(fits[d] for d in mine if d in fits)
                        if any(d in fits for d in mine) else 0.0,
                        "compute_noise": log_spread([math.exp(x) for x in logs]),
                        "collective_extra_us": 1e6 * statistics.median(x for d in mine for x in extra.get(d, []))
-                       if any(d in extra for d in mine) else 0.0}
+                       if any(d in extra for d in mine) else 0.0,
+                       "data_us": 1e6 * statistics.median(data_fits[d][0] for d in with_data) if with_data else 0.0,
+                       "data_sample_us": 1e6 * statistics.median(data_fits[d][1] for d in with_data)
+                       if with_data else 0.0}
     return {"microbatches": list(MICROBATCHES), "share": SHARE, "steps": STEPS, "groups": groups,
             "other_s": {str(M): v for M, v in others.items()},
             "per_device": {d: {"op_overhead_us": 1e6 * o, "step_overhead_us": 1e6 * s,
@@ -221,5 +249,6 @@ def with_overheads(cluster: Cluster, per_type: dict[str, dict[str, float]]) -> C
                            step_overhead_us=round(f["step_overhead_us"], 1),
                            op_compute_us=round(f.get("op_compute_us", 0.0), 1),
                            compute_noise=round(f.get("compute_noise", 0.0), 4),
-                           collective_extra_us=round(f.get("collective_extra_us", 0.0), 1))
+                           collective_extra_us=round(f.get("collective_extra_us", 0.0), 1),
+                           data_us=round(f.get("data_us", 0.0), 1), data_sample_us=round(f.get("data_sample_us", 0.0), 2))
     return replace(cluster, device_types=types, _path_cache={})
