@@ -2,7 +2,10 @@
 
 Each simulated group (one device, or t tensor-parallel devices in lockstep) is a
 generator process on its compute stream: it runs its schedule's forward/backward ops
-(``hetalloc.schedule.stage_op_order``), each waiting for its inputs; an op is its
+(``hetalloc.schedule.stage_op_order``), each waiting for its inputs (a first or last
+stage's group first builds its step's inputs or labels, ``hetalloc.costs.input_time``;
+a backward that does not follow its own forward takes the cold-cache time,
+``hetalloc.schedule.warm_backward``); an op is its
 compute (the backward including the recomputed forward), then its tensor-parallel
 all-reduces as a collective over the group's ring (lane ``tp``); it waits for its last
 sends to leave; then it waits for its gradient collectives, runs its optimizer step, and
