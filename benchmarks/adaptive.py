@@ -49,7 +49,7 @@ from simulator.episode import SpeedTrace, parse_straggler
 from workflows.adaptive import AdaptOptions, run_adaptive
 from workflows.episode import EpisodeOptions, run_episode
 from workflows.hostload import ForeignCpu
-from workflows.loop import profile_machine
+from workflows.loop import profile_batch_sizes, profile_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 64
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         con.print(f"[bold]{name}[/bold]: profiling {nproc} ranks (load {load()}) ...")
         prof = profile_machine(base / f"profile-{nproc}", nproc=nproc, model="gpt2-tiny", seq=SEQ,
-                               reuse=args.reuse_profile)
+                               batch_sizes=profile_batch_sizes(BATCH[nproc]), reuse=args.reuse_profile)
         plan = make_plan(prof.cluster, prof.cost_graph, BATCH[nproc], time_limit=20)
         d = base / name
         d.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,7 @@ from hetalloc.costgraph import load_cost_graph
 from hetalloc.fileio import atomic_write_json
 from runtime.plans import hand_plan
 from workflows.hostload import DISTURBED
-from workflows.loop import Profiled, measure, profile_machine
+from workflows.loop import Profiled, measure, profile_batch_sizes, profile_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 64
@@ -115,6 +115,18 @@ CONFIGS = [
            [[((0, 2), [(0, 2)]), ((2, 4), [(1, 1), (2, 1)]), ((4, 6), [(3, 2)])]], 4, "1f1b"),
 ]
 KINDS = ("compute", "p2p", "allreduce", "optimizer", "loss", "other")
+
+
+def largest_share(profile: str) -> int:
+    """The largest micro-batch share a configuration on `profile` may give one device (a
+    hand layout's largest share; for the planner and the even split the global batch),
+    and at least 16: the sizes its profile times (workflows.loop.profile_batch_sizes)."""
+    out = 16
+    for c in CONFIGS:
+        if c.profile == profile:
+            out = max(out, c.batch if c.layout in ("planner", "even") else
+                      max(s for rep in c.layout for _, devs in rep for _, s in devs))
+    return out
 
 
 def plan_for(cfg: Config, prof: Profiled):
@@ -204,9 +216,21 @@ def kinds_check(rows: list[dict], limit: float = 0.10) -> dict:
     return out
 
 
+def _moved(path: str, folder: Path) -> Path:
+    """A profile or run folder an earlier run recorded, found under `folder` (its --out)
+    when the output was moved since (the recorded path is under another --out)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    parts = p.parts
+    cut = max(i for i, x in enumerate(parts) if x == "sim_accuracy")
+    return folder.joinpath(*parts[cut:])
+
+
 def resimulate(folder: Path) -> int:
     """Simulate again the configurations measured in `folder` (an earlier --out): the
-    earlier prediction, the current one, the measurement."""
+    earlier prediction, the current one, the measurement; then, as the measured run
+    prints them, the per-kind sums over the 2-rank configurations."""
     from hetalloc.plan import load_plan
     from simulator import simulate
     from simulator.engine import prediction_iterations
@@ -217,22 +241,29 @@ def resimulate(folder: Path) -> int:
         if "run_dir" not in r:
             print(f"{r['name']}: measured before runs recorded their folders; skipped")
             continue
-        prof = Path(r["profile_dir"])
+        prof = _moved(r["profile_dir"], folder)
         cluster, cg = load_cluster(prof / "cluster.yaml"), load_cost_graph(prof / "cost_graph.json")
-        rep = simulate(load_plan(Path(r["run_dir"]) / "plan.json"), cluster, cg,
+        rep = simulate(load_plan(_moved(r["run_dir"], folder) / "plan.json"), cluster, cg,
                        iterations=prediction_iterations(cluster))
-        rows.append((r, rep.iteration_time_s))
+        work = {k: sum(rep.devices[s["device"]]["work_s"][k] for s in r["per_stage"]) for k in KINDS}
+        rows.append((r, rep.iteration_time_s, work))
         print(f"{r['name']:24s} measured {r['measured_s'] * 1e3:7.1f} ms  earlier {r['predicted_s'] * 1e3:7.1f} "
               f"({100 * r['error']:+6.1f}%)  now {rep.iteration_time_s * 1e3:7.1f} "
-              f"({100 * (rep.iteration_time_s / r['measured_s'] - 1):+6.1f}%)")
+              f"({100 * (rep.iteration_time_s / r['measured_s'] - 1):+6.1f}%)  "
+              + " ".join(f"{k} {work[k] * 1e3:.1f}/{r['work_measured_s'][k] * 1e3:.1f}" for k in KINDS))
     for label, sel in (("a core per rank", lambda r: r["ranks"] <= cpus), ("more ranks than cores", lambda r: r["ranks"] > cpus)):
-        errs = [(p / r["measured_s"] - 1, r["error"]) for r, p in rows if sel(r)]
+        errs = [(p / r["measured_s"] - 1, r["error"]) for r, p, _ in rows if sel(r)]
         if errs:
             print(f"MAPE over the {len(errs)} with {label}: earlier {100 * statistics.fmean(abs(e) for _, e in errs):.1f}%, "
                   f"now {100 * statistics.fmean(abs(e) for e, _ in errs):.1f}%")
     if rows:
-        print(f"mean signed error: earlier {100 * statistics.fmean(r['error'] for r, _ in rows):+.1f}%, now "
-              f"{100 * statistics.fmean(p / r['measured_s'] - 1 for r, p in rows):+.1f}%")
+        print(f"mean signed error: earlier {100 * statistics.fmean(r['error'] for r, _, _ in rows):+.1f}%, now "
+              f"{100 * statistics.fmean(p / r['measured_s'] - 1 for r, p, _ in rows):+.1f}%")
+        two = [{**r, "work_simulated_s": w} for r, _, w in rows if r["ranks"] == 2]
+        if two:
+            print("per kind over the 2-rank configurations now (simulated/measured ms per step summed): " + ", ".join(
+                f"{k} {v['simulated_s'] * 1e3:.1f}/{v['measured_s'] * 1e3:.1f} ({100 * v['relative']:+.0f}%)"
+                for k, v in kinds_check(two).items()))
     return 0
 
 
@@ -288,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             def profile(k, spec=spec):
                 where = runs / "profiles" / (spec.name if k == 0 else f"{spec.name}-try{k}")
                 p = profile_machine(where, nproc=spec.nproc, model=spec.model, seq=SEQ,
+                                    batch_sizes=profile_batch_sizes(largest_share(spec.name)),
                                     slowdown=dict(spec.slowdown), reuse=a.reuse_profiles and k == 0)
                 return p, p.report.get("foreign_cpu_share")
             profiles[spec.name] = least_disturbed(profile, a.retries, f"profile {spec.name}")

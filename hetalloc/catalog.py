@@ -58,9 +58,16 @@ class DeviceType:
     The simulator's noise draws each collective's extra from an exponential distribution
     of this mean. 0 for catalog devices."""
     step_overhead_us: float = 0.0
-    """The runtime's own time per training step on the device besides its ops and the
-    optimizer: inputs, gradient zeroing, the end-of-step loss reduction. Measured by
-    ``hetalloc profile``; 0 for catalog devices."""
+    """The runtime's own time per training step on the device besides its ops, the
+    optimizer and its inputs: gradient zeroing, bookkeeping. Measured by ``hetalloc
+    profile``; 0 for catalog devices."""
+    data_us: float = 0.0
+    """Time per step a rank of a first or last stage takes to build its inputs or labels
+    (``hetalloc.costs.input_time``), besides ``data_sample_us`` per sample. Measured by
+    ``hetalloc profile`` (its two short training runs); 0 for catalog devices."""
+    data_sample_us: float = 0.0
+    """... and per sample of its step (share x micro-batches): the runtime builds every
+    sample at the start of the step (here about 24 µs a sample)."""
     interference_collective: float = 0.0
     """How much slower compute runs while a collective of the device runs beside it
     (0.2: 20 % slower), measured by ``hetalloc profile`` (a matmul with and without

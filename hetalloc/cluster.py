@@ -326,6 +326,7 @@ def _ordered_counts(n: Node) -> list[tuple[str, int, int | None]]:
 _TOP_KEYS = {"name", "nodes", "fabric", "device_types", "prices", "collectives"}
 _NODE_KEYS = {"name", "count", "gpus", "intra_link", "nic", "nics", "compute_slots"}
 MEASURED_TYPE_FIELDS = ("op_overhead_us", "op_compute_us", "compute_noise", "collective_extra_us", "step_overhead_us",
+                        "data_us", "data_sample_us",
                         "interference_collective", "interference_p2p", "comm_slowdown_collective", "comm_slowdown_p2p")
 """Device-type figures only a profile measures (written when non-zero)."""
 _LINK_KEYS = {"name", "bandwidth_gbps", "latency_us", "like"}
@@ -435,6 +436,9 @@ def _device_types(v: _Checker, raw: Any) -> dict[str, DeviceType]:
                                          default=base.collective_extra_us if base else 0.0),
             step_overhead_us=v.number(obj, "step_overhead_us", p, positive=False, unit="µs",
                                       default=base.step_overhead_us if base else 0.0),
+            data_us=v.number(obj, "data_us", p, positive=False, unit="µs", default=base.data_us if base else 0.0),
+            data_sample_us=v.number(obj, "data_sample_us", p, positive=False, unit="µs",
+                                    default=base.data_sample_us if base else 0.0),
             interference_collective=v.number(obj, "interference_collective", p, positive=False,
                                              unit="fraction (0.2 = compute 20% slower)",
                                              default=base.interference_collective if base else 0.0),

@@ -79,20 +79,42 @@ class TimeTable:
     bwd_s: list[list[float]]
     source: str = "measured"
     meta: dict[str, Any] = field(default_factory=dict)
+    bwd_cold_s: list[list[float]] | None = None
+    """The backward from cold caches (the profile flushes the device's last-level cache
+    between a pass's forward and its backward): what a backward costs when other work
+    ran between it and its own forward (``hetalloc.schedule.warm_backward``), its saved
+    activations no longer cached. Never below ``bwd_s``. None: not measured (the warm
+    times stand for it)."""
 
     def __post_init__(self) -> None:
         order = sorted(range(len(self.batch_sizes)), key=lambda i: self.batch_sizes[i])
         self.batch_sizes = [int(self.batch_sizes[i]) for i in order]
         self.fwd_s = [_monotone([row[i] for i in order]) for row in self.fwd_s]
         self.bwd_s = [_monotone([row[i] for i in order]) for row in self.bwd_s]
+        if self.bwd_cold_s is not None:
+            self.bwd_cold_s = [[max(c, w) for c, w in zip(_monotone([row[i] for i in order]), warm)]
+                               for row, warm in zip(self.bwd_cold_s, self.bwd_s)]
 
-    def at(self, layer: int, batch: float) -> tuple[float, float]:
+    def at(self, layer: int, batch: float, cold: bool = False) -> tuple[float, float]:
+        """(forward, backward) seconds of a layer for `batch` samples; with `cold`, the
+        backward from cold caches (the warm one where it was not measured)."""
+        bwd = self.bwd_cold_s if cold and self.bwd_cold_s is not None else self.bwd_s
         return (_interp(self.batch_sizes, self.fwd_s[layer], batch),
-                _interp(self.batch_sizes, self.bwd_s[layer], batch))
+                _interp(self.batch_sizes, bwd[layer], batch))
+
+    def scaled(self, factor: float, source: str) -> "TimeTable":
+        """Every time x factor (a device that much slower or faster)."""
+        def mul(rows):
+            return [[x * factor for x in row] for row in rows]
+        return TimeTable(list(self.batch_sizes), mul(self.fwd_s), mul(self.bwd_s), source,
+                         bwd_cold_s=None if self.bwd_cold_s is None else mul(self.bwd_cold_s))
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "batch_sizes": self.batch_sizes,
-                "fwd_s": self.fwd_s, "bwd_s": self.bwd_s, "meta": self.meta}
+                "fwd_s": self.fwd_s, "bwd_s": self.bwd_s,
+                # written only when measured, so that tables without it keep their fingerprint
+                **({"bwd_cold_s": self.bwd_cold_s} if self.bwd_cold_s is not None else {}),
+                "meta": self.meta}
 
 
 def _monotone(xs: list[float]) -> list[float]:
@@ -260,15 +282,17 @@ class CostGraph:
         bwd = e.overhead_s + max(2 * t_c, 2 * t_m)
         return fwd, bwd
 
-    def layer_times(self, dtype: DeviceType, batch: int, tp: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    def layer_times(self, dtype: DeviceType, batch: int, tp: int = 1,
+                    cold: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Forward and backward seconds of every layer on dtype for `batch` samples, the
-        layer split over `tp` devices of that type (each rank's time)."""
-        key = ("lt", dtype, batch, tp)
+        layer split over `tp` devices of that type (each rank's time); with `cold`, the
+        backward from cold caches where the table has it (``TimeTable.bwd_cold_s``)."""
+        key = ("lt", dtype, batch, tp, cold)
         hit = self._cache.get(key)
         if hit is None and tp != 1:
             if tp not in TP_DEGREES:
                 raise ValueError(f"tensor-parallel degree {tp} is not one of {TP_DEGREES}")
-            f1, b1 = self.layer_times(dtype, batch)
+            f1, b1 = self.layer_times(dtype, batch, cold=cold)
             e = self.tp_eff(dtype, tp)
             analytic = dtype.name not in self.tables
             f, b = f1.copy(), b1.copy()
@@ -284,7 +308,7 @@ class CostGraph:
                 hit = (z, z)
             elif dtype.name in self.tables:
                 t = self.tables[dtype.name]
-                pairs = [t.at(i, batch) for i in range(self.num_layers)]
+                pairs = [t.at(i, batch, cold) for i in range(self.num_layers)]
                 hit = (np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
             else:
                 pairs = [self._analytic(l, dtype, batch) for l in self.layers]
@@ -292,24 +316,27 @@ class CostGraph:
             self._cache[key] = hit
         return hit
 
-    def prefix_times(self, dtype: DeviceType, batch: int, tp: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    def prefix_times(self, dtype: DeviceType, batch: int, tp: int = 1,
+                     cold: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Cumulative sums (length L+1) of forward and backward times, for range sums."""
-        key = ("px", dtype, batch, tp)
+        key = ("px", dtype, batch, tp, cold)
         hit = self._cache.get(key)
         if hit is None:
-            f, b = self.layer_times(dtype, batch, tp)
+            f, b = self.layer_times(dtype, batch, tp, cold)
             hit = (np.concatenate([[0.0], np.cumsum(f)]), np.concatenate([[0.0], np.cumsum(b)]))
             self._cache[key] = hit
         return hit
 
     def range_time(self, start: int, stop: int, dtype: DeviceType, batch: int, tp: int = 1,
-                   recompute: str = "none") -> tuple[float, float]:
+                   recompute: str = "none", cold: bool = False) -> tuple[float, float]:
         """Forward and backward compute seconds of a stage holding layers [start, stop) on
         dtype for `batch` samples, split over `tp` devices (each rank's time), with
         `recompute` ('none' | 'full'): its layers' times plus, per op, the runtime's own
-        time on the device (``DeviceType.op_overhead_us``; 0 unmeasured). The
-        tensor-parallel all-reduces are not included (``tp_allreduces``)."""
-        pf, pb = self.prefix_times(dtype, batch, tp)
+        time on the device (``DeviceType.op_overhead_us``; 0 unmeasured). With `cold`, the
+        backward of a micro-batch whose forward was not the op just before it
+        (``hetalloc.schedule.warm_backward``): from cold caches where the profile measured
+        it. The tensor-parallel all-reduces are not included (``tp_allreduces``)."""
+        pf, pb = self.prefix_times(dtype, batch, tp, cold)
         o = dtype.op_overhead_s
         fwd = float(pf[stop] - pf[start])
         bwd = float(pb[stop] - pb[start])
@@ -410,8 +437,12 @@ def cost_graph_from_dict(d: dict[str, Any], source: str = "<cost graph>") -> Cos
             if any(len(row) != len(t["batch_sizes"]) for row in t["fwd_s"] + t["bwd_s"]):
                 raise SpecError(source, f"tables.{k}.fwd_s", "rows do not match batch_sizes",
                                 "every layer needs one time per batch size")
+            cold = t.get("bwd_cold_s")
+            if cold is not None and (len(cold) != n or any(len(row) != len(t["batch_sizes"]) for row in cold)):
+                raise SpecError(source, f"tables.{k}.bwd_cold_s", "rows do not match the layers and batch_sizes",
+                                "every layer needs one time per batch size; re-profile this device type")
             tables[k] = TimeTable(t["batch_sizes"], t["fwd_s"], t["bwd_s"], t.get("source", "measured"),
-                                  t.get("meta", {}))
+                                  t.get("meta", {}), cold)
         eff = {t: {kind: Efficiency(**e) for kind, e in kinds.items()}
                for t, kinds in d.get("efficiency", {}).items()}
         tp_eff = {}
@@ -456,7 +487,9 @@ def check_table(t: Any, path: str, source: str) -> None:
     if not isinstance(sizes, list) or not sizes or any(_bad_number(b, True) or b < 1 for b in sizes):
         raise SpecError(source, f"{path}.batch_sizes", f"must be a non-empty list of whole numbers >= 1, got {sizes!r}",
                         "re-profile this device type")
-    for key in ("fwd_s", "bwd_s"):
+    for key in ("fwd_s", "bwd_s", "bwd_cold_s"):
+        if key == "bwd_cold_s" and t.get(key) is None:
+            continue
         rows = t[key]
         if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
             raise SpecError(source, f"{path}.{key}", "expected one list of seconds per layer", "re-profile")

@@ -20,6 +20,8 @@ latency). Every formula is checked against a hand calculation in tests/test_cost
   plus saved activations of its share for every micro-batch in flight (GPipe: all M;
   1F1B: num_stages - stage_index, at most M), plus the largest output buffer.
 - optimizer step: reads and writes weights, gradients and state once: bytes / memory bandwidth.
+- inputs: a first or last stage's rank builds its samples' inputs or labels at the start
+  of the step: data_us + samples x data_sample_us (measured); middle stages none.
 - collectives over a ring of n (per-hop latency a, bandwidth b; the shape the measured
   tables are scaled with): all-reduce 2(n-1) a + 2(n-1)/n B/b; reduce-scatter and
   all-gather (n-1) a + (n-1)/n B/b (B: the whole buffer); broadcast and reduce as a
@@ -222,6 +224,16 @@ def measured_collective_time(op: str, nbytes: float, n: int, measured_n: int, si
         return t
     ref = collective_time(op, nbytes, measured_n, hop_bandwidth, hop_latency)
     return t * collective_time(op, nbytes, n, hop_bandwidth, hop_latency) / ref if ref > 0 else t
+
+
+def input_time(samples: float, dtype: DeviceType) -> float:
+    """Seconds a rank of a first or last stage spends at the start of its step building
+    its inputs or labels for `samples` samples (its share x the micro-batches):
+    data_us + samples x data_sample_us of its device type (measured by ``hetalloc
+    profile``; 0 unmeasured). Ranks of middle stages build none (pass 0 samples)."""
+    if samples <= 0:
+        return 0.0
+    return (dtype.data_us + samples * dtype.data_sample_us) * 1e-6
 
 
 def optimizer_time(params: float, dtype: DeviceType, precision: str, optimizer: str) -> float:

@@ -32,7 +32,7 @@ from .cluster import Cluster
 from .costgraph import CostGraph
 from .collectives import pick
 from .costs import (LOSS_BYTES, MemoryBreakdown, collective_time as analytic_collective_time, grad_bytes_per_param,
-                    hierarchical_allreduce_time, optimizer_time, p2p_time, param_server_time, ring_allreduce_time,
+                    hierarchical_allreduce_time, input_time, optimizer_time, p2p_time, param_server_time, ring_allreduce_time,
                     small_allreduce_time, tp_comm_time, usable_memory)
 from .plan import Group, Plan, Replica, device_memory, optimizer_params, segments
 from .schedule import PipeDevice, PipeTiming, pipeline_timing
@@ -272,11 +272,13 @@ def group_tp_times(cluster: Cluster, cg: CostGraph, g: Group, start: int, stop: 
 
 def build_pipe(plan: Plan, replica_index: int, cluster: Cluster, cg: CostGraph) -> ReplicaPipe:
     """Per-group op durations and wiring of one replica (see module doc)."""
-    return replica_pipe(plan.replicas[replica_index], cluster, cg)
+    return replica_pipe(plan.replicas[replica_index], cluster, cg, plan.num_microbatches)
 
 
-def replica_pipe(r: Replica, cluster: Cluster, cg: CostGraph) -> ReplicaPipe:
-    """``build_pipe`` of a replica given by itself."""
+def replica_pipe(r: Replica, cluster: Cluster, cg: CostGraph, num_microbatches: int = 0) -> ReplicaPipe:
+    """``build_pipe`` of a replica given by itself; with `num_microbatches`, its first and
+    last stages' groups start their step after building their inputs or labels
+    (``hetalloc.costs.input_time``; 0: no input time)."""
     groups: list[Group] = []
     stage_of: list[int] = []
     first_index: list[int] = []
@@ -286,7 +288,7 @@ def replica_pipe(r: Replica, cluster: Cluster, cg: CostGraph) -> ReplicaPipe:
             groups.append(g)
             stage_of.append(si)
     n = len(groups)
-    cf, cb, tf, tb, sf, sb = ([0.0] * n for _ in range(6))
+    cf, cb, cbc, tf, tb, sf, sb = ([0.0] * n for _ in range(7))
     ins: list[list[int]] = [[] for _ in range(n)]
     outs: list[list[int]] = [[] for _ in range(n)]
     for si, s in enumerate(r.stages):
@@ -294,6 +296,8 @@ def replica_pipe(r: Replica, cluster: Cluster, cg: CostGraph) -> ReplicaPipe:
         for k, g in enumerate(s.groups):
             cf[base + k], cb[base + k] = cg.range_time(s.start, s.stop, cluster.dtype(g.lead), g.share, g.tp,
                                                        s.recompute)
+            cbc[base + k] = cg.range_time(s.start, s.stop, cluster.dtype(g.lead), g.share, g.tp, s.recompute,
+                                          cold=True)[1]
             tf[base + k], tb[base + k] = group_tp_times(cluster, cg, g, s.start, s.stop, s.recompute)
         if si + 1 < len(r.stages):
             nxt = r.stages[si + 1]
@@ -318,7 +322,11 @@ def replica_pipe(r: Replica, cluster: Cluster, cg: CostGraph) -> ReplicaPipe:
                 sf[base + k] = max(rank_f.get(d, 0.0) for d in g.devices)
             for k, g in enumerate(nxt.groups):
                 sb[nbase + k] = max(rank_b.get(d, 0.0) for d in g.devices)
-    devs = [PipeDevice(groups[i].lead, stage_of[i], cf[i] + tf[i] + sf[i], cb[i] + tb[i] + sb[i], ins[i], outs[i])
+    last = len(r.stages) - 1
+    devs = [PipeDevice(groups[i].lead, stage_of[i], cf[i] + tf[i] + sf[i], cb[i] + tb[i] + sb[i], ins[i], outs[i],
+                       cbc[i] + tb[i] + sb[i] if cbc[i] != cb[i] else None,
+                       input_time(groups[i].share * num_microbatches, cluster.dtype(groups[i].lead))
+                       if stage_of[i] in (0, last) else 0.0)
             for i in range(n)]
     return ReplicaPipe(devs, groups, cf, cb, tf, tb, sf, sb)
 
@@ -355,7 +363,8 @@ def replica_key(r: Replica, cluster: Cluster) -> tuple:
 
 def timing_key(pipe: ReplicaPipe) -> tuple:
     """What ``pipeline_timing`` depends on besides the schedule: op durations and wiring."""
-    return tuple((d.stage, d.fwd_s, d.bwd_s, tuple(d.inputs), tuple(d.outputs)) for d in pipe.devices)
+    return tuple((d.stage, d.fwd_s, d.bwd_s, d.bwd_cold_s, d.start_s, tuple(d.inputs), tuple(d.outputs))
+                 for d in pipe.devices)
 
 
 @dataclass
@@ -406,7 +415,7 @@ def predict(plan: Plan, cluster: Cluster, cg: CostGraph) -> Prediction:
         key = replica_key(r, cluster)
         hit = by_structure.get(key)
         if hit is None:
-            pipe = replica_pipe(r, cluster, cg)
+            pipe = replica_pipe(r, cluster, cg, M)
             tkey = timing_key(pipe)
             timing = by_timing.get(tkey)
             if timing is None:

@@ -32,6 +32,16 @@ def stage_op_order(schedule: str, stage: int, num_stages: int, num_microbatches:
     raise ValueError(f"unknown schedule '{schedule}'")
 
 
+def warm_backward(order: list[Op], pos: int) -> bool:
+    """Whether the backward at order[pos] runs right after its own micro-batch's forward
+    (nothing else ran between them on the device), its saved activations still in the
+    caches as the profile times a backward; otherwise it reads them back from memory
+    (``TimeTable.bwd_cold_s``: the 1F1B warm-up and GPipe's backwards, all but a last
+    stage's in 1F1B)."""
+    kind, m = order[pos]
+    return kind == "B" and pos > 0 and order[pos - 1] == ("F", m)
+
+
 @dataclass(slots=True)
 class PipeDevice:
     """One device of one pipeline for timing: durations include blocking sends."""
@@ -44,6 +54,11 @@ class PipeDevice:
     """Indices (into the device list) of the previous stage's devices it receives from."""
     outputs: list[int]
     """Indices of the next stage's devices it sends to."""
+    bwd_cold_s: float | None = None
+    """A backward that does not follow its own forward (``warm_backward``); None: bwd_s."""
+    start_s: float = 0.0
+    """When its first op can start: after building its inputs or labels
+    (``hetalloc.costs.input_time``; first and last stages)."""
 
 
 @dataclass(slots=True)
@@ -70,7 +85,8 @@ def pipeline_timing(devices: list[PipeDevice], num_stages: int, num_microbatches
     if len(reps) < len(devices):
         small = [PipeDevice(devices[d].name, devices[d].stage, devices[d].fwd_s, devices[d].bwd_s,
                             sorted({cls[j] for j in devices[d].inputs}),
-                            sorted({cls[j] for j in devices[d].outputs})) for d in reps]
+                            sorted({cls[j] for j in devices[d].outputs}), devices[d].bwd_cold_s,
+                            devices[d].start_s) for d in reps]
         t = pipeline_timing(small, num_stages, num_microbatches, schedule)
         return PipeTiming(t.makespan_s, [t.finish_s[c] for c in cls], [t.busy_s[c] for c in cls], None)
     if num_microbatches * len(devices) > LONG_SCHEDULE:
@@ -89,7 +105,7 @@ def timing_classes(devices: list[PipeDevice]) -> tuple[list[int], list[int]]:
     start and end at the same times in every schedule — same stage and durations, and
     inputs and outputs from the same classes (partition refinement until stable; by
     induction over the ops, such devices time identically)."""
-    key = [(d.stage, d.fwd_s, d.bwd_s) for d in devices]
+    key = [(d.stage, d.fwd_s, d.bwd_s, d.bwd_cold_s, d.start_s) for d in devices]
     ids: dict = {}
     cls = [ids.setdefault(k, len(ids)) for k in key]
     while True:
@@ -130,7 +146,9 @@ def _steady_extension(devices: list[PipeDevice], S: int, M: int, schedule: str) 
             last = runs[-1]
             k = M - (M0 + STEADY_WINDOW)
             finish = [f + k * st for f, st in zip(last.finish_s, steps[-1])]
-            busy = [M * d.fwd_s + M * d.bwd_s for d in devices]
+            # (busy time grows by one forward and one backward, warm or cold as in the
+            # steady state, per micro-batch)
+            busy = [x + k * (x - y) for x, y in zip(last.busy_s, runs[-2].busy_s)]
             return PipeTiming(max(finish), finish, busy, None)
         M0 *= 2
     return None
@@ -143,7 +161,7 @@ def _timing(devices: list[PipeDevice], num_stages: int, num_microbatches: int, s
     n = len(devices)
     end_f = [[-1.0] * num_microbatches for _ in range(n)]
     end_b = [[-1.0] * num_microbatches for _ in range(n)]
-    clock = [0.0] * n
+    clock = [d.start_s for d in devices]
     busy = [0.0] * n
     pos = [0] * n
     events = [] if record else None
@@ -159,7 +177,7 @@ def _timing(devices: list[PipeDevice], num_stages: int, num_microbatches: int, s
                     dur = d.fwd_s
                 else:
                     deps = [end_b[j][m] for j in d.outputs] if d.outputs else [end_f[i][m]]
-                    dur = d.bwd_s
+                    dur = d.bwd_s if d.bwd_cold_s is None or warm_backward(order, pos[i]) else d.bwd_cold_s
                 if any(t < 0 for t in deps):
                     break
                 start = max([clock[i], *deps])

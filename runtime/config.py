@@ -191,32 +191,60 @@ SPIN_S = 300e-6
 kernel's timer slack (50 µs and more), a sizeable, varying part of sub-millisecond ops."""
 
 
-def stretch(t0: float, slowdown: float, cpu0: float | None = None) -> float:
-    """Emulated slowdown: hold the caller until (slowdown) x (the time since t0) has
-    passed; returns the stretched elapsed time (wall clock since t0).
+class Pace:
+    """The emulated slowdown of one op, held as the op goes (``stretch``'s rule at any
+    point of it). ``hold()`` holds the caller until a device `slowdown` times slower would
+    have reached this point of the op, and returns the stretched time since the op began.
+    Called where the op lets others see its progress (a gradient bucket ready, whose
+    all-reduce it launches) and at its end: a single hold at the end would let the
+    collectives launched inside the op run during the hold, hidden, which they never are
+    on a device that is really slower. Only the op's own compute is stretched: what
+    earlier holds spent holding is not counted again.
 
-    With cpu0 (this thread's ``time.thread_time()`` at t0; CPU devices), the compute is
-    stretched in CPU time instead: the thread spins until it has used (slowdown) x the CPU
-    time the compute used, as a core that much slower would. Alone on its core this takes
-    the same wall time as the wall-clock rule; on a host where ranks share cores, the
-    slowed rank keeps its share of the cores busy as a slower core would, where a sleep
-    would hand them to the others. Without cpu0 (GPUs: the compute is not on this thread)
-    it sleeps, then spins the last SPIN_S."""
-    now = time.perf_counter()
-    if slowdown <= 1.0:
-        return now - t0
-    if cpu0 is not None:
-        c = time.thread_time()
-        end_cpu = c + (slowdown - 1.0) * (c - cpu0)
-        while time.thread_time() < end_cpu:
+    On CPUs (cpu=True) the compute is stretched in this thread's CPU time: it spins until
+    it has used (slowdown) x the CPU time the compute used, as a core that much slower
+    would; alone on its core this takes the same wall time as the wall-clock rule, and on
+    a host where ranks share cores the slowed rank keeps its share of the cores busy as a
+    slower core would, where a sleep would hand them to the others. Otherwise (GPUs: the
+    compute is not on this thread) it sleeps, then spins the last SPIN_S."""
+
+    __slots__ = ("slowdown", "t0", "cpu0", "held")
+
+    def __init__(self, slowdown: float, cpu: bool, t0: float | None = None, cpu0: float | None = None):
+        self.slowdown = slowdown
+        self.t0 = time.perf_counter() if t0 is None else t0
+        self.cpu0 = (time.thread_time() if cpu0 is None else cpu0) if cpu else None
+        self.held = 0.0
+        """Seconds (CPU seconds on CPUs) spent holding so far."""
+
+    def hold(self) -> float:
+        now = time.perf_counter()
+        if self.slowdown <= 1.0:
+            return now - self.t0
+        if self.cpu0 is not None:
+            used = time.thread_time() - self.cpu0
+            work = used - self.held
+            end = self.cpu0 + self.slowdown * work
+            while time.thread_time() < end:
+                pass
+            self.held = time.thread_time() - self.cpu0 - work
+            return time.perf_counter() - self.t0
+        work = now - self.t0 - self.held
+        end = self.t0 + self.slowdown * work
+        if end - now > SPIN_S:
+            time.sleep(end - now - SPIN_S)
+        while time.perf_counter() < end:
             pass
-        return time.perf_counter() - t0
-    end = now + (slowdown - 1.0) * (now - t0)
-    if not spin and end - now > SPIN_S:
-        time.sleep(end - now - SPIN_S)
-    while time.perf_counter() < end:
-        pass
-    return time.perf_counter() - t0
+        self.held = time.perf_counter() - self.t0 - work
+        return time.perf_counter() - self.t0
+
+
+def stretch(t0: float, slowdown: float, cpu0: float | None = None) -> float:
+    """Emulated slowdown of a piece of compute that began at t0 (with cpu0, this thread's
+    ``time.thread_time()`` then: CPU devices): hold the caller until a device `slowdown`
+    times slower would have finished it (``Pace``, held once at its end); returns the
+    stretched elapsed time (wall clock since t0)."""
+    return Pace(slowdown, cpu0 is not None, t0, cpu0).hold()
 
 
 def parse_batch_sizes(text: str) -> list[int]:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -169,6 +170,11 @@ class GradSync:
         """Gradient buffers of segments synchronised through copies (zeroed every step)."""
         self.armed = False
         self.next_launch = 0
+        self.before_launch: Callable[[], object] | None = None
+        """Called before a bucket's reduction is launched during the backward: the
+        emulated slowdown holds the rank there until a device that much slower would have
+        the bucket ready (runtime.config.Pace), so that the reduction is not hidden in
+        the hold at the op's end."""
         layers = list(module.layers)
         homed: set[tuple[int, int]] = set()
         for seg in groups.segments:
@@ -252,6 +258,8 @@ class GradSync:
         for i in self.bucket_of[id(p)]:
             self.buckets[i].pending -= 1
         while self.next_launch < len(self.buckets) and self.buckets[self.next_launch].pending == 0:
+            if self.before_launch is not None:
+                self.before_launch()
             self._launch(self.buckets[self.next_launch])
             self.next_launch += 1
 

@@ -34,7 +34,7 @@ from hetalloc.evaluate import rank_pairs, slice_overlaps
 from hetalloc.plan import Plan
 from hetalloc.schedule import stage_op_order
 
-from .config import stretch
+from .config import Pace
 from .metrics import StepTimes
 from .models import StageModule, token_loss_sum
 from .rankmap import RankMap
@@ -139,20 +139,31 @@ class PipelineExecutor:
     loss_scale: float
     slowdown: float = 1.0
     order: list[tuple[str, int]] = field(init=False)
+    _pace: Pace | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.order = stage_op_order(self.schedule, self.role.stage, self.role.num_stages, self.num_microbatches)
 
     # ---- compute, timed and (for emulated heterogeneity) stretched ---------------------
     def _timed(self, times: StepTimes, key: str, fn: Callable[[], torch.Tensor | None]):
-        t0 = time.perf_counter()
-        cpu0 = time.thread_time() if self.device.type == "cpu" else None
-        out = fn()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        dt = stretch(t0, self.slowdown, cpu0)
+        self._pace = Pace(self.slowdown, self.device.type == "cpu")
+        try:
+            out = fn()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = self._pace.hold()
+        finally:
+            self._pace = None
         setattr(times, key, getattr(times, key) + dt)
         return out
+
+    def hold(self) -> None:
+        """Inside an op (a gradient bucket ready): hold the emulated slowdown up to here
+        (runtime.config.Pace); nothing outside an op or without a slowdown."""
+        if self._pace is not None and self._pace.slowdown > 1.0:  # else nothing to hold (and no sync on GPUs)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._pace.hold()
 
     # ---- p2p ------------------------------------------------------------------------
     def _post_recvs(self, kind: str, m: int) -> list[tuple[torch.Tensor, dist.Work]]:

@@ -140,6 +140,7 @@ class Trainer:
                              zero1=plan.optimizer_sharding == "zero1",
                              layouts=tensor_parallel.param_layouts(self.module, shape.family, self.cg.num_layers))
         self.optimizer = build_optimizer(plan.optimizer, self.sync.optimizer_tensors(self.module), cfg)
+        self.sync.before_launch = lambda: self.executor.hold()  # the executor may be switched later
         self.state = StageState(self.module, self.optimizer, self.sync)
         self.slowdown = _slowdown_of(cfg, rt.info, self.cluster)
         self.slowdown_changes = cfg.slowdown_from.get(str(self.rank), cfg.slowdown_from.get(rt.info.device, ()))

@@ -2,7 +2,10 @@
 
 Each simulated group (one device, or t tensor-parallel devices in lockstep) is a
 generator process on its compute stream: it runs its schedule's forward/backward ops
-(``hetalloc.schedule.stage_op_order``), each waiting for its inputs; an op is its
+(``hetalloc.schedule.stage_op_order``), each waiting for its inputs (a first or last
+stage's group first builds its step's inputs or labels, ``hetalloc.costs.input_time``;
+a backward that does not follow its own forward takes the cold-cache time,
+``hetalloc.schedule.warm_backward``); an op is its
 compute (the backward including the recomputed forward), then its tensor-parallel
 all-reduces as a collective over the group's ring (lane ``tp``); it waits for its last
 sends to leave; then it waits for its gradient collectives, runs its optimizer step, and
@@ -33,7 +36,10 @@ Two switches, both on by default:
   step-to-step spread (``DeviceType.compute_noise``), seeded; the report then gives the
   median iteration (a run is judged by its median step), and every collective that needs
   all ranks (the loss and gradient all-reduces) or a pipeline receive waits for the late
-  rank of that iteration, as in a run. Without measured figures nothing changes.
+  rank of that iteration, as in a run. A rank that blocked on a receive starts its op a
+  draw of the same ``collective_extra_us`` after the data came (a thread woken from idle:
+  what the profile measured of the loss all-reduce's late rank, whose partner had idled).
+  Without measured figures nothing changes.
 Collectives are timed by the cluster's measured tables where it has them
 (``hetalloc.evaluate.allreduce_time``); over the links, a measured collective alone
 takes exactly its measured time (its steps get the difference as latency, or move
@@ -113,8 +119,9 @@ class SimOptions:
     iterations. None: as ``contention``, where more than one iteration is simulated.
     Each collective (gradient buckets, the loss all-reduce) also takes an extra drawn
     from an exponential distribution of its devices' ``collective_extra_us`` (what a
-    collective takes in a run beyond its measured table). Replicas are not folded while
-    it is on (each draws its own)."""
+    collective takes in a run beyond its measured table), and so does a rank's op that
+    blocked on its receive (woken from idle). Replicas are not folded while it is on
+    (each draws its own)."""
     seed: int = 0
     """Seed of the noise draws (the same seed, the same simulation)."""
 
@@ -145,7 +152,7 @@ class Activity:
     lane: str
     """compute | tp | p2p | collective"""
     kind: str
-    """F | B | optimizer | tp | send | allreduce | reducescatter | allgather | loss"""
+    """F | B | data | optimizer | tp | send | allreduce | reducescatter | allgather | loss"""
     name: str
     t0: float
     t1: float
@@ -415,20 +422,32 @@ class Simulation:
         last_b = max(i for i, (k, _) in enumerate(w.order) if k == "B")
         has_tp = len(w.ranks) > 1 and (w.tp_allreduces[0] or w.tp_allreduces[2])
         for it in range(self.opts.iterations):
+            if w.data_s > 0:  # its inputs or labels, built before its first op
+                i = self._begin(w.id, "compute", "data", "inputs", prev[0], it)
+                yield env.timeout(w.data_s)
+                prev = self._end(i)
             for pos, (kind, m) in enumerate(w.order):
                 pairs = w.recv_fwd if kind == "F" else w.recv_bwd
                 deps = [self._event(("arrive", it, kind, m, src, dst)) for src, dst in pairs]
                 if deps:
+                    t_wait = env.now
                     yield self._wait(deps)
+                    if env.now > t_wait:  # it blocked on the receive: it wakes up later than the data comes
+                        wake = self._collective_extra(("wake", it, kind, m, w.id), w.ranks)
+                        if wake > 0:
+                            yield env.timeout(wake)
                 op = self._begin(w.id, "compute", kind, f"{kind} mb{m} L{w.start}-{w.stop - 1}",
                                  self._latest(prev, *(d.value for d in deps)), it)
                 marks = None
                 f = self.factor.get((it, w.id), 1.0)
                 if kind == "F":
                     self.mem[w.id].append((env.now, w.act_bytes_per_mb))
-                elif pos == last_b and overlap:
-                    marks = self._ready_marks(w, it, op, f)
-                yield self.compute.run(w.id, f * (w.fwd_s if kind == "F" else w.bwd_s), marks)
+                    work, layers = w.fwd_s, []
+                else:
+                    work, layers = w.backward(pos)
+                    if pos == last_b and overlap:
+                        marks = self._ready_marks(w, it, op, f, layers)
+                yield self.compute.run(w.id, f * work, marks)
                 prev = self._end(op)
                 if kind == "B":
                     self.mem[w.id].append((env.now, -w.act_bytes_per_mb))
@@ -554,16 +573,18 @@ class Simulation:
             prev = self._end(i)
             self._event(("arrive", it, kind, m, device, s.dst)).succeed(prev)
 
-    def _ready_marks(self, w: DeviceWork, it: int, op: int, factor: float = 1.0) -> list:
+    def _ready_marks(self, w: DeviceWork, it: int, op: int, factor: float = 1.0,
+                     layers: list[float] | None = None) -> list:
         """For the device's last backward: after how much of its work (its layers' times
-        x `factor`, the iteration's noise) each of its buckets is ready (the backward
-        runs from the stage's last layer down to its first)."""
+        `layers`, default the warm ones, x `factor`, the iteration's noise) each of its
+        buckets is ready (the backward runs from the stage's last layer down to its first)."""
+        layers = layers or w.bwd_layer_s
         marks = []
         for r in w.ranks:
             for c in self.lane_colls.get((it, r), []):
                 if c.part == "ag":
                     continue
-                done = factor * sum(w.bwd_layer_s[c.bucket.start - w.start:])
+                done = factor * sum(layers[c.bucket.start - w.start:])
                 ev = self._event(("ready", c.key, r))
                 marks.append((done, lambda ev=ev: ev.succeed((op, self.env.now))))
         return marks

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field, replace
 from hetalloc.catalog import DeviceType
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
-from hetalloc.costs import p2p_time, stage_memory
+from hetalloc.costs import input_time, p2p_time, stage_memory
 from hetalloc.evaluate import group_tp_times, optimizer_times, rank_pairs, slice_overlaps
 from hetalloc.plan import Plan, Replica, Stage, optimizer_params
-from hetalloc.schedule import Op, stage_op_order
+from hetalloc.schedule import Op, stage_op_order, warm_backward
 
 from .links import Topology, Usage, UsageTable
 
@@ -94,6 +94,20 @@ class DeviceWork:
     mates: list[str] = field(default_factory=list)
     """Devices this one stands for, itself first: its group's ranks, then those of the
     identical groups it represents."""
+    bwd_cold_s: float | None = None
+    """A backward that does not follow its own forward (``hetalloc.schedule.warm_backward``):
+    from cold caches where the profile measured it; None: bwd_s."""
+    bwd_cold_layer_s: list[float] | None = None
+    """bwd_layer_s of such a backward."""
+    data_s: float = 0.0
+    """At the start of each step, before its first op: building its inputs or labels
+    (``hetalloc.costs.input_time``; first and last stages)."""
+
+    def backward(self, pos: int) -> tuple[float, list[float]]:
+        """Seconds of the backward at order[pos], and its layers' (bucket readiness)."""
+        if self.bwd_cold_s is None or warm_backward(self.order, pos):
+            return self.bwd_s, self.bwd_layer_s
+        return self.bwd_cold_s, self.bwd_cold_layer_s or self.bwd_layer_s
 
 
 def replica_work(plan: Plan, ri: int, cluster: Cluster, cg: CostGraph, topo: Topology,
@@ -121,6 +135,9 @@ def replica_work(plan: Plan, ri: int, cluster: Cluster, cg: CostGraph, topo: Top
             lf, lb = cg.layer_times(dt, g.share, g.tp)
             bwd_layers = [float(lb[i]) + (float(lf[i]) if s.recompute == "full" and cg.layers[i].checkpoint_bytes > 0
                                           else 0.0) for i in range(s.start, s.stop)]
+            bc = cg.range_time(s.start, s.stop, dt, g.share, g.tp, s.recompute, cold=True)[1]
+            lbc = cg.layer_times(dt, g.share, g.tp, cold=True)[1]
+            cold_layers = [x - float(lb[i]) + float(lbc[i]) for i, x in zip(range(s.start, s.stop), bwd_layers)]
             nf, bf, nb, bb = cg.tp_allreduces(s.start, s.stop, s.recompute) if g.tp > 1 else (0, 0.0, 0, 0.0)
             tf, tb = group_tp_times(cluster, cg, g, s.start, s.stop, s.recompute)
             w = DeviceWork(
@@ -131,7 +148,9 @@ def replica_work(plan: Plan, ri: int, cluster: Cluster, cg: CostGraph, topo: Top
                 order=stage_op_order(plan.schedule, si, S, M),
                 static_bytes=static.total, act_bytes_per_mb=saved * g.share, ranks=list(g.devices),
                 tp_allreduces=(nf, bf * g.share, nb, bb * g.share), tp_fwd_s=tf, tp_bwd_s=tb,
-                mates=list(g.devices))
+                mates=list(g.devices), bwd_cold_s=bc if bc != b else None,
+                bwd_cold_layer_s=cold_layers if bc != b else None,
+                data_s=input_time(g.share * M, dt) if si in (0, S - 1) else 0.0)
             row.append(w)
             out.append(w)
         by_stage.append(row)

@@ -25,8 +25,8 @@ WORK_KINDS = ("compute", "p2p", "allreduce", "optimizer", "loss", "other")
 (compute_s), waiting for activations, gradients and its own sends (p2p_wait_s), waiting
 for the gradient all-reduce (grad_sync_s), the optimizer step (optimizer_s), the
 end-of-step loss all-reduce with its wait for the slowest device (loss_sync_s), and the
-runtime's own time (other_s: the measured per-op and per-step overheads the formulas add
-to the ops)."""
+runtime's own time (other_s: building its inputs, the measured per-op and per-step
+overheads the formulas add to the ops)."""
 
 
 def work_by_kind(res: SimResult, device: str) -> dict[str, float]:
@@ -38,16 +38,19 @@ def work_by_kind(res: SimResult, device: str) -> dict[str, float]:
     out = dict.fromkeys(WORK_KINDS, 0.0)
     ops = {it: 0.0 for it in range(n_it)}
     count = {it: 0 for it in range(n_it)}
+    data = {it: 0.0 for it in range(n_it)}
     for a in res.activities:
         if a.device == device and a.kind in ("F", "B"):
             ops[a.iteration] += a.t1 - a.t0
             count[a.iteration] += 1
+        elif a.device == device and a.kind == "data":
+            data[a.iteration] += a.t1 - a.t0
     op_oh, step_oh = w.dtype.op_runtime_s, w.dtype.step_overhead_s
     for it, m in enumerate(res.marks[device]):
         own = count[it] * op_oh
         out["compute"] += ops[it] - own
-        out["other"] += own + step_oh
-        out["p2p"] += m["pipe_end"] - m["start"] - ops[it]
+        out["other"] += own + step_oh + data[it]
+        out["p2p"] += m["pipe_end"] - m["start"] - ops[it] - data[it]
         out["allreduce"] += m["opt_start"] - m["pipe_end"]
         out["optimizer"] += m["opt_end"] - m["opt_start"] - step_oh
         out["loss"] += m["end"] - m["opt_end"]

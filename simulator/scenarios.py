@@ -276,8 +276,7 @@ def _scaled_table(cg: CostGraph, base: DeviceType, factor: float, max_batch: int
     """The base type's times x factor, exact at every whole batch size up to max_batch."""
     if base.name in cg.tables:
         t = cg.tables[base.name]
-        return TimeTable(list(t.batch_sizes), [[x * factor for x in row] for row in t.fwd_s],
-                         [[x * factor for x in row] for row in t.bwd_s], "what-if straggler")
+        return t.scaled(factor, "what-if straggler")
     sizes = list(range(1, max(1, max_batch) + 1))
     cols = [cg.layer_times(base, b) for b in sizes]
     fwd = [[float(c[0][i]) * factor for c in cols] for i in range(cg.num_layers)]

@@ -66,8 +66,7 @@ def speed_case(cluster: Cluster, cg: CostGraph, factors: dict[str, float],
                     source=f"{base.name}, measured {f:g}x slower")
                 if base.name in cg.tables:
                     t = cg.tables[base.name]
-                    tables[name] = TimeTable(list(t.batch_sizes), [[x * f for x in row] for row in t.fwd_s],
-                                             [[x * f for x in row] for row in t.bwd_s], f"{t.source} x {f:g}")
+                    tables[name] = t.scaled(f, f"{t.source} x {f:g}")
                 else:
                     eff[name] = {k: dataclasses.replace(cg.eff(base, k), overhead_s=cg.eff(base, k).overhead_s * f)
                                  for k in kinds}

@@ -48,6 +48,9 @@ def test_writes_the_planner_formats_with_measured_tables(prof):
         assert table.source == "measured" and table.batch_sizes == BATCHES
         assert all(t > 0 for row in table.fwd_s + table.bwd_s for t in row)
         assert {"fwd_iqr_rel", "bwd_iqr_rel"} <= set(table.meta)  # the spread is recorded
+        # the backward from cold caches is measured too, never below the warm one
+        assert table.bwd_cold_s is not None and all(c >= w > 0 for cr, wr in zip(table.bwd_cold_s, table.bwd_s)
+                                                    for c, w in zip(cr, wr))
     # The slowed rank is slowed as the runtime slows it: whole passes take about twice as
     # long. How close to 2 the ratio must be follows from the profile's own spread of
     # whole passes (its quartiles, at the largest micro-batch), widened by 25 %: the

@@ -17,7 +17,7 @@ from hetalloc.plan import load_plan, plan_context
 from runtime.launch import RunFailed
 from runtime.profile import command
 from runtime.profile.command import STAGING, run_profile
-from workflows.loop import profile_machine
+from workflows.loop import profile_batch_sizes, profile_machine
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,3 +57,13 @@ def test_config_file_model_profile_completes_records_the_config_and_is_reused(tm
         run_profile(out, **bad)
     assert {f: (out / f).read_bytes() for f in FILES} == saved
     assert not (out / STAGING).exists()
+
+
+def test_profile_batch_sizes_reach_the_largest_share_a_plan_may_give():
+    """A plan of global batch B may give one device all B samples: its profile times up
+    to B (powers of two, and B), so that no table is read beyond its largest size."""
+    assert profile_batch_sizes(32) == "1,2,4,8,16,32"
+    assert profile_batch_sizes(24) == "1,2,4,8,16,24"
+    assert profile_batch_sizes(1) == "1"
+    with pytest.raises(ValueError, match="largest must be at least 1"):
+        profile_batch_sizes(0)

@@ -254,6 +254,47 @@ def test_slowdown_in_cpu_time_uses_slowdown_times_the_cpu_of_the_compute():
         assert wall >= total * 0.99  # wall time is at least the CPU time spent
 
 
+def test_pace_held_inside_an_op_counts_only_the_compute():
+    """A hold inside an op (a gradient bucket ready) holds the thread until a core FACTOR
+    slower would be there; the hold at the op's end then stretches only the compute since
+    (the first hold's spinning is not compute): FACTOR x the op's compute in all, as one
+    hold at the end would give, but with the first part of it before the launch point."""
+    import time
+    from runtime.config import Pace
+
+    def compute(seconds):
+        c = time.thread_time()
+        while time.thread_time() - c < seconds:
+            pass
+
+    pace = Pace(2.0, cpu=True)
+    c0 = pace.cpu0
+    compute(0.02)
+    pace.hold()
+    at_bucket = time.thread_time() - c0
+    compute(0.01)
+    pace.hold()
+    total = time.thread_time() - c0
+    assert at_bucket == pytest.approx(2 * 0.02, rel=0.1)  # a device 2x slower reaches the bucket at 40 ms
+    assert total == pytest.approx(2 * 0.03, rel=0.1)  # and ends at 60 ms, not 2 x (40 + 10)
+
+
+def test_pace_in_wall_clock_time_without_cpu_clock():
+    """Without a CPU clock (GPU compute is not on the thread) the rule is in wall time."""
+    import time
+    from runtime.config import Pace, stretch
+
+    pace = Pace(3.0, cpu=False)
+    time.sleep(0.01)
+    first = pace.hold()
+    time.sleep(0.01)
+    second = pace.hold()
+    assert first == pytest.approx(0.03, abs=0.01) and second == pytest.approx(0.06, abs=0.015)
+    t0 = time.perf_counter()
+    time.sleep(0.01)
+    assert stretch(t0, 2.0) == pytest.approx(0.02, abs=0.008)
+
+
 def test_node_commands_and_cli_print(tmp_path, capsys):
     cluster, plan = two_node_plan()
     plan.save(tmp_path / "plan.json")

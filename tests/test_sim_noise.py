@@ -117,3 +117,22 @@ def test_profile_fits_of_compute():
     assert log_spread(xs) == pytest.approx((q[2] - q[0]) / 1.349)
     assert log_spread(xs + [5.0]) == pytest.approx(log_spread(xs + [1.3]))
     assert log_spread([1.0, 2.0]) == 0.0
+
+
+def test_a_rank_blocked_on_a_receive_wakes_up_late():
+    # Two stages (layer 0 on n/0, layer 1 on n/1), 2 micro-batches (GPipe), fwd 1 s, bwd
+    # 2 s, activations 0.5 s on the link; collectives take 1 ms more on average (what the
+    # profile measured of a rank woken from idle). n/1 waits for mb0 from t = 0: it arrives
+    # at 1.5, and n/1 starts F mb0 a draw d later (mean 1 ms, seeded by which receive);
+    # mb1 arrives at 2.5, before n/1 ends F mb0 at 2.5 + d: it did not block, no extra.
+    c, cg = cluster(extra_us=1000.0), graph(num_layers=2)
+    pp = plan([[(0, 1, [("n/0", 1)]), (1, 2, [("n/1", 1)])]], 2)
+    sim = Simulation(pp, c, cg, SimOptions(iterations=2))
+    res = sim.run()
+    d = random.Random(f"0:{('wake', 0, 'F', 0, 'n/1')}").expovariate(1e3)
+    f1 = [(a.t0, a.t1) for a in res.activities if a.device == "n/1" and a.kind == "F" and a.iteration == 0]
+    assert f1 == [pytest.approx((1.5 + d, 2.5 + d)), pytest.approx((2.5 + d, 3.5 + d))]
+    # without the figure the receive starts F mb0 when the data is there
+    res = Simulation(pp, cluster(noise=0.01), cg, SimOptions(iterations=2, seed=3)).run()
+    first = min(a.t0 for a in res.activities if a.device == "n/1" and a.kind == "F" and a.iteration == 0)
+    assert first == pytest.approx(0.5 + res.activities[0].t1)

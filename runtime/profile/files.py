@@ -105,7 +105,8 @@ def time_table(ranks: list[dict[str, Any]], pa: ProfileArgs) -> TimeTable:
             "repeats": pa.repeats, "ranks": [r["rank"] for r in ranks], "slowdown": ranks[0]["slowdown"],
             "threads": ranks[0]["threads"], "dtype": pa.dtype, "torch": pa.torch_version,
             "fwd_iqr_rel": avg("fwd", "iqr_rel"), "bwd_iqr_rel": avg("bwd", "iqr_rel")}
-    return TimeTable(list(pa.batch_sizes), avg("fwd", "median"), avg("bwd", "median"), "measured", meta)
+    cold = avg("bwd_cold", "median") if all(r["layers"].get("bwd_cold") for r in ranks) else None
+    return TimeTable(list(pa.batch_sizes), avg("fwd", "median"), avg("bwd", "median"), "measured", meta, cold)
 
 
 def measured_layers(ranks: list[dict[str, Any]], pa: ProfileArgs) -> list[LayerShape]:
@@ -307,7 +308,8 @@ def report_lines(report: dict[str, Any], cg: CostGraph | None = None) -> list[st
                          f"(fit error rms {100 * f['fit']['rms_rel_error']:.0f}%, {len(f['bytes'])} sizes)")
     for name, f in (report.get("runtime_overhead") or {}).get("per_type", {}).items():
         lines.append(f"  runtime's own time on {name}: {f['op_overhead_us']:.0f} µs per op, "
-                     f"{f['step_overhead_us']:.0f} µs per step; compute {f.get('op_compute_us', 0.0):.0f} µs per op "
+                     f"{f['step_overhead_us']:.0f} µs per step, inputs {f.get('data_us', 0.0):.0f} µs + "
+                     f"{f.get('data_sample_us', 0.0):.1f} µs per sample; compute {f.get('op_compute_us', 0.0):.0f} µs per op "
                      f"beyond the layer times, step-to-step spread {100 * f.get('compute_noise', 0.0):.1f}%; "
                      f"collectives {f.get('collective_extra_us', 0.0):.0f} µs beyond their tables "
                      "(two short training runs)")

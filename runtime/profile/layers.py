@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -26,6 +27,18 @@ MIN_TIMED_S = 0.5
 """Small micro-batches get more than --repeats passes: at least this many seconds of them
 (up to MAX_LAYER_REPEATS), so that layers of tens of microseconds get a stable median."""
 MAX_LAYER_REPEATS = 200
+COLD_CACHE_FACTOR = 2
+"""The cold backward is timed after writing this many times the last-level cache."""
+COLD_CACHE_DEFAULT_BYTES = 32 << 20
+"""The last-level cache assumed where the device does not say."""
+COLD_REPEATS_MIN = 6
+"""Cold passes per batch size: half of --repeats, at least this many."""
+ROUNDS = 3
+"""The batch sizes are timed in this many rounds, one size after the other in each, every
+size's passes split over the rounds: a slow phase of the host (the quiet host's passes
+drifted 14-35 % within one size's half second) then spreads over all sizes instead of
+biasing the one timed during it, and the sizes' times agree with each other (a table
+is interpolated and extrapolated between them)."""
 
 
 def _batch(shape: TransformerShape, seq: int, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,9 +48,40 @@ def _batch(shape: TransformerShape, seq: int, b: int, device: torch.device) -> t
     return ids.to(device), torch.randint(classes, (b, seq), generator=g).to(device)
 
 
+def cache_bytes(device: torch.device) -> int:
+    """The device's last-level cache (CPUs: the largest cache sysfs lists for cpu0; GPUs:
+    L2), COLD_CACHE_DEFAULT_BYTES where it cannot be read."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) or COLD_CACHE_DEFAULT_BYTES
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+        digits = text[:-1] if unit != 1 else text
+        if digits.isdigit():
+            best = max(best, int(digits) * unit)
+    return best or COLD_CACHE_DEFAULT_BYTES
+
+
+def flusher(device: torch.device) -> Callable[[], None]:
+    """Writes COLD_CACHE_FACTOR x the last-level cache: what a pass's saved activations
+    meet when other work runs between its forward and its backward."""
+    buf = torch.empty(COLD_CACHE_FACTOR * cache_bytes(device) // 4, dtype=torch.float32, device=device)
+
+    def flush() -> None:
+        buf.add_(1.0)
+        sync(device)
+    return flush
+
+
 def time_pass(layers: list[torch.nn.Module], ids: torch.Tensor, labels: torch.Tensor, loss_scale: float,
-              slowdown: float, device: torch.device) -> tuple[list[float], list[float]]:
-    """One forward and one backward of the whole model; per-layer seconds (module doc)."""
+              slowdown: float, device: torch.device,
+              between: Callable[[], None] | None = None) -> tuple[list[float], list[float]]:
+    """One forward and one backward of the whole model; per-layer seconds (module doc).
+    between: run (untimed) after the forward, before the backward (a cache flush)."""
     L = len(layers)
     stamps = [time.perf_counter()]
     cpu0 = cpu_clock(device)
@@ -63,6 +107,8 @@ def time_pass(layers: list[torch.nn.Module], ids: torch.Tensor, labels: torch.Te
 
     for i, a in enumerate(acts):
         a.register_hook(mark(i))
+    if between is not None:
+        between()
     t0 = time.perf_counter()
     cpu0 = cpu_clock(device)
     torch.autograd.backward(loss)
@@ -133,10 +179,13 @@ def measure_layers(built: BuiltModel, seq: int, batches: list[int], warmup: int,
                    slowdown: float, device: torch.device, barrier: Callable[[], None],
                    turns: list[list[int]] | None = None, rank: int = 0) -> dict[str, Any]:
     """Per batch size and layer: forward/backward statistics over `repeats` passes (more for
-    small micro-batches: MIN_TIMED_S). An
+    small micro-batches: MIN_TIMED_S), and the backward from cold caches over at least
+    COLD_REPEATS_MIN more (a flush between the forward and the backward; cold passes
+    alternate with warm ones, so that both see the host in the same state). An
     (untimed) AdamW step follows every pass, as in training: the passes are timed with
     the caches and memory in the state a training step leaves them in (timed back to
     back, without it, they ran 3-15% faster than the same work in runtime.train here).
+    The sizes are timed in ROUNDS rounds, each size's passes split over them.
     turns: groups of ranks that measure at the same time, one group after the other
     (runtime.profile.collectives.compute_turns; None: all at once). Also returns the
     spread of whole passes and the drift between the first and second half of the
@@ -144,46 +193,66 @@ def measure_layers(built: BuiltModel, seq: int, batches: list[int], warmup: int,
     params = list(built.model.parameters())
     _, gflat = flat_views(params)
     opt = build_optimizer("adamw", params, TrainConfig())
-    fwd_stats, bwd_stats, peaks, passes = [], [], {}, []
     turns = turns or [[rank]]
     mine = next((k for k, t in enumerate(turns) if rank in t), 0)
-    for b in sorted(batches):
-        ids, labels = _batch(built.shape, seq, b, device)
-        scale = 1.0 / (b * seq)
-        for k in range(mine):  # earlier turns measure this size first
-            barrier()
-        barrier()  # the ranks of a turn measure each size at the same time, as in training
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        runs_f, runs_b = [], []
+    flush = flusher(device)
+    sizes = sorted(batches)
+    state: dict[int, dict[str, Any]] = {}
+    peaks: dict[str, int] = {}
+    for rnd in range(ROUNDS):
+        for b in sizes:
+            for k in range(mine):  # earlier turns measure this size first
+                barrier()
+            barrier()  # the ranks of a turn measure each size at the same time, as in training
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            if rnd == 0:
+                ids, labels = _batch(built.shape, seq, b, device)
+                st = state[b] = {"ids": ids, "labels": labels, "f": [], "b": [], "c": []}
+            st = state[b]
 
-        def one_pass() -> tuple[list[float], list[float]]:
-            gflat.zero_()
-            times = time_pass(built.layers, ids, labels, scale, slowdown, device)
-            opt.step()
-            return times
+            def one_pass(between: Callable[[], None] | None = None, st=st, b=b) -> tuple[list[float], list[float]]:
+                gflat.zero_()
+                times = time_pass(built.layers, st["ids"], st["labels"], 1.0 / (b * seq), slowdown, device, between)
+                opt.step()
+                return times
 
-        t_warm = time.perf_counter()
-        for _ in range(warmup):
-            one_pass()
-        per_pass = (time.perf_counter() - t_warm) / warmup if warmup else math.inf
-        for _ in range(max(repeats, min(MAX_LAYER_REPEATS, math.ceil(MIN_TIMED_S / per_pass)))):
-            f, bw = one_pass()
-            runs_f.append(f)
-            runs_b.append(bw)
-        if device.type == "cuda":
-            peaks[str(b)] = torch.cuda.max_memory_allocated(device)
-        for k in range(mine + 1, len(turns)):  # then wait for the later turns
-            barrier()
-        L = len(built.layers)
-        fwd_stats.append([stats([r[i] for r in runs_f]) for i in range(L)])
-        bwd_stats.append([stats([r[i] for r in runs_b]) for i in range(L)])
-        whole = [sum(f) + sum(bw) for f, bw in zip(runs_f, runs_b)]
+            if rnd == 0:
+                t_warm = time.perf_counter()
+                for _ in range(warmup):
+                    one_pass()
+                per_pass = (time.perf_counter() - t_warm) / warmup if warmup else math.inf
+                st["n"] = max(repeats, min(MAX_LAYER_REPEATS, math.ceil(MIN_TIMED_S / per_pass)))
+                st["n_cold"] = max(COLD_REPEATS_MIN, repeats // 2)
+            elif warmup:
+                one_pass()  # after the other sizes: one untimed pass
+            n_warm = st["n"] * (rnd + 1) // ROUNDS - st["n"] * rnd // ROUNDS
+            n_cold = st["n_cold"] * (rnd + 1) // ROUNDS - st["n_cold"] * rnd // ROUNDS
+            for j in range(max(n_warm, n_cold)):
+                if j < n_warm:  # warm: the backward right after its forward
+                    f, bw = one_pass()
+                    st["f"].append(f)
+                    st["b"].append(bw)
+                if j < n_cold:  # cold: the forward, a flush of the last-level cache, the backward
+                    st["c"].append(one_pass(flush)[1])
+            if device.type == "cuda":
+                peaks[str(b)] = max(peaks.get(str(b), 0), torch.cuda.max_memory_allocated(device))
+            for k in range(mine + 1, len(turns)):  # then wait for the later turns
+                barrier()
+    L = len(built.layers)
+    fwd_stats, bwd_stats, cold_stats, passes = [], [], [], []
+    for b in sizes:
+        st = state[b]
+        fwd_stats.append([stats([r[i] for r in st["f"]]) for i in range(L)])
+        bwd_stats.append([stats([r[i] for r in st["b"]]) for i in range(L)])
+        cold_stats.append([stats([r[i] for r in st["c"]]) for i in range(L)])
+        whole = [sum(f) + sum(bw) for f, bw in zip(st["f"], st["b"])]
         half = len(whole) // 2
         drift = (statistics.median(whole[half:]) / statistics.median(whole[:half]) - 1.0) if half else 0.0
         passes.append({"batch_size": b, **stats(whole), "drift_rel": drift, "repeats": len(whole)})
-    return {"batch_sizes": sorted(batches), "fwd": fwd_stats, "bwd": bwd_stats, "peak_memory_bytes": peaks or None,
-            "passes": passes, "turns": turns}
+    return {"batch_sizes": sizes, "fwd": fwd_stats, "bwd": bwd_stats, "bwd_cold": cold_stats,
+            "cache_flush_bytes": COLD_CACHE_FACTOR * cache_bytes(device), "peak_memory_bytes": peaks or None,
+            "passes": passes, "turns": turns, "rounds": ROUNDS}
 
 
 def measure_optimizer(built: BuiltModel, warmup: int, repeats: int, device: torch.device) -> dict[str, Any]:

@@ -15,7 +15,11 @@ spends it:
   between consecutive layers on the forward and gradient hooks on every layer's input on
   the backward, so the per-layer times tile a pass: a stage's time is the sum of its
   layers' with one pass's framework overhead, as in a runtime op. The head's times
-  include the loss, as the last stage's ops do. Warm-up passes, then repeats (at least
+  include the loss, as the last stage's ops do. The backward is timed twice: right
+  after its forward (warm: a 1F1B last stage, one micro-batch) and after a write of
+  twice the last-level cache between the forward and the backward (cold: a backward
+  that other ops ran before, its saved activations back from memory; GPipe, the 1F1B
+  warm-up; ``TimeTable.bwd_cold_s``, ``hetalloc.schedule.warm_backward``). Warm-up passes, then repeats (at least
   MIN_TIMED_S of them); the median is kept, the spread recorded. ``--slowdown
   RANK=FACTOR`` stretches each pass exactly as the runtime stretches each op (holds
   FACTOR - 1 times the compute), and the stretched pass is shared among its layers in

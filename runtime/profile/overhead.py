@@ -11,9 +11,15 @@ evenly, 1F1B) with 2 and with 8 micro-batches of SHARE samples, STEPS steps each
 
     other(M) = step_overhead + 2 M op_overhead
 
+(``other`` without the time the rank spent building its inputs, which the runtime
+records as ``data_s``: a first or last stage's rank builds SHARE x M samples a step, and
+the two runs give a line through them, ``data_us`` per step and ``data_sample_us`` per
+sample, ``fit_data``)
+
 and the two runs give both figures; a device type gets the median over its ranks
 (negative fits clamp to 0). The same runs give two figures about compute: what a
 rank's ops compute beyond the profiled layer times (measured minus profiled compute,
+each backward warm or cold as its place in the schedule says, ``profiled_compute``;
 per op over both runs: ``op_compute_us``; booked as compute, not as the runtime's own
 time), and how much a rank's compute varies from step to step on its own
 (``compute_noise``: the spread of log(step compute / the rank's median) once what all
@@ -46,6 +52,7 @@ from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
 from hetalloc.evaluate import loss_reduction_time
 from hetalloc.plan import Plan
+from hetalloc.schedule import stage_op_order, warm_backward
 
 from ..config import slowdown_for_plan
 from ..launch import run_local
@@ -53,7 +60,7 @@ from ..plans import hand_plan
 
 MICROBATCHES = (2, 8)
 SHARE = 2
-STEPS = 16
+STEPS = 40
 WARMUP_STEPS = 2
 
 
@@ -76,8 +83,20 @@ def _records(path: Path) -> list[dict[str, Any]]:
 
 def _median_other(path: Path) -> float:
     """Median 'other' seconds over the steps after warm-up (a step now and then loses a
-    few milliseconds to the operating system; the median step is what runs are judged by)."""
-    return statistics.median(r["other_s"] for r in _records(path))
+    few milliseconds to the operating system; the median step is what runs are judged by),
+    without the inputs the rank built (``data_s``: priced by ``fit_data``)."""
+    return statistics.median(r["other_s"] - r.get("data_s", 0.0) for r in _records(path))
+
+
+def fit_data(data: dict[int, float]) -> tuple[float, float]:
+    """data[samples] = a first or last stage rank's median seconds building its inputs per
+    step, at two sample counts -> (seconds per step, seconds per sample), the line
+    through them (clamped at 0): ``hetalloc.costs.input_time``'s two figures. (In the
+    quiet host's runs a step's inputs took 0.37-1.03 ms for 8-32 samples, along one line
+    whatever the number of micro-batches.)"""
+    (n1, d1), (n2, d2) = sorted(data.items())[0], sorted(data.items())[-1]
+    per = max(0.0, (d2 - d1) / (n2 - n1)) if n2 > n1 else 0.0
+    return max(0.0, d1 - n1 * per), per
 
 
 def log_spread(xs: list[float]) -> float:
@@ -123,6 +142,19 @@ def collective_extra(loss_sync_s: list[list[float]], table_s: float) -> float:
     return statistics.fmean(max(0.0, x - table_s) for x in last) if last else 0.0
 
 
+def profiled_compute(cg: CostGraph, plan: Plan, stage_index: int, dtype) -> float:
+    """The layer times of one step of a calibration plan's stage (its single group) as
+    the profile measured them, without any per-op figure: every forward, and every
+    backward warm or cold as it follows its forward or not (hetalloc.schedule)."""
+    s = plan.replicas[0].stages[stage_index]
+    share = s.groups[0].share
+    f, b = cg.range_time(s.start, s.stop, dtype, share)
+    bc = cg.range_time(s.start, s.stop, dtype, share, cold=True)[1]
+    order = stage_op_order(plan.schedule, stage_index, len(plan.replicas[0].stages), plan.num_microbatches)
+    total = sum(f if kind == "F" else (b if warm_backward(order, k) else bc) for k, (kind, _) in enumerate(order))
+    return total - len(order) * dtype.op_overhead_s
+
+
 def fit_overheads(others: dict[int, dict[str, float]]) -> dict[str, tuple[float, float]]:
     """others[M][device] = median 'other' seconds per step -> device -> (op, step) seconds."""
     m1, m2 = sorted(others)
@@ -148,6 +180,7 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
     compute: dict[str, list[tuple[int, float, list[float]]]] = {}
     extra: dict[str, list[float]] = {}
     noise: dict[str, list[float]] = {}
+    inputs: dict[str, dict[int, float]] = {}
     for g, devices in enumerate(groups):
         for M in MICROBATCHES:
             plan = calibration_plan(cluster, cg, M, devices)
@@ -161,11 +194,13 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
             others[M].update({r["device"]: _median_other(run_dir / f"metrics.rank{r['rank']}.jsonl")
                               for r in summary["ranks"]})
             series = []
+            last = len(plan.replicas[0].stages) - 1
             for r in summary["ranks"]:
-                stage = plan.replicas[0].stages[r["stage"]]
+                if r["stage"] in (0, last):  # they build inputs (labels), SHARE x M samples a step
+                    recs = _records(run_dir / f"metrics.rank{r['rank']}.jsonl")
+                    inputs.setdefault(r["device"], {})[SHARE * M] = statistics.median(x.get("data_s", 0.0) for x in recs)
                 dt = cluster.dtype(r["device"])
-                f, b = cg.range_time(stage.start, stage.stop, dt, SHARE)
-                profiled = M * (f + b - 2 * dt.op_overhead_s)
+                profiled = profiled_compute(cg, plan, r["stage"], dt)
                 steps = [max(x["compute_s"], 1e-9) for x in _records(run_dir / f"metrics.rank{r['rank']}.jsonl")]
                 compute.setdefault(r["device"], []).append((2 * M, profiled, steps))
                 series.append(steps)
@@ -180,17 +215,24 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
                     extra.setdefault(r["device"], []).append(own)
     per_device = fit_overheads(others)
     fits = {d: fit_compute(runs) for d, runs in compute.items()}
+    data_fits = {d: fit_data(v) for d, v in inputs.items() if len(v) > 1}
     per_type: dict[str, dict[str, float]] = {}
     for t in sorted({cluster.device(d).type for d in per_device}):
         mine = [d for d in per_device if cluster.device(d).type == t]
         logs = [x for d in mine for x in noise.get(d, [])]
+        # building inputs is the host's work (not stretched by a slowdown): a type whose
+        # devices only served middle stages takes the host's other devices' figures
+        with_data = [d for d in mine if d in data_fits] or list(data_fits)
         per_type[t] = {"op_overhead_us": 1e6 * statistics.median(per_device[d][0] for d in mine),
                        "step_overhead_us": 1e6 * statistics.median(per_device[d][1] for d in mine),
                        "op_compute_us": 1e6 * statistics.median(fits[d] for d in mine if d in fits)
                        if any(d in fits for d in mine) else 0.0,
                        "compute_noise": log_spread([math.exp(x) for x in logs]),
                        "collective_extra_us": 1e6 * statistics.median(x for d in mine for x in extra.get(d, []))
-                       if any(d in extra for d in mine) else 0.0}
+                       if any(d in extra for d in mine) else 0.0,
+                       "data_us": 1e6 * statistics.median(data_fits[d][0] for d in with_data) if with_data else 0.0,
+                       "data_sample_us": 1e6 * statistics.median(data_fits[d][1] for d in with_data)
+                       if with_data else 0.0}
     return {"microbatches": list(MICROBATCHES), "share": SHARE, "steps": STEPS, "groups": groups,
             "other_s": {str(M): v for M, v in others.items()},
             "per_device": {d: {"op_overhead_us": 1e6 * o, "step_overhead_us": 1e6 * s,
@@ -207,5 +249,6 @@ def with_overheads(cluster: Cluster, per_type: dict[str, dict[str, float]]) -> C
                            step_overhead_us=round(f["step_overhead_us"], 1),
                            op_compute_us=round(f.get("op_compute_us", 0.0), 1),
                            compute_noise=round(f.get("compute_noise", 0.0), 4),
-                           collective_extra_us=round(f.get("collective_extra_us", 0.0), 1))
+                           collective_extra_us=round(f.get("collective_extra_us", 0.0), 1),
+                           data_us=round(f.get("data_us", 0.0), 1), data_sample_us=round(f.get("data_sample_us", 0.0), 2))
     return replace(cluster, device_types=types, _path_cache={})
