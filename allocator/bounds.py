@@ -17,27 +17,27 @@ import math
 import numpy as np
 
 
-def partition_bound(L: int, tmin: dict[tuple[int, int], float], M: int, tau_lb: float = 0.0,
-                    stop_at: float = math.inf) -> float:
-    """Lower bound described in the module doc (inf if no split exists)."""
+def partition_bound(L: int, tmin: dict[tuple[int, int], float], M: int, tau_lb: float = 0.0) -> float:
+    """Lower bound described in the module doc (inf if no split exists): for every
+    bottleneck value tau at once (rows), the least sum over splits into ranges of time at
+    most tau (a shortest path over layer boundaries)."""
     if not tmin:
         return math.inf
     T = np.full((L + 1, L + 1), np.inf)
     for (i, j), t in tmin.items():
         T[i, j] = t
-    best = math.inf
-    for tau in sorted({t for t in tmin.values()}):
-        eff = max(tau, tau_lb)
-        if (M - 1) * eff >= min(best, stop_at):
-            break
-        allowed = np.where(T <= tau, T, np.inf)
-        d = np.full(L + 1, np.inf)
-        d[0] = 0.0
-        for j in range(1, L + 1):
-            d[j] = np.min(d[:j] + allowed[:j, j])
-        if math.isfinite(d[L]):
-            best = min(best, (M - 1) * eff + max(d[L], eff))
-    return best
+    taus = np.unique(np.fromiter(tmin.values(), dtype=np.float64))
+    eff = np.maximum(taus, tau_lb)
+    d = np.full((len(taus), L + 1), np.inf)
+    d[:, 0] = 0.0
+    for j in range(1, L + 1):
+        col = T[:j, j]
+        allowed = np.where(col[None, :] <= taus[:, None], col[None, :], np.inf)
+        d[:, j] = np.min(d[:, :j] + allowed, axis=1)
+    ok = np.isfinite(d[:, L])
+    if not ok.any():
+        return math.inf
+    return float(np.min((M - 1) * eff[ok] + np.maximum(d[ok, L], eff[ok])))
 
 
 def block_bound(prob, timer, M: int) -> float:

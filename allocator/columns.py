@@ -77,8 +77,13 @@ def _stage_times(ts: dict[int, list[float]], caps: dict[int, int], V: np.ndarray
     W = V[live].astype(np.float64)
     used = W > 0
     floor = np.where(used, first[None, :], 0.0).max(axis=1)  # every device takes one sample
-    # the first level at or above the floor whose capacity reaches b: capacity grows with
-    # the level, so a bisection per vector (all vectors at once) finds it
+    if len(W) * len(levels) <= DENSE_CELLS:  # the first level at or above the floor that reaches b
+        ok = (W @ K.T >= b) & (levels[None, :] >= floor[:, None])
+        idx = ok.argmax(axis=1)
+        out[live] = np.where(ok.any(axis=1), levels[idx], np.inf)
+        return out
+    # (many vectors and levels: capacity grows with the level, so a bisection per vector,
+    # all vectors at once, finds it without the vectors x levels matrix)
     lo = np.searchsorted(levels, floor, side="left")
     hi = np.full(len(W), len(levels) - 1)
     while True:
@@ -91,6 +96,32 @@ def _stage_times(ts: dict[int, list[float]], caps: dict[int, int], V: np.ndarray
         lo = np.where(open_ & ~ok, mid + 1, lo)
     out[live] = np.where(lo < len(levels), levels[np.minimum(lo, len(levels) - 1)], np.inf)
     return out
+
+
+def _grid(prob: Problem, timer: StageTimer, dims: tuple[int, ...], unit: int, zero1: bool) -> tuple:
+    """Every count vector of the grid ``dims`` (in ``unit``s) and what the columns need of
+    it: (vectors in mixed radix order, strides, devices of each, the distinct device counts
+    1..b, the vectors ordered by device count and those counts, which vectors use units of
+    one tensor-parallel size), remembered per timer (every range of a build shares them)."""
+    key = ("grid", dims, unit, zero1)
+    hit = timer.memo.get(key)
+    if hit is None:
+        C = len(dims)
+        grid = np.indices(dims).reshape(C, -1).T * unit  # every count vector, mixed radix order
+        strides = np.array([int(np.prod(dims[c + 1:])) for c in range(C)])
+        n_dev = grid.sum(axis=1)
+        b = timer.b
+        sizes = np.unique(n_dev[(n_dev > 0) & (n_dev <= b)]) if zero1 else np.zeros(1, dtype=np.int64)
+        by_n = np.argsort(n_dev, kind="stable") if zero1 else None
+        sorted_n = n_dev[by_n] if zero1 else None
+        if zero1:  # a zero1 stage's units have one tensor-parallel size
+            tps = np.array([prob.classes[c].tp for c in range(C)])
+            sizes_used = sum((grid[:, tps == v] > 0).any(axis=1).astype(np.int64) for v in np.unique(tps))
+            one_size = sizes_used <= 1
+        else:
+            one_size = np.ones(len(grid), dtype=bool)
+        hit = timer.memo[key] = (grid, strides, n_dev, sizes, by_n, sorted_n, one_size)
+    return hit
 
 
 def _steps(f, lo: int, hi: int) -> list:
@@ -113,6 +144,10 @@ def _steps(f, lo: int, hi: int) -> list:
     if hi > lo:
         rec(lo, first, hi, f(hi))
     return [(lo, first)] + sorted(changes.items())
+
+
+DENSE_CELLS = 1_000_000
+"""Largest vectors x levels matrix _stage_times forms (beyond: a bisection per vector)."""
 
 
 def range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: int, t_cap: float,
@@ -146,9 +181,7 @@ def _range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: 
         return []
     b, L, C = timer.b, prob.L, len(budget)
     dims = [min(budget[c], b) // unit + 1 if c in rt.ts else 1 for c in range(C)]
-    grid = np.indices(dims).reshape(C, -1).T * unit  # every count vector, mixed radix order
-    strides = np.array([int(np.prod(dims[c + 1:])) for c in range(C)])
-    n_dev = grid.sum(axis=1)
+    grid, strides, n_dev, sizes, by_n, sorted_n, one_size = _grid(prob, timer, tuple(dims), unit, zero1)
     # Memory caps per depth. 1F1B: deeper in the pipeline more micro-batches are in flight,
     # so memory may cap the shares and the time may grow. zero1: the caps also depend on
     # how many units hold the stage (n per replica: R n shard the optimizer state). Tiers:
@@ -159,7 +192,6 @@ def _range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: 
     # grows with the steps, not with the counts.
     cis = sorted(rt.ts)
     fullc = [len(rt.ts[ci]) for ci in cis]
-    sizes = np.unique(n_dev[(n_dev > 0) & (n_dev <= b)]) if zero1 else np.zeros(1, dtype=np.int64)
 
     def one(infl: int, n: int) -> tuple:
         dp = R * max(1, int(n))
@@ -196,14 +228,6 @@ def _range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: 
         A = min(M - 1, L - j)
         if A >= 1:
             scan(0, prev, A, depth_caps(A))
-    by_n = np.argsort(n_dev, kind="stable")
-    sorted_n = n_dev[by_n]
-    if zero1:  # a zero1 stage's units have one tensor-parallel size
-        tps = np.array([prob.classes[c].tp for c in range(C)])
-        sizes_used = sum((grid[:, tps == v] > 0).any(axis=1).astype(np.int64) for v in np.unique(tps))
-        one_size = sizes_used <= 1
-    else:
-        one_size = np.ones(len(grid), dtype=bool)
 
     def times(caps: list) -> np.ndarray:
         if not zero1:

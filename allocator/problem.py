@@ -388,6 +388,8 @@ class StageTimer:
         # prefix arrays (L+1) of fwd+bwd compute at share k, per (class, k, recompute)
         self._px: dict[tuple[int, int, str], np.ndarray] = {}
         self._rows: dict[tuple[int, str], np.ndarray] = {}  # per (class, recompute): _prefix of k = 1.. as rows
+        self.memo: dict = {}
+        """What the builds at this micro-batch size share (allocator.columns._grid)."""
         self._out = np.array([0.0] + [l.out_act_bytes for l in prob.cg.layers])  # out_bytes at boundary j = _out[j]
         self.L = L
         layers = prob.cg.layers
