@@ -218,17 +218,6 @@ class Search:
         inc = self.incumbent
         return not self.heap or self.heap[0][0] >= inc * (1 - self.gap) - 1e-15 * abs(inc)
 
-    def build_order(self, cheap: dict) -> Callable:
-        """The order states are built in: those with an exact program smallest micro-batch
-        first (their programs are the smallest, and the incumbent they give caps the
-        larger ones'), then the others lowest cheap bound first (on clusters of thousands
-        of devices the smallest micro-batches make plans of millions of micro-batches, the
-        worst there are)."""
-        B = self.probs[0].global_batch
-        if BUILD_ORDER == "b":
-            return lambda km: (B // km[1], km[1], km[0])
-        return lambda km: (cheap[km], B // km[1], km[1], km[0])
-
     # ---- per-M set-up -----------------------------------------------------------------------
     def build(self, st: MState) -> None:
         t0 = time.perf_counter()
@@ -469,7 +458,7 @@ class Search:
                 st.status = "infeasible"
         self.pending = {key: cheap[key] for key, st in self.states.items() if st.status != "infeasible"}
         B = self.probs[0].global_batch
-        for key in sorted(self.states, key=self.build_order(cheap)):
+        for key in sorted(self.states, key=lambda km: (B // km[1], km[1], km[0])):
             st = self.states[key]
             if st.status == "infeasible":
                 continue
@@ -536,8 +525,6 @@ LAGRANGE_WORK_PER_EVAL = 200_000
 """Units of a Lagrangian bound's counted work (allocator.lagrange: knapsacks priced, unit
 times tabled) charged as one dynamic-program evaluation (~60 per second here, as the
 knapsacks run: ~12 million per second)."""
-
-BUILD_ORDER = "bound"
 
 LAGRANGE_STATES = 16
 """Most (space, M) states without an exact program for which Lagrangian bounds are used."""
