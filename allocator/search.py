@@ -60,9 +60,9 @@ budget, not a clock."""
 BUILD_CELLS_PER_SECOND = 1_500_000
 """Count vectors x stage kinds of shapes the search may build per second of its time
 limit (measured on the 2-core development machine: ~1.5 million per second building the
-shapes of 100,000 A100s at 500,000 samples per micro-batch). A work budget, not a clock:
-a build that would exceed what is left is not made (its micro-batch count keeps its
-cheap bound and its restricted spaces are searched instead)."""
+shapes of 100,000 A100s at 500,000 samples per micro-batch). A work bound, not a clock:
+a build that alone would take more than the whole time limit is not made (its
+micro-batch count keeps its cheap bound and its restricted spaces are searched instead)."""
 
 NODES_PER_SECOND = 150
 """Branch-and-bound nodes an integer program may use per second of its share of the time
@@ -141,8 +141,8 @@ class Search:
         self.log: list[dict] = []
         self.stopped_by_clock = False
         self.evals_left = max(20, int(EVALS_PER_SECOND * time_limit))
-        self.cells_left = BUILD_CELLS_PER_SECOND * max(1.0, time_limit)
-        """Work budget for building shapes: count vectors x stage kinds (allocator.columns)."""
+        self.cells_limit = BUILD_CELLS_PER_SECOND * max(1.0, time_limit)
+        """Most count vectors x stage kinds one build of shapes may take (allocator.columns)."""
         self.states: dict[tuple[int, int], MState] = {}
         self.unresolved: list[float] = []
         self.heap: list[tuple] = []
@@ -259,9 +259,8 @@ class Search:
                 if grid > GRID_LIMIT:
                     continue
                 cells = grid * (3 * K + 3) * len(prob.recompute_options)  # count vectors x stage kinds
-                if cells > self.cells_left:
-                    continue  # its shapes would take more than the work budget left for building
-                self.cells_left -= cells
+                if cells > self.cells_limit:
+                    continue  # its shapes alone would take more than the search's work budget
                 timer = StageTimer(prob, b)
                 shapes = block_shapes(prob, timer, M, t_cap, R, unit)
                 exact = R == 1 and unit == 1
