@@ -39,7 +39,7 @@ from .columns import Column, enumerate_columns
 from .dp import STATE_LIMIT, StageTable
 from .ilp_columns import solve_columns
 from .milp import MilpResult
-from .problem import CountPlan, CountStage, Problem, StageTimer, evaluate_counts
+from .problem import CountPlan, CountStage, Problem, StageTimer, divisors, evaluate_counts
 from .shapes import FIRST, INNER, LAST, ONLY, Shape, block_shapes, count_plan, order_stages
 from . import shape_program
 
@@ -538,19 +538,6 @@ def exact_fits(prob: Problem, M: int) -> bool:
     for c in prob.classes:
         grid *= min(c.count, b) + 1
     return grid <= GRID_LIMIT
-
-
-def divisors(n: int) -> list[int]:
-    """The divisors of n, smallest first (trial division up to its square root)."""
-    small, large = [], []
-    d = 1
-    while d * d <= n:
-        if n % d == 0:
-            small.append(d)
-            if d * d != n:
-                large.append(n // d)
-        d += 1
-    return small + large[::-1]
 
 
 def min_stages(shapes: list[Shape], K: int, chunk: int = 1) -> int:
