@@ -183,13 +183,11 @@ def _range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: 
     dims = [min(budget[c], b) // unit + 1 if c in rt.ts else 1 for c in range(C)]
     grid, strides, n_dev, sizes, by_n, sorted_n, one_size = _grid(prob, timer, tuple(dims), unit, zero1)
     # Memory caps per depth. 1F1B: deeper in the pipeline more micro-batches are in flight,
-    # so memory may cap the shares and the time may grow. zero1: the caps also depend on
-    # how many units hold the stage (n per replica: R n shard the optimizer state). Tiers:
-    # the depths at which some cap changes; a tier's caps per n (None: any n).
-    # Caps are step functions of the stage's unit count n (zero1: more units shard more,
-    # so caps only grow with n) and of the depth (more in flight: caps only fall). Each is
-    # kept as its steps over the sorted unit counts (``_steps``: bisection), so the work
-    # grows with the steps, not with the counts.
+    # so memory may cap the shares and the time may grow (caps only fall with depth).
+    # zero1: the caps also depend on how many units hold the stage (n per replica: R n
+    # shard the optimizer state; caps only grow with n). Both are step functions, found
+    # by bisection (``_steps``): a tier is a depth at which some cap falls; a tier's caps
+    # are steps over the sorted unit counts (one step, index 0, without zero1).
     cis = sorted(rt.ts)
     fullc = [len(rt.ts[ci]) for ci in cis]
 
@@ -198,46 +196,24 @@ def _range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: 
         return tuple(max(0, min(f, prob.kmem(prob.classes[ci], i, j, infl, rc, dp))) for ci, f in zip(cis, fullc))
 
     def caps_at(infl: int) -> list:
-        if not zero1:
-            return [(0, tuple(fullc))]  # (RangeTimes capped the times at one in flight already)
+        if not zero1:  # (at the first tier these are fullc: RangeTimes capped the times there)
+            return [(0, one(infl, 0))]
         return _steps(lambda k: one(infl, sizes[k]), 0, len(sizes) - 1) if len(sizes) else []
 
-    prev = caps_at(M if gpipe else 1)
-    tier_caps, tier_depth = [prev], [0]
-    if not gpipe and j < L:
-        # the depths at which some cap falls: caps only fall as the in-flight count grows
-        # (max_share_for_memory), so equal caps at both ends of a depth interval hold
-        # throughout it, and bisection finds the changes
-        def depth_caps(a: int) -> list:
-            if not zero1:
-                return [(0, one(min(M, 1 + a), 0))]
-            return caps_at(min(M, 1 + a))
-
-        def scan(lo: int, c_lo: list, hi: int, c_hi: list) -> None:
-            if c_lo == c_hi:
-                return
-            if hi == lo + 1:
-                tier_caps.append(c_hi)
-                tier_depth.append(hi)
-                return
-            mid = (lo + hi) // 2
-            c_mid = depth_caps(mid)
-            scan(lo, c_lo, mid, c_mid)
-            scan(mid, c_mid, hi, c_hi)
-
-        A = min(M - 1, L - j)
-        if A >= 1:
-            scan(0, prev, A, depth_caps(A))
+    if gpipe or j == L:
+        tiers = [(0, caps_at(M if gpipe else 1))]
+    else:
+        tiers = _steps(lambda a: caps_at(min(M, 1 + a)), 0, min(M - 1, L - j))
+    tier_depth = [a for a, _ in tiers]
+    tier_caps = [c for _, c in tiers]
 
     def times(caps: list) -> np.ndarray:
         if not zero1:
             return _stage_times(rt.ts, dict(zip(cis, caps[0][1])), grid, b)
         out = np.full(len(grid), np.inf)
         for q, (k0, cap) in enumerate(caps):  # the rows whose unit count falls in this step
-            lo = int(np.searchsorted(sorted_n, sizes[k0], side="left"))
-            hi = int(np.searchsorted(sorted_n, sizes[caps[q + 1][0]] if q + 1 < len(caps) else sizes[-1],
-                                     side="left" if q + 1 < len(caps) else "right"))
-            rows = by_n[lo:hi]
+            n_next = sizes[caps[q + 1][0]] if q + 1 < len(caps) else sizes[-1] + 1
+            rows = by_n[np.searchsorted(sorted_n, sizes[k0]):np.searchsorted(sorted_n, n_next)]
             if len(rows):
                 out[rows] = _stage_times(rt.ts, dict(zip(cis, cap)), grid[rows], b)
         return out

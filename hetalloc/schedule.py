@@ -129,6 +129,7 @@ STEADY_FROM = 64
 schedule is extended."""
 
 STEADY_WINDOW = 6
+"""Consecutive one-more-micro-batch steps that must agree before a schedule is extended."""
 
 
 def _steady_extension(devices: list[PipeDevice], S: int, M: int, schedule: str) -> PipeTiming | None:
