@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
-
 import numpy as np
 
-from .dp import StageTable, min_stage_sum
+from .dp import StageTable, min_bottleneck, min_stage_sum
 
 
 @dataclass(frozen=True, order=True)
@@ -66,40 +64,39 @@ class CapSearch:
         self.memo[key] = (v, limit)
         return (v if math.isfinite(v) else limit), seq
 
-    def feasible(self, bt: int, bs: int) -> bool:
-        tab = self.table
-        use = (tab.t <= self.taus[bt]) & (tab.tail <= self.sigs[bs])
-        self.evaluations += 1
-        return math.isfinite(min_stage_sum(tab, use, any_plan=True)[0])
+    def root(self, incumbent: float = math.inf) -> tuple[Box | None, list | None]:
+        """The box of caps that any plan better than ``incumbent`` can have, and a plan
+        found on the way: the box runs from the smallest bottleneck at which some plan
+        exists to the largest levels that can still beat the incumbent (M tau <
+        incumbent); (None, None) if no plan can.
 
-    def root(self, incumbent: float = math.inf, stop: Callable[[], bool] | None = None) -> Box | None:
-        """The box of caps that any plan better than ``incumbent`` can have: from the smallest
-        bottleneck at which some plan exists (bisection, cut short when ``stop`` says so:
-        the box then starts lower) to the largest levels that can still beat it
-        (M tau < incumbent); None if no such plan exists."""
+        First the least stage-time sum within the largest caps (none below the limit: no
+        plan beats the incumbent; its plan bounds the bottleneck from above), then the
+        least bottleneck below that plan's (allocator.dp.min_bottleneck): two programs in
+        place of a bisection of feasibility tests. The first is the first box's own
+        evaluation (memo)."""
         nt, ns = len(self.taus) - 1, len(self.sigs) - 1
         if math.isfinite(incumbent):
             nt = int(np.searchsorted(self.taus, incumbent / self.M, side="left")) - 1
             if nt < 0:
-                return None
-        if not self.feasible(nt, ns):
-            return None
-        lo, hi = 0, nt
-        while lo < hi and not (stop and stop()):
-            mid = (lo + hi) // 2
-            if self.feasible(mid, ns):
-                hi = mid
-            else:
-                lo = mid + 1
+                return None, None
+        tab = self.table
         # every plan has a first and a last stage (or one stage): its largest tail is at
         # least the smaller of "one stage" and "the larger of the cheapest first and last"
-        tab = self.table
         def cheapest(kind):
             m = tab.kind == kind
             return float(tab.tail[m].min()) if m.any() else math.inf
         sig_lb = min(cheapest(3), max(cheapest(1), cheapest(2)))
-        c = int(np.searchsorted(self.sigs, sig_lb * (1 - 1e-12)))
-        return Box(-math.inf, self.M, lo, nt, min(c, ns), ns)
+        c = min(int(np.searchsorted(self.sigs, sig_lb * (1 - 1e-12))), ns)
+        base = (self.M - 1) * float(self.taus[0]) + float(self.sigs[c])
+        v, seq = self.g(nt, ns, incumbent - base)
+        if base + v >= incumbent or seq is None:
+            return None, None
+        top = max(o.t for o in seq)
+        self.evaluations += 1
+        tau = min(top, min_bottleneck(tab, (tab.t < top) & (tab.tail <= self.sigs[ns])))
+        lo = int(np.searchsorted(self.taus, tau))
+        return Box(-math.inf, self.M, lo, nt, c, ns), seq
 
     def evaluate(self, box: Box, incumbent: float) -> tuple[Box, list | None]:
         """The box with its lower bound computed, and the plan found on the way."""

@@ -101,6 +101,11 @@ class StageTable:
         self.t = np.array([o.t for o in options], dtype=np.float64)
         self.tail = np.array([o.tail for o in options], dtype=np.float64)
         self.amax = np.array([min(o.amax, L) for o in options], dtype=np.int64)
+        # options by device vector: group[k] numbers k's vector, byc lists the options vector by vector
+        self.group = np.zeros(n, dtype=np.int64)
+        if n:
+            self.group = np.unique(self.cnt, axis=0, return_inverse=True)[1].astype(np.int64).reshape(n)
+        self.byc = np.argsort(self.group, kind="stable").astype(np.int64)
         finite = [a for a in self.amax if a < L]
         self.dcap = (max(finite) + 1) if finite else 1
 
@@ -138,9 +143,10 @@ class StageTable:
     def states(self) -> int:
         return (self.dcap + 1) * (self.X + 1) * self.nU
 
-    def remaining_bound(self, use: np.ndarray) -> np.ndarray:
+    def remaining_bound(self, use: np.ndarray, mx: bool = False) -> np.ndarray:
         """rem[x]: the least time the stages in front can take once x is covered (the
-        cheapest chain of usable options from x to a first stage, budgets ignored)."""
+        cheapest chain of usable options from x to a first stage, budgets ignored); ``mx``:
+        the least bottleneck of such a chain instead of the least sum."""
         X = self.X
         inf = math.inf
         # W[x, y]: fastest option taking the cover from x to y (y = X + 1: a first stage
@@ -168,7 +174,7 @@ class StageTable:
         rem = np.full(X + 2, inf)
         rem[X + 1] = 0.0
         for x in range(X, -1, -1):
-            rem[x] = np.min(W[x, x + 1:] + rem[x + 1:])
+            rem[x] = np.min(np.maximum(W[x, x + 1:], rem[x + 1:]) if mx else W[x, x + 1:] + rem[x + 1:])
         return rem[:X + 1]
 
 
@@ -180,10 +186,11 @@ def _open(D, P, Q, d, x):
 
 
 @njit(cache=True)
-def _frontier(row, env, comp, strides, nU, rem, limit, out):
+def _frontier(row, env, comp, strides, nU, rem, limit, out, mx):
     """The states of one (depth, position) row worth expanding: able to get below the
     limit, not dominated within the row by a state with fewer devices of some class, nor
-    by ``env`` (the shallower rows). Folds the row into env."""
+    by ``env`` (the shallower rows). Folds the row into env. ``mx``: values are maxima
+    (bottlenecks), not sums."""
     C = strides.shape[0]
     E = row.copy()
     for c in range(C):
@@ -194,7 +201,7 @@ def _frontier(row, env, comp, strides, nU, rem, limit, out):
     cnt = 0
     for u in range(nU):
         v = row[u]
-        if v + rem >= limit or env[u] <= v:
+        if ((v if v > rem else rem) if mx else v + rem) >= limit or env[u] <= v:
             continue
         dom = False
         for c in range(C):
@@ -211,15 +218,11 @@ def _frontier(row, env, comp, strides, nU, rem, limit, out):
 
 
 @njit(cache=True)
-def _fits(comp, cnt, N, u, k):
-    for c in range(N.shape[0]):
-        if comp[u, c] + cnt[k, c] > N[c]:
-            return False
-    return True
-
-
-@njit(cache=True)
-def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax, use, limit, rem, first_only):
+def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax, group, byc, use, limit, rem,
+            floor, mx):
+    """The least sum (``mx``: the least maximum) of stage times over plans, below ``limit``;
+    every bound test is against the best plan found so far (itself below ``limit``). A
+    plan at ``floor`` (a lower bound on every plan) ends the search."""
     INF = np.inf
     shp = (dcap + 1, X + 1, nU)
     D = np.empty(shp)  # rows are initialised when first reached: most never are
@@ -243,7 +246,13 @@ def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax,
             if t[k] < D[1, x, u]:
                 D[1, x, u] = t[k]
                 P[1, x, u] = k
-    order = np.array([k for k in range(n) if use[k] and (kind[k] == 0 or kind[k] == 1)], dtype=np.int64)
+    # the options that may follow, grouped by device vector (group: the options sharing
+    # one; ``byc`` lists the options group by group) so that a state's budget is checked
+    # once per vector, not once per option
+    order = np.array([k for k in byc if use[k] and (kind[k] == 0 or kind[k] == 1)], dtype=np.int64)
+    app = np.empty(order.shape[0], dtype=np.int64)
+    gs = np.empty(order.shape[0] + 1, dtype=np.int64)
+    C = N.shape[0]
     for d in range(1, dcap + 1):
         same = d == dcap
         dst = dcap if same else d + 1
@@ -251,9 +260,10 @@ def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax,
             if not live[d, x]:
                 continue
             row = D[d, x]
-            m = _frontier(row, env[x], comp, strides, nU, rem[x], limit, cells)
+            m = _frontier(row, env[x], comp, strides, nU, rem[x], best, cells, mx)
             if m == 0:
                 continue
+            na, ng, tmin = 0, 0, INF  # the options usable from this row, their groups
             for kk in range(order.shape[0]):
                 k = order[kk]
                 if (same and amax[k] < L) or (not same and amax[k] < d):
@@ -266,35 +276,60 @@ def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax,
                         continue
                 elif x + span[k] > X:
                     continue
-                x2 = x + span[k]
-                tk = t[k]
-                for ci in range(m):
-                    u = cells[ci]
-                    w = row[u] + tk
-                    if kind[k] == 1:  # the first stage closes the pipeline
-                        if w < best and _fits(comp, cnt, N, u, k):
-                            best, best_item, best_d, best_u = w, k, d, u
-                            if first_only:
-                                return best, best_item, best_d, best_u, P, Q
+                if na == 0 or group[k] != group[app[na - 1]]:
+                    gs[ng] = na
+                    ng += 1
+                app[na] = k
+                na += 1
+                if t[k] < tmin:
+                    tmin = t[k]
+            if na == 0:
+                continue
+            gs[ng] = na
+            # states by value: once a state cannot beat the best with the fastest option,
+            # no later one can
+            sel = cells[:m][np.argsort(row[cells[:m]], kind="mergesort")]
+            for ci in range(m):
+                u = sel[ci]
+                v = row[u]
+                if ((v if v > tmin else tmin) if mx else v + tmin) >= best:
+                    break
+                for gi in range(ng):
+                    k0 = app[gs[gi]]
+                    fits = True
+                    for c in range(C):
+                        if comp[u, c] + cnt[k0, c] > N[c]:
+                            fits = False
+                            break
+                    if not fits:
                         continue
-                    if w + rem[x2] >= limit or not _fits(comp, cnt, N, u, k):
-                        continue
-                    u2 = u + off[k]
-                    if not live[dst, x2]:
-                        _open(D, P, Q, dst, x2)
-                        live[dst, x2] = True
-                    if w < D[dst, x2, u2]:
-                        D[dst, x2, u2] = w
-                        P[dst, x2, u2] = k
-                        Q[dst, x2, u2] = 1 if same else 0
+                    for i in range(gs[gi], gs[gi + 1]):
+                        k = app[i]
+                        tk = t[k]
+                        w = (v if v > tk else tk) if mx else v + tk
+                        if kind[k] == 1:  # the first stage closes the pipeline
+                            if w < best:
+                                best, best_item, best_d, best_u = w, k, d, u
+                                if best <= floor:
+                                    return best, best_item, best_d, best_u, P, Q
+                            continue
+                        x2 = x + span[k]
+                        if ((w if w > rem[x2] else rem[x2]) if mx else w + rem[x2]) >= best:
+                            continue
+                        u2 = u + off[k]
+                        if not live[dst, x2]:
+                            _open(D, P, Q, dst, x2)
+                            live[dst, x2] = True
+                        if w < D[dst, x2, u2]:
+                            D[dst, x2, u2] = w
+                            P[dst, x2, u2] = k
+                            Q[dst, x2, u2] = 1 if same else 0
     return best, best_item, best_d, best_u, P, Q
 
 
-def min_stage_sum(tab: StageTable, use: np.ndarray, limit: float = math.inf, any_plan: bool = False
-                  ) -> tuple[float, list | None]:
+def min_stage_sum(tab: StageTable, use: np.ndarray, limit: float = math.inf) -> tuple[float, list | None]:
     """(the least sum of stage times of a plan using only the options in ``use``, its
-    options from first to last stage); (inf, None) if no plan gets below ``limit``.
-    ``any_plan``: stop at the first plan found (a feasibility test)."""
+    options from first to last stage); (inf, None) if no plan gets below ``limit``."""
     if not use.any():
         return math.inf, None
     rem = tab.remaining_bound(use)
@@ -302,7 +337,8 @@ def min_stage_sum(tab: StageTable, use: np.ndarray, limit: float = math.inf, any
     if not (use & (tab.kind == ONLY)).any() and not np.isfinite(rem[tab.span[last]]).any():
         return math.inf, None  # no last stage can be completed to a plan
     best, k, d, u, P, Q = _kernel(tab.X, tab.L, tab.N, tab.comp, tab.strides, tab.nU, tab.dcap, tab.kind, tab.xf,
-                                  tab.span, tab.cnt, tab.off, tab.t, tab.amax, use, float(limit), rem, any_plan)
+                                  tab.span, tab.cnt, tab.off, tab.t, tab.amax, tab.group, tab.byc, use, float(limit), rem,
+                                  -math.inf, False)
     if k < 0 or not math.isfinite(best):
         return math.inf, None
     opts = tab.options
@@ -322,3 +358,23 @@ def min_stage_sum(tab: StageTable, use: np.ndarray, limit: float = math.inf, any
             d -= 1
     assert seq[-1].kind == LAST and seq[0].kind == FIRST
     return float(best), [o.ref for o in seq]
+
+
+def min_bottleneck(tab: StageTable, use: np.ndarray, limit: float = math.inf) -> float:
+    """The smallest bottleneck (slowest stage time) of a plan using only the options in
+    ``use``; inf if no plan has one below ``limit``. The same program as
+    ``min_stage_sum`` with the maximum in place of the sum: one pass instead of a
+    bisection of feasibility tests."""
+    if not use.any():
+        return math.inf
+    rem = tab.remaining_bound(use, mx=True)
+    last = use & (tab.kind == LAST)
+    if not (use & (tab.kind == ONLY)).any() and not np.isfinite(rem[tab.span[last]]).any():
+        return math.inf
+    # no plan has a bottleneck below the best chain's, budgets ignored: reaching it ends
+    only = use & (tab.kind == ONLY)
+    floor = min(float(tab.t[only].min()) if only.any() else math.inf,
+                float(np.maximum(tab.t[last], rem[tab.span[last]]).min()) if last.any() else math.inf)
+    best, k, _, _, _, _ = _kernel(tab.X, tab.L, tab.N, tab.comp, tab.strides, tab.nU, tab.dcap, tab.kind, tab.xf,
+                                  tab.span, tab.cnt, tab.off, tab.t, tab.amax, tab.group, tab.byc, use, float(limit), rem, floor, True)
+    return float(best) if k >= 0 else math.inf

@@ -281,7 +281,7 @@ class Search:
                     if exact:
                         st.caps = caps
                         break
-                    root = self.root_of(caps)
+                    root = self.root_of(st, caps, R)
                     if root is not None:
                         st.restrictions.append((caps, R, root))
                         st.caps, st.R, st.root, st.coarse, st.status = caps, R, root, True, "too_large"
@@ -353,12 +353,14 @@ class Search:
         self.evals_left -= 1 + meter[0] // LAGRANGE_WORK_PER_EVAL
         return bound
 
-    def root_of(self, caps: CapSearch) -> Box | None:
-        """caps.root() within the incumbent; its evaluations come from the work budget."""
+    def root_of(self, st: MState, caps: CapSearch, R: int = 1) -> Box | None:
+        """caps.root() within the incumbent, the plan found on the way offered (plans of R
+        replicas); its evaluations come from the work budget."""
         before = caps.evaluations
-        spent = lambda: self.evals_left - (caps.evaluations - before) <= 0 or time.perf_counter() > self.deadline  # noqa: E731
-        root = caps.root(self.incumbent * (1 - self.gap), spent)
+        root, seq = caps.root(self.incumbent * (1 - self.gap))
         self.evals_left -= caps.evaluations - before
+        if seq is not None:
+            self.offer_seq(st, seq, R)
         return root
 
     def offer_seq(self, st: MState, seq: list, R: int | None = None) -> float:
@@ -473,7 +475,7 @@ class Search:
             if st.caps is not None and st.coarse:
                 self.restricted(st)
             elif st.caps is not None:
-                root = self.root_of(st.caps)
+                root = self.root_of(st, st.caps)
                 if root is None:
                     st.status = "pruned" if math.isfinite(self.incumbent) else "infeasible"
                 else:
