@@ -25,6 +25,13 @@ import numpy as np
 from .dp import StageTable, min_bottleneck, min_stage_sum
 
 
+WORK_PER_EVALUATION = 5_000_000
+"""Counted work of the dynamic program (allocator.dp: states, options and pairs tried)
+that counts as one evaluation of the search's budget: ~1/60 s at the ~300 million units
+a second measured on the 2-core development machine (allocator.search.EVALS_PER_SECOND),
+so a program over a large table costs the budget what it costs in time."""
+
+
 @dataclass(frozen=True, order=True)
 class Box:
     lb: float
@@ -49,6 +56,8 @@ class CapSearch:
         self.sigs = np.unique(table.tail)
         self.memo: dict[tuple[int, int], tuple[float, float]] = {}
         self.evaluations = 0
+        """Its programs, in evaluations: one each, and one more per WORK_PER_EVALUATION of
+        counted work."""
 
     def g(self, bt: int, bs: int, limit: float) -> tuple[float, list | None]:
         """(a lower bound on the stage-time sum of plans within caps (bt, bs), plan or None):
@@ -59,8 +68,9 @@ class CapSearch:
             return (old[0] if math.isfinite(old[0]) else old[1]), None
         tab = self.table
         use = (tab.t <= self.taus[bt]) & (tab.tail <= self.sigs[bs])
-        self.evaluations += 1
-        v, seq = min_stage_sum(tab, use, limit)
+        meter = [0]
+        v, seq = min_stage_sum(tab, use, limit, meter)
+        self.evaluations += 1 + meter[0] // WORK_PER_EVALUATION
         self.memo[key] = (v, limit)
         return (v if math.isfinite(v) else limit), seq
 
@@ -92,10 +102,13 @@ class CapSearch:
         v, seq = self.g(nt, ns, incumbent - base)
         if base + v >= incumbent or seq is None:
             return None, None
-        top = max(o.t for o in seq)
-        self.evaluations += 1
-        tau = min(top, min_bottleneck(tab, (tab.t < top) & (tab.tail <= self.sigs[ns])))
-        lo = int(np.searchsorted(self.taus, tau))
+        lo = 0  # (one micro-batch: the bottleneck does not count)
+        if self.M > 1:
+            top = max(o.t for o in seq)
+            meter = [0]
+            tau = min(top, min_bottleneck(tab, (tab.t < top) & (tab.tail <= self.sigs[ns]), meter=meter))
+            self.evaluations += 1 + meter[0] // WORK_PER_EVALUATION
+            lo = int(np.searchsorted(self.taus, tau))
         return Box(-math.inf, self.M, lo, nt, c, ns), seq
 
     def evaluate(self, box: Box, incumbent: float) -> tuple[Box, list | None]:

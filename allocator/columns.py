@@ -237,38 +237,39 @@ def _range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: 
         return []
     V = grid[rows]
     t0 = tier_times[0][rows]
-    depth_times = []  # per depth a = 1.. : None (same caps as before) or the times
+    # per depth a = 0, 1, ..: the times (a depth without a tier of its own keeps the caps
+    # of the one before)
+    T = [t0]
     if not gpipe and j < L:
         k_tier = 0
         for a in range(1, min(M - 1, L - j) + 1):
             if k_tier + 1 < len(tier_depth) and tier_depth[k_tier + 1] == a:
                 k_tier += 1
-                depth_times.append(tier_times[k_tier][rows])
+                T.append(tier_times[k_tier][rows])
             else:
-                depth_times.append(None)
-    out: list[Column] = []
+                T.append(T[-1])
+    T = np.stack(T, axis=1)
+    # A vector's columns: one per depth range of equal time, each as deep as that time
+    # holds (amax); it ends where the time no longer fits (no further column) or at the
+    # last depth (a column of any depth, amax = L).
+    later, now = T[:, 1:], T[:, :-1]
+    over = ~np.isfinite(later) | (later > t_cap)
+    past = (np.cumsum(over, axis=1) - over) > 0  # beyond the first depth that does not fit
+    r, a = np.nonzero(((later > now) | over) & ~past)
+    ends = np.nonzero(~over.any(axis=1))[0]
+    r = np.concatenate([r, ends])
+    amax = np.concatenate([a, np.full(len(ends), L)])
+    t_col = np.concatenate([now[r[:len(a)], a] if len(a) else np.zeros(0), T[ends, -1]])
+    order = np.lexsort((amax, r))  # vector by vector, shallow to deep
     # the tail depends only on which classes are used and how many devices in all
-    tails: dict[tuple, float] = {}
-    for k, v in enumerate(V):
-        counts = tuple(int(x) for x in v)
-        key = (tuple(x > 0 for x in counts), sum(counts))
-        if key not in tails:
-            tails[key] = stage_tail(prob, R, i, j, counts)
-        tail = tails[key]
-        prev_t = float(t0[k])
-        a = 0
-        for a_, dt in enumerate(depth_times, start=1):
-            ta = prev_t if dt is None else float(dt[k])
-            if not math.isfinite(ta) or ta > t_cap:
-                out.append(Column(i, j, counts, prev_t, tail, a_ - 1, rc))
-                prev_t = None
-                break
-            if ta > prev_t:
-                out.append(Column(i, j, counts, prev_t, tail, a_ - 1, rc))
-            prev_t = ta
-        if prev_t is not None:
-            out.append(Column(i, j, counts, prev_t, tail, L, rc))
-    return out
+    used = V > 0
+    key = (used.astype(np.int64) @ (1 << np.arange(C, dtype=np.int64))) * (int(V.sum(axis=1).max()) + 1) + V.sum(axis=1)
+    codes, first, inv = np.unique(key, return_index=True, return_inverse=True)
+    tail_of = [stage_tail(prob, R, i, j, tuple(int(x) for x in V[f])) for f in first]
+    counts = list(map(tuple, V.tolist()))
+    inv = inv.reshape(-1)
+    return [Column(i, j, counts[k], float(t_col[q]), tail_of[inv[k]], int(amax[q]), rc)
+            for q in order.tolist() for k in (int(r[q]),)]
 
 
 def count_columns_estimate(prob: Problem, R: int, b: int) -> int:

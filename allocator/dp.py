@@ -222,7 +222,8 @@ def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax,
             floor, mx):
     """The least sum (``mx``: the least maximum) of stage times over plans, below ``limit``;
     every bound test is against the best plan found so far (itself below ``limit``). A
-    plan at ``floor`` (a lower bound on every plan) ends the search."""
+    plan at ``floor`` (a lower bound on every plan) ends the search. Also returns its work:
+    states scanned, options scanned and (state, option) pairs tried, counted (not timed)."""
     INF = np.inf
     shp = (dcap + 1, X + 1, nU)
     D = np.empty(shp)  # rows are initialised when first reached: most never are
@@ -232,6 +233,7 @@ def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax,
     n = kind.shape[0]
     best = limit
     best_item, best_d, best_u = -1, -1, -1
+    work = 0
     cells = np.empty(nU, dtype=np.int64)
     env = np.full((X + 1, nU), INF)
     for k in range(n):  # one-stage plans
@@ -261,8 +263,10 @@ def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax,
                 continue
             row = D[d, x]
             m = _frontier(row, env[x], comp, strides, nU, rem[x], best, cells, mx)
+            work += nU
             if m == 0:
                 continue
+            work += order.shape[0]
             na, ng, tmin = 0, 0, INF  # the options usable from this row, their groups
             for kk in range(order.shape[0]):
                 k = order[kk]
@@ -294,6 +298,7 @@ def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax,
                 v = row[u]
                 if ((v if v > tmin else tmin) if mx else v + tmin) >= best:
                     break
+                work += ng
                 for gi in range(ng):
                     k0 = app[gs[gi]]
                     fits = True
@@ -303,6 +308,7 @@ def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax,
                             break
                     if not fits:
                         continue
+                    work += gs[gi + 1] - gs[gi]
                     for i in range(gs[gi], gs[gi + 1]):
                         k = app[i]
                         tk = t[k]
@@ -311,7 +317,7 @@ def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax,
                             if w < best:
                                 best, best_item, best_d, best_u = w, k, d, u
                                 if best <= floor:
-                                    return best, best_item, best_d, best_u, P, Q
+                                    return best, best_item, best_d, best_u, P, Q, work
                             continue
                         x2 = x + span[k]
                         if ((w if w > rem[x2] else rem[x2]) if mx else w + rem[x2]) >= best:
@@ -324,21 +330,25 @@ def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax,
                             D[dst, x2, u2] = w
                             P[dst, x2, u2] = k
                             Q[dst, x2, u2] = 1 if same else 0
-    return best, best_item, best_d, best_u, P, Q
+    return best, best_item, best_d, best_u, P, Q, work
 
 
-def min_stage_sum(tab: StageTable, use: np.ndarray, limit: float = math.inf) -> tuple[float, list | None]:
+def min_stage_sum(tab: StageTable, use: np.ndarray, limit: float = math.inf, meter: list | None = None
+                  ) -> tuple[float, list | None]:
     """(the least sum of stage times of a plan using only the options in ``use``, its
-    options from first to last stage); (inf, None) if no plan gets below ``limit``."""
+    options from first to last stage); (inf, None) if no plan gets below ``limit``.
+    ``meter[0]`` gains the program's counted work."""
     if not use.any():
         return math.inf, None
     rem = tab.remaining_bound(use)
     last = use & (tab.kind == LAST)
     if not (use & (tab.kind == ONLY)).any() and not np.isfinite(rem[tab.span[last]]).any():
         return math.inf, None  # no last stage can be completed to a plan
-    best, k, d, u, P, Q = _kernel(tab.X, tab.L, tab.N, tab.comp, tab.strides, tab.nU, tab.dcap, tab.kind, tab.xf,
+    best, k, d, u, P, Q, work = _kernel(tab.X, tab.L, tab.N, tab.comp, tab.strides, tab.nU, tab.dcap, tab.kind, tab.xf,
                                   tab.span, tab.cnt, tab.off, tab.t, tab.amax, tab.group, tab.byc, use, float(limit), rem,
                                   -math.inf, False)
+    if meter is not None:
+        meter[0] += work
     if k < 0 or not math.isfinite(best):
         return math.inf, None
     opts = tab.options
@@ -360,11 +370,11 @@ def min_stage_sum(tab: StageTable, use: np.ndarray, limit: float = math.inf) -> 
     return float(best), [o.ref for o in seq]
 
 
-def min_bottleneck(tab: StageTable, use: np.ndarray, limit: float = math.inf) -> float:
+def min_bottleneck(tab: StageTable, use: np.ndarray, limit: float = math.inf, meter: list | None = None) -> float:
     """The smallest bottleneck (slowest stage time) of a plan using only the options in
     ``use``; inf if no plan has one below ``limit``. The same program as
     ``min_stage_sum`` with the maximum in place of the sum: one pass instead of a
-    bisection of feasibility tests."""
+    bisection of feasibility tests. ``meter[0]`` gains the program's counted work."""
     if not use.any():
         return math.inf
     rem = tab.remaining_bound(use, mx=True)
@@ -375,6 +385,8 @@ def min_bottleneck(tab: StageTable, use: np.ndarray, limit: float = math.inf) ->
     only = use & (tab.kind == ONLY)
     floor = min(float(tab.t[only].min()) if only.any() else math.inf,
                 float(np.maximum(tab.t[last], rem[tab.span[last]]).min()) if last.any() else math.inf)
-    best, k, _, _, _, _ = _kernel(tab.X, tab.L, tab.N, tab.comp, tab.strides, tab.nU, tab.dcap, tab.kind, tab.xf,
+    best, k, _, _, _, _, work = _kernel(tab.X, tab.L, tab.N, tab.comp, tab.strides, tab.nU, tab.dcap, tab.kind, tab.xf,
                                   tab.span, tab.cnt, tab.off, tab.t, tab.amax, tab.group, tab.byc, use, float(limit), rem, floor, True)
+    if meter is not None:
+        meter[0] += work
     return float(best) if k >= 0 else math.inf

@@ -386,9 +386,10 @@ class Search:
                 lb, box = heapq.heappop(heap)
                 if lb >= self.incumbent * (1 - self.gap):
                     break
-                self.evals_left -= 1
                 t0 = time.perf_counter()
+                before = caps.evaluations
                 ev, seq = caps.evaluate(box, self.incumbent)
+                self.evals_left -= max(1, caps.evaluations - before)
                 if seq is not None:
                     self.offer_seq(st, seq, R)
                 st.seconds += time.perf_counter() - t0
@@ -402,8 +403,9 @@ class Search:
         if first:  # the M's cheap bound stands until its root box is in the queue
             self.pending[key] = max(self.pending.get(key, -math.inf), st.bound)
         t0 = time.perf_counter()
-        self.evals_left -= 1
+        before = st.caps.evaluations
         ev, seq = st.caps.evaluate(box, self.incumbent)
+        self.evals_left -= max(1, st.caps.evaluations - before)  # (a remembered evaluation: one)
         # (no plan: the evaluation was remembered, its plan offered when first found)
         found = self.offer_seq(st, seq) if seq is not None else -math.inf
         st.seconds += time.perf_counter() - t0
