@@ -75,22 +75,51 @@ def stage_specs(prob: Problem) -> list[tuple[int, int]]:
         [(LAST, l) for l in range(K + 1)] + [(ONLY, K)]
 
 
-def inflight_buckets(prob: Problem, M: int, K: int) -> tuple[np.ndarray, np.ndarray]:
+def inflight_buckets(prob: Problem, M: int, K: int, depths: int) -> tuple[np.ndarray, np.ndarray]:
     """(in-flight micro-batches of each bucket, bucket of each depth row). A stage with d
     stages behind it holds min(M, d + 1) micro-batches in 1F1B (M in GPipe). Rows are the
-    depths 0 .. DEPTHS - 1, the last one standing for every deeper stage too; rows are
+    depths 0 .. ``depths``, the last one standing for every deeper stage too; rows are
     grouped into buckets of powers of two; each bucket is counted at its smallest in-flight
     count (the least memory: a valid relaxation)."""
     if prob.schedule == "gpipe":  # every stage holds M: the last stage and all the others
         return np.array([M]), np.zeros(2, dtype=np.int64)
-    D = min(M, K + 1, DEPTHS) + 1
+    D = min(M, K + 1, depths) + 1
     infls = sorted({min(M, 1 << q) for q in range(D.bit_length() + 1) if 1 << q <= D} | {min(M, D)})
     of = np.array([max(b for b, f in enumerate(infls) if f <= min(M, d + 1)) for d in range(D)], dtype=np.int64)
     return np.array(infls), of
 
 
-DEPTHS = 8
-"""Pipeline depths told apart by the bound's memory (deeper stages count as this deep)."""
+DEPTHS = 64
+"""Most pipeline depths the deep bound's memory tells apart (deeper stages count as this
+deep); fewer where memory no longer changes with depth (``depths_needed``)."""
+
+QUICK_DEPTHS = 8
+"""Depths the first bound of a micro-batch count tells apart (``lagrange_bound``: deep
+bounds are for the budget a search has left at its end)."""
+
+
+def depths_needed(prob: Problem, M: int, K: int, b: int, budget: list[int]) -> int:
+    """The fewest depth rows (a power of two, at most DEPTHS) whose deepest row's memory is
+    that of the deepest stage a plan can have: every range's largest share that fits
+    (capped at the micro-batch b) is the same there for every class and recomputation
+    choice. Memory that does not bind needs one row; a model that fills the devices needs
+    the depths at which its caps still fall (in 1F1B a deeper stage holds more)."""
+    if prob.schedule == "gpipe":
+        return 1
+    specs = stage_specs(prob)
+    ranges = [block_range(prob, kind, l) for kind, l in specs]
+    dp = prob.most_units(budget) if prob.zero1 else 1
+    classes = [c for c in prob.classes if budget[c.index] > 0]
+
+    def caps(f: int) -> list:
+        return [min(b, prob.kmem(c, i, j, f, rc, dp)) for c in classes for rc in prob.recompute_options
+                for i, j in ranges]
+
+    deepest = caps(min(M, K + 2))
+    D = 1
+    while D < min(M, K + 1, DEPTHS) and caps(min(M, D + 1)) != deepest:
+        D *= 2
+    return min(D, M, K + 1, DEPTHS)
 
 
 def unit_tables(prob: Problem, timer: StageTimer, M: int, budget: list[int], ks: np.ndarray,
@@ -319,18 +348,20 @@ def _used(cap, tg, lam, N, b, K, h, of):
 
 
 def lagrange_bound(prob: Problem, timer: StageTimer, M: int, stop_at: float = math.inf,
-                   quick: bool = False, meter: list[int] | None = None) -> float:
+                   quick: bool = False, meter: list[int] | None = None, deep: bool = False) -> float:
     """The bound of the module doc for plans at M of a model of identical blocks (inf if
     no split can take the micro-batch). ``stop_at``: return as soon as the bound reaches it;
     ``quick``: only the scan along the first direction (a pruning test, not the best bound);
     ``meter``: its work is added to meter[0] (unit times tabled, knapsacks priced), a count
-    the caller can charge to a work budget."""
+    the caller can charge to a work budget; ``deep``: memory told apart at every depth
+    where it changes (``depths_needed``, up to DEPTHS rows: a stronger bound for models
+    that fill the devices, at a higher cost), else at the first QUICK_DEPTHS."""
     meter = meter if meter is not None else [0]
     b = timer.b
     budget = [c.count for c in prob.classes]
     K = prob.L - 2
     ks = share_grid(b)
-    infls, of = inflight_buckets(prob, M, K)
+    infls, of = inflight_buckets(prob, M, K, depths_needed(prob, M, K, b, budget) if deep else QUICK_DEPTHS)
     T, KM = unit_tables(prob, timer, M, budget, ks, infls)
     meter[0] += T.size
     fits = np.isfinite(T) & (KM[..., :1] >= ks[None, None, None, :])

@@ -147,6 +147,8 @@ class Search:
         self.unresolved: list[float] = []
         self.heap: list[tuple] = []
         self.use_lagrange = True
+        self.deepen_left = True
+        """Spend the budget left at the end on deep bounds (``deepen``)."""
         self.pending: dict[tuple[int, int], float] = {}
         """M values not built yet, with their cheap bounds."""
         self._said = (math.inf, -math.inf)
@@ -346,10 +348,11 @@ class Search:
         self.log.append({"M": M, "tp": prob.tp, "step": "program", "status": st.status, "bound": st.bound,
                          "seconds": round(st.seconds, 3)})
 
-    def lagrangian(self, prob: Problem, timer: StageTimer, M: int, target: float, quick: bool = False) -> float:
+    def lagrangian(self, prob: Problem, timer: StageTimer, M: int, target: float, quick: bool = False,
+                   deep: bool = False) -> float:
         """M's Lagrangian bound (allocator.lagrange), its counted work charged to the budget."""
         meter = [0]
-        bound = lagrange_bound(prob, timer, M, stop_at=target, quick=quick, meter=meter)
+        bound = lagrange_bound(prob, timer, M, stop_at=target, quick=quick, meter=meter, deep=deep)
         self.evals_left -= 1 + meter[0] // LAGRANGE_WORK_PER_EVAL
         return bound
 
@@ -416,6 +419,29 @@ class Search:
             elif found > ev.lb * (1 + 1e-9):
                 self.unresolved.append(ev.lb)
         self.report()
+
+    def deepen(self) -> None:
+        """The budget left once the plans are searched goes to the bounds that hold the
+        proof back: the micro-batch counts without an exact program, lowest bound first,
+        get the deep Lagrangian bound (memory at every depth where it changes), until the
+        gap is closed or the budget spent. Only work the plans did not need."""
+        done: set = set()
+        while self.evals_left > 0 and time.perf_counter() < self.deadline:
+            target = self.incumbent * (1 - self.gap)
+            open_ = [(st.bound, key) for key, st in self.states.items() if key not in done and
+                     st.status in ("limit", "too_large") and st.prob.interchangeable_blocks and st.bound < target]
+            if not open_ or (self.heap and self.heap[0][0] < min(open_)[0]):
+                return  # (a box still open below them: the proof is held back elsewhere)
+            _, key = min(open_)
+            done.add(key)
+            st = self.states[key]
+            t0 = time.perf_counter()
+            timer = StageTimer(st.prob, st.prob.global_batch // st.M)
+            st.bound = max(st.bound, self.lagrangian(st.prob, timer, st.M, target, deep=True))
+            st.seconds += time.perf_counter() - t0
+            if st.bound >= target:
+                st.status = "pruned"
+            self.report()
 
     # ---- the search -------------------------------------------------------------------------
     def run(self) -> SearchResult:
@@ -501,6 +527,8 @@ class Search:
                 heapq.heappush(self.heap, (lb, 1, 0, key, box))
                 break
             self.expand(st, box)
+        if self.deepen_left:
+            self.deepen()
         for st in self.states.values():
             if st.caps is not None and not st.coarse:
                 st.status = "searched"
@@ -582,7 +610,9 @@ def search(prob: Problem | list[Problem], *, time_limit: float = 30.0, gap: floa
     k0 = min(range(len(probs)), key=lambda k: (probs[k].tp, probs[k].optimizer_sharding != "zero1"))
     plain = replace(probs[k0], recompute="none")
     end = time.perf_counter() + time_limit if deadline is None else deadline
-    first = Search([plain], PLAIN_SHARE * time_limit, gap, backend, msg, progress, seeds, end).run()
+    first = Search([plain], PLAIN_SHARE * time_limit, gap, backend, msg, progress, seeds, end)
+    first.deepen_left = False  # (its bounds are not the answer's: the budget it leaves goes to the second pass)
+    first = first.run()
     if first.best is not None:
         seeds = list(seeds) + [(first.best, probs[k0] if first.prob is plain else first.prob)]
     # the second pass's budget: the rest of the work budget (what the first pass left
