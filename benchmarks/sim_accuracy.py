@@ -218,13 +218,17 @@ def kinds_check(rows: list[dict], limit: float = 0.10) -> dict:
 
 def _moved(path: str, folder: Path) -> Path:
     """A profile or run folder an earlier run recorded, found under `folder` (its --out)
-    when the output was moved since (the recorded path is under another --out)."""
+    when the output was moved since (the recorded path is under another --out). The
+    copy under `folder` wins when there is one: the recorded place may hold another
+    measurement by now, or the original of a copy whose profiles were changed."""
     p = Path(path)
-    if p.exists():
-        return p
     parts = p.parts
-    cut = max(i for i, x in enumerate(parts) if x == "sim_accuracy")
-    return folder.joinpath(*parts[cut:])
+    if "sim_accuracy" in parts:
+        cut = max(i for i, x in enumerate(parts) if x == "sim_accuracy")
+        here = folder.joinpath(*parts[cut:])
+        if here.exists():
+            return here
+    return p
 
 
 def resimulate(folder: Path) -> int:
