@@ -231,22 +231,32 @@ def _moved(path: str, folder: Path) -> Path:
     return p
 
 
-def resimulate(folder: Path) -> int:
+def resimulate(folder: Path, refit: bool = False) -> int:
     """Simulate again the configurations measured in `folder` (an earlier --out): the
     earlier prediction, the current one, the measurement; then, as the measured run
-    prints them, the per-kind sums over the 2-rank configurations."""
+    prints them, the per-kind sums over the 2-rank configurations. refit: first fit the
+    profiles' runtime figures again to their stored calibration runs with the current
+    code (runtime.profile.overhead.refit_overheads), as a new profile would."""
     from hetalloc.plan import load_plan
+    from runtime.profile.overhead import refit_overheads, with_overheads, without_overheads
     from simulator import simulate
     from simulator.engine import prediction_iterations
     old = json.loads((folder / "sim_accuracy.json").read_text())
     cpus = old["machine"]["cpus"]
     rows = []
+    profiles: dict[Path, tuple] = {}
     for r in old["rows"]:
         if "run_dir" not in r:
             print(f"{r['name']}: measured before runs recorded their folders; skipped")
             continue
         prof = _moved(r["profile_dir"], folder)
-        cluster, cg = load_cluster(prof / "cluster.yaml"), load_cost_graph(prof / "cost_graph.json")
+        if prof not in profiles:
+            cluster, cg = load_cluster(prof / "cluster.yaml"), load_cost_graph(prof / "cost_graph.json")
+            if refit:
+                cluster = with_overheads(without_overheads(cluster),
+                                         refit_overheads(prof / "overhead", cluster, cg)["per_type"])
+            profiles[prof] = cluster, cg
+        cluster, cg = profiles[prof]
         rep = simulate(load_plan(_moved(r["run_dir"], folder) / "plan.json"), cluster, cg,
                        iterations=prediction_iterations(cluster))
         work = {k: sum(rep.devices[s["device"]]["work_s"][k] for s in r["per_stage"]) for k in KINDS}
@@ -301,9 +311,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="output directory (default benchmarks/out)")
     ap.add_argument("--resimulate", metavar="DIR", help="measure nothing: simulate the configurations an earlier "
                     "run (its --out) measured with the current simulator and compare")
+    ap.add_argument("--refit", action="store_true", help="with --resimulate: fit the profiles' runtime figures "
+                    "(per-op and per-step time, compute noise, collective extra, inputs) again to their stored "
+                    "calibration runs with the current profiler code first")
     a = ap.parse_args(argv)
     if a.resimulate:
-        return resimulate(Path(a.resimulate))
+        return resimulate(Path(a.resimulate), refit=a.refit)
     if a.nice:
         try:
             os.nice(a.nice)  # the profiles' and runs' torchrun processes inherit it

@@ -7,7 +7,9 @@ gradient zeroing and the end-of-step work per step) only shows in a real run, as
 ``other`` time every rank records (runtime.metrics). So the profile trains two short
 plans on the profiled devices: one pipeline over the ranks (a stage each, layers cut
 evenly, 1F1B) with 2 and with 8 micro-batches of SHARE samples, STEPS steps each
-(median over steps). A rank runs 2M ops a step, so per rank
+(mean over steps: an op now and then loses milliseconds to the operating system, and a
+step of many ops has many chances of it, so a run's median step holds about the ops'
+mean time, not their median). A rank runs 2M ops a step, so per rank
 
     other(M) = step_overhead + 2 M op_overhead
 
@@ -32,7 +34,9 @@ table's time, averaged over the steps: threads woken from idle, now and then a s
 of milliseconds). Where a host has more ranks
 than compute slots, the runs take its ranks in the profile's turns (as many at a time as it has slots), so that each
 figure is the rank's own time and not its wait for a shared core (the simulator shares
-the cores). They are written into the profile's cluster.yaml as
+the cores). ``refit_overheads`` fits the same figures again to the runs an earlier
+profile left (no run: ``benchmarks/sim_accuracy.py --resimulate DIR --refit`` judges a
+change of these fits on stored measurements). They are written into the profile's cluster.yaml as
 ``op_overhead_us`` and ``step_overhead_us`` of the device types, where the shared cost
 formulas (CostGraph.range_time, costs.optimizer_time) add them.
 
@@ -51,7 +55,8 @@ from typing import Any
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
 from hetalloc.evaluate import loss_reduction_time
-from hetalloc.plan import Plan
+from hetalloc.errors import SpecError
+from hetalloc.plan import Plan, load_plan
 from hetalloc.schedule import stage_op_order, warm_backward
 
 from ..config import slowdown_for_plan
@@ -81,15 +86,18 @@ def _records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()][WARMUP_STEPS:]
 
 
-def _median_other(path: Path) -> float:
-    """Median 'other' seconds over the steps after warm-up (a step now and then loses a
-    few milliseconds to the operating system; the median step is what runs are judged by),
-    without the inputs the rank built (``data_s``: priced by ``fit_data``)."""
-    return statistics.median(r["other_s"] - r.get("data_s", 0.0) for r in _records(path))
+def _mean_other(path: Path) -> float:
+    """Mean 'other' seconds over the steps after warm-up, without the inputs the rank
+    built (``data_s``: priced by ``fit_data``). The mean, not the median: now and then an
+    op loses milliseconds to the operating system, and a step of many ops has many such
+    chances, so its median holds about the ops' mean losses (the median of a sum is near
+    the sum of the means, not of the medians; the quiet host's runs measured their median
+    steps 2-20 % above the sum of the per-op medians)."""
+    return statistics.fmean(r["other_s"] - r.get("data_s", 0.0) for r in _records(path))
 
 
 def fit_data(data: dict[int, float]) -> tuple[float, float]:
-    """data[samples] = a first or last stage rank's median seconds building its inputs per
+    """data[samples] = a first or last stage rank's mean seconds building its inputs per
     step, at two sample counts -> (seconds per step, seconds per sample), the line
     through them (clamped at 0): ``hetalloc.costs.input_time``'s two figures. (In the
     quiet host's runs a step's inputs took 0.37-1.03 ms for 8-32 samples, along one line
@@ -112,8 +120,9 @@ def log_spread(xs: list[float]) -> float:
 
 def fit_compute(runs: list[tuple[int, float, list[float]]]) -> float:
     """runs: (ops per step, profiled compute seconds per step, measured per-step compute
-    seconds) of one rank -> its compute per op beyond the profile (clamped at 0)."""
-    extra = sum(statistics.median(xs) - pred for _, pred, xs in runs)
+    seconds) of one rank -> its compute per op beyond the profile (clamped at 0): the
+    mean step's (as ``_mean_other``: stalls included)."""
+    extra = sum(statistics.fmean(xs) - pred for _, pred, xs in runs)
     ops = sum(n for n, _, _ in runs)
     return max(0.0, extra / ops) if ops else 0.0
 
@@ -176,11 +185,7 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
     out.mkdir(parents=True, exist_ok=True)
     ids = [d.id for d in cluster.devices]
     groups = [[ids[r] for r in t] for t in (turns or [list(range(len(ids)))])]
-    others: dict[int, dict[str, float]] = {M: {} for M in MICROBATCHES}
-    compute: dict[str, list[tuple[int, float, list[float]]]] = {}
-    extra: dict[str, list[float]] = {}
-    noise: dict[str, list[float]] = {}
-    inputs: dict[str, dict[int, float]] = {}
+    runs = []
     for g, devices in enumerate(groups):
         for M in MICROBATCHES:
             plan = calibration_plan(cluster, cg, M, devices)
@@ -191,30 +196,64 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
             run_dir = out / f"run-{tag}"
             summary = run_local(path, steps=WARMUP_STEPS + STEPS, slowdown=slow, out_dir=run_dir, capture=True,
                                 extra=["--warmup-steps", str(WARMUP_STEPS)], threads=threads)
-            others[M].update({r["device"]: _median_other(run_dir / f"metrics.rank{r['rank']}.jsonl")
-                              for r in summary["ranks"]})
-            series = []
-            last = len(plan.replicas[0].stages) - 1
+            runs.append((plan, run_dir, summary))
+    return fit_runs(cluster, cg, runs, groups)
+
+
+def refit_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph) -> dict[str, Any]:
+    """The figures of ``measure_overheads`` fitted again, with this code, to the runs an
+    earlier profile left in `out_dir` (its plan-*.json and run-*/ folders): so that a
+    change of the fits can be judged on stored measurements without running anything.
+    `cluster`'s own runtime figures are ignored (the fits start from the layer tables)."""
+    out = Path(out_dir)
+    cluster = without_overheads(cluster)
+    runs = []
+    for path in sorted(out.glob("plan-*.json")):
+        run_dir = out / f"run-{path.stem[len('plan-'):]}"
+        if (run_dir / "summary.json").exists():
+            runs.append((load_plan(path), run_dir, json.loads((run_dir / "summary.json").read_text())))
+    if not runs:
+        raise SpecError(str(out), "", "holds no calibration runs (plan-*.json with run-*/summary.json)",
+                        "give a profile's overhead folder, written by 'hetalloc profile'")
+    groups = [list(plan.device_ids()) for plan, _, _ in runs]
+    return fit_runs(cluster, cg, runs, list(dict.fromkeys(map(tuple, groups))))
+
+
+def fit_runs(cluster: Cluster, cg: CostGraph, runs: list[tuple[Plan, Path, dict[str, Any]]],
+             groups: list) -> dict[str, Any]:
+    """The figures (see module doc) from calibration runs: (plan, its run folder, its
+    summary) each; `groups`: the devices that ran at one time (reported as they are)."""
+    others: dict[int, dict[str, float]] = {M: {} for M in MICROBATCHES}
+    compute: dict[str, list[tuple[int, float, list[float]]]] = {}
+    extra: dict[str, list[float]] = {}
+    noise: dict[str, list[float]] = {}
+    inputs: dict[str, dict[int, float]] = {}
+    for plan, run_dir, summary in runs:
+        M = plan.num_microbatches
+        others[M].update({r["device"]: _mean_other(run_dir / f"metrics.rank{r['rank']}.jsonl")
+                          for r in summary["ranks"]})
+        series = []
+        last = len(plan.replicas[0].stages) - 1
+        for r in summary["ranks"]:
+            if r["stage"] in (0, last):  # they build inputs (labels), SHARE x M samples a step
+                recs = _records(run_dir / f"metrics.rank{r['rank']}.jsonl")
+                inputs.setdefault(r["device"], {})[SHARE * M] = statistics.fmean(x.get("data_s", 0.0) for x in recs)
+            dt = cluster.dtype(r["device"])
+            profiled = profiled_compute(cg, plan, r["stage"], dt)
+            steps = [max(x["compute_s"], 1e-9) for x in _records(run_dir / f"metrics.rank{r['rank']}.jsonl")]
+            compute.setdefault(r["device"], []).append((2 * M, profiled, steps))
+            series.append(steps)
+        for r, logs in zip(summary["ranks"], own_variation(series)):
+            noise.setdefault(r["device"], []).extend(logs)
+        if len(summary["ranks"]) > 1:
+            table = loss_reduction_time(cluster, list(plan.device_ids()))
+            loss = [[x["loss_sync_s"] for x in _records(run_dir / f"metrics.rank{r['rank']}.jsonl")]
+                    for r in summary["ranks"]]
+            own = collective_extra(loss, table)
             for r in summary["ranks"]:
-                if r["stage"] in (0, last):  # they build inputs (labels), SHARE x M samples a step
-                    recs = _records(run_dir / f"metrics.rank{r['rank']}.jsonl")
-                    inputs.setdefault(r["device"], {})[SHARE * M] = statistics.median(x.get("data_s", 0.0) for x in recs)
-                dt = cluster.dtype(r["device"])
-                profiled = profiled_compute(cg, plan, r["stage"], dt)
-                steps = [max(x["compute_s"], 1e-9) for x in _records(run_dir / f"metrics.rank{r['rank']}.jsonl")]
-                compute.setdefault(r["device"], []).append((2 * M, profiled, steps))
-                series.append(steps)
-            for r, logs in zip(summary["ranks"], own_variation(series)):
-                noise.setdefault(r["device"], []).extend(logs)
-            if len(summary["ranks"]) > 1:
-                table = loss_reduction_time(cluster, list(plan.device_ids()))
-                loss = [[x["loss_sync_s"] for x in _records(run_dir / f"metrics.rank{r['rank']}.jsonl")]
-                        for r in summary["ranks"]]
-                own = collective_extra(loss, table)
-                for r in summary["ranks"]:
-                    extra.setdefault(r["device"], []).append(own)
+                extra.setdefault(r["device"], []).append(own)
     per_device = fit_overheads(others)
-    fits = {d: fit_compute(runs) for d, runs in compute.items()}
+    fits = {d: fit_compute(rs) for d, rs in compute.items()}
     data_fits = {d: fit_data(v) for d, v in inputs.items() if len(v) > 1}
     per_type: dict[str, dict[str, float]] = {}
     for t in sorted({cluster.device(d).type for d in per_device}):
@@ -239,6 +278,18 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
                                "op_compute_us": 1e6 * fits[d] if d in fits else 0.0}
                            for d, (o, s) in per_device.items()},
             "per_type": per_type}
+
+
+RUNTIME_FIGURES = ("op_overhead_us", "step_overhead_us", "op_compute_us", "compute_noise", "collective_extra_us",
+                   "data_us", "data_sample_us")
+"""The device-type figures this module measures."""
+
+
+def without_overheads(cluster: Cluster) -> Cluster:
+    """The cluster with its device types' RUNTIME_FIGURES at 0 (as before they were measured)."""
+    zero = dict.fromkeys(RUNTIME_FIGURES, 0.0)
+    return replace(cluster, device_types={k: replace(t, **zero) for k, t in cluster.device_types.items()},
+                   _path_cache={})
 
 
 def with_overheads(cluster: Cluster, per_type: dict[str, dict[str, float]]) -> Cluster:
