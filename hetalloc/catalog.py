@@ -50,6 +50,14 @@ class DeviceType:
     each step from it, so that the collectives that wait for every rank (the loss and
     gradient all-reduces, a pipeline's receives) wait for the late ones as in a run.
     0 for catalog devices (deterministic)."""
+    compute_quantiles: tuple[float, ...] = ()
+    """The measured distribution that ``compute_noise`` summarises: quantiles at evenly
+    spaced levels (0, 1/k, ..., 1: the least and the largest included) of log(step
+    compute / its median) of one rank's own variation in the profile's training runs,
+    ascending. Where given, the simulator draws each rank's compute factor from it
+    (``hetalloc.costs.quantile_value``), so that its tails, which a normal of
+    ``compute_noise`` leaves out, make the late rank of a sync as late as in a run.
+    Empty for catalog devices."""
     collective_extra_us: float = 0.0
     """Mean time a collective of the device takes in a training run beyond its measured
     table time (threads woken from idle, not a hot loop of calls): the end-of-step loss

@@ -33,7 +33,7 @@ Two switches, both on by default:
   other by the device types' measured interference figures (``simulator.compute``).
 - ``noise`` (default: as ``contention``, when more than one iteration is simulated):
   each group's compute of each iteration is drawn from its device type's measured
-  step-to-step spread (``DeviceType.compute_noise``), seeded; the report then gives the
+  step-to-step spread (``DeviceType.compute_quantiles``, else ``compute_noise``), seeded; the report then gives the
   median iteration (a run is judged by its median step), and every collective that needs
   all ranks (the loss and gradient all-reduces) or a pipeline receive waits for the late
   rank of that iteration, as in a run. Each rank leaves a wait on its own: a rank that
@@ -65,7 +65,7 @@ import simpy
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
 from hetalloc.errors import SpecError
-from hetalloc.costs import zero1_halves
+from hetalloc.costs import quantile_value, zero1_halves
 from hetalloc.evaluate import allreduce_time, loss_reduction_time, measured_sync_time, sync_groups
 from hetalloc.plan import Plan, validate_plan
 
@@ -85,7 +85,7 @@ def prediction_iterations(cluster: Cluster) -> int:
     """Iterations to simulate for a prediction on `cluster`: NOISE_ITERATIONS where some
     device type has measured noise (compute, collectives), else 1 (every iteration is
     the same)."""
-    return NOISE_ITERATIONS if any(t.compute_noise > 0 or t.collective_extra_us > 0
+    return NOISE_ITERATIONS if any(t.compute_noise > 0 or t.compute_quantiles or t.collective_extra_us > 0
                                    for t in cluster.device_types.values()) else 1
 
 
@@ -114,8 +114,9 @@ class SimOptions:
     interference figures (simulator.compute); None: as ``contention``."""
     noise: bool | None = None
     """Draw each simulated group's compute of each iteration from its device type's
-    measured step-to-step spread (``DeviceType.compute_noise``: a log-normal factor of
-    median 1 on all its forward and backward ops of that iteration), so that what waits
+    measured step-to-step spread (a factor on all its forward and backward ops of that
+    iteration: from the measured distribution, ``DeviceType.compute_quantiles``, where
+    the profile gave it, else log-normal of median 1 and ``compute_noise``), so that what waits
     for every rank (the loss and gradient all-reduces, a pipeline's receives) waits for
     the late ones as in a run; the report's iteration time is then the median over the
     iterations. None: as ``contention``, where more than one iteration is simulated.
@@ -237,6 +238,7 @@ class Simulation:
         # Shared compute couples the devices of a node, whichever replica they serve.
         noise = (self.opts.contention and self.opts.iterations > 1) if self.opts.noise is None else self.opts.noise
         self.noisy = noise and any(cluster.device_types[d.type].compute_noise > 0
+                                   or cluster.device_types[d.type].compute_quantiles
                                    or cluster.device_types[d.type].collective_extra_us > 0 for d in cluster.devices)
         fold = (self.opts.fold and not self.noisy
                 and not any(self.compute.nodes[n.name].share_slots for n in cluster.nodes))
@@ -299,8 +301,12 @@ class Simulation:
             rng = random.Random(self.opts.seed)
             for it in range(self.opts.iterations):
                 for d in sorted(self.work):
-                    sigma = self.work[d].dtype.compute_noise
-                    self.factor[(it, d)] = math.exp(sigma * rng.gauss(0.0, 1.0)) if sigma > 0 else 1.0
+                    dt = self.work[d].dtype
+                    if dt.compute_quantiles:  # the measured distribution, tails included
+                        self.factor[(it, d)] = math.exp(quantile_value(dt.compute_quantiles, rng.random()))
+                    else:
+                        sigma = dt.compute_noise
+                        self.factor[(it, d)] = math.exp(sigma * rng.gauss(0.0, 1.0)) if sigma > 0 else 1.0
 
     # ---- bookkeeping ------------------------------------------------------------------
     # Events carry (activity index, time): the activity whose end released the waiter.

@@ -13,18 +13,20 @@ import statistics
 import pytest
 
 from hetalloc.cluster import cluster_from_dict
-from runtime.profile.overhead import collective_extra, fit_compute, log_spread, own_variation
+from runtime.profile.overhead import collective_extra, fit_compute, log_quantiles, log_spread, own_variation
 from simulator import simulate
 from simulator.engine import SimOptions, Simulation
 
 from test_sim_compute import LOSS_2, graph, plan
 
 
-def cluster(noise: float = 0.0, op_compute_us: float = 0.0, op_overhead_us: float = 0.0, extra_us: float = 0.0):
+def cluster(noise: float = 0.0, op_compute_us: float = 0.0, op_overhead_us: float = 0.0, extra_us: float = 0.0,
+            quantiles: list[float] | None = None):
     """Two devices of type X on one node, links of 1 GB/s without latency."""
     return cluster_from_dict({"name": "toy", "device_types": [
         {"name": "X", "peak_tflops": 1, "memory_gib": 100, "mem_bandwidth_gbps": 32, "compute_noise": noise,
-         "op_compute_us": op_compute_us, "op_overhead_us": op_overhead_us, "collective_extra_us": extra_us}],
+         "op_compute_us": op_compute_us, "op_overhead_us": op_overhead_us, "collective_extra_us": extra_us,
+         **({"compute_quantiles": quantiles} if quantiles else {})}],
         "nodes": [{"name": "n", "gpus": [{"type": "X", "count": 2}],
                    "intra_link": {"bandwidth_gbps": 1.0, "latency_us": 0.0}}]})
 
@@ -161,3 +163,29 @@ def test_a_rank_blocked_on_a_receive_wakes_up_late():
     res = Simulation(pp, cluster(noise=0.01), cg, SimOptions(iterations=2, seed=3)).run()
     first = min(a.t0 for a in res.activities if a.device == "n/1" and a.kind == "F" and a.iteration == 0)
     assert first == pytest.approx(0.5 + res.activities[0].t1)
+
+
+def test_compute_is_drawn_from_the_measured_quantiles():
+    # Quantiles of log(factor) at levels 0, 1/2, 1: (0, 0, log 2): half the steps at 1x,
+    # the other half between 1x and 2x (log-linear). Draws: per iteration, per device in
+    # sorted order, one uniform u of Random(seed): factor exp(quantile_value(q, u)) —
+    # u < 1/2 gives 1 exactly, u = 3/4 gives sqrt 2. The loss all-reduce waits for the
+    # slower device: period 3 max(f) + LOSS_2 (the compute_noise figure is not used).
+    q = [0.0, 0.0, math.log(2.0)]
+    c, cg = cluster(noise=0.5, quantiles=q), graph()
+    sim = Simulation(DP2, c, cg, SimOptions(iterations=6))
+    res = sim.run()
+    rng = random.Random(0)
+    ends, t = [], 0.0
+    for k in range(6):
+        f = {d: (1.0 if (u := rng.random()) < 0.5 else 2.0 ** (2 * u - 1)) for d in ("n/0", "n/1")}
+        assert sim.factor[(k, "n/0")] == pytest.approx(f["n/0"]) and sim.factor[(k, "n/1")] == pytest.approx(f["n/1"])
+        t += 3 * max(f.values()) + LOSS_2
+        ends.append(t)
+    assert res.iteration_ends_s == pytest.approx(ends)
+    assert any(v == 1.0 for v in sim.factor.values()) and all(1.0 <= v <= 2.0 for v in sim.factor.values())
+    # the profile's quantiles: levels 0, 1/4, ..., 1 of 5 values are the values themselves;
+    # of 3 values too few (no tails to speak of)
+    assert log_quantiles([0.3, -0.1, 0.0, 0.1, 0.2], levels=4) == (-0.1, 0.0, 0.1, 0.2, 0.3)
+    assert log_quantiles([0.0, 0.1, 0.2, 0.3], levels=2) == (0.0, 0.15, 0.3)
+    assert log_quantiles([0.0, 0.1, 0.2]) == ()

@@ -26,8 +26,9 @@ per op over both runs: ``op_compute_us``; booked as compute, not as the runtime'
 time), and how much a rank's compute varies from step to step on its own
 (``compute_noise``: the spread of log(step compute / the rank's median) once what all
 ranks shared in that step is taken out, IQR / 1.349, the standard deviation of a normal
-with that IQR, so that rare stalls do not set it; pooled over the type's ranks and
-both runs), which the simulator draws from; and what a collective takes in
+with that IQR; pooled over the type's ranks and both runs; and the distribution itself,
+tails included, as ``compute_quantiles``, which the simulator draws from: a sync waits
+for the late rank, and how late it comes is the tails' doing); and what a collective takes in
 a run beyond its measured table (``collective_extra_us``: per step the end-of-step loss
 all-reduce's time on the rank that came to it last, which waited for no one, minus the
 table's time, averaged over the steps: threads woken from idle, now and then a stall
@@ -116,6 +117,26 @@ def log_spread(xs: list[float]) -> float:
     med = statistics.median(xs)
     q = statistics.quantiles([math.log(x / med) for x in xs], n=4, method="inclusive")
     return (q[2] - q[0]) / 1.349
+
+
+QUANTILE_LEVELS = 20
+"""compute_quantiles are taken at levels 0, 1/20, ..., 1."""
+
+
+def log_quantiles(logs: list[float], levels: int = QUANTILE_LEVELS) -> tuple[float, ...]:
+    """Quantiles of `logs` at levels 0, 1/levels, ..., 1 (linear between order
+    statistics; the least and the largest included), rounded to 1e-4; () for fewer than
+    4 values (too few to say anything about tails)."""
+    xs = sorted(logs)
+    n = len(xs)
+    if n < 4:
+        return ()
+    out = []
+    for j in range(levels + 1):
+        x = j * (n - 1) / levels
+        i = min(int(x), n - 2)
+        out.append(round(xs[i] + (x - i) * (xs[i + 1] - xs[i]), 4))
+    return tuple(out)
 
 
 def fit_compute(runs: list[tuple[int, float, list[float]]]) -> float:
@@ -267,6 +288,7 @@ def fit_runs(cluster: Cluster, cg: CostGraph, runs: list[tuple[Plan, Path, dict[
                        "op_compute_us": 1e6 * statistics.median(fits[d] for d in mine if d in fits)
                        if any(d in fits for d in mine) else 0.0,
                        "compute_noise": log_spread([math.exp(x) for x in logs]),
+                       "compute_quantiles": list(log_quantiles(logs)),
                        "collective_extra_us": 1e6 * statistics.median(x for d in mine for x in extra.get(d, []))
                        if any(d in extra for d in mine) else 0.0,
                        "data_us": 1e6 * statistics.median(data_fits[d][0] for d in with_data) if with_data else 0.0,
@@ -288,7 +310,8 @@ RUNTIME_FIGURES = ("op_overhead_us", "step_overhead_us", "op_compute_us", "compu
 def without_overheads(cluster: Cluster) -> Cluster:
     """The cluster with its device types' RUNTIME_FIGURES at 0 (as before they were measured)."""
     zero = dict.fromkeys(RUNTIME_FIGURES, 0.0)
-    return replace(cluster, device_types={k: replace(t, **zero) for k, t in cluster.device_types.items()},
+    return replace(cluster, device_types={k: replace(t, **zero, compute_quantiles=())
+                                          for k, t in cluster.device_types.items()},
                    _path_cache={})
 
 
@@ -300,6 +323,7 @@ def with_overheads(cluster: Cluster, per_type: dict[str, dict[str, float]]) -> C
                            step_overhead_us=round(f["step_overhead_us"], 1),
                            op_compute_us=round(f.get("op_compute_us", 0.0), 1),
                            compute_noise=round(f.get("compute_noise", 0.0), 4),
+                           compute_quantiles=tuple(f.get("compute_quantiles", ())),
                            collective_extra_us=round(f.get("collective_extra_us", 0.0), 1),
                            data_us=round(f.get("data_us", 0.0), 1), data_sample_us=round(f.get("data_sample_us", 0.0), 2))
     return replace(cluster, device_types=types, _path_cache={})
