@@ -16,7 +16,10 @@ and the summary says which remain disturbed.
 ``--resimulate DIR`` measures nothing: it simulates the configurations an earlier run
 measured (their plans, on their profiles) with the current simulator and compares
 with those measurements, so that a change of the model can be judged on the same runs
-while the host is too busy to measure.
+while the host is too busy to measure. With ``--refit`` the profiles' runtime figures
+(runtime.profile.overhead: per-op and per-step time, compute noise and its quantiles, the
+collectives' extra, inputs) are first fitted again to the calibration runs each profile
+stored, with the current code: a change of those fits is judged on the same runs too.
 
 RESULTS.md's run (options: --only NAME ..., --reuse-profiles, --retries N, --out DIR):
 

@@ -47,9 +47,9 @@ class DeviceType:
     """Step-to-step spread of a rank's compute in a training run on the device: the
     standard deviation of log(step compute / its median), measured by ``hetalloc
     profile`` (its two short training runs). The simulator draws each rank's compute of
-    each step from it, so that the collectives that wait for every rank (the loss and
-    gradient all-reduces, a pipeline's receives) wait for the late ones as in a run.
-    0 for catalog devices (deterministic)."""
+    each step from it (from ``compute_quantiles`` where a profile gave them), so that the
+    collectives that wait for every rank (the loss and gradient all-reduces, a pipeline's
+    receives) wait for the late ones as in a run. 0 for catalog devices (deterministic)."""
     compute_quantiles: tuple[float, ...] = ()
     """The measured distribution that ``compute_noise`` summarises: quantiles at evenly
     spaced levels (0, 1/k, ..., 1: the least and the largest included) of log(step
