@@ -51,10 +51,9 @@ class DeviceType:
     collectives that wait for every rank (the loss and gradient all-reduces, a pipeline's
     receives) wait for the late ones as in a run. 0 for catalog devices (deterministic)."""
     compute_quantiles: tuple[float, ...] = ()
-    """The measured distribution that ``compute_noise`` summarises: quantiles at evenly
+    """The measured step-to-step distribution of a rank's compute: quantiles at evenly
     spaced levels (0, 1/k, ..., 1: the least and the largest included) of log(step
-    compute / its median) of one rank's own variation in the profile's training runs,
-    ascending. Where given, the simulator draws each rank's compute factor from it
+    compute / its median) of the type's ranks in the profile's training runs, ascending. Where given, the simulator draws each rank's compute factor from it
     (``hetalloc.costs.quantile_value``), so that its tails, which a normal of
     ``compute_noise`` leaves out, make the late rank of a sync as late as in a run.
     Empty for catalog devices."""

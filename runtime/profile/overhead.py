@@ -26,9 +26,13 @@ per op over both runs: ``op_compute_us``; booked as compute, not as the runtime'
 time), and how much a rank's compute varies from step to step on its own
 (``compute_noise``: the spread of log(step compute / the rank's median) once what all
 ranks shared in that step is taken out, IQR / 1.349, the standard deviation of a normal
-with that IQR; pooled over the type's ranks and both runs; and the distribution itself,
-tails included, as ``compute_quantiles``, which the simulator draws from: a sync waits
-for the late rank, and how late it comes is the tails' doing); and what a collective takes in
+with that IQR; pooled over the type's ranks and both runs), and the distribution of a
+rank's log(step compute / its median), tails included, as ``compute_quantiles``, which
+the simulator draws from (a sync waits for the late rank, and how late it comes is the
+tails' doing; this one keeps what the ranks shared in a step, which lengthens the step
+as much as a rank's own: with two ranks the shared part cannot be told from a stall of
+one rank, and taking it out mirrored each stall into an equally fast step of the other
+rank); and what a collective takes in
 a run beyond its measured table (``collective_extra_us``: per step the end-of-step loss
 all-reduce's time on the rank that came to it last, which waited for no one, minus the
 table's time, averaged over the steps: threads woken from idle, now and then a stall
@@ -248,6 +252,7 @@ def fit_runs(cluster: Cluster, cg: CostGraph, runs: list[tuple[Plan, Path, dict[
     compute: dict[str, list[tuple[int, float, list[float]]]] = {}
     extra: dict[str, list[float]] = {}
     noise: dict[str, list[float]] = {}
+    spread: dict[str, list[float]] = {}
     inputs: dict[str, dict[int, float]] = {}
     for plan, run_dir, summary in runs:
         M = plan.num_microbatches
@@ -266,6 +271,9 @@ def fit_runs(cluster: Cluster, cg: CostGraph, runs: list[tuple[Plan, Path, dict[
             series.append(steps)
         for r, logs in zip(summary["ranks"], own_variation(series)):
             noise.setdefault(r["device"], []).extend(logs)
+        for r, xs in zip(summary["ranks"], series):
+            med = statistics.median(xs)
+            spread.setdefault(r["device"], []).extend(math.log(x / med) for x in xs)
         if len(summary["ranks"]) > 1:
             table = loss_reduction_time(cluster, list(plan.device_ids()))
             loss = [[x["loss_sync_s"] for x in _records(run_dir / f"metrics.rank{r['rank']}.jsonl")]
@@ -288,7 +296,7 @@ def fit_runs(cluster: Cluster, cg: CostGraph, runs: list[tuple[Plan, Path, dict[
                        "op_compute_us": 1e6 * statistics.median(fits[d] for d in mine if d in fits)
                        if any(d in fits for d in mine) else 0.0,
                        "compute_noise": log_spread([math.exp(x) for x in logs]),
-                       "compute_quantiles": list(log_quantiles(logs)),
+                       "compute_quantiles": list(log_quantiles([x for d in mine for x in spread.get(d, [])])),
                        "collective_extra_us": 1e6 * statistics.median(x for d in mine for x in extra.get(d, []))
                        if any(d in extra for d in mine) else 0.0,
                        "data_us": 1e6 * statistics.median(data_fits[d][0] for d in with_data) if with_data else 0.0,
