@@ -16,7 +16,10 @@ and the summary says which remain disturbed.
 ``--resimulate DIR`` measures nothing: it simulates the configurations an earlier run
 measured (their plans, on their profiles) with the current simulator and compares
 with those measurements, so that a change of the model can be judged on the same runs
-while the host is too busy to measure.
+while the host is too busy to measure. With ``--refit`` the profiles' runtime figures
+(runtime.profile.overhead: per-op and per-step time, compute noise and its quantiles, the
+collectives' extra, inputs) are first fitted again to the calibration runs each profile
+stored, with the current code: a change of those fits is judged on the same runs too.
 
 RESULTS.md's run (options: --only NAME ..., --reuse-profiles, --retries N, --out DIR):
 
@@ -218,31 +221,45 @@ def kinds_check(rows: list[dict], limit: float = 0.10) -> dict:
 
 def _moved(path: str, folder: Path) -> Path:
     """A profile or run folder an earlier run recorded, found under `folder` (its --out)
-    when the output was moved since (the recorded path is under another --out)."""
+    when the output was moved since (the recorded path is under another --out). The
+    copy under `folder` wins when there is one: the recorded place may hold another
+    measurement by now, or the original of a copy whose profiles were changed."""
     p = Path(path)
-    if p.exists():
-        return p
     parts = p.parts
-    cut = max(i for i, x in enumerate(parts) if x == "sim_accuracy")
-    return folder.joinpath(*parts[cut:])
+    if "sim_accuracy" in parts:
+        cut = max(i for i, x in enumerate(parts) if x == "sim_accuracy")
+        here = folder.joinpath(*parts[cut:])
+        if here.exists():
+            return here
+    return p
 
 
-def resimulate(folder: Path) -> int:
+def resimulate(folder: Path, refit: bool = False) -> int:
     """Simulate again the configurations measured in `folder` (an earlier --out): the
     earlier prediction, the current one, the measurement; then, as the measured run
-    prints them, the per-kind sums over the 2-rank configurations."""
+    prints them, the per-kind sums over the 2-rank configurations. refit: first fit the
+    profiles' runtime figures again to their stored calibration runs with the current
+    code (runtime.profile.overhead.refit_overheads), as a new profile would."""
     from hetalloc.plan import load_plan
+    from runtime.profile.overhead import refit_overheads, with_overheads, without_overheads
     from simulator import simulate
     from simulator.engine import prediction_iterations
     old = json.loads((folder / "sim_accuracy.json").read_text())
     cpus = old["machine"]["cpus"]
     rows = []
+    profiles: dict[Path, tuple] = {}
     for r in old["rows"]:
         if "run_dir" not in r:
             print(f"{r['name']}: measured before runs recorded their folders; skipped")
             continue
         prof = _moved(r["profile_dir"], folder)
-        cluster, cg = load_cluster(prof / "cluster.yaml"), load_cost_graph(prof / "cost_graph.json")
+        if prof not in profiles:
+            cluster, cg = load_cluster(prof / "cluster.yaml"), load_cost_graph(prof / "cost_graph.json")
+            if refit:
+                cluster = with_overheads(without_overheads(cluster),
+                                         refit_overheads(prof / "overhead", cluster, cg)["per_type"])
+            profiles[prof] = cluster, cg
+        cluster, cg = profiles[prof]
         rep = simulate(load_plan(_moved(r["run_dir"], folder) / "plan.json"), cluster, cg,
                        iterations=prediction_iterations(cluster))
         work = {k: sum(rep.devices[s["device"]]["work_s"][k] for s in r["per_stage"]) for k in KINDS}
@@ -297,9 +314,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="output directory (default benchmarks/out)")
     ap.add_argument("--resimulate", metavar="DIR", help="measure nothing: simulate the configurations an earlier "
                     "run (its --out) measured with the current simulator and compare")
+    ap.add_argument("--refit", action="store_true", help="with --resimulate: fit the profiles' runtime figures "
+                    "(per-op and per-step time, compute noise, collective extra, inputs) again to their stored "
+                    "calibration runs with the current profiler code first")
     a = ap.parse_args(argv)
     if a.resimulate:
-        return resimulate(Path(a.resimulate))
+        return resimulate(Path(a.resimulate), refit=a.refit)
     if a.nice:
         try:
             os.nice(a.nice)  # the profiles' and runs' torchrun processes inherit it

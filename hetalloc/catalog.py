@@ -47,9 +47,16 @@ class DeviceType:
     """Step-to-step spread of a rank's compute in a training run on the device: the
     standard deviation of log(step compute / its median), measured by ``hetalloc
     profile`` (its two short training runs). The simulator draws each rank's compute of
-    each step from it, so that the collectives that wait for every rank (the loss and
-    gradient all-reduces, a pipeline's receives) wait for the late ones as in a run.
-    0 for catalog devices (deterministic)."""
+    each step from it (from ``compute_quantiles`` where a profile gave them), so that the
+    collectives that wait for every rank (the loss and gradient all-reduces, a pipeline's
+    receives) wait for the late ones as in a run. 0 for catalog devices (deterministic)."""
+    compute_quantiles: tuple[float, ...] = ()
+    """The measured step-to-step distribution of a rank's compute: quantiles at evenly
+    spaced levels (0, 1/k, ..., 1: the least and the largest included) of log(step
+    compute / its median) of the type's ranks in the profile's training runs, ascending. Where given, the simulator draws each rank's compute factor from it
+    (``hetalloc.costs.quantile_value``), so that its tails, which a normal of
+    ``compute_noise`` leaves out, make the late rank of a sync as late as in a run.
+    Empty for catalog devices."""
     collective_extra_us: float = 0.0
     """Mean time a collective of the device takes in a training run beyond its measured
     table time (threads woken from idle, not a hot loop of calls): the end-of-step loss

@@ -207,7 +207,8 @@ class Cluster:
             {"name": t.name, "vendor": t.vendor, "peak_tflops": _num(t.peak_tflops),
              "memory_gib": _num(t.memory_gib), "mem_bandwidth_gbps": _num(t.mem_bandwidth_gbps),
              "cost_per_hour_usd": _num(t.cost_per_hour_usd),
-             **{k: _num(getattr(t, k)) for k in MEASURED_TYPE_FIELDS if getattr(t, k)}}
+             **{k: _num(getattr(t, k)) for k in MEASURED_TYPE_FIELDS if getattr(t, k)},
+             **({"compute_quantiles": [_num(x) for x in t.compute_quantiles]} if t.compute_quantiles else {})}
             for name, t in sorted(self.device_types.items())
             if DEVICE_TYPES.get(name) != t and any(d.type == name for d in self.devices)
         ]
@@ -331,7 +332,7 @@ MEASURED_TYPE_FIELDS = ("op_overhead_us", "op_compute_us", "compute_noise", "col
 """Device-type figures only a profile measures (written when non-zero)."""
 _LINK_KEYS = {"name", "bandwidth_gbps", "latency_us", "like"}
 _DTYPE_KEYS = {"name", "vendor", "peak_tflops", "memory_gib", "mem_bandwidth_gbps",
-               "cost_per_hour_usd", "like", *MEASURED_TYPE_FIELDS}
+               "cost_per_hour_usd", "like", "compute_quantiles", *MEASURED_TYPE_FIELDS}
 
 
 class _Checker:
@@ -432,6 +433,7 @@ def _device_types(v: _Checker, raw: Any) -> dict[str, DeviceType]:
             compute_noise=v.number(obj, "compute_noise", p, positive=False,
                                    unit="standard deviation of log(step compute / median)",
                                    default=base.compute_noise if base else 0.0),
+            compute_quantiles=_quantiles(v, obj, p, base.compute_quantiles if base else ()),
             collective_extra_us=v.number(obj, "collective_extra_us", p, positive=False, unit="µs",
                                          default=base.collective_extra_us if base else 0.0),
             step_overhead_us=v.number(obj, "step_overhead_us", p, positive=False, unit="µs",
@@ -453,6 +455,19 @@ def _device_types(v: _Checker, raw: Any) -> dict[str, DeviceType]:
                                        default=base.comm_slowdown_p2p if base else 0.0),
         )
     return types
+
+
+def _quantiles(v: _Checker, obj: dict, path: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    """A device type's ``compute_quantiles``: at least 2 finite numbers, ascending."""
+    if "compute_quantiles" not in obj:
+        return default
+    raw, p = obj["compute_quantiles"], f"{path}.compute_quantiles"
+    if (not isinstance(raw, list) or len(raw) < 2
+            or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in raw)):
+        raise v.err(p, "expected a list of at least 2 numbers", "write it with 'hetalloc profile', or leave it out")
+    if any(b < a for a, b in zip(raw, raw[1:])):
+        raise v.err(p, "must ascend", "list the quantiles from the lowest level to the highest")
+    return tuple(float(x) for x in raw)
 
 
 def _gpus(v: _Checker, raw: Any, path: str, types: dict[str, DeviceType]) -> list[tuple[str, int, int | None]]:

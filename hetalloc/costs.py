@@ -226,6 +226,20 @@ def measured_collective_time(op: str, nbytes: float, n: int, measured_n: int, si
     return t * collective_time(op, nbytes, n, hop_bandwidth, hop_latency) / ref if ref > 0 else t
 
 
+def quantile_value(quantiles: tuple[float, ...] | list[float], u: float) -> float:
+    """The value at level u (0..1) of a distribution given by its quantiles at evenly
+    spaced levels 0, 1/k, ..., 1 (k + 1 values, ascending): linear between neighbouring
+    levels (the inverse of a piecewise-linear distribution function). With u uniform on
+    [0, 1) it draws from that distribution (the simulator's compute noise,
+    ``DeviceType.compute_quantiles``)."""
+    k = len(quantiles) - 1
+    if k < 1:
+        raise ValueError("quantiles must hold at least 2 values.")
+    x = min(max(u, 0.0), 1.0) * k
+    i = min(int(x), k - 1)
+    return quantiles[i] + (x - i) * (quantiles[i + 1] - quantiles[i])
+
+
 def input_time(samples: float, dtype: DeviceType) -> float:
     """Seconds a rank of a first or last stage spends at the start of its step building
     its inputs or labels for `samples` samples (its share x the micro-batches):

@@ -33,12 +33,14 @@ Two switches, both on by default:
   other by the device types' measured interference figures (``simulator.compute``).
 - ``noise`` (default: as ``contention``, when more than one iteration is simulated):
   each group's compute of each iteration is drawn from its device type's measured
-  step-to-step spread (``DeviceType.compute_noise``), seeded; the report then gives the
+  step-to-step spread (``DeviceType.compute_quantiles``, else ``compute_noise``), seeded; the report then gives the
   median iteration (a run is judged by its median step), and every collective that needs
   all ranks (the loss and gradient all-reduces) or a pipeline receive waits for the late
-  rank of that iteration, as in a run. A rank that blocked on a receive starts its op a
-  draw of the same ``collective_extra_us`` after the data came (a thread woken from idle:
-  what the profile measured of the loss all-reduce's late rank, whose partner had idled).
+  rank of that iteration, as in a run. Each rank leaves a wait on its own: a rank that
+  blocked on a receive or on its gradient all-reduces, and every rank at the end of the
+  loss all-reduce, goes on a draw of its type's ``collective_extra_us`` later (a thread
+  woken from its wait: what the profile measured on the loss all-reduce's last rank,
+  beyond the table); so the next sync waits for the rank that left the last one last.
   Without measured figures nothing changes.
 Collectives are timed by the cluster's measured tables where it has them
 (``hetalloc.evaluate.allreduce_time``); over the links, a measured collective alone
@@ -63,7 +65,7 @@ import simpy
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
 from hetalloc.errors import SpecError
-from hetalloc.costs import zero1_halves
+from hetalloc.costs import quantile_value, zero1_halves
 from hetalloc.evaluate import allreduce_time, loss_reduction_time, measured_sync_time, sync_groups
 from hetalloc.plan import Plan, validate_plan
 
@@ -83,7 +85,7 @@ def prediction_iterations(cluster: Cluster) -> int:
     """Iterations to simulate for a prediction on `cluster`: NOISE_ITERATIONS where some
     device type has measured noise (compute, collectives), else 1 (every iteration is
     the same)."""
-    return NOISE_ITERATIONS if any(t.compute_noise > 0 or t.collective_extra_us > 0
+    return NOISE_ITERATIONS if any(t.compute_noise > 0 or t.compute_quantiles or t.collective_extra_us > 0
                                    for t in cluster.device_types.values()) else 1
 
 
@@ -112,16 +114,17 @@ class SimOptions:
     interference figures (simulator.compute); None: as ``contention``."""
     noise: bool | None = None
     """Draw each simulated group's compute of each iteration from its device type's
-    measured step-to-step spread (``DeviceType.compute_noise``: a log-normal factor of
-    median 1 on all its forward and backward ops of that iteration), so that what waits
+    measured step-to-step spread (a factor on all its forward and backward ops of that
+    iteration: from the measured distribution, ``DeviceType.compute_quantiles``, where
+    the profile gave it, else log-normal of median 1 and ``compute_noise``), so that what waits
     for every rank (the loss and gradient all-reduces, a pipeline's receives) waits for
     the late ones as in a run; the report's iteration time is then the median over the
     iterations. None: as ``contention``, where more than one iteration is simulated.
-    Each collective (gradient buckets, the loss all-reduce) also takes an extra drawn
-    from an exponential distribution of its devices' ``collective_extra_us`` (what a
-    collective takes in a run beyond its measured table), and so does a rank's op that
-    blocked on its receive (woken from idle). Replicas are not folded while it is on
-    (each draws its own)."""
+    Each rank also leaves each wait (a receive or its gradient all-reduces it blocked on,
+    the loss all-reduce) an extra later, drawn for that rank from an exponential
+    distribution of its type's ``collective_extra_us`` (what a collective takes in a run
+    beyond its measured table, on the rank that came last). Replicas are not folded while
+    it is on (each draws its own)."""
     seed: int = 0
     """Seed of the noise draws (the same seed, the same simulation)."""
 
@@ -235,6 +238,7 @@ class Simulation:
         # Shared compute couples the devices of a node, whichever replica they serve.
         noise = (self.opts.contention and self.opts.iterations > 1) if self.opts.noise is None else self.opts.noise
         self.noisy = noise and any(cluster.device_types[d.type].compute_noise > 0
+                                   or cluster.device_types[d.type].compute_quantiles
                                    or cluster.device_types[d.type].collective_extra_us > 0 for d in cluster.devices)
         fold = (self.opts.fold and not self.noisy
                 and not any(self.compute.nodes[n.name].share_slots for n in cluster.nodes))
@@ -297,8 +301,12 @@ class Simulation:
             rng = random.Random(self.opts.seed)
             for it in range(self.opts.iterations):
                 for d in sorted(self.work):
-                    sigma = self.work[d].dtype.compute_noise
-                    self.factor[(it, d)] = math.exp(sigma * rng.gauss(0.0, 1.0)) if sigma > 0 else 1.0
+                    dt = self.work[d].dtype
+                    if dt.compute_quantiles:  # the measured distribution, tails included
+                        self.factor[(it, d)] = math.exp(quantile_value(dt.compute_quantiles, rng.random()))
+                    else:
+                        sigma = dt.compute_noise
+                        self.factor[(it, d)] = math.exp(sigma * rng.gauss(0.0, 1.0)) if sigma > 0 else 1.0
 
     # ---- bookkeeping ------------------------------------------------------------------
     # Events carry (activity index, time): the activity whose end released the waiter.
@@ -490,7 +498,12 @@ class Simulation:
             if not overlap:
                 waits.append(self._barrier(it))
             if waits:
+                t_wait = env.now
                 yield self._wait(waits)
+                if env.now > t_wait:  # it blocked on its gradients: it wakes up later than they come
+                    wake = self._collective_extra(("resume", "grad", it, w.id), w.ranks)
+                    if wake > 0:
+                        yield env.timeout(wake)
             marks["opt_start"] = env.now
             i = self._begin(w.id, "compute", "optimizer", "optimizer step",
                             self._latest(prev, *(e.value for e in waits)), it)
@@ -506,6 +519,11 @@ class Simulation:
             loss = self._loss(it)
             yield loss
             prev = loss.value
+            # each rank leaves the loss all-reduce on its own: the next step's first sync
+            # waits for the rank that left it last
+            wake = self._collective_extra(("resume", "loss", it, w.id), w.ranks)
+            if wake > 0:
+                yield env.timeout(wake)
             marks["end"] = env.now
             self.iteration_ends[it] = max(self.iteration_ends[it], env.now)
             if it + 1 < self.opts.iterations:
@@ -513,9 +531,10 @@ class Simulation:
         self._finished.add(w.id)
 
     def _collective_extra(self, key: tuple, devices) -> float:
-        """With noise: the seconds a collective (`key`: which one, of which iteration)
-        takes beyond its time, drawn from an exponential distribution of its members'
-        largest measured mean (``DeviceType.collective_extra_us``); 0 without."""
+        """With noise: the seconds a rank (of the group `devices`) takes to go on after a
+        wait (`key`: which one, of which iteration, which group), drawn from an exponential
+        distribution of the group's largest measured mean (``DeviceType.collective_extra_us``);
+        0 without."""
         if not self.noisy:
             return 0.0
         mean = max((self.cluster.device_types[self.cluster.device(d).type].collective_extra_us for d in devices),
@@ -542,7 +561,7 @@ class Simulation:
                             cause, it) for d in self.work]
         devices = list(self.work)
         self.compute.comm_begin(devices, "collective")
-        yield self.env.timeout(self.loss_time + self._collective_extra(("loss", it), self.plan.device_ids()))
+        yield self.env.timeout(self.loss_time)
         self.compute.comm_end(devices, "collective")
         for i in acts:
             self._end(i)
@@ -631,10 +650,6 @@ class Simulation:
                     self.log.record(u, t0, env.now, f * nbytes)
         if busy:
             extra = self.compute.comm_extra(who, "collective", busy)
-            if extra > 0:
-                yield env.timeout(extra)
-        if nbytes > 0:
-            extra = self._collective_extra(c.key, c.devices)
             if extra > 0:
                 yield env.timeout(extra)
         self.compute.comm_end(who, "collective")

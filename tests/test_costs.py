@@ -254,3 +254,16 @@ def test_opt_tp_split_keeps_positions_and_projections_whole():
     assert cg.tp_allreduces(0, 1) == (1, s * w * 2, 0, 0.0)
     assert cg.tp_allreduces(1, 2) == (2, 2 * s * h * 2, 2, 2 * s * h * 2)
     assert cg.tp_allreduces(25, 26) == (0, 0.0, 1, s * w * 2)
+
+
+def test_quantile_value_hand_calc():
+    from hetalloc.costs import quantile_value
+    q = (-0.1, 0.0, 0.3)  # levels 0, 1/2, 1
+    assert quantile_value(q, 0.0) == -0.1
+    assert quantile_value(q, 0.25) == pytest.approx(-0.05)  # halfway between levels 0 and 1/2
+    assert quantile_value(q, 0.5) == 0.0
+    assert quantile_value(q, 0.9) == pytest.approx(0.24)  # 0 + 0.8 x 0.3
+    assert quantile_value(q, 1.0) == pytest.approx(0.3)
+    assert quantile_value((1.0, 2.0), 0.999) == pytest.approx(1.999)
+    with pytest.raises(ValueError):
+        quantile_value((1.0,), 0.5)

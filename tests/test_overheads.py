@@ -46,6 +46,20 @@ def test_fields_are_read_written_and_checked(setup, tmp_path):
         cluster_from_dict(bad, "bad.yaml")
 
 
+def test_compute_quantiles_are_read_written_and_checked(tmp_path):
+    spec = {**SPEC, "device_types": [{**SPEC["device_types"][0], "compute_quantiles": [-0.05, 0, 0.02, 0.4]},
+                                     SPEC["device_types"][1]]}
+    cluster = cluster_from_dict(spec, "q.yaml")
+    assert cluster.device_types["FAST"].compute_quantiles == (-0.05, 0.0, 0.02, 0.4)
+    assert cluster.device_types["SLOW"].compute_quantiles == ()
+    (tmp_path / "c.yaml").write_text(dump_cluster_yaml(cluster))
+    assert load_cluster(tmp_path / "c.yaml").device_types == cluster.device_types
+    for value, why in (([0.1, 0.0], "must ascend"), ([0.1], "at least 2"), ("0.1", "at least 2")):
+        bad = {**SPEC, "device_types": [{**SPEC["device_types"][0], "compute_quantiles": value}]}
+        with pytest.raises(SpecError, match=rf"device_types\[0\]\.compute_quantiles.*{why}"):
+            cluster_from_dict(bad, "bad.yaml")
+
+
 def test_formulas_add_them_once_per_op_and_per_step(setup):
     cluster, cg = setup
     fast = cluster.device_types["FAST"]

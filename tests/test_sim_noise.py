@@ -13,18 +13,20 @@ import statistics
 import pytest
 
 from hetalloc.cluster import cluster_from_dict
-from runtime.profile.overhead import collective_extra, fit_compute, log_spread, own_variation
+from runtime.profile.overhead import collective_extra, fit_compute, log_quantiles, log_spread, own_variation
 from simulator import simulate
 from simulator.engine import SimOptions, Simulation
 
 from test_sim_compute import LOSS_2, graph, plan
 
 
-def cluster(noise: float = 0.0, op_compute_us: float = 0.0, op_overhead_us: float = 0.0, extra_us: float = 0.0):
+def cluster(noise: float = 0.0, op_compute_us: float = 0.0, op_overhead_us: float = 0.0, extra_us: float = 0.0,
+            quantiles: list[float] | None = None):
     """Two devices of type X on one node, links of 1 GB/s without latency."""
     return cluster_from_dict({"name": "toy", "device_types": [
         {"name": "X", "peak_tflops": 1, "memory_gib": 100, "mem_bandwidth_gbps": 32, "compute_noise": noise,
-         "op_compute_us": op_compute_us, "op_overhead_us": op_overhead_us, "collective_extra_us": extra_us}],
+         "op_compute_us": op_compute_us, "op_overhead_us": op_overhead_us, "collective_extra_us": extra_us,
+         **({"compute_quantiles": quantiles} if quantiles else {})}],
         "nodes": [{"name": "n", "gpus": [{"type": "X", "count": 2}],
                    "intra_link": {"bandwidth_gbps": 1.0, "latency_us": 0.0}}]})
 
@@ -59,16 +61,38 @@ def test_each_iteration_waits_for_the_late_rank():
     assert simulate(DP2, c, cg, iterations=9, seed=1).iteration_ends_s != rep.iteration_ends_s
 
 
-def test_collectives_take_their_measured_extra_in_a_run():
-    # No compute noise; collectives take 1 ms more on average: iteration k's loss
-    # all-reduce takes LOSS_2 + an exponential draw of mean 1 ms, seeded by (seed, which
-    # collective). The gradient all-reduce of no bytes (no parameters) takes nothing.
+def draw(key: tuple, mean_s: float = 1e-3, seed: int = 0) -> float:
+    """The engine's draw for a wait `key` (seeded by the seed and the key)."""
+    return random.Random(f"{seed}:{key}").expovariate(1.0 / mean_s)
+
+
+def test_each_rank_leaves_its_waits_a_measured_extra_later():
+    # No compute noise; a rank goes on 1 ms (mean of an exponential draw, its own, seeded
+    # by (seed, which wait, iteration, rank)) after the end of each wait:
+    # iteration k, from each device's own start s_d: 3 s of compute, then the gradient
+    # all-reduce of no bytes (no parameters), done when the later device arrives (both
+    # arrive together in iteration 0: nobody blocks); a device that arrived earlier
+    # blocked and goes on g_d later; the loss all-reduce starts when both are there, takes
+    # LOSS_2, and each device leaves it l_d later: s_d(k+1) = L + LOSS_2 + l_d.
     c, cg = cluster(extra_us=1000.0), graph()
     rep = simulate(DP2, c, cg, iterations=5)
-    draws = [random.Random(f"0:{('loss', k)}").expovariate(1e3) for k in range(5)]
-    assert rep.iteration_ends_s == pytest.approx(list(itertools.accumulate(3 + LOSS_2 + d for d in draws)))
-    assert rep.devices["n/0"]["work_s"]["loss"] == pytest.approx(LOSS_2 + statistics.fmean(draws))
-    assert rep.iteration_time_s == pytest.approx(3 + LOSS_2 + statistics.median(draws))
+    start = {"n/0": 0.0, "n/1": 0.0}
+    ends, loss_s = [], {"n/0": 0.0, "n/1": 0.0}
+    for k in range(5):
+        arrive = {d: t + 3 for d, t in start.items()}
+        done = max(arrive.values())
+        out = {d: done + (draw(("resume", "grad", k, d)) if a < done else 0.0) for d, a in arrive.items()}
+        loss_end = max(out.values()) + LOSS_2
+        start = {d: loss_end + draw(("resume", "loss", k, d)) for d in start}
+        for d in start:
+            loss_s[d] += (start[d] - out[d]) / 5
+        ends.append(max(start.values()))
+    assert rep.iteration_ends_s == pytest.approx(ends)
+    assert draw(("resume", "grad", 1, "n/0")) != draw(("resume", "grad", 1, "n/1"))
+    for d in start:
+        assert rep.devices[d]["work_s"]["loss"] == pytest.approx(loss_s[d])
+    # iteration 0 by hand: both leave the loss all-reduce at 3 + LOSS_2 + their own draw
+    assert ends[0] == pytest.approx(3 + LOSS_2 + max(draw(("resume", "loss", 0, d)) for d in start))
     # the profile's figure: per step, the rank that came last to the loss all-reduce
     # waited for no one; its time beyond the table's 0.25 ms, averaged
     assert collective_extra([[0.3e-3, 0.5e-3, 2e-3], [0.4e-3, 0.3e-3, 0.2e-3]], 0.25e-3) == pytest.approx(0.1e-3 / 3)
@@ -99,9 +123,12 @@ def test_op_compute_is_compute_not_runtime_time():
 
 
 def test_profile_fits_of_compute():
-    # Two runs of a rank: 4 ops profiled at 10 ms, measured steps at 12 ms (median); 16 ops
+    # Two runs of a rank: 4 ops profiled at 10 ms, measured steps at 12 ms (mean); 16 ops
     # profiled at 40 ms, measured at 44 ms: (2 + 4) ms over 20 ops = 0.3 ms per op.
     assert fit_compute([(4, 0.010, [0.011, 0.012, 0.013]), (16, 0.040, [0.044, 0.043, 0.045])]) == pytest.approx(0.3e-3)
+    # the mean step, a stall included: 4 ops profiled at 10 ms, steps of 11, 11 and 20 ms
+    # (mean 14 ms): 1 ms per op (the median would say 0.25)
+    assert fit_compute([(4, 0.010, [0.011, 0.011, 0.020])]) == pytest.approx(1e-3)
     # compute faster than profiled clamps at 0
     assert fit_compute([(4, 0.010, [0.009] * 3)]) == 0.0
     # own variation: step 2 is 10 % slower on both ranks (the host): nothing of it is a
@@ -136,3 +163,29 @@ def test_a_rank_blocked_on_a_receive_wakes_up_late():
     res = Simulation(pp, cluster(noise=0.01), cg, SimOptions(iterations=2, seed=3)).run()
     first = min(a.t0 for a in res.activities if a.device == "n/1" and a.kind == "F" and a.iteration == 0)
     assert first == pytest.approx(0.5 + res.activities[0].t1)
+
+
+def test_compute_is_drawn_from_the_measured_quantiles():
+    # Quantiles of log(factor) at levels 0, 1/2, 1: (0, 0, log 2): half the steps at 1x,
+    # the other half between 1x and 2x (log-linear). Draws: per iteration, per device in
+    # sorted order, one uniform u of Random(seed): factor exp(quantile_value(q, u)) —
+    # u < 1/2 gives 1 exactly, u = 3/4 gives sqrt 2. The loss all-reduce waits for the
+    # slower device: period 3 max(f) + LOSS_2 (the compute_noise figure is not used).
+    q = [0.0, 0.0, math.log(2.0)]
+    c, cg = cluster(noise=0.5, quantiles=q), graph()
+    sim = Simulation(DP2, c, cg, SimOptions(iterations=6))
+    res = sim.run()
+    rng = random.Random(0)
+    ends, t = [], 0.0
+    for k in range(6):
+        f = {d: (1.0 if (u := rng.random()) < 0.5 else 2.0 ** (2 * u - 1)) for d in ("n/0", "n/1")}
+        assert sim.factor[(k, "n/0")] == pytest.approx(f["n/0"]) and sim.factor[(k, "n/1")] == pytest.approx(f["n/1"])
+        t += 3 * max(f.values()) + LOSS_2
+        ends.append(t)
+    assert res.iteration_ends_s == pytest.approx(ends)
+    assert any(v == 1.0 for v in sim.factor.values()) and all(1.0 <= v <= 2.0 for v in sim.factor.values())
+    # the profile's quantiles: levels 0, 1/4, ..., 1 of 5 values are the values themselves;
+    # of 3 values too few (no tails to speak of)
+    assert log_quantiles([0.3, -0.1, 0.0, 0.1, 0.2], levels=4) == (-0.1, 0.0, 0.1, 0.2, 0.3)
+    assert log_quantiles([0.0, 0.1, 0.2, 0.3], levels=2) == (0.0, 0.15, 0.3)
+    assert log_quantiles([0.0, 0.1, 0.2]) == ()

@@ -7,7 +7,9 @@ gradient zeroing and the end-of-step work per step) only shows in a real run, as
 ``other`` time every rank records (runtime.metrics). So the profile trains two short
 plans on the profiled devices: one pipeline over the ranks (a stage each, layers cut
 evenly, 1F1B) with 2 and with 8 micro-batches of SHARE samples, STEPS steps each
-(median over steps). A rank runs 2M ops a step, so per rank
+(mean over steps: an op now and then loses milliseconds to the operating system, and a
+step of many ops has many chances of it, so a run's median step holds about the ops'
+mean time, not their median). A rank runs 2M ops a step, so per rank
 
     other(M) = step_overhead + 2 M op_overhead
 
@@ -24,15 +26,22 @@ per op over both runs: ``op_compute_us``; booked as compute, not as the runtime'
 time), and how much a rank's compute varies from step to step on its own
 (``compute_noise``: the spread of log(step compute / the rank's median) once what all
 ranks shared in that step is taken out, IQR / 1.349, the standard deviation of a normal
-with that IQR, so that rare stalls do not set it; pooled over the type's ranks and
-both runs), which the simulator draws from; and what a collective takes in
+with that IQR; pooled over the type's ranks and both runs), and the distribution of a
+rank's log(step compute / its median), tails included, as ``compute_quantiles``, which
+the simulator draws from (a sync waits for the late rank, and how late it comes is the
+tails' doing; this one keeps what the ranks shared in a step, which lengthens the step
+as much as a rank's own: with two ranks the shared part cannot be told from a stall of
+one rank, and taking it out mirrored each stall into an equally fast step of the other
+rank); and what a collective takes in
 a run beyond its measured table (``collective_extra_us``: per step the end-of-step loss
 all-reduce's time on the rank that came to it last, which waited for no one, minus the
 table's time, averaged over the steps: threads woken from idle, now and then a stall
 of milliseconds). Where a host has more ranks
 than compute slots, the runs take its ranks in the profile's turns (as many at a time as it has slots), so that each
 figure is the rank's own time and not its wait for a shared core (the simulator shares
-the cores). They are written into the profile's cluster.yaml as
+the cores). ``refit_overheads`` fits the same figures again to the runs an earlier
+profile left (no run: ``benchmarks/sim_accuracy.py --resimulate DIR --refit`` judges a
+change of these fits on stored measurements). They are written into the profile's cluster.yaml as
 ``op_overhead_us`` and ``step_overhead_us`` of the device types, where the shared cost
 formulas (CostGraph.range_time, costs.optimizer_time) add them.
 
@@ -51,7 +60,8 @@ from typing import Any
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
 from hetalloc.evaluate import loss_reduction_time
-from hetalloc.plan import Plan
+from hetalloc.errors import SpecError
+from hetalloc.plan import Plan, load_plan
 from hetalloc.schedule import stage_op_order, warm_backward
 
 from ..config import slowdown_for_plan
@@ -81,15 +91,18 @@ def _records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()][WARMUP_STEPS:]
 
 
-def _median_other(path: Path) -> float:
-    """Median 'other' seconds over the steps after warm-up (a step now and then loses a
-    few milliseconds to the operating system; the median step is what runs are judged by),
-    without the inputs the rank built (``data_s``: priced by ``fit_data``)."""
-    return statistics.median(r["other_s"] - r.get("data_s", 0.0) for r in _records(path))
+def _mean_other(path: Path) -> float:
+    """Mean 'other' seconds over the steps after warm-up, without the inputs the rank
+    built (``data_s``: priced by ``fit_data``). The mean, not the median: now and then an
+    op loses milliseconds to the operating system, and a step of many ops has many such
+    chances, so its median holds about the ops' mean losses (the median of a sum is near
+    the sum of the means, not of the medians; the quiet host's runs measured their median
+    steps 2-20 % above the sum of the per-op medians)."""
+    return statistics.fmean(r["other_s"] - r.get("data_s", 0.0) for r in _records(path))
 
 
 def fit_data(data: dict[int, float]) -> tuple[float, float]:
-    """data[samples] = a first or last stage rank's median seconds building its inputs per
+    """data[samples] = a first or last stage rank's mean seconds building its inputs per
     step, at two sample counts -> (seconds per step, seconds per sample), the line
     through them (clamped at 0): ``hetalloc.costs.input_time``'s two figures. (In the
     quiet host's runs a step's inputs took 0.37-1.03 ms for 8-32 samples, along one line
@@ -110,10 +123,31 @@ def log_spread(xs: list[float]) -> float:
     return (q[2] - q[0]) / 1.349
 
 
+QUANTILE_LEVELS = 20
+"""compute_quantiles are taken at levels 0, 1/20, ..., 1."""
+
+
+def log_quantiles(logs: list[float], levels: int = QUANTILE_LEVELS) -> tuple[float, ...]:
+    """Quantiles of `logs` at levels 0, 1/levels, ..., 1 (linear between order
+    statistics; the least and the largest included), rounded to 1e-4; () for fewer than
+    4 values (too few to say anything about tails)."""
+    xs = sorted(logs)
+    n = len(xs)
+    if n < 4:
+        return ()
+    out = []
+    for j in range(levels + 1):
+        x = j * (n - 1) / levels
+        i = min(int(x), n - 2)
+        out.append(round(xs[i] + (x - i) * (xs[i + 1] - xs[i]), 4))
+    return tuple(out)
+
+
 def fit_compute(runs: list[tuple[int, float, list[float]]]) -> float:
     """runs: (ops per step, profiled compute seconds per step, measured per-step compute
-    seconds) of one rank -> its compute per op beyond the profile (clamped at 0)."""
-    extra = sum(statistics.median(xs) - pred for _, pred, xs in runs)
+    seconds) of one rank -> its compute per op beyond the profile (clamped at 0): the
+    mean step's (as ``_mean_other``: stalls included)."""
+    extra = sum(statistics.fmean(xs) - pred for _, pred, xs in runs)
     ops = sum(n for n, _, _ in runs)
     return max(0.0, extra / ops) if ops else 0.0
 
@@ -176,11 +210,7 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
     out.mkdir(parents=True, exist_ok=True)
     ids = [d.id for d in cluster.devices]
     groups = [[ids[r] for r in t] for t in (turns or [list(range(len(ids)))])]
-    others: dict[int, dict[str, float]] = {M: {} for M in MICROBATCHES}
-    compute: dict[str, list[tuple[int, float, list[float]]]] = {}
-    extra: dict[str, list[float]] = {}
-    noise: dict[str, list[float]] = {}
-    inputs: dict[str, dict[int, float]] = {}
+    runs = []
     for g, devices in enumerate(groups):
         for M in MICROBATCHES:
             plan = calibration_plan(cluster, cg, M, devices)
@@ -191,30 +221,68 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
             run_dir = out / f"run-{tag}"
             summary = run_local(path, steps=WARMUP_STEPS + STEPS, slowdown=slow, out_dir=run_dir, capture=True,
                                 extra=["--warmup-steps", str(WARMUP_STEPS)], threads=threads)
-            others[M].update({r["device"]: _median_other(run_dir / f"metrics.rank{r['rank']}.jsonl")
-                              for r in summary["ranks"]})
-            series = []
-            last = len(plan.replicas[0].stages) - 1
+            runs.append((plan, run_dir, summary))
+    return fit_runs(cluster, cg, runs, groups)
+
+
+def refit_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph) -> dict[str, Any]:
+    """The figures of ``measure_overheads`` fitted again, with this code, to the runs an
+    earlier profile left in `out_dir` (its plan-*.json and run-*/ folders): so that a
+    change of the fits can be judged on stored measurements without running anything.
+    `cluster`'s own runtime figures are ignored (the fits start from the layer tables)."""
+    out = Path(out_dir)
+    cluster = without_overheads(cluster)
+    runs = []
+    for path in sorted(out.glob("plan-*.json")):
+        run_dir = out / f"run-{path.stem[len('plan-'):]}"
+        if (run_dir / "summary.json").exists():
+            runs.append((load_plan(path), run_dir, json.loads((run_dir / "summary.json").read_text())))
+    if not runs:
+        raise SpecError(str(out), "", "holds no calibration runs (plan-*.json with run-*/summary.json)",
+                        "give a profile's overhead folder, written by 'hetalloc profile'")
+    groups = [list(plan.device_ids()) for plan, _, _ in runs]
+    return fit_runs(cluster, cg, runs, list(dict.fromkeys(map(tuple, groups))))
+
+
+def fit_runs(cluster: Cluster, cg: CostGraph, runs: list[tuple[Plan, Path, dict[str, Any]]],
+             groups: list) -> dict[str, Any]:
+    """The figures (see module doc) from calibration runs: (plan, its run folder, its
+    summary) each; `groups`: the devices that ran at one time (reported as they are)."""
+    others: dict[int, dict[str, float]] = {M: {} for M in MICROBATCHES}
+    compute: dict[str, list[tuple[int, float, list[float]]]] = {}
+    extra: dict[str, list[float]] = {}
+    noise: dict[str, list[float]] = {}
+    spread: dict[str, list[float]] = {}
+    inputs: dict[str, dict[int, float]] = {}
+    for plan, run_dir, summary in runs:
+        M = plan.num_microbatches
+        others[M].update({r["device"]: _mean_other(run_dir / f"metrics.rank{r['rank']}.jsonl")
+                          for r in summary["ranks"]})
+        series = []
+        last = len(plan.replicas[0].stages) - 1
+        for r in summary["ranks"]:
+            if r["stage"] in (0, last):  # they build inputs (labels), SHARE x M samples a step
+                recs = _records(run_dir / f"metrics.rank{r['rank']}.jsonl")
+                inputs.setdefault(r["device"], {})[SHARE * M] = statistics.fmean(x.get("data_s", 0.0) for x in recs)
+            dt = cluster.dtype(r["device"])
+            profiled = profiled_compute(cg, plan, r["stage"], dt)
+            steps = [max(x["compute_s"], 1e-9) for x in _records(run_dir / f"metrics.rank{r['rank']}.jsonl")]
+            compute.setdefault(r["device"], []).append((2 * M, profiled, steps))
+            series.append(steps)
+        for r, logs in zip(summary["ranks"], own_variation(series)):
+            noise.setdefault(r["device"], []).extend(logs)
+        for r, xs in zip(summary["ranks"], series):
+            med = statistics.median(xs)
+            spread.setdefault(r["device"], []).extend(math.log(x / med) for x in xs)
+        if len(summary["ranks"]) > 1:
+            table = loss_reduction_time(cluster, list(plan.device_ids()))
+            loss = [[x["loss_sync_s"] for x in _records(run_dir / f"metrics.rank{r['rank']}.jsonl")]
+                    for r in summary["ranks"]]
+            own = collective_extra(loss, table)
             for r in summary["ranks"]:
-                if r["stage"] in (0, last):  # they build inputs (labels), SHARE x M samples a step
-                    recs = _records(run_dir / f"metrics.rank{r['rank']}.jsonl")
-                    inputs.setdefault(r["device"], {})[SHARE * M] = statistics.median(x.get("data_s", 0.0) for x in recs)
-                dt = cluster.dtype(r["device"])
-                profiled = profiled_compute(cg, plan, r["stage"], dt)
-                steps = [max(x["compute_s"], 1e-9) for x in _records(run_dir / f"metrics.rank{r['rank']}.jsonl")]
-                compute.setdefault(r["device"], []).append((2 * M, profiled, steps))
-                series.append(steps)
-            for r, logs in zip(summary["ranks"], own_variation(series)):
-                noise.setdefault(r["device"], []).extend(logs)
-            if len(summary["ranks"]) > 1:
-                table = loss_reduction_time(cluster, list(plan.device_ids()))
-                loss = [[x["loss_sync_s"] for x in _records(run_dir / f"metrics.rank{r['rank']}.jsonl")]
-                        for r in summary["ranks"]]
-                own = collective_extra(loss, table)
-                for r in summary["ranks"]:
-                    extra.setdefault(r["device"], []).append(own)
+                extra.setdefault(r["device"], []).append(own)
     per_device = fit_overheads(others)
-    fits = {d: fit_compute(runs) for d, runs in compute.items()}
+    fits = {d: fit_compute(rs) for d, rs in compute.items()}
     data_fits = {d: fit_data(v) for d, v in inputs.items() if len(v) > 1}
     per_type: dict[str, dict[str, float]] = {}
     for t in sorted({cluster.device(d).type for d in per_device}):
@@ -228,6 +296,7 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
                        "op_compute_us": 1e6 * statistics.median(fits[d] for d in mine if d in fits)
                        if any(d in fits for d in mine) else 0.0,
                        "compute_noise": log_spread([math.exp(x) for x in logs]),
+                       "compute_quantiles": list(log_quantiles([x for d in mine for x in spread.get(d, [])])),
                        "collective_extra_us": 1e6 * statistics.median(x for d in mine for x in extra.get(d, []))
                        if any(d in extra for d in mine) else 0.0,
                        "data_us": 1e6 * statistics.median(data_fits[d][0] for d in with_data) if with_data else 0.0,
@@ -241,6 +310,19 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
             "per_type": per_type}
 
 
+RUNTIME_FIGURES = ("op_overhead_us", "step_overhead_us", "op_compute_us", "compute_noise", "collective_extra_us",
+                   "data_us", "data_sample_us")
+"""The device-type figures this module measures."""
+
+
+def without_overheads(cluster: Cluster) -> Cluster:
+    """The cluster with its device types' RUNTIME_FIGURES at 0 (as before they were measured)."""
+    zero = dict.fromkeys(RUNTIME_FIGURES, 0.0)
+    return replace(cluster, device_types={k: replace(t, **zero, compute_quantiles=())
+                                          for k, t in cluster.device_types.items()},
+                   _path_cache={})
+
+
 def with_overheads(cluster: Cluster, per_type: dict[str, dict[str, float]]) -> Cluster:
     """The cluster with its device types carrying the measured figures (rounded to 0.1 µs)."""
     types = dict(cluster.device_types)
@@ -249,6 +331,7 @@ def with_overheads(cluster: Cluster, per_type: dict[str, dict[str, float]]) -> C
                            step_overhead_us=round(f["step_overhead_us"], 1),
                            op_compute_us=round(f.get("op_compute_us", 0.0), 1),
                            compute_noise=round(f.get("compute_noise", 0.0), 4),
+                           compute_quantiles=tuple(f.get("compute_quantiles", ())),
                            collective_extra_us=round(f.get("collective_extra_us", 0.0), 1),
                            data_us=round(f.get("data_us", 0.0), 1), data_sample_us=round(f.get("data_sample_us", 0.0), 2))
     return replace(cluster, device_types=types, _path_cache={})
