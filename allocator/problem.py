@@ -412,26 +412,28 @@ class StageTimer:
             px = self._px[key] = np.concatenate([[0.0], np.cumsum(per)])
         return px
 
-    def time(self, c: DeviceClass, i: int, j: int, k: int, recompute: str = "none") -> float:
-        """Seconds for a unit of class c to run layers [i, j) forward and backward on k
-        samples: compute (CostGraph.range_time, with recomputation's extra forward), its
-        tensor-parallel all-reduces (hetalloc.costs.tp_comm_time) and its blocking sends
-        (module doc of allocator.problem)."""
-        px = self._prefix(c, k, recompute)
-        t = float(px[j] - px[i]) + 2 * c.dtype.op_overhead_s  # as CostGraph.range_time
+    def _terms(self, c: DeviceClass, I, J, k, compute, recompute: str):
+        """The unit time's terms after its compute, in one place for ``time``, ``times`` and
+        ``share_times``: the ops' fixed cost (as CostGraph.range_time), the tensor-parallel
+        all-reduces (hetalloc.costs.tp_comm_time) and the blocking sends in front and behind
+        (module doc of allocator.problem). I, J, k: numbers or arrays (broadcast)."""
+        t = compute + 2 * c.dtype.op_overhead_s
         if c.tp > 1:
             nf, bf, nb, bb = self._tp[recompute]
-            t += tp_comm_time(int(round(nf[j] - nf[i])), float(bf[j] - bf[i]) * k, c.tp, c.tp_bw, c.tp_lat)
-            t += tp_comm_time(int(round(nb[j] - nb[i])), float(bb[j] - bb[i]) * k, c.tp, c.tp_bw, c.tp_lat)
-        if j < self.L:
-            t += c.p2p_lat + k * self._out[j] / c.p2p_bw
-        if i > 0:
-            t += c.p2p_lat + k * self._out[i] / c.p2p_bw
-        return t
+            for n, by in ((nf, bf), (nb, bb)):
+                t = t + tp_comm_time(np.rint(n[J] - n[I]), (by[J] - by[I]) * k, c.tp, c.tp_bw, c.tp_lat)
+        t = t + np.where(J < self.L, c.p2p_lat + k * self._out[np.minimum(J, self.L)] / c.p2p_bw, 0.0)
+        return t + np.where(I > 0, c.p2p_lat + k * self._out[I] / c.p2p_bw, 0.0)
+
+    def time(self, c: DeviceClass, i: int, j: int, k: int, recompute: str = "none") -> float:
+        """Seconds for a unit of class c to run layers [i, j) forward and backward on k
+        samples: compute (CostGraph.range_time, with recomputation's extra forward) and
+        ``_terms``."""
+        px = self._prefix(c, k, recompute)
+        return float(self._terms(c, i, j, k, px[j] - px[i], recompute))
 
     def share_times(self, c: DeviceClass, i: int, j: int, kmax: int, recompute: str = "none") -> np.ndarray:
-        """``time`` of range [i, j) at every share k = 1..kmax at once (the same terms in
-        the same order, vectorised over k: equal to the last bit)."""
+        """``time`` of range [i, j) at every share k = 1..kmax at once."""
         if kmax < 1:
             return np.zeros(0)
         rows = self._rows.get((c.index, recompute))
@@ -441,31 +443,12 @@ class StageTimer:
             rows = np.vstack(([rows] if rows is not None else []) + [np.array(more)])
             self._rows[(c.index, recompute)] = rows
         k = np.arange(1, kmax + 1, dtype=np.float64)
-        t = (rows[:kmax, j] - rows[:kmax, i]) + 2 * c.dtype.op_overhead_s
-        if c.tp > 1:
-            nf, bf, nb, bb = self._tp[recompute]
-            for n, by in ((nf, bf), (nb, bb)):
-                q, v = int(round(n[j] - n[i])), float(by[j] - by[i])
-                if q > 0 and v > 0:  # tp_comm_time's terms (zero without all-reduces or bytes)
-                    t = t + (2.0 * (c.tp - 1) / c.tp * (v * k) / c.tp_bw + q * 2.0 * (c.tp - 1) * c.tp_lat)
-        if j < self.L:
-            t = t + (c.p2p_lat + k * self._out[j] / c.p2p_bw)
-        if i > 0:
-            t = t + (c.p2p_lat + k * self._out[i] / c.p2p_bw)
-        return t
+        return self._terms(c, i, j, k, rows[:kmax, j] - rows[:kmax, i], recompute)
 
     def times(self, c: DeviceClass, I: np.ndarray, J: np.ndarray, k: int, recompute: str = "none") -> np.ndarray:
-        """``time`` of many ranges [I, J) at once (the same terms, vectorised)."""
+        """``time`` of many ranges [I, J) at once."""
         px = self._prefix(c, k, recompute)
-        t = px[J] - px[I] + 2 * c.dtype.op_overhead_s
-        if c.tp > 1:
-            nf, bf, nb, bb = self._tp[recompute]
-            for n, by in ((nf, bf), (nb, bb)):
-                counts = np.rint(n[J] - n[I]).astype(np.int64)
-                t = t + np.array([tp_comm_time(int(q), float(v) * k, c.tp, c.tp_bw, c.tp_lat)
-                                  for q, v in zip(counts, by[J] - by[I])])
-        t = t + np.where(J < self.L, c.p2p_lat + k * self._out[np.minimum(J, self.L)] / c.p2p_bw, 0.0)
-        return t + np.where(I > 0, c.p2p_lat + k * self._out[I] / c.p2p_bw, 0.0)
+        return self._terms(c, I, J, k, px[J] - px[I], recompute)
 
 
 

@@ -67,6 +67,8 @@ import bisect
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from .catalog import DeviceType
 
 SCHEDULES = ("gpipe", "1f1b")
@@ -279,15 +281,19 @@ def tp_layer_time(time_s: float, tp: int, efficiency: float, fixed_s: float = 0.
     return fixed_s + (time_s - fixed_s) / (tp * efficiency)
 
 
-def tp_comm_time(num_allreduces: int, nbytes: float, tp: int, bandwidth: float, latency: float) -> float:
+def tp_comm_time(num_allreduces, nbytes, tp: int, bandwidth: float, latency: float):
     """Seconds of `num_allreduces` ring all-reduces moving `nbytes` in total (each its
     micro-batch share's b*s*h*p activations) among the `tp` devices of a tensor-parallel
     group over their intra-node link: 2(t-1)/t * nbytes / bandwidth + num * 2(t-1) * latency,
     the sum of ``ring_allreduce_time`` over the all-reduces (Megatron-LM: a block makes 2 in
-    its forward and 2 in its backward; Shoeybi et al. 2019, Narayanan et al. 2021)."""
-    if tp <= 1 or num_allreduces <= 0 or nbytes <= 0:
+    its forward and 2 in its backward; Shoeybi et al. 2019, Narayanan et al. 2021). Zero
+    without all-reduces or bytes. Numbers, or numpy arrays (element by element)."""
+    if tp <= 1:
         return 0.0
-    return 2.0 * (tp - 1) / tp * nbytes / bandwidth + num_allreduces * 2.0 * (tp - 1) * latency
+    t = 2.0 * (tp - 1) / tp * nbytes / bandwidth + num_allreduces * 2.0 * (tp - 1) * latency
+    if np.ndim(t) == 0:
+        return float(t) if num_allreduces > 0 and nbytes > 0 else 0.0
+    return np.where((np.asarray(num_allreduces) > 0) & (np.asarray(nbytes) > 0), t, 0.0)
 
 
 def recompute_backward_time(fwd_s: float, bwd_s: float) -> float:

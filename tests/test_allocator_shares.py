@@ -5,6 +5,7 @@ measured tables whose times have plateaus."""
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from allocator.problem import Problem, StageTimer, _greedy_shares, _threshold_shares
@@ -55,3 +56,29 @@ def test_threshold_shares_equal_the_greedy(cluster_file, model, seq):
             assert sum(sum(v) for v in greedy.values()) == b
             checked += 1
     assert checked >= 30
+
+
+def test_unit_time_forms_agree_to_the_bit():
+    """StageTimer.time, .times (many ranges) and .share_times (many shares) are one set of
+    terms (StageTimer._terms): the same value to the last bit, tensor-parallel units and
+    recomputation included."""
+    from allocator.api import plan_spaces, tp_degrees
+    cluster = load_cluster(EX / "mix-64.yaml")
+    cg = analytic_cost_graph(get_model("gpt3-1.3b"), 2048)
+    spaces = plan_spaces(cluster, cg, 64, tp_degrees(cluster, cg, "auto"), "auto")
+    assert any(c.tp > 1 for p in spaces for c in p.classes)
+    rng = random.Random(0)
+    for prob in spaces:
+        timer = StageTimer(prob, 16)
+        for c in prob.classes:
+            for rc in prob.recompute_options:
+                for _ in range(6):
+                    i = rng.randrange(prob.L)
+                    j = rng.randrange(i + 1, prob.L + 1)
+                    one = [timer.time(c, i, j, k, rc) for k in range(1, 17)]
+                    assert timer.share_times(c, i, j, 16, rc).tolist() == one
+                I = [rng.randrange(prob.L) for _ in range(8)]
+                J = [rng.randrange(a + 1, prob.L + 1) for a in I]
+                k = rng.randint(1, 16)
+                assert timer.times(c, np.array(I), np.array(J), k, rc).tolist() == \
+                    [timer.time(c, a, b, k, rc) for a, b in zip(I, J)]
