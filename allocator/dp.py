@@ -219,11 +219,12 @@ def _frontier(row, env, comp, strides, nU, rem, limit, out, mx):
 
 @njit(cache=True)
 def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax, group, byc, use, limit, rem,
-            floor, mx):
+            floor, mx, max_work):
     """The least sum (``mx``: the least maximum) of stage times over plans, below ``limit``;
     every bound test is against the best plan found so far (itself below ``limit``). A
     plan at ``floor`` (a lower bound on every plan) ends the search. Also returns its work:
-    states scanned, options scanned and (state, option) pairs tried, counted (not timed)."""
+    states scanned, options scanned and (state, option) pairs tried, counted (not timed);
+    past ``max_work`` it gives up (item -2: no answer)."""
     INF = np.inf
     shp = (dcap + 1, X + 1, nU)
     D = np.empty(shp)  # rows are initialised when first reached: most never are
@@ -299,6 +300,8 @@ def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax,
                 if ((v if v > tmin else tmin) if mx else v + tmin) >= best:
                     break
                 work += ng
+                if work > max_work:
+                    return best, -2, best_d, best_u, P, Q, work
                 for gi in range(ng):
                     k0 = app[gs[gi]]
                     fits = True
@@ -346,7 +349,7 @@ def min_stage_sum(tab: StageTable, use: np.ndarray, limit: float = math.inf, met
         return math.inf, None  # no last stage can be completed to a plan
     best, k, d, u, P, Q, work = _kernel(tab.X, tab.L, tab.N, tab.comp, tab.strides, tab.nU, tab.dcap, tab.kind, tab.xf,
                                   tab.span, tab.cnt, tab.off, tab.t, tab.amax, tab.group, tab.byc, use, float(limit), rem,
-                                  -math.inf, False)
+                                  -math.inf, False, np.iinfo(np.int64).max)
     if meter is not None:
         meter[0] += work
     if k < 0 or not math.isfinite(best):
@@ -370,11 +373,13 @@ def min_stage_sum(tab: StageTable, use: np.ndarray, limit: float = math.inf, met
     return float(best), [o.ref for o in seq]
 
 
-def min_bottleneck(tab: StageTable, use: np.ndarray, limit: float = math.inf, meter: list | None = None) -> float:
+def min_bottleneck(tab: StageTable, use: np.ndarray, limit: float = math.inf, meter: list | None = None,
+                   max_work: int | None = None) -> float:
     """The smallest bottleneck (slowest stage time) of a plan using only the options in
     ``use``; inf if no plan has one below ``limit``. The same program as
     ``min_stage_sum`` with the maximum in place of the sum: one pass instead of a
-    bisection of feasibility tests. ``meter[0]`` gains the program's counted work."""
+    bisection of feasibility tests. ``meter[0]`` gains the program's counted work; past
+    ``max_work`` of it the program gives up and the answer is -inf (no bound)."""
     if not use.any():
         return math.inf
     rem = tab.remaining_bound(use, mx=True)
@@ -386,7 +391,10 @@ def min_bottleneck(tab: StageTable, use: np.ndarray, limit: float = math.inf, me
     floor = min(float(tab.t[only].min()) if only.any() else math.inf,
                 float(np.maximum(tab.t[last], rem[tab.span[last]]).min()) if last.any() else math.inf)
     best, k, _, _, _, _, work = _kernel(tab.X, tab.L, tab.N, tab.comp, tab.strides, tab.nU, tab.dcap, tab.kind, tab.xf,
-                                  tab.span, tab.cnt, tab.off, tab.t, tab.amax, tab.group, tab.byc, use, float(limit), rem, floor, True)
+                                  tab.span, tab.cnt, tab.off, tab.t, tab.amax, tab.group, tab.byc, use, float(limit), rem, floor, True,
+                                      np.iinfo(np.int64).max if max_work is None else int(max_work))
     if meter is not None:
         meter[0] += work
+    if k == -2:
+        return -math.inf
     return float(best) if k >= 0 else math.inf

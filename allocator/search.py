@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from .bounds import block_bound
-from .caps import Box, CapSearch
+from .caps import WORK_PER_EVALUATION, Box, CapSearch
 from .lagrange import lagrange_bound
 from .columns import Column, enumerate_columns
 from .dp import STATE_LIMIT, StageTable
@@ -375,7 +375,7 @@ class Search:
         """caps.root() within the incumbent, the plan found on the way offered (plans of R
         replicas); its evaluations come from the work budget."""
         before = caps.evaluations
-        root, seq = caps.root(self.incumbent * (1 - self.gap))
+        root, seq = caps.root(self.incumbent * (1 - self.gap), max(0, self.evals_left) * WORK_PER_EVALUATION // 8)
         self.evals_left -= caps.evaluations - before
         if seq is not None:
             self.offer_seq(st, seq, R)
