@@ -32,11 +32,6 @@ a second measured on the 2-core development machine (allocator.search.EVALS_PER_
 so a program over a large table costs the budget what it costs in time."""
 
 
-BOTTLENECK_WORK_RATIO = 8
-"""Most work the root's bottleneck program may take, in multiples of the root's first
-program's (it took 4-8x on mix-64; a larger one is cut and the box starts lower)."""
-
-
 @dataclass(frozen=True, order=True)
 class Box:
     lb: float
@@ -63,8 +58,6 @@ class CapSearch:
         self.evaluations = 0
         """Its programs, in evaluations: one each, and one more per WORK_PER_EVALUATION of
         counted work."""
-        self.work = 0
-        """Their counted work (allocator.dp)."""
 
     def g(self, bt: int, bs: int, limit: float) -> tuple[float, list | None]:
         """(a lower bound on the stage-time sum of plans within caps (bt, bs), plan or None):
@@ -78,7 +71,6 @@ class CapSearch:
         meter = [0]
         v, seq = min_stage_sum(tab, use, limit, meter)
         self.evaluations += 1 + meter[0] // WORK_PER_EVALUATION
-        self.work += meter[0]
         self.memo[key] = (v, limit)
         return (v if math.isfinite(v) else limit), seq
 
@@ -92,9 +84,8 @@ class CapSearch:
         plan beats the incumbent; its plan bounds the bottleneck from above), then the
         least bottleneck below that plan's (allocator.dp.min_bottleneck): two programs in
         place of a bisection of feasibility tests. The first is the first box's own
-        evaluation (memo). The second may take at most BOTTLENECK_WORK_RATIO times the
-        first's work (and ``max_work``): beyond, the box starts at the lowest level (valid,
-        the boxes split it)."""
+        evaluation (memo). The second may take at most ``max_work``: beyond, the box starts
+        at the lowest level (valid: the boxes split it)."""
         nt, ns = len(self.taus) - 1, len(self.sigs) - 1
         if math.isfinite(incumbent):
             nt = int(np.searchsorted(self.taus, incumbent / self.M, side="left")) - 1
@@ -109,20 +100,16 @@ class CapSearch:
         sig_lb = min(cheapest(3), max(cheapest(1), cheapest(2)))
         c = min(int(np.searchsorted(self.sigs, sig_lb * (1 - 1e-12))), ns)
         base = (self.M - 1) * float(self.taus[0]) + float(self.sigs[c])
-        before = self.work
         v, seq = self.g(nt, ns, incumbent - base)
         if base + v >= incumbent or seq is None:
             return None, None
-        cap = BOTTLENECK_WORK_RATIO * max(self.work - before, WORK_PER_EVALUATION)
-        cap = cap if max_work is None else min(cap, max_work)
         lo = 0  # (one micro-batch: the bottleneck does not count)
         if self.M > 1:
             top = max(o.t for o in seq)
             meter = [0]
             tau = min(top, min_bottleneck(tab, (tab.t < top) & (tab.tail <= self.sigs[ns]), meter=meter,
-                                          max_work=cap))
+                                          max_work=max_work))
             self.evaluations += 1 + meter[0] // WORK_PER_EVALUATION
-            self.work += meter[0]
             lo = int(np.searchsorted(self.taus, tau)) if math.isfinite(tau) else 0
         return Box(-math.inf, self.M, lo, nt, c, ns), seq
 

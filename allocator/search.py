@@ -373,7 +373,9 @@ class Search:
 
     def root_of(self, st: MState, caps: CapSearch, R: int = 1) -> Box | None:
         """caps.root() within the incumbent, the plan found on the way offered (plans of R
-        replicas); its evaluations come from the work budget."""
+        replicas); its evaluations come from the work budget, and its bottleneck program
+        may take at most an eighth of what is left of it (one uninterruptible program had
+        run 24-95 s past a 60 s limit)."""
         before = caps.evaluations
         root, seq = caps.root(self.incumbent * (1 - self.gap), max(0, self.evals_left) * WORK_PER_EVALUATION // 8)
         self.evals_left -= caps.evaluations - before
