@@ -264,7 +264,7 @@ def _range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: 
     # the tail depends only on which classes are used and how many devices in all
     used = V > 0
     key = (used.astype(np.int64) @ (1 << np.arange(C, dtype=np.int64))) * (int(V.sum(axis=1).max()) + 1) + V.sum(axis=1)
-    codes, first, inv = np.unique(key, return_index=True, return_inverse=True)
+    _, first, inv = np.unique(key, return_index=True, return_inverse=True)
     tail_of = [stage_tail(prob, R, i, j, tuple(int(x) for x in V[f])) for f in first]
     counts = list(map(tuple, V.tolist()))
     inv = inv.reshape(-1)

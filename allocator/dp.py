@@ -336,22 +336,36 @@ def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax,
     return best, best_item, best_d, best_u, P, Q, work
 
 
+def _run(tab: StageTable, use: np.ndarray, limit: float, mx: bool, meter: list | None, max_work: int | None):
+    """The kernel over the options in ``use`` (``mx``: bottleneck, else sum); None where no
+    plan can exist (no usable option, or no last stage that a chain can complete)."""
+    if not use.any():
+        return None
+    rem = tab.remaining_bound(use, mx=mx)
+    last, only = use & (tab.kind == LAST), use & (tab.kind == ONLY)
+    if not only.any() and not np.isfinite(rem[tab.span[last]]).any():
+        return None
+    floor = -math.inf
+    if mx:  # no plan has a bottleneck below the best chain's, budgets ignored: reaching it ends
+        floor = min(float(tab.t[only].min()) if only.any() else math.inf,
+                    float(np.maximum(tab.t[last], rem[tab.span[last]]).min()) if last.any() else math.inf)
+    out = _kernel(tab.X, tab.L, tab.N, tab.comp, tab.strides, tab.nU, tab.dcap, tab.kind, tab.xf, tab.span, tab.cnt,
+                  tab.off, tab.t, tab.amax, tab.group, tab.byc, use, float(limit), rem, floor, mx,
+                  np.iinfo(np.int64).max if max_work is None else int(max_work))
+    if meter is not None:
+        meter[0] += out[6]
+    return out
+
+
 def min_stage_sum(tab: StageTable, use: np.ndarray, limit: float = math.inf, meter: list | None = None
                   ) -> tuple[float, list | None]:
     """(the least sum of stage times of a plan using only the options in ``use``, its
     options from first to last stage); (inf, None) if no plan gets below ``limit``.
     ``meter[0]`` gains the program's counted work."""
-    if not use.any():
+    out = _run(tab, use, limit, False, meter, None)
+    if out is None:
         return math.inf, None
-    rem = tab.remaining_bound(use)
-    last = use & (tab.kind == LAST)
-    if not (use & (tab.kind == ONLY)).any() and not np.isfinite(rem[tab.span[last]]).any():
-        return math.inf, None  # no last stage can be completed to a plan
-    best, k, d, u, P, Q, work = _kernel(tab.X, tab.L, tab.N, tab.comp, tab.strides, tab.nU, tab.dcap, tab.kind, tab.xf,
-                                  tab.span, tab.cnt, tab.off, tab.t, tab.amax, tab.group, tab.byc, use, float(limit), rem,
-                                  -math.inf, False, np.iinfo(np.int64).max)
-    if meter is not None:
-        meter[0] += work
+    best, k, d, u, P, Q, _ = out
     if k < 0 or not math.isfinite(best):
         return math.inf, None
     opts = tab.options
@@ -380,21 +394,10 @@ def min_bottleneck(tab: StageTable, use: np.ndarray, limit: float = math.inf, me
     ``min_stage_sum`` with the maximum in place of the sum: one pass instead of a
     bisection of feasibility tests. ``meter[0]`` gains the program's counted work; past
     ``max_work`` of it the program gives up and the answer is -inf (no bound)."""
-    if not use.any():
+    out = _run(tab, use, limit, True, meter, max_work)
+    if out is None:
         return math.inf
-    rem = tab.remaining_bound(use, mx=True)
-    last = use & (tab.kind == LAST)
-    if not (use & (tab.kind == ONLY)).any() and not np.isfinite(rem[tab.span[last]]).any():
-        return math.inf
-    # no plan has a bottleneck below the best chain's, budgets ignored: reaching it ends
-    only = use & (tab.kind == ONLY)
-    floor = min(float(tab.t[only].min()) if only.any() else math.inf,
-                float(np.maximum(tab.t[last], rem[tab.span[last]]).min()) if last.any() else math.inf)
-    best, k, _, _, _, _, work = _kernel(tab.X, tab.L, tab.N, tab.comp, tab.strides, tab.nU, tab.dcap, tab.kind, tab.xf,
-                                  tab.span, tab.cnt, tab.off, tab.t, tab.amax, tab.group, tab.byc, use, float(limit), rem, floor, True,
-                                      np.iinfo(np.int64).max if max_work is None else int(max_work))
-    if meter is not None:
-        meter[0] += work
+    best, k = out[0], out[1]
     if k == -2:
         return -math.inf
     return float(best) if k >= 0 else math.inf
