@@ -240,11 +240,9 @@ class Search:
                     # no exact program for M: its bound is the Lagrangian one (allocator.lagrange),
                     # and the restricted spaces are searched only if it leaves M open
                     bounded = True
-                    target = self.incumbent * (1 - self.gap)
-                    if st.lagged is None or target < st.lagged * (1 - 1e-3):  # (again: its multipliers'
-                        # scale follows the incumbent, now better)
-                        st.bound = max(st.bound, self.lagrangian(prob, timer, M, target))
-                    if st.bound >= target:
+                    if st.lagged is None or self.target < st.lagged * (1 - 1e-3):  # (again: its multipliers'
+                        self.lagrange(st)  # scale follows the incumbent, now better)
+                    if st.bound >= self.target:
                         st.status = "pruned" if math.isfinite(self.incumbent) else "infeasible"
                         break
                 if not (R == 1 and unit == 1) and time.perf_counter() > self.deadline:
@@ -348,26 +346,26 @@ class Search:
         self.log.append({"M": M, "tp": prob.tp, "step": "program", "status": st.status, "bound": st.bound,
                          "seconds": round(st.seconds, 3)})
 
-    def lagrangian(self, prob: Problem, timer: StageTimer, M: int, target: float, quick: bool = False,
-                   deep: bool = False) -> float:
-        """M's Lagrangian bound (allocator.lagrange), its counted work charged to the budget."""
-        meter = [0]
-        bound = lagrange_bound(prob, timer, M, stop_at=target, quick=quick, meter=meter, deep=deep)
-        self.evals_left -= 1 + meter[0] // LAGRANGE_WORK_PER_EVAL
-        return bound
+    @property
+    def target(self) -> float:
+        """What a plan must beat to matter: the incumbent less the gap asked for."""
+        return self.incumbent * (1 - self.gap)
 
-    def settled(self, st: MState) -> bool:
-        """Is an M whose exact program is large (more than PROGRAM_WORK_BEFORE_BOUND of
-        counted work expected: options x device vectors) settled by its quick Lagrangian
-        bound (allocator.lagrange) before the program runs? Its bound is kept either way."""
-        tab = st.caps.table
-        target = self.incumbent * (1 - self.gap)
-        if not (math.isfinite(target) and st.prob.interchangeable_blocks) or \
-                len(tab.options) * tab.nU <= PROGRAM_WORK_BEFORE_BOUND:
-            return False
+    def lagrange(self, st: MState, quick: bool = False, deep: bool = False) -> bool:
+        """Raise st's bound to its Lagrangian bound (allocator.lagrange) against the current
+        target, its counted work charged to the budget; is st settled by it (bound at least
+        the target)? quick: the first multipliers only (also where there is no target
+        yet); deep: memory told apart at every depth where it changes."""
+        target = self.target
         t0 = time.perf_counter()
+        meter = [0]
         timer = StageTimer(st.prob, st.prob.global_batch // st.M)
-        st.bound = max(st.bound, self.lagrangian(st.prob, timer, st.M, target, quick=True))
+        full = not quick and math.isfinite(target)
+        bound = lagrange_bound(st.prob, timer, st.M, stop_at=target, quick=not full, meter=meter, deep=deep)
+        self.evals_left -= 1 + meter[0] // LAGRANGE_WORK_PER_EVAL
+        st.bound = max(st.bound, bound)
+        if full:
+            st.lagged = target
         st.seconds += time.perf_counter() - t0
         return st.bound >= target
 
@@ -452,11 +450,7 @@ class Search:
             _, key = min(open_)
             done.add(key)
             st = self.states[key]
-            t0 = time.perf_counter()
-            timer = StageTimer(st.prob, st.prob.global_batch // st.M)
-            st.bound = max(st.bound, self.lagrangian(st.prob, timer, st.M, target, deep=True))
-            st.seconds += time.perf_counter() - t0
-            if st.bound >= target:
+            if self.lagrange(st, deep=True):
                 st.status = "pruned"
             self.report()
 
@@ -493,13 +487,8 @@ class Search:
             st = self.states[key]
             if self.evals_left <= floor or time.perf_counter() > self.deadline:
                 break
-            t0 = time.perf_counter()
-            target = self.incumbent * (1 - self.gap)
-            timer = StageTimer(st.prob, st.prob.global_batch // st.M)
-            cheap[key] = st.bound = max(st.bound, self.lagrangian(st.prob, timer, st.M, target,
-                                                                  quick=not math.isfinite(target)))
-            st.lagged = target
-            st.seconds += time.perf_counter() - t0
+            self.lagrange(st)
+            cheap[key] = st.bound
             if not math.isfinite(cheap[key]):
                 st.status = "infeasible"
         self.pending = {key: cheap[key] for key, st in self.states.items() if st.status != "infeasible"}
@@ -516,11 +505,19 @@ class Search:
                 self.stopped_by_clock = True
                 heapq.heappush(self.heap, (cheap[key], 0, 0, key, None))
                 continue
+            if st.prob.interchangeable_blocks and math.isfinite(self.target) and \
+                    SCREEN_VECTORS <= vectors(st.prob, st.M) <= GRID_LIMIT \
+                    and self.lagrange(st, quick=True):
+                # settled by its quick Lagrangian bound before anything is built (~0.1 s
+                # against ~1 s of shapes and program on mix-64 x GPT-3 1.3B v2)
+                st.status = "pruned"
+                self.pending.pop(key, None)
+                continue
             self.build(st)
             if st.caps is not None and st.coarse:
                 self.restricted(st)
             elif st.caps is not None:
-                root = None if self.settled(st) else self.root_of(st, st.caps)
+                root = self.root_of(st, st.caps)
                 if root is None:
                     st.status = "pruned" if math.isfinite(self.incumbent) else "infeasible"
                 else:
@@ -574,24 +571,30 @@ LAGRANGE_WORK_PER_EVAL = 200_000
 times tabled) charged as one dynamic-program evaluation (~60 per second here, as the
 knapsacks run: ~12 million per second)."""
 
-PROGRAM_WORK_BEFORE_BOUND = 300_000_000
-"""Options x device vectors of an exact program (an estimate of its work: ~1 s at the
-~300 million units a second measured here, allocator.caps.WORK_PER_EVALUATION) beyond
-which its quick Lagrangian bound (0.03-0.9 s on mix-64) is tried first (``settled``)."""
-
 LAGRANGE_STATES = 16
 """Most (space, M) states without an exact program for which Lagrangian bounds are used."""
 
 LAGRANGE_SHARE = 0.3
 """Share of the work budget the up-front Lagrangian bounds (before any build) may use."""
 
-def exact_fits(prob: Problem, M: int) -> bool:
-    """Can M's exact program (the whole cluster, single units) be of a workable size? (its
-    device-vector grid within GRID_LIMIT; the state count is only known once it is built)"""
+SCREEN_VECTORS = 1_000
+"""Device vectors from which an exact program's M is first screened by its quick
+Lagrangian bound (~0.05-0.4 s, allocator.lagrange) before its shapes are built: below it
+the shapes and the program (~0.2 s on lab-16) cost about what the bound does."""
+
+
+def vectors(prob: Problem, M: int) -> int:
+    """Device-count vectors of M's exact program (the whole cluster, single units)."""
     b, grid = prob.global_batch // M, 1
     for c in prob.classes:
         grid *= min(c.count, b) + 1
-    return grid <= GRID_LIMIT
+    return grid
+
+
+def exact_fits(prob: Problem, M: int) -> bool:
+    """Can M's exact program (the whole cluster, single units) be of a workable size? (its
+    device-vector grid within GRID_LIMIT; the state count is only known once it is built)"""
+    return vectors(prob, M) <= GRID_LIMIT
 
 
 def min_stages(shapes: list[Shape], K: int, chunk: int = 1) -> int:
