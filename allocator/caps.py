@@ -59,9 +59,10 @@ class CapSearch:
         """Its programs, in evaluations: one each, and one more per WORK_PER_EVALUATION of
         counted work."""
 
-    def g(self, bt: int, bs: int, limit: float) -> tuple[float, list | None]:
+    def g(self, bt: int, bs: int, limit: float, max_work: int | None = None) -> tuple[float, list | None]:
         """(a lower bound on the stage-time sum of plans within caps (bt, bs), plan or None):
-        the exact minimum when it is below ``limit``, else ``limit``."""
+        the exact minimum when it is below ``limit``, else ``limit``; -inf (and nothing
+        remembered) if the program gave up past ``max_work``."""
         key = (bt, bs)
         old = self.memo.get(key)
         if old is not None and (math.isfinite(old[0]) or limit <= old[1]):
@@ -69,12 +70,15 @@ class CapSearch:
         tab = self.table
         use = (tab.t <= self.taus[bt]) & (tab.tail <= self.sigs[bs])
         meter = [0]
-        v, seq = min_stage_sum(tab, use, limit, meter)
+        v, seq = min_stage_sum(tab, use, limit, meter, max_work)
         self.evaluations += 1 + meter[0] // WORK_PER_EVALUATION
+        if v == -math.inf:
+            return v, None
         self.memo[key] = (v, limit)
         return (v if math.isfinite(v) else limit), seq
 
-    def root(self, incumbent: float = math.inf, max_work: int | None = None) -> tuple[Box | None, list | None]:
+    def root(self, incumbent: float = math.inf, max_work: int | None = None,
+             first_work: int | None = None) -> tuple[Box | None, list | None]:
         """The box of caps that any plan better than ``incumbent`` can have, and a plan
         found on the way: the box runs from the smallest bottleneck at which some plan
         exists to the largest levels that can still beat the incumbent (M tau <
@@ -85,7 +89,10 @@ class CapSearch:
         least bottleneck below that plan's (allocator.dp.min_bottleneck): two programs in
         place of a bisection of feasibility tests. The first is the first box's own
         evaluation (memo). The second may take at most ``max_work``: beyond, the box starts
-        at the lowest level (valid: the boxes split it)."""
+        at the lowest level (valid: the boxes split it). The first may take at most
+        ``first_work`` (for restricted spaces, searched for plans only): beyond, (None,
+        None) with ``gave_up`` set (not a proof that no plan beats the incumbent)."""
+        self.gave_up = False
         nt, ns = len(self.taus) - 1, len(self.sigs) - 1
         if math.isfinite(incumbent):
             nt = int(np.searchsorted(self.taus, incumbent / self.M, side="left")) - 1
@@ -100,7 +107,10 @@ class CapSearch:
         sig_lb = min(cheapest(3), max(cheapest(1), cheapest(2)))
         c = min(int(np.searchsorted(self.sigs, sig_lb * (1 - 1e-12))), ns)
         base = (self.M - 1) * float(self.taus[0]) + float(self.sigs[c])
-        v, seq = self.g(nt, ns, incumbent - base)
+        v, seq = self.g(nt, ns, incumbent - base, first_work)
+        if v == -math.inf:
+            self.gave_up = True
+            return None, None
         if base + v >= incumbent or seq is None:
             return None, None
         lo = 0  # (one micro-batch: the bottleneck does not count)

@@ -357,15 +357,18 @@ def _run(tab: StageTable, use: np.ndarray, limit: float, mx: bool, meter: list |
     return out
 
 
-def min_stage_sum(tab: StageTable, use: np.ndarray, limit: float = math.inf, meter: list | None = None
-                  ) -> tuple[float, list | None]:
+def min_stage_sum(tab: StageTable, use: np.ndarray, limit: float = math.inf, meter: list | None = None,
+                  max_work: int | None = None) -> tuple[float, list | None]:
     """(the least sum of stage times of a plan using only the options in ``use``, its
     options from first to last stage); (inf, None) if no plan gets below ``limit``.
-    ``meter[0]`` gains the program's counted work."""
-    out = _run(tab, use, limit, False, meter, None)
+    ``meter[0]`` gains the program's counted work; past ``max_work`` of it the program
+    gives up: (-inf, None), no answer."""
+    out = _run(tab, use, limit, False, meter, max_work)
     if out is None:
         return math.inf, None
     best, k, d, u, P, Q, _ = out
+    if k == -2:
+        return -math.inf, None
     if k < 0 or not math.isfinite(best):
         return math.inf, None
     opts = tab.options

@@ -235,6 +235,14 @@ class Search:
             B, K = prob.global_batch, prob.L - 2
             program = None  # the smallest restriction's shapes, for an integer program
             bounded = False
+            dead: list[tuple[int, int, int]] = []
+            """Restrictions (R, unit, chunk) no plan of which beats the incumbent. A restriction
+            whose R, unit and chunk are multiples of a dead one's is a part of its plan space
+            (R identical replicas are R / r groups of r; devices in multiples of 8 are in
+            multiples of 2; blocks likewise): it is not built."""
+
+            def covered(R: int, unit: int, chunk: int) -> bool:
+                return any(R % r == 0 and unit % u == 0 and chunk % c == 0 for r, u, c in dead)
             for R, unit in ((r, g) for r in divisors(B // M) for g in (1, 2, 4, 8)):
                 if not (R == 1 and unit == 1) and not bounded and self.use_lagrange:
                     # no exact program for M: its bound is the Lagrangian one (allocator.lagrange),
@@ -251,7 +259,7 @@ class Search:
                     break
                 b = B // (R * M)
                 budgets = [c.count // R for c in prob.classes]
-                if unit > 1 and (unit > b or min(budgets) < unit):
+                if unit > 1 and (unit > b or min(budgets) < unit) or covered(R, unit, 1):
                     continue
                 grid = 1
                 for n in budgets:
@@ -268,11 +276,12 @@ class Search:
                     if exact:
                         st.status, st.bound = ("pruned" if math.isfinite(self.incumbent) else "infeasible"), math.inf
                         break
+                    dead.append((R, unit, 1))
                     continue
                 if program is None:
                     program = (R, unit, shapes)
                 for chunk in [g for g in CHUNKS if K % g == 0] if not exact else [1]:
-                    if not exact and min_stages(shapes, K, chunk) * unit > sum(budgets):
+                    if not exact and (min_stages(shapes, K, chunk) * unit > sum(budgets) or covered(R, unit, chunk)):
                         continue  # each stage takes a unit: too few for the stages memory needs
                     table = StageTable.of_shapes(shapes, budgets, prob.L, STATE_LIMIT, unit, chunk)
                     if table is None:
@@ -281,11 +290,13 @@ class Search:
                     if exact:
                         st.caps = caps
                         break
-                    root = self.root_of(st, caps, R)
+                    root = self.root_of(st, caps, R, restricted=True)
                     if root is not None:
                         st.restrictions.append((caps, R, root))
                         st.caps, st.R, st.root, st.coarse, st.status = caps, R, root, True, "too_large"
                         break
+                    if not caps.gave_up:
+                        dead.append((R, unit, chunk))
                 # the first restriction of each kind: replicas (R > 1, single units: each
                 # replica's program exact) and units of several devices (R = 1)
                 if st.caps is not None and (exact or {r > 1 for _, r, _ in st.restrictions} == {True, False}
@@ -295,7 +306,7 @@ class Search:
                 # No workable dynamic program: the integer program over the shapes of the
                 # least restricted plan space whose shapes could be built.
                 st.status = "too_large"
-                if program is not None:
+                if program is not None and not covered(program[0], program[1], 1):
                     st.R, unit, st.shapes = program
                     st.coarse = st.R > 1 or unit > 1
         else:
@@ -369,13 +380,15 @@ class Search:
         st.seconds += time.perf_counter() - t0
         return st.bound >= target
 
-    def root_of(self, st: MState, caps: CapSearch, R: int = 1) -> Box | None:
+    def root_of(self, st: MState, caps: CapSearch, R: int = 1, restricted: bool = False) -> Box | None:
         """caps.root() within the incumbent, the plan found on the way offered (plans of R
         replicas); its evaluations come from the work budget, and its bottleneck program
         may take at most an eighth of what is left of it (one uninterruptible program had
-        run 24-95 s past a 60 s limit)."""
+        run 24-95 s past a 60 s limit); in a restricted space (plans only) so may its
+        first program (None, caps.gave_up set, when it gives up)."""
         before = caps.evaluations
-        root, seq = caps.root(self.incumbent * (1 - self.gap), max(0, self.evals_left) * WORK_PER_EVALUATION // 8)
+        cap = max(0, self.evals_left) * WORK_PER_EVALUATION // 8
+        root, seq = caps.root(self.target, cap, cap if restricted else None)
         self.evals_left -= caps.evaluations - before
         if seq is not None:
             self.offer_seq(st, seq, R)
