@@ -108,3 +108,22 @@ def test_instances_have_plans_and_both_kinds():
     assert sum(found) >= 20
     fixed = sum(any(o.xf > 0 for o in random_table(s)[0].options) for s in range(40))
     assert 5 <= fixed <= 35
+
+
+@pytest.mark.parametrize("seed", range(0, 40, 4))
+def test_a_work_cap_gives_up_or_answers_exactly(seed):
+    """Past max_work the program gives up (-inf, no plan: not a proof); a cap it stays
+    within does not change its answer."""
+    tab, budgets = random_table(seed)
+    use = np.ones(len(tab.options), dtype=bool)
+    ref, _ = min_stage_sum(tab, use)
+    meter = [0]
+    min_stage_sum(tab, use, meter=meter)
+    for cap in (0, meter[0] // 2):
+        v, seq = min_stage_sum(tab, use, max_work=cap)
+        assert (v, seq) == (-math.inf, None) or v == ref
+    got, _ = min_stage_sum(tab, use, max_work=meter[0] + 1)
+    assert got == ref
+    gave_up = sum(min_stage_sum(t, np.ones(len(t.options), dtype=bool), max_work=0)[0] == -math.inf
+                  for t, _ in (random_table(s) for s in range(40)))
+    assert gave_up >= 10
