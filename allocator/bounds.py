@@ -48,7 +48,7 @@ def block_bound(prob, timer, M: int) -> float:
       l * kmem_c(l) block-samples; the devices together must serve K blocks x b samples;
     - time: every stage is at least as slow as if the whole cluster served it (the
       partition bound above, on the times of each kind and block count)."""
-    from .columns import whole_budget_time
+    from .columns import whole_budget_times
     from .shapes import FIRST, INNER, LAST, ONLY, block_range
 
     if not prob.state_fits:
@@ -72,9 +72,8 @@ def block_bound(prob, timer, M: int) -> float:
     rep: dict[tuple[int, int], float] = {}
     specs = [(FIRST, l) for l in range(K + 1)] + [(INNER, l) for l in range(1, K + 1)] + \
             [(LAST, l) for l in range(K + 1)] + [(ONLY, K)]
-    for kind, l in specs:
-        i, j = block_range(prob, kind, l)
-        th = whole_budget_time(prob, timer, M, i, j, math.inf, budget)
+    ths = whole_budget_times(prob, timer, M, [block_range(prob, kind, l) for kind, l in specs], budget)
+    for (kind, l), th in zip(specs, ths.tolist()):
         if math.isfinite(th):
             rep[(kind, l)] = th
     tmin: dict[tuple[int, int], float] = {}

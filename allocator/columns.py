@@ -343,6 +343,46 @@ def whole_budget_time(prob: Problem, timer: StageTimer, M: int, i: int, j: int, 
     return best
 
 
+def whole_budget_times(prob: Problem, timer: StageTimer, M: int, ranges: list[tuple[int, int]],
+                       budget: list[int]) -> np.ndarray:
+    """``whole_budget_time`` of many ranges at once (no time cap): per recomputation
+    choice, every class's share times of every range as one matrix, and per range the
+    least time at which the shares running within it reach b (the entries sorted, their
+    class budgets summed up to each). Ranges with shares beyond VECTOR_SHARES are left to
+    ``whole_budget_time``."""
+    I = np.array([i for i, _ in ranges], dtype=np.int64)
+    J = np.array([j for _, j in ranges], dtype=np.int64)
+    S, b = len(ranges), timer.b
+    infl = M if prob.schedule == "gpipe" else 1
+    best = np.full(S, np.inf)
+    for rc in prob.recompute_options:
+        dp = prob.most_units(budget) if prob.zero1 else 1
+        kms = {c.index: np.array([min(b, prob.kmem(c, i, j, infl, rc, dp)) for i, j in ranges], dtype=np.int64)
+               for c in prob.classes if budget[c.index] > 0}
+        kms = {ci: km for ci, km in kms.items() if km.max() >= 1}
+        if not kms:
+            continue
+        if max(int(km.max()) for km in kms.values()) > VECTOR_SHARES:
+            for s, (i, j) in enumerate(ranges):
+                best[s] = min(best[s], whole_budget_time(prob, timer, M, i, j, math.inf, budget))
+            return best
+        vals, wts = [], []
+        for ci, km in kms.items():
+            kmax = int(km.max())
+            T = timer.share_matrix(prob.classes[ci], I, J, kmax, rc)
+            ok = np.arange(1, kmax + 1)[:, None] <= km[None, :]
+            vals.append(np.where(ok, T, np.inf))
+            wts.append(np.where(ok, float(budget[ci]), 0.0))
+        V, W = np.concatenate(vals), np.concatenate(wts)
+        order = np.argsort(V, axis=0, kind="stable")
+        V, W = np.take_along_axis(V, order, axis=0), np.cumsum(np.take_along_axis(W, order, axis=0), axis=0)
+        reach = W >= b
+        first = np.argmax(reach, axis=0)
+        t = np.where(reach[-1], V[first, np.arange(S)], np.inf)
+        best = np.minimum(best, t)
+    return best
+
+
 VECTOR_SHARES = 4096
 """Largest share whose times whole_budget_time tables at once (beyond: binary searches)."""
 

@@ -445,6 +445,14 @@ class StageTimer:
         k = np.arange(1, kmax + 1, dtype=np.float64)
         return self._terms(c, i, j, k, rows[:kmax, j] - rows[:kmax, i], recompute)
 
+    def share_matrix(self, c: DeviceClass, I: np.ndarray, J: np.ndarray, kmax: int,
+                     recompute: str = "none") -> np.ndarray:
+        """``share_times`` of many ranges [I, J) at once: row k - 1 holds share k."""
+        self.share_times(c, 0, 1, kmax, recompute)  # (the prefix rows up to kmax)
+        rows = self._rows[(c.index, recompute)][:kmax]
+        k = np.arange(1, kmax + 1, dtype=np.float64)[:, None]
+        return self._terms(c, I[None, :], J[None, :], k, rows[:, J] - rows[:, I], recompute)
+
     def times(self, c: DeviceClass, I: np.ndarray, J: np.ndarray, k: int, recompute: str = "none") -> np.ndarray:
         """``time`` of many ranges [I, J) at once."""
         px = self._prefix(c, k, recompute)

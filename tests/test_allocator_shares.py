@@ -82,3 +82,27 @@ def test_unit_time_forms_agree_to_the_bit():
                 k = rng.randint(1, 16)
                 assert timer.times(c, np.array(I), np.array(J), k, rc).tolist() == \
                     [timer.time(c, a, b, k, rc) for a, b in zip(I, J)]
+                assert timer.share_matrix(c, np.array(I), np.array(J), 16, rc).T.tolist() == \
+                    [timer.share_times(c, a, b, 16, rc).tolist() for a, b in zip(I, J)]
+
+
+@pytest.mark.parametrize("cluster_file,model,seq,B", [("mix-64.yaml", "gpt3-1.3b", 2048, 512),
+                                                      ("lab-16.yaml", "gpt2-xl", 1024, 64)])
+def test_whole_budget_times_equal_one_range_at_a_time(cluster_file, model, seq, B):
+    """allocator.columns.whole_budget_times (every range at once, the cheap bound's times)
+    gives whole_budget_time's value for each range to the bit."""
+    import math
+    from allocator.api import plan_spaces, tp_degrees
+    from allocator.columns import whole_budget_time, whole_budget_times
+    from allocator.lagrange import stage_specs
+    from allocator.shapes import block_range
+    cluster = load_cluster(EX / cluster_file)
+    cg = analytic_cost_graph(get_model(model), seq)
+    for prob in plan_spaces(cluster, cg, B, tp_degrees(cluster, cg, "auto"), "auto")[:2]:
+        budget = [c.count for c in prob.classes]
+        ranges = [block_range(prob, k, l) for k, l in stage_specs(prob)]
+        for M in (1, 4, 16):
+            timer = StageTimer(prob, B // M)
+            got = whole_budget_times(prob, timer, M, ranges, budget).tolist()
+            assert got == [whole_budget_time(prob, timer, M, i, j, math.inf, budget) for i, j in ranges]
+            assert any(math.isfinite(t) for t in got)
