@@ -524,6 +524,8 @@ class Search:
                 # settled by its quick Lagrangian bound before anything is built (~0.1 s
                 # against ~1 s of shapes and program on mix-64 x GPT-3 1.3B v2)
                 st.status = "pruned"
+                self.log.append({"M": st.M, "tp": st.prob.tp, "step": "screen", "status": "pruned", "bound": st.bound,
+                                 "seconds": round(st.seconds, 3)})
                 self.pending.pop(key, None)
                 continue
             self.build(st)
