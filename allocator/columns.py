@@ -151,17 +151,23 @@ DENSE_CELLS = 1_000_000
 
 
 def range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: int, t_cap: float,
-                  budget: list[int], unit: int = 1) -> list[Column]:
+                  budget: list[int], unit: int = 1, memo: "ColumnMemo | None" = None) -> list[Column]:
     """The useful columns of range [i, j) for one of R replicas, with each recomputation
     choice that can help (Problem.recompute_helps); with ``unit`` > 1 only device counts
-    that are multiples of it (a coarser plan space, for plans only)."""
+    that are multiples of it (a coarser plan space, for plans only). ``memo``: columns
+    already built for this range under a larger time cap (ColumnMemo)."""
     deepest = M if prob.schedule == "gpipe" else min(M, 1 + prob.L - j)
     out: list[Column] = []
     for rc in prob.recompute_options:  # (zero1: one unit in each replica shards the least)
         if rc == "full" and "none" in prob.recompute_options and \
                 not prob.recompute_helps(budget, i, j, timer.b, deepest, R):
             continue
-        cols = _range_columns(prob, timer, R, M, i, j, t_cap, budget, unit, rc)
+        key = (M, timer.b, R, unit, i, j, rc)
+        cols = memo.get(key, t_cap) if memo is not None else None
+        if cols is None:
+            cols = _range_columns(prob, timer, R, M, i, j, t_cap, budget, unit, rc)
+            if memo is not None:
+                memo.put(key, t_cap, cols)
         if rc == "full" and out:  # a recomputing column no faster nor deeper than the plain one of its counts
             plain: dict[tuple[int, ...], list[Column]] = {}
             for c in out:
@@ -169,6 +175,28 @@ def range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: i
             cols = [c for c in cols if not any(p.t <= c.t and p.amax >= c.amax for p in plain.get(c.counts, ()))]
         out.extend(cols)
     return out
+
+
+class ColumnMemo:
+    """Columns built for one cost model (plan spaces that differ only in which
+    recomputation choices they offer: allocator.search's first pass and the space it was
+    cut from), per (M, b, R, unit, range, recomputation choice), with the time cap they
+    were built under. A smaller cap's columns are the larger cap's whose time is within
+    it, in the same order: a vector's stage time and usefulness do not depend on the cap
+    where its time is within both (share times are cut at the cap, and only times above
+    it change), and its columns end at the same depths (times only grow with depth)."""
+
+    def __init__(self):
+        self.cols: dict[tuple, tuple[float, list[Column]]] = {}
+
+    def get(self, key: tuple, t_cap: float) -> list[Column] | None:
+        hit = self.cols.get(key)
+        if hit is None or t_cap > hit[0]:
+            return None
+        return hit[1] if t_cap == hit[0] else [c for c in hit[1] if c.t <= t_cap]
+
+    def put(self, key: tuple, t_cap: float, cols: list[Column]) -> None:
+        self.cols[key] = (t_cap, cols)
 
 
 def _range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: int, t_cap: float,

@@ -35,7 +35,7 @@ from typing import Callable
 from .bounds import block_bound
 from .caps import WORK_PER_EVALUATION, Box, CapSearch
 from .lagrange import lagrange_bound
-from .columns import Column, enumerate_columns
+from .columns import Column, ColumnMemo, enumerate_columns
 from .dp import STATE_LIMIT, StageTable
 from .ilp_columns import solve_columns
 from .milp import MilpResult
@@ -129,8 +129,11 @@ class Search:
 
     def __init__(self, probs: list[Problem], time_limit: float, gap: float, backend: str, msg: bool,
                  progress: Callable[[str], None] | None, seeds: list[tuple[CountPlan, Problem]] = (),
-                 deadline: float | None = None):
+                 deadline: float | None = None, memos: dict[int, ColumnMemo] | None = None):
         self.probs, self.gap, self.backend, self.msg = probs, gap, backend, msg
+        self.memos = memos or {}
+        """Column memos by id() of a space (allocator.columns.ColumnMemo): the first pass's
+        columns of its space, for the second pass's space of the same cost model."""
         self.best_prob: Problem | None = None
         self.time_limit = time_limit
         self.t0 = time.perf_counter()
@@ -270,7 +273,7 @@ class Search:
                 if cells > self.cells_limit:
                     continue  # its shapes alone would take more than the search's work budget
                 timer = StageTimer(prob, b)
-                shapes = block_shapes(prob, timer, M, t_cap, R, unit)
+                shapes = block_shapes(prob, timer, M, t_cap, R, unit, memo=self.memos.get(id(prob)))
                 exact = R == 1 and unit == 1
                 if not shapes:
                     if exact:
@@ -650,7 +653,8 @@ def search(prob: Problem | list[Problem], *, time_limit: float = 30.0, gap: floa
     k0 = min(range(len(probs)), key=lambda k: (probs[k].tp, probs[k].optimizer_sharding != "zero1"))
     plain = replace(probs[k0], recompute="none")
     end = time.perf_counter() + time_limit if deadline is None else deadline
-    first = Search([plain], PLAIN_SHARE * time_limit, gap, backend, msg, progress, seeds, end)
+    memo = ColumnMemo()  # (the first pass's columns are the second's without recomputation)
+    first = Search([plain], PLAIN_SHARE * time_limit, gap, backend, msg, progress, seeds, end, {id(plain): memo})
     first.deepen_left = False  # (its bounds are not the answer's: the budget it leaves goes to the second pass)
     first = first.run()
     if first.best is not None:
@@ -658,7 +662,7 @@ def search(prob: Problem | list[Problem], *, time_limit: float = 30.0, gap: floa
     # the second pass's budget: the rest of the work budget (what the first pass left
     # unspent included), counted in work, not read off the clock (determinism)
     rest = (1 - PLAIN_SHARE) * time_limit + max(0, first.evals_left) / EVALS_PER_SECOND
-    res = Search(probs, rest, gap, backend, msg, progress, seeds, end).run()
+    res = Search(probs, rest, gap, backend, msg, progress, seeds, end, {id(probs[k0]): memo}).run()
     res.solves = first.solves + res.solves
     res.seconds += first.seconds
     key = lambda p, q: (id(q), p.M, tuple((s.start, s.stop, s.counts, s.recompute) for s in p.stages))  # noqa: E731

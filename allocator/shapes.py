@@ -57,10 +57,11 @@ def block_range(prob: Problem, kind: int, blocks: int) -> tuple[int, int]:
 
 
 def block_shapes(prob: Problem, timer: StageTimer, M: int, t_cap: float, R: int = 1, unit: int = 1,
-                 chunk: int = 1) -> list[Shape]:
+                 chunk: int = 1, memo=None) -> list[Shape]:
     """Every useful shape (allocator.columns' usefulness rules) running within t_cap, for
     one of R identical replicas (devices per replica; its micro-batch is timer.b), with
-    device counts in multiples of ``unit`` and blocks in multiples of ``chunk``."""
+    device counts in multiples of ``unit`` and blocks in multiples of ``chunk``; ``memo``:
+    an allocator.columns.ColumnMemo of the space's cost model."""
     assert prob.interchangeable_blocks
     K = prob.L - 2
     budget = [c.count // R for c in prob.classes]
@@ -71,7 +72,7 @@ def block_shapes(prob: Problem, timer: StageTimer, M: int, t_cap: float, R: int 
         if l % chunk:
             continue
         i, j = block_range(prob, kind, l)
-        for col in range_columns(prob, timer, R, M, i, j, t_cap, budget, unit):
+        for col in range_columns(prob, timer, R, M, i, j, t_cap, budget, unit, memo):
             out.append(Shape(kind, l, col.counts, col.t, col.tail, col.amax, col.recompute))
     return out
 

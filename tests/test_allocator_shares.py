@@ -106,3 +106,24 @@ def test_whole_budget_times_equal_one_range_at_a_time(cluster_file, model, seq, 
             got = whole_budget_times(prob, timer, M, ranges, budget).tolist()
             assert got == [whole_budget_time(prob, timer, M, i, j, math.inf, budget) for i, j in ranges]
             assert any(math.isfinite(t) for t in got)
+
+
+def test_column_memo_gives_the_columns_of_a_smaller_cap():
+    """Shapes built from columns remembered under a larger time cap (ColumnMemo: the
+    search's first pass for its second) equal shapes built afresh under the smaller cap,
+    in the same order."""
+    from allocator.api import plan_spaces, tp_degrees
+    from allocator.columns import ColumnMemo
+    from allocator.shapes import block_shapes
+    cluster = load_cluster(EX / "mix-64.yaml")
+    cg = analytic_cost_graph(get_model("gpt3-1.3b"), 2048)
+    prob = plan_spaces(cluster, cg, 512, tp_degrees(cluster, cg, "auto"), "auto")[0]
+    for M in (16, 64):
+        timer = StageTimer(prob, 512 // M)
+        memo = ColumnMemo()
+        wide = block_shapes(prob, timer, M, 4.0 / M, memo=memo)
+        for cap in (3.0 / M, 2.6 / M, 4.0 / M):
+            fresh = block_shapes(prob, StageTimer(prob, 512 // M), M, cap)
+            assert block_shapes(prob, timer, M, cap, memo=memo) == fresh
+            assert len(fresh) <= len(wide)
+        assert len(block_shapes(prob, timer, M, 2.6 / M)) < len(wide)
