@@ -24,7 +24,7 @@ from simulator.episode import IterationCache, SpeedTrace, parse_failure, parse_s
 from simulator.scenarios import Case, fail
 from simulator.speeds import in_context, speed_case
 from workflows.adaptive import AdaptOptions, Beliefs, decide_lost, decide_replan, decide_shares, take_reports
-from workflows.episode import EpisodeOptions, run_episode
+from workflows.episode import EpisodeOptions, replay_episode, run_episode
 from workflows.rebalance import rebalance_shares
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,6 +178,22 @@ def test_episodes_react_as_a_live_run_does():
     went_on = run_episode(p, cluster, cg, lost, "replan", opts)
     assert went_on["steps_done"] == 80 and went_on["restarts"] == 1 and went_on["steps_redone"] == 9
     assert "host/1" not in went_on["final_layout"]
+
+
+def test_a_replay_plays_the_shares_a_run_switched_to_from_the_step_they_took_effect():
+    cluster, cg = linear_cpu()
+    p = in_context(dp3(cluster, cg), cluster, cg)
+    trace = SpeedTrace([parse_straggler("host/1=3@20"), parse_straggler("host/1=1@50")])
+    shares = run_episode(p, cluster, cg, trace, "shares", EpisodeOptions(steps=80, switch_cost_s=5.0))
+    cache = IterationCache(cluster, cg)
+    assert replay_episode(p, cluster, cg, trace, [], 80, cache)["step_times_s"] == pytest.approx(
+        run_episode(p, cluster, cg, trace, "none", EpisodeOptions(steps=80))["step_times_s"])
+    moved = dp3(cluster, cg, (5, 2, 5))
+    r = replay_episode(p, cluster, cg, trace, [(25, moved), (55, p)], 80, cache)
+    assert r["step_times_s"][:24] == pytest.approx(shares["step_times_s"][:24])
+    assert r["step_times_s"][24:49] == pytest.approx([cache.run(in_context(moved, cluster, cg), {"host/1": 3.0}).time_s] * 25)
+    assert r["step_times_s"][54:] == pytest.approx(shares["step_times_s"][54:])
+    assert r["final_layout"] == describe(p)
 
 
 def test_whatif_straggler_prints_one_row_per_policy(tmp_path, capsys):

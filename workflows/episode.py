@@ -158,3 +158,24 @@ def run_episode(plan: Plan, cluster: Cluster, cg: CostGraph, trace: SpeedTrace, 
 
 def _fields(opts: AdaptOptions) -> dict[str, Any]:
     return {f: getattr(opts, f) for f in AdaptOptions.__slots__}  # type: ignore[attr-defined]
+
+
+def replay_episode(plan: Plan, cluster: Cluster, cg: CostGraph, trace: SpeedTrace, switches: list[tuple[int, Plan]],
+                   steps: int, cache: IterationCache | None = None) -> dict[str, Any]:
+    """The episode of a run whose decisions are known (a live adaptive run's: the plans
+    it switched to between two steps, as (first step under it, plan)): every step the
+    simulated iteration of the plan in effect at the trace's speeds; no monitor, no
+    decisions. What separates the simulator's timing from the decisions it would take
+    (``run_episode``) when both are compared with the run."""
+    cache = cache or IterationCache(cluster, cg)
+    trace.check(cluster)
+    pending = sorted(switches, key=lambda s: s[0])
+    current = in_context(plan, cluster, cg)
+    t, times = 0.0, []
+    for step in range(1, steps + 1):
+        while pending and pending[0][0] <= step:
+            current = in_context(pending.pop(0)[1], cluster, cg)
+        it = cache.run(current, trace.factors(step, t))
+        times.append(it.time_s)
+        t += it.time_s
+    return {"step_times_s": times, "total_s": t, "final_layout": describe(current)}
