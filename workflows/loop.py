@@ -38,6 +38,7 @@ from runtime.profile.files import report_lines
 from simulator import simulate
 from simulator.engine import prediction_iterations
 
+from .hostfit import fit_efficiency
 from .hostload import ForeignCpu
 
 RUN_WARMUP_STEPS = 2
@@ -97,6 +98,9 @@ def profile_machine(out_dir: str | Path, *, nproc: int = 2, model: str = "gpt2-t
             report = run_profile(out, nproc=nproc, model=model, seq=seq, batch_sizes=batch_sizes, repeats=repeats,
                                  slowdown=[f"{k}={v:g}" for k, v in sorted(slowdown.items())])
         report = {**report, "foreign_cpu_share": host.share}
+        shared = fit_efficiency(out)  # a host with more ranks than cores (workflows.hostfit)
+        if shared is not None:
+            report["share_efficiency_fit"] = shared
     return Profiled(out, load_cost_graph(out / "cost_graph.json"), load_cluster(out / "cluster.yaml"), report,
                     slowdown)
 
