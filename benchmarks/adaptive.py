@@ -222,6 +222,23 @@ def main(argv: list[str] | None = None) -> int:
                                                                 for k, x in p["switches"]] for p in pairs],
             "simulated_decisions": {pol: [(x["step"], x["action"]) for x in r["decisions"]] for pol, r in sim.items()},
         }
+        # mean step per phase (before the straggler, while it is slow, after), measured (median over
+        # the runs) and simulated: where in the episode the simulation departs from the runs
+        changes = sorted({int(x.split("@")[1]) for x in slowdown})
+        bounds = [WARMUP + 1, *changes, steps + 1]
+        phases = {}
+        for a, b in zip(bounds, bounds[1:]):
+            seg = range(a, b)
+            ph = {}
+            for kind, pol, reps in (("none", "none", None), ("adaptive", "replan", replays)):
+                ph[kind] = {"measured_ms": 1e3 * statistics.median(statistics.fmean(p[kind][s] for s in seg)
+                                                                  for p in pairs),
+                            "simulated_ms": 1e3 * statistics.fmean(sim[pol]["step_times_s"][s - 1] for s in seg)}
+                if kind == "adaptive" and any(reps):
+                    ph[kind]["replayed_ms"] = 1e3 * statistics.median(statistics.fmean(r[s - 1] for s in seg)
+                                                                     for r in reps if r)
+            phases[f"{a}-{b - 1}"] = ph
+        row["phases"] = phases
         row["speedup_measured"] = measured["adaptive"] / measured["none"]
         row["speedup_simulated"] = simulated["adaptive"] / simulated["none"]
         row["error"] = {k: simulated[k] / measured[k] - 1 for k in measured}
@@ -240,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"{100 * (replayed / scale / measured['adaptive'] - 1):+.1f}%")
         t.add_row("speed-up", f"{row['speedup_measured']:.2f}x", f"{row['speedup_simulated']:.2f}x", "", "", "")
         con.print(t)
+        con.print("  mean step, measured / simulated ms (replayed): " + "; ".join(
+            f"steps {k}: without {v['none']['measured_ms']:.1f}/{v['none']['simulated_ms']:.1f}, with "
+            f"{v['adaptive']['measured_ms']:.1f}/{v['adaptive']['simulated_ms']:.1f}"
+            + (f" ({v['adaptive']['replayed_ms']:.1f})" if "replayed_ms" in v["adaptive"] else "")
+            for k, v in phases.items()), highlight=False)
         con.print(f"  runs: {[{k: round(v, 1) for k, v in r.items()} for r in row['measured_runs']]}; straggler "
                   f"reported at step {row['reported_at_step']}; restarts {row['restarts']}; loads (1-min average "
                   f"before each run) {row['loads']}; other processes' share of the CPU during each run "
