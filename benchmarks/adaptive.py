@@ -168,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         # each scenario profiles afresh (its own folder, so that --resimulate finds it)
         prof = profile_machine(base / f"profile-{name}", nproc=nproc, model="gpt2-tiny", seq=SEQ,
                                batch_sizes=profile_batch_sizes(BATCH[nproc]), reuse=args.reuse_profile or args.resimulate)
+        if prof.report.get("share_efficiency_fit"):
+            fit = prof.report["share_efficiency_fit"]
+            con.print(f"  shared cores: efficiency {fit['share_efficiency']:.3g} (all ranks at once: measured "
+                      f"{1e3 * fit['measured_step_s']:.1f} ms/step, simulated at full speed "
+                      f"{1e3 * fit['simulated_full_speed_s']:.1f})", highlight=False)
         if args.resimulate:
             plan = load_plan(d / "plan.json")
         else:
@@ -217,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             "measured_runs": [{k: throughput(p[k], first, steps, B) for k in ("none", "adaptive")} for p in pairs],
             "measured_samples_per_s": measured, "simulated_samples_per_s": simulated,
             "calibration_scale": scale, "replayed_samples_per_s": replayed,
+            "share_efficiency_fit": prof.report.get("share_efficiency_fit"),
             "replayed_error": None if replayed is None else replayed / measured["adaptive"] - 1,
             "run_switches": [None if p["switches"] is None else [(k, describe(plan_from_dict(x, "plan")))
                                                                 for k, x in p["switches"]] for p in pairs],

@@ -51,6 +51,7 @@ def test_the_fit_finds_the_efficiency_the_run_ran_at_and_writes_it(tmp_path):
     assert fit["simulated_s"] == pytest.approx(target, rel=0.003)
     from hetalloc.cluster import load_cluster
     assert load_cluster(tmp_path / "cluster.yaml").nodes[0].share_efficiency == fit["share_efficiency"]
+    assert json.loads((tmp_path / "share_efficiency.json").read_text()) == fit
 
 
 def test_full_speed_where_the_simulation_is_already_as_slow_and_nothing_where_nothing_is_shared(tmp_path):

@@ -31,6 +31,7 @@ from typing import Any
 
 from hetalloc.cluster import Cluster, load_cluster
 from hetalloc.costgraph import load_cost_graph
+from hetalloc.fileio import atomic_write_json
 from hetalloc.plan import load_plan
 from runtime.profile.files import write_cluster
 from runtime.profile.overhead import MICROBATCHES, TOGETHER, WARMUP_STEPS
@@ -43,6 +44,8 @@ else (a busy host: other processes), not the switching between ranks; the fit sa
 (``clamped``)."""
 TOLERANCE = 0.002
 """Relative step-time difference at which the bisection stops."""
+FIT_FILE = "share_efficiency.json"
+"""The fit's figures, next to the profile's cluster.yaml."""
 
 
 def with_efficiency(cluster: Cluster, efficiency: float) -> Cluster:
@@ -99,7 +102,9 @@ def fit_efficiency(profile_dir: str | Path, write: bool = True) -> dict[str, Any
                 break
             lo, hi = (lo, mid) if s < measured else (mid, hi)
     efficiency = round((lo + hi) / 2, 4)
+    fit = {"share_efficiency": efficiency, "measured_step_s": measured, "simulated_full_speed_s": full,
+           "simulated_s": sim(efficiency), "clamped": efficiency == MIN_EFFICIENCY, "run": str(run_dir)}
     if write:
         write_cluster(out, with_efficiency(cluster, efficiency))
-    return {"share_efficiency": efficiency, "measured_step_s": measured, "simulated_full_speed_s": full,
-            "simulated_s": sim(efficiency), "clamped": efficiency == MIN_EFFICIENCY, "run": str(run_dir)}
+        atomic_write_json(out / FIT_FILE, fit)
+    return fit
