@@ -8,7 +8,9 @@ the planner plans from each profile, and each scenario is run for real (torchrun
 ``--repeats`` times without adaptation (``runtime.train --slowdown``) and with it
 (``hetalloc run --adaptive``'s workflows.adaptive.run_adaptive), alternately, and
 simulated (workflows.episode: the same speed trace, the same monitor, the same
-decisions, on the profiled cluster and cost graph):
+decisions, on the profiled cluster and cost graph; a decision reaches the simulated ranks
+as late as the live controller's do: half its poll interval plus the decision, timed on
+this machine):
 
 - ``stays``: 3 ranks, rank 1 3x slower from step 20 of 80 (the issue's must-show):
   when the monitor reported it, what was decided, and the throughput over the last 20
@@ -43,6 +45,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -50,12 +53,12 @@ from rich.table import Table
 
 from allocator import make_plan
 from hetalloc.fileio import atomic_write_json
+from hetalloc.plan import load_plan, plan_from_dict
 from runtime import control
 from runtime.launch import local_command, local_env, train_args
 from runtime.plans import describe
 from simulator.episode import SpeedTrace, parse_straggler
-from workflows.adaptive import AdaptOptions, run_adaptive
-from hetalloc.plan import load_plan, plan_from_dict
+from workflows.adaptive import POLL_S, AdaptOptions, Beliefs, decide_shares, run_adaptive
 from workflows.episode import EpisodeOptions, replay_episode, run_episode
 from workflows.hostload import ForeignCpu
 from workflows.loop import profile_batch_sizes, profile_machine
@@ -113,6 +116,20 @@ def run_pair(plan_path: Path, nproc: int, d: Path, steps: int, slowdown: list[st
     row["reports"] = [r for r in recs if r.get("event") == "straggler"]
     row["switches"] = run_switches(d / f"adaptive-{k}", recs)
     return row
+
+
+def decision_latency(plan, prof, device: str, factor: float = 3.0, repeats: int = 3) -> float:
+    """Seconds from a report to its command, as the live controller takes them on this
+    machine: half its poll interval (the report waits for the next read) plus its
+    decision for this plan and straggler, timed here (workflows.adaptive; the median of
+    `repeats`)."""
+    times = []
+    for _ in range(repeats):
+        beliefs = Beliefs(prof.cluster, prof.cost_graph, factors={device: factor})
+        t0 = time.perf_counter()
+        decide_shares(plan, beliefs, AdaptOptions(), "timing")
+        times.append(time.perf_counter() - t0)
+    return POLL_S / 2 + statistics.median(times)
 
 
 def stored_pair(d: Path, k: int) -> dict:
@@ -186,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             con.print(f"  plan {describe(plan)}; {args.repeats} x (without, with --adaptive) ...")
             pairs = [run_pair(d / "plan.json", nproc, d, steps, slowdown, k) for k in range(args.repeats)]
+        decision_s = decision_latency(plan, prof, devices[1])
         sim = {pol: run_episode(plan, prof.cluster, prof.cost_graph, trace, pol,
-                                EpisodeOptions(steps=steps, switch_cost_s=10.0, checkpoint_every=20))
+                                EpisodeOptions(steps=steps, switch_cost_s=10.0, checkpoint_every=20,
+                                               decision_s=decision_s))
                for pol in ("none", "replan")}
         replays = [None if p["switches"] is None else replay_episode(
             plan, prof.cluster, prof.cost_graph, trace, [(k, plan_from_dict(x, "plan")) for k, x in p["switches"]],
@@ -222,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             "measured_runs": [{k: throughput(p[k], first, steps, B) for k in ("none", "adaptive")} for p in pairs],
             "measured_samples_per_s": measured, "simulated_samples_per_s": simulated,
             "calibration_scale": scale, "replayed_samples_per_s": replayed,
-            "share_efficiency_fit": prof.report.get("share_efficiency_fit"),
+            "share_efficiency_fit": prof.report.get("share_efficiency_fit"), "decision_s": decision_s,
             "replayed_error": None if replayed is None else replayed / measured["adaptive"] - 1,
             "run_switches": [None if p["switches"] is None else [(k, describe(plan_from_dict(x, "plan")))
                                                                 for k, x in p["switches"]] for p in pairs],

@@ -180,6 +180,21 @@ def test_episodes_react_as_a_live_run_does():
     assert "host/1" not in went_on["final_layout"]
 
 
+def test_a_decision_that_reaches_the_ranks_late_takes_effect_a_step_later():
+    # Reported at step 23 (end t); steps 24 and 25 start at t and t + slow. A decision
+    # ready 1.5 slow steps after t misses step 25's start: the shares run from step 26.
+    cluster, cg = linear_cpu()
+    p = in_context(dp3(cluster, cg), cluster, cg)
+    trace = SpeedTrace([parse_straggler("host/1=3@20")])
+    slow = IterationCache(cluster, cg).run(p, {"host/1": 3.0}).time_s
+    on_time = run_episode(p, cluster, cg, trace, "shares", EpisodeOptions(steps=40, decision_s=0.9 * slow))
+    late = run_episode(p, cluster, cg, trace, "shares", EpisodeOptions(steps=40, decision_s=1.5 * slow))
+    assert on_time["step_times_s"][:24] == pytest.approx([on_time["step_times_s"][0]] * 19 + [slow] * 5)
+    assert on_time["step_times_s"][24] < 0.8 * slow
+    assert late["step_times_s"][24] == pytest.approx(slow) and late["step_times_s"][25] < 0.8 * slow
+    assert late["step_times_s"][26:] == pytest.approx(on_time["step_times_s"][26:])
+
+
 def test_a_replay_plays_the_shares_a_run_switched_to_from_the_step_they_took_effect():
     cluster, cg = linear_cpu()
     p = in_context(dp3(cluster, cg), cluster, cg)
