@@ -189,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
             fit = prof.report["share_efficiency_fit"]
             con.print(f"  shared cores: efficiency {fit['share_efficiency']:.3g} (all ranks at once: measured "
                       f"{1e3 * fit['measured_step_s']:.1f} ms/step, simulated at full speed "
-                      f"{1e3 * fit['simulated_full_speed_s']:.1f})", highlight=False)
+                      f"{1e3 * fit['simulated_full_speed_s']:.1f})" + ("" if fit.get("applied", True) else
+                      f"; not applied: other processes took {100 * fit['foreign_cpu_share']:.0f}% of the host (fit "
+                      f"{fit['fitted']:.3g})"), highlight=False)
         if args.resimulate:
             plan = load_plan(d / "plan.json")
         else:

@@ -347,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
             if fit:  # more ranks than cores (workflows.hostfit)
                 print(f"  shared cores: efficiency {fit['share_efficiency']:.3g} (all ranks at once: measured "
                       f"{1e3 * fit['measured_step_s']:.1f} ms/step, simulated at full speed "
-                      f"{1e3 * fit['simulated_full_speed_s']:.1f})", flush=True)
+                      f"{1e3 * fit['simulated_full_speed_s']:.1f})" + ("" if fit.get("applied", True) else
+                      f"; not applied: other processes took {100 * fit['foreign_cpu_share']:.0f}% of the host (fit "
+                      f"{fit['fitted']:.3g})"), flush=True)
         prof = profiles[spec.name]
         plan = plan_for(cfg, prof)
         print(f"{cfg.name}: simulating and running {a.steps} steps ...", flush=True)

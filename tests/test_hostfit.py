@@ -54,6 +54,15 @@ def test_the_fit_finds_the_efficiency_the_run_ran_at_and_writes_it(tmp_path):
     assert json.loads((tmp_path / "share_efficiency.json").read_text()) == fit
 
 
+def test_a_fit_to_a_profile_other_processes_disturbed_is_reported_not_applied(tmp_path):
+    c, cg, plan, run_dir = profile(tmp_path, slots=2)
+    write_run(run_dir, simulated_step_s(plan, with_efficiency(c, 0.7), cg))
+    fit = fit_efficiency(tmp_path, foreign_share=0.3)
+    assert not fit["applied"] and fit["share_efficiency"] == 1.0 and fit["fitted"] == pytest.approx(0.7, abs=0.005)
+    from hetalloc.cluster import load_cluster
+    assert load_cluster(tmp_path / "cluster.yaml").nodes[0].share_efficiency == 1.0
+
+
 def test_full_speed_where_the_simulation_is_already_as_slow_and_nothing_where_nothing_is_shared(tmp_path):
     for sub in ("a", "b"):
         (tmp_path / sub).mkdir()

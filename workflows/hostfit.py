@@ -15,7 +15,8 @@ simulated on the profiled cluster with the node's share efficiency e
 (``Node.share_efficiency``: the fraction of a slot's speed the ranks get while more of
 them compute than there are slots), and e is chosen (bisection) so that the simulated
 mean step equals the run's mean step after warm-up; 1 when the simulation at full speed
-is already as slow, at least ``MIN_EFFICIENCY``. Written into the profile's cluster.yaml.
+is already as slow, at least ``MIN_EFFICIENCY``; not applied (1) where other processes
+took more than ``DISTURBED`` of the host during the profile. Written into the profile's cluster.yaml.
 A host where every rank has a slot has no such run and keeps 1.
 
 Never imports torch.
@@ -37,6 +38,8 @@ from runtime.profile.files import write_cluster
 from runtime.profile.overhead import MICROBATCHES, TOGETHER, WARMUP_STEPS
 from simulator import simulate
 from simulator.engine import prediction_iterations
+
+from .hostload import DISTURBED
 
 MIN_EFFICIENCY = 0.5
 """The bisection's lower end: sharing that halved the cores' speed would be something
@@ -68,11 +71,14 @@ def simulated_step_s(plan, cluster: Cluster, cg) -> float:
     return rep.iteration_ends_s[-1] / len(rep.iteration_ends_s)
 
 
-def fit_efficiency(profile_dir: str | Path, write: bool = True) -> dict[str, Any] | None:
+def fit_efficiency(profile_dir: str | Path, write: bool = True,
+                   foreign_share: float | None = None) -> dict[str, Any] | None:
     """Fit the shared host's compute efficiency to the profile's run of every rank at
     once (module doc) and, with `write`, put it into DIR/cluster.yaml; None when the
     profile has no such run (a slot per rank, or profiled without the runtime's
-    calibration runs)."""
+    calibration runs). foreign_share: the share of the host's CPU other processes took
+    during the profile (workflows.hostload); above ``DISTURBED`` the fit is reported but
+    not applied: it would measure them, not the ranks' sharing."""
     out = Path(profile_dir)
     tag = f"m{MICROBATCHES[-1]}{TOGETHER}"
     plan_path, run_dir = out / "overhead" / f"plan-{tag}.json", out / "overhead" / f"run-{tag}"
@@ -102,9 +108,12 @@ def fit_efficiency(profile_dir: str | Path, write: bool = True) -> dict[str, Any
                 break
             lo, hi = (lo, mid) if s < measured else (mid, hi)
     efficiency = round((lo + hi) / 2, 4)
-    fit = {"share_efficiency": efficiency, "measured_step_s": measured, "simulated_full_speed_s": full,
-           "simulated_s": sim(efficiency), "clamped": efficiency == MIN_EFFICIENCY, "run": str(run_dir)}
+    applied = foreign_share is None or foreign_share <= DISTURBED
+    fit = {"share_efficiency": efficiency if applied else 1.0, "fitted": efficiency, "applied": applied,
+           "measured_step_s": measured, "simulated_full_speed_s": full, "simulated_s": sim(efficiency),
+           "clamped": efficiency == MIN_EFFICIENCY, "foreign_cpu_share": foreign_share, "run": str(run_dir)}
     if write:
-        write_cluster(out, with_efficiency(cluster, efficiency))
+        if applied:
+            write_cluster(out, with_efficiency(cluster, efficiency))
         atomic_write_json(out / FIT_FILE, fit)
     return fit

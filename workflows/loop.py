@@ -100,7 +100,7 @@ def profile_machine(out_dir: str | Path, *, nproc: int = 2, model: str = "gpt2-t
             report = run_profile(out, nproc=nproc, model=model, seq=seq, batch_sizes=batch_sizes, repeats=repeats,
                                  slowdown=[f"{k}={v:g}" for k, v in sorted(slowdown.items())])
         report = {**report, "foreign_cpu_share": host.share}
-        shared = fit_efficiency(out)  # a host with more ranks than cores (workflows.hostfit)
+        shared = fit_efficiency(out, foreign_share=host.share)  # more ranks than cores (workflows.hostfit)
         if shared is not None:
             report["share_efficiency_fit"] = shared
         else:
