@@ -72,8 +72,8 @@ from ..plans import hand_plan
 MICROBATCHES = (2, 8)
 TOGETHER = "-together"
 """Suffix of the calibration run of every rank at once, made where a host has more ranks
-than compute slots (the others run in turns): workflows.hostfit fits the host's wake
-time (``Node.wake_us``) to it; the figures here are not fitted to it."""
+than compute slots (the others run in turns): workflows.hostfit fits the host's share
+efficiency (``Node.share_efficiency``) to it; the figures here are not fitted to it."""
 SHARE = 2
 STEPS = 40
 WARMUP_STEPS = 2
@@ -227,7 +227,7 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
             summary = run_local(path, steps=WARMUP_STEPS + STEPS, slowdown=slow, out_dir=run_dir, capture=True,
                                 extra=["--warmup-steps", str(WARMUP_STEPS)], threads=threads)
             runs.append((plan, run_dir, summary))
-    if len(groups) > 1:  # more ranks than slots: one run of every rank at once, for the host's wake time
+    if len(groups) > 1:  # more ranks than slots: one run of every rank at once (workflows.hostfit)
         M = MICROBATCHES[-1]
         plan = calibration_plan(cluster, cg, M, ids)
         path = out / f"plan-m{M}{TOGETHER}.json"
