@@ -343,6 +343,13 @@ def main(argv: list[str] | None = None) -> int:
                                     slowdown=dict(spec.slowdown), reuse=a.reuse_profiles and k == 0)
                 return p, p.report.get("foreign_cpu_share")
             profiles[spec.name] = least_disturbed(profile, a.retries, f"profile {spec.name}")
+            fit = profiles[spec.name].report.get("share_efficiency_fit")
+            if fit:  # more ranks than cores (workflows.hostfit)
+                print(f"  shared cores: efficiency {fit['share_efficiency']:.3g} (all ranks at once: measured "
+                      f"{1e3 * fit['measured_step_s']:.1f} ms/step, simulated at full speed "
+                      f"{1e3 * fit['simulated_full_speed_s']:.1f})" + ("" if fit.get("applied", True) else
+                      f"; not applied: other processes took {100 * fit['foreign_cpu_share']:.0f}% of the host (fit "
+                      f"{fit['fitted']:.3g})"), flush=True)
         prof = profiles[spec.name]
         plan = plan_for(cfg, prof)
         print(f"{cfg.name}: simulating and running {a.steps} steps ...", flush=True)
@@ -355,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         row["measured_iqr_rel"] = (q[2] - q[0]) / row["measured_s"]
         row["profile"] = spec.name
         row["profile_foreign_cpu_share"] = prof.report.get("foreign_cpu_share")
+        row["share_efficiency_fit"] = prof.report.get("share_efficiency_fit")
         row["error_breakdown"] = error_breakdown(row)
         row["load_average"] = os.getloadavg()[0]
         rows.append(row)

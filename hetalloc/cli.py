@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulator_commands.register(sub)
     workflow_commands.register(sub)
     workflow_commands.add_adaptive(run_commands.register(sub))
-    profile_commands.register(sub)
+    workflow_commands.add_shared_fit(profile_commands.register(sub))
     return p
 
 

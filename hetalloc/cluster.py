@@ -73,6 +73,12 @@ class Node:
     compute_slots: int = 0
     """Devices whose compute can run at once (CPU cores for CPU ranks, GPUs for processes
     that time-slice them); 0: one per device (nothing shared)."""
+    share_efficiency: float = 1.0
+    """On a node that shares its compute slots: the fraction of a slot's speed the devices
+    get while more of them compute than it has slots (what the operating system's
+    switching between processes, their caches and their communication threads take).
+    Fitted by the profile to a run of all its ranks at once (workflows.hostfit); 1:
+    unmeasured."""
 
     @property
     def shares_compute(self) -> bool:
@@ -91,6 +97,7 @@ class Node:
             (self.intra.bandwidth_bytes_per_s, self.intra.latency_s),
             nic,
             self.compute_slots,
+            self.share_efficiency,
         )
 
 
@@ -226,6 +233,8 @@ class Cluster:
                 nd["nic"] = n.nic.to_dict()
             if n.compute_slots:
                 nd["compute_slots"] = n.compute_slots
+            if n.share_efficiency != 1.0:
+                nd["compute_share_efficiency"] = n.share_efficiency
             nodes.append(nd)
         out["nodes"] = nodes
         if self.collectives:
@@ -325,7 +334,7 @@ def _ordered_counts(n: Node) -> list[tuple[str, int, int | None]]:
 # ---- loading and validation -----------------------------------------------------------
 
 _TOP_KEYS = {"name", "nodes", "fabric", "device_types", "prices", "collectives"}
-_NODE_KEYS = {"name", "count", "gpus", "intra_link", "nic", "nics", "compute_slots"}
+_NODE_KEYS = {"name", "count", "gpus", "intra_link", "nic", "nics", "compute_slots", "compute_share_efficiency"}
 MEASURED_TYPE_FIELDS = ("op_overhead_us", "op_compute_us", "compute_noise", "collective_extra_us", "step_overhead_us",
                         "data_us", "data_sample_us",
                         "interference_collective", "interference_p2p", "comm_slowdown_collective", "comm_slowdown_p2p")
@@ -544,6 +553,11 @@ def cluster_from_dict(raw: Any, source: str = "<cluster>") -> Cluster:
         nics = v.number(nobj, "nics", p, integer=True, default=1)
         slots = v.number(nobj, "compute_slots", p, integer=True, default=0, positive=False,
                          unit="devices computing at once (CPU cores)")
+        efficiency = v.number(nobj, "compute_share_efficiency", p, default=1.0,
+                              unit="fraction of a compute slot's speed while shared (0-1]")
+        if efficiency > 1.0:
+            raise v.err(f"{p}.compute_share_efficiency", f"{efficiency} is above 1",
+                        "give the fraction of a slot's speed that sharing leaves, at most 1")
         if nic is not None and nics != 1:
             nic = LinkSpec(nic.bandwidth_bytes_per_s * nics, nic.latency_s, f"{nics}x{nic.name}" if nic.name else "")
         base = nobj.get("name", f"node{len(nodes)}")
@@ -564,7 +578,7 @@ def cluster_from_dict(raw: Any, source: str = "<cluster>") -> Cluster:
                 for _ in range(c):
                     devs.append(Device(f"{name}/{idx}", t, name, idx))
                     idx += 1
-            nodes.append(Node(name, devs, intra, nic, slots))
+            nodes.append(Node(name, devs, intra, nic, slots, efficiency))
     if total_nodes > 1:
         for i, rn in enumerate(raw_nodes):
             if rn.get("nic") is None:

@@ -65,6 +65,9 @@ class _Node:
     """Slots whose saturation makes communication meet compute; 0: per device (module doc)."""
     tracked: bool = False
     """Whether its ops are tracked (else plain timeouts)."""
+    efficiency: float = 1.0
+    """Fraction of a slot's speed its devices get while more compute than it has slots
+    (``Node.share_efficiency``)."""
     jobs: list[_Job] = field(default_factory=list)
     saturated_total: float = 0.0
     saturated_since: float | None = None
@@ -87,6 +90,8 @@ class ComputeModel:
         self.busy_since: dict[str, float | None] = {}
         for n in cluster.nodes:
             node = self.nodes[n.name] = _Node(n.compute_slots if shared and n.shares_compute else 0, n.compute_slots)
+            if node.share_slots:
+                node.efficiency = n.share_efficiency
             for d in n.devices:
                 self.node_of[d.id] = node
                 t = cluster.device_types[d.type]
@@ -147,7 +152,9 @@ class ComputeModel:
         return self._saturated(node) if node.cores else device in self.job_of
 
     def _rate(self, node: _Node, job: _Job) -> float:
-        share = min(1.0, node.share_slots / len(node.jobs)) if node.share_slots else 1.0
+        share = 1.0
+        if node.share_slots and len(node.jobs) > node.share_slots:
+            share = node.share_slots / len(node.jobs) * node.efficiency
         f = self.factor.get(job.device)
         if f is not None and self._meets(job.device):
             c = self.comm[job.device]

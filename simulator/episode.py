@@ -9,7 +9,9 @@ Each iteration runs at the speeds in effect when it starts: a change in the midd
 iteration takes effect at the next one (slow-downs last from tens of seconds to hours,
 iterations well under that). An iteration's time, and each device's compute seconds in
 it, are the discrete-event simulation of the plan on the cluster and cost graph with
-those speeds (simulator.speeds, simulator.engine); iterations at the same speeds are
+those speeds (simulator.speeds, simulator.engine): where the profile measured noise, the
+mean of a noisy run of iterations (an episode's time is the sum of its steps, so their
+mean, not the median a single prediction reports); iterations at the same speeds are
 simulated once (``IterationCache``). ``play`` runs a fixed plan until its last step or
 the first failure of a device it uses (what a run without adaptation does: it stops);
 workflows.episode drives the same pieces with re-planning policies.
@@ -135,6 +137,8 @@ class SpeedTrace:
 @dataclass(frozen=True, slots=True)
 class Iteration:
     time_s: float
+    """The mean iteration: many steps take their sum, so a noisy simulation's slow
+    iterations count in full (a single prediction's median would leave their tails out)."""
     compute_s: dict[str, float]
     """device -> its forward and backward seconds in the iteration."""
 
@@ -143,7 +147,7 @@ class IterationCache:
     """Simulated iterations of plans on a base (cluster, cost graph) at given speeds."""
 
     def __init__(self, cluster: Cluster, cg: CostGraph, sim: dict[str, Any] | None = None):
-        # where the profile measured noise, an iteration is the median of a noisy run of them
+        # where the profile measured noise, an iteration is the mean of a noisy run of them
         self.cluster, self.cg, self.sim = cluster, cg, {"iterations": prediction_iterations(cluster), **(sim or {})}
         self._hits: dict[tuple, Iteration] = {}
         self.simulations = 0
@@ -158,7 +162,8 @@ class IterationCache:
         if hit is None:
             cluster, cg = speed_case(self.cluster, self.cg, dict(speeds), lost)
             rep = simulate(in_context(plan, cluster, cg), cluster, cg, compare=False, **self.sim)
-            hit = Iteration(rep.iteration_time_s, {d: rep.devices[d]["compute_fb_s"] for d in used})
+            mean_s = rep.iteration_ends_s[-1] / len(rep.iteration_ends_s)
+            hit = Iteration(mean_s, {d: rep.devices[d]["compute_fb_s"] for d in used})
             self._hits[key] = hit
             self.simulations += 1
         return hit

@@ -79,7 +79,7 @@ def _rebuild(cluster: Cluster, nodes: list[Node], types: dict[str, DeviceType] |
 
 
 def _copy_nodes(cluster: Cluster) -> list[Node]:
-    return [Node(n.name, list(n.devices), n.intra, n.nic, n.compute_slots) for n in cluster.nodes]
+    return [Node(n.name, list(n.devices), n.intra, n.nic, n.compute_slots, n.share_efficiency) for n in cluster.nodes]
 
 
 def _resolve_type(name: str, types: dict[str, DeviceType], spec: str, present: Cluster | None = None) -> str:
@@ -266,7 +266,7 @@ def slow(spec: str) -> Callable[[Case], Case]:
                              base.mem_bandwidth_gbps / f, base.cost_per_hour_usd,
                              f"{base.name} slowed {f:g}x (what-if)")
         nodes = [Node(n.name, [Device(d.id, name, d.node, d.local_index) if d.id == dev else d for d in n.devices],
-                      n.intra, n.nic, n.compute_slots) for n in cl.nodes]
+                      n.intra, n.nic, n.compute_slots, n.share_efficiency) for n in cl.nodes]
         cg = case.cg.with_tables({name: _scaled_table(case.cg, base, f, case.global_batch)})
         return dataclasses.replace(case, cluster=_rebuild(cl, nodes, {**cl.device_types, name: derived}), cg=cg)
     return apply
@@ -290,7 +290,7 @@ def fail(spec: str) -> Callable[[Case], Case]:
     def apply(case: Case) -> Case:
         cl = case.cluster
         if target in cl.device_by_id and not spec.startswith("node:"):
-            nodes = [Node(n.name, [d for d in n.devices if d.id != target], n.intra, n.nic, n.compute_slots)
+            nodes = [Node(n.name, [d for d in n.devices if d.id != target], n.intra, n.nic, n.compute_slots, n.share_efficiency)
                      for n in cl.nodes]
         elif target in cl.node_by_name:
             nodes = [n for n in _copy_nodes(cl) if n.name != target]

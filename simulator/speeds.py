@@ -74,7 +74,7 @@ def speed_case(cluster: Cluster, cg: CostGraph, factors: dict[str, float],
                         tp_eff[name] = dict(cg.tp_efficiency[base.name])
             devs.append(Device(d.id, name, d.node, d.local_index))
         if devs:
-            nodes.append(Node(n.name, devs, n.intra, n.nic, n.compute_slots))
+            nodes.append(Node(n.name, devs, n.intra, n.nic, n.compute_slots, n.share_efficiency))
     if not nodes:
         raise InfeasibleError("no device is left")
     # the measured parts of the cluster stay: its compute slots and collective tables

@@ -24,7 +24,7 @@ from simulator.episode import IterationCache, SpeedTrace, parse_failure, parse_s
 from simulator.scenarios import Case, fail
 from simulator.speeds import in_context, speed_case
 from workflows.adaptive import AdaptOptions, Beliefs, decide_lost, decide_replan, decide_shares, take_reports
-from workflows.episode import EpisodeOptions, run_episode
+from workflows.episode import EpisodeOptions, replay_episode, run_episode
 from workflows.rebalance import rebalance_shares
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,6 +178,37 @@ def test_episodes_react_as_a_live_run_does():
     went_on = run_episode(p, cluster, cg, lost, "replan", opts)
     assert went_on["steps_done"] == 80 and went_on["restarts"] == 1 and went_on["steps_redone"] == 9
     assert "host/1" not in went_on["final_layout"]
+
+
+def test_a_decision_that_reaches_the_ranks_late_takes_effect_a_step_later():
+    # Reported at step 23 (end t); steps 24 and 25 start at t and t + slow. A decision
+    # ready 1.5 slow steps after t misses step 25's start: the shares run from step 26.
+    cluster, cg = linear_cpu()
+    p = in_context(dp3(cluster, cg), cluster, cg)
+    trace = SpeedTrace([parse_straggler("host/1=3@20")])
+    slow = IterationCache(cluster, cg).run(p, {"host/1": 3.0}).time_s
+    on_time = run_episode(p, cluster, cg, trace, "shares", EpisodeOptions(steps=40, decision_s=0.9 * slow))
+    late = run_episode(p, cluster, cg, trace, "shares", EpisodeOptions(steps=40, decision_s=1.5 * slow))
+    assert on_time["step_times_s"][:24] == pytest.approx([on_time["step_times_s"][0]] * 19 + [slow] * 5)
+    assert on_time["step_times_s"][24] < 0.8 * slow
+    assert late["step_times_s"][24] == pytest.approx(slow) and late["step_times_s"][25] < 0.8 * slow
+    assert late["step_times_s"][26:] == pytest.approx(on_time["step_times_s"][26:])
+
+
+def test_a_replay_plays_the_shares_a_run_switched_to_from_the_step_they_took_effect():
+    cluster, cg = linear_cpu()
+    p = in_context(dp3(cluster, cg), cluster, cg)
+    trace = SpeedTrace([parse_straggler("host/1=3@20"), parse_straggler("host/1=1@50")])
+    shares = run_episode(p, cluster, cg, trace, "shares", EpisodeOptions(steps=80, switch_cost_s=5.0))
+    cache = IterationCache(cluster, cg)
+    assert replay_episode(p, cluster, cg, trace, [], 80, cache)["step_times_s"] == pytest.approx(
+        run_episode(p, cluster, cg, trace, "none", EpisodeOptions(steps=80))["step_times_s"])
+    moved = dp3(cluster, cg, (5, 2, 5))
+    r = replay_episode(p, cluster, cg, trace, [(25, moved), (55, p)], 80, cache)
+    assert r["step_times_s"][:24] == pytest.approx(shares["step_times_s"][:24])
+    assert r["step_times_s"][24:49] == pytest.approx([cache.run(in_context(moved, cluster, cg), {"host/1": 3.0}).time_s] * 25)
+    assert r["step_times_s"][54:] == pytest.approx(shares["step_times_s"][54:])
+    assert r["final_layout"] == describe(p)
 
 
 def test_whatif_straggler_prints_one_row_per_policy(tmp_path, capsys):

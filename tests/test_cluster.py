@@ -86,3 +86,22 @@ def test_bad_input_errors_name_the_field(tmp_path, text, where, fix):
 def test_missing_file():
     with pytest.raises(SpecError, match="file not found"):
         load_cluster("/nonexistent/cluster.yaml")
+
+
+def test_a_nodes_share_efficiency_round_trips_and_counts_in_its_signature():
+    from hetalloc.cluster import cluster_from_dict
+    from hetalloc.errors import SpecError
+    spec = {"name": "h", "device_types": [{"name": "X", "peak_tflops": 1, "memory_gib": 8, "mem_bandwidth_gbps": 10}],
+            "nodes": [{"name": "n", "gpus": [{"type": "X", "count": 3}], "compute_slots": 2,
+                       "compute_share_efficiency": 0.8125, "intra_link": {"bandwidth_gbps": 1.0, "latency_us": 0.0}}]}
+    c = cluster_from_dict(spec)
+    assert c.nodes[0].share_efficiency == 0.8125
+    again = cluster_from_dict(c.to_dict())
+    assert again.nodes[0].share_efficiency == 0.8125 and again.fingerprint() == c.fingerprint()
+    plain = cluster_from_dict({**spec, "nodes": [{k: v for k, v in spec["nodes"][0].items()
+                                                  if k != "compute_share_efficiency"}]})
+    assert plain.nodes[0].share_efficiency == 1.0 and "compute_share_efficiency" not in plain.to_dict()["nodes"][0]
+    assert plain.nodes[0].signature() != c.nodes[0].signature()
+    spec["nodes"][0]["compute_share_efficiency"] = 1.5
+    with pytest.raises(SpecError, match="compute_share_efficiency"):
+        cluster_from_dict(spec)

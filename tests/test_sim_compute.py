@@ -179,3 +179,24 @@ def test_the_step_splits_into_the_kinds_the_runtime_measures():
     assert w == pytest.approx({"compute": 3.0, "p2p": 0.0, "allreduce": 0.0, "optimizer": 0.0, "loss": LOSS_2,
                                "other": 0.4}, abs=1e-9)
     assert rep.iteration_time_s == pytest.approx(3.4 + LOSS_2)
+
+
+def test_shared_slots_run_at_the_nodes_efficiency_only_while_oversubscribed():
+    # Three one-stage replicas, fwd 1 s and bwd 2 s each. Two slots at efficiency 0.75:
+    # three ops at once advance at 2/3 x 0.75 = 0.5 each: the forwards end at 2, the
+    # backwards at 6. Two replicas on two slots are not oversubscribed: full speed, 3 s.
+    cg = graph()
+    three = plan([[(0, 1, [(f"n/{k}", 1)])] for k in range(3)], 1)
+
+    def run(count, p, slots, efficiency):
+        c = cluster(count, slots=slots)
+        c.nodes[0].share_efficiency = efficiency
+        return Simulation(p, c, cg, SimOptions()).run()
+
+    res = run(3, three, 2, 0.75)
+    assert sorted(ops(res)) == sorted([(f"n/{k}", "F mb0 L0-0", 0.0, pytest.approx(2.0)) for k in range(3)]
+                                      + [(f"n/{k}", "B mb0 L0-0", pytest.approx(2.0), pytest.approx(6.0))
+                                         for k in range(3)])
+    two = plan([[(0, 1, [(f"n/{k}", 1)])] for k in range(2)], 1)
+    # (not shared: the two identical replicas are simulated as one)
+    assert [t1 for *_, t1 in ops(run(2, two, 2, 0.75))] == pytest.approx([1.0, 3.0])

@@ -63,6 +63,9 @@ from simulator.speeds import SAME, in_context, speed_case
 from .rebalance import rebalance_shares
 
 POLICIES = ("none", "shares", "replan")
+POLL_S = 0.05
+"""How often the live controller reads the runtime's events (a report waits half of it
+on average before it is decided on)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -525,7 +528,7 @@ def run_adaptive(plan_path: str | Path, *, steps: int, out_dir: str | Path, chec
                     except ProcessLookupError:
                         pass
                 ctl.pids = []
-            time.sleep(0.05)
+            time.sleep(POLL_S)
         if capture:
             t.join()
             outputs.append("".join(chunks))

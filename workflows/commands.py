@@ -24,6 +24,7 @@ from simulator.episode import IterationCache, SpeedTrace, parse_failure, parse_s
 
 from .adaptive import POLICIES, AdaptOptions, run_adaptive
 from .episode import EpisodeOptions, run_episode
+from .hostfit import fit_efficiency
 from .whatif import WhatIfOptions, check_scenarios, cheapest_meeting, run_scenarios
 
 ADAPTIVE_HELP = ("watch the run and move the work when a rank slows down or is lost: re-balance shares between "
@@ -59,6 +60,25 @@ def add_adaptive(run: argparse.ArgumentParser) -> None:
                         "(default: 30 median steps, at least 60 s)")
     plain = run.get_default("func")
     run.set_defaults(func=lambda args: cmd_run_adaptive(args) if args.adaptive else plain(args))
+
+
+def add_shared_fit(profile: argparse.ArgumentParser) -> None:
+    """``hetalloc profile``: after the runtime's profile, a host with more ranks than
+    cores gets its share efficiency fitted to the profile's run of every rank at once
+    (workflows.hostfit: the simulator, which the runtime does not import)."""
+    plain = profile.get_default("func")
+
+    def run(args) -> int:
+        rc = plain(args)
+        if rc == 0 and not args.no_runtime_overhead:
+            fit = fit_efficiency(args.out)
+            if fit is not None and not args.json:
+                print(f"shared cores: the ranks ran at {fit['share_efficiency']:.3g} of a core's speed while "
+                      f"sharing them (fitted to all ranks at once: {1e3 * fit['measured_step_s']:.1f} ms/step "
+                      f"measured, {1e3 * fit['simulated_full_speed_s']:.1f} simulated at full speed); written "
+                      f"into {args.out}/cluster.yaml")
+        return rc
+    profile.set_defaults(func=run)
 
 
 def cmd_run_adaptive(args) -> int:

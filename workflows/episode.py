@@ -6,8 +6,9 @@ Each step is the simulated iteration of the current plan at the speeds in effect
 starts. The runtime's own monitor (runtime.monitor) is fed every device's simulated
 compute seconds against the current plan's predictions, and what it reports goes to the
 same decisions a live adaptive run takes (workflows.adaptive): re-balanced shares take
-effect ``apply_delay_steps`` steps after the report (the live controller's command is
-obeyed at a step boundary); a re-plan costs ``switch_cost_s`` (checkpoint, restart,
+effect ``apply_delay_steps`` steps after the report, or later where the decision takes
+``decision_s`` seconds to reach the ranks (the live controller's command is obeyed at a
+step boundary); a re-plan costs ``switch_cost_s`` (checkpoint, restart,
 warm-up) and starts a new launch (the monitor calibrates again). A device lost during a
 step ends the run under policy ``none`` (what a run without adaptation does); under the
 others the run re-plans for the devices left, pays the switch cost, and goes back to its
@@ -42,7 +43,12 @@ class EpisodeOptions:
     checkpoint_every: int = 100
     """Steps between checkpoints (a lost device sends the run back to the last one)."""
     apply_delay_steps: int = 1
-    """Steps between a report and its shares change taking effect."""
+    """Steps between a report and its shares change taking effect, at least."""
+    decision_s: float = 0.0
+    """Seconds from the end of the step a report came with to its command being there for
+    the ranks to read (the live controller's poll and its decision: workflows.adaptive);
+    the runtime obeys it at the end of the first step that ends after that (0: the
+    step after the report, as ``apply_delay_steps`` says)."""
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def __post_init__(self) -> None:
@@ -54,6 +60,8 @@ class EpisodeOptions:
             raise ValueError("checkpoint_every must be at least 1.")
         if self.apply_delay_steps < 0:
             raise ValueError("apply_delay_steps must be >= 0.")
+        if self.decision_s < 0:
+            raise ValueError("decision_s must be >= 0.")
 
 
 def _monitor(plan: Plan, opts: EpisodeOptions) -> tuple[StragglerMonitor, list[str]]:
@@ -79,7 +87,8 @@ def run_episode(plan: Plan, cluster: Cluster, cg: CostGraph, trace: SpeedTrace, 
     plan = in_context(plan, cluster, cg)
     embedded: dict[str, float] = {}
     monitor, devices = _monitor(plan, opts)
-    pending: list[tuple[int, Plan]] = []
+    pending: list[tuple[int, float, Plan]] = []
+    """(first step it may take effect from, time from which it may, plan)"""
     t, step, last_ckpt = 0.0, 1, 0
     steps: dict[int, tuple[float, float]] = {}
     decisions: list[dict[str, Any]] = []
@@ -94,8 +103,8 @@ def run_episode(plan: Plan, cluster: Cluster, cg: CostGraph, trace: SpeedTrace, 
         decisions.append({**d.record, "step": at, "time_s": t, "kind": d.kind})
 
     while step <= opts.steps:
-        while pending and pending[0][0] <= step:
-            adopt(pending.pop(0)[1])
+        while pending and pending[0][0] <= step and pending[0][1] <= t:
+            adopt(pending.pop(0)[2])
             monitor.set_predicted(_predicted(plan, devices))
         factors = trace.factors(step, t)
         it = cache.run(plan, factors, frozenset(beliefs.lost))
@@ -130,7 +139,7 @@ def run_episode(plan: Plan, cluster: Cluster, cg: CostGraph, trace: SpeedTrace, 
             record(d, step)
             candidate = d.plan if d.kind == "shares" else plan
             if d.kind == "shares":
-                pending.append((step + 1 + opts.apply_delay_steps, d.plan))  # type: ignore[arg-type]
+                pending.append((step + 1 + opts.apply_delay_steps, t + opts.decision_s, d.plan))  # type: ignore[arg-type]
                 shares += 1
             if policy == "replan":
                 d2 = decide_replan(candidate, beliefs, adapt, trigger, steps_left=opts.steps - step,
@@ -143,7 +152,7 @@ def run_episode(plan: Plan, cluster: Cluster, cg: CostGraph, trace: SpeedTrace, 
                     adopt(d2.plan)  # type: ignore[arg-type]
                     monitor, devices = _monitor(plan, opts)
                 elif d2.kind == "shares":
-                    pending = [(step + 1 + opts.apply_delay_steps, d2.plan)]  # type: ignore[list-item]
+                    pending = [(step + 1 + opts.apply_delay_steps, t + opts.decision_s, d2.plan)]  # type: ignore[list-item]
         step += 1
     done = sorted(steps)
     global_batch = plan.global_batch
@@ -158,3 +167,24 @@ def run_episode(plan: Plan, cluster: Cluster, cg: CostGraph, trace: SpeedTrace, 
 
 def _fields(opts: AdaptOptions) -> dict[str, Any]:
     return {f: getattr(opts, f) for f in AdaptOptions.__slots__}  # type: ignore[attr-defined]
+
+
+def replay_episode(plan: Plan, cluster: Cluster, cg: CostGraph, trace: SpeedTrace, switches: list[tuple[int, Plan]],
+                   steps: int, cache: IterationCache | None = None) -> dict[str, Any]:
+    """The episode of a run whose decisions are known (a live adaptive run's: the plans
+    it switched to between two steps, as (first step under it, plan)): every step the
+    simulated iteration of the plan in effect at the trace's speeds; no monitor, no
+    decisions. What separates the simulator's timing from the decisions it would take
+    (``run_episode``) when both are compared with the run."""
+    cache = cache or IterationCache(cluster, cg)
+    trace.check(cluster)
+    pending = sorted(switches, key=lambda s: s[0])
+    current = in_context(plan, cluster, cg)
+    t, times = 0.0, []
+    for step in range(1, steps + 1):
+        while pending and pending[0][0] <= step:
+            current = in_context(pending.pop(0)[1], cluster, cg)
+        it = cache.run(current, trace.factors(step, t))
+        times.append(it.time_s)
+        t += it.time_s
+    return {"step_times_s": times, "total_s": t, "final_layout": describe(current)}

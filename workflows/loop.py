@@ -38,6 +38,7 @@ from runtime.profile.files import report_lines
 from simulator import simulate
 from simulator.engine import prediction_iterations
 
+from .hostfit import FIT_FILE, fit_efficiency
 from .hostload import ForeignCpu
 
 RUN_WARMUP_STEPS = 2
@@ -92,11 +93,18 @@ def profile_machine(out_dir: str | Path, *, nproc: int = 2, model: str = "gpt2-t
         old = json.loads((out / "report.json").read_text())
         if all(old.get(k) == v for k, v in want.items()):
             report = old
+            if (out / FIT_FILE).exists():
+                report["share_efficiency_fit"] = json.loads((out / FIT_FILE).read_text())
     if report is None:
         with ForeignCpu() as host:
             report = run_profile(out, nproc=nproc, model=model, seq=seq, batch_sizes=batch_sizes, repeats=repeats,
                                  slowdown=[f"{k}={v:g}" for k, v in sorted(slowdown.items())])
         report = {**report, "foreign_cpu_share": host.share}
+        shared = fit_efficiency(out, foreign_share=host.share)  # more ranks than cores (workflows.hostfit)
+        if shared is not None:
+            report["share_efficiency_fit"] = shared
+        else:
+            (out / FIT_FILE).unlink(missing_ok=True)  # an earlier profile's
     return Profiled(out, load_cost_graph(out / "cost_graph.json"), load_cluster(out / "cluster.yaml"), report,
                     slowdown)
 

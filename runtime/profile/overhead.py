@@ -39,7 +39,8 @@ table's time, averaged over the steps: threads woken from idle, now and then a s
 of milliseconds). Where a host has more ranks
 than compute slots, the runs take its ranks in the profile's turns (as many at a time as it has slots), so that each
 figure is the rank's own time and not its wait for a shared core (the simulator shares
-the cores). ``refit_overheads`` fits the same figures again to the runs an earlier
+the cores); there one more run, of the larger count, takes every rank at once
+(``TOGETHER``), for workflows.hostfit. ``refit_overheads`` fits the same figures again to the runs an earlier
 profile left (no run: ``benchmarks/sim_accuracy.py --resimulate DIR --refit`` judges a
 change of these fits on stored measurements). They are written into the profile's cluster.yaml as
 ``op_overhead_us`` and ``step_overhead_us`` of the device types, where the shared cost
@@ -69,6 +70,10 @@ from ..launch import run_local
 from ..plans import hand_plan
 
 MICROBATCHES = (2, 8)
+TOGETHER = "-together"
+"""Suffix of the calibration run of every rank at once, made where a host has more ranks
+than compute slots (the others run in turns): workflows.hostfit fits the host's share
+efficiency (``Node.share_efficiency``) to it; the figures here are not fitted to it."""
 SHARE = 2
 STEPS = 40
 WARMUP_STEPS = 2
@@ -222,6 +227,14 @@ def measure_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph,
             summary = run_local(path, steps=WARMUP_STEPS + STEPS, slowdown=slow, out_dir=run_dir, capture=True,
                                 extra=["--warmup-steps", str(WARMUP_STEPS)], threads=threads)
             runs.append((plan, run_dir, summary))
+    if len(groups) > 1:  # more ranks than slots: one run of every rank at once (workflows.hostfit)
+        M = MICROBATCHES[-1]
+        plan = calibration_plan(cluster, cg, M, ids)
+        path = out / f"plan-m{M}{TOGETHER}.json"
+        plan.save(path)
+        run_local(path, steps=WARMUP_STEPS + STEPS, slowdown=slowdown_for_plan(ids, slowdown or {}, set(ids)),
+                  out_dir=out / f"run-m{M}{TOGETHER}", capture=True, extra=["--warmup-steps", str(WARMUP_STEPS)],
+                  threads=threads)
     return fit_runs(cluster, cg, runs, groups)
 
 
@@ -234,6 +247,8 @@ def refit_overheads(out_dir: str | Path, cluster: Cluster, cg: CostGraph) -> dic
     cluster = without_overheads(cluster)
     runs = []
     for path in sorted(out.glob("plan-*.json")):
+        if path.stem.endswith(TOGETHER):
+            continue  # every rank at once: workflows.hostfit's, not these fits'
         run_dir = out / f"run-{path.stem[len('plan-'):]}"
         if (run_dir / "summary.json").exists():
             runs.append((load_plan(path), run_dir, json.loads((run_dir / "summary.json").read_text())))
