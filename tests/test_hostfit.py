@@ -46,7 +46,7 @@ def test_the_fit_finds_the_efficiency_the_run_ran_at_and_writes_it(tmp_path):
     target = simulated_step_s(plan, with_efficiency(c, 0.7), cg)
     assert target > simulated_step_s(plan, c, cg)
     write_run(run_dir, target)
-    fit = fit_efficiency(tmp_path)
+    fit = fit_efficiency(tmp_path, apply=True)
     assert fit["share_efficiency"] == pytest.approx(0.7, abs=0.005)
     assert fit["simulated_s"] == pytest.approx(target, rel=0.003)
     from hetalloc.cluster import load_cluster
@@ -57,7 +57,7 @@ def test_the_fit_finds_the_efficiency_the_run_ran_at_and_writes_it(tmp_path):
 def test_a_fit_to_a_profile_other_processes_disturbed_is_reported_not_applied(tmp_path):
     c, cg, plan, run_dir = profile(tmp_path, slots=2)
     write_run(run_dir, simulated_step_s(plan, with_efficiency(c, 0.7), cg))
-    fit = fit_efficiency(tmp_path, foreign_share=0.3)
+    fit = fit_efficiency(tmp_path, foreign_share=0.3, apply=True)
     assert not fit["applied"] and fit["share_efficiency"] == 1.0 and fit["fitted"] == pytest.approx(0.7, abs=0.005)
     from hetalloc.cluster import load_cluster
     assert load_cluster(tmp_path / "cluster.yaml").nodes[0].share_efficiency == 1.0
@@ -68,7 +68,16 @@ def test_full_speed_where_the_simulation_is_already_as_slow_and_nothing_where_no
         (tmp_path / sub).mkdir()
     c, cg, plan, run_dir = profile(tmp_path / "a", slots=2)
     write_run(run_dir, 0.5 * simulated_step_s(plan, c, cg))
-    assert fit_efficiency(tmp_path / "a")["share_efficiency"] == 1.0
+    assert fit_efficiency(tmp_path / "a", apply=True)["share_efficiency"] == 1.0
     c, cg, plan, run_dir = profile(tmp_path / "b", slots=0)
     write_run(run_dir, 2 * simulated_step_s(plan, c, cg))
     assert fit_efficiency(tmp_path / "b") is None
+
+
+def test_by_default_the_fit_is_reported_not_applied(tmp_path):
+    c, cg, plan, run_dir = profile(tmp_path, slots=2)
+    write_run(run_dir, simulated_step_s(plan, with_efficiency(c, 0.7), cg))
+    fit = fit_efficiency(tmp_path)
+    assert not fit["applied"] and fit["share_efficiency"] == 1.0 and fit["fitted"] == pytest.approx(0.7, abs=0.005)
+    from hetalloc.cluster import load_cluster
+    assert load_cluster(tmp_path / "cluster.yaml").nodes[0].share_efficiency == 1.0

@@ -67,16 +67,20 @@ def add_shared_fit(profile: argparse.ArgumentParser) -> None:
     cores gets its share efficiency fitted to the profile's run of every rank at once
     (workflows.hostfit: the simulator, which the runtime does not import)."""
     plain = profile.get_default("func")
+    profile.add_argument("--fit-share-efficiency", action="store_true",
+                         help="where ranks outnumber cores, apply the share efficiency fitted to the run of every "
+                              "rank at once (default: reported only; one figure over-corrects other plans)")
 
     def run(args) -> int:
         rc = plain(args)
         if rc == 0 and not args.no_runtime_overhead:
-            fit = fit_efficiency(args.out)
+            fit = fit_efficiency(args.out, apply=args.fit_share_efficiency)
             if fit is not None and not args.json:
-                print(f"shared cores: the ranks ran at {fit['share_efficiency']:.3g} of a core's speed while "
+                where = f"written into {args.out}/cluster.yaml" if fit["applied"] else \
+                    "not applied (--fit-share-efficiency applies it)"
+                print(f"shared cores: the ranks ran at {fit['fitted']:.3g} of a core's speed while "
                       f"sharing them (fitted to all ranks at once: {1e3 * fit['measured_step_s']:.1f} ms/step "
-                      f"measured, {1e3 * fit['simulated_full_speed_s']:.1f} simulated at full speed); written "
-                      f"into {args.out}/cluster.yaml")
+                      f"measured, {1e3 * fit['simulated_full_speed_s']:.1f} simulated at full speed); {where}")
         return rc
     profile.set_defaults(func=run)
 
