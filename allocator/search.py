@@ -285,7 +285,7 @@ class Search:
                     program = (R, unit, shapes)
                 for chunk in [g for g in CHUNKS if K % g == 0] if not exact else [1]:
                     if not exact and (min_stages(shapes, K, chunk) * unit > sum(budgets) or covered(R, unit, chunk)):
-                        continue  # each stage takes a unit: too few for the stages memory needs
+                        continue  # too few units for the stages memory needs, or part of a dead restriction
                     table = StageTable.of_shapes(shapes, budgets, prob.L, STATE_LIMIT, unit, chunk)
                     if table is None:
                         continue
@@ -418,7 +418,7 @@ class Search:
             heap = [(-math.inf, root)]
             while heap and self.evals_left > stop and time.perf_counter() < self.deadline:
                 lb, box = heapq.heappop(heap)
-                if lb >= self.incumbent * (1 - self.gap):
+                if lb >= self.target:
                     break
                 t0 = time.perf_counter()
                 before = caps.evaluations
@@ -427,7 +427,7 @@ class Search:
                 if seq is not None:
                     self.offer_seq(st, seq, R)
                 st.seconds += time.perf_counter() - t0
-                if ev.lb < self.incumbent * (1 - self.gap) and not ev.single:
+                if ev.lb < self.target and not ev.single:
                     for child in caps.split(ev):
                         heapq.heappush(heap, (ev.lb, child))
 
@@ -443,7 +443,7 @@ class Search:
         # (no plan: the evaluation was remembered, its plan offered when first found)
         found = self.offer_seq(st, seq) if seq is not None else -math.inf
         st.seconds += time.perf_counter() - t0
-        if ev.lb < self.incumbent * (1 - self.gap):
+        if ev.lb < self.target:
             if not ev.single:
                 for child in st.caps.split(ev):
                     heapq.heappush(self.heap, (ev.lb, 1, child.b - child.a + child.d - child.c, key, child))
@@ -458,7 +458,7 @@ class Search:
         gap is closed or the budget spent. Only work the plans did not need."""
         done: set = set()
         while self.evals_left > 0 and time.perf_counter() < self.deadline:
-            target = self.incumbent * (1 - self.gap)
+            target = self.target
             open_ = [(st.bound, key) for key, st in self.states.items() if key not in done and
                      st.status in ("limit", "too_large") and st.prob.interchangeable_blocks and st.bound < target]
             if not open_ or (self.heap and self.heap[0][0] < min(open_)[0]):
@@ -513,7 +513,7 @@ class Search:
             st = self.states[key]
             if st.status == "infeasible":
                 continue
-            if cheap[key] >= self.incumbent * (1 - self.gap):
+            if cheap[key] >= self.target:
                 st.status = "pruned"
                 self.pending.pop(key, None)
                 continue
