@@ -11,15 +11,21 @@ where g is the smallest sum of stage times of a plan within the caps (allocator.
 plan that attains g is itself a plan, and its true cost is at most (M - 1) tau_b +
 sigma_d + g: every evaluation is also a candidate. A box whose LB reaches the incumbent is
 closed; a box of one level in each cap is exact (its plans cost at least LB and a plan
-costing at most LB was offered); any other box is split in two along the cap that spans
-more of the objective. Since g only grows as the caps shrink, an evaluation can be told to
-give up once the stage-time sum cannot get below the incumbent (``limit``).
+costing at most LB was offered). Since g only grows as the caps shrink, an evaluation can
+be told to give up once the stage-time sum cannot get below the incumbent (``limit``).
+
+The plan that attains g(tau_b, sigma_d) has its own levels (t, s) <= (b, d); within every
+caps (b', d') with t <= b' <= b and s <= d' <= d it is still the least sum (g only grows
+as the caps shrink), so a later box whose caps fall in that corner reuses g without a
+program, and a box lying wholly in it is resolved (its cheapest plan is that one, at its
+lowest levels, offered). Any other box is split in two along the cap that spans more of
+the objective, each half bounded at its own lower caps.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import numpy as np
 
 from .dp import StageTable, min_bottleneck, min_stage_sum
@@ -40,6 +46,9 @@ class Box:
     b: int
     c: int
     d: int
+    t: int = field(default=-1, compare=False)
+    s: int = field(default=-1, compare=False)
+    """The levels of the plan attaining g(b, d) once evaluated (-1: none below the limit)."""
 
     @property
     def single(self) -> bool:
@@ -55,6 +64,9 @@ class CapSearch:
         self.taus = np.unique(table.t)
         self.sigs = np.unique(table.tail)
         self.memo: dict[tuple[int, int], tuple[float, float]] = {}
+        self.corners: list[tuple[int, int, int, int, float]] = []
+        """(t, b, s, d, g): caps [t, b] x [s, d] whose least stage-time sum is g, attained
+        by a plan of levels (t, s)."""
         self.evaluations = 0
         """Its programs, in evaluations: one each, and one more per WORK_PER_EVALUATION of
         counted work."""
@@ -62,7 +74,13 @@ class CapSearch:
     def g(self, bt: int, bs: int, limit: float, max_work: int | None = None) -> tuple[float, list | None]:
         """(a lower bound on the stage-time sum of plans within caps (bt, bs), plan or None):
         the exact minimum when it is below ``limit``, else ``limit``; -inf (and nothing
-        remembered) if the program gave up past ``max_work``."""
+        remembered) if the program gave up past ``max_work``. The levels of the plan
+        attaining it are in ``last_levels`` ((-1, -1): none)."""
+        self.last_levels = (-1, -1)
+        for t, b, s, d, v in self.corners:  # within a resolved corner: the same least sum
+            if t <= bt <= b and s <= bs <= d:
+                self.last_levels = (t, s)
+                return v, None
         key = (bt, bs)
         old = self.memo.get(key)
         if old is not None and (math.isfinite(old[0]) or limit <= old[1]):
@@ -75,6 +93,11 @@ class CapSearch:
         if v == -math.inf:
             return v, None
         self.memo[key] = (v, limit)
+        if seq is not None:
+            t = int(np.searchsorted(self.taus, max(o.t for o in seq)))
+            s = int(np.searchsorted(self.sigs, max(o.tail for o in seq)))
+            self.last_levels = (t, s)
+            self.corners.append((t, bt, s, bs, v))
         return (v if math.isfinite(v) else limit), seq
 
     def root(self, incumbent: float = math.inf, max_work: int | None = None,
@@ -127,13 +150,30 @@ class CapSearch:
         """The box with its lower bound computed, and the plan found on the way."""
         base = (self.M - 1) * float(self.taus[box.a]) + float(self.sigs[box.c])
         v, seq = self.g(box.b, box.d, incumbent - base)
-        return Box(base + v, box.M, box.a, box.b, box.c, box.d), seq
+        t, s = self.last_levels
+        return Box(base + v, box.M, box.a, box.b, box.c, box.d, t, s), seq
 
-    def split(self, box: Box) -> tuple[Box, Box]:
-        span_t = (self.M - 1) * float(self.taus[box.b] - self.taus[box.a])
-        span_s = float(self.sigs[box.d] - self.sigs[box.c])
-        if box.a < box.b and (span_t >= span_s or box.c == box.d):
-            m = (box.a + box.b) // 2
-            return (Box(box.lb, box.M, box.a, m, box.c, box.d), Box(box.lb, box.M, m + 1, box.b, box.c, box.d))
-        m = (box.c + box.d) // 2
-        return (Box(box.lb, box.M, box.a, box.b, box.c, m), Box(box.lb, box.M, box.a, box.b, m + 1, box.d))
+    def corner_cost(self, box: Box) -> float:
+        """What the resolved corner of an evaluated box costs at least (its plan's cost in
+        the caps' terms: at its own levels); inf if it has none."""
+        if box.t < 0:
+            return math.inf
+        return box.lb + (self.M - 1) * float(self.taus[max(box.t, box.a)] - self.taus[box.a]) + \
+            float(self.sigs[max(box.s, box.c)] - self.sigs[box.c])
+
+    def split(self, box: Box) -> list[Box]:
+        """The halves of an evaluated box along the cap that spans more of the objective,
+        each with its own bound (its lower caps, the parent's g: g only grows as the caps
+        shrink); none if the box lies in its plan's resolved corner."""
+        if 0 <= box.t <= box.a and 0 <= box.s <= box.c:
+            return []
+        a, b, c, d = box.a, box.b, box.c, box.d
+        g = box.lb - (self.M - 1) * float(self.taus[a]) - float(self.sigs[c])
+        lb = lambda a, c: max(box.lb, (self.M - 1) * float(self.taus[a]) + float(self.sigs[c]) + g)  # noqa: E731
+        span_t = (self.M - 1) * float(self.taus[b] - self.taus[a])
+        span_s = float(self.sigs[d] - self.sigs[c])
+        if a < b and (span_t >= span_s or c == d):
+            m = (a + b) // 2
+            return [Box(lb(a, c), box.M, a, m, c, d), Box(lb(m + 1, c), box.M, m + 1, b, c, d)]
+        m = (c + d) // 2
+        return [Box(lb(a, c), box.M, a, b, c, m), Box(lb(a, m + 1), box.M, a, b, m + 1, d)]

@@ -30,6 +30,15 @@ STATE_LIMIT = 30_000_000
 """Largest (depth layers x positions x device vectors) state space the program is used
 for; beyond it the search bounds that M otherwise."""
 
+MULTIPLIER_STEPS = 30
+"""Subgradient steps for the device prices of a table's priced remaining bound."""
+
+MULTIPLIER_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
+"""The priced remaining bound is taken at these multiples of the prices found (states
+nearer the front have fewer blocks and devices left than the whole pipeline)."""
+
+
+
 try:  # numba compiles the kernel once (cached on disk)
     from numba import njit
 except ImportError:  # pragma: no cover - numba is a dependency
@@ -61,30 +70,48 @@ class StageTable:
     """The options of one M as arrays, and the device-vector index of the class budgets."""
 
     @staticmethod
-    def effective_budgets(options: list[Option], budgets: list[int], X: int) -> list[int]:
+    def effective_budgets(kind: np.ndarray, cnt: np.ndarray, budgets: list[int], X: int) -> list[int]:
         """Budgets no plan can exceed: a class is never used beyond what its stages can take
         (one first, one last, and at most X inner stages); the same plans, fewer states."""
-        out = []
-        for c, n in enumerate(budgets):
-            most = {kind: max((o.counts[c] for o in options if o.kind == kind), default=0)
-                    for kind in (INNER, FIRST, LAST, ONLY)}
-            out.append(min(n, max(most[FIRST] + most[LAST] + X * most[INNER], most[ONLY])))
-        return out
+        most = {k: (cnt[kind == k].max(axis=0) if (kind == k).any() else np.zeros(len(budgets), dtype=np.int64))
+                for k in (INNER, FIRST, LAST, ONLY)}
+        return [min(n, max(int(most[FIRST][c] + most[LAST][c] + X * most[INNER][c]), int(most[ONLY][c])))
+                for c, n in enumerate(budgets)]
 
     @staticmethod
-    def count_states(options: list[Option], budgets: list[int], X: int, L: int) -> int:
-        eff = StageTable.effective_budgets(options, budgets, X)
-        finite = [min(o.amax, L) for o in options if o.amax < L]
-        dcap = (max(finite) + 1) if finite else 1
+    def count_states(kind: np.ndarray, cnt: np.ndarray, amax: np.ndarray, budgets: list[int], X: int, L: int) -> int:
+        eff = StageTable.effective_budgets(kind, cnt, budgets, X)
+        finite = amax[amax < L]
+        dcap = (int(finite.max()) + 1) if len(finite) else 1
         return (dcap + 1) * (X + 1) * int(np.prod([n + 1 for n in eff]))
 
     def __init__(self, options: list[Option], budgets: list[int], X: int, L: int):
-        self.options = options
+        C = len(budgets)
+        arrays = (np.array([o.kind for o in options], dtype=np.int64), np.array([o.xf for o in options], dtype=np.int64),
+                  np.array([o.span for o in options], dtype=np.int64),
+                  np.array([o.counts for o in options], dtype=np.int64).reshape(len(options), C),
+                  np.array([o.t for o in options], dtype=np.float64), np.array([o.tail for o in options], dtype=np.float64),
+                  np.array([o.amax for o in options], dtype=np.int64))
+        self._setup(*arrays, [o.ref for o in options], budgets, X, L)
+        self._options = options
+
+    @classmethod
+    def of_arrays(cls, kind, xf, span, cnt, t, tail, amax, refs: list, budgets: list[int], X: int,
+                  L: int) -> "StageTable":
+        tab = cls.__new__(cls)
+        tab._setup(kind, xf, span, cnt, t, tail, amax, refs, budgets, X, L)
+        tab._options = None
+        return tab
+
+    def _setup(self, kind, xf, span, cnt, t, tail, amax, refs, budgets, X, L):
+        self.refs = refs
+        """The shape or column each option stands for."""
         self.X, self.L = X, L
         C = len(budgets)
-        budgets = self.effective_budgets(options, budgets, X)
+        n = len(kind)
+        budgets = self.effective_budgets(kind, cnt, budgets, X)
         self.N = np.array(budgets, dtype=np.int64)
-        dims = [n + 1 for n in budgets]
+        dims = [n_ + 1 for n_ in budgets]
         strides = np.ones(C, dtype=np.int64)
         for c in range(C - 2, -1, -1):
             strides[c] = strides[c + 1] * dims[c + 1]
@@ -92,28 +119,42 @@ class StageTable:
         self.nU = int(np.prod(dims)) if C else 1
         grid = np.indices(dims).reshape(C, -1).T if C else np.zeros((1, 0), dtype=np.int64)
         self.comp = np.ascontiguousarray(grid.astype(np.int64))
-        n = len(options)
-        self.kind = np.array([o.kind for o in options], dtype=np.int64)
-        self.xf = np.array([o.xf for o in options], dtype=np.int64)
-        self.span = np.array([o.span for o in options], dtype=np.int64)
-        self.cnt = np.array([o.counts for o in options], dtype=np.int64).reshape(n, C)
+        self.kind, self.xf, self.span = kind, xf, span
+        self.cnt = np.ascontiguousarray(cnt.reshape(n, C))
         self.off = self.cnt @ strides if n else np.zeros(0, dtype=np.int64)
-        self.t = np.array([o.t for o in options], dtype=np.float64)
-        self.tail = np.array([o.tail for o in options], dtype=np.float64)
-        self.amax = np.array([min(o.amax, L) for o in options], dtype=np.int64)
+        self.t, self.tail = t, tail
+        self.amax = np.minimum(amax, L)
         # options by device vector: group[k] numbers k's vector, byc lists the options vector by vector
         self.group = np.zeros(n, dtype=np.int64)
         if n:
             self.group = np.unique(self.cnt, axis=0, return_inverse=True)[1].astype(np.int64).reshape(n)
         self.byc = np.argsort(self.group, kind="stable").astype(np.int64)
-        finite = [a for a in self.amax if a < L]
-        self.dcap = (max(finite) + 1) if finite else 1
+        finite = self.amax[self.amax < L]
+        self.dcap = (int(finite.max()) + 1) if len(finite) else 1
+
+    @property
+    def options(self) -> list[Option]:
+        if self._options is None:
+            self._options = [Option(int(k), int(x), int(sp), tuple(int(v) for v in c), float(t), float(tl), int(a), r)
+                             for k, x, sp, c, t, tl, a, r in zip(self.kind, self.xf, self.span, self.cnt, self.t,
+                                                                 self.tail, self.amax, self.refs)]
+        return self._options
 
     @staticmethod
-    def shape_options(shapes, unit: int = 1, chunk: int = 1) -> list[Option]:
-        return [Option(s.kind, 0 if s.kind in (LAST, ONLY) else -1, s.blocks // chunk,
-                       tuple(n // unit for n in s.counts), s.t, s.tail, s.amax, s)
-                for s in shapes if s.blocks % chunk == 0]
+    def shape_arrays(shapes, unit: int = 1, chunk: int = 1) -> tuple:
+        """(kind, xf, span, counts, t, tail, amax, refs) of the shapes whose blocks are a
+        multiple of ``chunk``, blocks in chunks and counts in units."""
+        shapes = [s for s in shapes if s.blocks % chunk == 0] if chunk > 1 else list(shapes)
+        n = len(shapes)
+        kind = np.fromiter((s.kind for s in shapes), dtype=np.int64, count=n)
+        span = np.fromiter((s.blocks for s in shapes), dtype=np.int64, count=n) // chunk
+        C = len(shapes[0].counts) if n else 0
+        cnt = np.array([s.counts for s in shapes], dtype=np.int64).reshape(n, C) // unit
+        t = np.fromiter((s.t for s in shapes), dtype=np.float64, count=n)
+        tail = np.fromiter((s.tail for s in shapes), dtype=np.float64, count=n)
+        amax = np.fromiter((s.amax for s in shapes), dtype=np.int64, count=n)
+        xf = np.where((kind == LAST) | (kind == ONLY), 0, -1).astype(np.int64)
+        return kind, xf, span, cnt, t, tail, amax, shapes
 
     @classmethod
     def of_shapes(cls, shapes, budgets: list[int], L: int, limit: int | None = None, unit: int = 1,
@@ -122,12 +163,12 @@ class StageTable:
         chunks of ``chunk``, which divides the block count), or None if it would have more
         than ``limit`` states."""
         assert (L - 2) % chunk == 0
-        opts = cls.shape_options(shapes, unit, chunk)
+        kind, xf, span, cnt, t, tail, amax, refs = cls.shape_arrays(shapes, unit, chunk)
         budgets = [n // unit for n in budgets]
         X = (L - 2) // chunk
-        if limit is not None and cls.count_states(opts, budgets, X, L) > limit:
+        if limit is not None and cls.count_states(kind, cnt, np.minimum(amax, L), budgets, X, L) > limit:
             return None
-        return cls(opts, budgets, X, L)
+        return cls.of_arrays(kind, xf, span, cnt, t, tail, amax, refs, budgets, X, L)
 
     @classmethod
     def of_columns(cls, cols, budgets: list[int], L: int, limit: int | None = None) -> "StageTable | None":
@@ -136,12 +177,65 @@ class StageTable:
         for c in cols:
             kind = ONLY if (c.i == 0 and c.j == L) else FIRST if c.i == 0 else LAST if c.j == L else INNER
             opts.append(Option(kind, L - c.j, c.j - c.i, c.counts, c.t, c.tail, c.amax, c))
-        if limit is not None and cls.count_states(opts, budgets, L, L) > limit:
-            return None
+        if limit is not None:
+            kind = np.array([o.kind for o in opts], dtype=np.int64)
+            cnt = np.array([o.counts for o in opts], dtype=np.int64).reshape(len(opts), len(budgets))
+            amax = np.array([min(o.amax, L) for o in opts], dtype=np.int64)
+            if cls.count_states(kind, cnt, amax, budgets, L, L) > limit:
+                return None
         return cls(opts, budgets, L, L)
 
     def states(self) -> int:
         return (self.dcap + 1) * (self.X + 1) * self.nU
+
+    def priced_remaining(self, use: np.ndarray, lams: np.ndarray) -> np.ndarray:
+        """For each multiplier vector lam (rows of ``lams``, seconds per device of each
+        class): R[j, x], the least sum of t + lam . counts of a chain of usable options from
+        cover x to a first stage. A state that has used u devices then needs at least
+        R[j, x] - lam . (N - u) more stage time (its stages in front use at most N - u:
+        Lagrange's bound on the budgets the plain ``remaining_bound`` ignores)."""
+        X, C = self.X, len(self.N)
+        out = np.empty((len(lams), X + 1))
+        used = np.zeros((X + 1, C), dtype=np.int64)
+        for j, lam in enumerate(lams):
+            _chain(X, self.kind, self.xf, self.span, self.cnt, self.t, use, np.ascontiguousarray(lam, dtype=np.float64),
+                   out[j], used)
+        return out
+
+    def multipliers(self) -> np.ndarray:
+        """Device prices (seconds per device of each class) that raise the priced remaining
+        bound of the whole pipeline (a last stage and the chain in front of it, within the
+        budgets) the most: subgradient steps on its Lagrangian dual, every option usable.
+        Computed once per table; the bound holds for any prices, these only make it
+        strong."""
+        if getattr(self, "_lams", None) is not None:
+            return self._lams
+        X, C, N = self.X, len(self.N), self.N.astype(np.float64)
+        use = np.ones(len(self.t), dtype=np.bool_)
+        last = np.nonzero(self.kind == LAST)[0]
+        R = np.empty(X + 1)
+        used = np.zeros((X + 1, C), dtype=np.int64)
+        lam = np.zeros(C)
+        best, best_lam = -math.inf, lam.copy()
+        scale = None
+        for i in range(MULTIPLIER_STEPS):
+            _chain(X, self.kind, self.xf, self.span, self.cnt, self.t, use, lam, R, used)
+            tot = self.t[last] + self.cnt[last] @ lam + R[self.span[last]]
+            if not len(tot) or not np.isfinite(tot).any():
+                break
+            k = last[int(np.argmin(tot))]
+            val = float(tot.min() - lam @ N)
+            if val > best:
+                best, best_lam = val, lam.copy()
+            g = (self.cnt[k] + used[self.span[k]] - N) / np.maximum(N, 1)  # overuse, as a share of each budget
+            if scale is None:
+                scale = float(tot.min()) / max(1.0, float(N.sum()))
+            if not np.any(g > 0) and not np.any((g < 0) & (lam > 0)):
+                break
+            lam = np.maximum(0.0, lam + scale * 2.0 / (1 + i) * g)
+        self._lams = np.array([best_lam * a for a in MULTIPLIER_SCALES]) if best > -math.inf and best_lam.any() \
+            else np.zeros((0, C))
+        return self._lams
 
     def remaining_bound(self, use: np.ndarray, mx: bool = False) -> np.ndarray:
         """rem[x]: the least time the stages in front can take once x is covered (the
@@ -179,6 +273,80 @@ class StageTable:
 
 
 @njit(cache=True)
+def _chain(X, kind, xf, span, cnt, t, use, lam, R, used):
+    """R[x]: the least sum of t + lam . counts over chains of usable options from cover x
+    to a first stage (budgets ignored; inf where none); used[x]: that chain's counts.
+    Anywhere-options (shapes) count by span, the cheapest of each; fixed-position ones
+    (ranges) at their position."""
+    n, C = kind.shape[0], cnt.shape[1]
+    cost = np.empty(n)
+    bi = np.full(X + 1, np.inf)  # the cheapest anywhere inner option of each span, and which
+    ai = np.full(X + 1, -1, dtype=np.int64)
+    bf = np.full(X + 1, np.inf)  # first options likewise
+    af = np.full(X + 1, -1, dtype=np.int64)
+    nfix = np.zeros(X + 2, dtype=np.int64)  # fixed-position options per position (offsets)
+    for k in range(n):
+        if not use[k] or (kind[k] != 0 and kind[k] != 1):
+            continue
+        c = t[k]
+        for j in range(C):
+            c += lam[j] * cnt[k, j]
+        cost[k] = c
+        sp = span[k]
+        if xf[k] >= 0:
+            if xf[k] <= X:
+                nfix[xf[k] + 1] += 1
+        elif sp <= X:
+            if kind[k] == 0:
+                if sp >= 1 and c < bi[sp]:
+                    bi[sp], ai[sp] = c, k
+            elif c < bf[sp]:
+                bf[sp], af[sp] = c, k
+    for x in range(X + 1):
+        nfix[x + 1] += nfix[x]
+    fix = np.empty(nfix[X + 1], dtype=np.int64)
+    fill = nfix[:X + 1].copy()
+    for k in range(n):
+        if use[k] and (kind[k] == 0 or kind[k] == 1) and 0 <= xf[k] <= X:
+            fix[fill[xf[k]]] = k
+            fill[xf[k]] += 1
+    arg = np.full(X + 1, -1, dtype=np.int64)
+    for x in range(X, -1, -1):
+        best, bk = np.inf, -1
+        if af[X - x] >= 0:
+            best, bk = bf[X - x], af[X - x]
+        for sp in range(1, X - x + 1):
+            if ai[sp] >= 0:
+                c = bi[sp] + R[x + sp]
+                if c < best:
+                    best, bk = c, ai[sp]
+        for q in range(nfix[x], nfix[x + 1]):
+            k = fix[q]
+            if kind[k] == 1:
+                c = cost[k]
+            else:
+                x2 = x + span[k]
+                if x2 == x or x2 > X:
+                    continue
+                c = cost[k] + R[x2]
+            if c < best:
+                best, bk = c, k
+        R[x] = best
+        arg[x] = bk
+    for x in range(X + 1):
+        for j in range(C):
+            used[x, j] = 0
+        y = x
+        while y <= X and arg[y] >= 0:
+            k = arg[y]
+            for j in range(C):
+                used[x, j] += cnt[k, j]
+            if kind[k] == 1:
+                break
+            y += span[k]
+
+
+@njit(cache=True)
 def _open(D, P, Q, d, x):
     D[d, x, :] = np.inf
     P[d, x, :] = -1
@@ -186,12 +354,14 @@ def _open(D, P, Q, d, x):
 
 
 @njit(cache=True)
-def _frontier(row, env, comp, strides, nU, rem, limit, out, mx):
+def _frontier(row, env, comp, strides, nU, rem, limit, out, mx, lams, prem, N):
     """The states of one (depth, position) row worth expanding: able to get below the
     limit, not dominated within the row by a state with fewer devices of some class, nor
     by ``env`` (the shallower rows). Folds the row into env. ``mx``: values are maxima
-    (bottlenecks), not sums."""
+    (bottlenecks), not sums. ``prem[j]``: the row's priced remaining bound at prices
+    ``lams[j]`` (sums only)."""
     C = strides.shape[0]
+    J = lams.shape[0]
     E = row.copy()
     for c in range(C):
         st = strides[c]
@@ -202,6 +372,16 @@ def _frontier(row, env, comp, strides, nU, rem, limit, out, mx):
     for u in range(nU):
         v = row[u]
         if ((v if v > rem else rem) if mx else v + rem) >= limit or env[u] <= v:
+            continue
+        priced = False
+        for j in range(J):
+            r = prem[j]
+            for c in range(C):
+                r -= lams[j, c] * (N[c] - comp[u, c])
+            if v + r >= limit:
+                priced = True
+                break
+        if priced:
             continue
         dom = False
         for c in range(C):
@@ -219,7 +399,7 @@ def _frontier(row, env, comp, strides, nU, rem, limit, out, mx):
 
 @njit(cache=True)
 def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax, group, byc, use, limit, rem,
-            floor, mx, max_work):
+            floor, mx, max_work, lams, prem):
     """The least sum (``mx``: the least maximum) of stage times over plans, below ``limit``;
     every bound test is against the best plan found so far (itself below ``limit``). A
     plan at ``floor`` (a lower bound on every plan) ends the search. Also returns its work:
@@ -263,7 +443,7 @@ def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax,
             if not live[d, x]:
                 continue
             row = D[d, x]
-            m = _frontier(row, env[x], comp, strides, nU, rem[x], best, cells, mx)
+            m = _frontier(row, env[x], comp, strides, nU, rem[x], best, cells, mx, lams, prem[:, x], N)
             work += nU
             if m == 0:
                 continue
@@ -349,9 +529,13 @@ def _run(tab: StageTable, use: np.ndarray, limit: float, mx: bool, meter: list |
     if mx:  # no plan has a bottleneck below the best chain's, budgets ignored: reaching it ends
         floor = min(float(tab.t[only].min()) if only.any() else math.inf,
                     float(np.maximum(tab.t[last], rem[tab.span[last]]).min()) if last.any() else math.inf)
+    lams, prem = np.zeros((0, len(tab.N))), np.zeros((0, tab.X + 1))
+    if not mx and math.isfinite(limit):  # (sums: the budgets priced in the remaining bound)
+        lams = tab.multipliers()
+        prem = tab.priced_remaining(use, lams)
     out = _kernel(tab.X, tab.L, tab.N, tab.comp, tab.strides, tab.nU, tab.dcap, tab.kind, tab.xf, tab.span, tab.cnt,
                   tab.off, tab.t, tab.amax, tab.group, tab.byc, use, float(limit), rem, floor, mx,
-                  np.iinfo(np.int64).max if max_work is None else int(max_work))
+                  np.iinfo(np.int64).max if max_work is None else int(max_work), lams, prem)
     if meter is not None:
         meter[0] += out[6]
     return out
@@ -371,23 +555,21 @@ def min_stage_sum(tab: StageTable, use: np.ndarray, limit: float = math.inf, met
         return -math.inf, None
     if k < 0 or not math.isfinite(best):
         return math.inf, None
-    opts = tab.options
-    if opts[k].kind == ONLY:
-        return float(best), [opts[k].ref]
-    seq = [opts[k]]
-    x = int(opts[k].xf) if opts[k].xf >= 0 else tab.X - int(opts[k].span)
+    if tab.kind[k] == ONLY:
+        return float(best), [tab.refs[k]]
+    seq = [k]
+    x = int(tab.xf[k]) if tab.xf[k] >= 0 else tab.X - int(tab.span[k])
     while True:
         j, same = int(P[d, x, u]), int(Q[d, x, u])
-        o = opts[j]
-        seq.append(o)
-        if o.kind == LAST:
+        seq.append(j)
+        if tab.kind[j] == LAST:
             break
-        x -= o.span
+        x -= int(tab.span[j])
         u -= int(tab.off[j])
         if not same:
             d -= 1
-    assert seq[-1].kind == LAST and seq[0].kind == FIRST
-    return float(best), [o.ref for o in seq]
+    assert tab.kind[seq[-1]] == LAST and tab.kind[seq[0]] == FIRST
+    return float(best), [tab.refs[j] for j in seq]
 
 
 def min_bottleneck(tab: StageTable, use: np.ndarray, limit: float = math.inf, meter: list | None = None,

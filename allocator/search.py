@@ -427,9 +427,10 @@ class Search:
                 if seq is not None:
                     self.offer_seq(st, seq, R)
                 st.seconds += time.perf_counter() - t0
-                if ev.lb < self.target and not ev.single:
+                if ev.lb < self.target:
                     for child in caps.split(ev):
-                        heapq.heappush(heap, (ev.lb, child))
+                        if child.lb < self.target:
+                            heapq.heappush(heap, (child.lb, child))
 
     def expand(self, st: MState, box: Box, first: bool = False) -> None:
         """Evaluate a box (offering its plan) and queue its halves if it is still open."""
@@ -444,11 +445,12 @@ class Search:
         found = self.offer_seq(st, seq) if seq is not None else -math.inf
         st.seconds += time.perf_counter() - t0
         if ev.lb < self.target:
-            if not ev.single:
-                for child in st.caps.split(ev):
-                    heapq.heappush(self.heap, (ev.lb, 1, child.b - child.a + child.d - child.c, key, child))
-            elif found > ev.lb * (1 + 1e-9):
-                self.unresolved.append(ev.lb)
+            corner = st.caps.corner_cost(ev)  # (its plan costs more than the caps say: still open)
+            if found > corner * (1 + 1e-9) and corner < self.target:
+                self.unresolved.append(corner)
+            for child in st.caps.split(ev):
+                if child.lb < self.target:
+                    heapq.heappush(self.heap, (child.lb, 1, child.b - child.a + child.d - child.c, key, child))
         self.report()
 
     def deepen(self) -> None:

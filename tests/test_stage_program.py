@@ -127,3 +127,42 @@ def test_a_work_cap_gives_up_or_answers_exactly(seed):
     gave_up = sum(min_stage_sum(t, np.ones(len(t.options), dtype=bool), max_work=0)[0] == -math.inf
                   for t, _ in (random_table(s) for s in range(40)))
     assert gave_up >= 10
+
+
+@pytest.mark.parametrize("seed", range(0, 40, 2))
+def test_priced_remaining_bound_holds_for_any_prices(seed):
+    """With a finite limit the program prunes states by the budgets priced in the
+    remaining bound (StageTable.multipliers): a lower bound for any device prices, so with
+    arbitrary prices in place of the table's own the answer is still the brute force's."""
+    tab, budgets = random_table(seed)
+    use = np.ones(len(tab.options), dtype=bool)
+    ref, _ = brute(tab, budgets, use)
+    if not math.isfinite(ref):
+        return
+    rng = np.random.default_rng(seed)
+    for lams in (tab.multipliers(), rng.uniform(0, 3, size=(4, len(budgets))), np.full((1, len(budgets)), 50.0)):
+        tab._lams = lams
+        assert min_stage_sum(tab, use, ref * 1.0001)[0] == pytest.approx(ref, rel=1e-12)
+        assert min_stage_sum(tab, use, ref)[0] == math.inf
+    tab._lams = None
+
+
+def test_priced_prices_prune_work():
+    """The table's own prices are found (positive somewhere) on tables where the budgets
+    bind, and the pruning they allow never costs work."""
+    priced = 0
+    for seed in range(40):
+        tab, budgets = random_table(seed)
+        use = np.ones(len(tab.options), dtype=bool)
+        ref, _ = min_stage_sum(tab, use)
+        if not math.isfinite(ref):
+            continue
+        with_prices, without = [0], [0]
+        min_stage_sum(tab, use, ref * 1.5, meter=with_prices)
+        lams = tab.multipliers()
+        tab._lams = np.zeros((0, len(budgets)))
+        min_stage_sum(tab, use, ref * 1.5, meter=without)
+        tab._lams = lams
+        assert with_prices[0] <= without[0]
+        priced += len(lams) > 0
+    assert priced >= 5
