@@ -138,11 +138,20 @@ class CapSearch:
             return None, None
         lo = 0  # (one micro-batch: the bottleneck does not count)
         if self.M > 1:
+            if math.isfinite(incumbent):  # no plan costs less than (M - 1) tau + sigma_c + v
+                nt = min(nt, int(np.searchsorted(self.taus, (incumbent - float(self.sigs[c]) - v) / (self.M - 1),
+                                                 side="left")) - 1)
+                if nt < 0:
+                    return None, seq
             top = max(o.t for o in seq)
             meter = [0]
-            tau = min(top, min_bottleneck(tab, (tab.t < top) & (tab.tail <= self.sigs[ns]), meter=meter,
-                                          max_work=max_work))
+            tau = min_bottleneck(tab, (tab.t < top) & (tab.t <= self.taus[nt]) & (tab.tail <= self.sigs[ns]),
+                                 meter=meter, max_work=max_work)
             self.evaluations += 1 + meter[0] // WORK_PER_EVALUATION
+            if tau == math.inf:  # none below the plan's bottleneck: that is the least, if within the box
+                if top > self.taus[nt]:
+                    return None, seq
+                tau = top
             lo = int(np.searchsorted(self.taus, tau)) if math.isfinite(tau) else 0
         return Box(-math.inf, self.M, lo, nt, c, ns), seq
 

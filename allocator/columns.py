@@ -35,6 +35,32 @@ class Column:
     recompute: str = "none"
 
 
+@dataclass(frozen=True, slots=True)
+class ColArrays:
+    """The columns of one range and recomputation choice as arrays (one row each, in
+    Column order: vector by vector, shallow to deep)."""
+
+    counts: np.ndarray
+    """(columns, classes) device counts."""
+    t: np.ndarray
+    tail: np.ndarray
+    amax: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def take(self, rows) -> "ColArrays":
+        return ColArrays(self.counts[rows], self.t[rows], self.tail[rows], self.amax[rows])
+
+    @staticmethod
+    def empty(C: int) -> "ColArrays":
+        return ColArrays(np.zeros((0, C), dtype=np.int64), np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64))
+
+    def columns(self, i: int, j: int, rc: str) -> list[Column]:
+        return [Column(i, j, tuple(c), t, tl, a, rc) for c, t, tl, a in
+                zip(self.counts.tolist(), self.t.tolist(), self.tail.tolist(), self.amax.tolist())]
+
+
 class RangeTimes:
     """Per class: device times f_c(r, k) for k = 1..cap (cap from memory at in-flight q)."""
 
@@ -150,14 +176,14 @@ DENSE_CELLS = 1_000_000
 """Largest vectors x levels matrix _stage_times forms (beyond: a bisection per vector)."""
 
 
-def range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: int, t_cap: float,
-                  budget: list[int], unit: int = 1, memo: "ColumnMemo | None" = None) -> list[Column]:
-    """The useful columns of range [i, j) for one of R replicas, with each recomputation
-    choice that can help (Problem.recompute_helps); with ``unit`` > 1 only device counts
-    that are multiples of it (a coarser plan space, for plans only). ``memo``: columns
-    already built for this range under a larger time cap (ColumnMemo)."""
+def range_arrays(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: int, t_cap: float,
+                 budget: list[int], unit: int = 1, memo: "ColumnMemo | None" = None) -> list[tuple[str, ColArrays]]:
+    """The useful columns of range [i, j) for one of R replicas, per recomputation choice
+    that can help (Problem.recompute_helps), as arrays; with ``unit`` > 1 only device
+    counts that are multiples of it (a coarser plan space, for plans only). ``memo``:
+    columns already built for this range under a larger time cap (ColumnMemo)."""
     deepest = M if prob.schedule == "gpipe" else min(M, 1 + prob.L - j)
-    out: list[Column] = []
+    out: list[tuple[str, ColArrays]] = []
     for rc in prob.recompute_options:  # (zero1: one unit in each replica shards the least)
         if rc == "full" and "none" in prob.recompute_options and \
                 not prob.recompute_helps(budget, i, j, timer.b, deepest, R):
@@ -168,13 +194,42 @@ def range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: i
             cols = _range_columns(prob, timer, R, M, i, j, t_cap, budget, unit, rc)
             if memo is not None:
                 memo.put(key, t_cap, cols)
-        if rc == "full" and out:  # a recomputing column no faster nor deeper than the plain one of its counts
-            plain: dict[tuple[int, ...], list[Column]] = {}
-            for c in out:
-                plain.setdefault(c.counts, []).append(c)
-            cols = [c for c in cols if not any(p.t <= c.t and p.amax >= c.amax for p in plain.get(c.counts, ()))]
-        out.extend(cols)
+        if rc == "full" and out and len(cols) and len(out[0][1]):
+            cols = cols.take(~_dominated(out[0][1], cols))
+        out.append((rc, cols))
     return out
+
+
+def _dominated(plain: ColArrays, full: ColArrays) -> np.ndarray:
+    """Which recomputing columns are no faster nor deeper than a plain one of their counts
+    (dominated: the same devices, a longer backward)."""
+    both = np.concatenate([plain.counts, full.counts])
+    _, keys = np.unique(both, axis=0, return_inverse=True)
+    keys = keys.reshape(-1)
+    _, tr = np.unique(np.concatenate([plain.t, full.t]), return_inverse=True)
+    tr = tr.reshape(-1)
+    n = len(plain)
+    width = int(tr.max()) + 1
+    pk, fk = keys[:n], keys[n:]
+    comp = pk.astype(np.int64) * width + tr[:n]  # (counts, time) as one ordered integer
+    order = np.argsort(comp, kind="stable")
+    comp_s, key_s, amax_s = comp[order], pk[order], plain.amax[order].astype(np.int64)
+    # the deepest plain column of the same counts at each time or below (a running
+    # maximum that restarts with each counts group: groups are offset by the depth range)
+    group = np.cumsum(np.concatenate([[0], key_s[1:] != key_s[:-1]]))
+    span = int(max(amax_s.max(), full.amax.max())) + 2
+    cm = np.maximum.accumulate(group * span + amax_s) - group * span
+    pos = np.searchsorted(comp_s, fk.astype(np.int64) * width + tr[n:], side="right") - 1
+    ok = pos >= 0
+    pos = np.maximum(pos, 0)
+    return ok & (key_s[pos] == fk) & (cm[pos] >= full.amax)
+
+
+def range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: int, t_cap: float,
+                  budget: list[int], unit: int = 1, memo: "ColumnMemo | None" = None) -> list[Column]:
+    """``range_arrays`` as Column objects."""
+    return [c for rc, arrs in range_arrays(prob, timer, R, M, i, j, t_cap, budget, unit, memo)
+            for c in arrs.columns(i, j, rc)]
 
 
 class ColumnMemo:
@@ -187,27 +242,27 @@ class ColumnMemo:
     it change), and its columns end at the same depths (times only grow with depth)."""
 
     def __init__(self):
-        self.cols: dict[tuple, tuple[float, list[Column]]] = {}
+        self.cols: dict[tuple, tuple[float, ColArrays]] = {}
 
-    def get(self, key: tuple, t_cap: float) -> list[Column] | None:
+    def get(self, key: tuple, t_cap: float) -> ColArrays | None:
         hit = self.cols.get(key)
         if hit is None or t_cap > hit[0]:
             return None
-        return hit[1] if t_cap == hit[0] else [c for c in hit[1] if c.t <= t_cap]
+        return hit[1] if t_cap == hit[0] else hit[1].take(hit[1].t <= t_cap)
 
-    def put(self, key: tuple, t_cap: float, cols: list[Column]) -> None:
+    def put(self, key: tuple, t_cap: float, cols: ColArrays) -> None:
         self.cols[key] = (t_cap, cols)
 
 
 def _range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: int, t_cap: float,
-                   budget: list[int], unit: int, rc: str) -> list[Column]:
+                   budget: list[int], unit: int, rc: str) -> ColArrays:
     gpipe = prob.schedule == "gpipe"
     zero1 = prob.zero1
+    b, L, C = timer.b, prob.L, len(budget)
     rt = RangeTimes(prob, timer, i, j, t_cap, budget, M if gpipe else 1, rc,
                     prob.most_units(budget, R) if zero1 else 1)
     if not rt.ts:
-        return []
-    b, L, C = timer.b, prob.L, len(budget)
+        return ColArrays.empty(C)
     dims = [min(budget[c], b) // unit + 1 if c in rt.ts else 1 for c in range(C)]
     grid, strides, n_dev, sizes, by_n, sorted_n, one_size = _grid(prob, timer, tuple(dims), unit, zero1)
     # Memory caps per depth. 1F1B: deeper in the pipeline more micro-batches are in flight,
@@ -262,7 +317,7 @@ def _range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: 
         tier_times.append(t_all)
     rows = np.nonzero(keep)[0]
     if not len(rows):
-        return []
+        return ColArrays.empty(C)
     V = grid[rows]
     t0 = tier_times[0][rows]
     # per depth a = 0, 1, ..: the times (a depth without a tier of its own keeps the caps
@@ -293,11 +348,9 @@ def _range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: 
     used = V > 0
     key = (used.astype(np.int64) @ (1 << np.arange(C, dtype=np.int64))) * (int(V.sum(axis=1).max()) + 1) + V.sum(axis=1)
     _, first, inv = np.unique(key, return_index=True, return_inverse=True)
-    tail_of = [stage_tail(prob, R, i, j, tuple(int(x) for x in V[f])) for f in first]
-    counts = list(map(tuple, V.tolist()))
-    inv = inv.reshape(-1)
-    return [Column(i, j, counts[k], float(t_col[q]), tail_of[inv[k]], int(amax[q]), rc)
-            for q in order.tolist() for k in (int(r[q]),)]
+    tail_of = np.array([stage_tail(prob, R, i, j, tuple(v)) for v in V[first].tolist()])
+    rows = r[order]
+    return ColArrays(V[rows], t_col[order], tail_of[inv.reshape(-1)[rows]], amax[order].astype(np.int64))
 
 
 def count_columns_estimate(prob: Problem, R: int, b: int) -> int:

@@ -142,19 +142,14 @@ class StageTable:
 
     @staticmethod
     def shape_arrays(shapes, unit: int = 1, chunk: int = 1) -> tuple:
-        """(kind, xf, span, counts, t, tail, amax, refs) of the shapes whose blocks are a
-        multiple of ``chunk``, blocks in chunks and counts in units."""
-        shapes = [s for s in shapes if s.blocks % chunk == 0] if chunk > 1 else list(shapes)
-        n = len(shapes)
-        kind = np.fromiter((s.kind for s in shapes), dtype=np.int64, count=n)
-        span = np.fromiter((s.blocks for s in shapes), dtype=np.int64, count=n) // chunk
-        C = len(shapes[0].counts) if n else 0
-        cnt = np.array([s.counts for s in shapes], dtype=np.int64).reshape(n, C) // unit
-        t = np.fromiter((s.t for s in shapes), dtype=np.float64, count=n)
-        tail = np.fromiter((s.tail for s in shapes), dtype=np.float64, count=n)
-        amax = np.fromiter((s.amax for s in shapes), dtype=np.int64, count=n)
+        """(kind, xf, span, counts, t, tail, amax, refs) of the shapes (an
+        allocator.shapes.ShapeSet) whose blocks are a multiple of ``chunk``, blocks in
+        chunks and counts in units; refs: those shapes (a ShapeSet)."""
+        if chunk > 1:
+            shapes = shapes.take(shapes.blocks % chunk == 0)
+        kind = shapes.kind
         xf = np.where((kind == LAST) | (kind == ONLY), 0, -1).astype(np.int64)
-        return kind, xf, span, cnt, t, tail, amax, shapes
+        return kind, xf, shapes.blocks // chunk, shapes.counts // unit, shapes.t, shapes.tail, shapes.amax, shapes
 
     @classmethod
     def of_shapes(cls, shapes, budgets: list[int], L: int, limit: int | None = None, unit: int = 1,

@@ -366,6 +366,11 @@ class Problem:
         return hit
 
     @cached_property
+    def _share_memo(self) -> dict[tuple, np.ndarray]:
+        """allocator.problem.StageTimer.share_times' values, per (class, range, recomputation)."""
+        return {}
+
+    @cached_property
     def _tail_memo(self) -> dict[tuple, float]:
         """allocator.problem.stage_tail's values, per (range, units in all, classes used)."""
         return {}
@@ -433,9 +438,20 @@ class StageTimer:
         return float(self._terms(c, i, j, k, px[j] - px[i], recompute))
 
     def share_times(self, c: DeviceClass, i: int, j: int, kmax: int, recompute: str = "none") -> np.ndarray:
-        """``time`` of range [i, j) at every share k = 1..kmax at once."""
+        """``time`` of range [i, j) at every share k = 1..kmax at once. (A unit's time does
+        not depend on the micro-batch size: remembered per space, for every timer.)"""
         if kmax < 1:
             return np.zeros(0)
+        memo = self.prob._share_memo
+        key = (c.index, i, j, recompute)
+        hit = memo.get(key)
+        if hit is not None and len(hit) >= kmax:
+            return hit[:kmax]
+        t = self._share_times(c, i, j, kmax, recompute)
+        memo[key] = t
+        return t
+
+    def _share_times(self, c: DeviceClass, i: int, j: int, kmax: int, recompute: str) -> np.ndarray:
         rows = self._rows.get((c.index, recompute))
         if rows is None or len(rows) < kmax:
             start = 0 if rows is None else len(rows)
@@ -448,7 +464,7 @@ class StageTimer:
     def share_matrix(self, c: DeviceClass, I: np.ndarray, J: np.ndarray, kmax: int,
                      recompute: str = "none") -> np.ndarray:
         """``share_times`` of many ranges [I, J) at once: row k - 1 holds share k."""
-        self.share_times(c, 0, 1, kmax, recompute)  # (the prefix rows up to kmax)
+        self._share_times(c, 0, 1, kmax, recompute)  # (the prefix rows up to kmax)
         rows = self._rows[(c.index, recompute)][:kmax]
         k = np.arange(1, kmax + 1, dtype=np.float64)[:, None]
         return self._terms(c, I[None, :], J[None, :], k, rows[:, J] - rows[:, I], recompute)

@@ -40,7 +40,7 @@ from .dp import STATE_LIMIT, StageTable
 from .ilp_columns import solve_columns
 from .milp import MilpResult
 from .problem import CountPlan, CountStage, Problem, StageTimer, divisors, evaluate_counts
-from .shapes import FIRST, INNER, LAST, ONLY, Shape, block_shapes, count_plan, order_stages
+from .shapes import FIRST, INNER, LAST, ONLY, Shape, ShapeSet, block_shapes, count_plan, order_stages
 from . import shape_program
 
 GRID_LIMIT = 400_000
@@ -84,7 +84,7 @@ class MState:
     status: str = "open"  # open | optimal | pruned | infeasible | limit | too_large
     seconds: float = 0.0
     caps: CapSearch | None = None
-    shapes: list[Shape] | None = None
+    shapes: ShapeSet | None = None
     cols: list[Column] | None = None
     built: bool = False
     R: int = 1
@@ -617,14 +617,14 @@ def exact_fits(prob: Problem, M: int) -> bool:
     return vectors(prob, M) <= GRID_LIMIT
 
 
-def min_stages(shapes: list[Shape], K: int, chunk: int = 1) -> int:
+def min_stages(shapes: ShapeSet, K: int, chunk: int = 1) -> int:
     """The fewest stages a plan of these shapes can have (memory caps the blocks a stage
     holds): one stage if a single stage may hold the model, else a first, a last and
     enough inner stages for the blocks they leave."""
-    shapes = [s for s in shapes if s.blocks % chunk == 0]
-    if any(s.kind == ONLY for s in shapes):
+    ok = shapes.blocks % chunk == 0
+    if (ok & (shapes.kind == ONLY)).any():
         return 1
-    most = {k: max((s.blocks for s in shapes if s.kind == k), default=0) for k in (INNER, FIRST, LAST)}
+    most = {k: int(shapes.blocks[ok & (shapes.kind == k)].max(initial=0)) for k in (INNER, FIRST, LAST)}
     rest = K - most[FIRST] - most[LAST]
     if rest <= 0:
         return 2

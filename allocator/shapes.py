@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .columns import Column, range_columns
+import numpy as np
+
+from .columns import range_arrays
 from .problem import CountPlan, CountStage, Problem, StageTimer
 
 INNER, FIRST, LAST, ONLY = 0, 1, 2, 3
@@ -56,8 +58,45 @@ def block_range(prob: Problem, kind: int, blocks: int) -> tuple[int, int]:
     return 1, 1 + blocks
 
 
+class ShapeSet:
+    """Shapes as arrays (one row each): what a build makes and a stage table reads, the
+    Shape objects made only for the rows asked for (a plan's stages)."""
+
+    def __init__(self, kind: np.ndarray, blocks: np.ndarray, counts: np.ndarray, t: np.ndarray, tail: np.ndarray,
+                 amax: np.ndarray, rc: np.ndarray, names: tuple[str, ...]):
+        self.kind, self.blocks, self.counts, self.t, self.tail, self.amax = kind, blocks, counts, t, tail, amax
+        self.rc, self.names = rc, names
+        """Each row's recomputation choice, as an index into names."""
+
+    @classmethod
+    def of(cls, shapes: list[Shape], C: int) -> "ShapeSet":
+        names = tuple(sorted({s.recompute for s in shapes})) or ("none",)
+        return cls(np.array([s.kind for s in shapes], dtype=np.int64), np.array([s.blocks for s in shapes], dtype=np.int64),
+                   np.array([s.counts for s in shapes], dtype=np.int64).reshape(len(shapes), C),
+                   np.array([s.t for s in shapes], dtype=np.float64), np.array([s.tail for s in shapes], dtype=np.float64),
+                   np.array([s.amax for s in shapes], dtype=np.int64),
+                   np.array([names.index(s.recompute) for s in shapes], dtype=np.int64), names)
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def __getitem__(self, k: int) -> Shape:
+        return Shape(int(self.kind[k]), int(self.blocks[k]), tuple(int(x) for x in self.counts[k]), float(self.t[k]),
+                     float(self.tail[k]), int(self.amax[k]), self.names[int(self.rc[k])])
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+    def take(self, rows) -> "ShapeSet":
+        return ShapeSet(self.kind[rows], self.blocks[rows], self.counts[rows], self.t[rows], self.tail[rows],
+                        self.amax[rows], self.rc[rows], self.names)
+
+
 def block_shapes(prob: Problem, timer: StageTimer, M: int, t_cap: float, R: int = 1, unit: int = 1,
-                 chunk: int = 1, memo=None) -> list[Shape]:
+                 chunk: int = 1, memo=None) -> ShapeSet:
     """Every useful shape (allocator.columns' usefulness rules) running within t_cap, for
     one of R identical replicas (devices per replica; its micro-batch is timer.b), with
     device counts in multiples of ``unit`` and blocks in multiples of ``chunk``; ``memo``:
@@ -65,16 +104,27 @@ def block_shapes(prob: Problem, timer: StageTimer, M: int, t_cap: float, R: int 
     assert prob.interchangeable_blocks
     K = prob.L - 2
     budget = [c.count // R for c in prob.classes]
-    out: list[Shape] = []
+    names = tuple(prob.recompute_options)
+    parts = []
     specs = [(FIRST, l) for l in range(K + 1)] + [(INNER, l) for l in range(1, K + 1)] + \
             [(LAST, l) for l in range(K + 1)] + [(ONLY, K)]
     for kind, l in specs:
         if l % chunk:
             continue
         i, j = block_range(prob, kind, l)
-        for col in range_columns(prob, timer, R, M, i, j, t_cap, budget, unit, memo):
-            out.append(Shape(kind, l, col.counts, col.t, col.tail, col.amax, col.recompute))
-    return out
+        for rc, cols in range_arrays(prob, timer, R, M, i, j, t_cap, budget, unit, memo):
+            if len(cols):
+                parts.append((kind, l, names.index(rc), cols))
+    C = len(budget)
+    if not parts:
+        z = np.zeros(0, dtype=np.int64)
+        return ShapeSet(z, z, np.zeros((0, C), dtype=np.int64), np.zeros(0), np.zeros(0), z, z, names)
+    sizes = [len(c) for *_, c in parts]
+    rep = lambda v: np.repeat(np.array(v, dtype=np.int64), sizes)  # noqa: E731
+    return ShapeSet(rep([p[0] for p in parts]), rep([p[1] for p in parts]),
+                    np.concatenate([c.counts for *_, c in parts]), np.concatenate([c.t for *_, c in parts]),
+                    np.concatenate([c.tail for *_, c in parts]), np.concatenate([c.amax for *_, c in parts]),
+                    rep([p[2] for p in parts]), names)
 
 
 def order_stages(prob: Problem, chosen: list[Shape]) -> list[Shape] | None:
