@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from .ahead import AHEAD_RANGES, Builder, enabled as ahead_enabled
 from .bounds import block_bound
 from .caps import WORK_PER_EVALUATION, Box, CapSearch
 from .lagrange import lagrange_bound
@@ -129,8 +130,11 @@ class Search:
 
     def __init__(self, probs: list[Problem], time_limit: float, gap: float, backend: str, msg: bool,
                  progress: Callable[[str], None] | None, seeds: list[tuple[CountPlan, Problem]] = (),
-                 deadline: float | None = None, memos: dict[int, ColumnMemo] | None = None):
+                 deadline: float | None = None, memos: dict[int, ColumnMemo] | None = None,
+                 builder: Builder | None = None, pass_id: int = 0):
         self.probs, self.gap, self.backend, self.msg = probs, gap, backend, msg
+        self.builder, self.pass_id = builder, pass_id
+        """Shapes built ahead in a second process (allocator.ahead), and this pass's number there."""
         self.memos = memos or {}
         """Column memos by id() of a space (allocator.columns.ColumnMemo): the first pass's
         columns of its space, for the second pass's space of the same cost model."""
@@ -224,6 +228,37 @@ class Search:
         return not self.heap or self.heap[0][0] >= inc * (1 - self.gap) - 1e-15 * abs(inc)
 
     # ---- per-M set-up -----------------------------------------------------------------------
+    def ahead_ranges(self, st: MState) -> int:
+        """The stage kinds (block counts x kinds x recomputation choices) of st's exact
+        build if it may be built (as ``build`` rules), else 0."""
+        prob = st.prob
+        if not prob.interchangeable_blocks:
+            return 0
+        b, grid = prob.global_batch // st.M, 1
+        for c in prob.classes:
+            grid *= min(c.count, b) + 1
+        ranges = (3 * (prob.L - 2) + 3) * len(prob.recompute_options)
+        return ranges if grid <= GRID_LIMIT and grid * ranges <= self.cells_limit else 0
+
+    def ahead(self, order: list, n: int, cheap: dict) -> None:
+        """Keep the worker (allocator.ahead) building: the next count the search will build
+        after the one at n — the one after that if the worker built n's (the search
+        builds the next one itself meanwhile)."""
+        if self.builder is None or self.builder.busy():
+            return
+        skip = 1 if self.builder.submitted((self.pass_id, *order[n])) else 0
+        for key in order[n + 1:]:
+            st = self.states[key]
+            if st.status != "open" or st.built or cheap[key] >= self.target or \
+                    self.builder.submitted((self.pass_id, *key)) or self.ahead_ranges(st) < AHEAD_RANGES:
+                continue
+            if skip:
+                skip -= 1
+                continue
+            self.builder.submit((self.pass_id, *key), self.incumbent / st.M if math.isfinite(self.incumbent)
+                                else math.inf)
+            return
+
     def build(self, st: MState) -> None:
         t0 = time.perf_counter()
         prob, M = st.prob, st.M
@@ -273,8 +308,10 @@ class Search:
                 if cells > self.cells_limit:
                     continue  # its shapes alone would take more than the search's work budget
                 timer = StageTimer(prob, b)
-                shapes = block_shapes(prob, timer, M, t_cap, R, unit, memo=self.memos.get(id(prob)))
                 exact = R == 1 and unit == 1
+                shapes = self.builder.take((self.pass_id, st.k, M), t_cap) if exact and self.builder else None
+                if shapes is None:
+                    shapes = block_shapes(prob, timer, M, t_cap, R, unit, memo=self.memos.get(id(prob)))
                 if not shapes:
                     if exact:
                         st.status, st.bound = ("pruned" if math.isfinite(self.incumbent) else "infeasible"), math.inf
@@ -511,10 +548,12 @@ class Search:
                 st.status = "infeasible"
         self.pending = {key: cheap[key] for key, st in self.states.items() if st.status != "infeasible"}
         B = self.probs[0].global_batch
-        for key in sorted(self.states, key=lambda km: (B // km[1], km[1], km[0])):
+        order = sorted(self.states, key=lambda km: (B // km[1], km[1], km[0]))
+        for n, key in enumerate(order):
             st = self.states[key]
             if st.status == "infeasible":
                 continue
+            self.ahead(order, n, cheap)
             if cheap[key] >= self.target:
                 st.status = "pruned"
                 self.pending.pop(key, None)
@@ -650,13 +689,29 @@ def search(prob: Problem | list[Problem], *, time_limit: float = 30.0, gap: floa
     the budget, and its plan seeds the search of the whole union, which proves the bound."""
     probs = prob if isinstance(prob, list) else [prob]
     if not any("full" in p.recompute_options and len(p.recompute_options) > 1 for p in probs):
-        return Search(probs, time_limit, gap, backend, msg, progress, seeds, deadline).run()
+        builder = Builder({1: (probs, {})}) if ahead_enabled() else None
+        try:
+            return Search(probs, time_limit, gap, backend, msg, progress, seeds, deadline, builder=builder,
+                          pass_id=1).run()
+        finally:
+            if builder is not None:
+                builder.close()
     # the first pass: single devices (the smallest space, the fastest to search)
     k0 = min(range(len(probs)), key=lambda k: (probs[k].tp, probs[k].optimizer_sharding != "zero1"))
     plain = replace(probs[k0], recompute="none")
     end = time.perf_counter() + time_limit if deadline is None else deadline
     memo = ColumnMemo()  # (the first pass's columns are the second's without recomputation)
-    first = Search([plain], PLAIN_SHARE * time_limit, gap, backend, msg, progress, seeds, end, {id(plain): memo})
+    builder = Builder({0: ([plain], {0: memo}), 1: (probs, {k0: memo})}) if ahead_enabled() else None
+    try:
+        return _two_passes(probs, k0, plain, memo, builder, time_limit, gap, backend, msg, progress, seeds, end)
+    finally:
+        if builder is not None:
+            builder.close()
+
+
+def _two_passes(probs, k0, plain, memo, builder, time_limit, gap, backend, msg, progress, seeds, end):
+    first = Search([plain], PLAIN_SHARE * time_limit, gap, backend, msg, progress, seeds, end, {id(plain): memo},
+                   builder, 0)
     first.deepen_left = False  # (its bounds are not the answer's: the budget it leaves goes to the second pass)
     first = first.run()
     if first.best is not None:
@@ -664,7 +719,7 @@ def search(prob: Problem | list[Problem], *, time_limit: float = 30.0, gap: floa
     # the second pass's budget: the rest of the work budget (what the first pass left
     # unspent included), counted in work, not read off the clock (determinism)
     rest = (1 - PLAIN_SHARE) * time_limit + max(0, first.evals_left) / EVALS_PER_SECOND
-    res = Search(probs, rest, gap, backend, msg, progress, seeds, end, {id(probs[k0]): memo}).run()
+    res = Search(probs, rest, gap, backend, msg, progress, seeds, end, {id(probs[k0]): memo}, builder, 1).run()
     res.solves = first.solves + res.solves
     res.seconds += first.seconds
     key = lambda p, q: (id(q), p.M, tuple((s.start, s.stop, s.counts, s.recompute) for s in p.stages))  # noqa: E731
