@@ -366,6 +366,16 @@ class Problem:
         return hit
 
     @cached_property
+    def _prefix_memo(self) -> dict[tuple[int, int, str], np.ndarray]:
+        """StageTimer._prefix's arrays, per (class, share, recomputation)."""
+        return {}
+
+    @cached_property
+    def _rows_memo(self) -> dict[tuple[int, str], np.ndarray]:
+        """StageTimer's prefix arrays of shares 1.. as rows, per (class, recomputation)."""
+        return {}
+
+    @cached_property
     def _share_memo(self) -> dict[tuple, np.ndarray]:
         """allocator.problem.StageTimer.share_times' values, per (class, range, recomputation)."""
         return {}
@@ -391,8 +401,10 @@ class StageTimer:
         self.prob, self.b = prob, b
         L = prob.L
         # prefix arrays (L+1) of fwd+bwd compute at share k, per (class, k, recompute)
-        self._px: dict[tuple[int, int, str], np.ndarray] = {}
-        self._rows: dict[tuple[int, str], np.ndarray] = {}  # per (class, recompute): _prefix of k = 1.. as rows
+        # (a unit's times do not depend on the micro-batch size: the prefix arrays are the
+        # space's, shared by its timers)
+        self._px: dict[tuple[int, int, str], np.ndarray] = prob._prefix_memo
+        self._rows: dict[tuple[int, str], np.ndarray] = prob._rows_memo  # per (class, recompute): _prefix of k = 1.. as rows
         self.memo: dict = {}
         """What the builds at this micro-batch size share (allocator.columns._grid)."""
         self._out = np.array([0.0] + [l.out_act_bytes for l in prob.cg.layers])  # out_bytes at boundary j = _out[j]
