@@ -101,7 +101,7 @@ class CapSearch:
         return (v if math.isfinite(v) else limit), seq
 
     def root(self, incumbent: float = math.inf, max_work: int | None = None,
-             first_work: int | None = None) -> tuple[Box | None, list | None]:
+             first_work: int | None = None, tau_known: float = math.inf) -> tuple[Box | None, list | None]:
         """The box of caps that any plan better than ``incumbent`` can have, and a plan
         found on the way: the box runs from the smallest bottleneck at which some plan
         exists to the largest levels that can still beat the incumbent (M tau <
@@ -114,8 +114,12 @@ class CapSearch:
         evaluation (memo). The second may take at most ``max_work``: beyond, the box starts
         at the lowest level (valid: the boxes split it). The first may take at most
         ``first_work`` (for restricted spaces, searched for plans only): beyond, (None,
-        None) with ``gave_up`` set (not a proof that no plan beats the incumbent)."""
+        None) with ``gave_up`` set (not a proof that no plan beats the incumbent).
+        ``tau_known``: the bottleneck of some plan of this count known beforehand (the least
+        bottleneck is at most it: the second program looks below it only). The least
+        bottleneck found is kept in ``tau_min``."""
         self.gave_up = False
+        self.tau_min = math.nan
         nt, ns = len(self.taus) - 1, len(self.sigs) - 1
         if math.isfinite(incumbent):
             nt = int(np.searchsorted(self.taus, incumbent / self.M, side="left")) - 1
@@ -143,15 +147,17 @@ class CapSearch:
                                                  side="left")) - 1)
                 if nt < 0:
                     return None, seq
-            top = max(o.t for o in seq)
+            top = min(max(o.t for o in seq), tau_known)  # (a plan has it: the least is at most it)
             meter = [0]
             tau = min_bottleneck(tab, (tab.t < top) & (tab.t <= self.taus[nt]) & (tab.tail <= self.sigs[ns]),
                                  meter=meter, max_work=max_work)
             self.evaluations += 1 + meter[0] // WORK_PER_EVALUATION
-            if tau == math.inf:  # none below the plan's bottleneck: that is the least, if within the box
+            if tau == math.inf:  # none below that plan's bottleneck: that is the least, if within the box
                 if top > self.taus[nt]:
                     return None, seq
                 tau = top
+            if math.isfinite(tau):
+                self.tau_min = tau
             lo = int(np.searchsorted(self.taus, tau)) if math.isfinite(tau) else 0
         return Box(-math.inf, self.M, lo, nt, c, ns), seq
 

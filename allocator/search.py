@@ -135,6 +135,11 @@ class Search:
         self.probs, self.gap, self.backend, self.msg = probs, gap, backend, msg
         self.builder, self.pass_id = builder, pass_id
         """Shapes built ahead in a second process (allocator.ahead), and this pass's number there."""
+        self.tau_known: dict[tuple[int, int], float] = {}
+        """Per (space, M): the bottleneck of a plan known before the search (the first pass's
+        least bottleneck of the plans without recomputation, for the space they belong to)."""
+        self.tau_found: dict[tuple[int, int], float] = {}
+        """Per (space, M): the least bottleneck of its whole-cluster plans, where computed."""
         self.memos = memos or {}
         """Column memos by id() of a space (allocator.columns.ColumnMemo): the first pass's
         columns of its space, for the second pass's space of the same cost model."""
@@ -428,8 +433,11 @@ class Search:
         first program (None, caps.gave_up set, when it gives up)."""
         before = caps.evaluations
         cap = max(0, self.evals_left) * WORK_PER_EVALUATION // 8
-        root, seq = caps.root(self.target, cap, cap if restricted else None)
+        root, seq = caps.root(self.target, cap, cap if restricted else None,
+                              self.tau_known.get((st.k, st.M), math.inf) if not restricted else math.inf)
         self.evals_left -= caps.evaluations - before
+        if not restricted and caps.tau_min == caps.tau_min:
+            self.tau_found[(st.k, st.M)] = caps.tau_min
         if seq is not None:
             self.offer_seq(st, seq, R)
         return root
@@ -710,16 +718,19 @@ def search(prob: Problem | list[Problem], *, time_limit: float = 30.0, gap: floa
 
 
 def _two_passes(probs, k0, plain, memo, builder, time_limit, gap, backend, msg, progress, seeds, end):
-    first = Search([plain], PLAIN_SHARE * time_limit, gap, backend, msg, progress, seeds, end, {id(plain): memo},
-                   builder, 0)
-    first.deepen_left = False  # (its bounds are not the answer's: the budget it leaves goes to the second pass)
-    first = first.run()
+    first_search = Search([plain], PLAIN_SHARE * time_limit, gap, backend, msg, progress, seeds, end,
+                          {id(plain): memo}, builder, 0)
+    first_search.deepen_left = False  # (its bounds are not the answer's: the budget it leaves goes to the second pass)
+    first = first_search.run()
     if first.best is not None:
         seeds = list(seeds) + [(first.best, probs[k0] if first.prob is plain else first.prob)]
     # the second pass's budget: the rest of the work budget (what the first pass left
     # unspent included), counted in work, not read off the clock (determinism)
     rest = (1 - PLAIN_SHARE) * time_limit + max(0, first.evals_left) / EVALS_PER_SECOND
-    res = Search(probs, rest, gap, backend, msg, progress, seeds, end, {id(probs[k0]): memo}, builder, 1).run()
+    second = Search(probs, rest, gap, backend, msg, progress, seeds, end, {id(probs[k0]): memo}, builder, 1)
+    # (the first pass's plans are plans of space k0: their least bottlenecks bound its own)
+    second.tau_known = {(k0, M): tau for (_, M), tau in first_search.tau_found.items()}
+    res = second.run()
     res.solves = first.solves + res.solves
     res.seconds += first.seconds
     key = lambda p, q: (id(q), p.M, tuple((s.start, s.stop, s.counts, s.recompute) for s in p.stages))  # noqa: E731
