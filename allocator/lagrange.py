@@ -27,14 +27,23 @@ time in [t_g, t_g+1) counts as t_g with the capacity of t_g+1; a share between t
 shares counts as the larger), so the bound stays valid and loses at most the grids'
 ratios. tau runs over the same grid: for tau in [t_h-1, t_h] the bound takes (M - 1)
 t_h-1 and stage times up to t_h, so one pass of the program gives the bound of every tau
-interval for one lam; the multipliers are then improved for the interval with the
-lowest bound (a scan along one direction, then subgradient steps), and the bound of M is
-the lowest interval's best.
+interval for one lam; the multipliers are then improved (a scan along one direction,
+then, for the full bound, cutting planes on the blocks of intervals with the lowest
+bounds, which reach each block's Lagrangian dual: ``Dual.ascend``), and the bound of M
+is the lowest interval's best.
+
+The deep bound also counts the largest tail sigma (gradient all-reduce and optimizer step,
+allocator.problem.stage_tail): sigma is cut into levels; within a level every stage's tail
+is below its top, which caps the stage's units (``tail_units``: a lower bound on the
+all-reduce grows with the units), and the knapsack takes that cap as a second row
+(``_knap``, exact by its one-dimensional dual).
 """
 
 from __future__ import annotations
 
+import heapq
 import math
+import time
 
 import numpy as np
 
@@ -56,8 +65,20 @@ SCAN = 12
 BLOCK = 16
 """Bottleneck intervals resolved together where their common bound is high enough."""
 
-STEPS = 15
-"""Subgradient steps on the interval with the lowest bound."""
+TAIL_LEVELS = 4
+"""Levels of the largest tail the deep bound tells apart (``lagrange_bound``)."""
+
+SPLIT_WEIGHT = 2
+"""Each knapsack of a pass or ascent step counted this many times (measured on the 2-core
+development machine: ~6 million knapsacks per second, splits and master programs
+included, where the search's budget counts 12 million units per second:
+search.LAGRANGE_WORK_PER_EVAL x EVALS_PER_SECOND)."""
+
+BLOCKS = 60
+"""Blocks of tau intervals whose multipliers the full bound optimises (lowest first)."""
+
+ITERATIONS = 20
+"""Cutting-plane steps per interval."""
 
 QUICK_FLAT = 2
 """The quick bound's scan stops after this many scales in a row that did not raise it
@@ -89,7 +110,8 @@ def inflight_buckets(prob: Problem, M: int, K: int, depths: int) -> tuple[np.nda
     if prob.schedule == "gpipe":  # every stage holds M: the last stage and all the others
         return np.array([M]), np.zeros(2, dtype=np.int64)
     D = min(M, K + 1, depths) + 1
-    infls = sorted({min(M, 1 << q) for q in range(D.bit_length() + 1) if 1 << q <= D} | {min(M, D)})
+    infls = sorted({min(M, 1 << q) for q in range(D.bit_length() + 1) if 1 << q <= D} | {min(M, D)} |
+                   ({min(M, QUICK_DEPTHS + 1)} if D > QUICK_DEPTHS + 1 else set()))  # (deeper rows refine the first ones)
     of = np.array([max(b for b, f in enumerate(infls) if f <= min(M, d + 1)) for d in range(D)], dtype=np.int64)
     return np.array(infls), of
 
@@ -184,12 +206,12 @@ def _capacities(T, KM, ks, tg, b):
 
 
 @njit(cache=True)
-def _knap(caps, lam, N, b, counts):
-    """Least lam . n over real 0 <= n <= N with sum n_c caps_c >= b (inf if none); the n in
-    ``counts``."""
+def _greedy(caps, cost, N, b, counts):
+    """Least cost . n over real 0 <= n <= N with sum n_c caps_c >= b (inf if none): the
+    classes by cost per sample; the n in ``counts``."""
     C = caps.shape[0]
     need = float(b)
-    cost = 0.0
+    total = 0.0
     used = np.zeros(C, dtype=np.bool_)
     for c in range(C):
         counts[c] = 0.0
@@ -197,7 +219,7 @@ def _knap(caps, lam, N, b, counts):
         best, bc = np.inf, -1
         for c in range(C):
             if not used[c] and caps[c] > 0 and N[c] > 0:
-                r = lam[c] / caps[c]
+                r = cost[c] / caps[c]
                 if r < best:
                     best, bc = r, c
         if bc < 0:
@@ -205,16 +227,84 @@ def _knap(caps, lam, N, b, counts):
         used[bc] = True
         n = min(N[bc], need / caps[bc])
         counts[bc] = n
-        cost += lam[bc] * n
+        total += cost[bc] * n
         need -= n * caps[bc]
-    return cost
+    return total
 
 
 @njit(cache=True)
-def _prices(cap, tg, lam, N, b, upto):
+def _knap(caps, lam, N, b, counts, U):
+    """Least lam . n over real 0 <= n <= N with sum n_c caps_c >= b and sum n_c <= U (inf
+    if none); the n in ``counts``. With U binding it is a two-row program: its value is the
+    largest of the dual function of the unit row, max over nu >= 0 of
+    greedy(lam + nu) - nu U (exact: that function is concave and piecewise linear with
+    its breaks where two classes' costs per sample cross), its n the mix of the two greedy
+    solutions either side of the best nu that uses exactly U units."""
+    if U < 0:
+        return np.inf
+    v = _greedy(caps, lam, N, b, counts)
+    if not np.isfinite(v) or U == np.inf:
+        return v
+    tot = 0.0
+    for c in range(counts.shape[0]):
+        tot += counts[c]
+    if tot <= U * (1 + 1e-12):
+        return v
+    C = caps.shape[0]
+    # feasible at all? the most samples U units run: the largest capacities first
+    order = np.argsort(-caps)
+    left, most = U, 0.0
+    for c in order:
+        if caps[c] > 0 and N[c] > 0 and left > 0:
+            n = min(N[c], left)
+            most += n * caps[c]
+            left -= n
+    if most < b * (1 - 1e-12):
+        return np.inf
+    nus = np.zeros(C * (C - 1) // 2 + 1)
+    m = 1
+    for a in range(C):
+        for d in range(a + 1, C):
+            if caps[a] > 0 and caps[d] > 0 and caps[a] != caps[d]:
+                nu = (lam[d] * caps[a] - lam[a] * caps[d]) / (caps[d] - caps[a])
+                if nu > 0:
+                    nus[m] = nu
+                    m += 1
+    nus = np.sort(nus[:m])
+    cost = np.empty(C)
+    tmp = np.empty(C)
+    best, k = -np.inf, 0
+    for i in range(m):
+        for c in range(C):
+            cost[c] = lam[c] + nus[i]
+        g = _greedy(caps, cost, N, b, tmp) - nus[i] * U
+        if g > best:
+            best, k = g, i
+    # the greedy solutions inside the pieces either side of nus[k]
+    lo_nu = 0.5 * (nus[k - 1] + nus[k]) if k > 0 else nus[k]
+    hi_nu = 0.5 * (nus[k] + nus[k + 1]) if k + 1 < m else 2.0 * nus[k] + 1.0
+    for c in range(C):
+        cost[c] = lam[c] + lo_nu
+    _greedy(caps, cost, N, b, counts)
+    for c in range(C):
+        cost[c] = lam[c] + hi_nu
+    _greedy(caps, cost, N, b, tmp)
+    s_lo, s_hi = 0.0, 0.0
+    for c in range(C):
+        s_lo += counts[c]
+        s_hi += tmp[c]
+    th = 1.0 if s_lo - s_hi <= 1e-12 else min(1.0, max(0.0, (U - s_hi) / (s_lo - s_hi)))
+    for c in range(C):
+        counts[c] = th * counts[c] + (1 - th) * tmp[c]
+    return best
+
+
+@njit(cache=True)
+def _prices(cap, tg, lam, N, b, upto, U):
     """P[s, h, q] (h = 1..G): least t + lam . n of spec s at in-flight bucket q over stage
     times t < tg[h] (t in [tg[g], tg[g+1]) counted as tg[g] with the capacity of tg[g+1]);
-    column G: any time. Only the columns up to ``upto`` are priced (G: all)."""
+    column G: any time. Only the columns up to ``upto`` are priced (G: all). U[s]: most
+    units spec s may take (``tail_units``; inf: any)."""
     S, C, G1, Q = cap.shape
     G = G1 - 1
     P = np.full((S, G + 1, Q), np.inf)
@@ -225,7 +315,7 @@ def _prices(cap, tg, lam, N, b, upto):
             for g in range(min(upto, G)):
                 if g >= 1:
                     P[s, g, q] = run
-                v = tg[g] + _knap(cap[s, :, g + 1, q], lam, N, b, counts)
+                v = tg[g] + _knap(cap[s, :, g + 1, q], lam, N, b, counts, U[s])
                 if v < run:
                     run = v
             P[s, upto, q] = run
@@ -288,17 +378,19 @@ def _split(P, h, K, of):
 
 
 @njit(cache=True)
-def _pass(cap, tg, lam, N, b, K, M, of):
+def _pass(cap, tg, lam, N, b, K, M, of, U):
     """The bound of every tau interval for one multiplier vector (interval h < G: tau in
     [tg[h-1], tg[h]]; h = G: tau >= tg[G-1]): objective >= (M - 1) tau + sum_s t_s, and
-    >= M tau (a stage takes tau)."""
-    P = _prices(cap, tg, lam, N, b, tg.shape[0])
+    >= M tau (a stage takes tau). And the number of splits made (their work:
+    ``split_work``)."""
+    P = _prices(cap, tg, lam, N, b, tg.shape[0], U)
     G = tg.shape[0]
     lamN = 0.0
     for c in range(lam.shape[0]):
         lamN += lam[c] * N[c]
     out = np.full(G + 1, np.inf)
     loosest, _ = _split(P, G, K, of)  # no interval's split is cheaper than the loosest cap's
+    splits = 1
     out[G] = max(loosest + (M - 1) * tg[G - 1] - lamN, M * tg[G - 1])
     low = out[G]
     # blocks of BLOCK intervals: a block's lowest tau with its loosest cap bounds all of
@@ -312,6 +404,7 @@ def _pass(cap, tg, lam, N, b, K, M, of):
                 out[q] = max(loosest + (M - 1) * tg[q - 1] - lamN, M * tg[q - 1])
             break
         v, _ = _split(P, top, K, of)
+        splits += 1
         block = max(v + (M - 1) * tg[h - 1] - lamN, M * tg[h - 1])
         if block >= low:
             for q in range(h, top + 1):
@@ -319,23 +412,27 @@ def _pass(cap, tg, lam, N, b, K, M, of):
         else:
             for q in range(h, top + 1):
                 v, _ = _split(P, q, K, of)
+                splits += 1
                 out[q] = max(v + (M - 1) * tg[q - 1] - lamN, M * tg[q - 1])
                 if out[q] < low:
                     low = out[q]
         h = top + 1
-    return out
+    return out, splits
 
 
 @njit(cache=True)
-def _used(cap, tg, lam, N, b, K, h, of):
-    """The cheapest split of interval h at these multipliers: its stages front to back as
-    (spec, depth) (-1 padded) and the (fractional) units per class of each."""
-    P = _prices(cap, tg, lam, N, b, h)
-    _, chosen = _split(P, h, K, of)
+def _used(cap, tg, lam, N, b, K, h, of, U):
+    """The cheapest split of interval h at these multipliers: its sum of prices, its stages
+    front to back as (spec, depth) (-1 padded), the (fractional) units per class of each,
+    and the largest time-grid index its stages take (the split is one of interval h' for
+    every h' above that index)."""
+    P = _prices(cap, tg, lam, N, b, h, U)
+    v, chosen = _split(P, h, K, of)
     C = cap.shape[1]
     G = tg.shape[0]
     per = np.zeros((chosen.shape[0], C))
     counts = np.zeros(C)
+    top = 0
     for n in range(chosen.shape[0]):
         s, d = chosen[n, 0], chosen[n, 1]
         if s < 0:
@@ -343,25 +440,31 @@ def _used(cap, tg, lam, N, b, K, h, of):
         q = of[d]
         run, gbest = np.inf, -1
         for g in range(min(h, G)):
-            v = tg[g] + _knap(cap[s, :, g + 1, q], lam, N, b, counts)
-            if v < run:
-                run, gbest = v, g
+            v2 = tg[g] + _knap(cap[s, :, g + 1, q], lam, N, b, counts, U[s])
+            if v2 < run:
+                run, gbest = v2, g
         if gbest >= 0:
-            _knap(cap[s, :, gbest + 1, q], lam, N, b, counts)
+            _knap(cap[s, :, gbest + 1, q], lam, N, b, counts, U[s])
             per[n] = counts
-    return chosen, per
+            top = max(top, gbest)
+    return v, chosen, per, top
 
 
 def lagrange_bound(prob: Problem, timer: StageTimer, M: int, stop_at: float = math.inf,
-                   quick: bool = False, meter: list[int] | None = None, deep: bool = False) -> float:
+                   quick: bool = False, meter: list[int] | None = None, deep: bool = False,
+                   work: float = math.inf, deadline: float = math.inf) -> float:
     """The bound of the module doc for plans at M of a model of identical blocks (inf if
     no split can take the micro-batch). ``stop_at``: return as soon as the bound reaches it;
     ``quick``: only the scan along the first direction (a pruning test, not the best bound);
     ``meter``: its work is added to meter[0] (unit times tabled, knapsacks priced), a count
     the caller can charge to a work budget; ``deep``: memory told apart at every depth
     where it changes (``depths_needed``, up to DEPTHS rows: a stronger bound for models
-    that fill the devices, at a higher cost), else at the first QUICK_DEPTHS."""
+    that fill the devices, at a higher cost), else at the first QUICK_DEPTHS; ``work``:
+    the ascents stop once meter[0] has grown by this much (the bound so far holds: every
+    interval's value is a bound at every step); ``deadline``: a ``time.perf_counter()``
+    value at which they stop too (the caller's last resort)."""
     meter = meter if meter is not None else [0]
+    limit = (meter[0] + work, deadline)
     b = timer.b
     budget = [c.count for c in prob.classes]
     K = prob.L - 2
@@ -380,18 +483,8 @@ def lagrange_bound(prob: Problem, timer: StageTimer, M: int, stop_at: float = ma
     tg = lo * T_RATIO ** np.arange(n)
     cap = _capacities(T, KM, ks, tg, b)
     N = np.array(budget, dtype=np.float64)
-    best = np.full(n + 1, -np.inf)
-    best[0] = np.inf
-    arg: list = [None] * (n + 1)
-
-    def fold(lam: np.ndarray) -> None:
-        meter[0] += cap.shape[0] * cap.shape[2] * cap.shape[3]  # knapsacks priced per pass
-        vals = _pass(cap, tg, lam, N, b, K, M, of)
-        better = vals > best
-        best[better] = vals[better]
-        for h in np.nonzero(better)[0]:
-            arg[h] = lam
-
+    S = cap.shape[0]
+    dual = Dual(cap, tg, N, b, K, M, of, np.full(S, np.inf), meter, limit)
     # the first direction: each class priced by its speed (samples per second of one unit)
     # on a typical inner range
     mid = K + max(1, K // 4)
@@ -404,29 +497,234 @@ def lagrange_bound(prob: Problem, timer: StageTimer, M: int, stop_at: float = ma
         speed = np.ones(len(budget))
     speed = np.maximum(speed, 1e-3 * speed.max())
     direction = speed / max(1e-30, float((speed * N).sum()))  # lam . N = 1
-    fold(direction * 0.0)  # the partition bound (allocator.bounds), with in-flight memory
+    dual.fold(direction * 0.0)  # the partition bound (allocator.bounds), with in-flight memory
     # lam . N of the objective's order: from 4x the incumbent (or 16x the partition bound) down
-    scale = 4 * stop_at if math.isfinite(stop_at) else 16 * max(float(best.min()), lo)
+    scale = 4 * stop_at if math.isfinite(stop_at) else 16 * max(dual.low, lo)
     flat = 0
     for q in range(SCAN):
-        before = float(best.min())
-        fold(direction * scale * 0.5 ** q)
-        if best.min() >= stop_at:
-            return float(best.min())
-        flat = flat + 1 if best.min() <= before else 0
+        before = dual.low
+        dual.fold(direction * scale * 0.5 ** q)
+        if dual.low >= stop_at:
+            return dual.low
+        flat = flat + 1 if dual.low <= before else 0
         if quick and flat >= QUICK_FLAT:  # (past its peak: each smaller scale's bound lower still)
             break
-    step = 0.5
-    for _ in range(0 if quick else STEPS):  # subgradient steps on the interval with the lowest bound
-        low = float(best.min())
-        if low >= stop_at or not math.isfinite(low):
-            break
-        h = int(np.argmin(best))
-        lam = arg[h] if arg[h] is not None else direction * scale
-        _, per = _used(cap, tg, lam, N, b, K, h, of)
-        g = (per.sum(axis=0) - N) / np.maximum(N, 1.0)
-        if float(np.abs(g).max()) <= 1e-9:
-            break
-        fold(lam * np.exp(step * np.clip(g, -1.0, 1.0)))  # the over-used classes dearer
-        step *= 0.8
-    return float(best.min())
+    if quick:
+        return dual.low
+    dual.ascend(stop_at, direction * scale, Cuts(N, scale))
+    if not deep or dual.low >= stop_at or not math.isfinite(stop_at) or not math.isfinite(dual.low):
+        return dual.low
+    # The largest tail sigma (gradient all-reduce and optimizer step) is part of the
+    # objective (allocator.problem.stage_tail), not of the bound above. Plans whose sigma
+    # is at least sig = stop_at - low are bounded by low + sig = stop_at. Below, sigma is
+    # cut at TAIL_LEVELS levels s_1 < ... < s_m = sig, each twice the one before: a plan
+    # with sigma in [s_k, s_k+1) has every stage's tail below s_k+1, which caps each
+    # stage's units (``tail_units``): it costs at least s_k plus the bound with those caps
+    # (s_0 = 0).
+    sig = stop_at - dual.low
+    levels = [sig * 0.5 ** (TAIL_LEVELS - 1 - k) for k in range(TAIL_LEVELS)]
+    bound = stop_at
+    for k, top in enumerate(levels):
+        U = tail_units(prob, top, budget)
+        capped = Dual(cap, tg, N, b, K, M, of, U, meter, limit)
+        capped.best = dual.best.copy()  # (caps only raise an interval's bound)
+        capped.arg = list(dual.arg)
+        floor = levels[k - 1] if k else 0.0
+        if not np.isinf(U).all():
+            capped.ascend(bound - floor, direction * scale, Cuts(N, scale))  # (no piece need pass the lowest)
+        bound = min(bound, floor + capped.low)
+    return max(dual.low, bound)
+
+
+def tail_units(prob: Problem, sig: float, budget: list[int]) -> np.ndarray:
+    """U[s]: the most units (real) a stage of spec s (``stage_specs``) may have for its
+    tail (allocator.problem.stage_tail) to be at most sig, by a lower bound on that tail
+    over the classes and links it could use: the ring all-reduce of its gradients at the
+    fastest link and least latency any stage of that many units has (a node's own link
+    only within one node), plus the least optimizer step of any class (its shard at the
+    most units, with zero1); -1 where no stage of the spec is that fast, inf where any
+    number is."""
+    classes = [c for c in prob.classes if budget[c.index] > 0]
+    used = {c.group for c in classes}
+    inter = [(prob.groups[g].inter_bw, prob.groups[g].inter_lat) for g in used]
+    bw_x, lat_x = max(x[0] for x in inter), min(x[1] for x in inter)
+    intra = [(prob.groups[g].intra_bw, prob.groups[g].intra_lat,
+              sum(budget[c.index] for c in classes if c.group == g)) for g in used if prob.groups[g].single_node]
+    most = float(sum(budget))
+    slices = max(c.tp for c in classes)
+    out = np.empty(len(stage_specs(prob)))
+    for s, (kind, l) in enumerate(stage_specs(prob)):
+        i, j = block_range(prob, kind, l)
+        room = sig - min(prob.opt_time(c, i, j, int(most)) for c in classes)
+        if room < 0:
+            out[s] = -1.0
+            continue
+        nbytes = prob.grad_bytes(i, j, slices)
+        n = _ring_units(nbytes, room, bw_x, lat_x)
+        for bw, lat, units in intra:  # (within one node: its own link)
+            n = max(n, min(float(units), _ring_units(nbytes, room, bw, lat)))
+        out[s] = n if n < most else np.inf
+    return out
+
+
+def _ring_units(nbytes: float, room: float, bw: float, lat: float) -> float:
+    """The most (real) n >= 1 with 2 (n - 1) / n nbytes / bw + 2 (n - 1) lat <= room
+    (hetalloc.costs.ring_allreduce_time, increasing in n; inf if every n is)."""
+    if nbytes <= 0:
+        return math.inf
+    # 2 lat bw n^2 + (2 nbytes - 2 lat bw - room bw) n - 2 nbytes <= 0
+    a, bq, c = 2 * lat * bw, 2 * nbytes - 2 * lat * bw - room * bw, -2 * nbytes
+    if a <= 0:
+        return math.inf if bq <= 0 else max(1.0, -c / bq)
+    return max(1.0, (-bq + math.sqrt(bq * bq - 4 * a * c)) / (2 * a))
+
+
+class Dual:
+    """The bound of every tau interval of one table (``_pass``), the best over the
+    multipliers tried, and the ascent that raises the lowest ones. U[s]: most units of
+    spec s (``tail_units``; inf: any)."""
+
+    def __init__(self, cap, tg, N, b, K, M, of, U, meter, limit=(math.inf, math.inf)):
+        self.cap, self.tg, self.N, self.b, self.K, self.M, self.of, self.U = cap, tg, N, b, K, M, of, U
+        self.meter, self.limit = meter, limit
+        """(work, deadline): its ascents stop when meter[0] reaches the work or the clock the
+        deadline."""
+        n = tg.shape[0]
+        self.best = np.full(n + 1, -np.inf)
+        self.best[0] = np.inf
+        self.arg: list = [None] * (n + 1)
+
+    def spent(self) -> bool:
+        return self.meter[0] >= self.limit[0] or time.perf_counter() > self.limit[1]
+
+    @property
+    def low(self) -> float:
+        return float(self.best.min())
+
+    def fold(self, lam: np.ndarray) -> None:
+        cap = self.cap
+        self.meter[0] += SPLIT_WEIGHT * cap.shape[0] * cap.shape[2] * cap.shape[3]  # knapsacks priced per pass
+        vals, _ = _pass(cap, self.tg, lam, self.N, self.b, self.K, self.M, self.of, self.U)
+        better = vals > self.best
+        self.best[better] = vals[better]
+        for h in np.nonzero(better)[0]:
+            self.arg[h] = lam
+
+    def ascend(self, stop_at: float, start: np.ndarray, cuts: "Cuts") -> None:
+        """Raise the lowest bounds: a branch and bound over blocks of tau intervals. A block
+        [h1, h2] is bounded by the loosest cap of its last interval and the least tau of
+        its first (valid for each of its intervals); its multipliers by cutting planes
+        (Kelley: each split found is a linear function of lam that bounds the block's dual
+        from above; the master LP's maximiser is the next lam) until its dual is reached
+        or the bound passes stop_at. A block left below stop_at is halved; lowest block
+        first, until the lowest is a single interval at its dual (the bound stands) or
+        every block reaches stop_at. The splits found are kept as cuts (a split within a
+        cap is one of every looser cap)."""
+        best, arg = self.best, self.arg
+        G = self.tg.shape[0]
+        heap = [(self.low, 1, G, False)]
+        for _ in range(BLOCKS):
+            if not heap or self.spent():
+                return
+            v, h1, h2, final = heapq.heappop(heap)
+            v = max(v, float(best[h1:h2 + 1].min()))
+            if v >= stop_at or not math.isfinite(v):
+                return
+            if final:
+                return  # the lowest block is an interval at its dual: the bound stands
+            if h1 < h2 and v > float(best[h1:h2 + 1].min()) - 1e-15 and heap and v > heap[0][0]:
+                heapq.heappush(heap, (v, h1, h2, False))
+                continue
+            lam0 = arg[h1] if arg[h1] is not None else start
+            val, lam, reached = self._kelley(h1, h2, lam0, stop_at, cuts)
+            seg = best[h1:h2 + 1]
+            np.maximum(seg, val, out=seg)
+            if lam is not None:
+                self.fold(lam)
+            v = max(val, float(best[h1:h2 + 1].min()))
+            if v >= stop_at:
+                continue
+            if h1 == h2:
+                heapq.heappush(heap, (v, h1, h2, reached))
+            else:
+                mid = (h1 + h2) // 2
+                heapq.heappush(heap, (max(val, float(best[h1:mid + 1].min())), h1, mid, False))
+                heapq.heappush(heap, (max(val, float(best[mid + 1:h2 + 1].min())), mid + 1, h2, False))
+
+    def _kelley(self, h1: int, h2: int, lam: np.ndarray, stop_at: float, cuts: "Cuts"):
+        """(the block's best bound, its multipliers (None if no split), its dual reached?)"""
+        cap, tg, N, M = self.cap, self.tg, self.N, self.M
+        floor = (M - 1) * tg[h1 - 1]
+        top, at = -math.inf, None
+        for _ in range(ITERATIONS):
+            if self.spent():
+                break
+            self.meter[0] += SPLIT_WEIGHT * cap.shape[0] * min(h2, cap.shape[2]) * cap.shape[3]
+            v, _, per, g = _used(cap, tg, lam, N, self.b, self.K, h2, self.of, self.U)
+            if not math.isfinite(v):  # (no split within the block's cap, at any lam: no plan)
+                return math.inf, at, True
+            n = per.sum(axis=0)
+            cuts.add(v - float(lam @ n), n, g + 1)
+            val = max(v + floor - float(lam @ N), M * tg[h1 - 1])
+            if val > top:
+                top, at = val, lam
+            if top >= stop_at:
+                return top, at, False
+            nxt, up = cuts.master(h2)
+            if nxt is None:
+                return top, at, False
+            if up + floor <= top + 1e-9 * abs(top):
+                return top, at, True
+            lam = nxt
+        return top, at, False
+
+
+class Cuts:
+    """The splits found, as the linear functions cost + lam . n of the multipliers (their
+    sum of prices less lam . n), each valid from the interval its slowest stage needs; the
+    master program: the largest min over the valid ones less lam . N, lam in a box."""
+
+    def __init__(self, N: np.ndarray, scale: float):
+        self.N = N
+        self.cost: list[float] = []
+        self.h: list[int] = []
+        self.hs = None
+        try:
+            from .milp import _new_highs
+            self.hs = _new_highs(False)
+        except ImportError:  # (no solver: the bound stands without the ascent)
+            return
+        import highspy
+        self.inf = highspy.kHighsInf
+        C = len(N)
+        for c in range(C):  # box: lam_c N_c at most 4x the scale
+            self.hs.addVar(0.0, 4 * scale / max(1.0, float(N[c])))
+        self.hs.addVar(-self.inf, self.inf)
+        self.hs.changeColsCost(C + 1, np.arange(C + 1, dtype=np.int32), np.concatenate([N, [-1.0]]))
+        self.idx = np.arange(C + 1, dtype=np.int32)
+        self.optimal = highspy.HighsModelStatus.kOptimal
+
+    def add(self, cost: float, n: np.ndarray, h: int) -> None:
+        if self.hs is None:
+            return
+        self.cost.append(cost)
+        self.h.append(h)
+        self.hs.addRow(-self.inf, cost, len(self.idx), self.idx, np.concatenate([-n, [1.0]]))  # z - lam . n <= cost
+
+    def master(self, h: int) -> tuple[np.ndarray | None, float]:
+        """(the maximiser, the maximum) of min_p (cost_p + lam . n_p) - lam . N over the
+        cuts valid at interval h; (None, inf) without any."""
+        if self.hs is None:
+            return None, math.inf
+        on = np.array(self.h) <= h
+        if not on.any():
+            return None, math.inf
+        upper = np.where(on, np.array(self.cost), self.inf)
+        self.hs.changeRowsBounds(len(upper), np.arange(len(upper), dtype=np.int32), np.full(len(upper), -self.inf),
+                                 upper)
+        self.hs.run()
+        if self.hs.getModelStatus() != self.optimal:
+            return None, math.inf
+        C = len(self.N)
+        x = np.array(self.hs.getSolution().col_value[:C])
+        return np.maximum(x, 0.0), -self.hs.getInfo().objective_function_value

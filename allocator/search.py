@@ -292,7 +292,7 @@ class Search:
                     # and the restricted spaces are searched only if it leaves M open
                     bounded = True
                     if st.lagged is None or self.target < st.lagged * (1 - 1e-3):  # (again: its multipliers'
-                        self.lagrange(st)  # scale follows the incumbent, now better)
+                        self.lagrange(st, deep=True)  # scale follows the incumbent, now better)
                     if st.bound >= self.target:
                         st.status = "pruned" if math.isfinite(self.incumbent) else "infeasible"
                         break
@@ -407,17 +407,20 @@ class Search:
         """What a plan must beat to matter: the incumbent less the gap asked for."""
         return self.incumbent * (1 - self.gap)
 
-    def lagrange(self, st: MState, quick: bool = False, deep: bool = False) -> bool:
+    def lagrange(self, st: MState, quick: bool = False, deep: bool = False, share: float = 1 / 8) -> bool:
         """Raise st's bound to its Lagrangian bound (allocator.lagrange) against the current
         target, its counted work charged to the budget; is st settled by it (bound at least
         the target)? quick: the first multipliers only (also where there is no target
-        yet); deep: memory told apart at every depth where it changes."""
+        yet); deep: memory told apart at every depth where it changes, and the largest
+        tail; share: its ascents stop after this share of the budget left."""
         target = self.target
         t0 = time.perf_counter()
         meter = [0]
         timer = StageTimer(st.prob, st.prob.global_batch // st.M)
         full = not quick and math.isfinite(target)
-        bound = lagrange_bound(st.prob, timer, st.M, stop_at=target, quick=not full, meter=meter, deep=deep)
+        bound = lagrange_bound(st.prob, timer, st.M, stop_at=target, quick=not full, meter=meter, deep=deep,
+                               work=share * max(0, self.evals_left) * LAGRANGE_WORK_PER_EVAL, deadline=self.deadline)
+        self.stopped_by_clock |= time.perf_counter() > self.deadline
         self.evals_left -= 1 + meter[0] // LAGRANGE_WORK_PER_EVAL
         st.bound = max(st.bound, bound)
         if full:
@@ -513,7 +516,7 @@ class Search:
             _, key = min(open_)
             done.add(key)
             st = self.states[key]
-            if self.lagrange(st, deep=True):
+            if self.lagrange(st, deep=True, share=1 / 2):
                 st.status = "pruned"
             self.report()
 
