@@ -82,16 +82,22 @@ def test_a_straggler_is_found_within_five_steps_and_the_shares_follow(tmp_path):
             and r["step"] >= 20]
     assert slow and slow[0]["step"] <= 24, got["output"][-3000:]  # steps 20..24: within 5 steps
     decisions = records(out, "decision")
-    first = next(d for d in decisions if d["step"] >= slow[0]["step"] and d["command"] == "shares")
-    assert first["action"] == "shares" and "rank 1 (host/1) slower" in first["trigger"]  # maybe with others
+    # On a loaded 2-core machine another rank may be reported too (noise, rebalanced
+    # like any report): the switch rank 1's report caused is the one checked here.
+    first = next(d for d in decisions if d.get("command") == "shares" and d["decided_at_step"] >= slow[0]["step"]
+                 and "rank 1 (host/1) slower" in d["trigger"])
+    assert first["action"] == "shares" and first["decided_at_step"] <= 24, first
     assert [r["step"] for r in records(out)] == list(range(1, steps + 1))  # one launch, each step once
     assert any(l.startswith("adapt: step ") and "-> shares: " in l for l in got["output"].splitlines())
-    # By hand: the first plan to the step the switch came after, a checkpoint, the plan it
-    # switched to from there (both in one torchrun: the same three ranks).
-    switched = json.loads((out / "control" / f"command_{first['seq']:05d}.json").read_text())["plan"]
-    (tmp_path / "b.json").write_text(json.dumps(switched))
-    s = first["step"]
-    proc = torchrun(3, [str(tmp_path), str(s), str(steps)], script=__file__)
+    # By hand: each plan the run switched to, from the step it switched after, by checkpoint
+    # and resume (all in one torchrun: the same three ranks).
+    chain = []
+    for i, d in enumerate(d for d in decisions if d.get("command") == "shares" and d["step"] < steps):
+        switched = json.loads((out / "control" / f"command_{d['seq']:05d}.json").read_text())["plan"]
+        (tmp_path / f"b{i}.json").write_text(json.dumps(switched))
+        chain.append({"after": d["step"], "plan": str(tmp_path / f"b{i}.json")})
+    (tmp_path / "chain.json").write_text(json.dumps(chain))
+    proc = torchrun(3, [str(tmp_path), str(steps)], script=__file__)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     final = checkpoint_params(out / "ckpt", steps)
     assert check_equal(final, checkpoint_params(tmp_path / "hand" / "ckpt", steps)) <= 1e-9
@@ -129,19 +135,24 @@ def test_a_killed_rank_is_planned_around_and_training_goes_on_from_the_last_chec
     assert max_relative_error(final, reference(tmp_path / "plan.json", steps))[0] <= 1e-9
 
 
-def by_hand(workdir: Path, switch_step: int, steps: int) -> None:
-    """Runs under torchrun (3 ranks): plan A to `switch_step`, then plan B resumed."""
+def by_hand(workdir: Path, steps: int) -> None:
+    """Runs under torchrun (3 ranks): the first plan, then each plan of chain.json resumed
+    from the step it was switched to after."""
     import torch.distributed as dist
 
     from runtime.train import train
     cfg = dict(out_dir=str(workdir / "hand"), checkpoint_dir=str(workdir / "hand" / "ckpt"), dtype="float64")
-    train(load_plan(workdir / "plan.json"), TrainConfig(steps=switch_step, checkpoint_every=switch_step, **cfg))
-    train(load_plan(workdir / "b.json"), TrainConfig(steps=steps, checkpoint_every=10, resume=True, **cfg))
+    chain = json.loads((workdir / "chain.json").read_text())
+    plans = [str(workdir / "plan.json")] + [c["plan"] for c in chain]
+    ends = [c["after"] for c in chain] + [steps]
+    for i, (plan, end) in enumerate(zip(plans, ends)):
+        every = 10 if i == len(plans) - 1 else end
+        train(load_plan(plan), TrainConfig(steps=end, checkpoint_every=every, resume=i > 0, **cfg))
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     from runtime.train import exit_rank  # leave without interpreter finalization (see there)
 
-    by_hand(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    by_hand(Path(sys.argv[1]), int(sys.argv[2]))
     exit_rank(0)
