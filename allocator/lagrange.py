@@ -47,6 +47,8 @@ import time
 
 import numpy as np
 
+from hetalloc.costs import ring_allreduce_time, zero1_halves
+
 from .dp import njit
 from .problem import Problem, StageTimer
 from .shapes import FIRST, INNER, LAST, ONLY, block_range
@@ -526,9 +528,7 @@ def lagrange_bound(prob: Problem, timer: StageTimer, M: int, stop_at: float = ma
     bound = stop_at
     for k, top in enumerate(levels):
         U = tail_units(prob, top, budget)
-        capped = Dual(cap, tg, N, b, K, M, of, U, meter, limit)
-        capped.best = dual.best.copy()  # (caps only raise an interval's bound)
-        capped.arg = list(dual.arg)
+        capped = dual.capped(U)
         floor = levels[k - 1] if k else 0.0
         if not np.isinf(U).all():
             capped.ascend(bound - floor, direction * scale, Cuts(N, scale))  # (no piece need pass the lowest)
@@ -539,17 +539,17 @@ def lagrange_bound(prob: Problem, timer: StageTimer, M: int, stop_at: float = ma
 def tail_units(prob: Problem, sig: float, budget: list[int]) -> np.ndarray:
     """U[s]: the most units (real) a stage of spec s (``stage_specs``) may have for its
     tail (allocator.problem.stage_tail) to be at most sig, by a lower bound on that tail
-    over the classes and links it could use: the ring all-reduce of its gradients at the
-    fastest link and least latency any stage of that many units has (a node's own link
-    only within one node), plus the least optimizer step of any class (its shard at the
-    most units, with zero1); -1 where no stage of the spec is that fast, inf where any
-    number is."""
+    over the classes and links it could use: its gradient all-reduce (hetalloc.costs, the
+    same formulas) at the fastest link and least latency any stage of that many units has
+    (a node's own link only within one node), plus the least optimizer step of any class
+    (its shard at the most units, with zero1); -1 where no stage of the spec is that
+    fast, inf where any number is."""
     classes = [c for c in prob.classes if budget[c.index] > 0]
     used = {c.group for c in classes}
     inter = [(prob.groups[g].inter_bw, prob.groups[g].inter_lat) for g in used]
-    bw_x, lat_x = max(x[0] for x in inter), min(x[1] for x in inter)
-    intra = [(prob.groups[g].intra_bw, prob.groups[g].intra_lat,
-              sum(budget[c.index] for c in classes if c.group == g)) for g in used if prob.groups[g].single_node]
+    links = [(max(x[0] for x in inter), min(x[1] for x in inter), math.inf)]
+    links += [(prob.groups[g].intra_bw, prob.groups[g].intra_lat,
+               float(sum(budget[c.index] for c in classes if c.group == g))) for g in used if prob.groups[g].single_node]
     most = float(sum(budget))
     slices = max(c.tp for c in classes)
     out = np.empty(len(stage_specs(prob)))
@@ -560,23 +560,29 @@ def tail_units(prob: Problem, sig: float, budget: list[int]) -> np.ndarray:
             out[s] = -1.0
             continue
         nbytes = prob.grad_bytes(i, j, slices)
-        n = _ring_units(nbytes, room, bw_x, lat_x)
-        for bw, lat, units in intra:  # (within one node: its own link)
-            n = max(n, min(float(units), _ring_units(nbytes, room, bw, lat)))
+        n = max(min(units, _most_units(nbytes, room, bw, lat, most, prob.zero1)) for bw, lat, units in links)
         out[s] = n if n < most else np.inf
     return out
 
 
-def _ring_units(nbytes: float, room: float, bw: float, lat: float) -> float:
-    """The most (real) n >= 1 with 2 (n - 1) / n nbytes / bw + 2 (n - 1) lat <= room
-    (hetalloc.costs.ring_allreduce_time, increasing in n; inf if every n is)."""
-    if nbytes <= 0:
-        return math.inf
-    # 2 lat bw n^2 + (2 nbytes - 2 lat bw - room bw) n - 2 nbytes <= 0
-    a, bq, c = 2 * lat * bw, 2 * nbytes - 2 * lat * bw - room * bw, -2 * nbytes
-    if a <= 0:
-        return math.inf if bq <= 0 else max(1.0, -c / bq)
-    return max(1.0, (-bq + math.sqrt(bq * bq - 4 * a * c)) / (2 * a))
+def _most_units(nbytes: float, room: float, bw: float, lat: float, most: float, zero1: bool) -> float:
+    """The most (real) n in [1, most] whose gradient all-reduce among n units
+    (hetalloc.costs.ring_allreduce_time, as zero1's halves where it applies: increasing in
+    n) takes at most room, by bisection; rounded up (a cap: above is safe); most if every
+    n up to it does."""
+    def time_of(n: float) -> float:
+        ar = ring_allreduce_time(nbytes, n, bw, lat)
+        return sum(zero1_halves(ar)) if zero1 else ar
+    if time_of(most) <= room:
+        return most
+    lo, hi = 1.0, most  # time_of(lo) = 0 <= room < time_of(hi)
+    while hi - lo > 1e-9 * hi:
+        mid = 0.5 * (lo + hi)
+        if time_of(mid) <= room:
+            lo = mid
+        else:
+            hi = mid
+    return hi
 
 
 class Dual:
@@ -593,6 +599,13 @@ class Dual:
         self.best = np.full(n + 1, -np.inf)
         self.best[0] = np.inf
         self.arg: list = [None] * (n + 1)
+
+    def capped(self, U: np.ndarray) -> "Dual":
+        """The same table with the units capped by U, starting from this one's bounds (caps
+        only raise an interval's bound)."""
+        out = Dual(self.cap, self.tg, self.N, self.b, self.K, self.M, self.of, U, self.meter, self.limit)
+        out.best, out.arg = self.best.copy(), list(self.arg)
+        return out
 
     def spent(self) -> bool:
         return self.meter[0] >= self.limit[0] or time.perf_counter() > self.limit[1]

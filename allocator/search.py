@@ -430,6 +430,15 @@ class Search:
         st.seconds += time.perf_counter() - t0
         return st.bound >= target
 
+    def screen(self, st: MState) -> bool:
+        """Is st settled by its quick Lagrangian bound? (then pruned, and logged)"""
+        if not self.lagrange(st, quick=True):
+            return False
+        st.status = "pruned"
+        self.log.append({"M": st.M, "tp": st.prob.tp, "step": "screen", "status": "pruned", "bound": st.bound,
+                         "seconds": round(st.seconds, 3)})
+        return True
+
     def root_of(self, st: MState, caps: CapSearch, R: int = 1, restricted: bool = False) -> Box | None:
         """caps.root() within the incumbent, the plan found on the way offered (plans of R
         replicas); its evaluations come from the work budget, and its bottleneck program
@@ -573,10 +582,7 @@ class Search:
                     continue
                 if self.evals_left <= screen_floor or time.perf_counter() > self.deadline:
                     break
-                if self.lagrange(st, quick=True):
-                    st.status = "pruned"
-                    self.log.append({"M": st.M, "tp": st.prob.tp, "step": "screen", "status": "pruned",
-                                     "bound": st.bound, "seconds": round(st.seconds, 3)})
+                self.screen(st)
                 cheap[key] = max(cheap[key], st.bound)
         self.pending = {key: cheap[key] for key, st in self.states.items() if st.status != "infeasible"}
         B = self.probs[0].global_batch
@@ -595,13 +601,9 @@ class Search:
                 heapq.heappush(self.heap, (cheap[key], 0, 0, key, None))
                 continue
             if st.prob.interchangeable_blocks and math.isfinite(self.target) and \
-                    SCREEN_VECTORS <= vectors(st.prob, st.M) \
-                    and self.lagrange(st, quick=True):
+                    SCREEN_VECTORS <= vectors(st.prob, st.M) and self.screen(st):
                 # settled by its quick Lagrangian bound before anything is built (~0.1 s
                 # against ~1 s of shapes and program on mix-64 x GPT-3 1.3B v2)
-                st.status = "pruned"
-                self.log.append({"M": st.M, "tp": st.prob.tp, "step": "screen", "status": "pruned", "bound": st.bound,
-                                 "seconds": round(st.seconds, 3)})
                 self.pending.pop(key, None)
                 continue
             self.build(st)
