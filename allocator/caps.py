@@ -31,11 +31,12 @@ import numpy as np
 from .dp import StageTable, min_bottleneck, min_stage_sum
 
 
-WORK_PER_EVALUATION = 5_000_000
-"""Counted work of the dynamic program (allocator.dp: states, options and pairs tried)
-that counts as one evaluation of the search's budget: ~1/60 s at the ~300 million units
-a second measured on the 2-core development machine (allocator.search.EVALS_PER_SECOND),
-so a program over a large table costs the budget what it costs in time."""
+WORK_PER_EVALUATION = 4_000_000
+"""Counted work of the dynamic program (allocator.dp: states, options and pairs tried, and
+the set-up per option) that counts as one evaluation of the search's budget: ~1/60 s at
+the ~240 million units a second measured on the 2-core development machine (fitted to
+125 programs on fleet-1024 x GPT-3 6.7B; allocator.search.EVALS_PER_SECOND), so a
+program over a large table costs the budget what it costs in time."""
 
 
 @dataclass(frozen=True, order=True)

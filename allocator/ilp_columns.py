@@ -137,7 +137,8 @@ def cheap_bottleneck(prob: Problem, cols: list[Column]) -> float:
 
 def solve_columns(prob: Problem, cols: list[Column], R: int, M: int, *, tau_lb: float = 0.0,
                   incumbent: float = math.inf, time_limit: float = 60.0, gap: float = 1e-9,
-                  backend: str = "highs", msg: bool = False) -> tuple[MilpResult | None, CountPlan | None, int, int]:
+                  backend: str = "highs", msg: bool = False, node_limit: int | None = None,
+                  work_limit: int | None = None) -> tuple[MilpResult | None, CountPlan | None, int, int]:
     L = prob.L
     # No stage of a plan that beats the incumbent is slower than (T - tau_lb) / (M - 1).
     if not math.isfinite(incumbent):
@@ -162,7 +163,8 @@ def solve_columns(prob: Problem, cols: list[Column], R: int, M: int, *, tau_lb: 
                     ss[x] = col.tail
         m.le(tt, 0)
         m.le(ss, 0)
-    res = m.solve(backend, time_limit=time_limit, gap=gap, cutoff=incumbent, msg=msg)
+    res = m.solve(backend, time_limit=time_limit, gap=gap, cutoff=incumbent, msg=msg, node_limit=node_limit,
+                  work_limit=work_limit)
     plan = None
     if res.x is not None:
         chosen = sorted((col for col, x in zip(use, xs) if res.x[x] > 0.5), key=lambda c: c.i)

@@ -70,10 +70,11 @@ BLOCK = 16
 TAIL_LEVELS = 4
 """Levels of the largest tail the deep bound tells apart (``lagrange_bound``)."""
 
-SPLIT_WEIGHT = 2
-"""Each knapsack of a pass or ascent step counted this many times (measured on the 2-core
-development machine: ~6 million knapsacks per second, splits and master programs
-included, where the search's budget counts 12 million units per second:
+SPLIT_WEIGHT = 0.7
+"""Each knapsack of a pass or ascent step counted this many times per device class (its
+greedy and its unit row grow with the classes; measured on the 2-core development
+machine, splits and master programs included: ~7.5 million knapsacks per second on 3
+classes, ~5 million on 4, where the search's budget counts 15 million units per second:
 search.LAGRANGE_WORK_PER_EVAL x EVALS_PER_SECOND)."""
 
 BLOCKS = 60
@@ -616,7 +617,7 @@ class Dual:
 
     def fold(self, lam: np.ndarray) -> None:
         cap = self.cap
-        self.meter[0] += SPLIT_WEIGHT * cap.shape[0] * cap.shape[2] * cap.shape[3]  # knapsacks priced per pass
+        self.meter[0] += int(SPLIT_WEIGHT * cap.shape[0] * cap.shape[1] * cap.shape[2] * cap.shape[3])  # knapsacks
         vals, _ = _pass(cap, self.tg, lam, self.N, self.b, self.K, self.M, self.of, self.U)
         better = vals > self.best
         self.best[better] = vals[better]
@@ -672,7 +673,7 @@ class Dual:
         for _ in range(ITERATIONS):
             if self.spent():
                 break
-            self.meter[0] += SPLIT_WEIGHT * cap.shape[0] * min(h2, cap.shape[2]) * cap.shape[3]
+            self.meter[0] += int(SPLIT_WEIGHT * cap.shape[0] * cap.shape[1] * min(h2, cap.shape[2]) * cap.shape[3])
             v, _, per, g = _used(cap, tg, lam, N, self.b, self.K, h2, self.of, self.U)
             if not math.isfinite(v):  # (no split within the block's cap, at any lam: no plan)
                 return math.inf, at, True

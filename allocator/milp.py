@@ -32,6 +32,16 @@ class MilpResult:
     backend: str
     time_hit: bool = False
     """The solver stopped at its time limit (the result depends on the machine's speed)."""
+    checks: int = 0
+    """The solver's interrupt checks while it ran (HiGHS's MIP: the points where a callback
+    may stop it; as many on any machine, as the solver is deterministic)."""
+    nonzeros: int = 0
+
+    @property
+    def work(self) -> int:
+        """Counted work: interrupt checks x the program's nonzeros (the time between two
+        checks grows with the program: ~0.001 s on 1,500 nonzeros, ~0.1 s on 40,000, here)."""
+        return self.checks * max(1, self.nonzeros)
 
     @property
     def gap(self) -> float:
@@ -138,16 +148,18 @@ class Milp:
 
     # ---- solving ------------------------------------------------------------------------
     def solve(self, backend: str = "highs", time_limit: float = 60.0, gap: float = 1e-9,
-              cutoff: float | None = None, msg: bool = False, node_limit: int | None = None) -> MilpResult:
-        """Solve; ``node_limit`` caps branch-and-bound nodes (a work limit: deterministic),
-        ``time_limit`` is a last-resort stop."""
+              cutoff: float | None = None, msg: bool = False, node_limit: int | None = None,
+              work_limit: int | None = None) -> MilpResult:
+        """Solve; ``node_limit`` caps branch-and-bound nodes and ``work_limit`` the counted
+        work (``MilpResult.work``: the root's cuts and heuristics, where no node is counted,
+        included): work limits, so deterministic; ``time_limit`` is a last-resort stop."""
         if backend == "highs":
-            return self._solve_highs(time_limit, gap, cutoff, msg, node_limit)
+            return self._solve_highs(time_limit, gap, cutoff, msg, node_limit, work_limit)
         if backend in ("pulp-cbc", "pulp-highs"):
             return self._solve_pulp(backend, time_limit, gap, cutoff, msg)
         raise ValueError(f"unknown solver back end '{backend}'; available: {', '.join(available_backends())}")
 
-    def _solve_highs(self, time_limit, gap, cutoff, msg, node_limit=None) -> MilpResult:
+    def _solve_highs(self, time_limit, gap, cutoff, msg, node_limit=None, work_limit=None) -> MilpResult:
         t0 = time.perf_counter()
         import highspy
         h = _new_highs(msg)
@@ -183,6 +195,15 @@ class Milp:
         lo = np.array([(-inf if v == -INF else v) for v in self.rows_lo], dtype=np.float64)
         hi = np.array([(inf if v == INF else v) for v in self.rows_hi], dtype=np.float64)
         h.addRows(self.num_rows, lo, hi, pos, starts, index, value)
+        checks = [0]
+        most = None if work_limit is None else max(1, int(work_limit) // max(1, pos))
+
+        def check(event) -> None:
+            checks[0] += 1
+            if most is not None and checks[0] >= most:
+                event.data_in.user_interrupt = True
+        if self.num_integer:
+            h.cbMipInterrupt.subscribe(check)
         h.run()
         st = h.getModelStatus()
         info = h.getInfo()
@@ -204,7 +225,7 @@ class Milp:
             status = "no_solution"
         if bound is None or (isinstance(bound, float) and math.isnan(bound)):
             bound = -INF
-        return MilpResult(status, x, obj, bound, time.perf_counter() - t0, "highs", st == S.kTimeLimit)
+        return MilpResult(status, x, obj, bound, time.perf_counter() - t0, "highs", st == S.kTimeLimit, checks[0], pos)
 
     def to_pulp(self):
         import pulp

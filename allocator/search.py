@@ -58,6 +58,11 @@ EVALS_PER_SECOND = 60
 (measured on the 2-core development machine: 40-200 per second on 16-64 GPUs). A work
 budget, not a clock."""
 
+BUDGET_SHARE = 0.85
+"""Share of the time limit the work budget is sized to fill on the development machine (at
+the rates above): the rest is the margin for work not counted and a busier or slower
+machine, before the wall clock, the last resort, would decide the result."""
+
 BUILD_CELLS_PER_SECOND = 1_500_000
 """Count vectors x stage kinds of shapes the search may build per second of its time
 limit (measured on the 2-core development machine: ~1.5 million per second building the
@@ -65,9 +70,21 @@ shapes of 100,000 A100s at 500,000 samples per micro-batch). A work bound, not a
 a build that alone would take more than the whole time limit is not made (its
 micro-batch count keeps its cheap bound and its restricted spaces are searched instead)."""
 
+SHAPES_PER_EVAL = 500
+"""Shapes built (allocator.shapes.block_shapes) charged as one evaluation of the work budget
+(measured on the 2-core development machine: 20-50 us per shape kept, the columns
+pruned on the way included, on mix-256: ~600 per evaluation's 1/60 s)."""
+
 NODES_PER_SECOND = 150
 """Branch-and-bound nodes an integer program may use per second of its share of the time
 limit (HiGHS explores ~150-400 nodes/s on these programs here)."""
+
+
+PROGRAM_WORK_PER_SECOND = 300_000
+"""An integer program's counted work (allocator.milp.MilpResult.work: the solver's interrupt
+checks x the program's nonzeros) per second (measured on the 2-core development machine:
+0.3-0.5 million on programs of 7,000-40,000 rows, more on small ones). A program may use
+its share of the time limit in this work, which is charged to the search's budget."""
 
 
 POOL = 8
@@ -152,7 +169,9 @@ class Search:
         self.best: CountPlan | None = None
         self.log: list[dict] = []
         self.stopped_by_clock = False
-        self.evals_left = max(20, int(EVALS_PER_SECOND * time_limit))
+        self.evals_left = max(20, int(EVALS_PER_SECOND * BUDGET_SHARE * time_limit))
+        self.reserve = int(RESERVE_SHARE * self.evals_left)
+        """The budget kept for ``settle``: the builds and the boxes stop where it begins."""
         self.cells_limit = BUILD_CELLS_PER_SECOND * max(1.0, time_limit)
         """Most count vectors x stage kinds one build of shapes may take (allocator.columns)."""
         self.states: dict[tuple[int, int], MState] = {}
@@ -296,8 +315,10 @@ class Search:
                     if st.bound >= self.target:
                         st.status = "pruned" if math.isfinite(self.incumbent) else "infeasible"
                         break
-                if not (R == 1 and unit == 1) and time.perf_counter() > self.deadline:
-                    self.stopped_by_clock = True  # the restricted spaces are for plans: not past the limit
+                if not (R == 1 and unit == 1) and (self.evals_left <= self.reserve or
+                                                   time.perf_counter() > self.deadline):
+                    # the restricted spaces are for plans: not past the budget (nor the limit)
+                    self.stopped_by_clock |= self.evals_left > self.reserve
                     st.status = "too_large"  # its cheap bound stands
                     break
                 b = B // (R * M)
@@ -317,6 +338,7 @@ class Search:
                 shapes = self.builder.take((self.pass_id, st.k, M), t_cap) if exact and self.builder else None
                 if shapes is None:
                     shapes = block_shapes(prob, timer, M, t_cap, R, unit, memo=self.memos.get(id(prob)))
+                self.evals_left -= 1 + len(shapes) // SHAPES_PER_EVAL  # (whichever process built them)
                 if not shapes:
                     if exact:
                         st.status, st.bound = ("pruned" if math.isfinite(self.incumbent) else "infeasible"), math.inf
@@ -369,27 +391,33 @@ class Search:
         st.seconds += time.perf_counter() - t0
 
     def solve_program(self, st: MState) -> None:
-        """An M without a dynamic program: its integer program, within a node budget."""
+        """An M without a dynamic program: its integer program, within a work budget (nodes
+        and the solver's counted work, charged to the search's budget)."""
         t0 = time.perf_counter()
         prob, M, inc = st.prob, st.M, self.incumbent
         share = self.time_limit / max(1, len(self.states))
-        # (its node budget is the limit; the clock's, the last resort, is a quarter of the
-        # search's: one program had taken 27 of 60 s on mix-256 x GPT-3 13B v2)
+        # (the clock's limit, the last resort, is a quarter of the search's: one program had
+        # taken 27 of 60 s on mix-256 x GPT-3 13B v2; its work limit is what stops it)
         limit = max(0.5, min(self.time_limit / 4, self.deadline - time.perf_counter()))
         nodes = max(50, int(NODES_PER_SECOND * share))
+        work = int(min(share, max(0, self.evals_left) / EVALS_PER_SECOND) * PROGRAM_WORK_PER_SECOND)
         res: MilpResult | None
         if st.shapes is not None:
             res, chosen = shape_program.solve(prob, st.shapes, M, incumbent=inc, time_limit=limit,
                                               gap=min(self.gap, 1e-9), backend=self.backend, msg=self.msg,
-                                              node_limit=nodes, budgets=[c.count // st.R for c in prob.classes])
+                                              node_limit=nodes, budgets=[c.count // st.R for c in prob.classes],
+                                              work_limit=work)
             if chosen:
                 seq = order_stages(prob, chosen)
                 if seq is not None:
                     self.offer(count_plan(prob, seq, M, st.R), prob)
         else:
             res, plan, _, _ = solve_columns(prob, st.cols, 1, M, incumbent=inc, time_limit=limit,
-                                            gap=min(self.gap, 1e-9), backend=self.backend, msg=self.msg)
+                                            gap=min(self.gap, 1e-9), backend=self.backend, msg=self.msg,
+                                            node_limit=nodes, work_limit=work)
             self.offer(plan, prob)
+        if res is not None:
+            self.evals_left -= 1 + res.work * EVALS_PER_SECOND // PROGRAM_WORK_PER_SECOND
         inc = self.incumbent
         if st.coarse:  # a restricted plan space: plans, no bound for M
             self.stopped_by_clock |= res is not None and res.time_hit
@@ -472,10 +500,13 @@ class Search:
         restriction (st.restrictions), for plans only (its bounds hold for the restricted
         plans, not for M). Work comes from the same budget, shared between them."""
         for n, (caps, R, root) in enumerate(st.restrictions):
-            share = self.evals_left // (len(st.restrictions) - n)
+            share = max(0, self.evals_left - self.reserve) // (len(st.restrictions) - n)
             stop = self.evals_left - share
             heap = [(-math.inf, root)]
-            while heap and self.evals_left > stop and time.perf_counter() < self.deadline:
+            while heap and self.evals_left > stop:
+                if time.perf_counter() > self.deadline:
+                    self.stopped_by_clock = True
+                    break
                 lb, box = heapq.heappop(heap)
                 if lb >= self.target:
                     break
@@ -508,9 +539,53 @@ class Search:
             if found > corner * (1 + 1e-9) and corner < self.target:
                 self.unresolved.append(corner)
             for child in st.caps.split(ev):
-                if child.lb < self.target:
-                    heapq.heappush(self.heap, (child.lb, 1, child.b - child.a + child.d - child.c, key, child))
+                lb = max(child.lb, st.bound)  # (M's own bound holds for every box of it)
+                if lb < self.target:
+                    heapq.heappush(self.heap, (lb, 1, child.b - child.a + child.d - child.c, key, child))
         self.report()
+
+    def holding(self) -> dict[tuple[int, int], float]:
+        """Per open state: the lowest bound it holds the proof at (its pending cheap bound,
+        its lowest queued box, its own bound where it has no program)."""
+        out: dict[tuple[int, int], float] = dict(self.pending)
+        for lb, _, _, key, _ in self.heap:
+            out[key] = min(out.get(key, math.inf), lb)
+        for key, st in self.states.items():
+            if st.status in ("limit", "too_large"):
+                out[key] = min(out.get(key, math.inf), st.bound)
+        return out
+
+    def settle(self) -> None:
+        """The reserve of the budget (and what else is left): a state the search left
+        holding the bound below the target (not built, or its boxes still queued) gets its
+        Lagrangian bound if it has no full one yet (each within an eighth of the budget
+        left), lowest first; a state the bound settles is pruned. Without it, the states the budget did not reach held
+        the proven bound at their cheap bounds (mix-256 x GPT-3 13B v2: 2.1 s against a
+        plan of 6.7 s)."""
+        tried: set = set()
+        while self.evals_left > 0:
+            if time.perf_counter() > self.deadline:
+                self.stopped_by_clock = True
+                return
+            target = self.target
+            open_ = sorted((v, key) for key, v in self.holding().items()
+                           if v < target and key not in tried and self.states[key].lagged is None
+                           and self.states[key].prob.interchangeable_blocks)
+            if not open_:
+                return
+            _, key = open_[0]
+            tried.add(key)
+            st = self.states[key]
+            settled = self.lagrange(st)
+            if key in self.pending:
+                self.pending[key] = max(self.pending[key], st.bound)
+            if settled:
+                st.status = "pruned"
+                self.pending.pop(key, None)
+            self.heap = [(max(e[0], st.bound), *e[1:]) if e[3] == key else e for e in self.heap
+                         if not (settled and e[3] == key)]
+            heapq.heapify(self.heap)
+            self.report()
 
     def deepen(self) -> None:
         """The budget left once the plans are searched goes to the bounds that hold the
@@ -518,7 +593,10 @@ class Search:
         get the deep Lagrangian bound (memory at every depth where it changes), until the
         gap is closed or the budget spent. Only work the plans did not need."""
         done: set = set()
-        while self.evals_left > 0 and time.perf_counter() < self.deadline:
+        while self.evals_left > 0:
+            if time.perf_counter() > self.deadline:
+                self.stopped_by_clock = True
+                return
             target = self.target
             open_ = [(st.bound, key) for key, st in self.states.items() if key not in done and
                      st.status in ("limit", "too_large") and st.prob.interchangeable_blocks and st.bound < target]
@@ -563,6 +641,7 @@ class Search:
         for key in sorted(large if self.use_lagrange else [], key=lambda km: (km[1], km[0])):
             st = self.states[key]
             if self.evals_left <= floor or time.perf_counter() > self.deadline:
+                self.stopped_by_clock |= self.evals_left > floor
                 break
             self.lagrange(st)
             cheap[key] = st.bound
@@ -581,6 +660,7 @@ class Search:
                 if st.status != "open" or not st.prob.interchangeable_blocks or cheap[key] >= self.target:
                     continue
                 if self.evals_left <= screen_floor or time.perf_counter() > self.deadline:
+                    self.stopped_by_clock |= self.evals_left > screen_floor
                     break
                 self.screen(st)
                 cheap[key] = max(cheap[key], st.bound)
@@ -596,8 +676,10 @@ class Search:
                 st.status = "pruned"
                 self.pending.pop(key, None)
                 continue
-            if time.perf_counter() > self.deadline:
-                self.stopped_by_clock = True
+            if self.evals_left <= self.reserve or time.perf_counter() > self.deadline:
+                # the budget spent (or, the last resort, the clock): its cheap bound stands
+                self.stopped_by_clock |= self.evals_left > self.reserve
+                cheap[key] = self.pending[key] = max(cheap[key], st.bound)
                 heapq.heappush(self.heap, (cheap[key], 0, 0, key, None))
                 continue
             if st.prob.interchangeable_blocks and math.isfinite(self.target) and \
@@ -628,13 +710,14 @@ class Search:
                 break
             lb, _, _, key, box = heapq.heappop(self.heap)
             st = self.states[key]
-            if box is None:  # left unbuilt by the clock
+            if box is None:  # left unbuilt (the budget or the clock)
                 continue
-            if self.evals_left <= 0:
+            if self.evals_left <= self.reserve:
                 heapq.heappush(self.heap, (lb, 1, 0, key, box))
                 break
             self.expand(st, box)
         if self.deepen_left:
+            self.settle()
             self.deepen()
         for st in self.states.values():
             if st.caps is not None and not st.coarse:
@@ -659,10 +742,15 @@ class Search:
         return res
 
 
-LAGRANGE_WORK_PER_EVAL = 200_000
+LAGRANGE_WORK_PER_EVAL = 250_000
 """Units of a Lagrangian bound's counted work (allocator.lagrange: knapsacks priced, unit
 times tabled) charged as one dynamic-program evaluation (~60 per second here, as the
-knapsacks run: ~12 million per second)."""
+knapsacks run: ~15 million units per second, measured over 79 bounds on mix-256 x
+GPT-3 13B v2)."""
+
+RESERVE_SHARE = 0.1
+"""Share of the work budget kept for the quick bounds of the states the search leaves
+open (``Search.settle``)."""
 
 LAGRANGE_STATES = 16
 """Most (space, M) states without an exact program for which Lagrangian bounds are used."""
@@ -752,7 +840,7 @@ def _two_passes(probs, k0, plain, memo, builder, time_limit, gap, backend, msg, 
         seeds = list(seeds) + [(first.best, probs[k0] if first.prob is plain else first.prob)]
     # the second pass's budget: the rest of the work budget (what the first pass left
     # unspent included), counted in work, not read off the clock (determinism)
-    rest = (1 - PLAIN_SHARE) * time_limit + max(0, first.evals_left) / EVALS_PER_SECOND
+    rest = (1 - PLAIN_SHARE) * time_limit + max(0, first.evals_left) / (EVALS_PER_SECOND * BUDGET_SHARE)
     second = Search(probs, rest, gap, backend, msg, progress, seeds, end, {id(probs[k0]): memo}, builder, 1)
     # (the first pass's plans are plans of space k0: their least bottlenecks bound its own)
     second.tau_known = {(k0, M): tau for (_, M), tau in first_search.tau_found.items()}

@@ -77,15 +77,15 @@ def build(prob: Problem, shapes: list[Shape], M: int, *, tau_lb: float = 0.0, si
 
 def solve(prob: Problem, shapes: list[Shape], M: int, *, tau_lb: float = 0.0, sigma_lb: float = 0.0,
           incumbent: float = math.inf, time_limit: float = 60.0, gap: float = 1e-9, backend: str = "highs",
-          relax: bool = False, msg: bool = False, node_limit: int | None = None, budgets: list[int] | None = None
-          ) -> tuple[MilpResult | None, list[Shape] | None]:
+          relax: bool = False, msg: bool = False, node_limit: int | None = None, budgets: list[int] | None = None,
+          work_limit: int | None = None) -> tuple[MilpResult | None, list[Shape] | None]:
     shapes = list(shapes)  # (an allocator.shapes.ShapeSet: its Shape objects, once)
     built = build(prob, shapes, M, tau_lb=tau_lb, sigma_lb=sigma_lb, relax=relax, budgets=budgets)
     if built is None:
         return None, None
     m, z = built
     res = m.solve(backend, time_limit=time_limit, gap=gap, cutoff=incumbent if not relax else None, msg=msg,
-                  node_limit=node_limit)
+                  node_limit=node_limit, work_limit=work_limit)
     chosen = None
     if res.x is not None and not relax:
         chosen = []
