@@ -72,11 +72,18 @@ def available_backends() -> list[str]:
 
 
 def _new_highs(msg: bool):
-    """A Highs instance; its copyright banner (printed on the C side at construction) is
-    kept off stdout unless solver output was asked for."""
+    """A Highs instance on one thread; its copyright banner (printed on the C side at
+    construction) is kept off stdout unless solver output was asked for. Every instance
+    is made single-threaded: HiGHS's thread scheduler is global to the process, set up by
+    the first instance that runs, and a later instance asking for another thread count
+    fails to run (an LP of the Lagrangian bound's on the default two threads had made
+    every later integer program return no solution: mix-64 x Llama-2 70B no longer
+    proven infeasible after a GPT-2 XL search in the same process)."""
     import highspy
     if msg:
-        return highspy.Highs()
+        h = highspy.Highs()
+        h.setOptionValue("threads", 1)
+        return h
     sys.stdout.flush()
     saved = os.dup(1)
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -84,6 +91,7 @@ def _new_highs(msg: bool):
         os.dup2(devnull, 1)
         h = highspy.Highs()
         h.setOptionValue("output_flag", False)
+        h.setOptionValue("threads", 1)
     finally:
         os.dup2(saved, 1)
         os.close(saved)
@@ -204,7 +212,9 @@ class Milp:
                 event.data_in.user_interrupt = True
         if self.num_integer:
             h.cbMipInterrupt.subscribe(check)
-        h.run()
+        if h.run() == highspy.HighsStatus.kError:  # (a scheduler another library set up: ours, once)
+            highspy.Highs.resetGlobalScheduler(True)
+            h.run()
         st = h.getModelStatus()
         info = h.getInfo()
         S = highspy.HighsModelStatus

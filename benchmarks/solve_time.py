@@ -9,7 +9,8 @@ recomputation or sharding (the plan space the targets were set on); v2 (default)
 
 Targets (this 2-core machine): every mix-64 instance with <= 34 layers proven optimal
 in <= 5 s; lab-16 optimal in <= 2 s; mix-256 and fleet-1024 proven within 1 % in <= 60 s.
-Each instance reports wall seconds, the process's CPU seconds and its build worker's
+Each instance reports wall seconds, whether the work budget or the wall clock (the last
+resort: a result that depends on the machine's speed) ended it, the process's CPU seconds and its build worker's
 (allocator.ahead: shapes built ahead on the second core; on a busy machine the CPU
 figures are what it would take on an idle one).
 
@@ -102,18 +103,19 @@ def main() -> int:
                    "plan_tp": res.prob.tp, "plan_sharding": res.prob.optimizer_sharding,
                    "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
                    "worker_cpu_seconds": _children_cpu() - w0,
-                   "status": res.status,
+                   "status": res.status, "stopped_by_clock": res.stopped_by_clock,
                    "objective_s": res.best.objective_s if res.best else math.inf,
                    "bound_s": res.bound, "gap": res.gap}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     t = Table(title=f"planner solve time (limit {args.time_limit:g} s, plan space {args.space})")
-    for c in ("cluster", "GPUs", "types", "model", "layers", "seconds", "cpu s", "worker cpu s", "status", "objective s",
-              "gap"):
+    for c in ("cluster", "GPUs", "types", "model", "layers", "seconds", "cpu s", "worker cpu s", "status", "ended by",
+              "objective s", "gap"):
         t.add_column(c)
     for r in rows:
         t.add_row(r["cluster"], str(r["devices"]), str(r["types"]), r["model"], str(r["layers"]),
                   f"{r['seconds']:.1f}", f"{r['cpu_seconds']:.1f}", f"{r['worker_cpu_seconds']:.1f}", r["status"],
+                  "clock" if r["stopped_by_clock"] else ("work" if r["status"] == "time_limit" else "-"),
                   f"{r['objective_s']:.4g}",
                   f"{r['gap']:.2%}" if math.isfinite(r["gap"]) else "unknown")
     Console(width=160).print(t)
