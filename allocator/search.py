@@ -70,10 +70,11 @@ shapes of 100,000 A100s at 500,000 samples per micro-batch). A work bound, not a
 a build that alone would take more than the whole time limit is not made (its
 micro-batch count keeps its cheap bound and its restricted spaces are searched instead)."""
 
-SHAPES_PER_EVAL = 500
+SHAPES_PER_EVAL = 1_000
 """Shapes built (allocator.shapes.block_shapes) charged as one evaluation of the work budget
-(measured on the 2-core development machine: 20-50 us per shape kept, the columns
-pruned on the way included, on mix-256: ~600 per evaluation's 1/60 s)."""
+(measured on the 2-core development machine: 30-50 us per shape kept, the columns pruned
+on the way included, ~15 ms per build besides; the build-ahead worker (allocator.ahead)
+makes about half of them beside the search: half of that is charged, on any machine)."""
 
 NODES_PER_SECOND = 150
 """Branch-and-bound nodes an integer program may use per second of its share of the time
