@@ -70,12 +70,16 @@ BLOCK = 16
 TAIL_LEVELS = 4
 """Levels of the largest tail the deep bound tells apart (``lagrange_bound``)."""
 
-SPLIT_WEIGHT = 0.7
-"""Each knapsack of a pass or ascent step counted this many times per device class (its
-greedy and its unit row grow with the classes; measured on the 2-core development
-machine, splits and master programs included: ~7.5 million knapsacks per second on 3
-classes, ~5 million on 4, where the search's budget counts 15 million units per second:
-search.LAGRANGE_WORK_PER_EVAL x EVALS_PER_SECOND)."""
+SPLIT_WEIGHT = 2
+"""Each knapsack of a pass or ascent step counted this many times, TAIL_WEIGHT times more
+where the tail levels cap the units (a second row: its dual's greedy runs once per
+break); measured on the 2-core development machine, splits and master programs included:
+~7-7.7 million knapsacks per second without caps (mix-256 x GPT-3 13B v2, fleet-1024 x
+GPT-3 175B v1), ~4 million in the deep bounds with caps (fleet-1024 x GPT-3 6.7B v1),
+where the search's budget counts 15 million units per second:
+search.LAGRANGE_WORK_PER_EVAL x EVALS_PER_SECOND."""
+
+TAIL_WEIGHT = 2
 
 BLOCKS = 60
 """Blocks of tau intervals whose multipliers the full bound optimises (lowest first)."""
@@ -593,6 +597,8 @@ class Dual:
 
     def __init__(self, cap, tg, N, b, K, M, of, U, meter, limit=(math.inf, math.inf)):
         self.cap, self.tg, self.N, self.b, self.K, self.M, self.of, self.U = cap, tg, N, b, K, M, of, U
+        self.weight = SPLIT_WEIGHT * (TAIL_WEIGHT if np.isfinite(U).any() else 1)
+        """Counted work per knapsack (SPLIT_WEIGHT)."""
         self.meter, self.limit = meter, limit
         """(work, deadline): its ascents stop when meter[0] reaches the work or the clock the
         deadline."""
@@ -617,7 +623,7 @@ class Dual:
 
     def fold(self, lam: np.ndarray) -> None:
         cap = self.cap
-        self.meter[0] += int(SPLIT_WEIGHT * cap.shape[0] * cap.shape[1] * cap.shape[2] * cap.shape[3])  # knapsacks
+        self.meter[0] += self.weight * cap.shape[0] * cap.shape[2] * cap.shape[3]  # knapsacks priced per pass
         vals, _ = _pass(cap, self.tg, lam, self.N, self.b, self.K, self.M, self.of, self.U)
         better = vals > self.best
         self.best[better] = vals[better]
@@ -673,7 +679,7 @@ class Dual:
         for _ in range(ITERATIONS):
             if self.spent():
                 break
-            self.meter[0] += int(SPLIT_WEIGHT * cap.shape[0] * cap.shape[1] * min(h2, cap.shape[2]) * cap.shape[3])
+            self.meter[0] += self.weight * cap.shape[0] * min(h2, cap.shape[2]) * cap.shape[3]
             v, _, per, g = _used(cap, tg, lam, N, self.b, self.K, h2, self.of, self.U)
             if not math.isfinite(v):  # (no split within the block's cap, at any lam: no plan)
                 return math.inf, at, True
