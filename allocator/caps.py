@@ -35,7 +35,8 @@ WORK_PER_EVALUATION = 4_000_000
 """Counted work of the dynamic program (allocator.dp: states, options and pairs tried, and
 the set-up per option) that counts as one evaluation of the search's budget: ~1/60 s at
 the ~240 million units a second measured on the 2-core development machine (fitted to
-125 programs on fleet-1024 x GPT-3 6.7B; allocator.search.EVALS_PER_SECOND), so a
+125 programs on fleet-1024 x GPT-3 6.7B; ~220 million with another benchmark running on
+mix-64 x GPT-3 1.3B v2; allocator.search.EVALS_PER_SECOND), so a
 program over a large table costs the budget what it costs in time."""
 
 

@@ -513,8 +513,9 @@ def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax,
 
 SETUP_WORK_PER_OPTION = 500
 """Counted work charged per option of the table for a program's set-up outside the kernel
-(remaining bounds, priced bounds, masks): ~2 us per option here (fitted over 193
-programs on mix-64 x GPT-3 1.3B v2), ~500 of the kernel's units."""
+(remaining bounds, priced bounds, masks): 3.7 us per option fitted over 193 programs on
+mix-64 x GPT-3 1.3B v2 with another benchmark running (~2 us alone, taking the load's
+slowdown as the kernel's), ~500 of the kernel's units."""
 
 
 def _run(tab: StageTable, use: np.ndarray, limit: float, mx: bool, meter: list | None, max_work: int | None):
@@ -537,7 +538,7 @@ def _run(tab: StageTable, use: np.ndarray, limit: float, mx: bool, meter: list |
     out = _kernel(tab.X, tab.L, tab.N, tab.comp, tab.strides, tab.nU, tab.dcap, tab.kind, tab.xf, tab.span, tab.cnt,
                   tab.off, tab.t, tab.amax, tab.group, tab.byc, use, float(limit), rem, floor, mx,
                   np.iinfo(np.int64).max if max_work is None else int(max_work), lams, prem)
-    if meter is not None:  # (the set-up's work per option: ~9 us each, fitted with the kernel's)
+    if meter is not None:  # (the set-up's work: SETUP_WORK_PER_OPTION)
         meter[0] += out[6] + SETUP_WORK_PER_OPTION * len(tab.t)
     return out
 

@@ -36,6 +36,7 @@ class MilpResult:
     """The solver's interrupt checks while it ran (HiGHS's MIP: the points where a callback
     may stop it; as many on any machine, as the solver is deterministic)."""
     nonzeros: int = 0
+    """The program's nonzeros (HiGHS back end)."""
 
     @property
     def work(self) -> int:

@@ -72,9 +72,10 @@ micro-batch count keeps its cheap bound and its restricted spaces are searched i
 
 SHAPES_PER_EVAL = 1_000
 """Shapes built (allocator.shapes.block_shapes) charged as one evaluation of the work budget
-(measured on the 2-core development machine: 30-50 us per shape kept, the columns pruned
-on the way included, ~15 ms per build besides; the build-ahead worker (allocator.ahead)
-makes about half of them beside the search: half of that is charged, on any machine)."""
+(measured on the 2-core development machine: 28-49 us per shape kept, the columns pruned
+on the way included, ~15-20 ms per build besides; half of that is charged, on any
+machine, taking the build-ahead worker (allocator.ahead) to make about half of them
+beside the search on two cores)."""
 
 NODES_PER_SECOND = 150
 """Branch-and-bound nodes an integer program may use per second of its share of the time
@@ -316,10 +317,8 @@ class Search:
                     if st.bound >= self.target:
                         st.status = "pruned" if math.isfinite(self.incumbent) else "infeasible"
                         break
-                if not (R == 1 and unit == 1) and (self.evals_left <= self.reserve or
-                                                   time.perf_counter() > self.deadline):
+                if not (R == 1 and unit == 1) and (self.evals_left <= self.reserve or self.clock_stops()):
                     # the restricted spaces are for plans: not past the budget (nor the limit)
-                    self.stopped_by_clock |= self.evals_left > self.reserve
                     st.status = "too_large"  # its cheap bound stands
                     break
                 b = B // (R * M)
@@ -451,7 +450,7 @@ class Search:
         full = not quick and math.isfinite(target)
         bound = lagrange_bound(st.prob, timer, st.M, stop_at=target, quick=not full, meter=meter, deep=deep,
                                work=share * max(0, self.evals_left) * LAGRANGE_WORK_PER_EVAL, deadline=self.deadline)
-        self.stopped_by_clock |= time.perf_counter() > self.deadline
+        self.clock_stops()
         self.evals_left -= 1 + meter[0] // LAGRANGE_WORK_PER_EVAL
         st.bound = max(st.bound, bound)
         if full:
@@ -504,10 +503,7 @@ class Search:
             share = max(0, self.evals_left - self.reserve) // (len(st.restrictions) - n)
             stop = self.evals_left - share
             heap = [(-math.inf, root)]
-            while heap and self.evals_left > stop:
-                if time.perf_counter() > self.deadline:
-                    self.stopped_by_clock = True
-                    break
+            while heap and self.evals_left > stop and not self.clock_stops():
                 lb, box = heapq.heappop(heap)
                 if lb >= self.target:
                     break
@@ -545,6 +541,13 @@ class Search:
                     heapq.heappush(self.heap, (lb, 1, child.b - child.a + child.d - child.c, key, child))
         self.report()
 
+    def clock_stops(self) -> bool:
+        """Has the wall clock (the last resort) passed the deadline? (then recorded)"""
+        if time.perf_counter() <= self.deadline:
+            return False
+        self.stopped_by_clock = True
+        return True
+
     def holding(self) -> dict[tuple[int, int], float]:
         """Per open state: the lowest bound it holds the proof at (its pending cheap bound,
         its lowest queued box, its own bound where it has no program)."""
@@ -560,14 +563,11 @@ class Search:
         """The reserve of the budget (and what else is left): a state the search left
         holding the bound below the target (not built, or its boxes still queued) gets its
         Lagrangian bound if it has no full one yet (each within an eighth of the budget
-        left), lowest first; a state the bound settles is pruned. Without it, the states the budget did not reach held
-        the proven bound at their cheap bounds (mix-256 x GPT-3 13B v2: 2.1 s against a
-        plan of 6.7 s)."""
+        left), lowest first; a state the bound settles is pruned. Without it, the states
+        the budget did not reach held the proven bound at their cheap bounds (mix-256 x
+        GPT-3 13B v2: 2.1 s against a plan of 6.7 s)."""
         tried: set = set()
-        while self.evals_left > 0:
-            if time.perf_counter() > self.deadline:
-                self.stopped_by_clock = True
-                return
+        while self.evals_left > 0 and not self.clock_stops():
             target = self.target
             open_ = sorted((v, key) for key, v in self.holding().items()
                            if v < target and key not in tried and self.states[key].lagged is None
@@ -594,10 +594,7 @@ class Search:
         get the deep Lagrangian bound (memory at every depth where it changes), until the
         gap is closed or the budget spent. Only work the plans did not need."""
         done: set = set()
-        while self.evals_left > 0:
-            if time.perf_counter() > self.deadline:
-                self.stopped_by_clock = True
-                return
+        while self.evals_left > 0 and not self.clock_stops():
             target = self.target
             open_ = [(st.bound, key) for key, st in self.states.items() if key not in done and
                      st.status in ("limit", "too_large") and st.prob.interchangeable_blocks and st.bound < target]
@@ -641,8 +638,7 @@ class Search:
         self.use_lagrange = len(large) <= LAGRANGE_STATES
         for key in sorted(large if self.use_lagrange else [], key=lambda km: (km[1], km[0])):
             st = self.states[key]
-            if self.evals_left <= floor or time.perf_counter() > self.deadline:
-                self.stopped_by_clock |= self.evals_left > floor
+            if self.evals_left <= floor or self.clock_stops():
                 break
             self.lagrange(st)
             cheap[key] = st.bound
@@ -660,8 +656,7 @@ class Search:
                 st = self.states[key]
                 if st.status != "open" or not st.prob.interchangeable_blocks or cheap[key] >= self.target:
                     continue
-                if self.evals_left <= screen_floor or time.perf_counter() > self.deadline:
-                    self.stopped_by_clock |= self.evals_left > screen_floor
+                if self.evals_left <= screen_floor or self.clock_stops():
                     break
                 self.screen(st)
                 cheap[key] = max(cheap[key], st.bound)
@@ -677,9 +672,8 @@ class Search:
                 st.status = "pruned"
                 self.pending.pop(key, None)
                 continue
-            if self.evals_left <= self.reserve or time.perf_counter() > self.deadline:
+            if self.evals_left <= self.reserve or self.clock_stops():
                 # the budget spent (or, the last resort, the clock): its cheap bound stands
-                self.stopped_by_clock |= self.evals_left > self.reserve
                 cheap[key] = self.pending[key] = max(cheap[key], st.bound)
                 heapq.heappush(self.heap, (cheap[key], 0, 0, key, None))
                 continue
@@ -706,8 +700,7 @@ class Search:
             self.pending.pop(key, None)
             self.report()
         while not self.done():
-            if time.perf_counter() > self.deadline:
-                self.stopped_by_clock = True
+            if self.clock_stops():
                 break
             lb, _, _, key, box = heapq.heappop(self.heap)
             st = self.states[key]
@@ -750,7 +743,7 @@ knapsacks run: ~15 million units per second, measured over 79 bounds on mix-256 
 GPT-3 13B v2)."""
 
 RESERVE_SHARE = 0.1
-"""Share of the work budget kept for the quick bounds of the states the search leaves
+"""Share of the work budget kept for the Lagrangian bounds of the states the search leaves
 open (``Search.settle``)."""
 
 LAGRANGE_STATES = 16
