@@ -348,8 +348,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  shared cores: efficiency {fit['share_efficiency']:.3g} (all ranks at once: measured "
                       f"{1e3 * fit['measured_step_s']:.1f} ms/step, simulated at full speed "
                       f"{1e3 * fit['simulated_full_speed_s']:.1f})" + ("" if fit.get("applied", True) else
-                      f"; not applied: other processes took {100 * fit['foreign_cpu_share']:.0f}% of the host (fit "
-                      f"{fit['fitted']:.3g})"), flush=True)
+                      f"; not applied (fit {fit['fitted']:.3g}): " + (
+                          f"other processes took {100 * fit['foreign_cpu_share']:.0f}% of the host"
+                          if (fit.get("foreign_cpu_share") or 0.0) > DISTURBED else
+                          "applied only with 'hetalloc profile --fit-share-efficiency'")), flush=True)
         prof = profiles[spec.name]
         plan = plan_for(cfg, prof)
         print(f"{cfg.name}: simulating and running {a.steps} steps ...", flush=True)
