@@ -31,13 +31,17 @@ import numpy as np
 from .dp import StageTable, min_bottleneck, min_stage_sum
 
 
-WORK_PER_EVALUATION = 4_000_000
-"""Counted work of the dynamic program (allocator.dp: states, options and pairs tried, and
-the set-up per option) that counts as one evaluation of the search's budget: ~1/60 s at
-the ~240 million units a second measured on the 2-core development machine (fitted to
-125 programs on fleet-1024 x GPT-3 6.7B; ~220 million with another benchmark running on
-mix-64 x GPT-3 1.3B v2; allocator.search.EVALS_PER_SECOND), so a
-program over a large table costs the budget what it costs in time."""
+WORK_PER_EVALUATION = 2_400_000
+"""Counted work of the dynamic program (allocator.dp: states, options and pairs tried, the
+cells of its passes over rows in allocator.dp.CELL_WEIGHT's units, and the set-up per
+option) that counts as one evaluation of the search's budget, so that a program over a
+large table costs the budget what it costs in time, at the pace of the budget's other
+work: measured on a 2-core machine where the Lagrangian bounds ran at ~33 evaluations a
+second (fleet-1024 x GPT-3 1.3B v2), the kernel ran ~83 million units a second (~12 ns
+each, six instances): ~35 evaluations a second at this figure. (It was 4 million,
+fitted on a faster machine, where the kernel ran ~240 million units a second and the
+rest at ~60 evaluations a second, allocator.search.EVALS_PER_SECOND: the kernel is
+memory-bound and lost more than the rest on the slower machine.)"""
 
 
 @dataclass(frozen=True, order=True)

@@ -341,6 +341,16 @@ def _chain(X, kind, xf, span, cnt, t, use, lam, R, used):
             y += span[k]
 
 
+CELL_WEIGHT = 6
+"""Cells of the kernel's passes over a row of device vectors (the frontier's envelope, one
+pass per class, its scan and fold; a row's opening; the sort of the states kept) and the
+priced checks, counted as one unit of work per CELL_WEIGHT: measured over 367 programs of
+six instances (lab-16 to fleet-1024, v1 and v2) on a 2-core machine, ~12 ns per state,
+option or (state, option) pair tried, the older units, and ~1-2.5 ns per such cell. Before
+they were counted, a fleet-1024 x GPT-3 1.3B v2 search spent 2.2x the time its counted
+kernel work said (four device classes: the passes per class dominate)."""
+
+
 @njit(cache=True)
 def _open(D, P, Q, d, x):
     D[d, x, :] = np.inf
@@ -364,10 +374,12 @@ def _frontier(row, env, comp, strides, nU, rem, limit, out, mx, lams, prem, N):
             if comp[u, c] >= 1 and E[u - st] < E[u]:
                 E[u] = E[u - st]
     cnt = 0
+    checked = 0
     for u in range(nU):
         v = row[u]
         if ((v if v > rem else rem) if mx else v + rem) >= limit or env[u] <= v:
             continue
+        checked += 1
         priced = False
         for j in range(J):
             r = prem[j]
@@ -389,7 +401,7 @@ def _frontier(row, env, comp, strides, nU, rem, limit, out, mx, lams, prem, N):
     for u in range(nU):
         if E[u] < env[u]:
             env[u] = E[u]
-    return cnt
+    return cnt, checked
 
 
 @njit(cache=True)
@@ -398,7 +410,8 @@ def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax,
     """The least sum (``mx``: the least maximum) of stage times over plans, below ``limit``;
     every bound test is against the best plan found so far (itself below ``limit``). A
     plan at ``floor`` (a lower bound on every plan) ends the search. Also returns its work:
-    states scanned, options scanned and (state, option) pairs tried, counted (not timed);
+    states scanned, options scanned and (state, option) pairs tried, and the cells of
+    its passes over rows in CELL_WEIGHT's units, counted (not timed);
     past ``max_work`` it gives up (item -2: no answer)."""
     INF = np.inf
     shp = (dcap + 1, X + 1, nU)
@@ -412,6 +425,8 @@ def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax,
     work = 0
     cells = np.empty(nU, dtype=np.int64)
     env = np.full((X + 1, nU), INF)
+    work += (X + 1) * nU // CELL_WEIGHT
+    J = lams.shape[0]
     for k in range(n):  # one-stage plans
         if use[k] and kind[k] == 3 and t[k] < best:
             best, best_item, best_d, best_u = t[k], k, 0, -1
@@ -421,6 +436,7 @@ def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax,
             if not live[1, x]:
                 _open(D, P, Q, 1, x)
                 live[1, x] = True
+                work += nU // CELL_WEIGHT
             if t[k] < D[1, x, u]:
                 D[1, x, u] = t[k]
                 P[1, x, u] = k
@@ -438,8 +454,10 @@ def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax,
             if not live[d, x]:
                 continue
             row = D[d, x]
-            m = _frontier(row, env[x], comp, strides, nU, rem[x], best, cells, mx, lams, prem[:, x], N)
-            work += nU
+            m, checked = _frontier(row, env[x], comp, strides, nU, rem[x], best, cells, mx, lams, prem[:, x], N)
+            # (the row's passes: the envelope, one per class, the scan and the fold; the
+            # priced and dominance checks of the states that pass the first test)
+            work += nU + (nU * (C + 2) + checked * (J + 1) * C) // CELL_WEIGHT
             if m == 0:
                 continue
             work += order.shape[0]
@@ -469,6 +487,7 @@ def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax,
             # states by value: once a state cannot beat the best with the fastest option,
             # no later one can
             sel = cells[:m][np.argsort(row[cells[:m]], kind="mergesort")]
+            work += m * (1 + int(math.log2(m + 1))) // CELL_WEIGHT
             for ci in range(m):
                 u = sel[ci]
                 v = row[u]
@@ -504,6 +523,7 @@ def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax,
                         if not live[dst, x2]:
                             _open(D, P, Q, dst, x2)
                             live[dst, x2] = True
+                            work += nU // CELL_WEIGHT
                         if w < D[dst, x2, u2]:
                             D[dst, x2, u2] = w
                             P[dst, x2, u2] = k

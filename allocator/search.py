@@ -58,14 +58,17 @@ EVALS_PER_SECOND = 60
 (measured on the 2-core development machine: 40-200 per second on 16-64 GPUs). A work
 budget, not a clock."""
 
-BUDGET_SHARE = 0.5
+BUDGET_SHARE = 0.4
 """Share of the time limit the work budget is sized to fill on the development machine (at
 the rates above): the rest is the margin for work not counted and a busier or slower
 machine, before the wall clock, the last resort, would decide the result. The rates were
 fitted where a 60 s budget at 0.85 took 40-54 s; on another machine of the same kind
 (2 cores, its neighbours' load moving a single-thread matmul between 0.47 and 0.91 ms)
 the same budget took 61.6 s (mix-256 x GPT-3 1.3B) and 90.6 s (fleet-1024 x GPT-3 6.7B):
-1.5-1.7x. At 0.5 such a machine still ends the search by work."""
+1.5-1.7x; there every kind of work, once counted in full (allocator.dp.CELL_WEIGHT,
+SHAPES_PER_EVAL), ran at 21-45 evaluations a second (fleet-1024 x GPT-3 1.3B v2: 1,789
+in 51 s), so a budget at 0.5 filled ~90 % of the limit and the first pass's share
+(PLAIN_SHARE) ran into its clock. At 0.4 it fills ~70 % there."""
 
 BUILD_CELLS_PER_SECOND = 1_500_000
 """Count vectors x stage kinds of shapes the search may build per second of its time
@@ -74,12 +77,14 @@ shapes of 100,000 A100s at 500,000 samples per micro-batch). A work bound, not a
 a build that alone would take more than the whole time limit is not made (its
 micro-batch count keeps its cheap bound and its restricted spaces are searched instead)."""
 
-SHAPES_PER_EVAL = 1_000
+SHAPES_PER_EVAL = 500
 """Shapes built (allocator.shapes.block_shapes) charged as one evaluation of the work budget
 (measured on the 2-core development machine: 28-49 us per shape kept, the columns pruned
-on the way included, ~15-20 ms per build besides; half of that is charged, on any
-machine, taking the build-ahead worker (allocator.ahead) to make about half of them
-beside the search on two cores)."""
+on the way included, ~15-20 ms per build besides). The charge is the same whichever
+process built them (determinism); it was half, taking the build-ahead worker
+(allocator.ahead) to make about half of them, but at 1024 GPUs it made few (0.4 of 60 CPU
+seconds on fleet-1024 x GPT-3 1.3B v2, where the builds ran at 18.5 evaluations a second
+against ~33 for the Lagrangian bounds): now charged in full."""
 
 NODES_PER_SECOND = 150
 """Branch-and-bound nodes an integer program may use per second of its share of the time
