@@ -344,9 +344,11 @@ def _chain(X, kind, xf, span, cnt, t, use, lam, R, used):
 CELL_WEIGHT = 6
 """Cells of the kernel's passes over a row of device vectors (the frontier's envelope, one
 pass per class, its scan and fold; a row's opening; the sort of the states kept) and the
-priced checks, counted as one unit of work per CELL_WEIGHT: measured over 367 programs of
+priced checks, counted as one unit of work per CELL_WEIGHT: measured over 390 programs of
 six instances (lab-16 to fleet-1024, v1 and v2) on a 2-core machine, ~12 ns per state,
-option or (state, option) pair tried, the older units, and ~1-2.5 ns per such cell. Before
+option or (state, option) pair tried, the older units, and ~1-2.5 ns per such cell (from
+the fleet instances' time beyond their older units); the charge then predicts the
+kernel's time within 0.82-1.38x on those six instances (0.45-1.19x before). Before
 they were counted, a fleet-1024 x GPT-3 1.3B v2 search spent 2.2x the time its counted
 kernel work said (four device classes: the passes per class dominate)."""
 
@@ -422,10 +424,9 @@ def _kernel(X, L, N, comp, strides, nU, dcap, kind, xf, span, cnt, off, t, amax,
     n = kind.shape[0]
     best = limit
     best_item, best_d, best_u = -1, -1, -1
-    work = 0
     cells = np.empty(nU, dtype=np.int64)
     env = np.full((X + 1, nU), INF)
-    work += (X + 1) * nU // CELL_WEIGHT
+    work = (X + 1) * nU // CELL_WEIGHT  # (the envelopes' initialisation)
     J = lams.shape[0]
     for k in range(n):  # one-stage plans
         if use[k] and kind[k] == 3 and t[k] < best:

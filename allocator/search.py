@@ -68,7 +68,8 @@ the same budget took 61.6 s (mix-256 x GPT-3 1.3B) and 90.6 s (fleet-1024 x GPT-
 1.5-1.7x; there every kind of work, once counted in full (allocator.dp.CELL_WEIGHT,
 SHAPES_PER_EVAL), ran at 21-45 evaluations a second (fleet-1024 x GPT-3 1.3B v2: 1,789
 in 51 s), so a budget at 0.5 filled ~90 % of the limit and the first pass's share
-(PLAIN_SHARE) ran into its clock. At 0.4 it fills ~70 % there."""
+(PLAIN_SHARE) ran into its clock. At 0.4 it filled 58-80 % there (the solve-time runs'
+slowest rows 35.0 s v1 and 45.8 s v2; fleet-1024 x GPT-3 1.3B v2 timed alone 47.7 s)."""
 
 BUILD_CELLS_PER_SECOND = 1_500_000
 """Count vectors x stage kinds of shapes the search may build per second of its time

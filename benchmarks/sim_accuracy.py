@@ -345,13 +345,13 @@ def main(argv: list[str] | None = None) -> int:
             profiles[spec.name] = least_disturbed(profile, a.retries, f"profile {spec.name}")
             fit = profiles[spec.name].report.get("share_efficiency_fit")
             if fit:  # more ranks than cores (workflows.hostfit)
+                why = (f"other processes took {100 * fit['foreign_cpu_share']:.0f}% of the host"
+                       if (fit.get("foreign_cpu_share") or 0.0) > DISTURBED else
+                       "applied only with 'hetalloc profile --fit-share-efficiency'")
                 print(f"  shared cores: efficiency {fit['share_efficiency']:.3g} (all ranks at once: measured "
                       f"{1e3 * fit['measured_step_s']:.1f} ms/step, simulated at full speed "
                       f"{1e3 * fit['simulated_full_speed_s']:.1f})" + ("" if fit.get("applied", True) else
-                      f"; not applied (fit {fit['fitted']:.3g}): " + (
-                          f"other processes took {100 * fit['foreign_cpu_share']:.0f}% of the host"
-                          if (fit.get("foreign_cpu_share") or 0.0) > DISTURBED else
-                          "applied only with 'hetalloc profile --fit-share-efficiency'")), flush=True)
+                      f"; not applied (fit {fit['fitted']:.3g}): {why}"), flush=True)
         prof = profiles[spec.name]
         plan = plan_for(cfg, prof)
         print(f"{cfg.name}: simulating and running {a.steps} steps ...", flush=True)
