@@ -184,10 +184,10 @@ class Search:
         self.evals_left = max(20, int(EVALS_PER_SECOND * BUDGET_SHARE * time_limit))
         self.plans_only = plans_only
         """A search for plans only (the first pass's: its bounds are not the answer's): no
-        Lagrangian bounds (they only prune, and took 46 % of the evaluations of fleet-1024 x
-        GPT-3 6.7B v1), no reserve for ``settle``, no ``deepen``, and each M's restricted
-        spaces get a fair share of the budget (``restricted``); what it leaves of its
-        budget goes to the next pass."""
+        Lagrangian bounds but the screens that prune an M's boxes (``screen``; they only
+        prune, and took 46 % of the evaluations of fleet-1024 x GPT-3 6.7B v1), no reserve
+        for ``settle``, no ``deepen``, and each M's restricted spaces get a fair share of
+        the budget (``restricted``); what it leaves of its budget goes to the next pass."""
         self.reserve = 0 if plans_only else int(RESERVE_SHARE * self.evals_left)
         """The budget kept for ``settle``: the builds and the boxes stop where it begins."""
         self.cells_limit = BUILD_CELLS_PER_SECOND * max(1.0, time_limit)
@@ -529,9 +529,10 @@ class Search:
         were not reached: fleet-1024 x GPT-2 XL's first pass spent 100 of its 486
         evaluations on M = 1024 and ended before M = 16's restricted spaces, where the
         single-pass search found a plan 16 % faster)."""
-        floor = self.evals_left - max(0, self.evals_left - self.reserve) // (1 + (later if self.plans_only else 0))
+        spare = max(0, self.evals_left - self.reserve)
+        floor = self.evals_left - spare // (1 + later) if self.plans_only else self.evals_left - spare
         for n, (caps, R, root) in enumerate(st.restrictions):
-            share = max(0, self.evals_left - max(floor, self.reserve)) // (len(st.restrictions) - n)
+            share = max(0, self.evals_left - floor) // (len(st.restrictions) - n)
             stop = self.evals_left - share
             heap = [(-math.inf, root)]
             while heap and self.evals_left > stop and not self.clock_stops():
