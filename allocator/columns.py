@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .column_kernels import columns_kernel
 from .problem import Problem, StageTimer, least_time, stage_tail
 
 
@@ -81,54 +82,11 @@ class RangeTimes:
                 self.ts[c.index] = ts
 
 
-def _stage_times(ts: dict[int, list[float]], caps: dict[int, int], V: np.ndarray, b: int) -> np.ndarray:
-    """Stage time of every count vector (rows of V; columns = classes): the smallest device
-    time at which the devices can take b samples, each device at least one (inf if never)."""
-    C = V.shape[1]
-    lists = {ci: ts[ci][:caps.get(ci, len(ts[ci]))] for ci in ts}
-    levels = np.array(sorted({t for l in lists.values() for t in l}))
-    if not len(levels):
-        return np.full(len(V), np.inf)
-    K = np.zeros((len(levels), C))
-    first = np.full(C, np.inf)
-    for ci, l in lists.items():
-        if l:
-            K[:, ci] = np.searchsorted(np.array(l), levels * (1 + 1e-12), side="right")
-            first[ci] = l[0]
-    out = np.full(len(V), np.inf)
-    # only vectors that can take b samples at the top level have a time at all
-    live = np.nonzero((V @ K[-1] >= b) & (V.sum(axis=1) <= b))[0]
-    if not len(live):
-        return out
-    W = V[live].astype(np.float64)
-    used = W > 0
-    floor = np.where(used, first[None, :], 0.0).max(axis=1)  # every device takes one sample
-    if len(W) * len(levels) <= DENSE_CELLS:  # the first level at or above the floor that reaches b
-        ok = (W @ K.T >= b) & (levels[None, :] >= floor[:, None])
-        idx = ok.argmax(axis=1)
-        out[live] = np.where(ok.any(axis=1), levels[idx], np.inf)
-        return out
-    # (many vectors and levels: capacity grows with the level, so a bisection per vector,
-    # all vectors at once, finds it without the vectors x levels matrix)
-    lo = np.searchsorted(levels, floor, side="left")
-    hi = np.full(len(W), len(levels) - 1)
-    while True:
-        open_ = lo < hi
-        if not open_.any():
-            break
-        mid = (lo + hi) // 2
-        ok = (W * K[mid]).sum(axis=1) >= b
-        hi = np.where(open_ & ok, mid, hi)
-        lo = np.where(open_ & ~ok, mid + 1, lo)
-    out[live] = np.where(lo < len(levels), levels[np.minimum(lo, len(levels) - 1)], np.inf)
-    return out
-
-
 def _grid(prob: Problem, timer: StageTimer, dims: tuple[int, ...], unit: int, zero1: bool) -> tuple:
     """Every count vector of the grid ``dims`` (in ``unit``s) and what the columns need of
     it: (vectors in mixed radix order, strides, devices of each, the distinct device counts
-    1..b, the vectors ordered by device count and those counts, which vectors use units of
-    one tensor-parallel size), remembered per timer (every range of a build shares them)."""
+    1..b, which vectors use units of one tensor-parallel size), remembered per timer (every
+    range of a build shares them)."""
     key = ("grid", dims, unit, zero1)
     hit = timer.memo.get(key)
     if hit is None:
@@ -138,42 +96,14 @@ def _grid(prob: Problem, timer: StageTimer, dims: tuple[int, ...], unit: int, ze
         n_dev = grid.sum(axis=1)
         b = timer.b
         sizes = np.unique(n_dev[(n_dev > 0) & (n_dev <= b)]) if zero1 else np.zeros(1, dtype=np.int64)
-        by_n = np.argsort(n_dev, kind="stable") if zero1 else None
-        sorted_n = n_dev[by_n] if zero1 else None
         if zero1:  # a zero1 stage's units have one tensor-parallel size
             tps = np.array([prob.classes[c].tp for c in range(C)])
             sizes_used = sum((grid[:, tps == v] > 0).any(axis=1).astype(np.int64) for v in np.unique(tps))
             one_size = sizes_used <= 1
         else:
             one_size = np.ones(len(grid), dtype=bool)
-        hit = timer.memo[key] = (grid, strides, n_dev, sizes, by_n, sorted_n, one_size)
+        hit = timer.memo[key] = (grid, strides, n_dev, sizes, one_size)
     return hit
-
-
-def _steps(f, lo: int, hi: int) -> list:
-    """f over the integers lo..hi as its steps [(first index, value), ...], for an f whose
-    every component is monotone (so equal values at two indices hold between them)."""
-    changes: dict[int, object] = {}
-
-    def rec(a: int, fa, b: int, fb) -> None:
-        if fa == fb:
-            return
-        if b == a + 1:
-            changes[b] = fb
-            return
-        m = (a + b) // 2
-        fm = f(m)
-        rec(a, fa, m, fm)
-        rec(m, fm, b, fb)
-
-    first = f(lo)
-    if hi > lo:
-        rec(lo, first, hi, f(hi))
-    return [(lo, first)] + sorted(changes.items())
-
-
-DENSE_CELLS = 1_000_000
-"""Largest vectors x levels matrix _stage_times forms (beyond: a bisection per vector)."""
 
 
 def range_arrays(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: int, t_cap: float,
@@ -254,6 +184,51 @@ class ColumnMemo:
         self.cols[key] = (t_cap, cols)
 
 
+def prefetch(prob: Problem, timer: StageTimer, M: int, R: int, ranges: list[tuple[int, int]],
+             budget: list[int]) -> None:
+    """Tabulate at once, for every class and recomputation choice, what a build of these
+    ranges will ask of each range: its share times (RangeTimes: up to the class's memory
+    cap at the first tier) and its memory caps at every depth and unit count
+    (``_memory_caps``)."""
+    gpipe = prob.schedule == "gpipe"
+    infl = M if gpipe else 1
+    dp = prob.most_units(budget, R) if prob.zero1 else 1
+    depths = 1 if gpipe else min(M - 1, prob.L - 1) + 1
+    units = min(timer.b, sum(min(n, timer.b) for n in budget)) if prob.zero1 else 1
+    fits = len(ranges) * depths * units <= PREFETCH_CELLS
+    for rc in prob.recompute_options:
+        for c in prob.classes:
+            if budget[c.index] >= 1:
+                kmax = [min(timer.b, prob.kmem(c, i, j, infl, rc, dp)) for i, j in ranges]
+                timer.fetch_shares(c, ranges, kmax, rc)
+                if fits and units >= 1:
+                    caps = prob.kmem_grid(c, ranges, _in_flight(prob, M, depths), R * np.arange(1, units + 1), rc)
+                    for s, (i, j) in enumerate(ranges):
+                        timer.memo[("kmem", c.index, i, j, rc, M, R)] = caps[s]
+
+
+PREFETCH_CELLS = 1_000_000
+"""Most ranges x depths x unit counts whose memory caps ``prefetch`` tabulates at once."""
+
+
+def _in_flight(prob: Problem, M: int, depths: int) -> np.ndarray:
+    """Micro-batches in flight at depth a = 0, 1, .. (a stages after it) of an M-micro-batch
+    pipeline."""
+    return np.full(depths, M) if prob.schedule == "gpipe" else np.minimum(M, 1 + np.arange(depths))
+
+
+def _memory_caps(prob: Problem, timer: StageTimer, ci: int, i: int, j: int, rc: str, M: int, R: int, depths: int,
+                 sizes: np.ndarray | None) -> np.ndarray:
+    """Class ci's largest share on range [i, j) at each depth (axis 0) and, under zero1, at
+    each unit count in ``sizes`` (axis 1; one column without zero1): ``prefetch``'s table
+    or, where it has none, computed here."""
+    hit = timer.memo.get(("kmem", ci, i, j, rc, M, R))
+    if hit is not None and len(hit) >= depths and (sizes is None or hit.shape[1] >= sizes[-1]):
+        return hit[:depths] if sizes is None else hit[:depths, sizes - 1]
+    dps = np.ones(1, dtype=np.int64) if sizes is None else R * sizes
+    return prob.kmem_grid(prob.classes[ci], [(i, j)], _in_flight(prob, M, depths), dps, rc)[0]
+
+
 def _range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: int, t_cap: float,
                    budget: list[int], unit: int, rc: str) -> ColArrays:
     gpipe = prob.schedule == "gpipe"
@@ -264,93 +239,47 @@ def _range_columns(prob: Problem, timer: StageTimer, R: int, M: int, i: int, j: 
     if not rt.ts:
         return ColArrays.empty(C)
     dims = [min(budget[c], b) // unit + 1 if c in rt.ts else 1 for c in range(C)]
-    grid, strides, n_dev, sizes, by_n, sorted_n, one_size = _grid(prob, timer, tuple(dims), unit, zero1)
+    grid, strides, n_dev, sizes, one_size = _grid(prob, timer, tuple(dims), unit, zero1)
     # Memory caps per depth. 1F1B: deeper in the pipeline more micro-batches are in flight,
     # so memory may cap the shares and the time may grow (caps only fall with depth).
     # zero1: the caps also depend on how many units hold the stage (n per replica: R n
-    # shard the optimizer state; caps only grow with n). Both are step functions, found
-    # by bisection (``_steps``): a tier is a depth at which some cap falls; a tier's caps
-    # are steps over the sorted unit counts (one step, index 0, without zero1).
+    # shard the optimizer state; caps only grow with n). A tier is a depth at which some
+    # cap falls; a tier's caps are steps over the sorted unit counts (one step without
+    # zero1): the grid's vectors whose unit count is in [bounds[s], bounds[s + 1]) take
+    # step s's caps.
+    if zero1 and not len(sizes):
+        return ColArrays.empty(C)
     cis = sorted(rt.ts)
-    fullc = [len(rt.ts[ci]) for ci in cis]
-
-    def one(infl: int, n: int) -> tuple:
-        dp = R * max(1, int(n))
-        return tuple(max(0, min(f, prob.kmem(prob.classes[ci], i, j, infl, rc, dp))) for ci, f in zip(cis, fullc))
-
-    def caps_at(infl: int) -> list:
-        if not zero1:  # (at the first tier these are fullc: RangeTimes capped the times there)
-            return [(0, one(infl, 0))]
-        return _steps(lambda k: one(infl, sizes[k]), 0, len(sizes) - 1) if len(sizes) else []
-
-    if gpipe or j == L:
-        tiers = [(0, caps_at(M if gpipe else 1))]
-    else:
-        tiers = _steps(lambda a: caps_at(min(M, 1 + a)), 0, min(M - 1, L - j))
-    tier_depth = [a for a, _ in tiers]
-    tier_caps = [c for _, c in tiers]
-
-    def times(caps: list) -> np.ndarray:
-        if not zero1:
-            return _stage_times(rt.ts, dict(zip(cis, caps[0][1])), grid, b)
-        out = np.full(len(grid), np.inf)
-        for q, (k0, cap) in enumerate(caps):  # the rows whose unit count falls in this step
-            n_next = sizes[caps[q + 1][0]] if q + 1 < len(caps) else sizes[-1] + 1
-            rows = by_n[np.searchsorted(sorted_n, sizes[k0]):np.searchsorted(sorted_n, n_next)]
-            if len(rows):
-                out[rows] = _stage_times(rt.ts, dict(zip(cis, cap)), grid[rows], b)
-        return out
-
-    # A vector is useful if at some tier it runs within the cap and every device matters
-    # there (one device fewer of any used class is slower or cannot take the micro-batch);
-    # at other tiers another vector with fewer devices does at least as well.
-    keep = np.zeros(len(grid), dtype=bool)
-    tier_times = []
-    for caps in tier_caps:
-        t_all = times(caps)
-        ok = np.isfinite(t_all) & (t_all <= t_cap) & one_size
-        for c in range(C):
-            has = grid[:, c] > 0
-            fewer = np.where(has, np.arange(len(grid)) - strides[c], 0)
-            ok &= ~(has & (n_dev > 1) & (t_all[fewer] <= t_all))
-        keep |= ok
-        tier_times.append(t_all)
-    rows = np.nonzero(keep)[0]
+    D = 1 if gpipe or j == L else min(M - 1, L - j) + 1
+    caps = np.stack([np.clip(_memory_caps(prob, timer, ci, i, j, rc, M, R, D, sizes if zero1 else None), 0,
+                             len(rt.ts[ci])) for ci in cis], axis=-1)  # (depth, unit count, class)
+    tier_depth = np.concatenate([[0], np.nonzero((caps[1:] != caps[:-1]).any(axis=(1, 2)))[0] + 1])
+    starts = [np.concatenate([[0], np.nonzero((caps[a, 1:] != caps[a, :-1]).any(axis=1))[0] + 1]) for a in tier_depth]
+    n_steps = max(len(st) for st in starts)
+    caps_arr = np.zeros((len(tier_depth), n_steps, C), dtype=np.int64)
+    bounds = np.full((len(tier_depth), n_steps + 1), -1, dtype=np.int64)
+    for q, (a, st) in enumerate(zip(tier_depth, starts)):
+        caps_arr[q, :len(st)][:, cis] = caps[a, st]
+        if zero1:
+            bounds[q, :len(st)] = sizes[st]
+            bounds[q, len(st)] = sizes[-1] + 1
+        else:
+            bounds[q, 1] = b + 1
+    tier_of = np.searchsorted(tier_depth, np.arange(D), side="right") - 1  # each depth's tier
+    ts = np.full((C, int(caps.max(initial=0)) or 1), np.inf)  # the shares' times, one row per class
+    for ci in cis:
+        ts[ci, :min(ts.shape[1], len(rt.ts[ci]))] = rt.ts[ci][:ts.shape[1]]
+    rows, t_col, amax = columns_kernel(ts, caps_arr, bounds, grid, strides, n_dev, one_size, b, t_cap, tier_of, L)
     if not len(rows):
         return ColArrays.empty(C)
     V = grid[rows]
-    t0 = tier_times[0][rows]
-    # per depth a = 0, 1, ..: the times (a depth without a tier of its own keeps the caps
-    # of the one before)
-    T = [t0]
-    if not gpipe and j < L:
-        k_tier = 0
-        for a in range(1, min(M - 1, L - j) + 1):
-            if k_tier + 1 < len(tier_depth) and tier_depth[k_tier + 1] == a:
-                k_tier += 1
-                T.append(tier_times[k_tier][rows])
-            else:
-                T.append(T[-1])
-    T = np.stack(T, axis=1)
-    # A vector's columns: one per depth range of equal time, each as deep as that time
-    # holds (amax); it ends where the time no longer fits (no further column) or at the
-    # last depth (a column of any depth, amax = L).
-    later, now = T[:, 1:], T[:, :-1]
-    over = ~np.isfinite(later) | (later > t_cap)
-    past = (np.cumsum(over, axis=1) - over) > 0  # beyond the first depth that does not fit
-    r, a = np.nonzero(((later > now) | over) & ~past)
-    ends = np.nonzero(~over.any(axis=1))[0]
-    r = np.concatenate([r, ends])
-    amax = np.concatenate([a, np.full(len(ends), L)])
-    t_col = np.concatenate([now[r[:len(a)], a] if len(a) else np.zeros(0), T[ends, -1]])
-    order = np.lexsort((amax, r))  # vector by vector, shallow to deep
     # the tail depends only on which classes are used and how many devices in all
     used = V > 0
-    key = (used.astype(np.int64) @ (1 << np.arange(C, dtype=np.int64))) * (int(V.sum(axis=1).max()) + 1) + V.sum(axis=1)
+    n = V.sum(axis=1)
+    key = (used.astype(np.int64) @ (1 << np.arange(C, dtype=np.int64))) * (int(n.max()) + 1) + n
     _, first, inv = np.unique(key, return_index=True, return_inverse=True)
     tail_of = np.array([stage_tail(prob, R, i, j, tuple(v)) for v in V[first].tolist()])
-    rows = r[order]
-    return ColArrays(V[rows], t_col[order], tail_of[inv.reshape(-1)[rows]], amax[order].astype(np.int64))
+    return ColArrays(V, t_col, tail_of[inv.reshape(-1)], amax)
 
 
 def count_columns_estimate(prob: Problem, R: int, b: int) -> int:

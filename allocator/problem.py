@@ -40,8 +40,8 @@ from hetalloc.catalog import DeviceType
 from hetalloc.cluster import Cluster
 from hetalloc.costgraph import CostGraph
 from hetalloc.schedule import flow_shop_time
-from hetalloc.costs import (TP_DEGREES, grad_bytes_per_param, in_flight_microbatches, max_share_for_memory, param_bytes,
-                            usable_memory,
+from hetalloc.costs import (TP_DEGREES, grad_bytes_per_param, in_flight_microbatches, max_share_for_memory,
+                            max_shares_for_memory, param_bytes, usable_memory,
                             optimizer_time, ring_allreduce_time, tp_comm_time, zero1_halves, zero1_params)
 
 
@@ -316,6 +316,19 @@ class Problem:
         return max_share_for_memory(params, saved, self.out_bytes(j), in_flight, self.precision, self.optimizer,
                                     c.dtype, optimizer_params=opt, working_act_bytes_per_sample=working)
 
+    def kmem_grid(self, c: DeviceClass, ranges: list[tuple[int, int]], in_flight: np.ndarray, dp: np.ndarray,
+                  recompute: str = "none") -> np.ndarray:
+        """``kmem`` of many ranges (axis 0) at every in-flight count (axis 1) and number of
+        units holding the layers (axis 2; its length is 1 without zero1) at once; shares
+        beyond 2^30 read as 2^30."""
+        by = np.array([self._range_bytes(i, j, c.tp, recompute) for i, j in ranges]).reshape(-1, 3, 1, 1)
+        params, saved, working = by[:, 0], by[:, 1], by[:, 2]
+        out = np.array([self.out_bytes(j) for _, j in ranges]).reshape(-1, 1, 1)
+        infl = np.asarray(in_flight, dtype=np.float64).reshape(1, -1, 1)
+        opt = zero1_params(params, np.asarray(dp).reshape(1, 1, -1)) if self.zero1 else None
+        return max_shares_for_memory(params, saved, out, infl, self.precision, self.optimizer, c.dtype,
+                                     optimizer_params=opt, working_act_bytes_per_sample=working)
+
     def _range_bytes(self, i: int, j: int, tp: int, recompute: str) -> tuple[float, float, float]:
         """(parameters of one rank, saved bytes per sample, working bytes per sample) of
         layers [i, j) split tp ways (the cost graph's sums, remembered per range)."""
@@ -462,6 +475,20 @@ class StageTimer:
         t = self._share_times(c, i, j, kmax, recompute)
         memo[key] = t
         return t
+
+    def fetch_shares(self, c: DeviceClass, ranges: list[tuple[int, int]], kmax: list[int],
+                     recompute: str = "none") -> None:
+        """Remember ``share_times`` of many ranges (range s up to share kmax[s]) with one
+        ``share_matrix`` (the same values, elementwise: a build asks for every range)."""
+        memo = self.prob._share_memo
+        todo = [(i, j) for (i, j), k in zip(ranges, kmax)
+                if k >= 1 and len(memo.get((c.index, i, j, recompute), ())) < k]
+        if len(todo) < 2:
+            return
+        top = max(kmax)
+        T = self.share_matrix(c, np.array([i for i, _ in todo]), np.array([j for _, j in todo]), top, recompute)
+        for s, (i, j) in enumerate(todo):
+            memo[(c.index, i, j, recompute)] = np.ascontiguousarray(T[:, s])
 
     def _share_times(self, c: DeviceClass, i: int, j: int, kmax: int, recompute: str) -> np.ndarray:
         rows = self._rows.get((c.index, recompute))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .columns import range_arrays
+from .columns import prefetch, range_arrays
 from .problem import CountPlan, CountStage, Problem, StageTimer
 
 INNER, FIRST, LAST, ONLY = 0, 1, 2, 3
@@ -108,6 +108,8 @@ def block_shapes(prob: Problem, timer: StageTimer, M: int, t_cap: float, R: int 
     parts = []
     specs = [(FIRST, l) for l in range(K + 1)] + [(INNER, l) for l in range(1, K + 1)] + \
             [(LAST, l) for l in range(K + 1)] + [(ONLY, K)]
+    ranges = [block_range(prob, kind, l) for kind, l in specs if l % chunk == 0]
+    prefetch(prob, timer, M, R, ranges, budget)
     for kind, l in specs:
         if l % chunk:
             continue

@@ -318,6 +318,8 @@ def layer_saved_bytes(saved: float, replicated: float, checkpoint: float, tp: in
 def zero1_params(params: float, dp_degree: int) -> float:
     """Parameters whose optimizer state (and step) one device keeps when the state is
     sharded over the `dp_degree` devices that hold the same parameters (ZeRO stage 1)."""
+    if isinstance(dp_degree, np.ndarray):
+        return params / np.maximum(dp_degree, 1)
     return params / max(1, dp_degree)
 
 
@@ -388,12 +390,36 @@ def max_share_for_memory(params: float, saved_act_bytes_per_sample: float, out_a
                          optimizer_params: float | None = None, working_act_bytes_per_sample: float = 0.0) -> int:
     """Largest share (samples per micro-batch) that fits; -1 if even the weights do not fit,
     0 if the weights fit but not one sample. Keywords as in ``stage_memory``."""
-    fixed = stage_memory(params, 0.0, 0.0, 0, in_flight, precision, optimizer,
-                         optimizer_params=optimizer_params).total
-    free = usable_memory(dtype) - fixed
+    free = _free_memory(params, precision, optimizer, dtype, optimizer_params)
     if free < 0:
         return -1
-    per_sample = saved_act_bytes_per_sample * in_flight + working_act_bytes_per_sample + 2 * out_act_bytes_per_sample
+    per_sample = _bytes_per_sample(saved_act_bytes_per_sample, out_act_bytes_per_sample, in_flight,
+                                   working_act_bytes_per_sample)
     if per_sample <= 0:
         return 1 << 30
     return int(math.floor(free / per_sample + 1e-9))
+
+
+def max_shares_for_memory(params, saved_act_bytes_per_sample, out_act_bytes_per_sample, in_flight, precision: str,
+                          optimizer: str, dtype: DeviceType, *, optimizer_params=None,
+                          working_act_bytes_per_sample=0.0) -> np.ndarray:
+    """``max_share_for_memory`` of many stages at once: the sizes and counts are numpy
+    arrays (or numbers) broadcast against each other; shares beyond 2^30 read as 2^30."""
+    free = np.asarray(_free_memory(params, precision, optimizer, dtype, optimizer_params))
+    per_sample = np.asarray(_bytes_per_sample(saved_act_bytes_per_sample, out_act_bytes_per_sample, in_flight,
+                                              working_act_bytes_per_sample))
+    share = np.floor(np.minimum(free / np.where(per_sample > 0, per_sample, 1.0) + 1e-9, 1 << 30))
+    share = np.where(per_sample > 0, share, 1 << 30)
+    return np.where(free < 0, -1, share).astype(np.int64)
+
+
+def _free_memory(params, precision: str, optimizer: str, dtype: DeviceType, optimizer_params):
+    """Memory a stage device has left for activations once its weights, gradients and
+    optimizer state are in (``stage_memory`` at share 0)."""
+    fixed = stage_memory(params, 0.0, 0.0, 0, 0, precision, optimizer, optimizer_params=optimizer_params).total
+    return usable_memory(dtype) - fixed
+
+
+def _bytes_per_sample(saved, out, in_flight, working):
+    """Bytes each sample of a share adds (``stage_memory``'s activations and buffers)."""
+    return saved * in_flight + working + 2 * out
